@@ -1,0 +1,16 @@
+"""Pure torch / torch-geometric modules of HESpotEx. No AnnData in here."""
+
+from hespotex._lazy import attach
+
+__getattr__, __dir__, __all__ = attach(
+    __name__,
+    {
+        "GraphAttentionAutoencoder": "_autoencoder",
+        "ImageProjection": "_projection",
+        "GraphDecoder": "_decoder",
+        "HESpotExNet": "_net",
+        "ModelConfig": "_config",
+        "PRESETS": "_config",
+        "pearson_loss": "_losses",
+    },
+)

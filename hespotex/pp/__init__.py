@@ -1,0 +1,15 @@
+"""Preprocessing: genes, normalisation, spatial graph, H&E patches and their embeddings."""
+
+from hespotex._lazy import attach
+
+__getattr__, __dir__, __all__ = attach(
+    __name__,
+    {
+        "select_genes": "_genes",
+        "normalize": "_normalize",
+        "spatial_graph": "_graph",
+        "extract_patches": "_patches",
+        "embed": "_embed",
+        "load_encoder": "_encoders",
+    },
+)
