@@ -34,11 +34,11 @@ class SampleInfo:
     """
 
     sample_id: str
-    image_key: str | None
     shapes_key: str
     coordinate_system: str
     microns_per_pixel: float
     spot_diameter_um: float
+    image_key: str | None = None
     table_key: str = TABLE_KEY
 
     @property

@@ -39,3 +39,41 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     cache = tmp_path_factory.getbasetemp() / "hespotex-cache"
     monkeypatch.setattr(hx.settings, "cachedir", cache)
     monkeypatch.setattr(hx.settings, "progress", False)
+
+
+def make_sample(
+    *,
+    n_spots: int = 60,
+    n_genes: int = 40,
+    seed: int = 0,
+    sample_id: str = "S",
+    image_shape: tuple[int, int] | None = (600, 500),
+    mpp: float = 0.5,
+    spot_diameter_um: float = 55.0,
+):
+    """A small random sample through the real builder (random image, Poisson counts)."""
+    import numpy as np
+    import pandas as pd
+
+    from hespotex.io import build_sample
+
+    rng = np.random.default_rng(seed)
+    h, w = image_shape or (600, 500)
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8) if image_shape else None
+    xy = np.c_[rng.uniform(0, w - 1, n_spots), rng.uniform(0, h - 1, n_spots)]
+    counts = rng.poisson(rng.gamma(1.0, 2.0, (1, n_genes)), (n_spots, n_genes))
+    return build_sample(
+        image,
+        xy,
+        counts,
+        obs=pd.DataFrame(index=[f"{sample_id}_{i}" for i in range(n_spots)]),
+        var=pd.DataFrame(index=[f"g{i}" for i in range(n_genes)]),
+        sample_id=sample_id,
+        microns_per_pixel=mpp,
+        spot_diameter_um=spot_diameter_um,
+    )
+
+
+@pytest.fixture
+def sample_factory():
+    return make_sample

@@ -1,0 +1,189 @@
+"""Frozen-encoder embeddings of the H&E patch under each spot, computed once and cached."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from hespotex._sample import get_table
+from hespotex._settings import resolve_device, settings
+from hespotex.pp._patches import PatchPlan, plan_patches, resize_batch
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
+
+    from hespotex.pp._encoders import Encoder
+
+logger = logging.getLogger("hespotex")
+
+EMBED_KEY = "hespotex_embed"
+
+
+def image_fingerprint(plan: PatchPlan) -> str:
+    """Identify the pixels a plan reads: level shape, dtype and a hash of a strided pixel sample.
+
+    The sample (a 64 x 64 grid of 8 x 8 px tiles over the level) is read tile by tile, so the
+    cost does not grow with the slide.
+    """
+    arr = plan.level.array.data
+    h, w = plan.level.shape
+    digest = hashlib.sha256(repr((arr.shape, str(arr.dtype), plan.level.scale, plan.level.offset)).encode())
+    ys = np.linspace(0, max(h - 8, 0), 64).astype(int)
+    xs = np.linspace(0, max(w - 8, 0), 64).astype(int)
+    import dask.array as da
+
+    tiles = [arr[:3, y : y + 8, x : x + 8] for y in ys for x in xs]
+    digest.update(np.ascontiguousarray(np.asarray(da.stack(tiles) if not isinstance(arr, np.ndarray) else np.stack(tiles))).tobytes())
+    return digest.hexdigest()
+
+
+def cache_key(plan: PatchPlan, encoder: Encoder) -> str:
+    """Cache key of an embedding: image pixels, spot crops (centres and geometry) and encoder."""
+    parts = {"image": image_fingerprint(plan), "patches": plan.fingerprint(), "encoder": encoder.encoder_id, "version": 1}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _cache_path(key: str) -> Path:
+    return Path(settings.cachedir) / "embeddings" / f"{key}.npy"
+
+
+def _save_atomic(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+    np.save(tmp, array, allow_pickle=False)
+    os.replace(tmp, path)
+
+
+def encode_patches(plan: PatchPlan, encoder: Encoder, *, batch_size: int = 64, device: str | None = None) -> np.ndarray:
+    """Run ``encoder`` over every planned patch; returns ``(n_spots, num_features)`` float32.
+
+    Reading and resizing the next batch runs in a background thread while the encoder runs on
+    the current one.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    dev = resolve_device(device)
+    model = encoder.model.to(dev)
+    n = len(plan.order)
+    out = np.empty((n, encoder.num_features), dtype=np.float32)
+    batches = list(plan.batches(batch_size))
+
+    def load(idx: np.ndarray):
+        return idx, resize_batch(plan.read(idx), encoder.input_size)
+
+    with ThreadPoolExecutor(max_workers=1) as pool, torch.inference_mode():
+        pending = pool.submit(load, batches[0]) if batches else None
+        for b in tqdm(range(len(batches)), desc="embedding patches", unit="batch", disable=not settings.progress):
+            idx, x = pending.result()
+            if b + 1 < len(batches):
+                pending = pool.submit(load, batches[b + 1])
+            feats = model(encoder.normalize(x.to(dev, non_blocking=True)))
+            out[idx] = feats.float().cpu().numpy()
+    return out
+
+
+def embed(
+    data: SpatialData,
+    *,
+    encoder: str | Any = "efficientnet_lite0.imagenet",
+    weights: str | Path | None = None,
+    patch_um: float | None = None,
+    batch_size: int = 64,
+    cache: bool = True,
+    seed: int = 0,
+    device: str | None = None,
+    key_added: str = "X_hespotex_image",
+    overwrite: bool = False,
+) -> None:
+    """Embed the H&E patch under every spot with a frozen image encoder.
+
+    Each patch is cut at ``patch_um`` microns around the spot centre from the coarsest pyramid
+    level that keeps the encoder's input resolution, resized to the encoder input (antialiased),
+    normalised as the encoder expects and passed through it in batches.
+
+    Parameters
+    ----------
+    data
+        A sample with its H&E image (SpatialData).
+    encoder
+        A timm architecture name (random init, seeded), ``"efficientnet_lite0.imagenet"`` (real
+        ImageNet weights, offline), an ``hf-hub:`` id, an :class:`~hespotex.pp._encoders.Encoder`
+        or a ``torch.nn.Module``; see :func:`hespotex.pp.load_encoder`.
+    weights
+        Local checkpoint for a timm architecture (safetensors or a torch state dict).
+    patch_um
+        Patch side in µm (default: twice the spot diameter).
+    batch_size
+        Patches per encoder forward.
+    cache
+        Reuse embeddings cached on disk (``hx.settings.cachedir``) under a key of the image
+        pixels, spot crops and encoder; a second call with the same inputs runs no forward pass.
+    seed
+        Seed of a randomly initialised encoder.
+    device
+        Torch device (``"auto"``/``None``: ``hx.settings.device``).
+    key_added
+        ``obsm`` key of the embeddings.
+    overwrite
+        Replace embeddings already stored under ``key_added`` with different parameters.
+
+    Returns
+    -------
+    ``None``. Writes ``obsm[key_added]`` (``n_spots x n_features`` float32) and
+    ``uns["hespotex_embed"][key_added]`` (encoder, encoder id, patch size in µm, input size,
+    pyramid level, cache key).
+    """
+    from hespotex.pp._encoders import load_encoder
+
+    table = get_table(data)
+    enc = load_encoder(encoder, weights=weights, seed=seed)
+    plan = plan_patches(data, patch_um=patch_um, out_px=enc.input_size)
+    key = cache_key(plan, enc)
+    stored = table.uns.get(EMBED_KEY, {}).get(key_added)
+    if key_added in table.obsm:
+        if stored is not None and stored.get("cache_key") == key:
+            logger.info("obsm[%r] already holds these embeddings; nothing to do.", key_added)
+            return
+        if not overwrite:
+            msg = f"obsm[{key_added!r}] already holds other embeddings; pass `overwrite=True` to replace them, or another `key_added`."
+            raise ValueError(msg)
+    path = _cache_path(key)
+    feats = None
+    if cache and path.is_file():
+        cached = np.load(path, allow_pickle=False)
+        if cached.shape == (table.n_obs, enc.num_features):
+            feats = cached
+            logger.info("Loaded %d cached embeddings from %s.", len(feats), path)
+    if feats is None:
+        logger.info(
+            "Embedding %d patches of %.0f µm with %s (level %d, %d px crops -> %d px).",
+            table.n_obs, plan.patch_um, enc.name, plan.level.level, plan.size, enc.input_size,
+        )  # fmt: skip
+        feats = encode_patches(plan, enc, batch_size=batch_size, device=device)
+        if not np.isfinite(feats).all():
+            msg = f"The encoder {enc.name!r} produced NaN or infinite embeddings; check its weights and the image."
+            raise ValueError(msg)
+        if cache:
+            _save_atomic(path, feats)
+    table.obsm[key_added] = feats
+    params = {
+        "encoder": enc.name,
+        "encoder_id": enc.encoder_id,
+        "weights": str(weights) if weights is not None else None,
+        "seed": seed,
+        "patch_um": plan.patch_um,
+        "input_size": enc.input_size,
+        "image_key": plan.level.image_key,
+        "level": plan.level.level,
+        "crop_px": plan.size,
+        "cache_key": key,
+    }
+    table.uns.setdefault(EMBED_KEY, {})[key_added] = {k: v for k, v in params.items() if v is not None}

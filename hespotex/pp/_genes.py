@@ -1,0 +1,185 @@
+"""Gene selection fitted on training samples only, recorded so it applies to any other sample."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from hespotex._sample import SAMPLE_KEY, get_table
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+logger = logging.getLogger("hespotex")
+
+
+
+def gene_hash(genes: Sequence[str]) -> str:
+    """A short, order-sensitive fingerprint of a gene list (recorded with models and predictions)."""
+    return hashlib.sha256("\n".join(genes).encode()).hexdigest()[:16]
+
+
+def as_tables(samples) -> list[AnnData]:
+    """The spot tables of one sample, a list of samples or a ``{name: sample}`` mapping."""
+    if isinstance(samples, Mapping):
+        samples = list(samples.values())
+    elif not isinstance(samples, (list, tuple)):
+        samples = [samples]
+    if not samples:
+        msg = "Expected at least one sample, found an empty collection."
+        raise ValueError(msg)
+    return [get_table(s) for s in samples]
+
+
+def sample_name(adata: AnnData, default: str) -> str:
+    """The sample id recorded in ``uns["hespotex_sample"]``, else ``default``."""
+    return str(adata.uns.get(SAMPLE_KEY, {}).get("sample_id", default))
+
+
+def shared_genes(tables: Iterable[AnnData]) -> pd.Index:
+    """Genes present in every table, in the order of the first."""
+    tables = list(tables)
+    common = pd.Index(tables[0].var_names)
+    for t in tables[1:]:
+        common = common[common.isin(t.var_names)]
+    return common
+
+
+def _counts(adata: AnnData, layer: str):
+    if layer in adata.layers:
+        return adata.layers[layer]
+    from hespotex.pp._normalize import _is_integer_valued
+
+    if _is_integer_valued(adata.X):
+        return adata.X
+    msg = f"flavor='seurat_v3' needs raw counts in layers[{layer!r}] or X; found neither. Use flavor='mean' on log-normalised data."
+    raise ValueError(msg)
+
+
+def _lognorm(adata: AnnData, counts_layer: str):
+    """Log-normalised expression (CP10k over all genes) without touching ``adata``."""
+    from hespotex.pp._normalize import is_log_normalized
+
+    if is_log_normalized(adata):
+        return adata.X
+    x = sp.csr_matrix(_counts(adata, counts_layer), dtype=np.float32)
+    totals = np.asarray(x.sum(axis=1)).ravel()
+    scale = np.divide(1e4, totals, out=np.zeros_like(totals), where=totals > 0)
+    x = sp.diags(scale.astype(np.float32)) @ x
+    x.data = np.log1p(x.data)
+    return x
+
+
+def select_genes(
+    samples,
+    *,
+    n_top: int | None = 2000,
+    flavor: Literal["seurat_v3", "mean"] = "seurat_v3",
+    genes: Sequence[str] | None = None,
+    counts_layer: str = "counts",
+    key_added: str = "hespotex_genes",
+    overwrite: bool = False,
+) -> list[str]:
+    """Select the genes a model predicts, fitted on the given (training) samples only.
+
+    Only genes present in every sample are eligible. ``flavor="seurat_v3"`` ranks highly
+    variable genes on raw counts with each sample as a batch (scanpy); ``"mean"`` ranks by mean
+    log-normalised expression (CP10k, library over all genes). ``genes=`` checks a given list.
+
+    Parameters
+    ----------
+    samples
+        Training samples (SpatialData or AnnData, one, a list or a dict).
+    n_top
+        Number of genes to keep (ignored with ``genes=``).
+    flavor
+        Ranking, see above.
+    genes
+        A given gene list; every gene must be present in every sample.
+    counts_layer
+        Where raw counts live after :func:`hespotex.pp.normalize`.
+    key_added
+        Name of the ``var`` column and ``uns`` entry written on each sample.
+    overwrite
+        Replace an earlier selection stored under ``key_added``.
+
+    Returns
+    -------
+    The selected genes, ranked. Writes to each sample's table ``var[key_added]`` (bool) and
+    ``uns[key_added]`` (``genes``, ``flavor``, ``n_top``, ``fitted_on``, ``hash``).
+    """
+    tables = as_tables(samples)
+    for t in tables:
+        if not overwrite and (key_added in t.var or key_added in t.uns):
+            msg = f"A gene selection is already stored under {key_added!r}; pass `overwrite=True` to replace it."
+            raise ValueError(msg)
+    names = [sample_name(t, f"sample_{i}") for i, t in enumerate(tables)]
+    common = shared_genes(tables)
+    if len(common) == 0:
+        msg = f"The samples share no genes ({[t.n_vars for t in tables]} genes each); check that they use the same gene symbols."
+        raise ValueError(msg)
+    if genes is not None:
+        genes = [str(g) for g in genes]
+        dup = pd.Index(genes)[pd.Index(genes).duplicated()]
+        if len(dup):
+            msg = f"The given gene list has duplicates, e.g. {list(dup[:5])}."
+            raise ValueError(msg)
+        missing = [g for g in genes if g not in set(common)]
+        if missing:
+            msg = f"{len(missing)} of {len(genes)} given genes are absent from at least one sample, e.g. {missing[:5]}. Drop them or use other samples."
+            raise ValueError(msg)
+        selected, flavor_used = genes, "given"
+    else:
+        if n_top is None or n_top < 1:
+            msg = f"Expected `n_top` >= 1, found {n_top}."
+            raise ValueError(msg)
+        if n_top > len(common):
+            msg = f"Asked for {n_top} genes but the samples share only {len(common)}; lower `n_top`."
+            raise ValueError(msg)
+        if flavor == "seurat_v3":
+            selected = _seurat_v3(tables, names, common, n_top, counts_layer)
+        elif flavor == "mean":
+            means = np.zeros(len(common))
+            for t in tables:
+                x = _lognorm(t, counts_layer)[:, t.var_names.get_indexer(common)]
+                means += np.asarray(x.mean(axis=0)).ravel() * t.n_obs
+            order = np.argsort(-means, kind="stable")[:n_top]
+            selected = list(common[order])
+        else:
+            msg = f"Unknown flavor {flavor!r}; expected 'seurat_v3' or 'mean', or pass `genes=`."
+            raise ValueError(msg)
+        flavor_used = flavor
+    record = {"genes": list(selected), "flavor": flavor_used, "n_top": len(selected), "fitted_on": names, "hash": gene_hash(selected)}
+    chosen = set(selected)
+    for t in tables:
+        t.var[key_added] = [g in chosen for g in t.var_names]
+        t.uns[key_added] = record
+    logger.info("Selected %d genes (%s) on %d sample(s).", len(selected), flavor_used, len(tables))
+    return list(selected)
+
+
+def _seurat_v3(tables: list[AnnData], names: list[str], common: pd.Index, n_top: int, counts_layer: str) -> list[str]:
+    import anndata as ad
+    import scanpy as sc
+
+    parts = []
+    for t, name in zip(tables, names, strict=True):
+        x = _counts(t, counts_layer)[:, t.var_names.get_indexer(common)]
+        parts.append(ad.AnnData(X=sp.csr_matrix(x, dtype=np.float32), obs=pd.DataFrame({"sample": name}, index=t.obs_names.astype(str)), var=pd.DataFrame(index=common)))
+    joint = ad.concat(parts, index_unique="-") if len(parts) > 1 else parts[0]
+    batch_key = "sample" if len(parts) > 1 else None
+    hvg = sc.pp.highly_variable_genes(joint, flavor="seurat_v3", n_top_genes=n_top, batch_key=batch_key, inplace=False)
+    hvg.index = common
+    rank_col = "highly_variable_rank"
+    hvg = hvg[hvg["highly_variable"]]
+    if batch_key is not None:
+        hvg = hvg.sort_values(["highly_variable_nbatches", rank_col], ascending=[False, True])
+    else:
+        hvg = hvg.sort_values(rank_col)
+    return list(hvg.index[:n_top])

@@ -1,0 +1,100 @@
+"""Library-size normalisation and log1p, keeping raw counts."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
+import scipy.sparse as sp
+
+from hespotex._sample import get_table
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+logger = logging.getLogger("hespotex")
+
+NORMALIZE_KEY = "hespotex_normalize"
+
+
+def is_log_normalized(adata: AnnData) -> bool:
+    """Whether ``X`` holds log-normalised values (scanpy's ``uns["log1p"]`` marker)."""
+    return "log1p" in adata.uns
+
+
+def _is_integer_valued(x) -> bool:
+    data = x.data if sp.issparse(x) else np.asarray(x)
+    return bool(np.all(np.isfinite(data)) and np.all(data >= 0) and np.allclose(data, np.round(data)))
+
+
+def normalize(
+    data: SpatialData | AnnData,
+    *,
+    target_sum: float = 1e4,
+    counts_layer: str = "counts",
+    overwrite: bool = False,
+    copy: bool = False,
+) -> AnnData | None:
+    """Normalise counts to ``target_sum`` per spot (library over all genes) and take ``log1p``.
+
+    The definition every hespotex score uses: log1p of counts per ``target_sum`` with the library
+    size taken over **all** genes of the table, before any gene subset. Uses scanpy's
+    ``normalize_total`` and ``log1p``.
+
+    Parameters
+    ----------
+    data
+        A sample (its table is changed in place) or an AnnData whose ``X`` holds raw counts.
+    target_sum
+        Counts per spot after scaling (1e4 = CP10k).
+    counts_layer
+        Layer that keeps the raw counts.
+    overwrite
+        Renormalise a table that was normalised before (from ``layers[counts_layer]``).
+    copy
+        Return a normalised copy of the table instead of changing it.
+
+    Returns
+    -------
+    ``None``, or the copy with ``copy=True``. Writes ``layers[counts_layer]`` (raw counts),
+    ``X`` (log-normalised), ``obs["total_counts"]``, ``uns["log1p"]`` and
+    ``uns["hespotex_normalize"]`` (parameters).
+    """
+    import scanpy as sc
+
+    adata = get_table(data)
+    if copy:
+        adata = adata.copy()
+    if NORMALIZE_KEY in adata.uns or is_log_normalized(adata):
+        if not overwrite:
+            msg = (
+                "This table is already log-normalised (uns['log1p'] is set). Pass `overwrite=True` to "
+                f"renormalise from layers[{counts_layer!r}], or skip `normalize`."
+            )
+            raise ValueError(msg)
+        if counts_layer not in adata.layers:
+            msg = f"Cannot renormalise: the raw counts are not in layers[{counts_layer!r}]; found layers {list(adata.layers)}."
+            raise ValueError(msg)
+        adata.X = adata.layers[counts_layer].copy()
+        adata.uns.pop("log1p", None)
+    else:
+        if counts_layer in adata.layers and not overwrite:
+            msg = f"layers[{counts_layer!r}] already exists; pass `overwrite=True` to replace it with X, or another `counts_layer`."
+            raise ValueError(msg)
+        if not _is_integer_valued(adata.X):
+            msg = (
+                "Expected raw integer counts in X, found non-integer or negative values. If X is already "
+                "log-normalised, mark it with `adata.uns['log1p'] = {'base': None}` and skip `normalize`."
+            )
+            raise ValueError(msg)
+        adata.layers[counts_layer] = adata.X.copy()
+    totals = np.asarray(adata.layers[counts_layer].sum(axis=1)).ravel()
+    if (totals == 0).any():
+        logger.warning("%d spots have no counts; their normalised expression is 0.", int((totals == 0).sum()))
+    adata.obs["total_counts"] = totals
+    sc.pp.normalize_total(adata, target_sum=target_sum)
+    sc.pp.log1p(adata)
+    adata.uns[NORMALIZE_KEY] = {"params": {"target_sum": float(target_sum), "library": "all genes", "counts_layer": counts_layer}}
+    return adata if copy else None

@@ -1,0 +1,229 @@
+"""Reading H&E patches of a physical size around spot centres, from the right pyramid level.
+
+Patches are cut from the coarsest pyramid level that still has at least the resolution the
+encoder input needs, reading one bounding box per batch of nearby spots, so a whole
+full-resolution slide is never loaded. Edges are padded with white (background of H&E).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from hespotex._sample import SampleInfo, get_sample_info, get_table, spot_centres
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
+
+logger = logging.getLogger("hespotex")
+
+PAD_VALUE = 255  # white glass
+
+
+@dataclass(frozen=True)
+class ImageLevel:
+    """One pyramid level and the map from coordinate-system units to its pixels: ``px = cs * scale + offset``."""
+
+    image_key: str
+    level: int
+    array: Any  # xarray.DataArray (c, y, x), lazily backed by dask
+    scale: tuple[float, float]  # (x, y) level pixels per coordinate unit
+    offset: tuple[float, float]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.array.sizes["y"]), int(self.array.sizes["x"])
+
+
+def default_patch_um(info: SampleInfo) -> float:
+    """Default patch side in µm: twice the spot diameter (the spot and its immediate context)."""
+    return 2.0 * info.spot_diameter_um
+
+
+def image_levels(sdata: SpatialData, info: SampleInfo | None = None) -> list[ImageLevel]:
+    """All pyramid levels of the sample's H&E image, finest first, with their maps from the sample's coordinates."""
+    from spatialdata.transformations import get_transformation
+
+    info = info or get_sample_info(sdata)
+    key = info.image_key
+    if key is None or key not in getattr(sdata, "images", {}):
+        msg = (
+            f"This sample has no H&E image element (expected {key!r}; found images "
+            f"{list(getattr(sdata, 'images', {}))}). Embeddings need the image: read the sample with its image."
+        )
+        raise KeyError(msg)
+    element = sdata.images[key]
+    transform = get_transformation(element, to_coordinate_system=info.coordinate_system)
+    matrix = np.asarray(transform.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), dtype=float)
+    if abs(matrix[0, 1]) > 1e-9 or abs(matrix[1, 0]) > 1e-9:
+        msg = f"The image {key!r} is rotated or sheared relative to {info.coordinate_system!r}; only scale and translation are supported."
+        raise ValueError(msg)
+    # element pixel -> cs:  cs = m00 * px + m02;  inverse: px = (cs - m02) / m00
+    sx, sy = 1.0 / matrix[0, 0], 1.0 / matrix[1, 1]
+    ox, oy = -matrix[0, 2] * sx, -matrix[1, 2] * sy
+    if hasattr(element, "children") and len(element.children):  # multiscale DataTree
+        arrays = [element[name]["image"] for name in sorted(element.children, key=lambda n: int(n.removeprefix("scale")))]
+    else:
+        arrays = [element]
+    base_h, base_w = int(arrays[0].sizes["y"]), int(arrays[0].sizes["x"])
+    levels = []
+    for i, arr in enumerate(arrays):
+        fx, fy = arr.sizes["x"] / base_w, arr.sizes["y"] / base_h
+        levels.append(ImageLevel(key, i, arr, (sx * fx, sy * fy), (ox * fx, oy * fy)))
+    return levels
+
+
+def choose_level(levels: list[ImageLevel], px_per_unit: float) -> ImageLevel:
+    """Coarsest level with at least ``px_per_unit`` pixels per coordinate unit (the finest if none has)."""
+    ok = [lv for lv in levels if min(lv.scale) >= px_per_unit * 0.999]
+    if ok:
+        return ok[-1]
+    finest = levels[0]
+    if px_per_unit / min(finest.scale) > 1.5:
+        logger.warning(
+            "The image %r has %.2f px per unit, coarser than the %.2f the encoder input needs; patches are upsampled.",
+            finest.image_key,
+            min(finest.scale),
+            px_per_unit,
+        )
+    return finest
+
+
+def spatial_order(xy: np.ndarray, band: float) -> np.ndarray:
+    """Order points in serpentine bands so consecutive points are close (compact crop boxes)."""
+    rows = np.floor((xy[:, 1] - xy[:, 1].min()) / max(band, 1e-9)).astype(np.int64)
+    x = np.where(rows % 2 == 0, xy[:, 0], -xy[:, 0])
+    return np.lexsort((x, rows))
+
+
+def read_crops(level: ImageLevel, x0: np.ndarray, y0: np.ndarray, size: int) -> np.ndarray:
+    """Crops ``(n, 3, size, size)`` uint8 with top-left corners ``(x0, y0)`` in level pixels, white-padded.
+
+    Reads one bounding box for all crops when it is compact, one read per crop otherwise.
+    """
+    h, w = level.shape
+    n = len(x0)
+    out = np.full((n, 3, size, size), PAD_VALUE, dtype=np.uint8)
+    bx0, by0 = max(int(x0.min()), 0), max(int(y0.min()), 0)
+    bx1, by1 = min(int(x0.max()) + size, w), min(int(y0.max()) + size, h)
+    if bx1 <= bx0 or by1 <= by0:
+        return out
+    data = level.array.data
+    compact = (bx1 - bx0) * (by1 - by0) <= 16 * n * size * size
+    block = np.asarray(data[:3, by0:by1, bx0:bx1]) if compact else None
+    for i in range(n):
+        cx0, cy0 = int(x0[i]), int(y0[i])
+        sx0, sy0, sx1, sy1 = max(cx0, 0), max(cy0, 0), min(cx0 + size, w), min(cy0 + size, h)
+        if sx1 <= sx0 or sy1 <= sy0:
+            continue
+        if block is not None:
+            src = block[:, sy0 - by0 : sy1 - by0, sx0 - bx0 : sx1 - bx0]
+        else:
+            src = np.asarray(data[:3, sy0:sy1, sx0:sx1])
+        out[i, :, sy0 - cy0 : sy1 - cy0, sx0 - cx0 : sx1 - cx0] = src
+    return out
+
+
+@dataclass(frozen=True)
+class PatchPlan:
+    """Where to cut each spot's patch: level, crop size in level pixels, top-left corners, reading order."""
+
+    level: ImageLevel
+    size: int
+    x0: np.ndarray
+    y0: np.ndarray
+    order: np.ndarray
+    patch_um: float
+    out_px: int
+
+    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        """Spot indices per batch, in spatial reading order."""
+        for start in range(0, len(self.order), batch_size):
+            yield self.order[start : start + batch_size]
+
+    def read(self, idx: np.ndarray) -> np.ndarray:
+        """Crops ``(len(idx), 3, size, size)`` uint8 at level resolution for spots ``idx``."""
+        return read_crops(self.level, self.x0[idx], self.y0[idx], self.size)
+
+    def fingerprint(self) -> str:
+        """Hash of the geometry (level, crop corners, size, output size) for cache keys."""
+        h = hashlib.sha256()
+        for part in (self.level.image_key, self.level.level, self.size, self.out_px, round(self.patch_um, 6)):
+            h.update(repr(part).encode())
+        h.update(np.ascontiguousarray(self.x0, dtype=np.int64).tobytes())
+        h.update(np.ascontiguousarray(self.y0, dtype=np.int64).tobytes())
+        return h.hexdigest()
+
+
+def plan_patches(sdata: SpatialData, *, patch_um: float | None = None, out_px: int = 224) -> PatchPlan:
+    """Plan the crops of every spot of ``sdata``'s table: ``patch_um`` wide, resized later to ``out_px``."""
+    info = get_sample_info(sdata)
+    patch_um = float(patch_um) if patch_um is not None else default_patch_um(info)
+    if patch_um <= 0:
+        msg = f"Expected a positive patch size in µm, found {patch_um}."
+        raise ValueError(msg)
+    patch_units = patch_um / info.microns_per_pixel
+    level = choose_level(image_levels(sdata, info), out_px / patch_units)
+    scale = min(level.scale)
+    size = max(round(patch_units * scale), 1)
+    xy = spot_centres(sdata)
+    px = xy[:, 0] * level.scale[0] + level.offset[0]
+    py = xy[:, 1] * level.scale[1] + level.offset[1]
+    x0 = np.round(px - size / 2).astype(np.int64)
+    y0 = np.round(py - size / 2).astype(np.int64)
+    order = spatial_order(np.c_[px, py], band=4 * size)
+    return PatchPlan(level, size, x0, y0, order, patch_um, out_px)
+
+
+def resize_batch(crops: np.ndarray, out_px: int):
+    """Resize uint8 crops ``(n, 3, s, s)`` to float32 ``(n, 3, out_px, out_px)`` in [0, 1] (antialiased bilinear)."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(crops).float().div_(255.0)
+    if x.shape[-1] != out_px:
+        x = F.interpolate(x, size=(out_px, out_px), mode="bilinear", antialias=True, align_corners=False).clamp_(0, 1)
+    return x
+
+
+def extract_patches(
+    data: SpatialData,
+    *,
+    patch_um: float | None = None,
+    size: int = 224,
+    spots: np.ndarray | list | None = None,
+) -> np.ndarray:
+    """Cut the H&E patch under each spot at a physical size and return them as images.
+
+    Parameters
+    ----------
+    data
+        A sample with its H&E image.
+    patch_um
+        Patch side in µm (default: twice the spot diameter).
+    size
+        Output side in pixels.
+    spots
+        Positions (integers) or ``obs_names`` of the spots to cut; all by default.
+
+    Returns
+    -------
+    ``(n_spots, size, size, 3)`` uint8 array in the order of ``spots``. Writes nothing.
+    """
+    plan = plan_patches(data, patch_um=patch_um, out_px=size)
+    table = get_table(data)
+    if spots is None:
+        idx = np.arange(table.n_obs)
+    else:
+        spots = np.asarray(spots)
+        idx = table.obs_names.get_indexer(spots.astype(str)) if spots.dtype.kind in "OUS" else spots.astype(np.int64)
+        if (idx < 0).any() or (idx >= table.n_obs).any():
+            msg = f"Some requested spots are not in the table (expected obs_names or positions below {table.n_obs})."
+            raise KeyError(msg)
+    x = resize_batch(plan.read(idx), size)
+    return x.mul(255).round().byte().permute(0, 2, 3, 1).numpy().copy()
