@@ -9,5 +9,7 @@ __getattr__, __dir__, __all__ = attach(
         "mouse_brain_crop": "_mouse_brain",
         "her2st": "_her2st",
         "her2st_path": "_her2st",
+        "her2st_genes": "_her2st",
+        "her2st_sections": "_her2st",
     },
 )

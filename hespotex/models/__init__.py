@@ -12,5 +12,7 @@ __getattr__, __dir__, __all__ = attach(
         "ModelConfig": "_config",
         "PRESETS": "_config",
         "pearson_loss": "_losses",
+        "pearson_corr": "_losses",
+        "parameter_count": "_net",
     },
 )

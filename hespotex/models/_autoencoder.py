@@ -91,10 +91,8 @@ class GraphAttentionAutoencoder(nn.Module):
 
         src, dst = edge_index
         score = (h @ self.att_src)[src] + (h @ self.att_dst)[dst]
-        if self.attention_kind == "sigmoid":
-            score = torch.sigmoid(score)
-        else:
-            score = F.leaky_relu(score, self.negative_slope)
+        sigmoid = self.attention_kind == "sigmoid"
+        score = torch.sigmoid(score) if sigmoid else F.leaky_relu(score, self.negative_slope)
         return softmax(score, dst, num_nodes=h.size(0))
 
     def encode(self, x: Tensor, edge_index: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:

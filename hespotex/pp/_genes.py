@@ -12,6 +12,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from hespotex._sample import SAMPLE_KEY, get_table
+from hespotex.pp._normalize import _is_integer_valued, log_expression
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -54,26 +55,10 @@ def shared_genes(tables: Iterable[AnnData]) -> pd.Index:
 def _counts(adata: AnnData, layer: str):
     if layer in adata.layers:
         return adata.layers[layer]
-    from hespotex.pp._normalize import _is_integer_valued
-
     if _is_integer_valued(adata.X):
         return adata.X
     msg = f"flavor='seurat_v3' needs raw counts in layers[{layer!r}] or X; found neither. Use flavor='mean' on log-normalised data."
     raise ValueError(msg)
-
-
-def _lognorm(adata: AnnData, counts_layer: str):
-    """Log-normalised expression (CP10k over all genes) without touching ``adata``."""
-    from hespotex.pp._normalize import is_log_normalized
-
-    if is_log_normalized(adata):
-        return adata.X
-    x = sp.csr_matrix(_counts(adata, counts_layer), dtype=np.float32)
-    totals = np.asarray(x.sum(axis=1)).ravel()
-    scale = np.divide(1e4, totals, out=np.zeros_like(totals), where=totals > 0)
-    x = sp.diags(scale.astype(np.float32)) @ x
-    x.data = np.log1p(x.data)
-    return x
 
 
 def select_genes(
@@ -83,7 +68,7 @@ def select_genes(
     flavor: Literal["seurat_v3", "mean"] = "seurat_v3",
     genes: Sequence[str] | None = None,
     counts_layer: str = "counts",
-    key_added: str = "hespotex_genes",
+    key_added: str | None = "hespotex_genes",
     overwrite: bool = False,
 ) -> list[str]:
     """Select the genes a model predicts, fitted on the given (training) samples only.
@@ -105,7 +90,7 @@ def select_genes(
     counts_layer
         Where raw counts live after :func:`hespotex.pp.normalize`.
     key_added
-        Name of the ``var`` column and ``uns`` entry written on each sample.
+        Name of the ``var`` column and ``uns`` entry written on each sample; ``None`` writes nothing.
     overwrite
         Replace an earlier selection stored under ``key_added``.
 
@@ -116,7 +101,7 @@ def select_genes(
     """
     tables = as_tables(samples)
     for t in tables:
-        if not overwrite and (key_added in t.var or key_added in t.uns):
+        if key_added is not None and not overwrite and (key_added in t.var or key_added in t.uns):
             msg = f"A gene selection is already stored under {key_added!r}; pass `overwrite=True` to replace it."
             raise ValueError(msg)
     names = [sample_name(t, f"sample_{i}") for i, t in enumerate(tables)]
@@ -147,7 +132,7 @@ def select_genes(
         elif flavor == "mean":
             means = np.zeros(len(common))
             for t in tables:
-                x = _lognorm(t, counts_layer)[:, t.var_names.get_indexer(common)]
+                x = log_expression(t, common, counts_layer=counts_layer, dense=False)
                 means += np.asarray(x.mean(axis=0)).ravel() * t.n_obs
             order = np.argsort(-means, kind="stable")[:n_top]
             selected = list(common[order])
@@ -157,7 +142,7 @@ def select_genes(
         flavor_used = flavor
     record = {"genes": list(selected), "flavor": flavor_used, "n_top": len(selected), "fitted_on": names, "hash": gene_hash(selected)}
     chosen = set(selected)
-    for t in tables:
+    for t in tables if key_added is not None else ():
         t.var[key_added] = [g in chosen for g in t.var_names]
         t.uns[key_added] = record
     logger.info("Selected %d genes (%s) on %d sample(s).", len(selected), flavor_used, len(tables))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -22,6 +23,35 @@ NORMALIZE_KEY = "hespotex_normalize"
 def is_log_normalized(adata: AnnData) -> bool:
     """Whether ``X`` holds log-normalised values (scanpy's ``uns["log1p"]`` marker)."""
     return "log1p" in adata.uns
+
+
+def log_expression(adata: AnnData, genes: Sequence[str] | None, *, target_sum: float = 1e4, counts_layer: str = "counts", dense: bool = True):
+    """Log-normalised expression ``(n_spots, len(genes))`` float32 (dense or CSR), library over all genes.
+
+    Uses ``X`` when it is already log-normalised (``uns["log1p"]``), else normalises the raw
+    counts (``layers[counts_layer]`` or ``X``) without changing ``adata``.
+    """
+    genes = list(adata.var_names) if genes is None else list(genes)
+    missing = [g for g in genes if g not in adata.var_names]
+    if missing:
+        msg = f"{len(missing)} of {len(genes)} genes are missing from this table, e.g. {missing[:5]}."
+        raise KeyError(msg)
+    idx = adata.var_names.get_indexer(list(genes))
+    if is_log_normalized(adata):
+        x = adata.X[:, idx]
+        if not dense:
+            return sp.csr_matrix(x, dtype=np.float32)
+        return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float32)
+    counts = sp.csr_matrix(adata.layers.get(counts_layer, adata.X), dtype=np.float64)
+    data = counts.data
+    if data.size and (data.min() < 0 or not np.allclose(data, np.round(data))):
+        msg = "Expected raw counts or log-normalised X (uns['log1p']); found neither. Run `hx.pp.normalize` on raw counts."
+        raise ValueError(msg)
+    totals = np.asarray(counts.sum(axis=1)).ravel()
+    scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
+    sub = sp.diags(scale) @ counts[:, idx]
+    sub.data = np.log1p(sub.data)
+    return sub.astype(np.float32).toarray() if dense else sub.astype(np.float32).tocsr()
 
 
 def _is_integer_valued(x) -> bool:

@@ -2,4 +2,19 @@
 
 from hespotex._lazy import attach
 
-__getattr__, __dir__, __all__ = attach(__name__, {})
+__getattr__, __dir__, __all__ = attach(
+    __name__,
+    {
+        "HESpotEx": "_model",
+        "train": "_train",
+        "predict": "_predict",
+        "evaluate": "_evaluate",
+        "cross_validate": "_cross_validate",
+        "summarize_cv": "_cross_validate",
+        "make_baseline": "_baselines",
+        "RidgeBaseline": "_baselines",
+        "MLPBaseline": "_baselines",
+        "RetrievalBaseline": "_baselines",
+        "smooth": "_baselines",
+    },
+)

@@ -206,7 +206,7 @@ class RidgeBaseline(Baseline):
         if self.n_components is not None:
             n_inputs = min(self.n_components, X.shape[0], X.shape[1])
             if n_inputs < self.n_components:
-                logger.info("RidgeBaseline: %d PCA components (data too small for %d)", n_inputs, self.n_components)
+                logger.debug("RidgeBaseline: %d PCA components (data too small for %d)", n_inputs, self.n_components)
             steps.append(("pca", PCA(n_components=n_inputs, random_state=self.seed)))
             self.n_components_ = n_inputs
         self.alpha_ = float(self.alpha) if self.alpha is not None else 100.0 / (n_inputs * y.shape[1])
@@ -568,7 +568,7 @@ def smooth(pred: Any, connectivities: Any, *, self_weight: float | None = None) 
     Parameters
     ----------
     pred
-        Predictions ``(n_spots, n_genes)``, dense or sparse (read, not modified).
+        Predictions ``(n_spots, n_genes)`` (or ``(n_spots,)``), dense or sparse (read, not modified).
     connectivities
         Square ``(n_spots, n_spots)`` non-negative matrix, rows and columns in the order of ``pred``;
         sparse (a dense array is converted). Rows are targets: row ``i`` lists the spots that smooth ``i``.
@@ -579,13 +579,12 @@ def smooth(pred: Any, connectivities: Any, *, self_weight: float | None = None) 
     -------
     Dense smoothed predictions, same shape as ``pred`` (``float32`` for ``float32`` input, else ``float64``).
     """
-    if sparse.issparse(pred):
-        n, dtype = pred.shape[0], np.result_type(pred.dtype, np.float32)
-    else:
+    squeeze = False
+    if not sparse.issparse(pred):
         pred = np.asarray(pred)
         if pred.ndim == 1:
-            pred = pred[:, None]
-        n, dtype = pred.shape[0], np.result_type(pred.dtype, np.float32)
+            pred, squeeze = pred[:, None], True
+    n, dtype = pred.shape[0], np.result_type(pred.dtype, np.float32)
     if pred.ndim != 2:
         msg = f"`pred` must be 2-D (n_spots, n_genes); found shape {pred.shape}."
         raise ValueError(msg)
@@ -617,7 +616,8 @@ def smooth(pred: Any, connectivities: Any, *, self_weight: float | None = None) 
         S = sparse.diags(inv) @ A + sparse.diags(diag)
     out = S.tocsr() @ pred
     out = out.toarray() if sparse.issparse(out) else np.asarray(out)
-    return out.astype(dtype, copy=False)
+    out = out.astype(dtype, copy=False)
+    return out[:, 0] if squeeze else out
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,58 @@
+"""Write and read samples as SpatialData zarr stores."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from hespotex._sample import get_sample_info
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
+
+logger = logging.getLogger("hespotex")
+
+
+def write_zarr(sdata: SpatialData, path: str | Path, *, overwrite: bool = False) -> None:
+    """Write a sample to a zarr store (:meth:`spatialdata.SpatialData.write`).
+
+    Writes every element of ``sdata`` (image pyramid, shapes, tables with their ``uns``, including
+    ``uns["hespotex_sample"]``) to ``path``. An existing ``path`` is refused unless
+    ``overwrite=True``.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        msg = f"{str(path)!r} already exists. Pass `overwrite=True` to replace it, or choose another path."
+        raise FileExistsError(msg)
+    sdata.write(path, overwrite=overwrite)
+    logger.info("Wrote the sample to %s.", path)
+
+
+def read_zarr(path: str | Path, *, validate: bool = True) -> SpatialData:
+    """Read a sample written by :func:`write_zarr` (:func:`spatialdata.read_zarr`; images stay lazy).
+
+    With ``validate=True`` (default) the store must hold a table with ``uns["hespotex_sample"]``
+    whose image and shapes elements exist; a ``ValueError`` says what is missing.
+    """
+    import spatialdata
+
+    path = Path(path)
+    if not path.exists():
+        msg = f"Expected a SpatialData zarr store at {str(path)!r}, found nothing there."
+        raise FileNotFoundError(msg)
+    sdata = spatialdata.read_zarr(path)
+    if validate:
+        try:
+            info = get_sample_info(sdata)
+        except KeyError as err:
+            msg = (
+                f"{str(path)!r} is not a hespotex sample: {err.args[0]} "
+                "Pass `validate=False` to read it anyway, then build a sample with an `hx.io` reader."
+            )
+            raise ValueError(msg) from err
+        missing = [k for k in (info.shapes_key, info.image_key) if k is not None and k not in sdata]
+        if missing:
+            msg = f"The sample in {str(path)!r} names elements {missing} that the store does not hold."
+            raise ValueError(msg)
+    return sdata

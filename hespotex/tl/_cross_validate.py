@@ -1,0 +1,219 @@
+"""``hx.tl.cross_validate``: leave-one-sample (or group) out, everything fitted inside each training fold."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from hespotex._sample import get_table
+from hespotex.pp._genes import select_genes, shared_genes
+from hespotex.tl._data import EMBEDDING_KEY, GraphData, as_sample_dict, graph_data
+from hespotex.tl._evaluate import rank_genes
+from hespotex.tl._metrics import gene_scores
+from hespotex.tl._train import ensure_embeddings, train
+
+logger = logging.getLogger("hespotex")
+
+BASELINE_METHODS = ("ridge", "mlp", "retrieval")
+
+
+def _method_specs(methods: Sequence[Any], config: Any) -> list[tuple[str, str, Any]]:
+    """``(label, kind, config)``: kind is ``"hespotex"`` or a baseline name."""
+    from hespotex.models import ModelConfig
+
+    specs = []
+    for m in methods:
+        if isinstance(m, tuple):
+            label, cfg = m
+            specs.append((str(label), "hespotex", cfg))
+        elif m == "hespotex":
+            specs.append(("hespotex", "hespotex", config))
+        elif isinstance(m, str) and m.startswith("hespotex:"):
+            specs.append((m, "hespotex", ModelConfig.preset(m.split(":", 1)[1])))
+        elif m in BASELINE_METHODS:
+            specs.append((m, m, None))
+        else:
+            msg = f"Unknown method {m!r}; expected 'hespotex', 'hespotex:<preset>', a (label, ModelConfig) pair, or one of {BASELINE_METHODS}."
+            raise ValueError(msg)
+    return specs
+
+
+def fold_genes(train_tables: Sequence[Any], all_tables: Sequence[Any], *, genes, n_top_genes: int, flavor: str, include_genes) -> list[str]:
+    """The fold's gene panel: given ``genes``, else ``include_genes`` (those present everywhere) topped up
+    with the training fold's best-ranked genes to ``n_top_genes``."""
+    if genes is not None:
+        return list(genes)
+    present = set(shared_genes(all_tables))
+    base = [g for g in (include_genes or []) if g in present]
+    if len(base) >= n_top_genes:
+        return base[:n_top_genes]
+    ranked = select_genes(list(train_tables), n_top=min(len(present), n_top_genes + len(base)), flavor=flavor, key_added=None)
+    extra = [g for g in ranked if g in present and g not in set(base)]
+    return base + extra[: n_top_genes - len(base)]
+
+
+def cross_validate(
+    samples: Any,
+    *,
+    groups: Mapping[str, str] | None = None,
+    methods: Sequence[Any] = ("hespotex", "ridge", "mlp", "retrieval"),
+    smoothed: bool = True,
+    genes: Sequence[str] | None = None,
+    n_top_genes: int = 1000,
+    flavor: str = "seurat_v3",
+    include_genes: Sequence[str] | None = None,
+    panels: Mapping[str, Sequence[str]] | None = None,
+    k: int = 50,
+    config: Any = "hespotex",
+    validation: Any = "auto",
+    smooth_neighbors: int = 6,
+    seed: int = 0,
+    device: str | None = "auto",
+    embedding_key: str = EMBEDDING_KEY,
+    target_sum: float = 1e4,
+    baseline_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+) -> pd.DataFrame:
+    """Leave-one-sample-out (or leave-one-group-out) evaluation of HESpotEx and baselines.
+
+    In each fold the held-out samples are never looked at until scoring: gene selection, gene
+    rankings (top-``k`` HVG/HEG), embedding standardisation, early stopping (an inner validation
+    split of the training samples) and baseline fitting use the training samples only.
+
+    Parameters
+    ----------
+    samples
+        Embedded samples (``{name: SpatialData or AnnData}`` or a list); see :func:`hespotex.tl.train`.
+    groups
+        ``{sample name: group}`` for leave-one-group-out (e.g. patients); default one group per sample.
+    methods
+        ``"hespotex"`` (with ``config``), ``"hespotex:<preset>"``, ``(label, ModelConfig)`` pairs
+        (ablations), and the baselines ``"ridge"`` (HEST-Benchmark), ``"mlp"`` (ST-Net style head),
+        ``"retrieval"`` (BLEEP-style nearest neighbours) on the same genes and embeddings.
+    smoothed
+        Also score every baseline after spatial smoothing over ``smooth_neighbors`` nearest spots
+        (method ``"<name>+smooth"``).
+    genes, n_top_genes, flavor, include_genes
+        The fold's gene panel: ``genes`` as given, else ``include_genes`` topped up to ``n_top_genes``
+        with the genes ``flavor`` ranks best on the training fold.
+    panels
+        Named gene lists to flag in the result (column ``in_<name>``), e.g. a published 785-gene panel.
+    k
+        Size of the top-HVG/HEG sets ranked on the training fold (columns ``in_hvg``, ``in_heg``).
+    config, validation, seed, device, embedding_key, target_sum
+        As in :func:`hespotex.tl.train` (``validation`` applies inside each training fold).
+    baseline_kwargs
+        Extra parameters per baseline, e.g. ``{"mlp": {"epochs": 100}}``.
+
+    Returns
+    -------
+    A tidy table, one row per fold, test sample, method and gene: ``fold``, ``test_sample``,
+    ``method``, ``gene``, ``pearson``, ``pvalue``, ``mse``, ``mean_true``, ``var_true``,
+    ``n_spots``, ``in_hvg``, ``in_heg``, ``in_<panel>``, ``fit_seconds``. Summarise with
+    :func:`summarize_cv`.
+    """
+    from hespotex.pp._graph import knn_graph
+    from hespotex.tl._baselines import make_baseline, smooth
+    from hespotex.tl._train import split_validation
+
+    named = as_sample_dict(samples)
+    names = list(named)
+    for s in named.values():
+        ensure_embeddings(s, embedding_key=embedding_key)
+    tables = {n: get_table(s) for n, s in named.items()}
+    groups = {n: str(groups[n]) if groups else n for n in names}
+    specs = _method_specs(methods, config)
+    rows = []
+    fold_ids = list(dict.fromkeys(groups[n] for n in names))
+    if len(fold_ids) < 2:
+        msg = f"Cross-validation needs at least 2 samples or groups, found {len(fold_ids)}."
+        raise ValueError(msg)
+    for fold in fold_ids:
+        test_names = [n for n in names if groups[n] == fold]
+        train_names = [n for n in names if groups[n] != fold]
+        fold_gene_list = fold_genes([tables[n] for n in train_names], list(tables.values()), genes=genes, n_top_genes=n_top_genes, flavor=flavor, include_genes=include_genes)
+        ranks = rank_genes({n: tables[n] for n in train_names}, fold_gene_list, k=k, target_sum=target_sum)
+        train_data = {n: graph_data(tables[n], n, genes=fold_gene_list, embedding_key=embedding_key, target_sum=target_sum) for n in train_names}
+        test_data = {n: graph_data(tables[n], n, genes=fold_gene_list, embedding_key=embedding_key, target_sum=target_sum) for n in test_names}
+        held, _ = split_validation(train_names, validation, seed=seed)
+        for label, kind, cfg in specs:
+            t0 = time.perf_counter()
+            if kind == "hespotex":
+                model = train(
+                    {n: tables[n] for n in train_names},
+                    genes=fold_gene_list,
+                    config=cfg,
+                    validation=validation,
+                    seed=seed,
+                    device=device,
+                    embedding_key=embedding_key,
+                    target_sum=target_sum,
+                )
+                preds = {n: model.predict_graph(GraphData(n, d.emb, d.coords_um), device=device)["expression"] for n, d in test_data.items()}
+            else:
+                preds = _baseline_predictions(kind, train_data, test_data, held, seed=seed, kwargs=(baseline_kwargs or {}).get(kind, {}), make_baseline=make_baseline)
+            seconds = time.perf_counter() - t0
+            variants = [(label, preds)]
+            if smoothed and kind != "hespotex":
+                smoothed_preds = {}
+                for n, p in preds.items():
+                    conn, _ = knn_graph(test_data[n].coords_um, smooth_neighbors)
+                    smoothed_preds[n] = smooth(p, conn)
+                variants.append((f"{label}+smooth", smoothed_preds))
+            for method, by_sample in variants:
+                for n, p in by_sample.items():
+                    scores = gene_scores(test_data[n].expr, p, fold_gene_list).reset_index()
+                    scores.insert(0, "method", method)
+                    scores.insert(0, "test_sample", n)
+                    scores.insert(0, "fold", fold)
+                    scores["fit_seconds"] = seconds
+                    rows.append(scores)
+            logger.info("fold %s: %s done in %.1f s", fold, label, seconds)
+        hvg, heg = set(ranks["hvg"]), set(ranks["heg"])
+        for part in rows:
+            if part["fold"].iat[0] == fold and "in_hvg" not in part:
+                part["in_hvg"] = part["gene"].isin(hvg)
+                part["in_heg"] = part["gene"].isin(heg)
+    table = pd.concat(rows, ignore_index=True)
+    for name, panel in (panels or {}).items():
+        table[f"in_{name}"] = table["gene"].isin(set(panel))
+    return table
+
+
+def _baseline_predictions(kind, train_data, test_data, held, *, seed, kwargs, make_baseline) -> dict[str, np.ndarray]:
+    fit_names = [n for n in train_data if n not in held] or list(train_data)
+    x = np.concatenate([train_data[n].emb for n in fit_names])
+    y = np.concatenate([train_data[n].expr for n in fit_names])
+    extra = {"seed": seed} if kind in ("ridge", "mlp") else {}
+    model = make_baseline(kind, **extra, **kwargs)
+    if kind == "mlp" and held:
+        xv = np.concatenate([train_data[n].emb for n in held])
+        yv = np.concatenate([train_data[n].expr for n in held])
+        model.fit(x, y, validation=(xv, yv))
+    else:
+        if held and kind != "mlp":  # no early stopping: use all training samples
+            x = np.concatenate([d.emb for d in train_data.values()])
+            y = np.concatenate([d.expr for d in train_data.values()])
+        model.fit(x, y)
+    return {n: model.predict(d.emb) for n, d in test_data.items()}
+
+
+def summarize_cv(table: pd.DataFrame, *, panels: Sequence[str] = ("hvg", "heg")) -> pd.DataFrame:
+    """Mean Pearson per fold and method over all genes and each flagged panel (``in_<panel>`` columns),
+    plus a ``"mean"`` fold averaging the folds."""
+    out = []
+    for (fold, method), part in table.groupby(["fold", "method"], sort=False):
+        row = {"fold": fold, "method": method, "pearson_all": part["pearson"].mean(), "fit_seconds": part["fit_seconds"].iat[0]}
+        for p in panels:
+            col = f"in_{p}"
+            if col in part:
+                row[f"pearson_{p}"] = part.loc[part[col], "pearson"].mean()
+        out.append(row)
+    per_fold = pd.DataFrame(out)
+    mean = per_fold.drop(columns="fold").groupby("method", sort=False).mean().reset_index()
+    mean.insert(0, "fold", "mean")
+    return pd.concat([per_fold, mean], ignore_index=True)

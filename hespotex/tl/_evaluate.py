@@ -1,0 +1,114 @@
+"""``hx.tl.evaluate``: per-gene scores of stored predictions against measured expression."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from hespotex._sample import get_table
+from hespotex.pp._normalize import log_expression
+from hespotex.tl._metrics import gene_scores, summarize, top_genes
+
+logger = logging.getLogger("hespotex")
+
+
+def rank_genes(reference: Any, genes: Sequence[str], *, k: int = 50, target_sum: float = 1e4) -> dict[str, list[str]]:
+    """Top-``k`` highly variable and highly expressed ``genes`` ranked on ``reference`` samples (training data)."""
+    from hespotex.tl._data import as_sample_dict
+
+    tables = [get_table(s) for s in as_sample_dict(reference).values()]
+    y = np.concatenate([log_expression(t, genes, target_sum=target_sum) for t in tables])
+    k = min(k, len(genes))
+    return {
+        "hvg": list(top_genes(y, k, by="hvg", gene_names=list(genes))),
+        "heg": list(top_genes(y, k, by="mean", gene_names=list(genes))),
+    }
+
+
+def evaluate(
+    adata: Any,
+    *,
+    layer: str = "hespotex",
+    truth: Any = "measured",
+    reference: Any = None,
+    k: int = 50,
+    groups: str | None = None,
+    key_added: str | None = None,
+) -> pd.DataFrame:
+    """Score predictions gene by gene against the measured expression of the same spots.
+
+    Parameters
+    ----------
+    adata
+        The table holding predictions in ``layers[layer]`` (what :func:`hespotex.tl.predict` returns).
+    layer
+        Prediction layer.
+    truth
+        A layer of ``adata`` with log-normalised measured expression (``"measured"``, written by
+        :func:`~hespotex.tl.predict`), or a sample/AnnData with the measured counts of the same
+        spots (matched by ``obs_names``; normalised like the model's targets).
+    reference
+        Training samples on which the top-``k`` highly variable / highly expressed genes are ranked.
+        Without it they are ranked on the truth itself (logged): fine for exploring, not for
+        benchmarks.
+    k
+        Size of the top-gene sets (50 as in HEST-Benchmark).
+    groups
+        ``obs`` column splitting spots into samples: scores per sample plus ``"pooled"``.
+    key_added
+        ``uns`` key of the results (default ``f"{layer}_evaluation"``).
+
+    Returns
+    -------
+    Per-gene scores (``pearson``, ``pvalue``, ``mse``, ``mean_true``, ``var_true``, ``n_spots``;
+    with ``groups`` a tidy table with a ``sample`` column). Writes ``uns[key_added]`` with
+    ``per_gene`` (that table), ``summary`` (mean Pearson over all / top-``k`` HVG / top-``k`` HEG
+    genes, MSE, number of genes with significantly positive correlation) and ``params``.
+    """
+    table = get_table(adata)
+    if layer not in table.layers:
+        msg = f"Expected predictions in layers[{layer!r}], found layers {list(table.layers)}. Run `hx.tl.predict` first."
+        raise KeyError(msg)
+    genes = list(table.var_names)
+    pred = np.asarray(table.layers[layer], dtype=np.float32)
+    target_sum = float(table.uns.get(layer, {}).get("params", {}).get("target_sum", 1e4))
+    if isinstance(truth, str):
+        if truth not in table.layers:
+            msg = f"Expected measured expression in layers[{truth!r}], found layers {list(table.layers)}. Pass `truth=` the measured sample."
+            raise KeyError(msg)
+        y = table.layers[truth]
+        y = np.asarray(y.toarray() if hasattr(y, "toarray") else y, dtype=np.float32)
+    else:
+        measured = get_table(truth)
+        missing = table.obs_names.difference(measured.obs_names)
+        if len(missing):
+            msg = f"{len(missing)} predicted spots are absent from the truth table, e.g. {list(missing[:3])}; expected the same spots."
+            raise KeyError(msg)
+        y = log_expression(measured[table.obs_names], genes, target_sum=target_sum)
+    if reference is None:
+        logger.info("Ranking top-%d genes on the evaluated spots themselves (pass `reference=` training samples for benchmarks).", k)
+        yk = min(k, len(genes))
+        ranks = {"hvg": list(top_genes(y, yk, by="hvg", gene_names=genes)), "heg": list(top_genes(y, yk, by="mean", gene_names=genes))}
+    else:
+        ranks = rank_genes(reference, genes, k=k, target_sum=target_sum)
+    group_values = None if groups is None else table.obs[groups].astype(str).to_numpy()
+    scores = gene_scores(y, pred, genes, groups=group_values)
+    key_added = key_added or f"{layer}_evaluation"
+    if groups is None:
+        summary = summarize(scores, hvg=ranks["hvg"], heg=ranks["heg"])
+    else:
+        summary = {
+            name: summarize(part.set_index("gene").drop(columns="sample"), hvg=ranks["hvg"], heg=ranks["heg"])
+            for name, part in scores.groupby("sample", sort=False)
+        }
+    table.uns[key_added] = {
+        "per_gene": scores.reset_index() if groups is None else scores,
+        "summary": summary,
+        "params": {"layer": layer, "truth": truth if isinstance(truth, str) else "table", "k": k, "ranked_on": "reference" if reference is not None else "truth", "hvg": ranks["hvg"], "heg": ranks["heg"]},
+    }
+    scores.attrs["summary"] = summary
+    return scores

@@ -1,0 +1,331 @@
+"""The user-facing HESpotEx model: setup registry, training state, prediction, safe save/load."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hespotex._settings import resolve_device
+from hespotex.pp._genes import gene_hash
+from hespotex.tl._data import GraphData, induced_edges, k_hop_halo, spatial_blocks
+
+logger = logging.getLogger("hespotex")
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+SETUP_FILE = "setup.json"
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("hespotex", "torch", "torch-geometric", "timm"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "unknown"
+    return out
+
+
+class HESpotEx:
+    """HESpotEx: predicts spot expression of ``genes`` from frozen image embeddings and the spot graph.
+
+    Build it with :func:`hespotex.tl.train` (or :meth:`fit`), apply it with
+    :func:`hespotex.tl.predict`, keep it with :meth:`save` / :meth:`load`.
+
+    Parameters
+    ----------
+    genes
+        Genes the model predicts, in output order.
+    embedding
+        How the image embeddings were made (``encoder``, ``encoder_id``, ``patch_um``, ...): the
+        record :func:`hespotex.pp.embed` stores in ``uns["hespotex_embed"]``. Data embedded
+        differently is refused at prediction.
+    config
+        A :class:`hespotex.models.ModelConfig` or preset name (``"hespotex"``, ``"paper"``).
+    target_sum
+        Normalisation of the expression targets: log1p of counts per ``target_sum``, library over
+        all genes.
+    gene_selection
+        Record of how the genes were chosen (flavor, samples fitted on).
+
+    Attributes
+    ----------
+    module_
+        The :class:`hespotex.models.HESpotExNet` (after fitting or loading).
+    is_trained_, history_, train_samples_, validation_, embedding_mean_, embedding_scale_
+        Fitted state: whether trained, per-epoch losses and validation scores, the training
+        sample names, the validation split, and the embedding standardisation (training spots only).
+    """
+
+    def __init__(
+        self,
+        genes: Sequence[str],
+        *,
+        embedding: dict[str, Any],
+        config: Any = "hespotex",
+        target_sum: float = 1e4,
+        gene_selection: dict[str, Any] | None = None,
+    ) -> None:
+        from hespotex.models._net import _resolve_config
+
+        genes = [str(g) for g in genes]
+        if not genes or len(set(genes)) != len(genes):
+            msg = f"Expected a non-empty list of unique genes, found {len(genes)} genes with {len(genes) - len(set(genes))} duplicates."
+            raise ValueError(msg)
+        self.genes = genes
+        self.embedding = dict(embedding)
+        self.config = _resolve_config(config)
+        self.target_sum = float(target_sum)
+        self.gene_selection = dict(gene_selection or {"flavor": "given", "genes": genes})
+        self.module_ = None
+        self.is_trained_ = False
+        self.history_: list[dict[str, float]] = []
+        self.train_samples_: list[str] = []
+        self.validation_: dict[str, Any] = {}
+        self.embedding_mean_: np.ndarray | None = None
+        self.embedding_scale_: np.ndarray | None = None
+
+    def __repr__(self) -> str:
+        state = "trained" if self.is_trained_ else "untrained"
+        return (
+            f"HESpotEx({len(self.genes)} genes, encoder={self.embedding.get('encoder')!r}, "
+            f"patch_um={self.embedding.get('patch_um')}, {state})"
+        )
+
+    # ------------------------------------------------------------------ training
+    def fit(
+        self,
+        train: Sequence[GraphData],
+        *,
+        validation: Sequence[tuple[GraphData, np.ndarray]] = (),
+        device: str | None = "auto",
+        max_nodes: int = 20_000,
+        seed: int | None = None,
+    ) -> HESpotEx:
+        """Train on prepared arrays (see :func:`hespotex.tl.train` for the AnnData/SpatialData front end).
+
+        ``validation`` holds ``(sample, mask)`` pairs: the whole sample is predicted (its images
+        exist at inference) and the spots in ``mask`` are scored by mean per-gene Pearson.
+        """
+        from hespotex.models import HESpotExNet
+        from hespotex.tl._training import fit_net
+
+        seed = self.config.seed if seed is None else seed
+        emb = np.concatenate([s.emb for s in train])
+        self.embedding_mean_ = emb.mean(axis=0).astype(np.float32)
+        self.embedding_scale_ = np.maximum(emb.std(axis=0), 1e-6).astype(np.float32)
+        train = [self._standardised(s) for s in train]
+        validation = [(self._standardised(s), m) for s, m in validation]
+        self.module_ = HESpotExNet(len(self.genes), emb.shape[1], self.config.replace(seed=seed))
+        dev = resolve_device(device)
+
+        def validate(net) -> float:
+            from hespotex.tl._metrics import pearson_per_gene
+
+            scores = []
+            for s, mask in validation:
+                pred = self._forward(net, s, dev, max_nodes=max_nodes)["expression"]
+                r = pearson_per_gene(s.expr[mask], pred[mask])
+                scores.append(np.nanmean(r) if np.isfinite(r).any() else 0.0)
+            return float(np.mean(scores))
+
+        self.history_ = fit_net(
+            self.module_, train, validate=validate if validation else None, device=dev, max_nodes=max_nodes, seed=seed
+        )
+        self.module_.to("cpu")
+        self.is_trained_ = True
+        return self
+
+    def _standardised(self, s: GraphData) -> GraphData:
+        out = GraphData(s.name, (s.emb - self.embedding_mean_) / self.embedding_scale_, s.coords_um, s.expr)
+        out.edges = s.edges
+        return out
+
+    # ------------------------------------------------------------------ prediction
+    def predict_graph(self, sample: GraphData, *, device: str | None = "auto", max_nodes: int = 50_000) -> dict[str, Any]:
+        """Predict ``sample`` (embeddings and µm coordinates): expression, latent and attention arrays.
+
+        Large slides run block by block, each block with a halo of ``n_hops`` neighbour rings, so
+        predictions equal a whole-slide pass while memory stays bounded by ``max_nodes``.
+        """
+        self._check_trained()
+        if sample.emb.shape[1] != len(self.embedding_mean_):
+            msg = (
+                f"Expected embeddings of width {len(self.embedding_mean_)} (encoder {self.embedding.get('encoder')!r}), "
+                f"found {sample.emb.shape[1]}. Embed the slide with the model's encoder."
+            )
+            raise ValueError(msg)
+        return self._forward(self.module_, self._standardised(sample), resolve_device(device), max_nodes=max_nodes)
+
+    def _forward(self, net, s: GraphData, device, *, max_nodes: int) -> dict[str, Any]:
+        import scipy.sparse as sp
+        import torch
+
+        cfg = net.config
+        use_graph = net.decoder is not None
+        edges = s.graph(cfg.decoder_neighbors) if use_graph else np.zeros((2, 0), dtype=np.int64)
+        expression = np.empty((s.n, net.n_genes), dtype=np.float32)
+        latent = np.empty((s.n, cfg.latent_dim), dtype=np.float32)
+        att_rows, att_cols, att_vals = [], [], []
+        was_training = net.training
+        net.eval()
+        net.to(device)
+        halo = cfg.n_hops if use_graph else 0
+        with torch.inference_mode():
+            for core in spatial_blocks(s.coords_um, max_nodes):
+                nodes = k_hop_halo(edges, core, s.n, halo) if use_graph else core
+                sub = induced_edges(edges, nodes, s.n)
+                out = net(torch.from_numpy(s.emb[nodes]).to(device), torch.from_numpy(sub).to(device) if use_graph else None)
+                m = len(core)
+                expression[core] = out["expression"][:m].float().cpu().numpy()
+                latent[core] = out["latent"][:m].float().cpu().numpy()
+                if out["attention"] is not None:
+                    ei, alpha = out["attention"]
+                    ei, alpha = ei.cpu().numpy(), alpha.float().cpu().numpy()
+                    keep = ei[1] < m  # edges into core spots
+                    att_rows.append(nodes[ei[1][keep]])
+                    att_cols.append(nodes[ei[0][keep]])
+                    att_vals.append(alpha[keep])
+        net.train(was_training)
+        attention = None
+        if att_rows:
+            attention = sp.csr_matrix(
+                (np.concatenate(att_vals), (np.concatenate(att_rows), np.concatenate(att_cols))), shape=(s.n, s.n)
+            )
+        return {"expression": expression, "latent": latent, "attention": attention}
+
+    def _check_trained(self) -> None:
+        if not self.is_trained_ or self.module_ is None:
+            msg = "This model is not trained yet: call `hx.tl.train(...)` or load one with `hx.tl.HESpotEx.load(path)`."
+            raise RuntimeError(msg)
+
+    # ------------------------------------------------------------------ persistence
+    def setup_dict(self) -> dict[str, Any]:
+        """Everything but the weights, as JSON-safe values (what :meth:`save` writes to ``setup.json``)."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "versions": _versions(),
+            "genes": self.genes,
+            "gene_hash": gene_hash(self.genes),
+            "gene_selection": self.gene_selection,
+            "embedding": self.embedding,
+            "embedding_dim": None if self.embedding_mean_ is None else len(self.embedding_mean_),
+            "config": self.config.to_dict(),
+            "target_sum": self.target_sum,
+            "train_samples": self.train_samples_,
+            "validation": self.validation_,
+            "history": self.history_,
+        }
+
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the model to the folder ``path``: ``model.safetensors`` (weights, embedding
+        standardisation) and ``setup.json`` (genes, gene selection, normalisation, encoder and patch
+        geometry, config, versions, history).
+
+        The folder is written beside its destination and renamed into place, so an interruption
+        never leaves a half-written model. An existing folder is replaced only with ``overwrite=True``.
+        """
+        from safetensors.torch import save_file
+
+        self._check_trained()
+        path = Path(path)
+        if path.exists() and not overwrite:
+            msg = f"{str(path)!r} already exists; pass `overwrite=True` to replace it, or choose another folder."
+            raise FileExistsError(msg)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            import torch
+
+            tensors = {f"net.{k}": v.detach().cpu().contiguous() for k, v in self.module_.state_dict().items()}
+            tensors["setup.embedding_mean"] = torch.from_numpy(self.embedding_mean_)
+            tensors["setup.embedding_scale"] = torch.from_numpy(self.embedding_scale_)
+            save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "hespotex", "format_version": str(FORMAT_VERSION)})
+            (tmp / SETUP_FILE).write_text(json.dumps(self.setup_dict(), indent=1, default=_json_default))
+            if path.exists():
+                old = path.with_name(f".{path.name}.old.{os.getpid()}")
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        logger.info("Saved %r to %s.", self, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> HESpotEx:
+        """Load a model saved with :meth:`save` (weights through safetensors: no pickle is run)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        from hespotex.models import HESpotExNet
+
+        path = Path(path)
+        missing = [f for f in (WEIGHTS_FILE, SETUP_FILE) if not (path / f).is_file()]
+        if missing:
+            msg = f"{str(path)!r} is not a complete hespotex model folder: missing {missing}. Save it again with `model.save(path)`."
+            raise FileNotFoundError(msg)
+        try:
+            setup = json.loads((path / SETUP_FILE).read_text())
+            tensors = load_file(path / WEIGHTS_FILE)
+        except (json.JSONDecodeError, SafetensorError, OSError) as err:
+            msg = f"The model folder {str(path)!r} is corrupt ({err}); save the model again."
+            raise ValueError(msg) from err
+        if setup.get("format_version") != FORMAT_VERSION:
+            msg = f"Unsupported model format {setup.get('format_version')!r} in {str(path)!r}; this hespotex reads format {FORMAT_VERSION}."
+            raise ValueError(msg)
+        try:
+            model = cls(
+                setup["genes"],
+                embedding=setup["embedding"],
+                config=setup["config"],
+                target_sum=setup["target_sum"],
+                gene_selection=setup.get("gene_selection"),
+            )
+            model.embedding_mean_ = tensors.pop("setup.embedding_mean").numpy()
+            model.embedding_scale_ = tensors.pop("setup.embedding_scale").numpy()
+        except KeyError as err:
+            msg = f"The model folder {str(path)!r} lacks {err}; it is partial or from another tool. Save the model again."
+            raise ValueError(msg) from err
+        net = HESpotExNet(len(model.genes), int(setup["embedding_dim"]), model.config)
+        state = {k.removeprefix("net."): v for k, v in tensors.items() if k.startswith("net.")}
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            msg = f"The weights in {str(path)!r} do not fit the model its setup describes ({str(err)[:300]}); the folder is corrupt or partial."
+            raise ValueError(msg) from err
+        net.eval()
+        model.module_ = net
+        model.is_trained_ = True
+        model.history_ = setup.get("history", [])
+        model.train_samples_ = setup.get("train_samples", [])
+        model.validation_ = setup.get("validation", {})
+        return model
+
+    @property
+    def n_parameters(self) -> int:
+        """Number of parameters of the network."""
+        self._check_trained()
+        return sum(p.numel() for p in self.module_.parameters())
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    msg = f"Cannot store {type(value).__name__} in setup.json."
+    raise TypeError(msg)

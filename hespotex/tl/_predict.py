@@ -1,0 +1,161 @@
+"""``hx.tl.predict``: expression maps from the image alone, stored scverse style."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from hespotex._sample import SAMPLE_KEY, get_table
+from hespotex.pp._normalize import log_expression
+from hespotex.tl._data import EMBEDDING_KEY, graph_data
+from hespotex.tl._model import HESpotEx
+from hespotex.tl._train import _same_embedding, ensure_embeddings
+
+logger = logging.getLogger("hespotex")
+
+
+def _check_embedding(model: HESpotEx, record: dict[str, Any]) -> None:
+    expected = model.embedding
+    if "unknown" in (record.get("encoder_id"), expected.get("encoder_id")):
+        logger.warning("Cannot check that this slide was embedded like the training slides (no encoder record).")
+        return
+    if not _same_embedding(expected, record):
+        msg = (
+            f"The model was trained on embeddings of {expected.get('encoder')!r} ({expected.get('encoder_id')}) at "
+            f"{expected.get('patch_um')} µm patches; this slide's were made with {record.get('encoder')!r} "
+            f"({record.get('encoder_id')}) at {record.get('patch_um')} µm. Re-embed it: "
+            f"hx.pp.embed(sdata, encoder={expected.get('encoder')!r}, patch_um={expected.get('patch_um')}, key_added=..., overwrite=True)."
+        )
+        raise ValueError(msg)
+
+
+def predict(
+    data: Any,
+    model: HESpotEx | str,
+    *,
+    key_added: str = "hespotex",
+    embedding_key: str = EMBEDDING_KEY,
+    overwrite: bool = False,
+    device: str | None = "auto",
+    max_nodes: int = 50_000,
+):
+    """Predict the expression of the model's genes at every spot (or tile) from the H&E image.
+
+    Needs only embeddings (computed here with the model's encoder when the sample has its image
+    and none are stored) and spot centres; no counts.
+
+    Parameters
+    ----------
+    data
+        A SpatialData sample or its table (AnnData with embeddings and ``obsm["spatial"]``).
+    model
+        A trained :class:`HESpotEx` or the folder of a saved one.
+    key_added
+        Name of the prediction layer, and prefix of the other keys.
+    embedding_key
+        ``obsm`` key of the image embeddings.
+    overwrite
+        Replace earlier predictions stored under the same keys.
+    device, max_nodes
+        Torch device and the most spots per forward block (large slides run block by block).
+
+    Returns
+    -------
+    The AnnData holding the predictions. When the table's genes are exactly the model's genes it is
+    the table itself; otherwise (an image-only slide, or other genes) it is a new table of the same
+    spots with the model's genes, stored as ``sdata.tables[key_added]`` for a SpatialData. Written:
+
+    - ``layers[key_added]``: predicted log1p(counts per ``target_sum``), spots × genes;
+    - ``layers["measured"]`` (new table only, when the source table measured every predicted gene):
+      the same normalisation of the measured counts, for evaluation and side-by-side views;
+    - ``obsm[f"X_{key_added}"]``: the latent ``ẑ`` of each spot;
+    - ``obsp[f"{key_added}_attention"]``: decoder attention (rows = target spot) when the model has it;
+    - ``uns[key_added]["params"]``: model genes hash, encoder, patch size in µm, seed, versions.
+    """
+    if not isinstance(model, HESpotEx):
+        model = HESpotEx.load(model)
+    model._check_trained()
+    table = get_table(data)
+    embed_params = model.embedding
+    record = ensure_embeddings(
+        data,
+        embedding_key=embedding_key,
+        encoder=embed_params.get("encoder"),
+        weights=embed_params.get("weights"),
+        patch_um=embed_params.get("patch_um"),
+        encoder_seed=int(embed_params.get("seed", 0)),
+    )
+    _check_embedding(model, record)
+    sample = graph_data(table, str(table.uns.get(SAMPLE_KEY, {}).get("sample_id", "slide")), genes=None, embedding_key=embedding_key)
+    min_spots = model.config.decoder_neighbors + 1
+    if sample.n < min_spots and model.module_.decoder is not None:
+        msg = f"The slide has {sample.n} spots; the model's {model.config.decoder_neighbors}-neighbour graph needs at least {min_spots}."
+        raise ValueError(msg)
+    out = model.predict_graph(sample, device=device, max_nodes=max_nodes)
+    target = _target_table(data, table, model, key_added=key_added, overwrite=overwrite)
+    order = pd.Index(model.genes).get_indexer(target.var_names)
+    target.layers[key_added] = out["expression"][:, order]
+    target.obsm[f"X_{key_added}"] = out["latent"]
+    if out["attention"] is not None:
+        target.obsp[f"{key_added}_attention"] = out["attention"]
+    setup = model.setup_dict()
+    target.uns[key_added] = {
+        "params": {
+            "genes_hash": setup["gene_hash"],
+            "n_genes": len(model.genes),
+            "encoder": embed_params.get("encoder"),
+            "encoder_id": embed_params.get("encoder_id"),
+            "patch_um": embed_params.get("patch_um"),
+            "seed": model.config.seed,
+            "target_sum": model.target_sum,
+            "config": setup["config"],
+            "versions": setup["versions"],
+            "layer": key_added,
+            "latent_key": f"X_{key_added}",
+            "attention_key": f"{key_added}_attention" if out["attention"] is not None else None,
+        }
+    }
+    if target is not table and hasattr(data, "tables"):
+        _store_table(data, target, key_added=key_added, overwrite=overwrite)
+    logger.info("Predicted %d genes at %d spots into layers[%r].", len(model.genes), sample.n, key_added)
+    return target
+
+
+def _target_table(data: Any, table, model: HESpotEx, *, key_added: str, overwrite: bool):
+    from anndata import AnnData
+
+    if set(table.var_names) == set(model.genes):
+        if key_added in table.layers and not overwrite:
+            msg = f"layers[{key_added!r}] already exists; pass `overwrite=True` to replace it, or another `key_added`."
+            raise ValueError(msg)
+        return table
+    if hasattr(data, "tables") and key_added in data.tables and not overwrite:
+        msg = f"The SpatialData already has a table {key_added!r}; pass `overwrite=True` to replace it, or another `key_added`."
+        raise ValueError(msg)
+    keep = [c for c in ("region", "spot_id") if c in table.obs]
+    new = AnnData(obs=table.obs[keep].copy(), var=pd.DataFrame(index=pd.Index(model.genes, name=None)))
+    new.obsm["spatial"] = np.asarray(table.obsm["spatial"]).copy()
+    if SAMPLE_KEY in table.uns:
+        new.uns[SAMPLE_KEY] = dict(table.uns[SAMPLE_KEY])
+    if "spatialdata_attrs" in table.uns:
+        new.uns["spatialdata_attrs"] = dict(table.uns["spatialdata_attrs"])
+    if table.n_vars and set(model.genes) <= set(table.var_names):
+        new.layers["measured"] = log_expression(table, model.genes, target_sum=model.target_sum)
+    return new
+
+
+def _store_table(sdata, table, *, key_added: str, overwrite: bool) -> None:
+    from spatialdata.models import TableModel
+
+    attrs = table.uns.pop("spatialdata_attrs", None)
+    if attrs is not None:
+        table = TableModel.parse(table, region=attrs["region"], region_key=attrs["region_key"], instance_key=attrs["instance_key"])
+    if key_added in sdata.tables:
+        if not overwrite:  # checked before predicting too; kept here for direct callers
+            msg = f"The SpatialData already has a table {key_added!r}; pass `overwrite=True`."
+            raise ValueError(msg)
+        del sdata.tables[key_added]
+    sdata.tables[key_added] = table

@@ -1,0 +1,191 @@
+"""``hx.tl.train``: from samples (SpatialData or AnnData tables) to a trained :class:`HESpotEx`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hespotex._sample import get_table
+from hespotex.pp._embed import EMBED_KEY
+from hespotex.tl._data import EMBEDDING_KEY, GraphData, as_sample_dict, graph_data, spatial_block_mask
+from hespotex.tl._model import HESpotEx
+
+logger = logging.getLogger("hespotex")
+
+
+def ensure_embeddings(
+    sample: Any,
+    *,
+    embedding_key: str = EMBEDDING_KEY,
+    encoder: Any = None,
+    weights: str | Path | None = None,
+    patch_um: float | None = None,
+    encoder_seed: int = 0,
+) -> dict[str, Any]:
+    """Embed ``sample`` when its table has no ``obsm[embedding_key]``; return the embedding record.
+
+    A table that already carries embeddings keeps them; their record (encoder, patch size) is
+    returned, or a record marked ``"unknown"`` when they did not come from :func:`hespotex.pp.embed`.
+    """
+    table = get_table(sample)
+    if embedding_key not in table.obsm:
+        if not hasattr(sample, "images"):
+            msg = (
+                f"This AnnData has no image embeddings in obsm[{embedding_key!r}] and no image to compute them. "
+                "Pass the SpatialData sample, or run `hx.pp.embed` on it first."
+            )
+            raise KeyError(msg)
+        from hespotex.pp._embed import embed
+
+        embed(
+            sample,
+            encoder=encoder if encoder is not None else "efficientnet_lite0.imagenet",
+            weights=weights,
+            patch_um=patch_um,
+            seed=encoder_seed,
+            key_added=embedding_key,
+        )
+    record = table.uns.get(EMBED_KEY, {}).get(embedding_key)
+    if record is None:
+        logger.warning("obsm[%r] has no record of its encoder; the model cannot check later slides against it.", embedding_key)
+        return {"encoder": "unknown", "encoder_id": "unknown", "key": embedding_key}
+    return {**dict(record), "key": embedding_key}
+
+
+def _same_embedding(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a.get("encoder_id") == b.get("encoder_id") and np.isclose(a.get("patch_um", 0.0), b.get("patch_um", 0.0))
+
+
+def split_validation(names: list[str], validation: Any, *, seed: int) -> tuple[list[str], float | None]:
+    """Whole validation samples and/or a spatial-block fraction, from the ``validation`` argument."""
+    if validation is None:
+        return [], None
+    if isinstance(validation, str) and validation == "auto":
+        if len(names) >= 3:
+            return [names[int(np.random.default_rng(seed).integers(len(names)))]], None
+        return [], 0.2
+    if isinstance(validation, float):
+        return [], validation
+    if isinstance(validation, str):
+        validation = [validation]
+    held = [str(v) for v in validation]
+    unknown = [v for v in held if v not in names]
+    if unknown:
+        msg = f"Validation samples {unknown} are not among the training samples {names}."
+        raise ValueError(msg)
+    if len(held) == len(names):
+        msg = "Every sample is held out for validation; keep at least one for training."
+        raise ValueError(msg)
+    return held, None
+
+
+def train(
+    samples: Any,
+    *,
+    genes: Sequence[str] | None = None,
+    n_top_genes: int = 1000,
+    flavor: str = "seurat_v3",
+    encoder: Any = None,
+    weights: str | Path | None = None,
+    patch_um: float | None = None,
+    config: Any = "hespotex",
+    validation: Any = "auto",
+    seed: int = 0,
+    device: str | None = "auto",
+    embedding_key: str = EMBEDDING_KEY,
+    target_sum: float = 1e4,
+    max_nodes: int = 20_000,
+) -> HESpotEx:
+    """Train HESpotEx on samples with spatial transcriptomics.
+
+    All samples are trained jointly (their spot graphs side by side in each batch). Genes,
+    embedding standardisation and early stopping are fitted on these samples only; never pass
+    the samples you will test on.
+
+    Parameters
+    ----------
+    samples
+        A SpatialData sample, a list or ``{name: sample}`` mapping of them, or AnnData tables that
+        already carry embeddings in ``obsm[embedding_key]``. Samples without embeddings are
+        embedded with ``encoder`` first (written to their ``obsm``; see :func:`hespotex.pp.embed`).
+    genes
+        Genes to predict; by default the ``n_top_genes`` chosen by ``flavor`` on these samples
+        (see :func:`hespotex.pp.select_genes`).
+    n_top_genes, flavor
+        Gene selection when ``genes`` is not given.
+    encoder, weights, patch_um
+        Image encoder and patch size for samples not embedded yet (default encoder:
+        ``"efficientnet_lite0.imagenet"``).
+    config
+        :class:`hespotex.models.ModelConfig`, a preset name (``"hespotex"``, ``"paper"``) or a dict.
+    validation
+        Early-stopping split, never a test sample: ``"auto"`` holds out one whole sample (seeded)
+        when there are 3 or more, else a spatial block of 20 % of each sample; a list of sample
+        names; a float fraction for spatial blocks; ``None`` for none (train all epochs).
+    seed
+        Seed of initialisation, batching and the validation choice.
+    device
+        ``"auto"`` (CUDA when present, else CPU), ``"cpu"``, ``"cuda"``...
+    embedding_key
+        ``obsm`` key of the image embeddings.
+    target_sum
+        Expression targets are log1p(counts per ``target_sum``), library over all genes.
+    max_nodes
+        Spots per training batch; larger samples are cut into spatial blocks.
+
+    Returns
+    -------
+    The trained :class:`HESpotEx`. Samples gain ``obsm[embedding_key]`` if they lacked it; nothing
+    else in them changes.
+    """
+    from hespotex.models._net import _resolve_config
+    from hespotex.pp._genes import select_genes
+
+    named = as_sample_dict(samples)
+    names = list(named)
+    records = {n: ensure_embeddings(s, embedding_key=embedding_key, encoder=encoder, weights=weights, patch_um=patch_um) for n, s in named.items()}
+    first = records[names[0]]
+    for n, r in records.items():
+        if not _same_embedding(first, r):
+            msg = (
+                f"Samples were embedded differently: {names[0]!r} with {first.get('encoder_id')} at {first.get('patch_um')} µm, "
+                f"{n!r} with {r.get('encoder_id')} at {r.get('patch_um')} µm. Re-embed them with one encoder and patch size."
+            )
+            raise ValueError(msg)
+    tables = {n: get_table(s) for n, s in named.items()}
+    held, fraction = split_validation(names, validation, seed=seed)
+    fit_names = [n for n in names if n not in held]
+    if genes is None:
+        genes = select_genes([tables[n] for n in names], n_top=n_top_genes, flavor=flavor, key_added=None)
+        selection = {"flavor": flavor, "n_top": n_top_genes, "fitted_on": names}
+    else:
+        genes = select_genes([tables[n] for n in names], genes=genes, key_added=None)
+        selection = {"flavor": "given", "n_top": len(genes), "fitted_on": names}
+    data = {n: graph_data(tables[n], n, genes=genes, embedding_key=embedding_key, target_sum=target_sum) for n in names}
+    cfg = _resolve_config(config)
+    for n, d in data.items():
+        if d.n < max(cfg.ae_neighbors, cfg.decoder_neighbors) + 1:
+            msg = f"Sample {n!r} has {d.n} spots, too few for the {max(cfg.ae_neighbors, cfg.decoder_neighbors)}-neighbour graphs. Drop it or lower the config's neighbours."
+            raise ValueError(msg)
+    train_parts: list[GraphData] = []
+    val_parts: list[tuple[GraphData, np.ndarray]] = []
+    for n in fit_names:
+        if fraction is None:
+            train_parts.append(data[n])
+        else:
+            mask = spatial_block_mask(data[n].coords_um, fraction, seed=seed)
+            train_parts.append(data[n].subset(~mask))
+            val_parts.append((data[n], mask))
+    val_parts += [(data[n], np.ones(data[n].n, dtype=bool)) for n in held]
+    model = HESpotEx(genes, embedding=first, config=cfg.replace(seed=seed), target_sum=target_sum, gene_selection=selection)
+    model.train_samples_ = fit_names
+    model.validation_ = {"samples": held, "block_fraction": fraction, "metric": "mean per-gene Pearson"}
+    logger.info(
+        "Training HESpotEx on %d spots of %s (%d genes); validation: %s.",
+        sum(p.n for p in train_parts), fit_names, len(genes), held or (f"{fraction:.0%} spatial block" if fraction else "none"),
+    )  # fmt: skip
+    return model.fit(train_parts, validation=val_parts, device=device, max_nodes=max_nodes, seed=seed)

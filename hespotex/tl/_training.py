@@ -1,0 +1,146 @@
+"""The training loop of HESpotEx: batches of spatial blocks, AE pre-training, joint stage, early stopping."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from hespotex._settings import settings
+from hespotex.tl._data import GraphData, induced_edges, spatial_blocks
+
+logger = logging.getLogger("hespotex")
+
+
+@dataclass
+class Batch:
+    """A disjoint union of spatial blocks as numpy arrays (edges already offset)."""
+
+    emb: np.ndarray
+    expr: np.ndarray
+    edges_ae: np.ndarray
+    edges_dec: np.ndarray
+
+    def to(self, device):
+        import torch
+
+        return (
+            torch.from_numpy(self.expr).to(device),
+            torch.from_numpy(self.emb).to(device),
+            torch.from_numpy(self.edges_ae).to(device),
+            torch.from_numpy(self.edges_dec).to(device),
+        )
+
+
+def make_blocks(samples: Sequence[GraphData], *, k_ae: int, k_dec: int, max_nodes: int) -> list[Batch]:
+    """Cut every sample into compact spatial blocks with their induced graphs."""
+    blocks = []
+    for s in samples:
+        e_ae, e_dec = s.graph(k_ae), s.graph(k_dec)
+        for nodes in spatial_blocks(s.coords_um, max_nodes):
+            blocks.append(
+                Batch(s.emb[nodes], s.expr[nodes], induced_edges(e_ae, nodes, s.n), induced_edges(e_dec, nodes, s.n))
+            )
+    return blocks
+
+
+def group_blocks(blocks: Sequence[Batch], order: np.ndarray, max_nodes: int) -> list[Batch]:
+    """Concatenate blocks (in ``order``) into batches of at most ``max_nodes`` spots."""
+    batches, current, size = [], [], 0
+    for i in order:
+        b = blocks[i]
+        if current and size + len(b.emb) > max_nodes:
+            batches.append(_union(current))
+            current, size = [], 0
+        current.append(b)
+        size += len(b.emb)
+    if current:
+        batches.append(_union(current))
+    return batches
+
+
+def _union(parts: Sequence[Batch]) -> Batch:
+    if len(parts) == 1:
+        return parts[0]
+    offsets = np.cumsum([0] + [len(p.emb) for p in parts[:-1]])
+    return Batch(
+        np.concatenate([p.emb for p in parts]),
+        np.concatenate([p.expr for p in parts]),
+        np.concatenate([p.edges_ae + o for p, o in zip(parts, offsets, strict=True)], axis=1),
+        np.concatenate([p.edges_dec + o for p, o in zip(parts, offsets, strict=True)], axis=1),
+    )
+
+
+def fit_net(
+    net,
+    train: Sequence[GraphData],
+    *,
+    validate: Callable[[object], float] | None,
+    device,
+    max_nodes: int,
+    seed: int,
+) -> list[dict[str, float]]:
+    """Train ``net`` in place: autoencoder pre-training, then the joint stage with early stopping.
+
+    ``validate(net)`` returns a score (higher is better) on held-out validation spots; the best
+    epoch's weights are restored. Returns the per-epoch history.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    cfg = net.config
+    rng = np.random.default_rng(seed)
+    blocks = make_blocks(train, k_ae=cfg.ae_neighbors, k_dec=cfg.decoder_neighbors, max_nodes=max_nodes)
+    history: list[dict[str, float]] = []
+    net.to(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if net.autoencoder is not None and cfg.ae_epochs > 0:
+            opt = torch.optim.Adam(net.autoencoder.parameters(), lr=cfg.ae_lr, weight_decay=cfg.ae_weight_decay)
+            net.train()
+            for _ in tqdm(range(cfg.ae_epochs), desc="autoencoder", disable=not settings.progress):
+                for batch in group_blocks(blocks, rng.permutation(len(blocks)), max_nodes):
+                    x, _, e_ae, _ = batch.to(device)
+                    loss, _ = net.autoencoder_loss(x, e_ae)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.ae_grad_clip:
+                        torch.nn.utils.clip_grad_norm_(net.autoencoder.parameters(), cfg.ae_grad_clip)
+                    opt.step()
+        opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        best_score, best_state, stale = -np.inf, None, 0
+        bar = tqdm(range(cfg.epochs), desc="training", disable=not settings.progress)
+        for epoch in bar:
+            net.train()
+            sums: dict[str, float] = {}
+            batches = group_blocks(blocks, rng.permutation(len(blocks)), max_nodes)
+            for batch in batches:
+                x, emb, e_ae, e_dec = batch.to(device)
+                loss, parts = net.loss(x, emb, e_ae, e_dec)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+                opt.step()
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) / len(batches)
+            record = {"epoch": epoch, **sums}
+            if validate is not None:
+                score = validate(net)
+                record["validation"] = score
+                if score > best_score:
+                    best_score, best_state, stale = score, copy.deepcopy(net.state_dict()), 0
+                else:
+                    stale += 1
+            history.append(record)
+            bar.set_postfix(loss=f"{sums.get('total', float('nan')):.3f}", val=f"{record.get('validation', float('nan')):.3f}")
+            if cfg.patience is not None and validate is not None and stale >= cfg.patience:
+                logger.info("Early stopping at epoch %d (best validation %.4f).", epoch, best_score)
+                break
+        if best_state is not None:
+            net.load_state_dict(best_state)
+    net.eval()
+    return history
