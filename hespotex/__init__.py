@@ -17,4 +17,4 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
     __version__ = "0.0.0+unknown"
 
-__all__ = ["datasets", "io", "pl", "pp", "settings", "tl", "__version__"]
+__all__ = ["__version__", "datasets", "io", "pl", "pp", "settings", "tl"]

@@ -81,7 +81,12 @@ def test_from_anndata_builds_sample_and_keeps_adata_intact():
     before = adata.copy()
     sdata = hx.io.from_anndata(adata, img, microns_per_pixel=0.5, spot_diameter_um=10.0, sample_id="s1")
     info = get_sample_info(sdata)
-    assert (info.sample_id, info.coordinate_system, info.image_key, info.shapes_key) == ("s1", "s1", "s1_image", "s1_spots")
+    assert (info.sample_id, info.coordinate_system, info.image_key, info.shapes_key) == (
+        "s1",
+        "s1",
+        "s1_image",
+        "s1_spots",
+    )
     assert info.microns_per_pixel == 0.5 and info.spot_diameter_um == 10.0
     _check_contract(sdata, img)
     radius = sdata.shapes["s1_spots"]["radius"].to_numpy()
@@ -193,7 +198,15 @@ def _st_tables(seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray]:
     ax, ay = np.meshgrid(np.arange(1, 7), np.arange(1, 6))
     ax, ay = ax.ravel(), ay.ravel()
     spots = pd.DataFrame(
-        {"x": ax, "y": ay, "new_x": ax + 0.01, "new_y": ay - 0.01, "pixel_x": 20.0 * ax + 7, "pixel_y": 20.0 * ay + 5, "selected": 1}
+        {
+            "x": ax,
+            "y": ay,
+            "new_x": ax + 0.01,
+            "new_y": ay - 0.01,
+            "pixel_x": 20.0 * ax + 7,
+            "pixel_y": 20.0 * ay + 5,
+            "selected": 1,
+        }
     )
     ids = [f"{x}x{y}" for x, y in zip(ax, ay, strict=True)]
     counts = pd.DataFrame(rng.poisson(3, size=(len(ids), 6)), index=ids, columns=[f"G{j}" for j in range(6)])
@@ -315,7 +328,9 @@ def test_read_st_rgba_and_grayscale_files(tmp_path):
 
 def _hex_grid(mpp: float, n_rows: int = 6, n_cols: int = 12) -> np.ndarray:
     pitch = 100.0 / mpp  # Visium: 100 µm between adjacent centres
-    pts = [(c * pitch / 2, r * pitch * np.sqrt(3) / 2) for r in range(n_rows) for c in range(n_cols) if (r + c) % 2 == 0]
+    pts = [
+        (c * pitch / 2, r * pitch * np.sqrt(3) / 2) for r in range(n_rows) for c in range(n_cols) if (r + c) % 2 == 0
+    ]
     return np.asarray(pts) + 40.0
 
 
@@ -352,7 +367,9 @@ def _hest_adata(mpp: float, scalefactors: dict | None) -> ad.AnnData:
     a.var_names = [f"g{i}" for i in range(a.n_vars)]
     a.obsm["spatial"] = xy
     if scalefactors is not None:
-        a.uns["spatial"] = {"ST": {"scalefactors": scalefactors, "images": {"downscaled_fullres": np.zeros((8, 8, 3), np.uint8)}}}
+        a.uns["spatial"] = {
+            "ST": {"scalefactors": scalefactors, "images": {"downscaled_fullres": np.zeros((8, 8, 3), np.uint8)}}
+        }
     return a
 
 
@@ -360,7 +377,9 @@ def test_read_hest_tiff_lazy_and_scale_from_scalefactors(tmp_path):
     mpp = 2.0  # 50 px pitch; HEST writes spot_diameter_fullres = 55 / pixel_size
     img = _image(400, 500, seed=4)
     _write_tiff(tmp_path / "wsi.tif", img, pyramid=True)
-    _hest_adata(mpp, {"spot_diameter_fullres": 55.0 / mpp, "tissue_downscaled_fullres_scalef": 0.1}).write_h5ad(tmp_path / "SPA1.h5ad")
+    _hest_adata(mpp, {"spot_diameter_fullres": 55.0 / mpp, "tissue_downscaled_fullres_scalef": 0.1}).write_h5ad(
+        tmp_path / "SPA1.h5ad"
+    )
 
     lazy = open_image(tmp_path / "wsi.tif")
     assert not isinstance(lazy, np.ndarray) and lazy.shape == img.shape  # level 0 of the pyramid
@@ -444,7 +463,9 @@ def test_read_visium_fixture(shared_data):
     table = sdata.tables["table"]
     # obsm["spatial"] is (x = column, y = row) in full-res px, as the positions file says, and the shapes agree
     pos = _tissue_positions(folder).loc[table.obs_names]
-    np.testing.assert_array_equal(table.obsm["spatial"], pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(float))
+    np.testing.assert_array_equal(
+        table.obsm["spatial"], pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(float)
+    )
     np.testing.assert_allclose(_centroids(sdata), table.obsm["spatial"])
     # scale from the file (65 µm per spot_diameter_fullres), agreeing with the 100 µm pitch of the array
     scalef = json.loads((folder / "spatial" / "scalefactors_json.json").read_text())
@@ -473,20 +494,23 @@ def test_read_visium_fullres_image_and_in_tissue(shared_data, tmp_path):
     (outs / "spatial").mkdir(parents=True)
     shutil.copy(src / "filtered_feature_bc_matrix.h5", outs)
     pos = _tissue_positions(src)
-    pos[["pxl_row_in_fullres", "pxl_col_in_fullres"]] = (pos[["pxl_row_in_fullres", "pxl_col_in_fullres"]] // 8).astype(int)
+    pos[["pxl_row_in_fullres", "pxl_col_in_fullres"]] = (pos[["pxl_row_in_fullres", "pxl_col_in_fullres"]] // 8).astype(
+        int
+    )
     outside = pos.index[:10]
     pos.loc[outside, "in_tissue"] = 0
     pos.to_csv(outs / "spatial" / "tissue_positions_list.csv", header=False)
     scalef = json.loads((src / "spatial" / "scalefactors_json.json").read_text())
     scalef = {k: v * 8 if k.endswith("scalef") else v / 8 for k, v in scalef.items()}
     (outs / "spatial" / "scalefactors_json.json").write_text(json.dumps(scalef))
-    img = _image(1400, 1400, seed=5)
+    side = int(pos[["pxl_row_in_fullres", "pxl_col_in_fullres"]].to_numpy().max()) + 50
+    img = _image(side, side, seed=5)
     Image.fromarray(img).save(tmp_path / "fullres.png")
 
     sdata = hx.io.read_visium(outs, fullres_image=tmp_path / "fullres.png")
     info = get_sample_info(sdata)
     assert info.coordinate_system == "mysample" and info.image_key == "mysample_full_image"
-    assert info.microns_per_pixel == pytest.approx(8 * 65.0 / (scalef["spot_diameter_fullres"] * 8))
+    assert info.microns_per_pixel == pytest.approx(65.0 / scalef["spot_diameter_fullres"])
     table = sdata.tables["table"]
     assert table.n_obs == 90 and not set(outside) & set(table.obs_names)
     assert len(sdata.shapes["mysample"]) == 90

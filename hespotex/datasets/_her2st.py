@@ -101,7 +101,11 @@ def her2st(path: str | Path | None = None, *, sections: Sequence[str] | None = N
     if not available:
         msg = f"Found no complete her2st section (counts/ID.tsv.gz + spots/ID_selection.tsv + images/ID.jpg) in {str(root)!r}."
         raise FileNotFoundError(msg)
-    wanted = list(available) if sections is None else [str(s) for s in ([sections] if isinstance(sections, str) else sections)]
+    wanted = (
+        list(available)
+        if sections is None
+        else [str(s) for s in ([sections] if isinstance(sections, str) else sections)]
+    )
     unknown = [s for s in wanted if s not in available]
     if unknown:
         msg = f"Expected her2st sections among {available}, found unknown {unknown}."

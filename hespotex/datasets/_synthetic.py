@@ -15,8 +15,8 @@ expression can be shared between sections that differ in everything else:
    and of lymphocyte-like nuclei, mean nuclear haematoxylin, mean cytoplasmic eosin and fibre
    density (:data:`FEATURES`). They are stored in ``obsm["synthetic_features"]``.
 3. **Expression** (``program_seed``). ``n_programs`` gene programs are mildly non-linear functions
-   (softplus of a linear combination) of the standardised features; each image-driven gene loads
-   on one or two programs. Its log mean is a gene baseline plus the program signal, smoothed over
+   (softplus of a linear combination, standardised) of the standardised features; each
+   image-driven gene loads on one or two programs. Its log mean is a gene baseline plus the program signal, smoothed over
    neighbouring spots (``smoothing``), plus spatially smooth noise that no image shows (``noise``),
    times a per-spot library size; counts are negative binomial (Poisson with ``dispersion=0``).
    A fraction ``1 - image_driven_fraction`` of genes carries no image signal at all
@@ -56,8 +56,8 @@ FEATURES: tuple[str, ...] = (
 )
 # Fixed centring and scaling of the features (typical value, typical spread) so that the law does
 # not depend on the section it is applied to.
-_FEATURE_CENTRE = np.array([7.0, 40.0, 0.4, 0.3, 1.05, 0.45, 0.12])
-_FEATURE_SCALE = np.array([4.0, 15.0, 0.35, 0.3, 0.2, 0.12, 0.08])
+_FEATURE_CENTRE = np.array([7.5, 40.0, 0.45, 0.25, 1.05, 0.4, 0.07])
+_FEATURE_SCALE = np.array([4.5, 20.0, 0.4, 0.33, 0.2, 0.13, 0.085])
 
 # Stain vectors: optical density per unit concentration (R, G, B), unit length.
 _HAEMATOXYLIN = np.array([0.62, 0.74, 0.26])
@@ -66,7 +66,7 @@ _GLASS_OD = 0.04
 
 # Cell types: relative nuclear density (nuclei per 1000 µm²), semi-axes (µm), haematoxylin OD.
 _TYPES = ("tumour", "immune", "stroma")
-_DENSITY = np.array([9.0, 15.0, 2.5])
+_DENSITY = np.array([9.0, 20.0, 2.5])
 _SEMI_MAJOR = np.array([4.6, 2.7, 5.0])
 _SEMI_MINOR = np.array([3.6, 2.5, 1.5])
 _HAEM = np.array([0.85, 1.35, 1.05])
@@ -134,7 +134,9 @@ def synthetic(
         averaged with its neighbours' (expression at a spot depends on its surroundings); ``0``
         keeps it purely local.
     depth
-        Mean total counts per spot (over all genes) at average library size and no noise.
+        Total counts per spot (over all genes) with every gene program at its centre, average library
+        size and no noise. The image signal is skewed upwards on the count scale, so observed totals
+        are typically 1-1.5 times ``depth``.
     library_sd
         Standard deviation of the log library-size factor of each spot (independent of the image).
     dispersion
@@ -161,8 +163,9 @@ def synthetic(
     - ``obs["synthetic_domain"]``: the dominant cell type under each spot;
     - ``var["image_driven"]``: whether the gene depends on the image; ``var["baseline_mean"]``;
     - ``varm["synthetic_loadings"]``: gene loadings on the programs (zero for genes without image signal);
-    - ``uns["synthetic"]``: every parameter, the feature names, centring and scaling, and the
-      program weights, biases and centring (the whole law);
+    - ``uns["synthetic"]``: every parameter (``"params"``), the feature names, centring and scaling,
+      and the program weights, biases, centring and scaling: with ``varm["synthetic_loadings"]`` and
+      ``var["baseline_mean"]``, the whole law (``uns["synthetic"]["description"]`` spells it out);
     - ``uns["hespotex_sample"]``: the sample info.
     """
     from hespotex.io._build import build_sample
@@ -204,18 +207,21 @@ def synthetic(
         "domain_size_um": float(domain_size_um),
     }
     sid = f"synthetic_{seed}" if sample_id is None else str(sample_id)
+    params["sample_id"] = sid
     rng_layout, rng_fields, rng_cells, rng_pixels, rng_counts = (
         np.random.default_rng(s) for s in np.random.SeedSequence([int(seed), 0x5EC7]).spawn(5)
     )
-    rng_law = np.random.default_rng(np.random.SeedSequence([int(program_seed), 0x1A3]))
+    rng_programs, rng_genes = (
+        np.random.default_rng(s) for s in np.random.SeedSequence([int(program_seed), 0x1A3]).spawn(2)
+    )
 
     # 1. spots and image geometry (µm; the image origin is the top-left corner)
     spots_um, array_rc = _layout(n_spots, layout, spacing_um, rng_layout)
     pad_um = 2.0 * spot_diameter_um + 0.5 * spacing_um
     spots_um = spots_um - spots_um.min(axis=0) + pad_um
     extent_um = spots_um.max(axis=0) + pad_um  # (x, y)
-    width = int(math.ceil(extent_um[0] / microns_per_pixel))
-    height = int(math.ceil(extent_um[1] / microns_per_pixel))
+    width = math.ceil(extent_um[0] / microns_per_pixel)
+    height = math.ceil(extent_um[1] / microns_per_pixel)
 
     # 2. tissue fields, nuclei and the image
     fields = _tissue_fields(spots_um, extent_um, spot_diameter_um, spacing_um, domain_size_um, rng_fields)
@@ -224,7 +230,7 @@ def synthetic(
 
     # 3. image features under each spot, and the expression law applied to them
     features, dominant = _spot_features(spots_um, spot_diameter_um, nuclei, maps, microns_per_pixel, fields)
-    law = _law(n_genes, n_programs, image_driven_fraction, rng_law)
+    law = _law(n_genes, n_programs, image_driven_fraction, rng_programs, rng_genes)
     signal = _image_signal(features, law)
     weights = _gaussian_weights(spots_um, smoothing, normalise="sum")
     if weights is not None:
@@ -264,11 +270,14 @@ def synthetic(
             "program_weights": law["program_weights"],
             "program_bias": law["program_bias"],
             "program_centre": law["program_centre"],
-            "n_nuclei": int(len(nuclei["x"])),
+            "program_scale": law["program_scale"],
+            "n_nuclei": len(nuclei["x"]),
             "image_shape": [height, width],
             "description": (
-                "log expected = log(depth) + log_baseline + smoothing(loadings @ (softplus(program_weights @ "
-                "z + program_bias) - program_centre)), z = (features - feature_centre) / feature_scale"
+                "log expected = log(depth) + log_baseline + smoothing(loadings @ ((softplus(program_weights @ "
+                "z + program_bias) - program_centre) / program_scale)), z = (features - feature_centre) / "
+                "feature_scale; loadings in varm['synthetic_loadings'], log(depth) + log_baseline = "
+                "log(var['baseline_mean'])"
             ),
         }
     }
@@ -340,7 +349,7 @@ def _check_args(**kw: Any) -> None:
 
 def _layout(n: int, layout: str, spacing: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """``n`` spot centres (µm, x/y) inside a random blob-shaped tissue outline, and their (row, col)."""
-    side = int(math.ceil(math.sqrt(3.0 * n))) + 4
+    side = math.ceil(math.sqrt(3.0 * n)) + 4
     rows, cols = np.mgrid[0:side, 0:side]
     rows, cols = rows.ravel(), cols.ravel()
     if layout == "square":
@@ -379,7 +388,7 @@ class _Fields:
 
     def __init__(self, extent_um: np.ndarray) -> None:
         self.cell = _FIELD_CELL_UM
-        self.shape = (int(math.ceil(extent_um[1] / self.cell)) + 1, int(math.ceil(extent_um[0] / self.cell)) + 1)
+        self.shape = (math.ceil(extent_um[1] / self.cell) + 1, math.ceil(extent_um[0] / self.cell) + 1)
         self.maps: dict[str, np.ndarray] = {}
 
     def at(self, name: str, x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
@@ -683,7 +692,7 @@ def _spot_features(
 
 def _disc_mean(image: np.ndarray, centres_px: np.ndarray, radius_px: float) -> np.ndarray:
     """Mean of a 2-D map over the pixels whose centres lie within ``radius_px`` of each centre."""
-    h = int(math.ceil(radius_px)) + 1
+    h = math.ceil(radius_px) + 1
     dy, dx = np.mgrid[-h : h + 1, -h : h + 1]
     out = np.empty(len(centres_px))
     ix0 = np.floor(centres_px[:, 0]).astype(np.int64)
@@ -705,25 +714,37 @@ def _softplus(x: np.ndarray) -> np.ndarray:
     return np.logaddexp(0.0, x)
 
 
-def _law(n_genes: int, n_programs: int, image_driven_fraction: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """The image -> expression law: baselines, program weights, loadings, which genes see the image."""
+def _law(
+    n_genes: int,
+    n_programs: int,
+    image_driven_fraction: float,
+    rng_programs: np.random.Generator,
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
+    """The image -> expression law: program weights, gene baselines and loadings, which genes see the image.
+
+    The programs depend only on ``n_programs`` and their seed, not on the number of genes.
+    """
     n_feat = len(FEATURES)
+    weights = rng_programs.normal(0.0, 1.0, (n_programs, n_feat)) * (1.5 / math.sqrt(n_feat))
+    bias = rng_programs.normal(0.0, 0.5, n_programs)
     log_baseline = rng.normal(0.0, 1.0, n_genes)
     log_baseline -= np.log(np.exp(log_baseline).sum())  # proportions of the total counts
-    weights = rng.normal(0.0, 1.0, (n_programs, n_feat)) * (1.5 / math.sqrt(n_feat))
-    bias = rng.normal(0.0, 0.5, n_programs)
-    # centre each program at its mean over z ~ N(0, I) (Gauss-Hermite quadrature), so a gene's
-    # baseline is its typical expression
+    # standardise each program to mean 0 and variance 1 over z ~ N(0, I) (Gauss-Hermite quadrature),
+    # so that every program seed gives signals of comparable strength and a gene's baseline is its
+    # typical expression
     nodes, wq = np.polynomial.hermite_e.hermegauss(40)
-    scale = np.linalg.norm(weights, axis=1)
-    centre = (_softplus(bias[:, None] + scale[:, None] * nodes[None, :]) * wq).sum(axis=1) / wq.sum()
-    n_driven = int(round(image_driven_fraction * n_genes))
+    wq = wq / wq.sum()
+    values = _softplus(bias[:, None] + np.linalg.norm(weights, axis=1)[:, None] * nodes[None, :])
+    centre = (values * wq).sum(axis=1)
+    spread = np.sqrt(((values - centre[:, None]) ** 2 * wq).sum(axis=1))
+    n_driven = round(image_driven_fraction * n_genes)
     image_driven = np.zeros(n_genes, dtype=bool)
     image_driven[rng.permutation(n_genes)[:n_driven]] = True
     loadings = np.zeros((n_genes, n_programs))
     first = rng.integers(0, n_programs, n_genes)
     second = rng.integers(0, n_programs, n_genes)
-    strength = rng.uniform(0.6, 1.4, (n_genes, 2)) * rng.choice([-1.0, 1.0], (n_genes, 2))
+    strength = rng.uniform(0.4, 0.9, (n_genes, 2)) * rng.choice([-1.0, 1.0], (n_genes, 2))
     has_second = rng.random(n_genes) < 0.5
     rows = np.arange(n_genes)
     loadings[rows, first] += strength[:, 0]
@@ -734,6 +755,7 @@ def _law(n_genes: int, n_programs: int, image_driven_fraction: float, rng: np.ra
         "program_weights": weights,
         "program_bias": bias,
         "program_centre": centre,
+        "program_scale": spread,
         "loadings": loadings,
         "image_driven": image_driven,
     }
@@ -743,7 +765,7 @@ def _image_signal(features: np.ndarray, law: dict[str, np.ndarray]) -> np.ndarra
     """Log-scale image signal ``(n_spots, n_genes)`` of the law applied to the measured features."""
     z = (features - _FEATURE_CENTRE) / _FEATURE_SCALE
     programs = _softplus(z @ law["program_weights"].T + law["program_bias"]) - law["program_centre"]
-    return programs @ law["loadings"].T
+    return (programs / law["program_scale"]) @ law["loadings"].T
 
 
 def _gaussian_weights(spots_um: np.ndarray, sigma: float, *, normalise: str) -> sp.csr_matrix | None:

@@ -81,7 +81,12 @@ def read_hest(
             microns_per_pixel = visium_microns_per_pixel(
                 float(d), spatial_centres(adata, spatial_key), reference_um=VISIUM_SPOT_DIAMETER_UM
             )
-            logger.info("read_hest %s: %.4f µm/px from spot_diameter_fullres = %.2f px (Visium).", sample_id, microns_per_pixel, d)
+            logger.info(
+                "read_hest %s: %.4f µm/px from spot_diameter_fullres = %.2f px (Visium).",
+                sample_id,
+                microns_per_pixel,
+                d,
+            )
         if spot_diameter_um is None:
             spot_diameter_um = VISIUM_SPOT_DIAMETER_UM
             logger.info("read_hest %s: assuming Visium spots of %g µm.", sample_id, spot_diameter_um)

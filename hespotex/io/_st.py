@@ -103,7 +103,11 @@ def read_st(
     row_ids = pd.Index(table.index.astype(str))
     outside = row_ids.isin(unselected_ids)
     if outside.any():
-        logger.info("read_st %s: dropping %d count rows of spots outside the tissue (selected != 1).", sample_id, int(outside.sum()))
+        logger.info(
+            "read_st %s: dropping %d count rows of spots outside the tissue (selected != 1).",
+            sample_id,
+            int(outside.sum()),
+        )
     rows_without_spot = row_ids[~outside & ~row_ids.isin(selected.index)]
     spots_without_counts = selected.index[~selected.index.isin(row_ids)]
     if len(rows_without_spot) or len(spots_without_counts):
@@ -120,7 +124,9 @@ def read_st(
             raise ValueError(msg)
     keep = row_ids.isin(selected.index)
     if len(rows_without_spot) or len(spots_without_counts):
-        logger.warning("read_st %s: %s; keeping the %d spots present in both (join='inner').", sample_id, detail, int(keep.sum()))
+        logger.warning(
+            "read_st %s: %s; keeping the %d spots present in both (join='inner').", sample_id, detail, int(keep.sum())
+        )
     table = table.loc[keep]
     row_ids = row_ids[keep]
     obs = selected.loc[row_ids].drop(columns=["selected"], errors="ignore")
@@ -148,7 +154,10 @@ def read_st(
     if counts_are_raw is None:
         counts_are_raw = is_integer_valued(x)
         if not counts_are_raw:
-            logger.warning("read_st %s: the count table is not integer-valued; treating it as normalised (counts=False).", sample_id)
+            logger.warning(
+                "read_st %s: the count table is not integer-valued; treating it as normalised (counts=False).",
+                sample_id,
+            )
     uns = {
         "hespotex_io": {
             "reader": "read_st",

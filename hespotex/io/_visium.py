@@ -83,7 +83,9 @@ def visium_microns_per_pixel(
     pitch = spot_pitch_px(centres_xy)
     if pitch is None:
         return mpp
-    candidates = [reference_um] + [u for u in (SPACERANGER_SCALEFACTOR_SPOT_UM, VISIUM_SPOT_DIAMETER_UM) if u != reference_um]
+    candidates = [reference_um] + [
+        u for u in (SPACERANGER_SCALEFACTOR_SPOT_UM, VISIUM_SPOT_DIAMETER_UM) if u != reference_um
+    ]
     for ref in candidates:
         pitch_um = pitch * ref / d
         if abs(pitch_um / VISIUM_SPOT_PITCH_UM - 1.0) <= PITCH_TOLERANCE:
@@ -190,7 +192,9 @@ def read_visium(
     if in_tissue_only and "in_tissue" in table.obs:
         keep = (table.obs["in_tissue"] == 1).to_numpy()
         if not keep.all():
-            logger.info("read_visium: keeping %d of %d spots under tissue (in_tissue == 1).", int(keep.sum()), len(keep))
+            logger.info(
+                "read_visium: keeping %d of %d spots under tissue (in_tissue == 1).", int(keep.sum()), len(keep)
+            )
             table = table[keep].copy()
             shapes = sdata.shapes[shapes_key]
             sdata.shapes[shapes_key] = shapes.loc[table.obs["spot_id"].to_numpy()]

@@ -114,6 +114,7 @@ class GraphAttentionAutoencoder(nn.Module):
             msg = f"Expected expression of shape (spots, {self.n_genes}), found {tuple(x.shape)}."
             raise ValueError(msg)
         check_edge_index(edge_index, x.size(0), name="edge_index_ae")
+        edge_index = edge_index.long()
         if self.add_self_loops:
             edge_index = with_self_loops(edge_index, x.size(0))
         h = x @ self.weight1

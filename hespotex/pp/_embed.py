@@ -92,6 +92,7 @@ def embed(
     encoder: str | Any = "efficientnet_lite0.imagenet",
     weights: str | Path | None = None,
     patch_um: float | None = None,
+    input_size: int | None = None,
     batch_size: int = 64,
     cache: bool = True,
     seed: int = 0,
@@ -117,6 +118,8 @@ def embed(
         Local checkpoint for a timm architecture (safetensors or a torch state dict).
     patch_um
         Patch side in µm (default: twice the spot diameter).
+    input_size
+        Encoder input side in pixels (default: the encoder's own, e.g. 224).
     batch_size
         Patches per encoder forward.
     cache
@@ -140,7 +143,7 @@ def embed(
     from hespotex.pp._encoders import load_encoder
 
     table = get_table(data)
-    enc = load_encoder(encoder, weights=weights, seed=seed)
+    enc = load_encoder(encoder, weights=weights, seed=seed, input_size=input_size)
     plan = plan_patches(data, patch_um=patch_um, out_px=enc.input_size)
     key = cache_key(plan, enc)
     stored = table.uns.get(EMBED_KEY, {}).get(key_added)

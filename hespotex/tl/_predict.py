@@ -86,6 +86,7 @@ def predict(
         encoder=embed_params.get("encoder"),
         weights=embed_params.get("weights"),
         patch_um=embed_params.get("patch_um"),
+        input_size=embed_params.get("input_size"),
         encoder_seed=int(embed_params.get("seed", 0)),
     )
     _check_embedding(model, record)

@@ -24,6 +24,7 @@ def ensure_embeddings(
     encoder: Any = None,
     weights: str | Path | None = None,
     patch_um: float | None = None,
+    input_size: int | None = None,
     encoder_seed: int = 0,
 ) -> dict[str, Any]:
     """Embed ``sample`` when its table has no ``obsm[embedding_key]``; return the embedding record.
@@ -46,6 +47,7 @@ def ensure_embeddings(
             encoder=encoder if encoder is not None else "efficientnet_lite0.imagenet",
             weights=weights,
             patch_um=patch_um,
+            input_size=input_size,
             seed=encoder_seed,
             key_added=embedding_key,
         )

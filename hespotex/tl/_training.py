@@ -74,6 +74,56 @@ def _union(parts: Sequence[Batch]) -> Batch:
     )
 
 
+_AE_CACHE: dict[str, dict] = {}
+_AE_CACHE_SIZE = 8
+
+
+def _autoencoder_key(net, blocks: Sequence[Batch], max_nodes: int, seed: int) -> str:
+    import hashlib
+
+    cfg = net.config
+    h = hashlib.sha256()
+    fields = ("ae_neighbors", "ae_hidden_dim", "latent_dim", "ae_attention", "ae_lr", "ae_weight_decay", "ae_epochs", "ae_grad_clip")
+    h.update(repr(([getattr(cfg, f) for f in fields], net.n_genes, max_nodes, seed)).encode())
+    for b in blocks:
+        h.update(np.ascontiguousarray(b.expr).tobytes())
+        h.update(np.ascontiguousarray(b.edges_ae).tobytes())
+    return h.hexdigest()
+
+
+def pretrain_autoencoder(net, blocks: Sequence[Batch], *, device, max_nodes: int, seed: int) -> None:
+    """Stage 1: train the graph attention autoencoder alone on the expression (reconstruction).
+
+    It depends only on the expression, its graph and the autoencoder's settings, so its result
+    is kept in memory for this process and reused (e.g. by the two encoders of a benchmark fold).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    cfg = net.config
+    key = _autoencoder_key(net, blocks, max_nodes, seed)
+    if key in _AE_CACHE:
+        net.autoencoder.load_state_dict(_AE_CACHE[key])
+        logger.info("Reusing the autoencoder pre-trained on the same expression in this session.")
+        return
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    opt = torch.optim.Adam(net.autoencoder.parameters(), lr=cfg.ae_lr, weight_decay=cfg.ae_weight_decay)
+    net.train()
+    for _ in tqdm(range(cfg.ae_epochs), desc="autoencoder", disable=not settings.progress):
+        for batch in group_blocks(blocks, rng.permutation(len(blocks)), max_nodes):
+            x, _, e_ae, _ = batch.to(device)
+            loss, _ = net.autoencoder_loss(x, e_ae)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.ae_grad_clip:
+                torch.nn.utils.clip_grad_norm_(net.autoencoder.parameters(), cfg.ae_grad_clip)
+            opt.step()
+    if len(_AE_CACHE) >= _AE_CACHE_SIZE:
+        _AE_CACHE.pop(next(iter(_AE_CACHE)))
+    _AE_CACHE[key] = {k: v.detach().cpu().clone() for k, v in net.autoencoder.state_dict().items()}
+
+
 def fit_net(
     net,
     train: Sequence[GraphData],
@@ -92,24 +142,15 @@ def fit_net(
     from tqdm.auto import tqdm
 
     cfg = net.config
-    rng = np.random.default_rng(seed)
     blocks = make_blocks(train, k_ae=cfg.ae_neighbors, k_dec=cfg.decoder_neighbors, max_nodes=max_nodes)
     history: list[dict[str, float]] = []
     net.to(device)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
         if net.autoencoder is not None and cfg.ae_epochs > 0:
-            opt = torch.optim.Adam(net.autoencoder.parameters(), lr=cfg.ae_lr, weight_decay=cfg.ae_weight_decay)
-            net.train()
-            for _ in tqdm(range(cfg.ae_epochs), desc="autoencoder", disable=not settings.progress):
-                for batch in group_blocks(blocks, rng.permutation(len(blocks)), max_nodes):
-                    x, _, e_ae, _ = batch.to(device)
-                    loss, _ = net.autoencoder_loss(x, e_ae)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if cfg.ae_grad_clip:
-                        torch.nn.utils.clip_grad_norm_(net.autoencoder.parameters(), cfg.ae_grad_clip)
-                    opt.step()
+            pretrain_autoencoder(net, blocks, device=device, max_nodes=max_nodes, seed=seed)
+        # the joint stage has its own random streams, so it is the same whether or not pre-training was cached
+        torch.manual_seed(seed + 1)
+        rng = np.random.default_rng(seed + 1)
         opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         best_score, best_state, stale = -np.inf, None, 0
         bar = tqdm(range(cfg.epochs), desc="training", disable=not settings.progress)
