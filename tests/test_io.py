@@ -553,3 +553,17 @@ def test_mouse_brain_crop():
     assert jpeg.shape == (1717, 950, 3)
     _check_contract(sdata, jpeg)
     np.testing.assert_allclose(table.X.toarray(), raw.X.toarray(), rtol=1e-6)
+
+
+def test_build_sample_refuses_nan_centres_and_reserved_columns():
+    import numpy as np
+    import pandas as pd
+
+    from hespotex.io import build_sample
+
+    obs = pd.DataFrame(index=["a", "b"])
+    var = pd.DataFrame(index=["g"])
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        build_sample(None, np.array([[1.0, 2.0], [np.nan, 3.0]]), np.ones((2, 1)), obs=obs, var=var, sample_id="S", microns_per_pixel=1.0, spot_diameter_um=55.0)
+    with pytest.raises(ValueError, match="rename them first"):
+        build_sample(None, np.ones((2, 2)), np.ones((2, 1)), obs=obs.assign(region=["x", "y"]), var=var, sample_id="S", microns_per_pixel=1.0, spot_diameter_um=55.0)

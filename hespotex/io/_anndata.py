@@ -12,7 +12,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from hespotex.io._build import build_sample
-from hespotex.io._image import read_image_file
+from hespotex.io._image import open_image
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -20,7 +20,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("hespotex")
 
-_TIFF_SUFFIXES = {".tif", ".tiff", ".btf"}
 _NAME_RE = re.compile(r"[A-Za-z0-9_.\-]+")
 
 
@@ -44,38 +43,6 @@ def sample_id_from_path(path: str | Path) -> str:
             name = name[: -len(suffix)]
     name = re.sub(r"[^A-Za-z0-9_.\-]", "_", name).strip(".") or "sample"
     return name.lstrip("_") or "sample"
-
-
-def open_image(image: Any) -> Any:
-    """Open an H&E image without loading a large TIFF into memory.
-
-    A TIFF path (``.tif``, ``.tiff``, ``.btf``) is opened lazily as a dask array of its
-    full-resolution level (``tifffile`` zarr store, level 0); a JPEG/PNG path is read with PIL
-    (these formats cannot be read in parts); arrays are returned unchanged. A TIFF stored channels
-    first ``(c, y, x)`` is transposed lazily to ``(y, x, c)``.
-    """
-    if not isinstance(image, (str, Path)):
-        return image
-    path = Path(image)
-    if not path.is_file():
-        msg = f"Expected an image file, found no file at {str(path)!r}."
-        raise FileNotFoundError(msg)
-    if path.suffix.lower() not in _TIFF_SUFFIXES:
-        return read_image_file(path)
-    import dask.array as da
-    import tifffile
-    import zarr
-
-    try:
-        store = tifffile.imread(path, aszarr=True, level=0)
-    except (tifffile.TiffFileError, ValueError, IndexError) as err:
-        msg = f"Could not read {str(path)!r} as a TIFF image ({err}). Expected a (pyramidal) RGB TIFF."
-        raise ValueError(msg) from err
-    arr = da.from_zarr(zarr.open(store, mode="r"))
-    if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[2] not in (1, 3, 4):
-        logger.info("The TIFF %s is stored channels first; reading it as (y, x, c).", path.name)
-        arr = arr.transpose(1, 2, 0)
-    return arr
 
 
 def is_integer_valued(x: Any) -> bool:

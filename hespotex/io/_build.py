@@ -133,6 +133,13 @@ def build_sample(
     if centres_xy.ndim != 2 or centres_xy.shape[1] != 2 or len(centres_xy) != len(obs):
         msg = f"Expected spot centres of shape ({len(obs)}, 2), found {centres_xy.shape}."
         raise ValueError(msg)
+    if not np.isfinite(centres_xy).all():
+        msg = f"{int((~np.isfinite(centres_xy)).any(axis=1).sum())} spot centres are NaN or infinite; drop those spots first."
+        raise ValueError(msg)
+    taken = [c for c in ("region", "spot_id") if c in obs.columns]
+    if taken:
+        msg = f"obs already has column(s) {taken}, which hespotex uses to link the table to its spots; rename them first."
+        raise ValueError(msg)
     x = check_expression(expression, pd.Index(obs.index.astype(str)), pd.Index(var.index.astype(str)), counts=counts)
     cs = str(sample_id)
     shapes_key, image_key = f"{cs}_spots", f"{cs}_image"

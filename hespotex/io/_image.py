@@ -10,6 +10,8 @@ import numpy as np
 
 logger = logging.getLogger("hespotex")
 
+_TIFF_SUFFIXES = {".tif", ".tiff", ".btf"}
+
 def read_image_file(path: str | Path) -> np.ndarray:
     """Read a JPEG/PNG/TIFF file into an ``(height, width, channels)`` array."""
     path = Path(path)
@@ -31,6 +33,38 @@ def read_image_file(path: str | Path) -> np.ndarray:
         raise ValueError(msg) from err
 
 
+def open_image(image: Any) -> Any:
+    """Open an H&E image without loading a large TIFF into memory.
+
+    A TIFF path (``.tif``, ``.tiff``, ``.btf``) is opened lazily as a dask array of its
+    full-resolution level (``tifffile`` zarr store, level 0); a JPEG/PNG path is read with PIL
+    (these formats cannot be read in parts); arrays are returned unchanged. A TIFF stored channels
+    first ``(c, y, x)`` is transposed lazily to ``(y, x, c)``.
+    """
+    if not isinstance(image, (str, Path)):
+        return image
+    path = Path(image)
+    if not path.is_file():
+        msg = f"Expected an image file, found no file at {str(path)!r}."
+        raise FileNotFoundError(msg)
+    if path.suffix.lower() not in _TIFF_SUFFIXES:
+        return read_image_file(path)
+    import dask.array as da
+    import tifffile
+    import zarr
+
+    try:
+        store = tifffile.imread(path, aszarr=True, level=0)
+    except (tifffile.TiffFileError, ValueError, IndexError) as err:
+        msg = f"Could not read {str(path)!r} as a TIFF image ({err}). Expected a (pyramidal) RGB TIFF."
+        raise ValueError(msg) from err
+    arr = da.from_zarr(zarr.open(store, mode="r"))
+    if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[2] not in (1, 3, 4):
+        logger.info("The TIFF %s is stored channels first; reading it as (y, x, c).", path.name)
+        arr = arr.transpose(1, 2, 0)
+    return arr
+
+
 def as_rgb_hwc(image: Any, *, name: str = "image") -> Any:
     """Return ``image`` as an RGB ``uint8`` array of shape ``(height, width, 3)``.
 
@@ -40,7 +74,7 @@ def as_rgb_hwc(image: Any, *, name: str = "image") -> Any:
     are scaled to ``0..255``. Anything else raises a ``ValueError`` saying what was found.
     """
     if isinstance(image, (str, Path)):
-        image = read_image_file(image)
+        image = open_image(image)
     if not hasattr(image, "ndim") or not hasattr(image, "dtype"):
         msg = f"Expected the {name} as an array (height, width, channels) or a file path, found {type(image).__name__}."
         raise TypeError(msg)

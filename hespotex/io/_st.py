@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
-from hespotex.io._anndata import check_sample_id, is_integer_valued, open_image, sample_id_from_path
+from hespotex.io._anndata import check_sample_id, is_integer_valued, sample_id_from_path
 from hespotex.io._build import build_sample
+from hespotex.io._image import open_image
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
