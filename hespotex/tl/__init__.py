@@ -6,6 +6,7 @@ __getattr__, __dir__, __all__ = attach(
     __name__,
     {
         "HESpotEx": "_model",
+        "ModelConfig": "_model",
         "train": "_train",
         "predict": "_predict",
         "evaluate": "_evaluate",

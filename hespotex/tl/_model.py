@@ -14,10 +14,13 @@ from typing import Any
 import numpy as np
 
 from hespotex._settings import resolve_device
+from hespotex.models._config import ModelConfig  # re-exported as hx.tl.ModelConfig (no torch import)
 from hespotex.pp._genes import gene_hash
 from hespotex.tl._data import GraphData, induced_edges, k_hop_halo, spatial_blocks
 
 logger = logging.getLogger("hespotex")
+
+__all__ = ["HESpotEx", "ModelConfig"]
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
