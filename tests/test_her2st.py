@@ -118,3 +118,17 @@ def test_gene_panel_and_paths(her2st_dir, samples, monkeypatch, tmp_path):
         hx.datasets.her2st_path(tmp_path)
     with pytest.raises(ValueError, match="C9"):
         hx.datasets.her2st(her2st_dir, sections=["C2", "C9"])
+
+
+def test_every_spot_of_every_section_gets_an_embedding(samples):
+    """All five sections embed with the real ImageNet EfficientNet-Lite0 (112 px input keeps CI fast)."""
+    encoder = hx.pp.load_encoder("efficientnet_lite0.imagenet", input_size=112)
+    for name, sdata in samples.items():
+        hx.pp.embed(sdata, encoder=encoder, key_added="X_test_lite0")
+        table = sdata["table"]
+        emb = table.obsm["X_test_lite0"]
+        assert emb.shape == (table.n_obs, 1280), name
+        assert np.isfinite(emb).all() and emb.std(axis=0).mean() > 0
+        params = table.uns["hespotex_embed"]["X_test_lite0"]
+        assert params["patch_um"] == 200.0 and params["crop_px"] > 112  # read at full resolution, then downsampled
+        assert len(np.unique(emb.round(4), axis=0)) == table.n_obs  # every spot sees its own patch

@@ -43,10 +43,9 @@ def test_coarser_pyramid_level_is_used_when_enough(sample_factory):
 
 def test_scaled_image_element_gives_the_same_patch(sample_factory):
     """A downscaled copy of the image with a Scale transformation (like Visium hires) is read correctly."""
+    import pandas as pd
     from spatialdata.models import Image2DModel
     from spatialdata.transformations import Scale
-
-    import pandas as pd
 
     yy, xx = np.mgrid[0:600, 0:600]
     img = np.stack([128 + 100 * np.sin(xx / 25.0), 128 + 100 * np.cos(yy / 30.0), 128 + 60 * np.sin((xx + yy) / 40.0)], axis=-1)
