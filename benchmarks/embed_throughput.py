@@ -1,32 +1,33 @@
 """Throughput and peak memory of ``hx.pp.embed`` against the raw encoder forward on the same patches.
 
-Two arms, run side by side (interleaved A B A B ..., medians of the repeats):
+Two arms, run side by side in one process (interleaved A B A B ..., medians of the repeats):
 
 - **pipeline**: ``hx.pp.embed(sdata, encoder=enc, cache=False)``: plan the crops, fingerprint the image
   (cache key), read the crops from the dask-backed image element, resize (antialiased bilinear),
   normalise, forward, in batches, with the next batch read in a background thread;
 - **raw**: ``encoder.model(x)`` under ``torch.inference_mode()`` on pre-made normalised tensors of the
-  very same patches, in the same batches.
+  very same patches, in the same batches (their outputs are checked equal to the pipeline's).
 
-ratio = pipeline throughput / raw forward throughput (goal >= 0.9). Encoders: ``resnet18`` (random
-init) and ``efficientnet_lite0.imagenet``. Data: her2st section C2 (187 spots, 200 µm patches = 290 px
-crops resized to 224) and a synthetic Visium-like slide at 0.5 µm/px (110 µm patches = 220 px crops).
-Peak memory: each (data, encoder, arm) runs once more in a fresh subprocess; the process's RSS
-high-water mark (``/proc/self/status`` VmHWM, the figure ``resource.getrusage`` reports as
-``ru_maxrss``) is reset with ``/proc/self/clear_refs`` once the data and the encoder are loaded, so the
-peak is that of the arm alone. A stage profile (serial, no prefetch thread) says where the pipeline
-spends its time beyond the forward pass.
+ratio = pipeline throughput / raw forward throughput (goal >= 0.9), from wall time and, less sensitive
+to other processes on the machine, from this process's CPU time. Encoders: ``resnet18`` (random init)
+and ``efficientnet_lite0.imagenet``. Data: her2st section C2 (187 spots, 200 µm patches = 290 px crops
+resized to 224) and a synthetic Visium-like slide at 0.5 µm/px (110 µm patches = 220 px crops).
 
-    python benchmarks/embed_throughput.py [--repeats 3] [--synthetic-spots 192] [--batch-size 64]
+Peak memory per arm: before every timed arm the process's RSS high-water mark is reset to its current
+RSS (``/proc/self/clear_refs``, Linux >= 4.0); after it ``/proc/self/status`` VmHWM is the peak during
+the arm (the figure ``resource.getrusage(...).ru_maxrss`` reports for the live threads). The table
+gives that peak and its increase over the RSS at the arm's start (max over repeats).
+
+A stage profile (serial, no prefetch thread) says where the pipeline spends time beyond the forward.
+
+    python benchmarks/embed_throughput.py [--repeats 3] [--synthetic-spots 128] [--batch-size 64]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import resource
 import shlex
 import subprocess
 import sys
@@ -41,6 +42,7 @@ import numpy as np
 ENCODERS = ("resnet18", "efficientnet_lite0.imagenet")
 DATASETS = ("her2st C2", "synthetic")
 ROOT = Path(__file__).resolve().parents[1]
+MB = 1024.0  # kB per MB
 
 
 # --------------------------------------------------------------------------------------------------
@@ -75,9 +77,21 @@ def _machine() -> str:
     import torch
 
     return (
-        f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} with "
-        f"{torch.get_num_threads()} intra-op / {torch.get_num_interop_threads()} inter-op threads, Python {platform.python_version()}"
+        f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} with "
+        f"{torch.get_num_threads()} intra-op / {torch.get_num_interop_threads()} inter-op threads, "
+        f"Python {platform.python_version()}"
     )
+
+
+def measured(fn, *args):
+    """Run ``fn(*args)``; return its result, wall s, process CPU s (all threads), peak RSS kB and its increase."""
+    start = _status_kb("VmRSS")
+    _reset_peak_rss()
+    w0, c0 = time.perf_counter(), time.process_time()
+    res = fn(*args)
+    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    peak = _status_kb("VmHWM")
+    return res, {"wall": wall, "cpu": cpu, "peak_kb": peak, "inc_kb": peak - start}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -101,58 +115,17 @@ def premade_batches(sdata, enc, batch_size: int):
     return idx, [enc.normalize(resize_batch(plan.read(i), enc.input_size)) for i in idx], plan
 
 
-def run_pipeline(sdata, enc, batch_size: int) -> float:
+def run_pipeline(sdata, enc, batch_size: int) -> None:
     import hespotex as hx
 
-    t = time.perf_counter()
     hx.pp.embed(sdata, encoder=enc, cache=False, batch_size=batch_size, key_added="X_bench", overwrite=True)
-    return time.perf_counter() - t
 
 
-def run_raw(model, xs) -> tuple[float, list]:
+def run_raw(model, xs) -> list:
     import torch
 
     with torch.inference_mode():
-        t = time.perf_counter()
-        out = [model(x) for x in xs]
-        return time.perf_counter() - t, out
-
-
-# --------------------------------------------------------------------------------------------------
-# child: one arm in a fresh process, for its peak memory
-
-
-def child(spec: dict) -> None:
-    import logging
-
-    import hespotex as hx
-    from hespotex.pp import load_encoder
-
-    hx.settings.progress = False
-    logging.getLogger("hespotex").setLevel(logging.WARNING)
-    sdata = load_dataset(spec["dataset"], synthetic_spots=spec["synthetic_spots"], data=spec["data"])
-    enc = load_encoder(spec["encoder"])
-    load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = _status_kb("VmRSS")
-    reset = _reset_peak_rss()
-    t = time.perf_counter()
-    if spec["arm"] == "pipeline":
-        run_pipeline(sdata, enc, spec["batch_size"])
-    else:  # the raw arm holds every normalised patch, as it must to time the forward alone
-        _, xs, _ = premade_batches(sdata, enc, spec["batch_size"])
-        run_raw(enc.model, xs)
-    wall = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"load_peak_kb": load_peak, "start_kb": start, "peak_kb": peak, "reset": reset, "wall_s": wall}))
-
-
-def measure_memory(spec: dict) -> dict:
-    cmd = [sys.executable, "-W", "ignore", __file__, "--child", json.dumps(spec)]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT)
-    if res.returncode != 0:
-        msg = f"memory child {spec} failed:\n{res.stderr[-3000:]}"
-        raise RuntimeError(msg)
-    return json.loads(res.stdout.strip().splitlines()[-1])
+        return [model(x) for x in xs]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -187,6 +160,27 @@ def profile_stages(sdata, enc, batch_size: int) -> dict[str, float]:
     return out
 
 
+def candidate_resize(sdata, enc, batch_size: int) -> float:
+    """Seconds per pass of a candidate resize: antialiased bilinear on uint8 channels-last, then to float."""
+    import torch
+    import torch.nn.functional as F
+
+    from hespotex.pp._patches import plan_patches
+
+    plan = plan_patches(sdata, out_px=enc.input_size)
+    total = 0.0
+    for idx in plan.batches(batch_size):
+        crops = plan.read(idx)
+        t = time.perf_counter()
+        x = torch.from_numpy(crops).contiguous(memory_format=torch.channels_last)
+        if x.shape[-1] != enc.input_size:
+            size = (enc.input_size, enc.input_size)
+            x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+        x.float().div_(255.0).contiguous()
+        total += time.perf_counter() - t
+    return total
+
+
 # --------------------------------------------------------------------------------------------------
 # main
 
@@ -197,23 +191,50 @@ def fmt_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def bench_pair(sdata, ename: str, *, repeats: int, batch_size: int) -> dict:
+    """Interleaved repeats of the pipeline and raw arms for one data set and encoder."""
+    import torch
+
+    from hespotex.pp import load_encoder
+
+    enc = load_encoder(ename)
+    idx, xs, plan = premade_batches(sdata, enc, batch_size)
+    with torch.inference_mode():  # warm-up: first-call allocations of the model
+        enc.model(xs[0][:8])
+    pipe, raw, raw_out = [], [], None
+    for _ in range(repeats):  # A B A B ...
+        _, m = measured(run_pipeline, sdata, enc, batch_size)
+        pipe.append(m)
+        out, m = measured(run_raw, enc.model, xs)
+        raw.append(m)
+        raw_out = raw_out or out
+    table = sdata.tables["table"]
+    ref = np.empty_like(table.obsm["X_bench"])
+    for i, o in zip(idx, raw_out, strict=True):
+        ref[i] = o.numpy()
+    return {
+        "n": table.n_obs,
+        "geometry": f"{plan.patch_um:.0f} µm = {plan.size} px -> {enc.input_size}",
+        "pipe": pipe,
+        "raw": raw,
+        "ratio_wall": [r["wall"] / p["wall"] for p, r in zip(pipe, raw, strict=True)],
+        "ratio_cpu": [r["cpu"] / p["cpu"] for p, r in zip(pipe, raw, strict=True)],
+        "max_diff": float(np.abs(ref - table.obsm["X_bench"]).max()),
+        "premade_mb": sum(x.numel() * x.element_size() for x in xs) / 2**20,
+        "n_batches": len(idx),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each arm")
-    parser.add_argument("--synthetic-spots", type=int, default=192)
+    parser.add_argument("--synthetic-spots", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--data", default=None, help="her2st folder (default: HESPOTEX_DATA or ../shared/data)")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "embed_throughput.md"))
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        child(json.loads(args.child))
-        return
 
     import logging
-
-    import torch
 
     import hespotex as hx
     from hespotex.pp import load_encoder
@@ -221,121 +242,103 @@ def main() -> None:
     hx.settings.progress = False
     logging.getLogger("hespotex").setLevel(logging.WARNING)
     command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/embed_throughput.py", *sys.argv[1:]])
-    load_start = os.getloadavg()
-    competing_start = _competing()
+    load_start, competing_start = os.getloadavg(), _competing()
+    can_reset = _reset_peak_rss()
     t_all = time.perf_counter()
 
-    results, profiles, checks = [], {}, {}
+    results, profiles = {}, {}
     for dname in DATASETS:
         sdata = load_dataset(dname, synthetic_spots=args.synthetic_spots, data=args.data)
-        n = sdata.tables["table"].n_obs
         for ename in ENCODERS:
-            enc = load_encoder(ename)
-            idx, xs, plan = premade_batches(sdata, enc, args.batch_size)
-            geometry = f"{plan.patch_um:.0f} µm = {plan.size} px (level {plan.level.level}) -> {enc.input_size}"
-            with torch.inference_mode():  # warm-up: first-call allocations of the model
-                enc.model(xs[0][:8])
-            t_pipe, t_raw, raw_out = [], [], None
-            for _ in range(args.repeats):  # A B A B ...
-                t_pipe.append(run_pipeline(sdata, enc, args.batch_size))
-                t, out = run_raw(enc.model, xs)
-                t_raw.append(t)
-                raw_out = raw_out or out
-            ref = np.empty_like(sdata.tables["table"].obsm["X_bench"])
-            for i, o in zip(idx, raw_out, strict=True):
-                ref[i] = o.numpy()
-            checks[(dname, ename)] = float(np.abs(ref - sdata.tables["table"].obsm["X_bench"]).max())
-            ratios = [r / p for p, r in zip(t_pipe, t_raw, strict=True)]
-            results.append(
-                {
-                    "dataset": dname,
-                    "encoder": ename,
-                    "n": n,
-                    "geometry": geometry,
-                    "t_pipe": t_pipe,
-                    "t_raw": t_raw,
-                    "ratio": median(ratios),
-                    "ratio_range": (min(ratios), max(ratios)),
-                }
+            r = bench_pair(sdata, ename, repeats=args.repeats, batch_size=args.batch_size)
+            results[(dname, ename)] = r
+            print(
+                f"{dname} / {ename}: pipeline {[round(m['wall'], 2) for m in r['pipe']]} s, raw "
+                f"{[round(m['wall'], 2) for m in r['raw']]} s, ratio {median(r['ratio_wall']):.3f}",
+                file=sys.stderr,
             )
-            print(f"{dname} / {ename}: pipeline {t_pipe} s, raw {t_raw} s, ratio {median(ratios):.3f}", file=sys.stderr)
+        enc = load_encoder("resnet18")  # the stages before the forward do not depend on the encoder
         profiles[dname] = profile_stages(sdata, enc, args.batch_size)
-        del sdata, xs
-
-    memory = {}
-    if not args.no_memory:
-        for dname in DATASETS:
-            for ename in ENCODERS:
-                for arm in ("pipeline", "raw"):
-                    spec = {"dataset": dname, "encoder": ename, "arm": arm, "batch_size": args.batch_size,
-                            "synthetic_spots": args.synthetic_spots, "data": args.data}  # fmt: skip
-                    memory[(dname, ename, arm)] = measure_memory(spec)
-                    print(f"memory {dname} / {ename} / {arm}: {memory[(dname, ename, arm)]}", file=sys.stderr)
+        profiles[dname]["candidate"] = candidate_resize(sdata, enc, args.batch_size)
+        del sdata
     wall = time.perf_counter() - t_all
-    load_end = os.getloadavg()
-    competing_end = _competing()
+    load_end, competing_end = os.getloadavg(), _competing()
 
-    mb = 1024.0
     rows = []
-    for r in results:
+    for (dname, ename), r in results.items():
         n = r["n"]
-        tp, tr = median(r["t_pipe"]), median(r["t_raw"])
-        row = [r["dataset"], r["encoder"], n, r["geometry"], f"{n / tp:.1f}", f"{n / tr:.1f}",
-               f"**{r['ratio']:.2f}** ({r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f})",
-               f"{tp:.1f} / {tr:.1f}"]  # fmt: skip
-        mem_p, mem_r = (
-            memory.get((r["dataset"], r["encoder"], "pipeline")),
-            memory.get((r["dataset"], r["encoder"], "raw")),
-        )
-        row += [f"{mem_p['peak_kb'] / mb:.0f} (+{(mem_p['peak_kb'] - mem_p['start_kb']) / mb:.0f})" if mem_p else "-",
-                f"{mem_r['peak_kb'] / mb:.0f} (+{(mem_r['peak_kb'] - mem_r['start_kb']) / mb:.0f})" if mem_r else "-"]  # fmt: skip
-        rows.append(row)
+        tp, tr = median(m["wall"] for m in r["pipe"]), median(m["wall"] for m in r["raw"])
+        rw, rc = r["ratio_wall"], r["ratio_cpu"]
+        peak_p, peak_r = max(r["pipe"], key=lambda m: m["inc_kb"]), max(r["raw"], key=lambda m: m["inc_kb"])
+        rows.append(
+            [dname, ename, n, r["geometry"], f"{n / tp:.1f}", f"{n / tr:.1f}",
+             f"**{median(rw):.2f}** ({min(rw):.2f}-{max(rw):.2f})", f"{median(rc):.2f} ({min(rc):.2f}-{max(rc):.2f})",
+             f"{tp:.1f} / {tr:.1f}",
+             f"{peak_p['peak_kb'] / MB:.0f} (+{peak_p['inc_kb'] / MB:.0f})",
+             f"{peak_r['peak_kb'] / MB:.0f} (+{peak_r['inc_kb'] / MB:.0f})"]
+        )  # fmt: skip
     header = ["data", "encoder", "spots", "patch", "pipeline patches/s", "raw forward patches/s",
-              "ratio (min-max)", "median s pipeline / raw", "peak RSS MB pipeline (+arm)", "peak RSS MB raw (+arm)"]  # fmt: skip
+              "ratio, wall (min-max)", "ratio, CPU time (min-max)", "median wall s pipeline / raw",
+              "peak RSS MB pipeline (+arm)", "peak RSS MB raw (+arm)"]  # fmt: skip
     main_table = fmt_table(header, rows)
 
     prof_rows = []
     for dname, stages in profiles.items():
-        fwd = {r["encoder"]: median(r["t_raw"]) for r in results if r["dataset"] == dname}
+        stages = dict(stages)
+        candidate = stages.pop("candidate")
+        n = next(r["n"] for (d, _), r in results.items() if d == dname)
+        fwd = {e: median(m["wall"] for m in r["raw"]) for (d, e), r in results.items() if d == dname}
         prep = sum(stages.values())
         for stage, sec in stages.items():
             prof_rows.append([dname, stage, f"{sec:.3f}", *(f"{100 * sec / f:.1f}%" for f in fwd.values())])
         prof_rows.append(
-            [dname, "**all but forward**", f"{prep:.3f}", *(f"{100 * prep / f:.1f}%" for f in fwd.values())]
-        )
-        for r in results:
-            if r["dataset"] == dname:
-                gap = median(r["t_pipe"]) - median(r["t_raw"])
-                prof_rows.append([dname, f"measured pipeline - raw, {r['encoder']}", f"{gap:.3f}", "", ""])
+            [dname, f"**all but forward** ({n / prep:.0f} patches/s alone)", f"{prep:.3f}",
+             *(f"{100 * prep / f:.1f}%" for f in fwd.values())]
+        )  # fmt: skip
+        prof_rows.append(
+            [dname, "expected ratio with no overlap at all: forward / (forward + all but forward)", "",
+             *(f"{f / (f + prep):.2f}" for f in fwd.values())]
+        )  # fmt: skip
+        for (d, e), r in results.items():
+            if d == dname:
+                gap = median(m["wall"] for m in r["pipe"]) - median(m["wall"] for m in r["raw"])
+                prof_rows.append([dname, f"measured: median pipeline - median raw, {e}", f"{gap:.3f}", "", ""])
+        prof_rows.append(
+            [dname, "candidate: resize on uint8 channels-last, then float", f"{candidate:.3f}",
+             *(f"{100 * candidate / f:.1f}%" for f in fwd.values())]
+        )  # fmt: skip
     prof_table = fmt_table(
         ["data", "stage (serial, one pass)", "s", *(f"% of {e} forward" for e in ENCODERS)], prof_rows
     )
 
-    mem_rows = [[d, e, a, f"{m['load_peak_kb'] / mb:.0f}", f"{m['start_kb'] / mb:.0f}", f"{m['peak_kb'] / mb:.0f}",
-                 f"{(m['peak_kb'] - m['start_kb']) / mb:.0f}", f"{m['wall_s']:.1f}", "yes" if m["reset"] else "no"]
-                for (d, e, a), m in memory.items()]  # fmt: skip
-    mem_table = fmt_table(["data", "encoder", "arm", "process peak before arm (MB)", "RSS at arm start (MB)",
-                           "arm peak RSS (MB)", "arm increase (MB)", "arm wall s", "peak reset"], mem_rows)  # fmt: skip
-
     busy = competing_start or competing_end
+    r0 = next(iter(results.values()))
     notes = [
         f"- Command: `{command}` (wall {wall:.0f} s)",
-        f"- Machine: {_machine()}",
-        f"- os.getloadavg() at start: {', '.join(f'{v:.2f}' for v in load_start)}; at end: {', '.join(f'{v:.2f}' for v in load_end)}",
+        f"- Machine: {_machine()}; no GPU (device CPU)",
+        f"- os.getloadavg() at start: {', '.join(f'{v:.2f}' for v in load_start)}; "
+        f"at end: {', '.join(f'{v:.2f}' for v in load_end)}",
+        f"- Load above the {os.cpu_count()} cores means other jobs shared the machine: absolute times are inflated "
+        "and noisy."
+        if max(load_start[0], load_end[0]) > (os.cpu_count() or 1)
+        else "- The machine was otherwise quiet (1-min load below the core count).",
         "- Another long benchmark (benchmarks/her2st_cv.py) WAS running during this run "
-        f"(pgrep at start: {len(competing_start)} process(es), at end: {len(competing_end)}); absolute times are "
-        "inflated and noisy, ratios (interleaved A B A B, median of per-repeat ratios) much less so."
+        f"(pgrep -f her2st_cv at start: {len(competing_start)} process(es), at end: {len(competing_end)}), besides "
+        "other jobs on the machine: absolute times are inflated and noisy; the ratios (interleaved A B A B, "
+        "median of the per-repeat ratios) much less so, the CPU-time ratio least."
         if busy
         else "- No her2st_cv benchmark was running (pgrep -f her2st_cv found nothing at start or end).",
-        f"- {args.repeats} interleaved repeats per arm, batch size {args.batch_size}, cache=False, device CPU. "
-        "The pipeline arm times the whole `hx.pp.embed` call (plan, cache key, crops, resize, normalise, "
-        "forward, copy to obsm); the raw arm times only `encoder.model(x)` over pre-made normalised batches.",
-        "- Check: pipeline and raw outputs agree to max |diff| "
-        + ", ".join(f"{v:.1e} ({d} / {e})" for (d, e), v in checks.items()),
-        "- Peak memory: VmHWM of a fresh subprocess per arm (= resource.getrusage ru_maxrss), reset with "
-        "/proc/self/clear_refs after loading the data and the encoder, so 'arm peak' is the peak during the arm; "
-        "'+arm' is that peak minus the RSS at the arm's start. The raw arm holds all normalised patches "
-        "(spots x 3 x 224 x 224 float32) by design; the pipeline holds about two batches.",
+        f"- {args.repeats} interleaved repeats per arm, batch size {args.batch_size}, cache=False. The pipeline arm "
+        "times the whole `hx.pp.embed` call (plan, cache key, crops, resize, normalise, forward, copy to obsm); "
+        "the raw arm only `encoder.model(x)` over pre-made normalised batches (the same batches, same order).",
+        "- Check: pipeline and raw outputs agree, max |diff| "
+        + ", ".join(f"{r['max_diff']:.1e} ({d} / {e})" for (d, e), r in results.items()),
+        "- Peak memory: VmHWM of this process (what resource.getrusage ru_maxrss reports), reset to the current RSS "
+        f"through /proc/self/clear_refs before each arm ({'works here' if can_reset else 'NOT permitted here: peaks are process-wide'}); "
+        "shown: peak during the arm, and (+) its increase over the RSS at the arm's start, max over repeats. "
+        "The absolute peak includes the loaded sample (the her2st JPEG and its pyramid) and, in both arms, the "
+        f"pre-made tensors of the raw arm ({r0['premade_mb']:.0f} MB for {r0['n']} patches), which exist "
+        "before either arm starts and so are not in the (+) figure.",
     ]
     text = "\n\n".join(
         [
@@ -344,8 +347,6 @@ def main() -> None:
             "ratio = pipeline patches/s / raw forward patches/s (goal >= 0.9).",
             "## Where the pipeline spends time beyond the forward (serial stage profile)",
             prof_table,
-            "## Peak memory per arm (fresh subprocess each)",
-            mem_table if mem_rows else "(skipped: --no-memory)",
             "## Notes",
             "\n".join(notes),
         ]

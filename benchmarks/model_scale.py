@@ -61,8 +61,8 @@ def _synthetic(n_spots: int, n_genes: int | None, *, seed: int, name: str):
         a = model_rng.standard_normal((EMB_DIM, RANK), dtype=np.float32) / np.sqrt(EMB_DIM)
         b = model_rng.standard_normal((RANK, n_genes), dtype=np.float32) / np.sqrt(RANK)
         expr = np.empty((n_spots, n_genes), dtype=np.float32)
-        for start in range(0, n_spots, 10_000):
-            stop = min(start + 10_000, n_spots)
+        for start in range(0, n_spots, 1_000):  # small chunks: the generator's temporaries stay negligible
+            stop = min(start + 1_000, n_spots)
             chunk = (emb[start:stop] @ a) @ b + 1.0
             chunk += 0.5 * rng.standard_normal(chunk.shape, dtype=np.float32)
             expr[start:stop] = np.maximum(chunk, 0.0)
@@ -164,9 +164,21 @@ def _params(job: dict) -> dict:
     return out
 
 
+def _baseline(job: dict) -> dict:
+    import torch
+
+    out = {"torch_mb": _peak_rss_mb(), "torch_threads": torch.get_num_threads()}
+    import torch_geometric  # noqa: F401  (imported by the graph decoder)
+
+    from hespotex.tl._model import HESpotEx  # noqa: F401
+
+    out["imports_mb"] = _peak_rss_mb()
+    return out
+
+
 def worker(job: dict) -> dict:
     kind = job["kind"]
-    result = {"train": _train, "predict": _predict, "params": _params}[kind](job)
+    result = {"train": _train, "predict": _predict, "params": _params, "baseline": _baseline}[kind](job)
     result["peak_rss_mb"] = _peak_rss_mb()
     return result
 
@@ -229,6 +241,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes only (a smoke test of the script)")
     parser.add_argument("--genes", type=int, default=1000, help="genes of the large-slide runs")
     parser.add_argument("--max-nodes", type=int, default=20_000, help="max spots per training batch")
+    parser.add_argument(
+        "--max-nodes-5457",
+        type=int,
+        nargs="+",
+        default=[5_000, 20_000],
+        help="max spots per training batch of the 5,457-gene large runs (one run each)",
+    )
     parser.add_argument("--predict-max-nodes", type=int, default=50_000, help="max core spots per prediction block")
     parser.add_argument("--no-5457-large", action="store_true", help="skip the 10k-spot 5,457-gene run")
     parser.add_argument("--device", default="cpu")
@@ -247,13 +266,14 @@ def main() -> None:
     dev = args.device
     results: dict[str, dict] = {}
     try:
+        base = run_job({"kind": "baseline"}, args.timeout)
         # 1. large slides
-        large = [(n, args.genes) for n in sizes]
+        large = [(n, args.genes, args.max_nodes) for n in sizes]
         if not args.no_5457_large:
-            large.append((sizes[0], her2st_genes))
-        for n, genes in large:
-            key = f"{n}x{genes}"
-            common = {"sections": [n], "genes": genes, "preset": "hespotex", "device": dev, "max_nodes": args.max_nodes}
+            large += [(sizes[0], her2st_genes, m) for m in args.max_nodes_5457]
+        for n, genes, max_nodes in large:
+            key = f"{n}x{genes}x{max_nodes}"
+            common = {"sections": [n], "genes": genes, "preset": "hespotex", "device": dev, "max_nodes": max_nodes}
             path = str(tmp / f"model_{key}")
             both = run_job({"kind": "train", "epochs": 1, "ae_epochs": 1, "save": path, **common}, args.timeout)
             pred = (
@@ -264,7 +284,7 @@ def main() -> None:
                 if "error" not in both
                 else {"error": "no model"}
             )
-            results[key] = {"train": both, "predict": pred}
+            results[key] = {"train": both, "predict": pred, "max_nodes": max_nodes}
             print(f"{key}: {json.dumps(results[key])}", file=sys.stderr)
         # 2. parameters
         params = run_job({"kind": "params", "genes": 5457}, args.timeout)
@@ -284,7 +304,7 @@ def main() -> None:
                 if "error" not in both
                 else {"error": "no model"}
             )
-            her2st[preset] = {"train": both, "predict": pred}
+            her2st[preset] = {"train": both, "predict": pred, "max_nodes": 20_000}
             print(f"her2st {preset}: {json.dumps(her2st[preset])}", file=sys.stderr)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -295,10 +315,11 @@ def main() -> None:
         b, p = r["train"], r["predict"]
         err = next((x["error"] for x in (b, p) if "error" in x), None)
         if err:
-            return [*label, err, "", "", "", "", "", "", "", ""]
+            return [*label, err, "", "", "", "", "", "", "", "", ""]
         return [
             *label,
             b["parameters"],
+            f"{b['n_blocks']} / {r['max_nodes']:,}",
             b["prepare_s"] + b["setup_s"],
             b["ae_epoch_s"],
             b["joint_epoch_s"],
@@ -313,6 +334,7 @@ def main() -> None:
         "spots",
         "genes",
         "params",
+        "blocks / max_nodes",
         "setup s",
         "AE epoch s",
         "joint epoch s",
@@ -324,7 +346,7 @@ def main() -> None:
     ]
     large_rows = []
     for key, r in results.items():
-        n, g = (int(x) for x in key.split("x"))
+        n, g, _ = (int(x) for x in key.split("x"))
         large_rows.append(train_row([n, g], r))
     her2st_rows = [train_row([preset, "4 x ~180 / 180", her2st_genes], r) for preset, r in her2st.items()]
     her2st_header = ["preset", "train / predict spots", "genes", *header[2:]]
@@ -351,13 +373,15 @@ def main() -> None:
         f"{', '.join(f'{x:.2f}' for x in load_end)}; another benchmark running at start: {other_start}, "
         f"at end: {other_end}. Times are wall-clock under that load.  ",
         "Each cell is one fresh subprocess (peak RSS = its `ru_maxrss`); train and predict run in separate "
-        "processes, predict loads the saved model.",
+        "processes, predict loads the saved model. Every process pays for its imports first: "
+        f"{_gb(base.get('torch_mb', float('nan')))} GB for `import torch` (this wheel), "
+        f"{_gb(base.get('imports_mb', float('nan')))} GB with torch_geometric and hespotex.",
         "",
         "## 1. Large synthetic slides (`hespotex` preset)",
         "",
         f"Synthetic arrays: 1280-d float32 embeddings, hexagonal lattice 100 µm apart, expression = rank-{RANK} "
         f"linear model of the embeddings + noise. {args.genes:,} genes (reduced from 5,457) unless stated. "
-        f"Training batches: `max_nodes={args.max_nodes:,}` spots (compact spatial blocks); prediction blocks: "
+        "Training batches: at most `max_nodes` spots (compact spatial blocks; *blocks* = how many); prediction blocks: "
         f"`max_nodes={args.predict_max_nodes:,}` core spots plus a halo of `n_hops` rings. "
         "`fit` with one AE epoch (`ae_epochs=1`) and one joint epoch (`epochs=1`), no validation; the stages are "
         "timed inside the same `fit` call. *Setup*: embedding standardisation, network initialisation, k-NN "

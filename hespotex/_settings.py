@@ -59,9 +59,14 @@ settings = Settings()
 
 
 def resolve_device(device: str | None = None):
-    """Return a ``torch.device`` for ``device`` (``"auto"`` or ``None`` uses :data:`settings`)."""
+    """Return a ``torch.device`` for ``device`` (``"auto"`` or ``None`` uses :data:`settings`).
+
+    Also applies ``settings.num_threads`` to torch, so every compute entry point honours it.
+    """
     import torch
 
+    if settings.num_threads is not None and torch.get_num_threads() != settings.num_threads:
+        torch.set_num_threads(settings.num_threads)
     name = settings.device if device in (None, "auto") else device
     if name == "auto":
         if torch.cuda.is_available():

@@ -192,6 +192,8 @@ class HESpotExNet(nn.Module):
         emb: Tensor,
         edge_index_ae: Tensor | None = None,
         edge_index_dec: Tensor | None = None,
+        *,
+        latent_target: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Training loss on one graph of spots.
 
@@ -205,6 +207,9 @@ class HESpotExNet(nn.Module):
             Autoencoder spatial graph; required when the model has an autoencoder.
         edge_index_dec
             Decoder spatial graph; required when the model has a graph decoder.
+        latent_target
+            The frozen autoencoder's latent ``z`` of these spots, precomputed after pre-training (the
+            authors' two-stage training): the autoencoder is then not run, and ``ẑ`` is aligned to it.
 
         Returns
         -------
@@ -225,7 +230,12 @@ class HESpotExNet(nn.Module):
         mse = F.mse_loss(pred, x_expr)
         total = cfg.mse_weight * mse
         parts["mse"] = mse
-        if self.autoencoder is not None:
+        if latent_target is not None:
+            if self.aligns:
+                align = pearson_loss(out["latent"], latent_target, dim=-1)
+                total = total + cfg.alignment_weight * align
+                parts["alignment"] = align
+        elif self.autoencoder is not None:
             if edge_index_ae is None:
                 msg = "This model has an autoencoder: pass `edge_index_ae`, the autoencoder's spatial graph."
                 raise ValueError(msg)

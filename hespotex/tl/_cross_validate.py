@@ -61,6 +61,7 @@ def cross_validate(
     samples: Any,
     *,
     groups: Mapping[str, str] | None = None,
+    folds: Sequence[str] | None = None,
     methods: Sequence[Any] = ("hespotex", "ridge", "mlp", "retrieval"),
     smoothed: bool = True,
     genes: Sequence[str] | None = None,
@@ -90,6 +91,8 @@ def cross_validate(
         Embedded samples (``{name: SpatialData or AnnData}`` or a list); see :func:`hespotex.tl.train`.
     groups
         ``{sample name: group}`` for leave-one-group-out (e.g. patients); default one group per sample.
+    folds
+        Run only these held-out groups (to spread folds over processes or machines); default all.
     methods
         ``"hespotex"`` (with ``config``), ``"hespotex:<preset>"``, ``(label, ModelConfig)`` pairs
         (ablations), and the baselines ``"ridge"`` (HEST-Benchmark), ``"mlp"`` (ST-Net style head),
@@ -132,6 +135,12 @@ def cross_validate(
     if len(fold_ids) < 2:
         msg = f"Cross-validation needs at least 2 samples or groups, found {len(fold_ids)}."
         raise ValueError(msg)
+    if folds is not None:
+        unknown = [f for f in folds if f not in fold_ids]
+        if unknown:
+            msg = f"Unknown folds {unknown}; the groups are {fold_ids}."
+            raise ValueError(msg)
+        fold_ids = [f for f in fold_ids if f in set(folds)]
     for fold in fold_ids:
         test_names = [n for n in names if groups[n] == fold]
         train_names = [n for n in names if groups[n] != fold]

@@ -127,9 +127,10 @@ class HESpotEx:
         emb = np.concatenate([s.emb for s in train])
         self.embedding_mean_ = emb.mean(axis=0).astype(np.float32)
         self.embedding_scale_ = np.maximum(emb.std(axis=0), 1e-6).astype(np.float32)
+        del emb  # a copy of every training embedding: do not hold it through training
         train = [self._standardised(s) for s in train]
         validation = [(self._standardised(s), m) for s, m in validation]
-        self.module_ = HESpotExNet(len(self.genes), emb.shape[1], self.config.replace(seed=seed))
+        self.module_ = HESpotExNet(len(self.genes), len(self.embedding_mean_), self.config.replace(seed=seed))
         dev = resolve_device(device)
 
         def validate(net) -> float:

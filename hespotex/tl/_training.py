@@ -23,6 +23,7 @@ class Batch:
     expr: np.ndarray
     edges_ae: np.ndarray
     edges_dec: np.ndarray
+    latent: np.ndarray | None = None  # the frozen autoencoder's z, once pre-trained
 
     def to(self, device):
         import torch
@@ -33,6 +34,11 @@ class Batch:
             torch.from_numpy(self.edges_ae).to(device),
             torch.from_numpy(self.edges_dec).to(device),
         )
+
+    def latent_tensor(self, device):
+        import torch
+
+        return None if self.latent is None else torch.from_numpy(self.latent).to(device)
 
 
 def make_blocks(samples: Sequence[GraphData], *, k_ae: int, k_dec: int, max_nodes: int) -> list[Batch]:
@@ -71,6 +77,7 @@ def _union(parts: Sequence[Batch]) -> Batch:
         np.concatenate([p.expr for p in parts]),
         np.concatenate([p.edges_ae + o for p, o in zip(parts, offsets, strict=True)], axis=1),
         np.concatenate([p.edges_dec + o for p, o in zip(parts, offsets, strict=True)], axis=1),
+        None if any(p.latent is None for p in parts) else np.concatenate([p.latent for p in parts]),
     )
 
 
@@ -145,13 +152,21 @@ def fit_net(
     blocks = make_blocks(train, k_ae=cfg.ae_neighbors, k_dec=cfg.decoder_neighbors, max_nodes=max_nodes)
     history: list[dict[str, float]] = []
     net.to(device)
+    frozen = net.autoencoder is not None and cfg.ae_epochs > 0 and cfg.detach_latent
     with torch.random.fork_rng(devices=[]):
         if net.autoencoder is not None and cfg.ae_epochs > 0:
             pretrain_autoencoder(net, blocks, device=device, max_nodes=max_nodes, seed=seed)
+        if frozen:  # two-stage training: z is a fixed target, computed once; the autoencoder is not run again
+            net.eval()
+            with torch.inference_mode():
+                for b in blocks:
+                    x, _, e_ae, _ = b.to(device)
+                    b.latent = net.autoencoder.encode(x, e_ae)[0].float().cpu().numpy()
         # the joint stage has its own random streams, so it is the same whether or not pre-training was cached
         torch.manual_seed(seed + 1)
         rng = np.random.default_rng(seed + 1)
-        opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        params = net.image_parameters() if frozen else list(net.parameters())
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         best_score, best_state, stale = -np.inf, None, 0
         bar = tqdm(range(cfg.epochs), desc="training", disable=not settings.progress)
         for epoch in bar:
@@ -160,11 +175,11 @@ def fit_net(
             batches = group_blocks(blocks, rng.permutation(len(blocks)), max_nodes)
             for batch in batches:
                 x, emb, e_ae, e_dec = batch.to(device)
-                loss, parts = net.loss(x, emb, e_ae, e_dec)
+                loss, parts = net.loss(x, emb, e_ae, e_dec, latent_target=batch.latent_tensor(device) if frozen else None)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 opt.step()
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + float(v) / len(batches)
