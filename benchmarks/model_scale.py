@@ -4,7 +4,7 @@ Three parts, every configuration in a fresh subprocess so its peak RSS (``ru_max
 
 1. *Large slides.* Synthetic arrays (no images): random 1280-d float32 embeddings, spots on a hexagonal
    lattice 100 µm apart, expression from a rank-16 linear model of the embeddings plus noise. The
-   ``"hespotex"`` preset trains one autoencoder epoch and one joint epoch on spatial blocks of at most
+   ``"hespotex"`` preset trains ``--epochs`` autoencoder epochs and joint epochs on spatial blocks of at most
    ``max_nodes`` spots (``HESpotEx.fit(..., max_nodes=...)``); the saved model is then loaded in a new
    process and predicts a new slide of the same size block by block (``predict_graph``, halo of
    ``n_hops`` rings around each block).
@@ -12,7 +12,7 @@ Three parts, every configuration in a fresh subprocess so its peak RSS (``ru_max
    jumping-knowledge head ``nn.LSTM(64, 5457, num_layers=2)`` (counted, not trained).
 3. *her2st-sized.* 4 training sections of ~180 spots and one predicted section, 5,457 genes, both presets.
 
-Times are wall-clock seconds of one epoch (the first, warm-up included). "setup" is the
+Times are wall-clock seconds of each epoch (the first includes warm-up). "setup" is the
 standardisation of embeddings, the k-NN graphs and the cutting into blocks; "AE epoch" one epoch of
 autoencoder pre-training; "joint epoch" one epoch of the joint stage.
 
@@ -22,6 +22,7 @@ autoencoder pre-training; "joint epoch" one epoch of the joint stage.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -82,12 +83,20 @@ def _train(job: dict) -> dict:
     samples = [_synthetic(n, job["genes"], seed=100 + i, name=f"train_{i}") for i, n in enumerate(job["sections"])]
     out = {"data_s": time.perf_counter() - t0, "rss_data_mb": _peak_rss_mb(), "torch_threads": torch.get_num_threads()}
     timings: dict[str, float] = {}
+    # epoch boundaries: fit_net and pretrain_autoencoder call group_blocks once at the start of every epoch
+    starts: dict[str, list[float]] = {"ae": [], "joint": []}
+    stage = ["joint"]
 
     def timed(name, fn):
         def wrapper(*args, **kwargs):
             t = time.perf_counter()
+            if name == "ae":
+                stage[0] = "ae"
             result = fn(*args, **kwargs)
-            timings[name] = timings.get(name, 0.0) + time.perf_counter() - t
+            timings[name] = time.perf_counter() - t
+            timings[f"{name}_end"] = time.perf_counter()
+            if name == "ae":
+                stage[0] = "joint"
             if name == "setup":
                 timings["n_blocks"] = len(result)
                 timings["rss_setup_mb"] = _peak_rss_mb()
@@ -95,21 +104,31 @@ def _train(job: dict) -> dict:
 
         return wrapper
 
+    def marked(fn):
+        def wrapper(*args, **kwargs):
+            starts[stage[0]].append(time.perf_counter())
+            return fn(*args, **kwargs)
+
+        return wrapper
+
     # time the stages of fit_net (it looks these names up in its module at call time)
     _training.make_blocks = timed("setup", _training.make_blocks)
-    _training.pretrain_autoencoder = timed("ae_epoch", _training.pretrain_autoencoder)
+    _training.pretrain_autoencoder = timed("ae", _training.pretrain_autoencoder)
     _training.fit_net = timed("fit_net", _training.fit_net)
+    _training.group_blocks = marked(_training.group_blocks)
     config = ModelConfig.preset(job["preset"], epochs=job["epochs"], ae_epochs=job["ae_epochs"])
     model = HESpotEx([f"g{i}" for i in range(job["genes"])], embedding={"encoder": "synthetic"}, config=config)
     t0 = time.perf_counter()
     model.fit(samples, device=job["device"], max_nodes=job["max_nodes"])
     fit_s = time.perf_counter() - t0
+    ae_marks = [*starts["ae"], timings["ae_end"]] if starts["ae"] else []
+    joint_marks = [*starts["joint"], timings["fit_net_end"]]
     out.update(
         fit_s=fit_s,
         prepare_s=fit_s - timings["fit_net"],  # embedding standardisation + network initialisation
         setup_s=timings["setup"],
-        ae_epoch_s=timings.get("ae_epoch", 0.0),
-        joint_epoch_s=timings["fit_net"] - timings["setup"] - timings.get("ae_epoch", 0.0),
+        ae_epochs_s=[b - a for a, b in itertools.pairwise(ae_marks)],
+        joint_epochs_s=[b - a for a, b in itertools.pairwise(joint_marks)],
         n_blocks=timings["n_blocks"],
         rss_setup_mb=timings["rss_setup_mb"],
         rss_fit_mb=_peak_rss_mb(),
@@ -250,6 +269,7 @@ def main() -> None:
     )
     parser.add_argument("--predict-max-nodes", type=int, default=50_000, help="max core spots per prediction block")
     parser.add_argument("--no-5457-large", action="store_true", help="skip the 10k-spot 5,457-gene run")
+    parser.add_argument("--epochs", type=int, default=2, help="AE epochs and joint epochs of every training run")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
     parser.add_argument("--out", default="benchmarks/results")
@@ -275,7 +295,9 @@ def main() -> None:
             key = f"{n}x{genes}x{max_nodes}"
             common = {"sections": [n], "genes": genes, "preset": "hespotex", "device": dev, "max_nodes": max_nodes}
             path = str(tmp / f"model_{key}")
-            both = run_job({"kind": "train", "epochs": 1, "ae_epochs": 1, "save": path, **common}, args.timeout)
+            both = run_job(
+                {"kind": "train", "epochs": args.epochs, "ae_epochs": args.epochs, "save": path, **common}, args.timeout
+            )
             pred = (
                 run_job(
                     {"kind": "predict", "spots": n, "model": path, "device": dev, "max_nodes": args.predict_max_nodes},
@@ -294,7 +316,14 @@ def main() -> None:
             path = str(tmp / f"her2st_{preset}")
             common = {"sections": [180, 175, 185, 180], "genes": her2st_genes, "preset": preset, "device": dev}
             both = run_job(
-                {"kind": "train", "epochs": 1, "ae_epochs": 1, "max_nodes": 20_000, "save": path, **common},
+                {
+                    "kind": "train",
+                    "epochs": args.epochs,
+                    "ae_epochs": args.epochs,
+                    "max_nodes": 20_000,
+                    "save": path,
+                    **common,
+                },
                 args.timeout,
             )
             pred = (
@@ -321,8 +350,8 @@ def main() -> None:
             b["parameters"],
             f"{b['n_blocks']} / {r['max_nodes']:,}",
             b["prepare_s"] + b["setup_s"],
-            b["ae_epoch_s"],
-            b["joint_epoch_s"],
+            " / ".join(f"{t:.1f}" for t in b["ae_epochs_s"]),
+            " / ".join(f"{t:.1f}" for t in b["joint_epochs_s"]),
             _gb(b["peak_rss_mb"]),
             _gb(b["rss_data_mb"]),
             p["predict_s"],
@@ -336,8 +365,8 @@ def main() -> None:
         "params",
         "blocks / max_nodes",
         "setup s",
-        "AE epoch s",
-        "joint epoch s",
+        "AE epochs s",
+        "joint epochs s",
         "train peak RSS GB",
         "(data alone GB)",
         "predict s",
@@ -383,8 +412,9 @@ def main() -> None:
         f"linear model of the embeddings + noise. {args.genes:,} genes (reduced from 5,457) unless stated. "
         "Training batches: at most `max_nodes` spots (compact spatial blocks; *blocks* = how many); prediction blocks: "
         f"`max_nodes={args.predict_max_nodes:,}` core spots plus a halo of `n_hops` rings. "
-        "`fit` with one AE epoch (`ae_epochs=1`) and one joint epoch (`epochs=1`), no validation; the stages are "
-        "timed inside the same `fit` call. *Setup*: embedding standardisation, network initialisation, k-NN "
+        f"`fit` with `ae_epochs={args.epochs}`, `epochs={args.epochs}`, no validation; every epoch is timed inside "
+        "the same `fit` call (AE = autoencoder pre-training; joint = the joint stage, which also trains the "
+        "autoencoder; first / second ..., the first includes warm-up). *Setup*: embedding standardisation, network initialisation, k-NN "
         "graphs and cutting into blocks. *Data alone*: peak RSS once the synthetic arrays exist (before the model). "
         "*Slide alone*: the same for the predicted slide (embeddings only).",
         "",

@@ -194,20 +194,19 @@ def cross_validate(
 
 
 def _baseline_predictions(kind, train_data, test_data, held, *, seed, kwargs, make_baseline) -> dict[str, np.ndarray]:
-    fit_names = [n for n in train_data if n not in held] or list(train_data)
-    x = np.concatenate([train_data[n].emb for n in fit_names])
-    y = np.concatenate([train_data[n].expr for n in fit_names])
-    extra = {"seed": seed} if kind in ("ridge", "mlp") else {}
-    model = make_baseline(kind, **extra, **kwargs)
+    """Fit one baseline on the training fold and predict the test samples.
+
+    The MLP stops early on the held-out training samples (the same ones HESpotEx validates on);
+    ridge and retrieval have nothing to stop, so they fit on every training sample.
+    """
+    def stack(names):
+        return np.concatenate([train_data[n].emb for n in names]), np.concatenate([train_data[n].expr for n in names])
+
+    model = make_baseline(kind, **({"seed": seed} if kind in ("ridge", "mlp") else {}), **kwargs)
     if kind == "mlp" and held:
-        xv = np.concatenate([train_data[n].emb for n in held])
-        yv = np.concatenate([train_data[n].expr for n in held])
-        model.fit(x, y, validation=(xv, yv))
+        model.fit(*stack([n for n in train_data if n not in held]), validation=stack(held))
     else:
-        if held and kind != "mlp":  # no early stopping: use all training samples
-            x = np.concatenate([d.emb for d in train_data.values()])
-            y = np.concatenate([d.expr for d in train_data.values()])
-        model.fit(x, y)
+        model.fit(*stack(list(train_data)))
     return {n: model.predict(d.emb) for n, d in test_data.items()}
 
 

@@ -320,6 +320,18 @@ class HESpotEx:
         return model
 
     @property
+    def model_id(self) -> str:
+        """A short fingerprint of the weights and setup; predictions record it in ``uns``."""
+        import hashlib
+
+        self._check_trained()
+        h = hashlib.sha256(json.dumps({k: v for k, v in self.setup_dict().items() if k not in ("history", "versions")}, sort_keys=True, default=_json_default).encode())
+        for k, v in sorted(self.module_.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    @property
     def n_parameters(self) -> int:
         """Number of parameters of the network."""
         self._check_trained()

@@ -73,7 +73,8 @@ def predict(
       the same normalisation of the measured counts, for evaluation and side-by-side views;
     - ``obsm[f"X_{key_added}"]``: the latent ``ẑ`` of each spot;
     - ``obsp[f"{key_added}_attention"]``: decoder attention (rows = target spot) when the model has it;
-    - ``uns[key_added]["params"]``: model genes hash, encoder, patch size in µm, seed, versions.
+    - ``uns[key_added]["params"]``: model id (weights fingerprint), genes hash, encoder, patch size in µm,
+      seed, configuration, versions.
     """
     if not isinstance(model, HESpotEx):
         model = HESpotEx.load(model)
@@ -105,6 +106,7 @@ def predict(
     setup = model.setup_dict()
     target.uns[key_added] = {
         "params": {
+            "model_id": model.model_id,
             "genes_hash": setup["gene_hash"],
             "n_genes": len(model.genes),
             "encoder": embed_params.get("encoder"),
