@@ -13,10 +13,13 @@ Three parts, every configuration in a fresh subprocess so its peak RSS (``ru_max
 3. *her2st-sized.* 4 training sections of ~180 spots and one predicted section, 5,457 genes, both presets.
 
 Times are wall-clock seconds of each epoch (the first includes warm-up). "setup" is the
-standardisation of embeddings, the k-NN graphs and the cutting into blocks; "AE epoch" one epoch of
-autoencoder pre-training; "joint epoch" one epoch of the joint stage.
+standardisation of embeddings, network initialisation, the k-NN graphs, the cutting into blocks and the
+frozen autoencoder's latent targets; "AE epoch" one epoch of autoencoder pre-training; "joint epoch"
+one epoch of the image stream against those targets. Pass ``--threads 1`` on a machine whose cores
+other jobs share: oversubscribed multi-threaded OpenMP ops stall.
 
-    python benchmarks/model_scale.py [--quick] [--max-nodes 20000] [--predict-max-nodes 50000] [--out benchmarks/results]
+    python benchmarks/model_scale.py [--threads 1] [--epochs 2] [--max-nodes 20000] [--predict-max-nodes 50000]
+        [--quick] [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -127,6 +130,8 @@ def _train(job: dict) -> dict:
         fit_s=fit_s,
         prepare_s=fit_s - timings["fit_net"],  # embedding standardisation + network initialisation
         setup_s=timings["setup"],
+        # between pre-training and the first joint epoch: the frozen autoencoder's latent targets, the optimiser
+        targets_s=(starts["joint"][0] - timings["ae_end"]) if starts["ae"] else 0.0,
         ae_epochs_s=[b - a for a, b in itertools.pairwise(ae_marks)],
         joint_epochs_s=[b - a for a, b in itertools.pairwise(joint_marks)],
         n_blocks=timings["n_blocks"],
@@ -203,9 +208,11 @@ def worker(job: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- driver side
-def run_job(job: dict, timeout: float) -> dict:
-    """Run ``job`` in a fresh interpreter; returns its result dict (or an error record)."""
+def run_job(job: dict, timeout: float, threads: int | None = None) -> dict:
+    """Run ``job`` in a fresh interpreter (``threads`` intra-op threads); returns its result dict (or an error record)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(
@@ -241,6 +248,10 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(out)
 
 
+def _secs(t: float) -> str:
+    return f"{t:.1f}" if t >= 10 else f"{t:.2f}"
+
+
 def _gb(mb: float) -> str:
     return f"{mb / 1024:.2f}"
 
@@ -270,6 +281,12 @@ def main() -> None:
     parser.add_argument("--predict-max-nodes", type=int, default=50_000, help="max core spots per prediction block")
     parser.add_argument("--no-5457-large", action="store_true", help="skip the 10k-spot 5,457-gene run")
     parser.add_argument("--epochs", type=int, default=2, help="AE epochs and joint epochs of every training run")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch/OpenMP threads per configuration (default: torch's own choice, one per core)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
     parser.add_argument("--out", default="benchmarks/results")
@@ -286,7 +303,7 @@ def main() -> None:
     dev = args.device
     results: dict[str, dict] = {}
     try:
-        base = run_job({"kind": "baseline"}, args.timeout)
+        base = run_job({"kind": "baseline"}, args.timeout, args.threads)
         # 1. large slides
         large = [(n, args.genes, args.max_nodes) for n in sizes]
         if not args.no_5457_large:
@@ -296,12 +313,15 @@ def main() -> None:
             common = {"sections": [n], "genes": genes, "preset": "hespotex", "device": dev, "max_nodes": max_nodes}
             path = str(tmp / f"model_{key}")
             both = run_job(
-                {"kind": "train", "epochs": args.epochs, "ae_epochs": args.epochs, "save": path, **common}, args.timeout
+                {"kind": "train", "epochs": args.epochs, "ae_epochs": args.epochs, "save": path, **common},
+                args.timeout,
+                args.threads,
             )
             pred = (
                 run_job(
                     {"kind": "predict", "spots": n, "model": path, "device": dev, "max_nodes": args.predict_max_nodes},
                     args.timeout,
+                    args.threads,
                 )
                 if "error" not in both
                 else {"error": "no model"}
@@ -309,7 +329,7 @@ def main() -> None:
             results[key] = {"train": both, "predict": pred, "max_nodes": max_nodes}
             print(f"{key}: {json.dumps(results[key])}", file=sys.stderr)
         # 2. parameters
-        params = run_job({"kind": "params", "genes": 5457}, args.timeout)
+        params = run_job({"kind": "params", "genes": 5457}, args.timeout, args.threads)
         # 3. her2st-sized
         her2st = {}
         for preset in ("paper", "hespotex"):
@@ -325,10 +345,13 @@ def main() -> None:
                     **common,
                 },
                 args.timeout,
+                args.threads,
             )
             pred = (
                 run_job(
-                    {"kind": "predict", "spots": 180, "model": path, "device": dev, "max_nodes": 50_000}, args.timeout
+                    {"kind": "predict", "spots": 180, "model": path, "device": dev, "max_nodes": 50_000},
+                    args.timeout,
+                    args.threads,
                 )
                 if "error" not in both
                 else {"error": "no model"}
@@ -349,9 +372,9 @@ def main() -> None:
             *label,
             b["parameters"],
             f"{b['n_blocks']} / {r['max_nodes']:,}",
-            b["prepare_s"] + b["setup_s"],
-            " / ".join(f"{t:.1f}" for t in b["ae_epochs_s"]),
-            " / ".join(f"{t:.1f}" for t in b["joint_epochs_s"]),
+            b["prepare_s"] + b["setup_s"] + b["targets_s"],
+            " / ".join(_secs(t) for t in b["ae_epochs_s"]),
+            " / ".join(_secs(t) for t in b["joint_epochs_s"]),
             _gb(b["peak_rss_mb"]),
             _gb(b["rss_data_mb"]),
             p["predict_s"],
@@ -392,6 +415,11 @@ def main() -> None:
 
     threads = next((r["train"].get("torch_threads") for r in results.values() if "torch_threads" in r["train"]), "?")
     cmd = "python " + " ".join([sys.argv[0], *sys.argv[1:]])
+    pinned = (
+        f"Threads pinned with `--threads {args.threads}` (OMP/MKL/torch), as other jobs shared the cores.  "
+        if args.threads
+        else ""
+    )
     lines = [
         "# HESpotEx at scale: large slides, 5,457 genes, parameter counts",
         "",
@@ -401,7 +429,7 @@ def main() -> None:
         f"Load average (1/5/15 min) at start {', '.join(f'{x:.2f}' for x in load_start)}, at end "
         f"{', '.join(f'{x:.2f}' for x in load_end)}; another benchmark running at start: {other_start}, "
         f"at end: {other_end}. Times are wall-clock under that load.  ",
-        "Each cell is one fresh subprocess (peak RSS = its `ru_maxrss`); train and predict run in separate "
+        pinned + "Each cell is one fresh subprocess (peak RSS = its `ru_maxrss`); train and predict run in separate "
         "processes, predict loads the saved model. Every process pays for its imports first: "
         f"{_gb(base.get('torch_mb', float('nan')))} GB for `import torch` (this wheel), "
         f"{_gb(base.get('imports_mb', float('nan')))} GB with torch_geometric and hespotex.",
@@ -413,9 +441,10 @@ def main() -> None:
         "Training batches: at most `max_nodes` spots (compact spatial blocks; *blocks* = how many); prediction blocks: "
         f"`max_nodes={args.predict_max_nodes:,}` core spots plus a halo of `n_hops` rings. "
         f"`fit` with `ae_epochs={args.epochs}`, `epochs={args.epochs}`, no validation; every epoch is timed inside "
-        "the same `fit` call (AE = autoencoder pre-training; joint = the joint stage, which also trains the "
-        "autoencoder; first / second ..., the first includes warm-up). *Setup*: embedding standardisation, network initialisation, k-NN "
-        "graphs and cutting into blocks. *Data alone*: peak RSS once the synthetic arrays exist (before the model). "
+        "the same `fit` call (AE = autoencoder pre-training; joint = the image stream trained against the frozen "
+        "autoencoder's latent; first / second ..., the first includes warm-up). *Setup*: embedding "
+        "standardisation, network initialisation, k-NN graphs, cutting into blocks, and the frozen autoencoder's "
+        "latent targets (one forward pass). *Data alone*: peak RSS once the synthetic arrays exist (before the model). "
         "*Slide alone*: the same for the predicted slide (embeddings only).",
         "",
         _table(header, large_rows),

@@ -151,7 +151,9 @@ class HESpotEx:
         return self
 
     def _standardised(self, s: GraphData) -> GraphData:
-        out = GraphData(s.name, (s.emb - self.embedding_mean_) / self.embedding_scale_, s.coords_um, s.expr)
+        emb = np.subtract(s.emb, self.embedding_mean_, dtype=np.float32)  # one float32 copy, scaled in place
+        emb /= self.embedding_scale_
+        out = GraphData(s.name, emb, s.coords_um, s.expr)
         out.edges = s.edges
         return out
 
@@ -288,6 +290,9 @@ class HESpotEx:
         except (json.JSONDecodeError, SafetensorError, OSError) as err:
             msg = f"The model folder {str(path)!r} is corrupt ({err}); save the model again."
             raise ValueError(msg) from err
+        if not isinstance(setup, dict):
+            msg = f"The model folder {str(path)!r} is corrupt (setup.json holds a JSON {type(setup).__name__}, not an object); save the model again."
+            raise ValueError(msg)
         if setup.get("format_version") != FORMAT_VERSION:
             msg = f"Unsupported model format {setup.get('format_version')!r} in {str(path)!r}; this hespotex reads format {FORMAT_VERSION}."
             raise ValueError(msg)
