@@ -20,6 +20,13 @@ gives that peak and its increase over the RSS at the arm's start (max over repea
 
 A stage profile (serial, no prefetch thread) says where the pipeline spends time beyond the forward.
 
+OpenMP wait policy: torch's CPU kernels run on libgomp, whose idle threads spin-wait between parallel
+regions unless the process manages more OpenMP threads than there are cores. On a machine shared with
+other jobs the spinning steals time slices, and the pipeline's loader thread (a second OpenMP team,
+hence "throttled" spinning) made the raw arm look 10-30 % *slower* than the whole pipeline. Both arms
+are therefore run under ``OMP_WAIT_POLICY=PASSIVE`` by default (``--omp-wait-policy default`` leaves
+the environment as it is).
+
     python benchmarks/embed_throughput.py [--repeats 3] [--synthetic-spots 128] [--batch-size 64]
 """
 
@@ -239,8 +246,14 @@ def main() -> None:
     parser.add_argument("--synthetic-spots", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--data", default=None, help="her2st folder (default: HESPOTEX_DATA or ../shared/data)")
+    parser.add_argument(
+        "--omp-wait-policy", default="PASSIVE", choices=["PASSIVE", "ACTIVE", "default"],
+        help="OMP_WAIT_POLICY for torch's libgomp in both arms ('default': leave the environment alone)",
+    )  # fmt: skip
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "embed_throughput.md"))
     args = parser.parse_args()
+    if args.omp_wait_policy != "default":  # read by libgomp when torch loads: set before importing it
+        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy
 
     import logging
 
@@ -323,7 +336,8 @@ def main() -> None:
     r0 = next(iter(results.values()))
     notes = [
         f"- Command: `{command}` (wall {wall:.0f} s)",
-        f"- Machine: {_machine()}; no GPU (device CPU)",
+        f"- Machine: {_machine()}; no GPU (device CPU); OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} "
+        "(see the module docstring: with libgomp's default spinning on a shared machine the raw arm is the slower one)",
         f"- os.getloadavg() at start: {', '.join(f'{v:.2f}' for v in load_start)}; "
         f"at end: {', '.join(f'{v:.2f}' for v in load_end)}",
         f"- Load above the {os.cpu_count()} cores means other jobs shared the machine: absolute times are inflated "

@@ -27,16 +27,23 @@ EMBED_KEY = "hespotex_embed"
 
 
 def image_fingerprint(plan: PatchPlan) -> str:
-    """Identify the pixels a plan reads: level shape, dtype, placement and a strided pixel sample.
+    """Identify the image a plan reads: every level's shape and placement, and 64 small windows
+    of full-resolution pixels spread over the slide.
 
-    The sample (about 256 x 256 pixels spread over the whole level) is read in one strided
-    slice, so the cost stays small for in-memory and chunked images alike.
+    Only the windows are read (a few chunks of the base level), so the cost stays small for
+    in-memory and chunked slides alike, and no downsampled level is computed.
     """
-    arr = plan.level.array.data
-    h, w = plan.level.shape
-    digest = hashlib.sha256(repr((arr.shape, str(arr.dtype), plan.level.scale, plan.level.offset)).encode())
-    sy, sx = max(h // 256, 1), max(w // 256, 1)
-    digest.update(np.ascontiguousarray(np.asarray(arr[:3, ::sy, ::sx])).tobytes())
+    import dask.array as da
+
+    base = plan.base
+    arr = base.array.data
+    h, w = base.shape
+    digest = hashlib.sha256(repr((arr.shape, str(arr.dtype), base.scale, base.offset, plan.level.level)).encode())
+    ys = np.linspace(0, max(h - 8, 0), 8).astype(int)
+    xs = np.linspace(0, max(w - 8, 0), 8).astype(int)
+    windows = [arr[:3, y : y + 8, x : x + 8] for y in ys for x in xs]
+    stacked = da.stack(windows) if isinstance(arr, da.Array) else np.stack(windows)
+    digest.update(np.ascontiguousarray(np.asarray(stacked)).tobytes())
     return digest.hexdigest()
 
 

@@ -140,6 +140,7 @@ class PatchPlan:
     order: np.ndarray
     patch_um: float
     out_px: int
+    base: ImageLevel  # the full-resolution level (identifies the image)
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
         """Spot indices per batch, in spatial reading order."""
@@ -168,7 +169,8 @@ def plan_patches(sdata: SpatialData, *, patch_um: float | None = None, out_px: i
         msg = f"Expected a positive patch size in µm, found {patch_um}."
         raise ValueError(msg)
     patch_units = patch_um / info.microns_per_pixel
-    level = choose_level(image_levels(sdata, info), out_px / patch_units)
+    levels = image_levels(sdata, info)
+    level = choose_level(levels, out_px / patch_units)
     scale = min(level.scale)
     size = max(round(patch_units * scale), 1)
     xy = spot_centres(sdata)
@@ -177,7 +179,7 @@ def plan_patches(sdata: SpatialData, *, patch_um: float | None = None, out_px: i
     x0 = np.round(px - size / 2).astype(np.int64)
     y0 = np.round(py - size / 2).astype(np.int64)
     order = spatial_order(np.c_[px, py], band=4 * size)
-    return PatchPlan(level, size, x0, y0, order, patch_um, out_px)
+    return PatchPlan(level, size, x0, y0, order, patch_um, out_px, levels[0])
 
 
 def resize_batch(crops: np.ndarray, out_px: int):

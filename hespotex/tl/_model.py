@@ -131,6 +131,7 @@ class HESpotEx:
         train = [self._standardised(s) for s in train]
         validation = [(self._standardised(s), m) for s, m in validation]
         self.module_ = HESpotExNet(len(self.genes), len(self.embedding_mean_), self.config.replace(seed=seed))
+        self._start_at_training_means(train)
         dev = resolve_device(device)
 
         def validate(net) -> float:
@@ -149,6 +150,17 @@ class HESpotEx:
         self.module_.to("cpu")
         self.is_trained_ = True
         return self
+
+    def _start_at_training_means(self, train: Sequence[GraphData]) -> None:
+        """Set the direct gene head's output bias to the mean training expression, so the first
+        epochs learn spatial variation instead of gene averages (early stopping then cannot end
+        training while the model still predicts only the means)."""
+        import torch
+
+        head = self.module_.direct_head[-1]
+        mean = np.concatenate([s.expr for s in train]).mean(axis=0)
+        with torch.no_grad():
+            head.bias.copy_(torch.from_numpy(mean.astype(np.float32)))
 
     def _standardised(self, s: GraphData) -> GraphData:
         emb = np.subtract(s.emb, self.embedding_mean_, dtype=np.float32)  # one float32 copy, scaled in place
@@ -307,7 +319,10 @@ class HESpotEx:
             model.embedding_mean_ = tensors.pop("setup.embedding_mean").numpy()
             model.embedding_scale_ = tensors.pop("setup.embedding_scale").numpy()
         except KeyError as err:
-            msg = f"The model folder {str(path)!r} lacks {err}; it is partial or from another tool. Save the model again."
+            msg = (
+                f"The model folder {str(path)!r} cannot be read by this hespotex ({err.args[0]}); it is partial, or "
+                "was written by another version or tool. Save the model again."
+            )
             raise ValueError(msg) from err
         net = HESpotExNet(len(model.genes), int(setup["embedding_dim"]), model.config)
         state = {k.removeprefix("net."): v for k, v in tensors.items() if k.startswith("net.")}

@@ -193,7 +193,8 @@ def fit_net(
                     stale += 1
             history.append(record)
             bar.set_postfix(loss=f"{sums.get('total', float('nan')):.3f}", val=f"{record.get('validation', float('nan')):.3f}")
-            if cfg.patience is not None and validate is not None and stale >= cfg.patience:
+            # no stop before 2 x patience epochs: with one step per epoch, early epochs only fit gene means
+            if cfg.patience is not None and validate is not None and stale >= cfg.patience and epoch + 1 >= 2 * cfg.patience:
                 logger.info("Early stopping at epoch %d (best validation %.4f).", epoch, best_score)
                 break
         if best_state is not None:
