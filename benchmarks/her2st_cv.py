@@ -32,8 +32,15 @@ from hespotex.tl._cross_validate import cross_validate, summarize_cv
 ENCODERS = {"random": ("efficientnet_lite0", "X_random"), "imagenet": ("efficientnet_lite0.imagenet", "X_imagenet")}
 
 
-def run_fold(fold: str, data: str | None, encoders: list[str], methods: list, genes: int) -> pd.DataFrame:
-    """One held-out section, every encoder and method (runs inside a dask worker)."""
+def run_fold(fold: str, data: str | None, encoders: list[str], methods: list, genes: int, out: str) -> pd.DataFrame:
+    """One held-out section, every encoder and method (runs inside a dask worker).
+
+    The fold's table is saved to ``out/folds/<fold>.csv.gz`` as soon as it is done, so a rerun
+    skips finished folds and a failing fold does not lose the others.
+    """
+    done = Path(out) / "folds" / f"{fold}.csv.gz"
+    if done.is_file():
+        return pd.read_csv(done)
     hx.settings.progress = False
     hx.settings.num_threads = 1
     sections = hx.datasets.her2st(data)
@@ -55,7 +62,10 @@ def run_fold(fold: str, data: str | None, encoders: list[str], methods: list, ge
         )
         table.insert(0, "encoder", enc)
         tables.append(table)
-    return pd.concat(tables, ignore_index=True)
+    result = pd.concat(tables, ignore_index=True)
+    done.parent.mkdir(parents=True, exist_ok=True)
+    result.to_csv(done, index=False)
+    return result
 
 
 def main() -> None:
@@ -90,7 +100,9 @@ def main() -> None:
 
     t_cv = time.perf_counter()
     with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
-        futures = client.map(run_fold, sorted(sections), data=args.data, encoders=args.encoders, methods=methods, genes=args.genes, pure=False)
+        futures = client.map(
+            run_fold, sorted(sections), data=args.data, encoders=args.encoders, methods=methods, genes=args.genes, out=args.out, pure=False
+        )
         tables = client.gather(futures)
     t_cv = time.perf_counter() - t_cv
     per_gene = pd.concat(tables, ignore_index=True)
