@@ -3,7 +3,7 @@
 Spots sit on a hexagonal grid (100 µm pitch, Visium-like) jittered by up to ±15 µm, in a sample table
 at 0.5 µm/px (``obsm["spatial"]`` in pixels, ``uns["hespotex_sample"]``); k = 6, symmetric.
 
-Three arms, interleaved per size in one fresh subprocess (A B C A B C ..., medians):
+Three arms, interleaved per size in one fresh subprocess (A B C, B C A, C A B, ..., medians):
 
 - **spatial_graph**: ``hx.pp.spatial_graph(table, n_neighbors=k, overwrite=True)`` (coordinates to µm,
   graph, writes ``obsp``);
@@ -159,8 +159,8 @@ def child_timing(spec: dict) -> dict:
     times: dict[str, list[float]] = {arm: [] for arm in ARMS}
     extra: list[float] = []
     outputs = {}
-    for _ in range(spec["repeats"]):  # A B C A B C ...
-        for arm in ARMS:
+    for rep in range(spec["repeats"]):  # A B C, B C A, C A B, ...: interleaved, each arm in every position
+        for arm in ARMS[rep % len(ARMS) :] + ARMS[: rep % len(ARMS)]:
             t = time.perf_counter()
             conn, dist, more = runs[arm]()
             times[arm].append(time.perf_counter() - t)
@@ -287,8 +287,8 @@ def main() -> None:
         else "- The machine was otherwise quiet (1-min load below the core count).",
         "- Another long benchmark (benchmarks/her2st_cv.py) WAS running during this run "
         f"(pgrep -f her2st_cv at start: {len(competing_start)} process(es), at end: {len(competing_end)}), besides "
-        "other jobs: absolute times are inflated; ratios come from interleaved repeats (A B C A B C ..., medians "
-        "of per-repeat ratios)."
+        "other jobs: absolute times are inflated; ratios come from interleaved repeats (A B C, B C A, C A B, ..., "
+        "medians of per-repeat ratios)."
         if busy
         else "- No her2st_cv benchmark was running (pgrep -f her2st_cv found nothing at start or end).",
         f"- Coordinates: hexagonal grid, {PITCH_UM:.0f} µm pitch, jitter ±15 µm, table at {MPP} µm/px; k = {args.k}, "
