@@ -41,6 +41,29 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setattr(hx.settings, "progress", False)
 
 
+@pytest.fixture(scope="module")
+def _one_thread_module():
+    """One torch / BLAS thread for a module of small models: on a busy 2-core machine two threads
+    contend badly (several-fold slowdowns); restored afterwards."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    n = torch.get_num_threads()
+    with threadpool_limits(limits=1):
+        torch.set_num_threads(1)
+        yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def single_threaded(_one_thread_module):
+    """Use with ``pytestmark = pytest.mark.usefixtures("single_threaded")``. Sets torch to one thread
+    again before each test: numba's OpenMP layer (scanpy's seurat_v3) resets it when it starts."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def make_sample(
     *,
     n_spots: int = 60,

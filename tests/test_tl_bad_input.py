@@ -12,6 +12,7 @@ import hespotex as hx
 from hespotex.models import ModelConfig
 from hespotex.tl._data import EMBEDDING_KEY
 
+pytestmark = pytest.mark.usefixtures("single_threaded")
 ENCODER = "efficientnet_lite0.imagenet"
 INPUT_SIZE = 64
 TINY = ModelConfig.preset(
@@ -24,28 +25,6 @@ TINY = ModelConfig.preset(
     head_hidden_dim=32,
     decoder_heads=2,
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The models and matrices here are tiny: one torch / BLAS thread avoids heavy contention overhead
-    (several-fold slowdowns) on busy 2-core machines."""
-    import torch
-    from threadpoolctl import threadpool_limits
-
-    n = torch.get_num_threads()
-    with threadpool_limits(limits=1):
-        torch.set_num_threads(1)
-        yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def _still_one_thread(_one_thread):
-    """numba's OpenMP layer (scanpy's seurat_v3) resets the OpenMP thread count when it starts: set it again."""
-    import torch
-
-    torch.set_num_threads(1)
 
 
 def _section(seed: int, n_spots: int = 150):

@@ -19,7 +19,7 @@ from hespotex.pp._normalize import log_expression
 from hespotex.tl._data import EMBEDDING_KEY
 from hespotex.tl._metrics import pearson_per_gene
 
-pytestmark = pytest.mark.realdata
+pytestmark = [pytest.mark.realdata, pytest.mark.usefixtures("single_threaded")]
 
 TRAIN, TEST = ("C2", "C3"), "C4"
 N_PANEL = 200
@@ -37,20 +37,6 @@ CONFIG = ModelConfig.preset(
     head_hidden_dim=64,
     decoder_heads=2,
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The model and matrices here are small: one torch / BLAS thread avoids heavy contention overhead
-    (several-fold slowdowns) on busy 2-core machines."""
-    import torch
-    from threadpoolctl import threadpool_limits
-
-    n = torch.get_num_threads()
-    with threadpool_limits(limits=1):
-        torch.set_num_threads(1)
-        yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

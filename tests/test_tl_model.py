@@ -23,6 +23,7 @@ from hespotex.pp._normalize import log_expression
 from hespotex.tl._data import EMBEDDING_KEY, graph_data, spatial_block_mask
 from hespotex.tl._metrics import pearson_per_gene, top_genes
 
+pytestmark = pytest.mark.usefixtures("single_threaded")
 ENCODER = "efficientnet_lite0.imagenet"
 INPUT_SIZE = 64
 N_GENES = 60
@@ -41,28 +42,6 @@ SMALL = {
 MAIN = ModelConfig.preset("hespotex", epochs=80, lr=3e-3, patience=None, **SMALL)
 TINY = ModelConfig.preset("hespotex", **{**SMALL, "epochs": 3, "ae_epochs": 3})
 SECTIONS = {"A": (1, 250), "B": (2, 250), "T": (3, 200)}  # name: (seed, spots); T is the test section
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The models and matrices here are tiny: one torch / BLAS thread avoids heavy contention overhead
-    (several-fold slowdowns) on busy 2-core machines."""
-    import torch
-    from threadpoolctl import threadpool_limits
-
-    n = torch.get_num_threads()
-    with threadpool_limits(limits=1):
-        torch.set_num_threads(1)
-        yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def _still_one_thread(_one_thread):
-    """numba's OpenMP layer (scanpy's seurat_v3) resets the OpenMP thread count when it starts: set it again."""
-    import torch
-
-    torch.set_num_threads(1)
 
 
 def _section(seed: int, n_spots: int, *, sample_id: str):
