@@ -36,7 +36,6 @@ import argparse
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,6 +44,7 @@ from statistics import median
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
+from _common import competing, markdown_table, reset_peak_rss, status_kb
 
 ENCODERS = ("resnet18", "efficientnet_lite0.imagenet")
 DATASETS = ("her2st C2", "synthetic")
@@ -56,28 +56,7 @@ MB = 1024.0  # kB per MB
 # machine, load and memory helpers
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return -1
 
-
-def _reset_peak_rss() -> bool:
-    """Reset the RSS high-water mark to the current RSS (Linux >= 4.0); False where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        return False
-    return True
-
-
-def _competing() -> list[str]:
-    """Command lines of a running her2st_cv benchmark (another long benchmark on this machine)."""
-    res = subprocess.run(["pgrep", "-af", "her2st_cv"], capture_output=True, text=True, check=False)
-    return [line for line in res.stdout.splitlines() if "pgrep" not in line]
 
 
 def _machine() -> str:
@@ -92,12 +71,12 @@ def _machine() -> str:
 
 def measured(fn, *args):
     """Run ``fn(*args)``; return its result, wall s, process CPU s (all threads), peak RSS kB and its increase."""
-    start = _status_kb("VmRSS")
-    _reset_peak_rss()
+    start = status_kb("VmRSS")
+    reset_peak_rss()
     w0, c0 = time.perf_counter(), time.process_time()
     res = fn(*args)
     wall, cpu = time.perf_counter() - w0, time.process_time() - c0
-    peak = _status_kb("VmHWM")
+    peak = status_kb("VmHWM")
     return res, {"wall": wall, "cpu": cpu, "peak_kb": peak, "inc_kb": peak - start}
 
 
@@ -199,11 +178,6 @@ def candidate_resize(sdata, enc, batch_size: int) -> float:
 # main
 
 
-def fmt_table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
 
 def bench_pair(sdata, ename: str, *, repeats: int, batch_size: int) -> dict:
     """Interleaved repeats of the pipeline and raw arms for one data set and encoder."""
@@ -263,8 +237,8 @@ def main() -> None:
     hx.settings.progress = False
     logging.getLogger("hespotex").setLevel(logging.WARNING)
     command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/embed_throughput.py", *sys.argv[1:]])
-    load_start, competing_start = os.getloadavg(), _competing()
-    can_reset = _reset_peak_rss()
+    load_start, competing_start = os.getloadavg(), competing()
+    can_reset = reset_peak_rss()
     t_all = time.perf_counter()
 
     results, profiles = {}, {}
@@ -283,7 +257,7 @@ def main() -> None:
         profiles[dname]["candidate"] = candidate_resize(sdata, enc, args.batch_size)
         del sdata
     wall = time.perf_counter() - t_all
-    load_end, competing_end = os.getloadavg(), _competing()
+    load_end, competing_end = os.getloadavg(), competing()
 
     rows = []
     for (dname, ename), r in results.items():
@@ -301,7 +275,7 @@ def main() -> None:
     header = ["data", "encoder", "spots", "patch", "pipeline patches/s", "raw forward patches/s",
               "ratio, wall (min-max)", "ratio, CPU time (min-max)", "median wall s pipeline / raw",
               "peak RSS MB pipeline (+arm)", "peak RSS MB raw (+arm)"]  # fmt: skip
-    main_table = fmt_table(header, rows)
+    main_table = markdown_table(header, rows)
 
     prof_rows = []
     for dname, stages in profiles.items():
@@ -328,7 +302,7 @@ def main() -> None:
             [dname, "candidate: resize on uint8 channels-last, then float", f"{candidate:.3f}",
              *(f"{100 * candidate / f:.1f}%" for f in fwd.values())]
         )  # fmt: skip
-    prof_table = fmt_table(
+    prof_table = markdown_table(
         ["data", "stage (serial, one pass)", "s", *(f"% of {e} forward" for e in ENCODERS)], prof_rows
     )
 

@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import competing, markdown_table
+
 EMB_DIM = 1280
 RANK = 16
 SPACING_UM = 100.0
@@ -234,19 +236,16 @@ def run_job(job: dict, timeout: float, threads: int | None = None) -> dict:
     return result
 
 
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:,.1f}" if abs(v) >= 10 else f"{v:.2f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
 def _table(header: list[str], rows: list[list]) -> str:
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:,.1f}" if abs(v) >= 10 else f"{v:.2f}"
-        if isinstance(v, int):
-            return f"{v:,}"
-        return str(v)
-
-    cells = [[fmt(v) for v in r] for r in rows]
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(r) + " |" for r in cells]
-    return "\n".join(out)
-
+    return markdown_table(header, rows, fmt=_fmt)
 
 def _secs(t: float) -> str:
     return f"{t:.1f}" if t >= 10 else f"{t:.2f}"
@@ -257,13 +256,8 @@ def _gb(mb: float) -> str:
 
 
 def _other_load() -> str:
-    try:
-        found = subprocess.run(["pgrep", "-af", "her2st_cv"], capture_output=True, text=True, check=False).stdout
-    except OSError:
-        return "unknown"
-    procs = [ln for ln in found.splitlines() if "pgrep" not in ln]
+    procs = competing()
     return f"yes ({len(procs)} process(es): her2st_cv)" if procs else "no"
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

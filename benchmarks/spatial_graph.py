@@ -35,6 +35,7 @@ from pathlib import Path
 from statistics import median
 
 import numpy as np
+from _common import competing, markdown_table, reset_peak_rss, status_kb
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = ("spatial_graph", "knn_graph", "sklearn")
@@ -43,26 +44,7 @@ PITCH_UM = 100.0
 MB = 1024.0  # kB per MB
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return -1
 
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        return False
-    return True
-
-
-def _competing() -> list[str]:
-    res = subprocess.run(["pgrep", "-af", "her2st_cv"], capture_output=True, text=True, check=False)
-    return [line for line in res.stdout.splitlines() if "pgrep" not in line]
 
 
 def hex_coords_um(n: int, seed: int = 0) -> np.ndarray:
@@ -137,14 +119,14 @@ def arm_fn(arm: str, adata, k: int):
 def child_memory(spec: dict) -> dict:
     adata = make_table(spec["n"])
     run = arm_fn(spec["arm"], adata, spec["k"])
-    before = _status_kb("VmRSS")
-    reset = _reset_peak_rss()
+    before = status_kb("VmRSS")
+    reset = reset_peak_rss()
     t = time.perf_counter()
     run()
     wall = time.perf_counter() - t
     return {
         "before_kb": before,
-        "arm_peak_kb": _status_kb("VmHWM"),
+        "arm_peak_kb": status_kb("VmHWM"),
         "process_peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         "reset": reset,
         "wall": wall,
@@ -198,11 +180,6 @@ def run_child(kind: str, spec: dict) -> dict:
 # main
 
 
-def fmt_table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -224,7 +201,7 @@ def main() -> None:
     import sklearn
 
     command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/spatial_graph.py", *sys.argv[1:]])
-    load_start, competing_start = os.getloadavg(), _competing()
+    load_start, competing_start = os.getloadavg(), competing()
     t_all = time.perf_counter()
     timing, memory = {}, {}
     for n in args.sizes:
@@ -236,7 +213,7 @@ def main() -> None:
             memory[(n, arm)] = run_child("memory-child", {**spec, "arm": arm})
             print(f"{n} {arm}: {memory[(n, arm)]}", file=sys.stderr)
     wall = time.perf_counter() - t_all
-    load_end, competing_end = os.getloadavg(), _competing()
+    load_end, competing_end = os.getloadavg(), competing()
 
     rows = []
     for n, t in timing.items():
@@ -259,14 +236,14 @@ def main() -> None:
     header = ["spots", "edges (mean degree)", "spatial_graph s", "knn_graph s",
               "sklearn s, all (kneighbors_graph only)", "sklearn all / knn_graph", "sklearn kneighbors_graph only / knn_graph",
               "spatial_graph / knn_graph", "spatial_graph peak RSS MB (+ over baseline)", "same graph"]  # fmt: skip
-    main_table = fmt_table(header, rows)
+    main_table = markdown_table(header, rows)
 
     mem_rows = [
         [f"{n:,}", arm, f"{m['before_kb'] / MB:.0f}", f"{m['process_peak_kb'] / MB:.0f}", f"{m['arm_peak_kb'] / MB:.0f}",
          f"{(m['arm_peak_kb'] - m['before_kb']) / MB:.0f}", f"{m['wall']:.2f}"]
         for (n, arm), m in memory.items()
     ]  # fmt: skip
-    mem_table = fmt_table(
+    mem_table = markdown_table(
         ["spots", "arm", "baseline RSS before arm (MB)", "process peak RSS, ru_maxrss (MB)", "peak during arm (MB)",
          "increase over baseline (MB)", "wall s (single run)"],
         mem_rows,

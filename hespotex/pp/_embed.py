@@ -78,17 +78,22 @@ def encode_patches(plan: PatchPlan, encoder: Encoder, *, batch_size: int = 64, d
     n = len(plan.order)
     out = np.empty((n, encoder.num_features), dtype=np.float32)
     batches = list(plan.batches(batch_size))
+    mean = torch.tensor(encoder.mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(encoder.std, dtype=torch.float32).view(1, 3, 1, 1)
 
     def load(idx: np.ndarray):
-        return idx, resize_batch(plan.read(idx), encoder.input_size)
+        """Read, resize and normalise one batch (in the loader thread; the main thread only runs the encoder)."""
+        x = resize_batch(plan.read(idx), encoder.input_size)
+        return idx, x.sub_(mean).div_(std)
 
-    with ThreadPoolExecutor(max_workers=1) as pool, torch.inference_mode():
+    # one torch thread for the loader, so it does not fight the encoder's threads for the cores
+    with ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads, initargs=(1,)) as pool, torch.inference_mode():
         pending = pool.submit(load, batches[0]) if batches else None
         for b in tqdm(range(len(batches)), desc="embedding patches", unit="batch", disable=not settings.progress):
             idx, x = pending.result()
             if b + 1 < len(batches):
                 pending = pool.submit(load, batches[b + 1])
-            feats = model(encoder.normalize(x.to(dev, non_blocking=True)))
+            feats = model(x.to(dev, non_blocking=True))
             out[idx] = feats.float().cpu().numpy()
     return out
 
@@ -132,6 +137,8 @@ def embed(
     cache
         Reuse embeddings cached on disk (``hx.settings.cachedir``) under a key of the image
         pixels, spot crops and encoder; a second call with the same inputs runs no forward pass.
+        Independently of ``cache``, a table whose ``obsm[key_added]`` already holds embeddings
+        with the same key is left as it is.
     seed
         Seed of a randomly initialised encoder.
     device
