@@ -12,6 +12,7 @@ everything that does not read pixels: it carries
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -110,3 +111,21 @@ def spot_centres(data: SpatialData | AnnData) -> np.ndarray:
 def spot_centres_um(data: SpatialData | AnnData) -> np.ndarray:
     """Spot centres in microns (``obsm["spatial"]`` times microns per pixel)."""
     return spot_centres(data) * get_sample_info(data).microns_per_pixel
+
+
+def as_sample_dict(samples: Any) -> dict[str, Any]:
+    """``{name: sample}`` from one sample, a list or a mapping (names from ``uns["hespotex_sample"]``)."""
+    if isinstance(samples, Mapping):
+        return {str(k): v for k, v in samples.items()}
+    if not isinstance(samples, (list, tuple)):
+        samples = [samples]
+    out: dict[str, Any] = {}
+    for i, s in enumerate(samples):
+        name = str(get_table(s).uns.get(SAMPLE_KEY, {}).get("sample_id", f"sample_{i}"))
+        if name in out:
+            name = f"{name}_{i}"
+        out[name] = s
+    if not out:
+        msg = "Expected at least one sample, found none."
+        raise ValueError(msg)
+    return out

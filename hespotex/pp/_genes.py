@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from hespotex._sample import SAMPLE_KEY, get_table
+from hespotex._sample import as_sample_dict, get_table
 from hespotex.pp._normalize import _is_integer_valued, log_expression
 
 if TYPE_CHECKING:
@@ -24,23 +24,6 @@ logger = logging.getLogger("hespotex")
 def gene_hash(genes: Sequence[str]) -> str:
     """A short, order-sensitive fingerprint of a gene list (recorded with models and predictions)."""
     return hashlib.sha256("\n".join(genes).encode()).hexdigest()[:16]
-
-
-def as_tables(samples) -> list[AnnData]:
-    """The spot tables of one sample, a list of samples or a ``{name: sample}`` mapping."""
-    if isinstance(samples, Mapping):
-        samples = list(samples.values())
-    elif not isinstance(samples, (list, tuple)):
-        samples = [samples]
-    if not samples:
-        msg = "Expected at least one sample, found an empty collection."
-        raise ValueError(msg)
-    return [get_table(s) for s in samples]
-
-
-def sample_name(adata: AnnData, default: str) -> str:
-    """The sample id recorded in ``uns["hespotex_sample"]``, else ``default``."""
-    return str(adata.uns.get(SAMPLE_KEY, {}).get("sample_id", default))
 
 
 def shared_genes(tables: Iterable[AnnData]) -> pd.Index:
@@ -99,12 +82,13 @@ def select_genes(
     The selected genes, ranked. Writes to each sample's table ``var[key_added]`` (bool) and
     ``uns[key_added]`` (``genes``, ``flavor``, ``n_top``, ``fitted_on``, ``hash``).
     """
-    tables = as_tables(samples)
+    named = as_sample_dict(samples)
+    tables = [get_table(s) for s in named.values()]
     for t in tables:
         if key_added is not None and not overwrite and (key_added in t.var or key_added in t.uns):
             msg = f"A gene selection is already stored under {key_added!r}; pass `overwrite=True` to replace it."
             raise ValueError(msg)
-    names = [sample_name(t, f"sample_{i}") for i, t in enumerate(tables)]
+    names = list(named)
     common = shared_genes(tables)
     if len(common) == 0:
         msg = f"The samples share no genes ({[t.n_vars for t in tables]} genes each); check that they use the same gene symbols."

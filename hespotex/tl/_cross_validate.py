@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from hespotex._sample import get_table
+from hespotex._sample import as_sample_dict, get_table
 from hespotex.pp._genes import select_genes, shared_genes
-from hespotex.tl._data import EMBEDDING_KEY, GraphData, as_sample_dict, graph_data
+from hespotex.tl._data import EMBEDDING_KEY, GraphData, graph_data
 from hespotex.tl._evaluate import rank_genes
 from hespotex.tl._metrics import gene_scores
 from hespotex.tl._train import ensure_embeddings, train
@@ -146,6 +146,7 @@ def cross_validate(
         train_names = [n for n in names if groups[n] != fold]
         fold_gene_list = fold_genes([tables[n] for n in train_names], list(tables.values()), genes=genes, n_top_genes=n_top_genes, flavor=flavor, include_genes=include_genes)
         ranks = rank_genes({n: tables[n] for n in train_names}, fold_gene_list, k=k, target_sum=target_sum)
+        hvg, heg = set(ranks["hvg"]), set(ranks["heg"])
         train_data = {n: graph_data(tables[n], n, genes=fold_gene_list, embedding_key=embedding_key, target_sum=target_sum) for n in train_names}
         test_data = {n: graph_data(tables[n], n, genes=fold_gene_list, embedding_key=embedding_key, target_sum=target_sum) for n in test_names}
         held, _ = split_validation(train_names, validation, seed=seed)
@@ -180,13 +181,10 @@ def cross_validate(
                     scores.insert(0, "test_sample", n)
                     scores.insert(0, "fold", fold)
                     scores["fit_seconds"] = seconds
+                    scores["in_hvg"] = scores["gene"].isin(hvg)
+                    scores["in_heg"] = scores["gene"].isin(heg)
                     rows.append(scores)
             logger.info("fold %s: %s done in %.1f s", fold, label, seconds)
-        hvg, heg = set(ranks["hvg"]), set(ranks["heg"])
-        for part in rows:
-            if part["fold"].iat[0] == fold and "in_hvg" not in part:
-                part["in_hvg"] = part["gene"].isin(hvg)
-                part["in_heg"] = part["gene"].isin(heg)
     table = pd.concat(rows, ignore_index=True)
     for name, panel in (panels or {}).items():
         table[f"in_{name}"] = table["gene"].isin(set(panel))

@@ -7,14 +7,14 @@ prediction loops move to tensors.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
 
-from hespotex._sample import SAMPLE_KEY, get_table, spot_centres
+from hespotex._sample import SAMPLE_KEY, spot_centres
 from hespotex.pp._graph import knn_graph
 from hespotex.pp._normalize import log_expression
 
@@ -24,24 +24,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("hespotex")
 
 EMBEDDING_KEY = "X_hespotex_image"
-
-
-def as_sample_dict(samples) -> dict[str, object]:
-    """``{name: sample}`` from one sample, a list or a mapping (names from ``uns["hespotex_sample"]``)."""
-    if isinstance(samples, Mapping):
-        return {str(k): v for k, v in samples.items()}
-    if not isinstance(samples, (list, tuple)):
-        samples = [samples]
-    out: dict[str, object] = {}
-    for i, s in enumerate(samples):
-        name = str(get_table(s).uns.get(SAMPLE_KEY, {}).get("sample_id", f"sample_{i}"))
-        if name in out:
-            name = f"{name}_{i}"
-        out[name] = s
-    if not out:
-        msg = "Expected at least one sample, found none."
-        raise ValueError(msg)
-    return out
 
 
 def embeddings(adata: AnnData, key: str = EMBEDDING_KEY) -> np.ndarray:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from hespotex._sample import get_table
+from hespotex._sample import as_sample_dict, get_table
 from hespotex.pp._normalize import log_expression
 from hespotex.tl._metrics import gene_scores, summarize, top_genes
 
@@ -18,8 +18,6 @@ logger = logging.getLogger("hespotex")
 
 def rank_genes(reference: Any, genes: Sequence[str], *, k: int = 50, target_sum: float = 1e4) -> dict[str, list[str]]:
     """Top-``k`` highly variable and highly expressed ``genes`` ranked on ``reference`` samples (training data)."""
-    from hespotex.tl._data import as_sample_dict
-
     tables = [get_table(s) for s in as_sample_dict(reference).values()]
     y = np.concatenate([log_expression(t, genes, target_sum=target_sum) for t in tables])
     k = min(k, len(genes))

@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from hespotex._sample import get_table
+from hespotex._sample import as_sample_dict, get_table
 from hespotex.pp._embed import EMBED_KEY
-from hespotex.tl._data import EMBEDDING_KEY, GraphData, as_sample_dict, graph_data, spatial_block_mask
+from hespotex.tl._data import EMBEDDING_KEY, GraphData, graph_data, spatial_block_mask
 from hespotex.tl._model import HESpotEx
 
 logger = logging.getLogger("hespotex")
