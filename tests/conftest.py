@@ -100,3 +100,33 @@ def make_sample(
 @pytest.fixture
 def sample_factory():
     return make_sample
+
+
+@pytest.fixture(scope="session")
+def trained_synthetic(tmp_path_factory):
+    """A small HESpotEx trained on two synthetic sections and its predictions on a third (session-wide,
+    read-only: copy what you change). Keys: ``model`` (trained, "hespotex" preset: GATv2 attention),
+    ``model_dir`` (saved copy), ``train`` (two SpatialData), ``test`` (SpatialData whose table holds
+    ``layers["hespotex"]``, ``obsm["X_hespotex"]``, ``obsp["hespotex_attention"]``), ``encoder``, ``input_size``."""
+    import torch
+
+    import hespotex as hx
+    from hespotex.models import ModelConfig
+
+    n_threads, saved = torch.get_num_threads(), (hx.settings.cachedir, hx.settings.progress)
+    torch.set_num_threads(1)
+    hx.settings.cachedir, hx.settings.progress = tmp_path_factory.getbasetemp() / "hespotex-cache", False
+    encoder, input_size = "efficientnet_lite0.imagenet", 64
+    small = {"ae_epochs": 20, "ae_hidden_dim": 64, "latent_dim": 16, "projection_hidden_dim": 64, "head_hidden_dim": 64, "decoder_heads": 2}
+    config = ModelConfig.preset("hespotex", epochs=40, lr=3e-3, patience=None, **small)
+    sections = {}
+    for name, seed, n in (("a", 1, 250), ("b", 2, 250), ("t", 3, 200)):
+        sdata = hx.datasets.synthetic(n_spots=n, n_genes=40, seed=seed, program_seed=0, microns_per_pixel=1.0, sample_id=f"syn_{name}")
+        hx.pp.embed(sdata, encoder=encoder, input_size=input_size)
+        sections[name] = sdata
+    model = hx.tl.train([sections["a"], sections["b"]], config=config, genes=list(sections["a"].tables["table"].var_names), seed=0, device="cpu")
+    hx.tl.predict(sections["t"], model, device="cpu")
+    model_dir = model.save(tmp_path_factory.mktemp("model") / "model")
+    torch.set_num_threads(n_threads)
+    hx.settings.cachedir, hx.settings.progress = saved
+    return {"model": model, "model_dir": model_dir, "train": [sections["a"], sections["b"]], "test": sections["t"], "encoder": encoder, "input_size": input_size}

@@ -11,5 +11,6 @@ __getattr__, __dir__, __all__ = attach(
         "her2st_path": "_her2st",
         "her2st_genes": "_her2st",
         "her2st_sections": "_her2st",
+        "synthetic_wsi": "_synthetic_wsi",
     },
 )

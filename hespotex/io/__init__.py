@@ -17,5 +17,6 @@ __getattr__, __dir__, __all__ = attach(
         "build_sample": "_build",
         "read_zarr": "_zarr",
         "write_zarr": "_zarr",
+        "read_wsi": "_wsi",
     },
 )

@@ -11,5 +11,7 @@ __getattr__, __dir__, __all__ = attach(
         "extract_patches": "_patches",
         "embed": "_embed",
         "load_encoder": "_encoders",
+        "detect_tissue": "_tissue",
+        "tile": "_tile",
     },
 )

@@ -17,5 +17,11 @@ __getattr__, __dir__, __all__ = attach(
         "MLPBaseline": "_baselines",
         "RetrievalBaseline": "_baselines",
         "smooth": "_baselines",
+        "attention": "_attention",
+        "explain": "_explain",
+        "diagnostic_patches": "_diagnostic",
+        "DiagnosticPatches": "_diagnostic",
+        "consistency": "_consistency",
+        "predict_slides": "_cohort",
     },
 )
