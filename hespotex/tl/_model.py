@@ -60,6 +60,10 @@ class HESpotEx:
         all genes.
     gene_selection
         Record of how the genes were chosen (flavor, samples fitted on).
+    spot_geometry
+        Spot diameter and centre-to-centre spacing of the training data, in µm
+        (``{"spot_diameter_um": 55.0, "spacing_um": 100.0}``): what :func:`hespotex.pp.tile` lays
+        out on image-only slides.
 
     Attributes
     ----------
@@ -78,6 +82,7 @@ class HESpotEx:
         config: Any = "hespotex",
         target_sum: float = 1e4,
         gene_selection: dict[str, Any] | None = None,
+        spot_geometry: dict[str, float] | None = None,
     ) -> None:
         from hespotex.models._net import _resolve_config
 
@@ -90,6 +95,7 @@ class HESpotEx:
         self.config = _resolve_config(config)
         self.target_sum = float(target_sum)
         self.gene_selection = dict(gene_selection or {"flavor": "given", "genes": genes})
+        self.spot_geometry = dict(spot_geometry or {})
         self.module_ = None
         self.is_trained_ = False
         self.history_: list[dict[str, float]] = []
@@ -236,6 +242,7 @@ class HESpotEx:
             "genes": self.genes,
             "gene_hash": gene_hash(self.genes),
             "gene_selection": self.gene_selection,
+            "spot_geometry": self.spot_geometry,
             "embedding": self.embedding,
             "embedding_dim": None if self.embedding_mean_ is None else len(self.embedding_mean_),
             "config": self.config.to_dict(),
@@ -315,6 +322,7 @@ class HESpotEx:
                 config=setup["config"],
                 target_sum=setup["target_sum"],
                 gene_selection=setup.get("gene_selection"),
+                spot_geometry=setup.get("spot_geometry"),
             )
             model.embedding_mean_ = tensors.pop("setup.embedding_mean").numpy()
             model.embedding_scale_ = tensors.pop("setup.embedding_scale").numpy()

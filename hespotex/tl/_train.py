@@ -62,6 +62,21 @@ def _same_embedding(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return a.get("encoder_id") == b.get("encoder_id") and np.isclose(a.get("patch_um", 0.0), b.get("patch_um", 0.0))
 
 
+def spot_geometry(tables: Sequence[Any]) -> dict[str, float]:
+    """Median spot diameter and centre-to-centre spacing (nearest neighbour) of the training tables, in µm."""
+    from scipy.spatial import cKDTree
+
+    from hespotex._sample import get_sample_info, spot_centres_um
+
+    diameters, spacings = [], []
+    for table in tables:
+        diameters.append(get_sample_info(table).spot_diameter_um)
+        xy = spot_centres_um(table)
+        if len(xy) > 1:
+            spacings.append(float(np.median(cKDTree(xy).query(xy, k=2)[0][:, 1])))
+    return {"spot_diameter_um": float(np.median(diameters)), "spacing_um": float(np.median(spacings)) if spacings else float("nan")}
+
+
 def split_validation(names: list[str], validation: Any, *, seed: int) -> tuple[list[str], float | None]:
     """Whole validation samples and/or a spatial-block fraction, from the ``validation`` argument."""
     if validation is None:
@@ -183,7 +198,10 @@ def train(
             train_parts.append(data[n].subset(~mask))
             val_parts.append((data[n], mask))
     val_parts += [(data[n], np.ones(data[n].n, dtype=bool)) for n in held]
-    model = HESpotEx(genes, embedding=first, config=cfg.replace(seed=seed), target_sum=target_sum, gene_selection=selection)
+    model = HESpotEx(
+        genes, embedding=first, config=cfg.replace(seed=seed), target_sum=target_sum, gene_selection=selection,
+        spot_geometry=spot_geometry(list(tables.values())),
+    )  # fmt: skip
     model.train_samples_ = fit_names
     model.validation_ = {"samples": held, "block_fraction": fraction, "metric": "mean per-gene Pearson"}
     logger.info(
