@@ -116,6 +116,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     per_gene.to_csv(out / "her2st_cv_per_gene.csv.gz", index=False)
+    summary.round(5).to_csv(out / "her2st_cv_summary.csv", index=False)  # small, committed: notebooks/ reads it
     mean = summary[summary["fold"] == "mean"].drop(columns="fold")
     cmd = "python " + " ".join([sys.argv[0], *sys.argv[1:]])
     lines = [

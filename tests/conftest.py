@@ -45,6 +45,8 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 def _one_thread_module():
     """One torch / BLAS thread for a module of small models: on a busy 2-core machine two threads
     contend badly (several-fold slowdowns); restored afterwards."""
+    import scipy.linalg  # noqa: F401  BLAS libraries loaded later escape threadpool_limits: load them first
+    import sklearn.decomposition  # noqa: F401
     import torch
     from threadpoolctl import threadpool_limits
 

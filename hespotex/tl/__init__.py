@@ -19,6 +19,7 @@ __getattr__, __dir__, __all__ = attach(
         "smooth": "_baselines",
         "attention": "_attention",
         "explain": "_explain",
+        "Explanation": "_explain",
         "diagnostic_patches": "_diagnostic",
         "DiagnosticPatches": "_diagnostic",
         "consistency": "_consistency",

@@ -1,0 +1,564 @@
+"""``hx.tl.diagnostic_patches``: the H&E patches most characteristic of a label or an expression programme.
+
+Two kinds of ranking, both reproducible (same input, same output; ties go to the spot that comes
+first in the table):
+
+- **By a label** (an ``obs`` column such as a pathologist's "invasive cancer" / "stroma"): a
+  logistic-regression classifier on the image embeddings (or the latent) learns to tell the labels
+  apart, *cross-fitted* so that the score of a spot always comes from a classifier that never saw
+  that spot. A spot's score is the out-of-fold probability of its own label; the patches returned
+  for a label are the spots carrying it whose image most clearly says so.
+- **By an expression programme** (a gene, a gene list or a ``{gene: weight}`` signature): the score
+  is the weighted mean of the genes' z-scored expression (predicted by default, else measured);
+  group ``"high"`` returns the spots where the programme is highest, ``"low"`` where it is lowest.
+
+The crops are exactly those the image encoder sees (:func:`hespotex.pp._patches.extract_patches`
+with the patch size and input size recorded by :func:`hespotex.pp.embed`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from hespotex._sample import get_sample_info, get_table, spot_centres
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+logger = logging.getLogger("hespotex")
+
+__all__ = ["DiagnosticPatches", "diagnostic_patches"]
+
+PREDICTION_KEY = "hespotex"
+EMBED_KEY = "hespotex_embed"
+IMAGE_REP = "X_hespotex_image"
+LATENT_REP = "X_hespotex"
+MEASURED = "X"  # layer name meaning "log-normalised measured expression of the table"
+SIGNATURE_GROUPS = ("high", "low")
+MAX_FOLDS = 5
+MAX_COMPONENTS = 16
+MARKER_GENES = 10  # genes in the signature explained for a label (saliency of label patches)
+
+
+@dataclass
+class DiagnosticPatches:
+    """The result of :func:`diagnostic_patches`.
+
+    Attributes
+    ----------
+    table
+        One row per chosen spot (index: its ``obs_name``), ordered by group then rank, with columns
+        ``group``, ``rank`` (1 = most characteristic, within the group), ``score``, ``x``, ``y``
+        (spot centre in full-resolution pixels) and ``sample_id``.
+    images
+        ``(n_rows, h, w, 3)`` uint8 crops in the order of ``table``: the patches the encoder sees.
+    saliency
+        ``(n_rows, h, w)`` float32 in ``[0, 1]`` (pixel attribution of the programme), or ``None``.
+    params
+        Every parameter that shaped the result (also stored in ``uns[key_added]["params"]``).
+    """
+
+    table: pd.DataFrame
+    images: np.ndarray
+    saliency: np.ndarray | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __repr__(self) -> str:
+        groups = ", ".join(f"{g}: {c}" for g, c in self.table["group"].value_counts(sort=False).items())
+        sal = "with" if self.saliency is not None else "without"
+        return f"DiagnosticPatches({len(self)} patches of {self.images.shape[1]} px, {sal} saliency; {groups})"
+
+
+# --------------------------------------------------------------------------------------------------
+# where things live
+
+
+def _tables(data: Any) -> list[tuple[str, AnnData]]:
+    """The sample's spot table first, then other tables of the same spots (e.g. ``tables["hespotex"]`` from predict)."""
+    main = get_table(data)
+    out = [("table", main)]
+    if hasattr(data, "tables"):
+        for name, t in data.tables.items():
+            if t is not main and t.n_obs == main.n_obs and t.obs_names.equals(main.obs_names):
+                out.append((str(name), t))
+    return out
+
+
+def _dense(x: Any) -> np.ndarray:
+    return np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float64)
+
+
+def _expression(data: Any, genes: list[str], layer: str | None) -> tuple[np.ndarray, list[str], dict[str, Any]]:
+    """Expression ``(n_spots, n_present)`` of ``genes`` from ``layer``, the genes found, and where it came from."""
+    from hespotex.pp._normalize import log_expression
+
+    tables = _tables(data)
+    source: tuple[str, AnnData, str] | None = None
+    if layer is None:
+        for name, t in tables:
+            recorded = (t.uns.get(PREDICTION_KEY) or {}).get("params", {}).get("layer")
+            if recorded is not None and recorded in t.layers:
+                source = (name, t, str(recorded))
+                break
+        if source is None:
+            source = (tables[0][0], tables[0][1], MEASURED)
+    elif layer == MEASURED:
+        source = (tables[0][0], tables[0][1], MEASURED)
+    else:
+        for name, t in tables:
+            if layer in t.layers:
+                source = (name, t, layer)
+                break
+        if source is None:
+            found = sorted({k for _, t in tables for k in t.layers})
+            msg = (
+                f"Expected expression in layers[{layer!r}], found layers {found}. Pass `layer=None` (predictions "
+                f"when present, else measured expression), {MEASURED!r} (log-normalised measured expression) or an existing layer."
+            )
+            raise KeyError(msg)
+    name, table, lay = source
+    present = [g for g in genes if g in table.var_names]
+    missing = [g for g in genes if g not in table.var_names]
+    if not present:
+        msg = (
+            f"None of the {len(genes)} signature genes (e.g. {genes[:5]}) is in table {name!r} "
+            f"({'measured X' if lay == MEASURED else f'layers[{lay!r}]'}, {table.n_vars} genes). Check the gene "
+            "symbols, or pass `layer=` a layer that holds them."
+        )
+        raise KeyError(msg)
+    if missing:
+        logger.warning(
+            "%d of %d signature genes are not in table %r and are left out: %s.",
+            len(missing),
+            len(genes),
+            name,
+            missing[:10],
+        )
+    if lay == MEASURED:
+        try:
+            x = log_expression(table, present)
+        except ValueError as err:
+            msg = f"Cannot read log-normalised measured expression from table {name!r}: {err}"
+            raise ValueError(msg) from err
+    else:
+        idx = table.var_names.get_indexer(present)
+        x = _dense(table.layers[lay][:, idx])
+    x = np.asarray(x, dtype=np.float64)
+    if not np.isfinite(x).all():
+        msg = f"The expression of the signature genes in table {name!r} holds NaN or infinite values."
+        raise ValueError(msg)
+    return x, present, {"table": name, "layer": lay, "genes_missing": missing}
+
+
+def _zscore(x: np.ndarray) -> np.ndarray:
+    sd = x.std(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(sd > 0, (x - x.mean(axis=0)) / np.where(sd > 0, sd, 1.0), 0.0)
+    return z
+
+
+def _signature(by: Any) -> dict[str, float]:
+    """``{gene: weight}`` from a gene, a gene list or a weighted mapping."""
+    if isinstance(by, str):
+        return {by: 1.0}
+    if isinstance(by, Mapping):
+        sig = {str(g): float(w) for g, w in by.items()}
+        bad = [g for g, w in sig.items() if not np.isfinite(w)]
+        if bad or not any(sig.values()):
+            msg = f"Expected finite, not all zero signature weights, found {dict(list(sig.items())[:5])}."
+            raise ValueError(msg)
+        return sig
+    genes = [str(g) for g in by]
+    dup = sorted({g for g in genes if genes.count(g) > 1})
+    if dup:
+        msg = f"Expected each signature gene once, found duplicates {dup[:5]}."
+        raise ValueError(msg)
+    return dict.fromkeys(genes, 1.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# scores
+
+
+def _label_scores(features: np.ndarray, labels: pd.Series, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """Out-of-fold probability of each labelled spot's own label (NaN for unlabelled spots)."""
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    known = labels.notna().to_numpy()
+    y = labels[known].astype(str).to_numpy()
+    x = features[known]
+    classes, counts = np.unique(y, return_counts=True)
+    if len(classes) < 2:
+        msg = f"A classifier needs at least two labels with two or more spots each, found {dict(zip(classes, counts, strict=True))}."
+        raise ValueError(msg)
+    n_splits = int(min(MAX_FOLDS, counts.min()))
+    folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    proba = np.full(len(y), np.nan)
+    for train, test in folds.split(x, y):
+        n_comp = int(min(MAX_COMPONENTS, len(train) - 1, x.shape[1]))
+        clf = make_pipeline(
+            PCA(n_components=n_comp, svd_solver="full"), StandardScaler(), LogisticRegression(C=1.0, max_iter=2000)
+        )
+        clf.fit(x[train], y[train])
+        p = clf.predict_proba(x[test])
+        col = pd.Index(clf.classes_).get_indexer(y[test])
+        proba[test] = p[np.arange(len(test)), col]
+    scores = np.full(len(labels), np.nan)
+    scores[known] = proba
+    info = {
+        "classifier": f"PCA(<= {MAX_COMPONENTS} components) -> StandardScaler -> LogisticRegression(C=1.0)",
+        "cross_fitting": f"StratifiedKFold(n_splits={n_splits}, shuffle=True, random_state={seed})",
+        "n_splits": n_splits,
+    }
+    return scores, info
+
+
+def _find_rep(data: Any, use_rep: str | None) -> tuple[np.ndarray, str]:
+    tables = _tables(data)
+    wanted = [use_rep] if use_rep is not None else [IMAGE_REP, LATENT_REP]
+    for key in wanted:
+        for _, t in tables:
+            if key in t.obsm:
+                x = np.asarray(t.obsm[key], dtype=np.float64)
+                if x.ndim != 2 or not np.isfinite(x).all():
+                    msg = f"Expected finite spot features in obsm[{key!r}] (n_spots x n_features), found shape {x.shape} or non-finite values."
+                    raise ValueError(msg)
+                return x, key
+    found = sorted({k for _, t in tables for k in t.obsm})
+    msg = (
+        f"Ranking by a label needs image features in obsm (looked for {wanted}, found {found}). Run "
+        "`hx.pp.embed(sdata)` (image embeddings) or `hx.tl.predict` (latent) first, or pass `use_rep=`."
+    )
+    raise KeyError(msg)
+
+
+def _rank(scores: np.ndarray, candidates: np.ndarray, n: int, *, descending: bool = True) -> np.ndarray:
+    """Positions of the top ``n`` candidates by score; ties go to the earlier position."""
+    pos = np.flatnonzero(candidates & np.isfinite(scores))
+    key = -scores[pos] if descending else scores[pos]
+    return pos[np.lexsort((pos, key))][:n]
+
+
+def _as_groups(groups: Any) -> list[str] | None:
+    if groups is None:
+        return None
+    return [str(groups)] if isinstance(groups, str) else [str(g) for g in groups]
+
+
+# --------------------------------------------------------------------------------------------------
+# the tool
+
+
+def diagnostic_patches(
+    data: Any,
+    *,
+    by: str | Sequence[str] | Mapping[str, float],
+    n: int = 16,
+    layer: str | None = None,
+    groups: str | Sequence[str] | None = None,
+    model: Any = None,
+    saliency: bool = False,
+    patch_um: float | None = None,
+    size: int | None = None,
+    use_rep: str | None = None,
+    key_added: str = "diagnostic_patches",
+    overwrite: bool = False,
+    seed: int = 0,
+) -> DiagnosticPatches:
+    """Rank the H&E patches most characteristic of a label or an expression programme and cut them out.
+
+    Parameters
+    ----------
+    data
+        A sample (SpatialData) with its H&E image. Labels, embeddings and expression are looked up in
+        its spot table first, then in other tables of the same spots (``tables["hespotex"]`` written
+        by :func:`hespotex.tl.predict` when the model's genes differ from the table's).
+    by
+        What to characterise:
+
+        - an ``obs`` column of labels (categorical, string or boolean): per label, the spots carrying it
+          whose image a cross-fitted logistic-regression classifier on ``obsm[use_rep]`` most
+          confidently assigns to it. Score: the out-of-fold probability of the spot's own label
+          (5-fold stratified, fewer when a label has fewer spots; inside each fold the features are
+          reduced to at most 16 principal components, which are standardised). Unlabelled spots
+          (NaN) get no score;
+        - a numeric ``obs`` column (integer or float): used as the score itself;
+        - a gene symbol, a list of genes or a ``{gene: weight}`` signature: the score is
+          ``sum(weight * z) / sum(|weight|)`` with ``z`` each gene's expression z-scored over the
+          spots of the section (genes constant over the section contribute 0). Genes absent from
+          the expression are left out with a warning; all absent is an error.
+    n
+        Patches per group.
+    layer
+        Expression for a gene programme: ``None`` uses the prediction layer recorded in
+        ``uns["hespotex"]["params"]["layer"]`` when there is one, else the log-normalised measured
+        expression (log1p CP10k, library over all genes); ``"X"`` forces the measured expression;
+        any other name is a layer.
+    groups
+        Which groups to return: labels of the ``by`` column (default all, in category order), or
+        ``"high"`` / ``"low"`` for a programme or a numeric column (default ``"high"``).
+    model
+        A trained :class:`~hespotex.tl.HESpotEx`, needed only for ``saliency``.
+    saliency
+        Also compute pixel saliency (integrated gradients through the encoder,
+        :func:`hespotex.tl._explain.patch_saliency`) of the programme on each patch. For a label, the
+        programme explained is the label's ten marker genes (highest mean z-scored expression in the
+        label vs the other spots, from ``layer`` restricted to the model's genes).
+    patch_um, size
+        Patch side in µm and output side in pixels. Default: the encoder geometry recorded by
+        :func:`hespotex.pp.embed` for ``obsm["X_hespotex_image"]`` (else the prediction record, else
+        twice the spot diameter and 224 px).
+    use_rep
+        ``obsm`` features of the label classifier (default ``"X_hespotex_image"``, else the latent
+        ``"X_hespotex"``).
+    key_added
+        Prefix of the ``obs`` columns and the ``uns`` key.
+    overwrite
+        Replace results stored before under ``key_added``.
+    seed
+        Seed of the cross-fitting folds.
+
+    Returns
+    -------
+    A :class:`DiagnosticPatches` (table, crops, saliency, params). Writes to the sample's spot table:
+
+    - ``obs[f"{key_added}_score"]``: the score of every spot (float, NaN where undefined);
+    - ``obs[f"{key_added}_group"]``: the group for which a spot was chosen (categorical, NaN for the rest);
+    - ``uns[key_added]``: ``params`` (every parameter, the genes used, where the expression or features
+      came from) and ``table`` (the ranking, without the images).
+    """
+    from hespotex.pp._patches import default_patch_um, extract_patches
+
+    table = get_table(data)
+    score_key, group_key = f"{key_added}_score", f"{key_added}_group"
+    if not overwrite:
+        taken = [f"obs[{k!r}]" for k in (score_key, group_key) if k in table.obs] + (
+            [f"uns[{key_added!r}]"] if key_added in table.uns else []
+        )
+        if taken:
+            msg = f"{', '.join(taken)} already exist(s); pass `overwrite=True` to replace them, or another `key_added`."
+            raise ValueError(msg)
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        msg = f"Expected `n` a positive number of patches per group, found {n!r}."
+        raise ValueError(msg)
+    if n > table.n_obs:
+        msg = f"Asked for {n} patches per group but the section has only {table.n_obs} spots; lower `n`."
+        raise ValueError(msg)
+    info = get_sample_info(data)
+    if info.image_key is None or info.image_key not in getattr(data, "images", {}):
+        msg = (
+            f"Diagnostic patches need the H&E image; this sample ({type(data).__name__}) has no image element "
+            f"{info.image_key!r}. Pass the SpatialData sample read with its image."
+        )
+        raise KeyError(msg)
+    if saliency and model is None:
+        msg = "`saliency=True` needs the trained model: pass `model=`."
+        raise ValueError(msg)
+    groups_list = _as_groups(groups)
+
+    # 1. scores and the candidate spots of each group
+    params: dict[str, Any] = {"n": int(n), "seed": int(seed), "sample_id": info.sample_id, "saliency": bool(saliency)}
+    label_col = None
+    if isinstance(by, str):
+        for _, t in _tables(data):
+            if by in t.obs.columns:
+                label_col = t.obs[by]
+                break
+    candidates: dict[str, np.ndarray] = {}
+    descending: dict[str, bool] = {}
+    signatures: dict[str, dict[str, float]] = {}
+    if label_col is not None and (
+        isinstance(label_col.dtype, pd.CategoricalDtype)
+        or label_col.dtype == bool
+        or not pd.api.types.is_numeric_dtype(label_col)
+    ):
+        labels = label_col.astype("category") if not isinstance(label_col.dtype, pd.CategoricalDtype) else label_col
+        counts = labels.value_counts(sort=False)
+        present = [str(c) for c in labels.cat.categories if counts.get(c, 0) > 0]
+        features, rep = _find_rep(data, use_rep)
+        if len(features) != table.n_obs:
+            msg = f"obsm[{rep!r}] has {len(features)} rows, expected one per spot ({table.n_obs})."
+            raise ValueError(msg)
+        small = [str(c) for c in counts.index if 0 < counts[c] < 2]
+        if small:
+            logger.warning("Labels with a single spot cannot be cross-fitted and are left out: %s.", small)
+        str_labels = labels.astype(str).where(labels.notna() & ~labels.astype(str).isin(small))
+        scores, clf_info = _label_scores(features, str_labels.reset_index(drop=True), seed)
+        usable = [c for c in present if c not in small]
+        chosen = usable if groups_list is None else groups_list
+        unknown = [g for g in chosen if g not in usable]
+        if unknown:
+            msg = f"Expected groups among the labels of obs[{by!r}] with two or more spots {usable}, found {unknown}."
+            raise ValueError(msg)
+        for g in chosen:
+            candidates[g] = (str_labels == g).to_numpy()
+            descending[g] = True
+        params.update({"mode": "label", "by": by, "use_rep": rep, **clf_info})
+    else:
+        if label_col is not None:  # a numeric obs column: the score itself
+            scores = pd.to_numeric(label_col, errors="coerce").to_numpy(dtype=np.float64)
+            params.update({"mode": "score", "by": by})
+        else:
+            if isinstance(by, str) and not any(by in t.var_names for _, t in _tables(data)):
+                found = list(table.obs.columns)
+                msg = f"`by={by!r}` is neither an obs column ({found}) nor a gene of the sample. Pass an obs column of labels or gene symbols."
+                raise KeyError(msg)
+            sig = _signature(by)
+            x, genes, source = _expression(data, list(sig), layer)
+            w = np.array([sig[g] for g in genes])
+            scores = _zscore(x) @ w / np.abs(w).sum()
+            constant = [g for g, s in zip(genes, x.std(axis=0), strict=True) if s == 0]
+            if constant:
+                logger.warning("Signature genes constant over the section contribute nothing: %s.", constant[:10])
+            signatures = {"high": {g: sig[g] for g in genes}, "low": {g: -sig[g] for g in genes}}
+            params.update(
+                {
+                    "mode": "signature",
+                    "by": {g: sig[g] for g in sig},
+                    "genes": genes,
+                    **source,
+                    "score": "sum(weight * zscore) / sum(|weight|)",
+                }
+            )
+        chosen = ["high"] if groups_list is None else groups_list
+        unknown = [g for g in chosen if g not in SIGNATURE_GROUPS]
+        if unknown:
+            msg = (
+                f"Expected groups among {list(SIGNATURE_GROUPS)} for a programme or a numeric column, found {unknown}."
+            )
+            raise ValueError(msg)
+        for g in chosen:
+            candidates[g] = np.ones(table.n_obs, dtype=bool)
+            descending[g] = g == "high"
+
+    # 2. ranking
+    rows = []
+    for g in candidates:
+        picked = _rank(scores, candidates[g], n, descending=descending[g])
+        if len(picked) < n:
+            logger.warning("Group %r has %d scored spots, fewer than n=%d; returning them all.", g, len(picked), n)
+        rows += [(g, r + 1, int(i)) for r, i in enumerate(picked)]
+    if not rows:
+        msg = "No spot could be scored (all scores are NaN); check the labels or the expression."
+        raise ValueError(msg)
+    pos = np.array([i for _, _, i in rows], dtype=np.int64)
+    xy = spot_centres(table)[pos]
+    result = pd.DataFrame(
+        {
+            "group": pd.Categorical([g for g, _, _ in rows], categories=list(candidates)),
+            "rank": np.array([r for _, r, _ in rows], dtype=np.int64),
+            "score": scores[pos].astype(np.float64),
+            "x": xy[:, 0],
+            "y": xy[:, 1],
+            "sample_id": info.sample_id,
+        },
+        index=pd.Index(table.obs_names[pos], name=None),
+    )
+
+    # 3. crops (the encoder's geometry) and saliency
+    embed_rec = table.uns.get(EMBED_KEY, {}).get(IMAGE_REP, {})
+    pred_rec = next(
+        ((t.uns.get(PREDICTION_KEY) or {}).get("params", {}) for _, t in _tables(data) if PREDICTION_KEY in t.uns), {}
+    )
+    patch_um = float(
+        patch_um
+        if patch_um is not None
+        else embed_rec.get("patch_um") or pred_rec.get("patch_um") or default_patch_um(info)
+    )
+    size = int(size if size is not None else embed_rec.get("input_size") or 224)
+    images = extract_patches(data, patch_um=patch_um, size=size, spots=pos)
+    sal = None
+    if saliency:
+        sal = _saliency(
+            data, model, result, candidates=candidates, signatures=signatures, layer=layer, size=size, params=params
+        )
+    params.update({"groups": list(candidates), "patch_um": patch_um, "size": size, "key_added": key_added})
+
+    # 4. store
+    table.obs[score_key] = scores
+    chosen_group = pd.Series(pd.NA, index=table.obs_names, dtype=object)
+    chosen_group.iloc[pos] = result["group"].astype(str).to_numpy()  # a spot chosen twice keeps its last group
+    table.obs[group_key] = pd.Categorical(chosen_group.to_numpy(), categories=list(candidates))
+    stored = result.copy()
+    stored.insert(0, "spot", stored.index.astype(str))
+    stored = stored.reset_index(drop=True)
+    stored["group"] = stored["group"].astype(str)
+    table.uns[key_added] = {"params": _plain(params), "table": stored}
+    logger.info(
+        "Ranked %d patches in %d group(s) %s; scores in obs[%r].",
+        len(result),
+        len(candidates),
+        list(candidates),
+        score_key,
+    )
+    return DiagnosticPatches(table=result, images=images, saliency=sal, params=params)
+
+
+def _plain(value: Any) -> Any:
+    """Parameters as plain types that anndata writes (dicts of str / numbers / lists of str)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return "None" if value is None else value
+
+
+def _saliency(
+    data: Any,
+    model: Any,
+    result: pd.DataFrame,
+    *,
+    candidates: dict[str, np.ndarray],
+    signatures: dict[str, dict[str, float]],
+    layer: str | None,
+    size: int,
+    params: dict[str, Any],
+) -> np.ndarray:
+    """Saliency of each chosen patch for its group's programme, resized to the crops."""
+    from hespotex.tl._explain import patch_saliency
+
+    if not signatures:  # labels: explain each label's marker genes (from the model's genes)
+        genes = list(model.genes)
+        x, genes, _ = _expression(data, genes, layer)
+        z = _zscore(x)
+        for g, mask in candidates.items():
+            diff = z[mask].mean(axis=0) - z[~mask].mean(axis=0)
+            top = np.lexsort((np.arange(len(genes)), -diff))[:MARKER_GENES]
+            signatures[g] = {genes[i]: 1.0 for i in top}
+        params["saliency_signatures"] = {g: list(s) for g, s in signatures.items()}
+    out = np.zeros((len(result), size, size), dtype=np.float32)
+    group = result["group"].astype(str).to_numpy()
+    for g in pd.unique(group):
+        rows = np.flatnonzero(group == g)
+        sig = {k: v for k, v in signatures[g].items() if k in set(model.genes)}
+        if not sig:
+            msg = f"None of the programme genes of group {g!r} is predicted by the model; saliency needs model genes."
+            raise ValueError(msg)
+        _, sal = patch_saliency(data, model, spots=list(result.index[rows]), genes=None, signature=sig, n_steps=32)
+        sal = np.asarray(sal, dtype=np.float32)
+        if sal.shape[1:] != (size, size):
+            from skimage.transform import resize
+
+            sal = resize(sal, (len(rows), size, size), order=1, anti_aliasing=True, preserve_range=True).astype(
+                np.float32
+            )
+        out[rows] = np.clip(sal, 0.0, 1.0)
+    params["saliency_method"] = (
+        "integrated gradients through the encoder (hespotex.tl._explain.patch_saliency, n_steps=32)"
+    )
+    return out
