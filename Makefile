@@ -23,8 +23,9 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/hespotex demo
 
+# Tests, then the tutorials and notebooks executed top to bottom on small settings (HESPOTEX_QUICK=1).
 test: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 HESPOTEX_QUICK=1 $(PY) -m pytest --nbmake --nbmake-timeout=1200 $(PYTEST_ARGS)
 
 lint: install
 	$(PY) -m ruff check hespotex tests benchmarks
@@ -33,4 +34,4 @@ format: install
 	$(PY) -m ruff format hespotex tests benchmarks
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache demo-output test-artifacts
+	rm -rf $(VENV) .pytest_cache .ruff_cache demo-output test-artifacts tutorials/tutorial-output notebooks/tutorial-output
