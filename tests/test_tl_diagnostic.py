@@ -245,7 +245,7 @@ def test_saliency_of_a_programme(trained_synthetic):
 
 
 @pytest.mark.realdata
-def test_her2_programme_on_her2st(shared_data):
+def test_her2_programme_on_her2st(shared_data, artifacts):
     """The ERBB2 amplicon programme on one section's measured expression: the top spots are the highest
     scores and their crops are tissue, not glass."""
     sdata = hx.datasets.her2st(shared_data / "her2st", sections=["C3"])["C3"]
@@ -268,3 +268,8 @@ def test_her2_programme_on_her2st(shared_data):
     assert (white < 0.5).all()  # mostly tissue
     assert (res.images.astype(int).std(axis=(1, 2, 3)) > 10).all()  # textured, not blank
     np.testing.assert_array_equal(res.images[:2], extract_patches(sdata, size=128, spots=list(res.table.index[:2])))
+    # the gallery a pathologist looks at: one titled tile per patch, written for people to inspect
+    gallery = hx.pl.diagnostic_patches(res, ncols=4)
+    assert len(gallery) == 8
+    out = hx.pl.export(gallery, artifacts / "her2st_gallery.png", overwrite=True)
+    assert out.stat().st_size > 10_000
