@@ -7,7 +7,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,17 @@ def _versions() -> dict[str, str]:
         except PackageNotFoundError:
             out[pkg] = "unknown"
     return out
+
+
+def embedding_scale(emb: np.ndarray, *, floor: float = 0.1) -> np.ndarray:
+    """Per-feature standard deviation of the training embeddings, floored at ``floor`` times the median.
+
+    Features (nearly) constant on the training patches would otherwise get a tiny scale, and any
+    activity on a new slide would become a standardised value in the hundreds of thousands.
+    """
+    std = emb.std(axis=0)
+    median = float(np.median(std))
+    return np.maximum(std, floor * median if median > 0 else 1.0).astype(np.float32)
 
 
 class HESpotEx:
@@ -103,6 +114,7 @@ class HESpotEx:
         self.validation_: dict[str, Any] = {}
         self.embedding_mean_: np.ndarray | None = None
         self.embedding_scale_: np.ndarray | None = None
+        self.train_strategy_: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
         state = "trained" if self.is_trained_ else "untrained"
@@ -120,25 +132,42 @@ class HESpotEx:
         device: str | None = "auto",
         max_nodes: int = 20_000,
         seed: int | None = None,
+        strategy: str = "single",
+        n_processes: int = 2,
+        backend: str | None = None,
     ) -> HESpotEx:
         """Train on prepared arrays (see :func:`hespotex.tl.train` for the AnnData/SpatialData front end).
 
         ``validation`` holds ``(sample, mask)`` pairs: the whole sample is predicted (its images
         exist at inference) and the spots in ``mask`` are scored by mean per-gene Pearson.
+        ``strategy="ddp"`` trains data-parallel on ``n_processes`` processes with ``backend``
+        (see :func:`hespotex.tl.train`); ``train_strategy_`` records how the model was trained.
         """
         from hespotex.models import HESpotExNet
+        from hespotex.tl._distributed import check_strategy
         from hespotex.tl._training import fit_net
 
+        check_strategy(strategy, n_processes, backend)
         seed = self.config.seed if seed is None else seed
         emb = np.concatenate([s.emb for s in train])
         self.embedding_mean_ = emb.mean(axis=0).astype(np.float32)
-        self.embedding_scale_ = np.maximum(emb.std(axis=0), 1e-6).astype(np.float32)
+        self.embedding_scale_ = embedding_scale(emb)
         del emb  # a copy of every training embedding: do not hold it through training
         train = [self._standardised(s) for s in train]
         validation = [(self._standardised(s), m) for s, m in validation]
         self.module_ = HESpotExNet(len(self.genes), len(self.embedding_mean_), self.config.replace(seed=seed))
         self._start_at_training_means(train)
         dev = resolve_device(device)
+        if strategy == "ddp":
+            from hespotex.tl._distributed import fit_distributed
+
+            self.history_, self.train_strategy_ = fit_distributed(
+                self, train, validation, device=dev, max_nodes=max_nodes, seed=seed, n_processes=n_processes, backend=backend
+            )
+            self.module_.to("cpu")
+            self.module_.eval()
+            self.is_trained_ = True
+            return self
 
         def validate(net) -> float:
             from hespotex.tl._metrics import pearson_per_gene
@@ -154,6 +183,7 @@ class HESpotEx:
             self.module_, train, validate=validate if validation else None, device=dev, max_nodes=max_nodes, seed=seed
         )
         self.module_.to("cpu")
+        self.train_strategy_ = {"strategy": "single", "world_size": 1, "backend": None}
         self.is_trained_ = True
         return self
 
@@ -176,11 +206,30 @@ class HESpotEx:
         return out
 
     # ------------------------------------------------------------------ prediction
-    def predict_graph(self, sample: GraphData, *, device: str | None = "auto", max_nodes: int = 50_000) -> dict[str, Any]:
+    def predict_graph(
+        self,
+        sample: GraphData,
+        *,
+        device: str | None = "auto",
+        max_nodes: int = 50_000,
+        blocks: Sequence[np.ndarray] | None = None,
+        on_block: Callable[[int, np.ndarray, dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any] | None:
         """Predict ``sample`` (embeddings and µm coordinates): expression, latent and attention arrays.
 
         Large slides run block by block, each block with a halo of ``n_hops`` neighbour rings, so
-        predictions equal a whole-slide pass while memory stays bounded by ``max_nodes``.
+        predictions equal a whole-slide pass while memory stays bounded by ``max_nodes``. Embeddings
+        are standardised block by block, so ``sample.emb`` may be any reader of rows (``shape``,
+        ``len`` and integer-array indexing, e.g. one backed by zarr) instead of an array.
+
+        ``blocks`` (core spot indices, default: compact tiles of about ``max_nodes`` spots) and
+        ``on_block`` serve streaming: with ``on_block``, each block's results are handed over as
+        ``on_block(i, core, result)`` (``i`` = position in ``blocks``) and not collected, and this
+        returns ``None``; ``result`` holds the core rows' ``"latent"`` and ``"features"`` (the graph
+        decoder's input to its gene head, ``None`` without a decoder) and ``"attention"``
+        ``(targets, sources, weights)`` of the edges into core spots, or ``None``. The gene heads are
+        skipped there (the expression is ``direct_head(latent) + decoder.gene_head(features)``, see
+        :func:`hespotex.tl._stream.gene_heads`), so a block never holds spots × genes.
         """
         self._check_trained()
         if sample.emb.shape[1] != len(self.embedding_mean_):
@@ -189,38 +238,104 @@ class HESpotEx:
                 f"found {sample.emb.shape[1]}. Embed the slide with the model's encoder."
             )
             raise ValueError(msg)
-        return self._forward(self.module_, self._standardised(sample), resolve_device(device), max_nodes=max_nodes)
+        mean, scale = self.embedding_mean_, self.embedding_scale_
 
-    def _forward(self, net, s: GraphData, device, *, max_nodes: int) -> dict[str, Any]:
+        def standardise(rows: np.ndarray) -> np.ndarray:
+            rows = np.subtract(rows, mean, dtype=np.float32)  # the same float32 operations as a whole-slide copy
+            rows /= scale
+            return rows
+
+        return self._forward(
+            self.module_,
+            sample,
+            resolve_device(device),
+            max_nodes=max_nodes,
+            blocks=blocks,
+            on_block=on_block,
+            standardise=standardise,
+        )
+
+    def _forward(
+        self,
+        net,
+        s: GraphData,
+        device,
+        *,
+        max_nodes: int,
+        blocks: Sequence[np.ndarray] | None = None,
+        on_block: Callable[[int, np.ndarray, dict[str, Any]], None] | None = None,
+        standardise: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> dict[str, Any] | None:
+        """Block-wise forward of ``net`` (see :meth:`predict_graph`); ``standardise`` maps each block's
+        embedding rows (``None``: ``s.emb`` is standardised already)."""
         import scipy.sparse as sp
         import torch
 
         cfg = net.config
         use_graph = net.decoder is not None
         edges = s.graph(cfg.decoder_neighbors) if use_graph else np.zeros((2, 0), dtype=np.int64)
-        expression = np.empty((s.n, net.n_genes), dtype=np.float32)
-        latent = np.empty((s.n, cfg.latent_dim), dtype=np.float32)
+        collect = on_block is None
+        if collect:
+            expression = np.empty((s.n, net.n_genes), dtype=np.float32)
+            latent = np.empty((s.n, cfg.latent_dim), dtype=np.float32)
         att_rows, att_cols, att_vals = [], [], []
+        features: list = []  # the graph decoder's gene-head input, captured for streaming
+        hooks = []
+        if not collect:
+            # Streaming runs the two gene heads later, on rows in table order (from the latent and the
+            # captured features): here they see one row each, so no block ever holds spots x genes.
+            def one_row(_module, args):
+                return (args[0][:1],)
+
+            def capture(_module, args):
+                features.append(args[0])
+                return (args[0][:1],)
+
+            hooks.append(net.direct_head.register_forward_pre_hook(one_row))
+            if use_graph:
+                hooks.append(net.decoder.gene_head.register_forward_pre_hook(capture))
         was_training = net.training
         net.eval()
         net.to(device)
-        halo = cfg.n_hops if use_graph else 0
-        with torch.inference_mode():
-            for core in spatial_blocks(s.coords_um, max_nodes):
-                nodes = k_hop_halo(edges, core, s.n, halo) if use_graph else core
-                sub = induced_edges(edges, nodes, s.n)
-                out = net(torch.from_numpy(s.emb[nodes]).to(device), torch.from_numpy(sub).to(device) if use_graph else None)
-                m = len(core)
-                expression[core] = out["expression"][:m].float().cpu().numpy()
-                latent[core] = out["latent"][:m].float().cpu().numpy()
-                if out["attention"] is not None:
-                    ei, alpha = out["attention"]
-                    ei, alpha = ei.cpu().numpy(), alpha.float().cpu().numpy()
-                    keep = ei[1] < m  # edges into core spots
-                    att_rows.append(nodes[ei[1][keep]])
-                    att_cols.append(nodes[ei[0][keep]])
-                    att_vals.append(alpha[keep])
-        net.train(was_training)
+        # n_hops rings make each block exact; GCN's symmetric normalisation also needs the degree of
+        # the outermost ring's nodes, hence one ring more
+        halo = cfg.n_hops + (cfg.decoder_conv == "gcn") if use_graph else 0
+        try:
+            with torch.inference_mode():
+                for i, core in enumerate(spatial_blocks(s.coords_um, max_nodes) if blocks is None else blocks):
+                    nodes = k_hop_halo(edges, core, s.n, halo) if use_graph else core
+                    sub = induced_edges(edges, nodes, s.n)
+                    rows = s.emb[nodes] if standardise is None else standardise(s.emb[nodes])
+                    x = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).to(device)
+                    features.clear()
+                    out = net(x, torch.from_numpy(sub).to(device) if use_graph else None)
+                    m = len(core)
+                    attention = None
+                    if out["attention"] is not None:
+                        ei, alpha = out["attention"]
+                        ei, alpha = ei.cpu().numpy(), alpha.float().cpu().numpy()
+                        keep = ei[1] < m  # edges into core spots
+                        attention = (nodes[ei[1][keep]], nodes[ei[0][keep]], alpha[keep])
+                    if not collect:
+                        result = {
+                            "latent": out["latent"][:m].float().cpu().numpy(),
+                            "features": features[-1][:m].float().cpu().numpy() if features else None,
+                            "attention": attention,
+                        }
+                        on_block(i, core, result)
+                        continue
+                    expression[core] = out["expression"][:m].float().cpu().numpy()
+                    latent[core] = out["latent"][:m].float().cpu().numpy()
+                    if attention is not None:
+                        att_rows.append(attention[0])
+                        att_cols.append(attention[1])
+                        att_vals.append(attention[2])
+        finally:
+            for hook in hooks:
+                hook.remove()
+            net.train(was_training)
+        if not collect:
+            return None
         attention = None
         if att_rows:
             attention = sp.csr_matrix(
@@ -250,6 +365,7 @@ class HESpotEx:
             "train_samples": self.train_samples_,
             "validation": self.validation_,
             "history": self.history_,
+            "train_strategy": getattr(self, "train_strategy_", None),
         }
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
@@ -345,6 +461,7 @@ class HESpotEx:
         model.history_ = setup.get("history", [])
         model.train_samples_ = setup.get("train_samples", [])
         model.validation_ = setup.get("validation", {})
+        model.train_strategy_ = setup.get("train_strategy")
         return model
 
     @property

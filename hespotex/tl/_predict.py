@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,11 +42,19 @@ def predict(
     overwrite: bool = False,
     device: str | None = "auto",
     max_nodes: int = 50_000,
+    out: str | Path | None = None,
+    chunk_size: int | None = None,
 ):
     """Predict the expression of the model's genes at every spot (or tile) from the H&E image.
 
     Needs only embeddings (computed here with the model's encoder when the sample has its image
     and none are stored) and spot centres; no counts.
+
+    With ``out`` the prediction *streams*: patches are read lazily from the right pyramid level and
+    embedded chunk by chunk, the slide is predicted block by block, and every result goes to zarr as
+    soon as it exists, so peak memory does not grow with the number of genes × spots and an
+    interrupted run, started again with the same arguments, resumes where it stopped (finished
+    chunks are not recomputed). See :mod:`hespotex.tl._stream` for the design.
 
     Parameters
     ----------
@@ -60,7 +69,18 @@ def predict(
     overwrite
         Replace earlier predictions stored under the same keys.
     device, max_nodes
-        Torch device and the most spots per forward block (large slides run block by block).
+        Torch device and the most spots per forward block (large slides run block by block; in
+        memory only: streaming uses ``chunk_size``).
+    out
+        Stream the prediction into a SpatialData zarr store: ``"auto"`` is the sample's own store
+        (a SpatialData read from zarr), where the table is added beside the image; another path gets
+        a new store with the spot shapes and the prediction table, and no copy of the image (its
+        location is recorded). A store holding another slide's or another model's predictions
+        under ``key_added`` is refused unless ``overwrite=True``. ``None`` (default): in memory.
+    chunk_size
+        Streaming only: spots per chunk of embeddings and per graph block (before its halo),
+        default 10,000; expression rows are written at most ``chunk_size`` and ~64 MB at a time. A
+        resumed run keeps the chunk size it was started with.
 
     Returns
     -------
@@ -75,10 +95,29 @@ def predict(
     - ``obsp[f"{key_added}_attention"]``: decoder attention (rows = target spot) when the model has it;
     - ``uns[key_added]["params"]``: model id (weights fingerprint), genes hash, encoder, patch size in µm,
       seed, configuration, versions.
+
+    Streaming (``out``) always writes a new table ``key_added`` (no ``layers["measured"]``), whose
+    ``layers[key_added]`` is read lazily (dask) from the store; it is returned and put in
+    ``sdata.tables[key_added]``. ``uns[key_added]["params"]`` adds ``"stream"`` (store, chunk size)
+    and ``"source"`` (where the image is). The source table is not modified (embeddings computed
+    while streaming are not stored in its ``obsm``).
     """
     if not isinstance(model, HESpotEx):
         model = HESpotEx.load(model)
     model._check_trained()
+    if out is not None:
+        from hespotex.tl._stream import predict_streaming
+
+        return predict_streaming(
+            data,
+            model,
+            out=out,
+            key_added=key_added,
+            embedding_key=embedding_key,
+            overwrite=overwrite,
+            device=device,
+            chunk_size=chunk_size,
+        )
     table = get_table(data)
     embed_params = model.embedding
     record = ensure_embeddings(
@@ -91,7 +130,9 @@ def predict(
         encoder_seed=int(embed_params.get("seed", 0)),
     )
     _check_embedding(model, record)
-    sample = graph_data(table, str(table.uns.get(SAMPLE_KEY, {}).get("sample_id", "slide")), genes=None, embedding_key=embedding_key)
+    sample = graph_data(
+        table, str(table.uns.get(SAMPLE_KEY, {}).get("sample_id", "slide")), genes=None, embedding_key=embedding_key
+    )
     min_spots = model.config.decoder_neighbors + 1
     if sample.n < min_spots and model.module_.decoder is not None:
         msg = f"The slide has {sample.n} spots; the model's {model.config.decoder_neighbors}-neighbour graph needs at least {min_spots}."
@@ -103,28 +144,35 @@ def predict(
     target.obsm[f"X_{key_added}"] = out["latent"]
     if out["attention"] is not None:
         target.obsp[f"{key_added}_attention"] = out["attention"]
-    setup = model.setup_dict()
     target.uns[key_added] = {
-        "params": {
-            "model_id": model.model_id,
-            "genes_hash": setup["gene_hash"],
-            "n_genes": len(model.genes),
-            "encoder": embed_params.get("encoder"),
-            "encoder_id": embed_params.get("encoder_id"),
-            "patch_um": embed_params.get("patch_um"),
-            "seed": model.config.seed,
-            "target_sum": model.target_sum,
-            "config": setup["config"],
-            "versions": setup["versions"],
-            "layer": key_added,
-            "latent_key": f"X_{key_added}",
-            "attention_key": f"{key_added}_attention" if out["attention"] is not None else None,
-        }
+        "params": prediction_params(model, embed_params, key_added=key_added, attention=out["attention"] is not None)
     }
     if target is not table and hasattr(data, "tables"):
         _store_table(data, target, key_added=key_added, overwrite=overwrite)
     logger.info("Predicted %d genes at %d spots into layers[%r].", len(model.genes), sample.n, key_added)
     return target
+
+
+def prediction_params(
+    model: HESpotEx, embed_params: dict[str, Any], *, key_added: str, attention: bool
+) -> dict[str, Any]:
+    """``uns[key_added]["params"]`` of a prediction: model id, genes hash, encoder, patch size, seed, config, versions, keys."""
+    setup = model.setup_dict()
+    return {
+        "model_id": model.model_id,
+        "genes_hash": setup["gene_hash"],
+        "n_genes": len(model.genes),
+        "encoder": embed_params.get("encoder"),
+        "encoder_id": embed_params.get("encoder_id"),
+        "patch_um": embed_params.get("patch_um"),
+        "seed": model.config.seed,
+        "target_sum": model.target_sum,
+        "config": setup["config"],
+        "versions": setup["versions"],
+        "layer": key_added,
+        "latent_key": f"X_{key_added}",
+        "attention_key": f"{key_added}_attention" if attention else None,
+    }
 
 
 def _target_table(data: Any, table, model: HESpotEx, *, key_added: str, overwrite: bool):
@@ -155,7 +203,9 @@ def _store_table(sdata, table, *, key_added: str, overwrite: bool) -> None:
 
     attrs = table.uns.pop("spatialdata_attrs", None)
     if attrs is not None:
-        table = TableModel.parse(table, region=attrs["region"], region_key=attrs["region_key"], instance_key=attrs["instance_key"])
+        table = TableModel.parse(
+            table, region=attrs["region"], region_key=attrs["region_key"], instance_key=attrs["instance_key"]
+        )
     if key_added in sdata.tables:
         if not overwrite:  # checked before predicting too; kept here for direct callers
             msg = f"The SpatialData already has a table {key_added!r}; pass `overwrite=True`."

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -63,18 +63,24 @@ def _same_embedding(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 def spot_geometry(tables: Sequence[Any]) -> dict[str, float]:
-    """Median spot diameter and centre-to-centre spacing (nearest neighbour) of the training tables, in µm."""
+    """Median spot diameter, centre-to-centre spacing (nearest neighbour) and scan resolution of the training tables."""
     from scipy.spatial import cKDTree
 
     from hespotex._sample import get_sample_info, spot_centres_um
 
-    diameters, spacings = [], []
+    diameters, spacings, mpps = [], [], []
     for table in tables:
-        diameters.append(get_sample_info(table).spot_diameter_um)
+        info = get_sample_info(table)
+        diameters.append(info.spot_diameter_um)
+        mpps.append(info.microns_per_pixel)
         xy = spot_centres_um(table)
         if len(xy) > 1:
             spacings.append(float(np.median(cKDTree(xy).query(xy, k=2)[0][:, 1])))
-    return {"spot_diameter_um": float(np.median(diameters)), "spacing_um": float(np.median(spacings)) if spacings else float("nan")}
+    return {
+        "spot_diameter_um": float(np.median(diameters)),
+        "spacing_um": float(np.median(spacings)) if spacings else float("nan"),
+        "microns_per_pixel": float(np.median(mpps)),
+    }
 
 
 def split_validation(names: list[str], validation: Any, *, seed: int) -> tuple[list[str], float | None]:
@@ -116,6 +122,9 @@ def train(
     embedding_key: str = EMBEDDING_KEY,
     target_sum: float = 1e4,
     max_nodes: int = 20_000,
+    strategy: Literal["single", "ddp"] = "single",
+    n_processes: int = 2,
+    backend: Literal["gloo", "nccl"] | None = None,
 ) -> HESpotEx:
     """Train HESpotEx on samples with spatial transcriptomics.
 
@@ -152,15 +161,39 @@ def train(
     target_sum
         Expression targets are log1p(counts per ``target_sum``), library over all genes.
     max_nodes
-        Spots per training batch; larger samples are cut into spatial blocks.
+        Spots per training batch (per process with ``strategy="ddp"``); larger samples are cut into
+        spatial blocks.
+    strategy
+        ``"single"``: train in this process. ``"ddp"``: data-parallel training with
+        ``torch.distributed`` and ``DistributedDataParallel``: ``n_processes`` worker processes
+        are spawned (meeting at ``MASTER_ADDR``/``MASTER_PORT`` when set, else ``127.0.0.1`` and a
+        free port); each epoch every process trains on its own disjoint share of the spatial
+        blocks, gradients are averaged across processes, validation is split between them and
+        early stopping is decided on the combined score. Both stages (autoencoder pre-training
+        and the joint stage) run data-parallel. Under ``torchrun`` (``RANK`` and ``WORLD_SIZE``
+        set) nothing is spawned: every launched process is one rank and returns the trained model.
+        Each process builds its spot graphs from all the samples; on CPU each uses
+        ``cpu_count // n_processes`` threads at most (``hx.settings.num_threads`` when set).
+        Workers are fresh Python processes (a few seconds to start): in a script, call ``train``
+        under ``if __name__ == "__main__":``. A failing worker stops the others and its traceback
+        is raised here as a ``RuntimeError``.
+    n_processes
+        Processes for ``strategy="ddp"`` (one per GPU with nccl); ignored otherwise.
+    backend
+        ``torch.distributed`` backend: by default ``"nccl"`` on CUDA, ``"gloo"`` on CPU.
 
     Returns
     -------
-    The trained :class:`HESpotEx`. Samples gain ``obsm[embedding_key]`` if they lacked it; nothing
-    else in them changes.
+    The trained :class:`HESpotEx`; ``model.train_strategy_`` records the strategy, world size,
+    backend and, for ``"ddp"``, each rank's shard of the first epoch and a fingerprint of its final
+    weights (identical on all ranks). Samples gain ``obsm[embedding_key]`` if they lacked it;
+    nothing else in them changes.
     """
     from hespotex.models._net import _resolve_config
     from hespotex.pp._genes import select_genes
+    from hespotex.tl._distributed import check_strategy
+
+    check_strategy(strategy, n_processes, backend)
 
     named = as_sample_dict(samples)
     names = list(named)
@@ -208,4 +241,7 @@ def train(
         "Training HESpotEx on %d spots of %s (%d genes); validation: %s.",
         sum(p.n for p in train_parts), fit_names, len(genes), held or (f"{fraction:.0%} spatial block" if fraction else "none"),
     )  # fmt: skip
-    return model.fit(train_parts, validation=val_parts, device=device, max_nodes=max_nodes, seed=seed)
+    return model.fit(
+        train_parts, validation=val_parts, device=device, max_nodes=max_nodes, seed=seed,
+        strategy=strategy, n_processes=n_processes, backend=backend,
+    )  # fmt: skip

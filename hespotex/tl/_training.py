@@ -6,11 +6,15 @@ import copy
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from hespotex._settings import settings
 from hespotex.tl._data import GraphData, induced_edges, spatial_blocks
+
+if TYPE_CHECKING:
+    from hespotex.tl._distributed import Context
 
 logger = logging.getLogger("hespotex")
 
@@ -68,6 +72,17 @@ def group_blocks(blocks: Sequence[Batch], order: np.ndarray, max_nodes: int) -> 
     return batches
 
 
+def count_batches(sizes: Sequence[int], max_nodes: int) -> int:
+    """How many batches :func:`group_blocks` makes of blocks of these sizes (in this order)."""
+    n, current, size = 0, 0, 0
+    for s in sizes:
+        if current and size + s > max_nodes:
+            n, current, size = n + 1, 0, 0
+        current += 1
+        size += s
+    return n + bool(current)
+
+
 def _union(parts: Sequence[Batch]) -> Batch:
     if len(parts) == 1:
         return parts[0]
@@ -81,51 +96,105 @@ def _union(parts: Sequence[Batch]) -> Batch:
     )
 
 
+def epoch_batches(
+    blocks: Sequence[Batch], rng: np.random.Generator, max_nodes: int, distributed: Context | None = None
+) -> tuple[list[Batch], np.ndarray]:
+    """One epoch's batches for this process and the blocks they hold.
+
+    Single process: every block, in a random order, grouped into batches of at most ``max_nodes``
+    spots. Data-parallel: the same shared order (``rng`` is seeded alike on every rank), dealt
+    round-robin so the ranks' shards are disjoint; each rank groups its shard, and batches are
+    repeated where a rank has fewer, so every rank takes the same number of steps.
+    """
+    order = rng.permutation(len(blocks))
+    if distributed is None:
+        return group_blocks(blocks, order, max_nodes), order
+    mine = distributed.shard(len(blocks), order)
+    batches = group_blocks(blocks, mine, max_nodes)
+    # every rank knows every shard (shared order): the largest batch count needs no communication
+    sizes = np.array([len(b.emb) for b in blocks])
+    steps = max(
+        count_batches(sizes[distributed.shard(len(blocks), order, rank=r)], max_nodes) for r in range(distributed.world_size)
+    )
+    return [batches[i % len(batches)] for i in range(steps)], mine
+
+
 _AE_CACHE: dict[str, dict] = {}
 _AE_CACHE_SIZE = 8
 
 
-def _autoencoder_key(net, blocks: Sequence[Batch], max_nodes: int, seed: int) -> str:
+def _autoencoder_key(net, blocks: Sequence[Batch], max_nodes: int, seed: int, world_size: int = 1) -> str:
     import hashlib
 
     cfg = net.config
     h = hashlib.sha256()
     fields = ("ae_neighbors", "ae_hidden_dim", "latent_dim", "ae_attention", "ae_lr", "ae_weight_decay", "ae_epochs", "ae_grad_clip")
     h.update(repr(([getattr(cfg, f) for f in fields], net.n_genes, max_nodes, seed)).encode())
+    if world_size > 1:  # data-parallel pre-training takes other steps
+        h.update(f"world_size={world_size}".encode())
     for b in blocks:
         h.update(np.ascontiguousarray(b.expr).tobytes())
         h.update(np.ascontiguousarray(b.edges_ae).tobytes())
     return h.hexdigest()
 
 
-def pretrain_autoencoder(net, blocks: Sequence[Batch], *, device, max_nodes: int, seed: int) -> None:
+def pretrain_autoencoder(
+    net,
+    blocks: Sequence[Batch],
+    *,
+    device,
+    max_nodes: int,
+    seed: int,
+    distributed: Context | None = None,
+    trace: dict[str, Any] | None = None,
+) -> None:
     """Stage 1: train the graph attention autoencoder alone on the expression (reconstruction).
 
     It depends only on the expression, its graph and the autoencoder's settings, so its result
     is kept in memory for this process and reused (e.g. by the two encoders of a benchmark fold).
+    With ``distributed`` (a :class:`hespotex.tl._distributed.Context`) every rank trains on its
+    shard of the blocks and ``DistributedDataParallel`` averages the gradients.
     """
     import torch
     from tqdm.auto import tqdm
 
     cfg = net.config
-    key = _autoencoder_key(net, blocks, max_nodes, seed)
+    world_size = 1 if distributed is None else distributed.world_size
+    key = _autoencoder_key(net, blocks, max_nodes, seed, world_size)
     if key in _AE_CACHE:
         net.autoencoder.load_state_dict(_AE_CACHE[key])
         logger.info("Reusing the autoencoder pre-trained on the same expression in this session.")
         return
-    torch.manual_seed(seed)
+    torch.manual_seed(seed if distributed is None else distributed.seed(seed))
     rng = np.random.default_rng(seed)
-    opt = torch.optim.Adam(net.autoencoder.parameters(), lr=cfg.ae_lr, weight_decay=cfg.ae_weight_decay)
+    params = list(net.autoencoder.parameters())
+    opt = torch.optim.Adam(params, lr=cfg.ae_lr, weight_decay=cfg.ae_weight_decay)
+    step, flags = net.autoencoder_loss, None
+    if distributed is not None:
+        from hespotex.tl._distributed import trainable_only
+
+        flags = trainable_only(net, params)
+        step = distributed.wrap(net, "autoencoder_loss")
     net.train()
-    for _ in tqdm(range(cfg.ae_epochs), desc="autoencoder", disable=not settings.progress):
-        for batch in group_blocks(blocks, rng.permutation(len(blocks)), max_nodes):
-            x, _, e_ae, _ = batch.to(device)
-            loss, _ = net.autoencoder_loss(x, e_ae)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.ae_grad_clip:
-                torch.nn.utils.clip_grad_norm_(net.autoencoder.parameters(), cfg.ae_grad_clip)
-            opt.step()
+    try:
+        for epoch in tqdm(range(cfg.ae_epochs), desc="autoencoder", disable=not settings.progress):
+            batches, mine = epoch_batches(blocks, rng, max_nodes, distributed)
+            if trace is not None and epoch == 0:
+                trace["autoencoder"] = {"blocks": mine.tolist(), "steps_per_epoch": len(batches)}
+            for batch in batches:
+                x, _, e_ae, _ = batch.to(device)
+                loss, _ = step(x, e_ae)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.ae_grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.ae_grad_clip)
+                opt.step()
+    finally:
+        if flags is not None:
+            del step  # the DDP wrapper and its gradient hooks
+            from hespotex.tl._distributed import restore_grad_flags
+
+            restore_grad_flags(flags)
     if len(_AE_CACHE) >= _AE_CACHE_SIZE:
         _AE_CACHE.pop(next(iter(_AE_CACHE)))
     _AE_CACHE[key] = {k: v.detach().cpu().clone() for k, v in net.autoencoder.state_dict().items()}
@@ -139,11 +208,19 @@ def fit_net(
     device,
     max_nodes: int,
     seed: int,
+    distributed: Context | None = None,
+    trace: dict[str, Any] | None = None,
 ) -> list[dict[str, float]]:
     """Train ``net`` in place: autoencoder pre-training, then the joint stage with early stopping.
 
     ``validate(net)`` returns a score (higher is better) on held-out validation spots; the best
     epoch's weights are restored. Returns the per-epoch history.
+
+    With ``distributed`` (a :class:`hespotex.tl._distributed.Context`, process group running)
+    this process is one rank of data-parallel training: it trains on its shard of the blocks each
+    epoch, ``DistributedDataParallel`` averages the gradients, the history holds the losses
+    averaged over ranks, and ``validate`` must return the same score on every rank (it decides
+    early stopping). ``trace`` (a dict) receives this rank's shards and step counts.
     """
     import torch
     from tqdm.auto import tqdm
@@ -155,7 +232,9 @@ def fit_net(
     frozen = net.autoencoder is not None and cfg.ae_epochs > 0 and cfg.detach_latent
     with torch.random.fork_rng(devices=[]):
         if net.autoencoder is not None and cfg.ae_epochs > 0:
-            pretrain_autoencoder(net, blocks, device=device, max_nodes=max_nodes, seed=seed)
+            pretrain_autoencoder(
+                net, blocks, device=device, max_nodes=max_nodes, seed=seed, distributed=distributed, trace=trace
+            )
         if frozen:  # two-stage training: z is a fixed target, computed once; the autoencoder is not run again
             net.eval()
             with torch.inference_mode():
@@ -163,19 +242,29 @@ def fit_net(
                     x, _, e_ae, _ = b.to(device)
                     b.latent = net.autoencoder.encode(x, e_ae)[0].float().cpu().numpy()
         # the joint stage has its own random streams, so it is the same whether or not pre-training was cached
-        torch.manual_seed(seed + 1)
+        torch.manual_seed(seed + 1 if distributed is None else distributed.seed(seed + 1))
         rng = np.random.default_rng(seed + 1)
         params = net.image_parameters() if frozen else list(net.parameters())
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        step, flags = net.loss, None
+        if distributed is not None:
+            from hespotex.tl._distributed import restore_grad_flags, trainable_only
+
+            flags = trainable_only(net, params)
+            step = distributed.wrap(net, "loss")
         best_score, best_state, stale = -np.inf, None, 0
         bar = tqdm(range(cfg.epochs), desc="training", disable=not settings.progress)
         for epoch in bar:
             net.train()
             sums: dict[str, float] = {}
-            batches = group_blocks(blocks, rng.permutation(len(blocks)), max_nodes)
+            batches, mine = epoch_batches(blocks, rng, max_nodes, distributed)
+            if trace is not None and epoch == 0:
+                trace["joint"] = {
+                    "blocks": mine.tolist(), "spots": int(sum(len(blocks[i].emb) for i in mine)), "steps_per_epoch": len(batches)
+                }  # fmt: skip
             for batch in batches:
                 x, emb, e_ae, e_dec = batch.to(device)
-                loss, parts = net.loss(x, emb, e_ae, e_dec, latent_target=batch.latent_tensor(device) if frozen else None)
+                loss, parts = step(x, emb, e_ae, e_dec, latent_target=batch.latent_tensor(device) if frozen else None)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip:
@@ -199,5 +288,13 @@ def fit_net(
                 break
         if best_state is not None:
             net.load_state_dict(best_state)
+        if distributed is not None and history:  # the history reports losses averaged over ranks (one collective)
+            keys = [k for k in history[0] if k not in ("epoch", "validation")]
+            means = distributed.all_reduce(np.array([[h[k] for k in keys] for h in history])) / distributed.world_size
+            for h, row in zip(history, means.tolist(), strict=True):
+                h.update(zip(keys, row, strict=True))
+        if flags is not None:
+            del step  # the DDP wrapper and its gradient hooks
+            restore_grad_flags(flags)
     net.eval()
     return history
