@@ -201,6 +201,17 @@ def test_store_of_another_slide_is_refused(streamed, trained_synthetic, tmp_path
     assert table.n_obs == 60 and hx.io.read_zarr(out).tables["hespotex"].n_obs == 60
 
 
+def test_overwrite_replaces_finished_predictions_of_the_same_slide(reference, streamed, trained_synthetic, tmp_path):
+    """A finished store of this very slide and model, predicted again with overwrite=True: recomputed and
+    rewritten in place (spatialdata will not overwrite an element of the store it is backed by)."""
+    out = tmp_path / "again.zarr"
+    shutil.copytree(streamed[2], out)
+    sdata = copy.deepcopy(reference[0])
+    table = hx.tl.predict(sdata, trained_synthetic["model"], device="cpu", out=out, overwrite=True)
+    np.testing.assert_allclose(_layer(table), _layer(reference[1]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_layer(hx.io.read_zarr(out).tables["hespotex"]), _layer(reference[1]), rtol=1e-5, atol=1e-5)
+
+
 def test_store_of_another_model_is_refused(slide, streamed, trained_synthetic, tmp_path):
     import torch
 

@@ -634,7 +634,9 @@ def predict_streaming(
 
         target = spatialdata.read_zarr(path, selection=("shapes",))
     _attach(target, new, key_added)
-    target.write_element(key_added, overwrite=on_disk)
+    if on_disk:  # spatialdata refuses to overwrite an element inside the store it is backed by: remove it first
+        del root["tables"][key_added]
+    target.write_element(key_added)
     result = _read_result(path, key_added)
     if own or key_added not in sdata.tables or overwrite or _ours(sdata.tables[key_added], key_added, model_id, path):
         _attach(sdata, result, key_added)
