@@ -1,4 +1,13 @@
-"""The ``hespotex`` command: ``hespotex demo`` trains, predicts an unseen slide, evaluates and writes the result."""
+"""The ``hespotex`` command for batch jobs.
+
+- ``hespotex demo``: train, predict an unseen slide, evaluate and write the result;
+- ``hespotex train``: train a model on samples with spatial transcriptomics and save it;
+- ``hespotex tile``: tissue detection and pseudo-spots over a whole-slide image, to a zarr store;
+- ``hespotex predict``: expression maps for image-only slides (several run in parallel on Dask).
+
+Exit codes: 0 success; 1 an error, or (``predict``) some slides failed; 2 bad usage or a refused
+overwrite (an output that already exists without ``--overwrite``) or a missing input.
+"""
 
 from __future__ import annotations
 
@@ -25,15 +34,24 @@ def _demo_samples(her2st: str | None, *, quick: bool):
         sections = hx.datasets.her2st(her2st)
         names = sorted(sections)
         test = names[-1]
-        return {n: sections[n] for n in names if n != test}, (test, sections[test]), hx.datasets.her2st_genes(her2st), None
+        return (
+            {n: sections[n] for n in names if n != test},
+            (test, sections[test]),
+            hx.datasets.her2st_genes(her2st),
+            None,
+        )
     n_spots = 150 if quick else 400
     make = dict(n_genes=120, microns_per_pixel=1.0)
-    train = {f"synthetic_{i}": hx.datasets.synthetic(n_spots, seed=i, sample_id=f"synthetic_{i}", **make) for i in range(3)}
+    train = {
+        f"synthetic_{i}": hx.datasets.synthetic(n_spots, seed=i, sample_id=f"synthetic_{i}", **make) for i in range(3)
+    }
     test = hx.datasets.synthetic(n_spots, seed=10, sample_id="synthetic_test", **make)
     return train, ("synthetic_test", test), None, 112
 
 
-def demo(out: str | Path = "demo-output", *, her2st: str | None = None, quick: bool = False, overwrite: bool = False) -> Path:
+def demo(
+    out: str | Path = "demo-output", *, her2st: str | None = None, quick: bool = False, overwrite: bool = False
+) -> Path:
     """Run the demo and return the output folder (``prediction.zarr``, ``metrics.csv``, ``model/``)."""
     import pandas as pd
 
@@ -71,25 +89,473 @@ def demo(out: str | Path = "demo-output", *, her2st: str | None = None, quick: b
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hespotex", description="Spot-level gene expression from H&E histology (HESpotEx).")
+PREDICT_HELP = """Predict spot-level gene expression for whole-slide H&E images that have no spatial transcriptomics.
+
+Each slide is read lazily (pyramidal TIFF / OME-TIFF, SVS...), its tissue detected and covered with
+pseudo-spots of the geometry the model was trained on (e.g. 55 µm spots 100 µm apart for Visium),
+and the model predicts every spot's expression, streaming, into OUT/<slide name>.zarr (table
+'hespotex', layer 'hespotex'). OUT/<slide name>.done.json is written when a slide is finished; a
+re-run skips finished slides and resumes interrupted ones. One slide runs in this process; several
+run in parallel on a local Dask cluster (--workers processes, one thread each). A slide that fails
+is reported (and its error written to OUT/<slide name>.error.txt) without stopping the others.
+A SLIDE may also be a zarr store written by `hespotex tile`, whose pseudo-spots are then used as they are.
+"""
+PREDICT_EPILOG = """examples:
+  hespotex predict --model my-model --out predictions slide.ome.tif
+  hespotex predict --model my-model --out predictions --workers 4 slides/*.svs
+  hespotex predict --model my-model --out predictions --mpp 0.5 scan.tif   # file without resolution metadata
+
+exit codes: 0 all slides finished (or skipped as finished earlier), 1 some slides failed,
+            2 bad usage, a missing input, or results that --overwrite would be needed to replace
+"""
+TRAIN_HELP = """Train HESpotEx on samples with spatial transcriptomics, then save the model folder.
+
+SAMPLEs are SpatialData zarr stores written by hespotex (hx.io.write_zarr) or 10x Space Ranger
+`outs` folders (filtered_feature_bc_matrix.h5 and spatial/); --her2st adds sections of the public
+her2st data set. Each sample's H&E patches are embedded with the frozen --encoder (cached under
+~/.cache/hespotex), then the model learns the expression of --genes genes from them. The saved
+folder (model.safetensors + setup.json) is what `hespotex predict --model` and hx.tl.HESpotEx.load read.
+"""
+TRAIN_EPILOG = """examples:
+  hespotex train --out my-model sampleA.zarr sampleB.zarr
+  hespotex train --out my-model --genes 2000 --epochs 200 visium/A1/outs visium/B1/outs
+  hespotex train --out her2st-model --genes genes_785.txt --her2st data/her2st --sections C2 C3 C4
+
+exit codes: 0 model saved, 1 an error, 2 bad usage, a missing input or an existing --out without --overwrite
+"""
+TILE_HELP = """Cover the tissue of a whole-slide image with pseudo-spots, and write them to a zarr store.
+
+The tissue is found on a low-resolution level of the slide; pseudo-spots of the model's training
+geometry (--model) or of the given --spot-diameter and --spacing (in µm) are laid over it on a
+hexagonal or square grid. The store holds the tissue outline, the spot circles and a table of spots
+ready for prediction; by default not the image itself (the slide's path is recorded instead), so it
+stays small. `hespotex predict` accepts the store in place of the slide.
+"""
+TILE_EPILOG = """examples:
+  hespotex tile --out slide-tiles.zarr --model my-model slide.ome.tif
+  hespotex tile --out slide-tiles.zarr --spot-diameter 55 --spacing 100 --layout hex slide.svs
+  hespotex predict --model my-model --out predictions slide-tiles.zarr
+
+exit codes: 0 written, 1 an error, 2 bad usage, a missing input or an existing --out without --overwrite
+"""
+
+
+def _is_zarr_store(path: Path) -> bool:
+    return path.is_dir() and any((path / f).exists() for f in ("zarr.json", ".zgroup", ".zattrs"))
+
+
+def _is_visium_outs(path: Path) -> bool:
+    return path.is_dir() and ((path / "spatial").is_dir() or any(path.glob("*filtered_feature_bc_matrix.h5")))
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        msg = f"expected a positive number, found {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        msg = f"expected a positive whole number, found {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# predict
+
+
+def predict_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``hespotex predict``: one slide in-process, several through :func:`hespotex.tl.predict_slides`."""
+    import pandas as pd
+
+    from hespotex.tl._cohort import COLUMNS, predict_slides, run_slide, slide_name
+
+    model = Path(args.model)
+    if not model.is_dir():
+        parser.error(
+            f"--model {args.model!r} is not a folder; pass the folder written by `hespotex train` (or HESpotEx.save)."
+        )
+    missing = [s for s in args.slides if not Path(s).exists()]
+    if missing and len(args.slides) == 1:
+        parser.error(f"the slide {missing[0]!r} does not exist.")
+    names = [slide_name(s) for s in args.slides]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        parser.error(f"slides must have distinct file names (each writes OUT/<name>.zarr); repeated: {dupes}.")
+    predict_kwargs = {"device": args.device} if args.device else {}
+    tile_kwargs = {"layout": args.layout} if args.layout else {}
+    if len(args.slides) == 1:
+        record = run_slide(
+            args.slides[0], model, out=args.out, microns_per_pixel=args.mpp, tile_kwargs=tile_kwargs,
+            predict_kwargs=predict_kwargs, overwrite=args.overwrite, raise_errors=True,
+        )  # fmt: skip
+        table = pd.DataFrame([record], columns=COLUMNS)
+    else:
+        table = predict_slides(
+            args.slides, model, out=args.out, n_workers=args.workers, microns_per_pixel=args.mpp,
+            tile_kwargs=tile_kwargs, predict_kwargs=predict_kwargs, overwrite=args.overwrite,
+        )  # fmt: skip
+    shown = table[["slide", "status", "n_tiles", "seconds", "output", "error"]].copy()
+    shown["seconds"] = shown["seconds"].map(lambda v: f"{v:.1f}" if pd.notna(v) else "")
+    shown = shown.fillna("")
+    sys.stdout.write(shown.to_string(index=False) + "\n")
+    n_failed = int((table["status"] == "failed").sum())
+    if n_failed:
+        logger.error(
+            "%d of %d slides failed; their errors are in %s/<slide>.error.txt.", n_failed, len(table), args.out
+        )
+        return 1
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# train
+
+
+def _genes_argument(text: str) -> tuple[list[str] | None, int]:
+    """``--genes``: a number of top genes, or a file of gene names (one a line)."""
+    if text.isdigit():
+        return None, int(text)
+    path = Path(text)
+    if not path.is_file():
+        msg = f"--genes expects a number of genes or a file of gene names, found {text!r} (no such file)."
+        raise FileNotFoundError(msg)
+    genes = [g.strip() for g in path.read_text().splitlines() if g.strip() and not g.lstrip().startswith("#")]
+    if not genes:
+        msg = f"The gene file {text!r} lists no genes (expected one name a line)."
+        raise ValueError(msg)
+    return genes, len(genes)
+
+
+def _training_samples(args: argparse.Namespace) -> list:
+    import hespotex as hx
+
+    samples = []
+    if args.her2st:
+        samples += list(hx.datasets.her2st(args.her2st, sections=args.sections).values())
+    for text in args.samples:
+        path = Path(text)
+        if not path.exists():
+            msg = f"The sample {text!r} does not exist."
+            raise FileNotFoundError(msg)
+        if _is_zarr_store(path):
+            samples.append(hx.io.read_zarr(path))
+        elif _is_visium_outs(path):
+            samples.append(hx.io.read_visium(path, microns_per_pixel=args.mpp))
+        else:
+            msg = (
+                f"{text!r} is neither a SpatialData zarr store (written by hx.io.write_zarr) nor a Space Ranger "
+                "`outs` folder (filtered_feature_bc_matrix.h5 and spatial/). Convert it with an hx.io reader first."
+            )
+            raise ValueError(msg)
+    return samples
+
+
+def _config_overrides(items: list[str] | None, parser: argparse.ArgumentParser) -> dict[str, object]:
+    """``--set KEY=VALUE`` pairs as ModelConfig overrides (values parsed as JSON when they can be)."""
+    import json
+
+    overrides: dict[str, object] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            parser.error(f"--set expects KEY=VALUE (a ModelConfig field), found {item!r}.")
+        try:
+            overrides[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = value
+    return overrides
+
+
+def train_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``hespotex train``: read samples, embed, train, save."""
+    if not args.samples and not args.her2st:
+        parser.error("give at least one SAMPLE, or --her2st PATH.")
+    if args.sections and not args.her2st:
+        parser.error("--sections needs --her2st PATH.")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        msg = f"{str(out)!r} already exists; pass --overwrite to replace it, or --out another folder."
+        raise FileExistsError(msg)
+    genes, n_top = _genes_argument(args.genes)
+    overrides = _config_overrides(args.set, parser)
+    if args.epochs:
+        overrides["epochs"] = args.epochs
+
+    import hespotex as hx
+    from hespotex.models import ModelConfig
+
+    try:
+        config = ModelConfig.preset(args.preset, **overrides)
+    except (KeyError, TypeError, ValueError) as err:
+        parser.error(f"--set: {err.args[0] if err.args else err}")
+    validation: object = args.validation
+    if args.validation == "none":
+        validation = None
+    elif args.validation != "auto":
+        try:
+            validation = float(args.validation)
+        except ValueError:
+            parser.error(f"--validation expects auto, none or a fraction such as 0.2, found {args.validation!r}.")
+    samples = _training_samples(args)
+    for sdata in samples:
+        hx.pp.embed(
+            sdata, encoder=args.encoder, weights=args.weights, patch_um=args.patch_um, input_size=args.input_size
+        )
+    t0 = time.perf_counter()
+    model = hx.tl.train(
+        samples,
+        genes=genes,
+        n_top_genes=n_top,
+        config=config,
+        validation=validation,
+        seed=args.seed,
+        device=args.device or "auto",
+    )
+    model.save(out, overwrite=args.overwrite)
+    sys.stdout.write(
+        f"hespotex train: {len(model.genes)} genes from {len(samples)} samples ({', '.join(model.train_samples_)}) "
+        f"in {time.perf_counter() - t0:.0f} s; model saved to {out}\n"
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# tile
+
+
+def tile_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``hespotex tile``: tissue, pseudo-spots and their table, written to a zarr store."""
+    by_geometry = args.spot_diameter is not None or args.spacing is not None
+    if args.model and by_geometry:
+        parser.error("give either --model or --spot-diameter/--spacing, not both.")
+    if not args.model and not (args.spot_diameter is not None and args.spacing is not None):
+        parser.error("give --model DIR (its training geometry), or both --spot-diameter UM and --spacing UM.")
+    slide, out = Path(args.slide), Path(args.out)
+    if not slide.exists():
+        parser.error(f"the slide {args.slide!r} does not exist.")
+    if args.model and not Path(args.model).is_dir():
+        parser.error(f"--model {args.model!r} is not a folder; pass the folder written by `hespotex train`.")
+    if out.exists() and not args.overwrite:
+        msg = f"{str(out)!r} already exists; pass --overwrite to replace it, or --out another path."
+        raise FileExistsError(msg)
+
+    import hespotex as hx
+    from hespotex._sample import get_sample_info
+
+    sdata = hx.io.read_wsi(slide, microns_per_pixel=args.mpp)
+    hx.pp.detect_tissue(sdata)
+    geometry = (
+        {"model": args.model} if args.model else {"spot_diameter_um": args.spot_diameter, "spacing_um": args.spacing}
+    )
+    table = hx.pp.tile(sdata, layout=args.layout, **geometry)
+    attrs = dict(sdata.attrs)
+    attrs["hespotex_slide"] = {**dict(attrs.get("hespotex_slide", {})), "path": str(slide.resolve())}
+    if not args.with_image:
+        from spatialdata import SpatialData
+
+        sdata = SpatialData(shapes=dict(sdata.shapes), tables=dict(sdata.tables), attrs=attrs)
+    else:
+        sdata.attrs["hespotex_slide"] = attrs["hespotex_slide"]
+    hx.io.write_zarr(sdata, out, overwrite=args.overwrite)
+    info = get_sample_info(table)
+    sys.stdout.write(
+        f"hespotex tile: {table.n_obs} pseudo-spots of {info.spot_diameter_um:g} µm ({args.layout} layout) over the "
+        f"tissue of {slide.name} at {info.microns_per_pixel:g} µm/px; written to {out}"
+        f"{'' if args.with_image else ' (without the image: the slide path is recorded)'}\n"
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# the command
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``hespotex`` and its subcommands."""
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="hespotex",
+        description="Spot-level gene expression from H&E histology (HESpotEx). Run `hespotex COMMAND --help` for each command.",
+        epilog="exit codes: 0 success, 1 an error (predict: some slides failed), 2 bad usage, a missing input or a refused overwrite",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_demo = sub.add_parser("demo", help="train, predict an unseen slide, evaluate", description=DEMO_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug messages and full tracebacks on errors")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p_demo = sub.add_parser(
+        "demo", help="train, predict an unseen slide, evaluate", description=DEMO_HELP, formatter_class=raw
+    )
     p_demo.add_argument("--her2st", metavar="PATH", help="folder of the public her2st data (images/, counts/, spots/)")
     p_demo.add_argument("--out", default="demo-output", help="output folder (default: demo-output)")
     p_demo.add_argument("--quick", action="store_true", help="smaller synthetic slides and fewer epochs")
     p_demo.add_argument("--overwrite", action="store_true", help="replace results already in --out")
-    args = parser.parse_args(argv)
+
+    p_pred = sub.add_parser(
+        "predict",
+        help="expression maps for whole-slide images",
+        description=PREDICT_HELP,
+        epilog=PREDICT_EPILOG,
+        formatter_class=raw,
+    )
+    p_pred.add_argument(
+        "slides", nargs="+", metavar="SLIDE", help="whole-slide image files (or zarr stores from `hespotex tile`)"
+    )
+    p_pred.add_argument("--model", required=True, metavar="DIR", help="model folder written by `hespotex train`")
+    p_pred.add_argument(
+        "--out", required=True, metavar="DIR", help="output folder: one OUT/<slide name>.zarr per slide"
+    )
+    p_pred.add_argument(
+        "--mpp", type=_positive_float, metavar="X", help="microns per pixel of the slides, when their files do not say"
+    )
+    p_pred.add_argument(
+        "--workers", type=_positive_int, metavar="N", help="worker processes for several slides (default: one per core)"
+    )
+    p_pred.add_argument("--layout", choices=["hex", "grid"], help="pseudo-spot layout (default: hexagonal, as Visium)")
+    p_pred.add_argument("--device", metavar="NAME", help="torch device: cpu, cuda, cuda:1... (default: auto)")
+    p_pred.add_argument(
+        "--overwrite", action="store_true", help="predict finished slides again, replacing their results"
+    )
+
+    p_train = sub.add_parser(
+        "train",
+        help="train a model on spatial transcriptomics samples",
+        description=TRAIN_HELP,
+        epilog=TRAIN_EPILOG,
+        formatter_class=raw,
+    )
+    p_train.add_argument(
+        "samples", nargs="*", metavar="SAMPLE", help="SpatialData zarr stores or Space Ranger outs folders"
+    )
+    p_train.add_argument("--out", required=True, metavar="DIR", help="folder to save the model to")
+    p_train.add_argument(
+        "--genes",
+        default="1000",
+        metavar="N|FILE",
+        help="number of most variable genes to predict, or a file of gene names (default: 1000)",
+    )
+    p_train.add_argument(
+        "--encoder",
+        default="efficientnet_lite0.imagenet",
+        metavar="NAME",
+        help="image encoder: a timm model name (default: efficientnet_lite0.imagenet)",
+    )
+    p_train.add_argument(
+        "--weights", metavar="FILE", help="encoder weights file (e.g. a histology foundation model checkpoint)"
+    )
+    p_train.add_argument(
+        "--patch-um", type=_positive_float, metavar="UM", help="patch side in µm (default: from the spot size)"
+    )
+    p_train.add_argument(
+        "--input-size", type=_positive_int, metavar="PX", help="encoder input size in pixels (default: the encoder's)"
+    )
+    p_train.add_argument(
+        "--preset",
+        default="hespotex",
+        choices=["hespotex", "paper"],
+        help="model configuration preset (default: hespotex)",
+    )
+    p_train.add_argument("--epochs", type=_positive_int, metavar="N", help="training epochs (default: the preset's)")
+    p_train.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a model setting, e.g. --set ae_epochs=200 --set lr=0.003 (repeatable; see hx.models.ModelConfig)",
+    )
+    p_train.add_argument(
+        "--validation", default="auto", metavar="auto|none|FRACTION", help="early stopping split (default: auto)"
+    )
+    p_train.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p_train.add_argument("--device", metavar="NAME", help="torch device (default: auto)")
+    p_train.add_argument(
+        "--mpp",
+        type=_positive_float,
+        metavar="X",
+        help="microns per pixel of Visium full-resolution images, when known",
+    )
+    p_train.add_argument(
+        "--her2st", metavar="PATH", help="folder of the public her2st data set, to train on its sections"
+    )
+    p_train.add_argument(
+        "--sections", nargs="+", metavar="ID", help="her2st sections to use (default: all), e.g. C2 C3"
+    )
+    p_train.add_argument("--overwrite", action="store_true", help="replace an existing model folder --out")
+
+    p_tile = sub.add_parser(
+        "tile",
+        help="pseudo-spots over the tissue of a whole-slide image",
+        description=TILE_HELP,
+        epilog=TILE_EPILOG,
+        formatter_class=raw,
+    )
+    p_tile.add_argument("slide", metavar="SLIDE", help="whole-slide image file (pyramidal TIFF / OME-TIFF, SVS...)")
+    p_tile.add_argument("--out", required=True, metavar="ZARR", help="zarr store to write")
+    p_tile.add_argument("--model", metavar="DIR", help="model folder: use the spot geometry it was trained on")
+    p_tile.add_argument(
+        "--spot-diameter",
+        type=_positive_float,
+        metavar="UM",
+        help="pseudo-spot diameter in µm (with --spacing, instead of --model)",
+    )
+    p_tile.add_argument("--spacing", type=_positive_float, metavar="UM", help="centre-to-centre distance in µm")
+    p_tile.add_argument(
+        "--layout", default="hex", choices=["hex", "grid"], help="hexagonal (Visium-like, default) or square grid"
+    )
+    p_tile.add_argument(
+        "--mpp", type=_positive_float, metavar="X", help="microns per pixel, when the file does not say"
+    )
+    p_tile.add_argument("--with-image", action="store_true", help="also copy the image pyramid into the store (large)")
+    p_tile.add_argument("--overwrite", action="store_true", help="replace an existing store --out")
+    for p in (p_demo, p_pred, p_train, p_tile):
+        p.set_defaults(subparser=p)
+    return parser
+
+
+COMMANDS = {"predict": predict_command, "train": train_command, "tile": tile_command}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``hespotex`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
+    import hespotex as hx
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or bad usage (2)
+        return int(exit_.code or 0)
     if args.quiet:
         logger.setLevel(logging.WARNING)
+    elif args.verbose:
+        logger.setLevel(logging.DEBUG)
+    if args.no_progress:
+        hx.settings.progress = False
+    sub = args.subparser  # the subcommand's own parser, for its usage errors
     try:
         if args.command == "demo":
             demo(args.out, her2st=args.her2st, quick=args.quick, overwrite=args.overwrite)
-    except (FileExistsError, FileNotFoundError, KeyError, ValueError) as err:
+            return 0
+        return COMMANDS[args.command](args, sub)
+    except SystemExit as exit_:  # sub.error(): bad usage
+        return int(exit_.code or 0)
+    except (FileExistsError, FileNotFoundError) as err:
         logger.error("%s", err)
+        logger.debug("Traceback:", exc_info=True)
         return 2
-    return 0
+    except Exception as err:  # any other failure: one clear line (full traceback with --verbose)
+        logger.error("%s: %s", type(err).__name__, err)
+        logger.debug("Traceback:", exc_info=True)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover
