@@ -38,3 +38,13 @@ def markdown_table(header: list[str], rows: list[list], *, fmt=str) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def write_report(text: str, out: str) -> None:
+    """Print a benchmark's markdown report and write it to ``out`` (folders created)."""
+    from pathlib import Path
+
+    print(text)
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")

@@ -44,7 +44,7 @@ from statistics import median
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
-from _common import competing, markdown_table, reset_peak_rss, status_kb
+from _common import competing, markdown_table, reset_peak_rss, status_kb, write_report
 
 ENCODERS = ("resnet18", "efficientnet_lite0.imagenet")
 DATASETS = ("her2st C2", "synthetic")
@@ -347,10 +347,7 @@ def main() -> None:
             "\n".join(notes),
         ]
     )
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
+    write_report(text, args.out)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from pathlib import Path
 from statistics import median
 
 import numpy as np
-from _common import competing, markdown_table, reset_peak_rss, status_kb
+from _common import competing, markdown_table, reset_peak_rss, status_kb, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = ("spatial_graph", "knn_graph", "sklearn")
@@ -294,10 +294,7 @@ def main() -> None:
             "\n".join(notes),
         ]
     )
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
+    write_report(text, args.out)
 
 
 if __name__ == "__main__":

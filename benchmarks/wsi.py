@@ -45,7 +45,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read by libgomp when torch loads: before importing it
 
-from _common import competing, markdown_table
+from _common import competing, markdown_table, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 ENCODER, INPUT_SIZE = "efficientnet_lite0.imagenet", 64
@@ -312,10 +312,7 @@ def main() -> None:
             "\n".join(notes),
         ]
     )
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
+    write_report(text, args.out)
 
 
 if __name__ == "__main__":
