@@ -332,10 +332,10 @@ def _hub_error(entry: ZooEntry, err: BaseException) -> EncoderUnavailableError:
             "where you have access and pass them with `weights=`."
         )
     elif isinstance(err, ImportError):
-        msg = f"The encoder {entry.name!r} needs a package that is not installed: {err}"
+        msg = f"The encoder {entry.name!r} needs a package that cannot be imported here: {err}"
     else:
         msg = (
-            f"Could not get the weights of {entry.name!r} ({type(err).__name__}: {str(err)[:200]}). Offline "
+            f"Could not get the hub files of {entry.name!r} ({type(err).__name__}: {str(err)[:200]}). Offline "
             f"(HF_HUB_OFFLINE=1 or no network) they load only from the huggingface_hub cache. Download them "
             f"where you have network (`hf download {entry.hub_id or '<repo>'}`; gated: {entry.gated}) into the "
             "cache, or pass a local copy with `weights=` (a checkpoint file or the downloaded repo folder)."
@@ -457,8 +457,10 @@ def _random_zoo_model(name: str, *, seed: int = 0, device: str = "cpu") -> tuple
         try:
             zoo_model = cls(model_path=str(absent))
         except (FileNotFoundError, OSError, ImportError, ValueError, RuntimeError) as err:
-            if not built or absent.name not in str(err):
-                raise _hub_error(entry, err) from err
+            if not built or absent.name not in str(err) or "Repo id" in str(err):
+                reason = str(_hub_error(entry, err))
+                msg = f"{entry.name!r} cannot be built offline with random weights: {reason}"
+                raise EncoderUnavailableError(msg) from err
             zoo_model = _constructor_self(err, cls)
     if zoo_model is None:
         msg = f"Could not recover the network {entry.name!r}'s constructor built."
