@@ -21,7 +21,10 @@ from hespotex.tl._data import EMBEDDING_KEY, graph_data
 pytest.importorskip("lazyslide_models")
 pytest.importorskip("einops")
 torch = pytest.importorskip("torch")
-pytestmark = pytest.mark.usefixtures("single_threaded")
+pytestmark = [
+    pytest.mark.usefixtures("single_threaded"),
+    pytest.mark.filterwarnings("ignore:.*not in STPath's vocabulary:UserWarning"),
+]
 
 GENES = [f"g{i}" for i in range(30)]
 IN_VOCAB = GENES[:20]  # g20..g29 are not in the vocabulary
@@ -64,6 +67,7 @@ def _gigapath_samples(sample_factory, n: int = 3):
 
 
 def test_stpath_is_scored_beside_hespotex_on_the_same_folds(sample_factory, stpath_files):
+    """One fold, HESpotEx with a tiny config and STPath; STPath's scores equal STPath run directly."""
     from lazyslide_models.feature_prediction import STPath
 
     from hespotex.models import ModelConfig
@@ -86,14 +90,17 @@ def test_stpath_is_scored_beside_hespotex_on_the_same_folds(sample_factory, stpa
     st = cv[cv["method"] == "stpath"].set_index("gene")
     hes = cv[cv["method"] == "hespotex"].set_index("gene")
     assert list(st.index) == list(hes.index) == GENES and set(st["test_sample"]) == {"S2"}
-    assert st.loc[IN_VOCAB, "pearson"].notna().all() and st.loc[GENES[20:], "pearson"].isna().all()
+    assert st.loc[GENES[20:], "pearson"].isna().all()  # not in STPath's vocabulary
 
     # the same numbers as STPath run directly on the held-out sample
     table = samples["S2"].tables["table"]
     data = graph_data(table, "S2", genes=GENES, embedding_key=EMBEDDING_KEY)
     direct = STPath(genes=IN_VOCAB, **stpath_files).predict(data.emb, coords=data.coords_um)
     truth = np.asarray(data.expr[:, : len(IN_VOCAB)].toarray() if hasattr(data.expr, "toarray") else data.expr[:, : len(IN_VOCAB)])
-    for j, g in enumerate(IN_VOCAB):
+    varies = [j for j in range(len(IN_VOCAB)) if truth[:, j].std() > 0]
+    assert len(varies) >= 10
+    for j in varies:
+        g = IN_VOCAB[j]
         expected = np.corrcoef(truth[:, j], direct[g])[0, 1]
         assert st.loc[g, "pearson"] == pytest.approx(expected, abs=1e-5), g
 
