@@ -392,7 +392,7 @@ def _construct(entry: ZooEntry, *, weights: str | Path | None, token: str | None
     if weights is None:
         try:
             zoo_model = cls(token=token)
-        except (OSError, ImportError, ValueError) as err:
+        except (OSError, ImportError) as err:
             raise _hub_error(entry, err) from err
         from hespotex.pp._encoders import _state_fingerprint
 
