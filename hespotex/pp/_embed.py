@@ -124,12 +124,16 @@ def embed(
         A sample with its H&E image (SpatialData).
     encoder
         A timm architecture name (random init, seeded), ``"efficientnet_lite0.imagenet"`` (real
-        ImageNet weights, offline), an ``hf-hub:`` id, an :class:`~hespotex.pp._encoders.Encoder`
-        or a ``torch.nn.Module``; see :func:`hespotex.pp.load_encoder`.
+        ImageNet weights, offline), an ``hf-hub:`` id, a pathology encoder of LazySlide's zoo
+        (``"uni"``, ``"virchow2"``, ...; :func:`hespotex.pp.list_encoders`), an
+        :class:`~hespotex.pp._encoders.Encoder` or a ``torch.nn.Module``; see
+        :func:`hespotex.pp.load_encoder`.
     weights
-        Local checkpoint for a timm architecture (safetensors or a torch state dict).
+        Local checkpoint for a timm architecture (safetensors or a torch state dict), or the local
+        weights of a zoo encoder (its checkpoint file or hub folder).
     patch_um
-        Patch side in µm (default: twice the spot diameter).
+        Patch side in µm (default: a zoo encoder's input at its native µm/px, e.g. 224 px x 0.5 =
+        112 µm; else twice the spot diameter).
     input_size
         Encoder input side in pixels (default: the encoder's own, e.g. 224).
     batch_size
@@ -151,14 +155,23 @@ def embed(
     Returns
     -------
     ``None``. Writes ``obsm[key_added]`` (``n_spots x n_features`` float32) and
-    ``uns["hespotex_embed"][key_added]`` (encoder, encoder id, patch size in µm, input size,
-    pyramid level, cache key).
+    ``uns["hespotex_embed"][key_added]`` (encoder, encoder id, patch size in µm, µm/px seen by the
+    encoder, input size, pyramid level, cache key and, for zoo encoders, ``encoder_entry``: name,
+    source, version, native µm/px, hub id).
     """
     from hespotex.pp._encoders import load_encoder
 
     table = get_table(data)
     enc = load_encoder(encoder, weights=weights, seed=seed, input_size=input_size)
+    native_mpp = enc.entry.get("native_mpp")
+    if patch_um is None and native_mpp is not None:
+        patch_um = enc.input_size * float(native_mpp)  # what the model saw in training: its input at its µm/px
     plan = plan_patches(data, patch_um=patch_um, out_px=enc.input_size)
+    if native_mpp is not None and not 0.8 <= plan.patch_um / enc.input_size / native_mpp <= 1.25:
+        logger.warning(
+            "%s was trained at %.2f µm/px; %.0f µm patches at %d px are %.2f µm/px.",
+            enc.name, native_mpp, plan.patch_um, enc.input_size, plan.patch_um / enc.input_size,
+        )  # fmt: skip
     key = cache_key(plan, enc)
     stored = table.uns.get(EMBED_KEY, {}).get(key_added)
     if key_added in table.obsm:
@@ -198,5 +211,7 @@ def embed(
         "level": plan.level.level,
         "crop_px": plan.size,
         "cache_key": key,
+        "mpp": plan.patch_um / enc.input_size,
+        "encoder_entry": dict(enc.entry) or None,
     }
     table.uns.setdefault(EMBED_KEY, {})[key_added] = {k: v for k, v in params.items() if v is not None}

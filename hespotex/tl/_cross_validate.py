@@ -15,6 +15,7 @@ from hespotex.pp._genes import select_genes, shared_genes
 from hespotex.tl._data import EMBEDDING_KEY, GraphData, graph_data
 from hespotex.tl._evaluate import rank_genes
 from hespotex.tl._metrics import gene_scores
+from hespotex.tl._peers import PEER_METHODS, peer_predictions
 from hespotex.tl._train import ensure_embeddings, train
 
 logger = logging.getLogger("hespotex")
@@ -35,10 +36,10 @@ def _method_specs(methods: Sequence[Any], config: Any) -> list[tuple[str, str, A
             specs.append(("hespotex", "hespotex", config))
         elif isinstance(m, str) and m.startswith("hespotex:"):
             specs.append((m, "hespotex", ModelConfig.preset(m.split(":", 1)[1])))
-        elif m in BASELINE_METHODS:
+        elif m in BASELINE_METHODS or m in PEER_METHODS:
             specs.append((m, m, None))
         else:
-            msg = f"Unknown method {m!r}; expected 'hespotex', 'hespotex:<preset>', a (label, ModelConfig) pair, or one of {BASELINE_METHODS}."
+            msg = f"Unknown method {m!r}; expected 'hespotex', 'hespotex:<preset>', a (label, ModelConfig) pair, or one of {BASELINE_METHODS + PEER_METHODS}."
             raise ValueError(msg)
     return specs
 
@@ -96,7 +97,9 @@ def cross_validate(
     methods
         ``"hespotex"`` (with ``config``), ``"hespotex:<preset>"``, ``(label, ModelConfig)`` pairs
         (ablations), and the baselines ``"ridge"`` (HEST-Benchmark), ``"mlp"`` (ST-Net style head),
-        ``"retrieval"`` (BLEEP-style nearest neighbours) on the same genes and embeddings.
+        ``"retrieval"`` (BLEEP-style nearest neighbours) on the same genes and embeddings, and the
+        pretrained peer ``"stpath"`` (needs ``"gigapath"`` embeddings and STPath's weights; see
+        :mod:`hespotex.tl._peers`).
     smoothed
         Also score every baseline after spatial smoothing over ``smooth_neighbors`` nearest spots
         (method ``"<name>+smooth"``).
@@ -110,7 +113,8 @@ def cross_validate(
     config, validation, seed, device, embedding_key, target_sum
         As in :func:`hespotex.tl.train` (``validation`` applies inside each training fold).
     baseline_kwargs
-        Extra parameters per baseline, e.g. ``{"mlp": {"epochs": 100}}``.
+        Extra parameters per baseline, e.g. ``{"mlp": {"epochs": 100}}``, or per peer, e.g.
+        ``{"stpath": {"model_path": "stfm.pth", "gene_voc_path": "symbol2ensembl.json"}}``.
 
     Returns
     -------
@@ -164,6 +168,9 @@ def cross_validate(
                     target_sum=target_sum,
                 )
                 preds = {n: model.predict_graph(GraphData(n, d.emb, d.coords_um), device=device)["expression"] for n, d in test_data.items()}
+            elif kind in PEER_METHODS:
+                kw = (baseline_kwargs or {}).get(kind, {})
+                preds = peer_predictions(kind, {n: tables[n] for n in test_names}, test_data, fold_gene_list, embedding_key=embedding_key, kwargs=kw)
             else:
                 preds = _baseline_predictions(kind, train_data, test_data, held, seed=seed, kwargs=(baseline_kwargs or {}).get(kind, {}), make_baseline=make_baseline)
             seconds = time.perf_counter() - t0

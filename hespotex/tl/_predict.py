@@ -18,14 +18,24 @@ from hespotex.tl._train import _same_embedding, ensure_embeddings
 logger = logging.getLogger("hespotex")
 
 
+def _entry_text(record: dict[str, Any]) -> str:
+    """Registry entry of an embedding record: ``'uni' of lazyslide-models 0.1.0 at 0.5 µm/px``."""
+    entry = record.get("encoder_entry") or {}
+    if not entry:
+        return f"{record.get('encoder')!r} (no registry entry)"
+    return f"{entry.get('name')!r} of {entry.get('source')} {entry.get('version')} at {entry.get('native_mpp')} µm/px"
+
+
 def _check_embedding(model: HESpotEx, record: dict[str, Any]) -> None:
     expected = model.embedding
     if "unknown" in (record.get("encoder_id"), expected.get("encoder_id")):
         logger.warning("Cannot check that this slide was embedded like the training slides (no encoder record).")
         return
     if not _same_embedding(expected, record):
+        entries = [_entry_text(r) for r in (expected, record)]
         msg = (
-            f"The model was trained on embeddings of {expected.get('encoder')!r} ({expected.get('encoder_id')}) at "
+            (f"The model's encoder is {entries[0]}, this slide's {entries[1]}. " if entries[0] != entries[1] else "")
+            + f"The model was trained on embeddings of {expected.get('encoder')!r} ({expected.get('encoder_id')}) at "
             f"{expected.get('patch_um')} µm patches; this slide's were made with {record.get('encoder')!r} "
             f"({record.get('encoder_id')}) at {record.get('patch_um')} µm. Re-embed it: "
             f"hx.pp.embed(sdata, encoder={expected.get('encoder')!r}, patch_um={expected.get('patch_um')}, key_added=..., overwrite=True)."
