@@ -218,7 +218,7 @@ def _read_tiff(path: Path, name: str) -> Any:
     try:
         fmt = tiff_file_format(path)
         store = tifffile.imread(path, aszarr=True, level=0)
-    except (tifffile.TiffFileError, IndexError, KeyError) as err:
+    except (tifffile.TiffFileError, ValueError, IndexError, KeyError) as err:
         msg = f"Could not read {str(path)!r} as a TIFF image ({err}). Expected a (pyramidal) RGB TIFF."
         raise ValueError(msg) from err
     arr = da.from_zarr(zarr.open(store, mode="r"))

@@ -6,11 +6,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from hespotex.io._decode import TIFF_SUFFIXES, decode_array, read_image
+from hespotex.io._decode import decode_array, read_image
 
 logger = logging.getLogger("hespotex")
-
-_TIFF_SUFFIXES = TIFF_SUFFIXES
 
 
 def read_image_file(path: str | Path) -> Any:

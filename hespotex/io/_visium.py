@@ -135,8 +135,8 @@ def read_visium(
     fullres_image
         Path to the full-resolution H&E image given to Space Ranger, decoded by hespotex's rules (a
         TIFF lazily; bit depth and colour model as in :mod:`hespotex.io._decode`; ``imread_kwargs``
-        do not apply to it). Without it the hires PNG is the
-        sample's image (its transformation to the dataset coordinate system is a scale).
+        do not apply to it). Without it the hires PNG is the sample's image (its transformation to
+        the dataset coordinate system is a scale).
     counts_file
         Name of the count matrix in ``path``.
     in_tissue_only
