@@ -77,6 +77,7 @@ def cross_validate(
     device: str | None = "auto",
     embedding_key: str = EMBEDDING_KEY,
     target_sum: float = 1e4,
+    target_norm: str = "library_all",
     baseline_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> pd.DataFrame:
     """Leave-one-sample-out (or leave-one-group-out) evaluation of HESpotEx and baselines.
@@ -107,8 +108,10 @@ def cross_validate(
         Named gene lists to flag in the result (column ``in_<name>``), e.g. a published 785-gene panel.
     k
         Size of the top-HVG/HEG sets ranked on the training fold (columns ``in_hvg``, ``in_heg``).
-    config, validation, seed, device, embedding_key, target_sum
-        As in :func:`hespotex.tl.train` (``validation`` applies inside each training fold).
+    config, validation, seed, device, embedding_key, target_sum, target_norm
+        As in :func:`hespotex.tl.train` (``validation`` applies inside each training fold). The
+        baselines are fitted to the same targets as the model, and the truth of the scores is
+        normalised the same way.
     baseline_kwargs
         Extra parameters per baseline, e.g. ``{"mlp": {"epochs": 100}}``.
 
@@ -147,8 +150,9 @@ def cross_validate(
         fold_gene_list = fold_genes([tables[n] for n in train_names], list(tables.values()), genes=genes, n_top_genes=n_top_genes, flavor=flavor, include_genes=include_genes)
         ranks = rank_genes({n: tables[n] for n in train_names}, fold_gene_list, k=k, target_sum=target_sum)
         hvg, heg = set(ranks["hvg"]), set(ranks["heg"])
-        train_data = {n: graph_data(tables[n], n, genes=fold_gene_list, embedding_key=embedding_key, target_sum=target_sum) for n in train_names}
-        test_data = {n: graph_data(tables[n], n, genes=fold_gene_list, embedding_key=embedding_key, target_sum=target_sum) for n in test_names}
+        norm = {"embedding_key": embedding_key, "target_sum": target_sum, "target_norm": target_norm}
+        train_data = {n: graph_data(tables[n], n, genes=fold_gene_list, **norm) for n in train_names}
+        test_data = {n: graph_data(tables[n], n, genes=fold_gene_list, **norm) for n in test_names}
         held, _ = split_validation(train_names, validation, seed=seed)
         for label, kind, cfg in specs:
             t0 = time.perf_counter()
@@ -162,6 +166,7 @@ def cross_validate(
                     device=device,
                     embedding_key=embedding_key,
                     target_sum=target_sum,
+                    target_norm=target_norm,
                 )
                 preds = {n: model.predict_graph(GraphData(n, d.emb, d.coords_um), device=device)["expression"] for n, d in test_data.items()}
             else:

@@ -67,8 +67,12 @@ class HESpotEx:
     config
         A :class:`hespotex.models.ModelConfig` or preset name (``"hespotex"``, ``"paper"``).
     target_sum
-        Normalisation of the expression targets: log1p of counts per ``target_sum``, library over
-        all genes.
+        Counts per spot after library scaling (see ``target_norm``).
+    target_norm
+        How counts become the model's targets (and so what its predictions are):
+        ``"library_all"``, ``"library_modelled"`` or ``"log1p_counts"`` (see
+        :mod:`hespotex.pp._targets`). Saved with the model (``setup.json``) and stated by every
+        prediction.
     gene_selection
         Record of how the genes were chosen (flavor, samples fitted on).
     spot_geometry
@@ -92,10 +96,12 @@ class HESpotEx:
         embedding: dict[str, Any],
         config: Any = "hespotex",
         target_sum: float = 1e4,
+        target_norm: str = "library_all",
         gene_selection: dict[str, Any] | None = None,
         spot_geometry: dict[str, float] | None = None,
     ) -> None:
         from hespotex.models._net import _resolve_config
+        from hespotex.pp._targets import check_target_norm
 
         genes = [str(g) for g in genes]
         if not genes or len(set(genes)) != len(genes):
@@ -105,6 +111,7 @@ class HESpotEx:
         self.embedding = dict(embedding)
         self.config = _resolve_config(config)
         self.target_sum = float(target_sum)
+        self.target_norm = check_target_norm(str(target_norm))
         self.gene_selection = dict(gene_selection or {"flavor": "given", "genes": genes})
         self.spot_geometry = dict(spot_geometry or {})
         self.module_ = None
@@ -362,6 +369,7 @@ class HESpotEx:
             "embedding_dim": None if self.embedding_mean_ is None else len(self.embedding_mean_),
             "config": self.config.to_dict(),
             "target_sum": self.target_sum,
+            "target_norm": self.target_norm,
             "train_samples": self.train_samples_,
             "validation": self.validation_,
             "history": self.history_,
@@ -437,6 +445,7 @@ class HESpotEx:
                 embedding=setup["embedding"],
                 config=setup["config"],
                 target_sum=setup["target_sum"],
+                target_norm=setup.get("target_norm", "library_all"),  # models saved before the setting: library over all genes
                 gene_selection=setup.get("gene_selection"),
                 spot_geometry=setup.get("spot_geometry"),
             )

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from hespotex._sample import SAMPLE_KEY, get_table
-from hespotex.pp._normalize import log_expression
+from hespotex.pp._targets import TARGET_NORMS, target_expression
 from hespotex.tl._data import EMBEDDING_KEY, graph_data
 from hespotex.tl._model import HESpotEx
 from hespotex.tl._train import _same_embedding, ensure_embeddings
@@ -94,7 +94,8 @@ def predict(
     - ``obsm[f"X_{key_added}"]``: the latent ``ẑ`` of each spot;
     - ``obsp[f"{key_added}_attention"]``: decoder attention (rows = target spot) when the model has it;
     - ``uns[key_added]["params"]``: model id (weights fingerprint), genes hash, encoder, patch size in µm,
-      seed, configuration, versions.
+      seed, configuration, versions, and what the values are: ``"target_norm"`` (the model's target
+      normalisation, see :mod:`hespotex.pp._targets`) with ``"target"`` describing it in words.
 
     Streaming (``out``) always writes a new table ``key_added`` (no ``layers["measured"]``), whose
     ``layers[key_added]`` is read lazily (dask) from the store; it is returned and put in
@@ -127,6 +128,7 @@ def predict(
         weights=embed_params.get("weights"),
         patch_um=embed_params.get("patch_um"),
         input_size=embed_params.get("input_size"),
+        tta=bool(embed_params.get("tta")),
         encoder_seed=int(embed_params.get("seed", 0)),
     )
     _check_embedding(model, record)
@@ -167,6 +169,8 @@ def prediction_params(
         "patch_um": embed_params.get("patch_um"),
         "seed": model.config.seed,
         "target_sum": model.target_sum,
+        "target_norm": model.target_norm,
+        "target": TARGET_NORMS[model.target_norm],
         "config": setup["config"],
         "versions": setup["versions"],
         "layer": key_added,
@@ -194,7 +198,9 @@ def _target_table(data: Any, table, model: HESpotEx, *, key_added: str, overwrit
     if "spatialdata_attrs" in table.uns:
         new.uns["spatialdata_attrs"] = dict(table.uns["spatialdata_attrs"])
     if table.n_vars and set(model.genes) <= set(table.var_names):
-        new.layers["measured"] = log_expression(table, model.genes, target_sum=model.target_sum)
+        new.layers["measured"] = target_expression(
+            table, model.genes, target_norm=model.target_norm, target_sum=model.target_sum
+        )
     return new
 
 

@@ -26,6 +26,7 @@ def ensure_embeddings(
     patch_um: float | None = None,
     input_size: int | None = None,
     encoder_seed: int = 0,
+    tta: bool = False,
 ) -> dict[str, Any]:
     """Embed ``sample`` when its table has no ``obsm[embedding_key]``; return the embedding record.
 
@@ -50,6 +51,7 @@ def ensure_embeddings(
             input_size=input_size,
             seed=encoder_seed,
             key_added=embedding_key,
+            tta=tta,
         )
     record = table.uns.get(EMBED_KEY, {}).get(embedding_key)
     if record is None:
@@ -59,7 +61,11 @@ def ensure_embeddings(
 
 
 def _same_embedding(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return a.get("encoder_id") == b.get("encoder_id") and np.isclose(a.get("patch_um", 0.0), b.get("patch_um", 0.0))
+    return (
+        a.get("encoder_id") == b.get("encoder_id")
+        and np.isclose(a.get("patch_um", 0.0), b.get("patch_um", 0.0))
+        and a.get("tta") == b.get("tta")
+    )
 
 
 def spot_geometry(tables: Sequence[Any]) -> dict[str, float]:
@@ -121,6 +127,7 @@ def train(
     device: str | None = "auto",
     embedding_key: str = EMBEDDING_KEY,
     target_sum: float = 1e4,
+    target_norm: str = "library_all",
     max_nodes: int = 20_000,
     strategy: Literal["single", "ddp"] = "single",
     n_processes: int = 2,
@@ -159,7 +166,12 @@ def train(
     embedding_key
         ``obsm`` key of the image embeddings.
     target_sum
-        Expression targets are log1p(counts per ``target_sum``), library over all genes.
+        Counts per spot after library scaling (``target_norm`` ``"library_*"``).
+    target_norm
+        How counts become the targets the model learns and predicts (recorded in the model and in
+        every prediction's ``uns``): ``"library_all"``, log1p(counts per ``target_sum``) with the
+        library over all genes; ``"library_modelled"``, the library over the modelled ``genes``
+        only; ``"log1p_counts"``, log1p of raw counts (HEST-Benchmark). See :mod:`hespotex.pp._targets`.
     max_nodes
         Spots per training batch (per process with ``strategy="ddp"``); larger samples are cut into
         spatial blocks.
@@ -191,9 +203,11 @@ def train(
     """
     from hespotex.models._net import _resolve_config
     from hespotex.pp._genes import select_genes
+    from hespotex.pp._targets import check_target_norm
     from hespotex.tl._distributed import check_strategy
 
     check_strategy(strategy, n_processes, backend)
+    check_target_norm(target_norm)
 
     named = as_sample_dict(samples)
     names = list(named)
@@ -215,7 +229,10 @@ def train(
     else:
         genes = select_genes([tables[n] for n in names], genes=genes, key_added=None)
         selection = {"flavor": "given", "n_top": len(genes), "fitted_on": names}
-    data = {n: graph_data(tables[n], n, genes=genes, embedding_key=embedding_key, target_sum=target_sum) for n in names}
+    data = {
+        n: graph_data(tables[n], n, genes=genes, embedding_key=embedding_key, target_sum=target_sum, target_norm=target_norm)
+        for n in names
+    }
     cfg = _resolve_config(config)
     for n, d in data.items():
         if d.n < max(cfg.ae_neighbors, cfg.decoder_neighbors) + 1:
@@ -232,7 +249,7 @@ def train(
             val_parts.append((data[n], mask))
     val_parts += [(data[n], np.ones(data[n].n, dtype=bool)) for n in held]
     model = HESpotEx(
-        genes, embedding=first, config=cfg.replace(seed=seed), target_sum=target_sum, gene_selection=selection,
+        genes, embedding=first, config=cfg.replace(seed=seed), target_sum=target_sum, target_norm=target_norm, gene_selection=selection,
         spot_geometry=spot_geometry(list(tables.values())),
     )  # fmt: skip
     model.train_samples_ = fit_names
