@@ -32,6 +32,28 @@ def _score(y: np.ndarray, pred: np.ndarray) -> float:
     return float(np.nanmean(r)) if np.isfinite(r).any() else 0.0
 
 
+def _ridge_path(X, y, Xh, alphas, *, n_components: int | None, seed: int):
+    """Predictions of :class:`~hespotex.tl._baselines.RidgeBaseline` for every α (exact ridge on the PCA scores).
+
+    The same standardisation and PCA as the baseline; the ridge with intercept is solved in closed
+    form from one SVD of the centred scores, so a grid of α costs one fit.
+    """
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(X)
+    Z, Zh = scaler.transform(X), scaler.transform(Xh)
+    if n_components is not None:
+        pca = PCA(n_components=min(n_components, *Z.shape), random_state=seed).fit(Z)
+        Z, Zh = pca.transform(Z), pca.transform(Zh)
+    z_mean, y_mean = Z.mean(axis=0), y.mean(axis=0)
+    U, S, Vt = np.linalg.svd(Z - z_mean, full_matrices=False)
+    Uty = U.T @ (y - y_mean)
+    for alpha in alphas:
+        coef = Vt.T @ ((S / (S**2 + float(alpha)))[:, None] * Uty)
+        yield ((Zh - z_mean) @ coef + y_mean).astype(np.float32)
+
+
 def tune_baseline(
     name: str,
     sections: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
@@ -88,9 +110,11 @@ def tune_baseline(
         y = np.concatenate([sections[n][1] for n in rest])
         Xh, yh, xy = sections[held]
         conn = knn_graph(xy, smooth_neighbors)[0] if smoothed else None
-        for i, v in enumerate(values):
-            value = int(v) if param == "k" else float(v)
-            pred = make_baseline(name, **{param: value}, **extra, **kwargs).fit(X, y).predict(Xh)
+        if name == "ridge":  # one PCA and one SVD per inner fold give the ridge solution for every α
+            preds = _ridge_path(X, y, Xh, values, n_components=kwargs.get("n_components", 256), seed=seed)
+        else:
+            preds = (make_baseline(name, **{param: int(v)}, **kwargs).fit(X, y).predict(Xh) for v in values)
+        for i, pred in enumerate(preds):
             scores[i] += _score(yh, smooth(pred, conn) if smoothed else pred) / len(names)
     best = int(np.argmax(scores))
     value = int(values[best]) if param == "k" else float(values[best])
