@@ -97,3 +97,32 @@ def test_tta_embeddings_average_the_eight_views(sample_factory):
         b = sum(enc.model(v) for v in dihedral_views(torch.flip(xb, dims=(-1,)))) / 8
     np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5)
     assert not np.allclose(table.obsm["plain"], table.obsm["tta"])
+
+
+def test_slide_embedding_norm_is_recorded_and_reapplied(tmp_path):
+    sections = {}
+    for name, seed in (("a", 1), ("b", 2), ("t", 3)):
+        sdata = hx.datasets.synthetic(n_spots=80, n_genes=12, seed=seed, program_seed=0, microns_per_pixel=1.0, sample_id=f"s{name}")
+        hx.pp.embed(sdata, encoder="efficientnet_lite0.imagenet", input_size=32)
+        sections[name] = sdata
+    config = ModelConfig.preset("hespotex", epochs=3, patience=None, **SMALL)
+    train = [sections["a"], sections["b"]]
+    kw = {"genes": list(sections["a"].tables["table"].var_names), "config": config, "device": "cpu"}
+    slide = hx.tl.HESpotEx.load(hx.tl.train(train, embedding_norm="slide", **kw).save(tmp_path / "slide"))
+    plain = hx.tl.train(train, **kw)
+    assert slide.embedding_norm == "slide" and plain.embedding_norm == "training"
+    table = sections["t"].tables["table"]
+    shifted = table.copy()
+    key = "X_hespotex_image"
+    shifted.obsm[key] = table.obsm[key] * 1.7 + 0.3  # a stain-like shift of every embedding feature
+
+    def run(model, t):
+        out = hx.tl.predict(t.copy(), model, device="cpu")
+        return out, np.asarray(out.layers["hespotex"])
+
+    out, a = run(slide, table)
+    assert out.uns["hespotex"]["params"]["embedding_norm"] == "slide"
+    np.testing.assert_allclose(a, run(slide, shifted)[1], rtol=1e-3, atol=1e-4)  # invariant: the slide's own statistics
+    assert not np.allclose(run(plain, table)[1], run(plain, shifted)[1], atol=1e-3)  # the training statistics are not
+    with pytest.raises(ValueError, match="Unknown embedding_norm"):
+        hx.tl.train(train, embedding_norm="macenko", **kw)

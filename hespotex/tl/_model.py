@@ -79,6 +79,10 @@ class HESpotEx:
         Spot diameter and centre-to-centre spacing of the training data, in µm
         (``{"spot_diameter_um": 55.0, "spacing_um": 100.0}``): what :func:`hespotex.pp.tile` lays
         out on image-only slides.
+    embedding_norm
+        How a slide's embeddings are standardised at prediction: ``"training"`` (the training spots'
+        mean and scale) or ``"slide"`` (the slide's own, see :mod:`hespotex.pp._stain`). Training
+        always uses the training statistics. Saved with the model and stated by every prediction.
 
     Attributes
     ----------
@@ -99,8 +103,10 @@ class HESpotEx:
         target_norm: str = "library_all",
         gene_selection: dict[str, Any] | None = None,
         spot_geometry: dict[str, float] | None = None,
+        embedding_norm: str = "training",
     ) -> None:
         from hespotex.models._net import _resolve_config
+        from hespotex.pp._stain import check_embedding_norm
         from hespotex.pp._targets import check_target_norm
 
         genes = [str(g) for g in genes]
@@ -112,6 +118,7 @@ class HESpotEx:
         self.config = _resolve_config(config)
         self.target_sum = float(target_sum)
         self.target_norm = check_target_norm(str(target_norm))
+        self.embedding_norm = check_embedding_norm(str(embedding_norm))
         self.gene_selection = dict(gene_selection or {"flavor": "given", "genes": genes})
         self.spot_geometry = dict(spot_geometry or {})
         self.module_ = None
@@ -246,6 +253,10 @@ class HESpotEx:
             )
             raise ValueError(msg)
         mean, scale = self.embedding_mean_, self.embedding_scale_
+        if self.embedding_norm == "slide":
+            from hespotex.pp._stain import slide_statistics
+
+            mean, scale = slide_statistics(sample.emb)
 
         def standardise(rows: np.ndarray) -> np.ndarray:
             rows = np.subtract(rows, mean, dtype=np.float32)  # the same float32 operations as a whole-slide copy
@@ -370,6 +381,7 @@ class HESpotEx:
             "config": self.config.to_dict(),
             "target_sum": self.target_sum,
             "target_norm": self.target_norm,
+            "embedding_norm": self.embedding_norm,
             "train_samples": self.train_samples_,
             "validation": self.validation_,
             "history": self.history_,
@@ -448,6 +460,7 @@ class HESpotEx:
                 target_norm=setup.get("target_norm", "library_all"),  # models saved before the setting: library over all genes
                 gene_selection=setup.get("gene_selection"),
                 spot_geometry=setup.get("spot_geometry"),
+                embedding_norm=setup.get("embedding_norm", "training"),  # models saved before the setting
             )
             model.embedding_mean_ = tensors.pop("setup.embedding_mean").numpy()
             model.embedding_scale_ = tensors.pop("setup.embedding_scale").numpy()

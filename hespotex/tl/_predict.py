@@ -171,6 +171,8 @@ def prediction_params(
         "target_sum": model.target_sum,
         "target_norm": model.target_norm,
         "target": TARGET_NORMS[model.target_norm],
+        "embedding_norm": model.embedding_norm,
+        "tta": model.embedding.get("tta"),
         "config": setup["config"],
         "versions": setup["versions"],
         "layer": key_added,

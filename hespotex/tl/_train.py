@@ -128,6 +128,7 @@ def train(
     embedding_key: str = EMBEDDING_KEY,
     target_sum: float = 1e4,
     target_norm: str = "library_all",
+    embedding_norm: str = "training",
     max_nodes: int = 20_000,
     strategy: Literal["single", "ddp"] = "single",
     n_processes: int = 2,
@@ -172,6 +173,10 @@ def train(
         every prediction's ``uns``): ``"library_all"``, log1p(counts per ``target_sum``) with the
         library over all genes; ``"library_modelled"``, the library over the modelled ``genes``
         only; ``"log1p_counts"``, log1p of raw counts (HEST-Benchmark). See :mod:`hespotex.pp._targets`.
+    embedding_norm
+        Standardisation of a new slide's embeddings at prediction: ``"training"`` (the training
+        spots' statistics) or ``"slide"`` (the slide's own, from its image only; more robust to stain
+        and scanner shifts, see :mod:`hespotex.pp._stain`). Recorded in the model.
     max_nodes
         Spots per training batch (per process with ``strategy="ddp"``); larger samples are cut into
         spatial blocks.
@@ -203,11 +208,13 @@ def train(
     """
     from hespotex.models._net import _resolve_config
     from hespotex.pp._genes import select_genes
+    from hespotex.pp._stain import check_embedding_norm
     from hespotex.pp._targets import check_target_norm
     from hespotex.tl._distributed import check_strategy
 
     check_strategy(strategy, n_processes, backend)
     check_target_norm(target_norm)
+    check_embedding_norm(embedding_norm)
 
     named = as_sample_dict(samples)
     names = list(named)
@@ -250,7 +257,7 @@ def train(
     val_parts += [(data[n], np.ones(data[n].n, dtype=bool)) for n in held]
     model = HESpotEx(
         genes, embedding=first, config=cfg.replace(seed=seed), target_sum=target_sum, target_norm=target_norm, gene_selection=selection,
-        spot_geometry=spot_geometry(list(tables.values())),
+        spot_geometry=spot_geometry(list(tables.values())), embedding_norm=embedding_norm,
     )  # fmt: skip
     model.train_samples_ = fit_names
     model.validation_ = {"samples": held, "block_fraction": fraction, "metric": "mean per-gene Pearson"}
