@@ -61,7 +61,7 @@ def predict(
     data
         A SpatialData sample or its table (AnnData with embeddings and ``obsm["spatial"]``).
     model
-        A trained :class:`HESpotEx` or the folder of a saved one.
+        A trained :class:`HESpotEx` or :class:`~hespotex.tl.HESpotExEnsemble`, or the folder of a saved one.
     key_added
         Name of the prediction layer, and prefix of the other keys.
     embedding_key
@@ -91,7 +91,9 @@ def predict(
     - ``layers[key_added]``: predicted log1p(counts per ``target_sum``), spots × genes;
     - ``layers["measured"]`` (new table only, when the source table measured every predicted gene):
       the same normalisation of the measured counts, for evaluation and side-by-side views;
-    - ``obsm[f"X_{key_added}"]``: the latent ``ẑ`` of each spot;
+    - ``layers[f"{key_added}_spread"]`` (ensembles only): the members' standard deviation per spot and
+      gene, an uncertainty that ranks absolute errors (see ``benchmarks/results/shift.md``);
+    - ``obsm[f"X_{key_added}"]``: the latent ``ẑ`` of each spot (an ensemble's first member);
     - ``obsp[f"{key_added}_attention"]``: decoder attention (rows = target spot) when the model has it;
     - ``uns[key_added]["params"]``: model id (weights fingerprint), genes hash, encoder, patch size in µm,
       seed, configuration, versions, and what the values are: ``"target_norm"`` (the model's target
@@ -103,9 +105,17 @@ def predict(
     and ``"source"`` (where the image is). The source table is not modified (embeddings computed
     while streaming are not stored in its ``obsm``).
     """
-    if not isinstance(model, HESpotEx):
-        model = HESpotEx.load(model)
+    if isinstance(model, str | Path):
+        from hespotex.tl._ensemble import load_model
+
+        model = load_model(model)
     model._check_trained()
+    if out is not None and hasattr(model, "members"):
+        msg = (
+            "Streaming prediction (`out=`) of an ensemble is not supported yet; predict it in memory (out=None), "
+            "or stream each member (`model.members[i]`) on its own."
+        )
+        raise NotImplementedError(msg)
     if out is not None:
         from hespotex.tl._stream import predict_streaming
 
@@ -144,11 +154,20 @@ def predict(
     order = pd.Index(model.genes).get_indexer(target.var_names)
     target.layers[key_added] = out["expression"][:, order]
     target.obsm[f"X_{key_added}"] = out["latent"]
+    spread_key = None
+    if out.get("spread") is not None:  # an ensemble: the members' standard deviation, per spot and gene
+        spread_key = f"{key_added}_spread"
+        if spread_key in target.layers and not overwrite:
+            msg = f"layers[{spread_key!r}] already exists; pass `overwrite=True` to replace it, or another `key_added`."
+            raise ValueError(msg)
+        target.layers[spread_key] = out["spread"][:, order]
     if out["attention"] is not None:
         target.obsp[f"{key_added}_attention"] = out["attention"]
     target.uns[key_added] = {
         "params": prediction_params(model, embed_params, key_added=key_added, attention=out["attention"] is not None)
     }
+    if spread_key is not None:
+        target.uns[key_added]["params"].update(spread_layer=spread_key, ensemble_members=len(model.members))
     if target is not table and hasattr(data, "tables"):
         _store_table(data, target, key_added=key_added, overwrite=overwrite)
     logger.info("Predicted %d genes at %d spots into layers[%r].", len(model.genes), sample.n, key_added)

@@ -133,6 +133,7 @@ def train(
     strategy: Literal["single", "ddp"] = "single",
     n_processes: int = 2,
     backend: Literal["gloo", "nccl"] | None = None,
+    ensemble: bool = False,
 ) -> HESpotEx:
     """Train HESpotEx on samples with spatial transcriptomics.
 
@@ -198,6 +199,10 @@ def train(
         Processes for ``strategy="ddp"`` (one per GPU with nccl); ignored otherwise.
     backend
         ``torch.distributed`` backend: by default ``"nccl"`` on CUDA, ``"gloo"`` on CPU.
+    ensemble
+        Train one model per sample held out for early stopping (3 or more samples) and return them
+        as one :class:`hespotex.tl.HESpotExEnsemble`: predictions average the members and store their
+        spread as ``layers[f"{key_added}_spread"]``. ``validation`` must stay ``"auto"``.
 
     Returns
     -------
@@ -214,6 +219,17 @@ def train(
 
     check_strategy(strategy, n_processes, backend)
     check_target_norm(target_norm)
+    if ensemble:
+        from hespotex.tl._ensemble import train_ensemble
+
+        if not (isinstance(validation, str) and validation == "auto"):
+            msg = f"ensemble=True holds out each sample in turn for early stopping; leave validation='auto' (found {validation!r})."
+            raise ValueError(msg)
+        return train_ensemble(
+            samples, genes=genes, n_top_genes=n_top_genes, flavor=flavor, encoder=encoder, weights=weights, patch_um=patch_um,
+            config=config, seed=seed, device=device, embedding_key=embedding_key, target_sum=target_sum, target_norm=target_norm,
+            embedding_norm=embedding_norm, max_nodes=max_nodes, strategy=strategy, n_processes=n_processes, backend=backend,
+        )  # fmt: skip
     check_embedding_norm(embedding_norm)
 
     named = as_sample_dict(samples)
