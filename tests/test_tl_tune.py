@@ -48,3 +48,25 @@ def test_tuning_bad_input():
         tune_baseline("mlp", _sections(1.0))
     with pytest.raises(ValueError, match="at least 2"):
         tune_baseline("ridge", {"a": _sections(1.0)["s0"]})
+
+
+def test_cross_validate_tunes_baselines_on_the_training_folds():
+    import hespotex as hx
+    from hespotex.tl._data import graph_data
+
+    hx.settings.progress = False
+    samples = {}
+    for name, seed in (("a", 1), ("b", 2), ("c", 3)):
+        sdata = hx.datasets.synthetic(n_spots=60, n_genes=8, seed=seed, program_seed=0, microns_per_pixel=1.0, sample_id=name)
+        hx.pp.embed(sdata, encoder="efficientnet_lite0.imagenet", input_size=32)
+        samples[name] = sdata.tables["table"]
+    genes = list(samples["a"].var_names)
+    table = hx.tl.cross_validate(
+        samples, methods=["ridge", "retrieval"], genes=genes, tune_baselines=True, target_norm="library_modelled", k=4
+    )
+    assert set(table["method"]) == {"ridge", "ridge+smooth", "retrieval", "retrieval+smooth"}
+    row = table[(table["fold"] == "c") & (table["method"] == "retrieval+smooth")].iloc[0]
+    # the same choice as tuning by hand on the fold's training sections, with the model's targets
+    data = {n: graph_data(samples[n], n, genes=genes, target_norm="library_modelled") for n in ("a", "b")}
+    ref = tune_baseline("retrieval", {n: (d.emb, d.expr, d.coords_um) for n, d in data.items()}, smoothed=True)
+    assert row["chosen"] == f"k={ref.tuning_['value']}"
