@@ -87,7 +87,7 @@ def test_predictions_are_stored_in_a_new_table(sections, panel, predicted):
     np.testing.assert_allclose(np.asarray(att.sum(axis=1)).ravel(), 1.0, atol=1e-4)
     params = predicted.uns["hespotex"]["params"]
     assert params["encoder"] == "efficientnet_lite0.imagenet"
-    assert params["patch_um"] == pytest.approx(200.0)  # twice the 100 µm legacy-ST spot
+    assert params["patch_um"] == pytest.approx(100.0)  # the 100 µm legacy-ST spot
     assert "hespotex" not in source.layers and EMBEDDING_KEY in source.obsm
 
 

@@ -146,7 +146,7 @@ def test_predictions_are_stored_as_documented(sections, genes, model, predicted)
     assert params["n_genes"] == N_GENES
     assert params["encoder"] == ENCODER
     assert params["encoder_id"] == source.uns["hespotex_embed"][EMBEDDING_KEY]["encoder_id"]
-    assert params["patch_um"] == pytest.approx(2 * 55.0)  # default: twice the spot diameter
+    assert params["patch_um"] == pytest.approx(55.0)  # default: the spot diameter
     assert params["seed"] == 0 and params["target_sum"] == 1e4
     assert params["config"]["latent_dim"] == MAIN.latent_dim
     assert "hespotex" in params["versions"] and "torch" in params["versions"]

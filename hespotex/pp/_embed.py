@@ -146,7 +146,7 @@ def embed(
     weights
         Local checkpoint for a timm architecture (safetensors or a torch state dict).
     patch_um
-        Patch side in µm (default: twice the spot diameter).
+        Patch side in µm (default: the spot diameter).
     input_size
         Encoder input side in pixels (default: the encoder's own, e.g. 224).
     batch_size

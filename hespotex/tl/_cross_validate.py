@@ -78,7 +78,7 @@ def cross_validate(
     device: str | None = "auto",
     embedding_key: str = EMBEDDING_KEY,
     target_sum: float = 1e4,
-    target_norm: str = "library_all",
+    target_norm: str = "library_modelled",
     baseline_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
     tune_baselines: bool = False,
 ) -> pd.DataFrame:

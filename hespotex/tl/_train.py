@@ -127,7 +127,7 @@ def train(
     device: str | None = "auto",
     embedding_key: str = EMBEDDING_KEY,
     target_sum: float = 1e4,
-    target_norm: str = "library_all",
+    target_norm: str = "library_modelled",
     embedding_norm: str = "training",
     max_nodes: int = 20_000,
     strategy: Literal["single", "ddp"] = "single",
@@ -171,9 +171,10 @@ def train(
         Counts per spot after library scaling (``target_norm`` ``"library_*"``).
     target_norm
         How counts become the targets the model learns and predicts (recorded in the model and in
-        every prediction's ``uns``): ``"library_all"``, log1p(counts per ``target_sum``) with the
-        library over all genes; ``"library_modelled"``, the library over the modelled ``genes``
-        only; ``"log1p_counts"``, log1p of raw counts (HEST-Benchmark). See :mod:`hespotex.pp._targets`.
+        every prediction's ``uns``): ``"library_modelled"`` (default), log1p(counts per
+        ``target_sum``) with the library over the modelled ``genes`` only, which transfers best to
+        shallow sections of new patients (``benchmarks/results/shift.md``); ``"library_all"``, the
+        library over all genes of the table; ``"log1p_counts"``, log1p of raw counts (HEST-Benchmark). See :mod:`hespotex.pp._targets`.
     embedding_norm
         Standardisation of a new slide's embeddings at prediction: ``"training"`` (the training
         spots' statistics) or ``"slide"`` (the slide's own, from its image only; more robust to stain
