@@ -370,7 +370,12 @@ def cmd_report(args) -> None:
     lines = [
         "# Shift benchmark: her2st C2-C6, held-out section as is and under emulated patient shifts",
         "",
-        f"Commands: `python benchmarks/shift.py embed`, then `run` per grid (see below), then `{cmd}`.  ",
+        "Commands that made these tables (2-core machine shared with other jobs; 2 dask worker processes, 1 torch thread each):  ",
+        "`python benchmarks/shift.py embed` (clean, restained, rescaled at 100 µm; clean at 200 µm);  ",
+        "`python benchmarks/shift.py run --grid select --what single --seeds 0` (option selection, single models, 13.6 min);  ",
+        "`python benchmarks/shift.py run --setting \"{'target_norm': 'library_modelled', 'patch_um': 100.0, 'tta': False}\" "
+        "--what hespotex --seeds 0 1 2` (4-member ensembles, 3 seeds, 26.1 min);  ",
+        f"`{cmd}`.  ",
         "Modelled genes: the 785-gene panel (those present in every section). Encoder: ImageNet EfficientNet-Lite0 (offline weights), "
         "frozen. Leave-one-section-out over C2-C6 (5 folds). Shifts of the held-out section: `thinned` (binomial thinning to ~650 "
         "counts per spot; truth from the thinned counts), `restained` (HED gain/shift, Gaussian blur 1.5 px, JPEG q40, re-embedded), "

@@ -20,8 +20,8 @@ logger = logging.getLogger("hespotex")
 __all__ = ["DEFAULT_GRIDS", "tune_baseline"]
 
 DEFAULT_GRIDS: dict[str, tuple[str, tuple[float, ...]]] = {
-    "ridge": ("alpha", (1.0, 10.0, 100.0, 1e3, 1e4, 1e5)),
-    "retrieval": ("k", (5, 10, 25, 50, 100, 200)),
+    "ridge": ("alpha", (1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7)),
+    "retrieval": ("k", (5, 10, 25, 50, 100, 200, 400)),
 }
 
 
