@@ -43,8 +43,10 @@ class ImageLevel:
 def default_patch_um(info: SampleInfo) -> float:
     """Default patch side in µm: the spot diameter (the tissue the spot measured).
 
-    Chosen on the shift benchmark (``benchmarks/results/shift.md``): on held-out her2st sections,
-    patches of the spot diameter scored higher than patches of twice the diameter (the pitch).
+    On the shift benchmark (``benchmarks/results/shift.md``, one seed) patches of the spot diameter
+    and of twice it are level (about +0.008 on the top-50 HVG, -0.007 on all genes); on a section of
+    another her2st patient (issue 9) the spot diameter scored higher, and the benchmark's defaults
+    (three seeds, ensembles) were measured with it.
     """
     return info.spot_diameter_um
 
