@@ -17,6 +17,7 @@ from hespotex.tl._evaluate import rank_genes
 from hespotex.tl._metrics import gene_scores
 from hespotex.tl._peers import PEER_METHODS, peer_predictions
 from hespotex.tl._train import ensure_embeddings, train
+from hespotex.tl._tune import DEFAULT_GRIDS, tune_baseline
 
 logger = logging.getLogger("hespotex")
 
@@ -78,7 +79,9 @@ def cross_validate(
     device: str | None = "auto",
     embedding_key: str = EMBEDDING_KEY,
     target_sum: float = 1e4,
+    target_norm: str = "library_modelled",
     baseline_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+    tune_baselines: bool = False,
 ) -> pd.DataFrame:
     """Leave-one-sample-out (or leave-one-group-out) evaluation of HESpotEx and baselines.
 
@@ -110,11 +113,17 @@ def cross_validate(
         Named gene lists to flag in the result (column ``in_<name>``), e.g. a published 785-gene panel.
     k
         Size of the top-HVG/HEG sets ranked on the training fold (columns ``in_hvg``, ``in_heg``).
-    config, validation, seed, device, embedding_key, target_sum
-        As in :func:`hespotex.tl.train` (``validation`` applies inside each training fold).
+    config, validation, seed, device, embedding_key, target_sum, target_norm
+        As in :func:`hespotex.tl.train` (``validation`` applies inside each training fold). The
+        baselines are fitted to the same targets as the model, and the truth of the scores is
+        normalised the same way.
     baseline_kwargs
         Extra parameters per baseline, e.g. ``{"mlp": {"epochs": 100}}``, or per peer, e.g.
         ``{"stpath": {"model_path": "stfm.pth", "gene_voc_path": "symbol2ensembl.json"}}``.
+    tune_baselines
+        Choose ridge α and retrieval k by leave-one-training-section-out on the training samples of
+        each fold (:func:`hespotex.tl._tune.tune_baseline`), separately for the raw and the smoothed
+        variant; the chosen value is in column ``chosen``. Needs 2 or more training samples.
 
     Returns
     -------
@@ -151,8 +160,9 @@ def cross_validate(
         fold_gene_list = fold_genes([tables[n] for n in train_names], list(tables.values()), genes=genes, n_top_genes=n_top_genes, flavor=flavor, include_genes=include_genes)
         ranks = rank_genes({n: tables[n] for n in train_names}, fold_gene_list, k=k, target_sum=target_sum)
         hvg, heg = set(ranks["hvg"]), set(ranks["heg"])
-        train_data = {n: graph_data(tables[n], n, genes=fold_gene_list, embedding_key=embedding_key, target_sum=target_sum) for n in train_names}
-        test_data = {n: graph_data(tables[n], n, genes=fold_gene_list, embedding_key=embedding_key, target_sum=target_sum) for n in test_names}
+        norm = {"embedding_key": embedding_key, "target_sum": target_sum, "target_norm": target_norm}
+        train_data = {n: graph_data(tables[n], n, genes=fold_gene_list, **norm) for n in train_names}
+        test_data = {n: graph_data(tables[n], n, genes=fold_gene_list, **norm) for n in test_names}
         held, _ = split_validation(train_names, validation, seed=seed)
         for label, kind, cfg in specs:
             t0 = time.perf_counter()
@@ -166,21 +176,26 @@ def cross_validate(
                     device=device,
                     embedding_key=embedding_key,
                     target_sum=target_sum,
+                    target_norm=target_norm,
                 )
                 preds = {n: model.predict_graph(GraphData(n, d.emb, d.coords_um), device=device)["expression"] for n, d in test_data.items()}
             elif kind in PEER_METHODS:
                 kw = (baseline_kwargs or {}).get(kind, {})
                 preds = peer_predictions(kind, {n: tables[n] for n in test_names}, test_data, fold_gene_list, embedding_key=embedding_key, kwargs=kw)
+            elif tune_baselines and kind in DEFAULT_GRIDS:
+                variants, chosen = _tuned_variants(kind, label, train_data, test_data, smoothed=smoothed, k=smooth_neighbors, seed=seed, kwargs=(baseline_kwargs or {}).get(kind, {}))
             else:
                 preds = _baseline_predictions(kind, train_data, test_data, held, seed=seed, kwargs=(baseline_kwargs or {}).get(kind, {}), make_baseline=make_baseline)
             seconds = time.perf_counter() - t0
-            variants = [(label, preds)]
-            if smoothed and kind != "hespotex":
-                smoothed_preds = {}
-                for n, p in preds.items():
-                    conn, _ = knn_graph(test_data[n].coords_um, smooth_neighbors)
-                    smoothed_preds[n] = smooth(p, conn)
-                variants.append((f"{label}+smooth", smoothed_preds))
+            if not (tune_baselines and kind in DEFAULT_GRIDS):
+                chosen = {}
+                variants = [(label, preds)]
+                if smoothed and kind != "hespotex":
+                    smoothed_preds = {}
+                    for n, p in preds.items():
+                        conn, _ = knn_graph(test_data[n].coords_um, smooth_neighbors)
+                        smoothed_preds[n] = smooth(p, conn)
+                    variants.append((f"{label}+smooth", smoothed_preds))
             for method, by_sample in variants:
                 for n, p in by_sample.items():
                     scores = gene_scores(test_data[n].expr, p, fold_gene_list).reset_index()
@@ -190,12 +205,32 @@ def cross_validate(
                     scores["fit_seconds"] = seconds
                     scores["in_hvg"] = scores["gene"].isin(hvg)
                     scores["in_heg"] = scores["gene"].isin(heg)
+                    if chosen:
+                        scores["chosen"] = chosen.get(method)
                     rows.append(scores)
             logger.info("fold %s: %s done in %.1f s", fold, label, seconds)
     table = pd.concat(rows, ignore_index=True)
     for name, panel in (panels or {}).items():
         table[f"in_{name}"] = table["gene"].isin(set(panel))
     return table
+
+
+def _tuned_variants(kind, label, train_data, test_data, *, smoothed, k, seed, kwargs):
+    """Raw (and smoothed) predictions of a baseline tuned by leave-one-training-section-out, each variant tuned for itself."""
+    from hespotex.pp._graph import knn_graph
+    from hespotex.tl._baselines import smooth
+
+    sections = {n: (d.emb, d.expr, d.coords_um) for n, d in train_data.items()}
+    variants, chosen = [], {}
+    for smoothing in (False, True) if smoothed else (False,):
+        model = tune_baseline(kind, sections, smoothed=smoothing, smooth_neighbors=k, seed=seed, **kwargs)
+        name = f"{label}+smooth" if smoothing else label
+        preds = {n: model.predict(d.emb) for n, d in test_data.items()}
+        if smoothing:
+            preds = {n: smooth(p, knn_graph(test_data[n].coords_um, k)[0]) for n, p in preds.items()}
+        variants.append((name, preds))
+        chosen[name] = f"{model.tuning_['param']}={model.tuning_['value']:g}"
+    return variants, chosen
 
 
 def _baseline_predictions(kind, train_data, test_data, held, *, seed, kwargs, make_baseline) -> dict[str, np.ndarray]:
