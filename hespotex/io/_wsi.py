@@ -328,6 +328,9 @@ def read_wsi(
       any format it reads; ``reader="tifffile"`` forces our reader on any TIFF flavour.
     - **A** :class:`wsidata.WSIData` a LazySlide user already holds (``path=wsi``): its reader gives
       the levels, its properties the scale (``wsi.set_mpp`` is honoured); nothing is copied.
+    - **A short pyramid** (its coarsest stored level still 1,024 px or more on its shorter side, e.g.
+      an SVS of two levels): levels of 2 x 2, 4 x 4... means of that coarsest level are added lazily
+      (down to about 512 px), so that tissue detection reads a smaller image.
     - **A slide without pyramid**: read lazily the same way; a warning says so, and coarser levels
       (2 x 2 means, down to a shorter side of about 256 px) are computed lazily with dask from the
       full resolution: each read of a coarse level decodes the full-resolution tiles under it (slow,
@@ -376,7 +379,8 @@ def read_wsi(
       resolution pixels) by its scale;
     - ``attrs["hespotex_slide"]``: ``sample_id``, ``image_key``, ``coordinate_system``,
       ``microns_per_pixel``, ``microns_per_pixel_source``, ``path`` (absolute), ``level_shapes``
-      (``[height, width]`` per level), ``stored_pyramid`` (whether the levels come from the file),
+      (``[height, width]`` per level), ``stored_pyramid`` (whether the file stores several levels),
+      ``stored_levels`` (how many of the levels are the file's, finest first; the others are averaged),
       ``reader`` (``tifffile``, ``openslide``, ``tiffslide``, ``pillow``...), ``associated_images``
       (names of the images skipped), and ``objective_magnification`` where the file records it.
 
@@ -418,8 +422,8 @@ def read_wsi(
             found, source = _magnification_mpp(magnification, path)
         mpp = _resolve_mpp(microns_per_pixel, found, source, path)
         levels = [as_rgb_hwc(levels[0], name=f"slide {path.name}"), *_quietly(as_rgb_hwc, levels[1:])]
-        if pyramid:
-            image = _datatree(levels, sid)
+        if pyramid:  # a short pyramid (e.g. an SVS of two levels) gets lazily averaged levels below its coarsest
+            image = _datatree([*levels, *_coarsened_levels(levels[-1], min_side=512)[1:]], sid)
         else:
             logger.warning(
                 "%s has no pyramid (one level of %d x %d px); coarser levels are computed lazily from the full "
@@ -447,9 +451,10 @@ def read_wsi(
         "coordinate_system": sid,
         "microns_per_pixel": float(mpp),
         "microns_per_pixel_source": source,
-        "path": str(path.resolve()),
+        "path": str(path.resolve()) if path.exists() else str(path),  # a WSIData over an in-memory image: its key
         "level_shapes": level_shapes,
         "stored_pyramid": bool(opened is not None and pyramid),
+        "stored_levels": len(opened.levels) if opened is not None else 0,
         "reader": opened.reader if opened is not None else "pillow",
         "associated_images": list(opened.associated) if opened is not None else [],
     }
