@@ -20,7 +20,7 @@ over the whole coarsest stored level. Slides: the two real SVS files of ../share
 one level) and a synthetic pyramidal OME-TIFF (``hx.datasets.synthetic_wsi``, JPEG tiles of 512 px,
 pyramid in SubIFDs). Median over ``--repeats`` runs; the readers take turns within each repeat.
 
-    python benchmarks/wsi_readers.py [--repeats 3] [--synthetic-side 12288] [--workdir DIR]
+    python benchmarks/wsi_readers.py [--repeats 3] [--synthetic-side 8192] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--synthetic-side", type=int, default=12288, help="side of the synthetic OME-TIFF (0: none)")
+    parser.add_argument("--synthetic-side", type=int, default=8192, help="side of the synthetic OME-TIFF (0: none)")
     parser.add_argument("--data", default=os.environ.get("HESPOTEX_DATA", str(ROOT.parent / "shared" / "data")))
     parser.add_argument("--workdir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "hespotex-wsi-readers"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "wsi_readers.md"))
