@@ -73,7 +73,7 @@ def child(path: str, reader: str, mpp: float | None) -> dict:
     sdata = hx.io.read_wsi(path, reader=reader, microns_per_pixel=mpp)
     out["open_s"] = time.perf_counter() - t
     slide = sdata.attrs["hespotex_slide"]
-    out["levels"] = len(slide["level_shapes"]) if slide["stored_pyramid"] else 1
+    out["levels"] = slide["stored_levels"]
     t = time.perf_counter()
     hx.pp.detect_tissue(sdata)
     out["tissue_s"] = time.perf_counter() - t
