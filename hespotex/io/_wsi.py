@@ -318,8 +318,9 @@ def read_wsi(
     - **Pyramidal TIFF, OME-TIFF, SVS** (``reader="tifffile"``, the default for them): every level
       the file stores (``TiffFile.series[0].levels``) becomes one level of the image, a dask array
       over ``tifffile``'s zarr store whose chunks are the file's tiles. Only the metadata and tile
-      offsets are read here; pixels are decoded when asked for. This is the fastest reader we
-      measured on real SVS files (``benchmarks/results/wsi_readers.md``).
+      offsets are read here; pixels are decoded when asked for. On real SVS files it is as fast as
+      OpenSlide or tiffslide, and it finds OME-TIFF SubIFD pyramids that OpenSlide does not
+      (``benchmarks/results/wsi_readers.md``).
     - **Vendor formats** (NDPI, MRXS, VMS/VMU, SCN, BIF, SVSLIDE, DICOM, CZI, iSyntax; default
       ``reader="openslide"``): read through ``wsidata`` (the I/O layer of LazySlide) over OpenSlide
       from ``openslide-bin``, by blocks of whole tiles (about 512 px), lazily. These need the extra
