@@ -22,9 +22,20 @@ from hespotex.io._anndata import check_sample_id, sample_id_from_path
 from hespotex.io._build import MPP_RANGE
 from hespotex.io._decode import decode_array, decode_levels, decode_pil, tiff_file_format
 from hespotex.io._image import as_rgb_hwc
+from hespotex.io._wsi_readers import (
+    VENDOR_SUFFIXES,
+    OpenedSlide,
+    choose_reader,
+    from_wsidata,
+    is_wsidata,
+    magnification_mpp,
+    open_wsidata,
+    tiff_magnification,
+)
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
+    from wsidata import WSIData
 
 logger = logging.getLogger("hespotex")
 
@@ -51,7 +62,7 @@ _MPP_TOLERANCE = 0.05  # relative disagreement between the argument and the meta
 
 def _sample_id(path: Path) -> str:
     name = path.name
-    for suffix in (*_TIFF_SUFFIXES, *_RASTER_SUFFIXES):
+    for suffix in (*_TIFF_SUFFIXES, *VENDOR_SUFFIXES, *_RASTER_SUFFIXES):
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
             break
@@ -145,8 +156,8 @@ def _resolve_mpp(given: float | None, found: float | None, source: str | None, p
         return given
     if found is None:
         msg = (
-            f"{path.name} records no microns per pixel (no OME PhysicalSizeX, Aperio MPP, or TIFF resolution tags "
-            "in inches or centimetres). Pass `microns_per_pixel=` (about 0.25 for a 40x scan, 0.5 for 20x; "
+            f"{path.name} records no microns per pixel (no OME PhysicalSizeX, Aperio MPP, TIFF resolution tags "
+            "in inches or centimetres, or objective magnification). Pass `microns_per_pixel=` (about 0.25 for a 40x scan, 0.5 for 20x; "
             "the scanner's record or the slide's scale bar tells)."
         )
         raise ValueError(msg)
@@ -194,8 +205,11 @@ def _to_yxc(arr: Any, axes: str, path: Path) -> Any:
     return arr.transpose(order)
 
 
-def _open_tiff(path: Path, chunks: Any) -> tuple[list[Any], float | None, str | None, bool]:
-    """Stored levels as ``(y, x, c)`` dask arrays (finest first), metadata mpp and its source, pyramid flag."""
+def _open_tiff(path: Path, chunks: Any) -> OpenedSlide:
+    """Stored levels as ``(y, x, c)`` dask arrays (finest first), metadata mpp, magnification, associated images.
+
+    Only the first series is the slide: the others (an SVS's thumbnail, label and macro images) are
+    listed by name and never read."""
     import dask.array as da
     import tifffile
     import zarr
@@ -212,6 +226,8 @@ def _open_tiff(path: Path, chunks: Any) -> tuple[list[Any], float | None, str | 
         series = tif.series[0]
         _check_complete(tif, path)
         mpp, source = _tiff_mpp(tif)
+        magnification = tiff_magnification(tif)
+        associated = [str(s.name or f"series {i}").lower() for i, s in enumerate(tif.series) if i > 0]
         arrays = []
         for i, level in enumerate(series.levels):
             store = series.aszarr(level=i)
@@ -231,7 +247,7 @@ def _open_tiff(path: Path, chunks: Any) -> tuple[list[Any], float | None, str | 
         fy, fx = base[0] / arr.shape[0], base[1] / arr.shape[1]
         if abs(fy - fx) / max(fy, fx) < 0.02 and arr.shape[0] < keep[-1].shape[0]:
             keep.append(arr)
-    return keep, mpp, source, len(keep) > 1
+    return OpenedSlide(keep, path, "tifffile", mpp, source, magnification, associated)
 
 
 def _open_raster(path: Path) -> tuple[np.ndarray, float | None, str | None]:
@@ -290,21 +306,35 @@ def _coarsened_levels(level0: Any, *, min_side: int = 256) -> list[Any]:
 
 
 def read_wsi(
-    path: str | Path,
+    path: str | Path | WSIData,
     *,
     microns_per_pixel: float | None = None,
     sample_id: str | None = None,
     chunks: int | tuple[int, ...] | None = None,
+    reader: str = "auto",
 ) -> SpatialData:
     """Read a whole-slide H&E image lazily into a SpatialData (image only, no spots).
 
-    Formats and memory:
+    Formats, readers and memory:
 
-    - **Pyramidal TIFF, OME-TIFF, SVS** (and other tiled TIFF flavours ``tifffile`` reads: NDPI,
-      SCN, BIF...): every level the file stores (``TiffFile.series[0].levels``) becomes one level of
-      the image, a dask array over ``tifffile``'s zarr store whose chunks are the file's tiles. Only
-      the metadata and tile offsets are read here; pixels are decoded when asked for.
-    - **A TIFF without pyramid**: read lazily the same way; a warning says so, and coarser levels
+    - **Pyramidal TIFF, OME-TIFF, SVS** (``reader="tifffile"``, the default for them): every level
+      the file stores (``TiffFile.series[0].levels``) becomes one level of the image, a dask array
+      over ``tifffile``'s zarr store whose chunks are the file's tiles. Only the metadata and tile
+      offsets are read here; pixels are decoded when asked for. On real SVS files it is as fast as
+      OpenSlide or tiffslide, and it finds OME-TIFF SubIFD pyramids that OpenSlide does not
+      (``benchmarks/results/wsi_readers.md``).
+    - **Vendor formats** (NDPI, MRXS, VMS/VMU, SCN, BIF, SVSLIDE, DICOM, CZI, iSyntax; default
+      ``reader="openslide"``): read through ``wsidata`` (the I/O layer of LazySlide) over OpenSlide
+      from ``openslide-bin``, by blocks of whole tiles (about 512 px), lazily. These need the extra
+      ``pip install 'hespotex[wsi]'``; without it a clear ``ImportError`` names it. Any ``wsidata``
+      reader can be asked for by name (``"openslide"``, ``"tiffslide"``, ``"bioformats"``...), for
+      any format it reads; ``reader="tifffile"`` forces our reader on any TIFF flavour.
+    - **A** :class:`wsidata.WSIData` a LazySlide user already holds (``path=wsi``): its reader gives
+      the levels, its properties the scale (``wsi.set_mpp`` is honoured); nothing is copied.
+    - **A short pyramid** (its coarsest stored level still 1,024 px or more on its shorter side, e.g.
+      an SVS of two levels): levels of 2 x 2, 4 x 4... means of that coarsest level are added lazily
+      (down to about 512 px), so that tissue detection reads a smaller image.
+    - **A slide without pyramid**: read lazily the same way; a warning says so, and coarser levels
       (2 x 2 means, down to a shorter side of about 256 px) are computed lazily with dask from the
       full resolution: each read of a coarse level decodes the full-resolution tiles under it (slow,
       but in bounded memory). Convert such slides to pyramidal OME-TIFFs for speed.
@@ -316,21 +346,34 @@ def read_wsi(
     repeated into RGB, alpha composited on white, CMYK and palette images converted, 16/12-bit
     scaled by their declared or inferred white level; the same mapping for every level).
 
+    Associated images (an SVS's or OpenSlide's thumbnail, label and macro images) are never read as
+    tissue: only the slide's main pyramid becomes the image; their names are recorded.
+
     Parameters
     ----------
     path
-        The slide file.
+        The slide file, or a :class:`wsidata.WSIData`.
     microns_per_pixel
         Resolution of the full-resolution level. Read from the file when not given: OME-XML
         ``PhysicalSizeX`` (with its unit), the Aperio ``MPP`` of an SVS description, or the TIFF
         ``XResolution`` / ``ResolutionUnit`` tags (inch or centimetre; placeholder values outside
-        0.05-50 µm/px, such as 72 dpi, are ignored), or a JPEG/PNG's dpi. The argument wins over the
-        metadata, with a warning when they differ by more than 5 %. Neither: a ``ValueError``.
+        0.05-50 µm/px, such as 72 dpi, are ignored), a JPEG/PNG's dpi, or the ``mpp`` of the
+        ``wsidata`` reader's properties (OpenSlide's ``openslide.mpp-x``). The argument wins over the
+        metadata, with a warning when they differ by more than 5 %. When the file records no
+        resolution but the **objective magnification** (Aperio ``AppMag``, OME
+        ``NominalMagnification``, NDPI or OpenSlide ``objective-power``), ``10 / magnification`` µm/px
+        is assumed (20x -> 0.5, 40x -> 0.25; scanners differ by up to ~10 %) with a warning. Neither:
+        a ``ValueError`` asking for the argument.
     sample_id
         Names the image element ``{sample_id}_image`` and the coordinate system; default: the file
         name without its image suffix.
     chunks
-        Dask chunks of the stored levels (``None``: the file's tiles).
+        Dask chunks of the stored levels (``None``: the file's tiles; through ``wsidata``: whole tiles
+        near 512 px).
+    reader
+        ``"auto"`` (``tifffile`` for TIFF / OME-TIFF / SVS, ``openslide`` for vendor suffixes, PIL for
+        JPEG / PNG), ``"tifffile"``, or a ``wsidata`` reader name (``"openslide"``, ``"tiffslide"``,
+        ``"bioformats"``, ``"cucim"``, ...). Ignored for a ``WSIData``.
 
     Returns
     -------
@@ -341,30 +384,52 @@ def read_wsi(
       resolution pixels) by its scale;
     - ``attrs["hespotex_slide"]``: ``sample_id``, ``image_key``, ``coordinate_system``,
       ``microns_per_pixel``, ``microns_per_pixel_source``, ``path`` (absolute), ``level_shapes``
-      (``[height, width]`` per level), ``stored_pyramid`` (whether the levels come from the file).
+      (``[height, width]`` per level), ``stored_pyramid`` (whether the file stores several levels),
+      ``stored_levels`` (how many of the levels are the file's, finest first; the others are averaged),
+      ``reader`` (``tifffile``, ``openslide``, ``tiffslide``, ``pillow``...), ``associated_images``
+      (names of the images skipped), and ``objective_magnification`` where the file records it.
 
     No table: :func:`hespotex.pp.detect_tissue` and :func:`hespotex.pp.tile` lay out pseudo-spots.
-    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for a truncated, damaged or
-    non-image file, an unsupported layout, or unknown microns per pixel.
+    Raises ``FileNotFoundError`` for a missing file, ``ImportError`` naming the extra to install when
+    a format needs a missing reader, and ``ValueError`` for a truncated, damaged or non-image file, an
+    unsupported layout, or unknown microns per pixel.
     """
     from spatialdata import SpatialData
 
-    path = Path(path)
-    if not path.is_file():
-        msg = f"Expected a slide file, found no file at {str(path)!r}."
-        raise FileNotFoundError(msg)
+    if is_wsidata(path):
+        opened = from_wsidata(path, chunks=chunks)
+        path = opened.path
+    else:
+        path = Path(path)
+        if not path.is_file():
+            msg = f"Expected a slide file, found no file at {str(path)!r}."
+            raise FileNotFoundError(msg)
+        opened = None
     sid = check_sample_id(sample_id if sample_id is not None else _sample_id(path))
     image_key = f"{sid}_image"
-    with path.open("rb") as fh:
-        head = fh.read(4)
-    is_tiff = head[:2] in (b"II", b"MM") and head[2:4] in (b"*\x00", b"\x00*", b"+\x00", b"\x00+")
-    suffix_tiff = path.name.lower().endswith(_TIFF_SUFFIXES)
-    if is_tiff:
-        levels, found, source, pyramid = _open_tiff(path, chunks)
+    if opened is None:
+        with path.open("rb") as fh:
+            head = fh.read(4)
+        is_tiff = head[:2] in (b"II", b"MM") and head[2:4] in (b"*\x00", b"\x00*", b"+\x00", b"\x00+")
+        name = choose_reader(path, reader, is_tiff=is_tiff)
+        wants_tiff = name == "tifffile" or (name == "raster" and path.name.lower().endswith(_TIFF_SUFFIXES))
+        if wants_tiff and not is_tiff:
+            msg = f"{path.name} is not a TIFF file (its first bytes are {head!r}); the file is damaged or has the wrong suffix."
+            raise ValueError(msg)
+        if name == "tifffile":
+            opened = _open_tiff(path, chunks)
+        elif name != "raster":
+            opened = open_wsidata(path, name, chunks=chunks)
+    if opened is not None:
+        levels, found, source, magnification = opened.levels, opened.mpp, opened.mpp_source, opened.magnification
+        pyramid = len(levels) > 1
+        if microns_per_pixel is None and found is None and magnification:
+            found, source = _magnification_mpp(magnification, path)
         mpp = _resolve_mpp(microns_per_pixel, found, source, path)
-        levels = decode_levels(levels, fmt=tiff_file_format(path), name=f"slide {path.name}")
-        if pyramid:
-            image = _datatree(levels, sid)
+        fmt = tiff_file_format(path) if opened.reader == "tifffile" else None
+        levels = decode_levels(levels, fmt=fmt, name=f"slide {path.name}")
+        if pyramid:  # a short pyramid (e.g. an SVS of two levels) gets lazily averaged levels below its coarsest
+            image = _datatree([*levels, *_coarsened_levels(levels[-1], min_side=512)[1:]], sid)
         else:
             logger.warning(
                 "%s has no pyramid (one level of %d x %d px); coarser levels are computed lazily from the full "
@@ -374,14 +439,14 @@ def read_wsi(
                 levels[0].shape[0],
             )
             image = _datatree(_coarsened_levels(levels[0]), sid)
-    elif suffix_tiff:
-        msg = f"{path.name} is not a TIFF file (its first bytes are {head!r}); the file is damaged or has the wrong suffix."
-        raise ValueError(msg)
+        if opened.associated:
+            logger.info("%s: skipped its associated images (%s).", path.name, ", ".join(opened.associated))
     else:
         data, found, source = _open_raster(path)
         mpp = _resolve_mpp(microns_per_pixel, found, source, path)
         rgb = as_rgb_hwc(data, name=f"slide {path.name}")
         image = _datatree(_coarsened_levels(rgb), sid)
+        pyramid, magnification = False, None
         logger.info("%s decoded into memory (%.0f MB): JPEG/PNG cannot be read in parts.", path.name, rgb.nbytes / 1e6)
     if microns_per_pixel is not None:
         source = "argument"
@@ -392,10 +457,15 @@ def read_wsi(
         "coordinate_system": sid,
         "microns_per_pixel": float(mpp),
         "microns_per_pixel_source": source,
-        "path": str(path.resolve()),
+        "path": str(path.resolve()) if path.exists() else str(path),  # a WSIData over an in-memory image: its key
         "level_shapes": level_shapes,
-        "stored_pyramid": bool(is_tiff and pyramid),
+        "stored_pyramid": bool(opened is not None and pyramid),
+        "stored_levels": len(opened.levels) if opened is not None else 0,
+        "reader": opened.reader if opened is not None else "pillow",
+        "associated_images": list(opened.associated) if opened is not None else [],
     }
+    if magnification:
+        attrs["objective_magnification"] = float(magnification)
     sdata = SpatialData(images={image_key: image}, attrs={SLIDE_KEY: attrs})
     logger.info(
         "read_wsi %s: %d x %d px, %d levels, %.4g µm/px (%s).",
@@ -409,14 +479,19 @@ def read_wsi(
     return sdata
 
 
-def _quietly(func: Any, items: list[Any]) -> list[Any]:
-    """``func`` over ``items`` with the package logger silenced (its warnings were given for level 0)."""
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        return [func(item) for item in items]
-    finally:
-        logger.setLevel(level)
+def _magnification_mpp(magnification: float, path: Path) -> tuple[float | None, str | None]:
+    """Microns per pixel from the objective magnification, with a warning (the file records no resolution)."""
+    mpp = _plausible(magnification_mpp(magnification), f"{magnification:g}x objective")
+    if mpp is None:
+        return None, None
+    logger.warning(
+        "%s records no microns per pixel, only a %gx objective: assuming %.4g µm/px (10 / magnification: 20x -> 0.5, "
+        "40x -> 0.25). Pass `microns_per_pixel=` (--mpp) if the scanner's record says otherwise.",
+        path.name,
+        magnification,
+        mpp,
+    )
+    return mpp, f"objective magnification {magnification:g}x (assumed 10 / magnification)"
 
 
 def _level_shapes(image: Any) -> list[list[int]]:
