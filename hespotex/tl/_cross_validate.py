@@ -130,6 +130,7 @@ def cross_validate(
     tables = {n: get_table(s) for n, s in named.items()}
     groups = {n: str(groups[n]) if groups else n for n in names}
     specs = _method_specs(methods, config)
+    _check_cv_samples(tables, specs, genes=genes, smooth_neighbors=smooth_neighbors if smoothed else 0)
     rows = []
     fold_ids = list(dict.fromkeys(groups[n] for n in names))
     if len(fold_ids) < 2:
@@ -189,6 +190,24 @@ def cross_validate(
     for name, panel in (panels or {}).items():
         table[f"in_{name}"] = table["gene"].isin(set(panel))
     return table
+
+
+def _check_cv_samples(tables: Mapping[str, Any], specs, *, genes, smooth_neighbors: int) -> None:
+    """Refuse, by name and before any fold runs, samples too small for the graphs or without counts."""
+    from hespotex.models._net import _resolve_config
+    from hespotex.pp._genes import check_samples
+
+    need = smooth_neighbors
+    for _, kind, cfg in specs:
+        if kind == "hespotex":
+            c = _resolve_config(cfg)
+            need = max(need, c.ae_neighbors, c.decoder_neighbors)
+    shared = list(shared_genes(list(tables.values())))
+    present = shared if genes is None else [g for g in genes if g in set(shared)]
+    check_samples(
+        list(tables.values()), list(tables), present, min_spots=need + 1,
+        purpose=f"cross-validation (the {need}-neighbour spatial graphs)",
+    )  # fmt: skip
 
 
 def _baseline_predictions(kind, train_data, test_data, held, *, seed, kwargs, make_baseline) -> dict[str, np.ndarray]:
