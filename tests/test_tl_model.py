@@ -414,6 +414,8 @@ def test_cross_validate_table(cv_result):
         "mean_true",
         "var_true",
         "n_spots",
+        "truth_constant",
+        "prediction_constant",
         "fit_seconds",
         "in_hvg",
         "in_heg",
