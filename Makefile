@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hespotex-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install browser demo test lint format bench clean
 
 $(STAMP): pyproject.toml
 	@if $(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv; then \
@@ -23,8 +23,16 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/hespotex demo
 
+# Browser tests drive Debian's Chromium through Playwright (never `playwright install`): install it when missing.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO="sudo"; \
+		echo "Chromium is missing: installing Debian's chromium and chromium-driver (apt-get)"; \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver; \
+	} || { echo "make test: could not install Chromium (run 'apt-get install -y chromium chromium-driver' as root), needed by the browser tests" >&2; exit 1; }
+
 # Tests, then the tutorials and notebooks executed top to bottom on small settings (HESPOTEX_QUICK=1).
-test: install
+test: install browser
 	HF_HUB_OFFLINE=1 HESPOTEX_QUICK=1 $(PY) -m pytest --nbmake --nbmake-timeout=1200 $(PYTEST_ARGS)
 
 lint: install

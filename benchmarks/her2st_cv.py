@@ -32,7 +32,9 @@ from hespotex.tl._cross_validate import cross_validate, summarize_cv
 ENCODERS = {"random": ("efficientnet_lite0", "X_random"), "imagenet": ("efficientnet_lite0.imagenet", "X_imagenet")}
 
 
-def run_fold(fold: str, data: str | None, encoders: list[str], methods: list, genes: int, out: str) -> pd.DataFrame:
+def run_fold(
+    fold: str, data: str | None, encoders: list[str], methods: list, genes: int, out: str, tune: bool = True, target_norm: str = "library_all"
+) -> pd.DataFrame:
     """One held-out section, every encoder and method (runs inside a dask worker).
 
     The fold's table is saved to ``out/folds/<fold>.csv.gz`` as soon as it is done, so a rerun
@@ -59,6 +61,8 @@ def run_fold(fold: str, data: str | None, encoders: list[str], methods: list, ge
             panels={"785": panel},
             embedding_key=key,
             seed=0,
+            tune_baselines=tune,
+            target_norm=target_norm,
         )
         table.insert(0, "encoder", enc)
         tables.append(table)
@@ -77,6 +81,8 @@ def main() -> None:
     parser.add_argument("--ablations", action="store_true", help="also run hespotex without graph decoder / alignment / autoencoder")
     parser.add_argument("--workers", type=int, default=2, help="dask worker processes (one fold each at a time)")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--no-tune", action="store_true", help="baselines at their fixed defaults instead of α / k tuned on the training sections")
+    parser.add_argument("--target-norm", default="library_all", help="targets of every method (hespotex.pp._targets)")
     args = parser.parse_args()
     hx.settings.progress = False
     load_start = tuple(round(v, 1) for v in os.getloadavg())
@@ -101,7 +107,8 @@ def main() -> None:
     t_cv = time.perf_counter()
     with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
         futures = client.map(
-            run_fold, sorted(sections), data=args.data, encoders=args.encoders, methods=methods, genes=args.genes, out=args.out, pure=False
+            run_fold, sorted(sections), data=args.data, encoders=args.encoders, methods=methods, genes=args.genes, out=args.out,
+            tune=not args.no_tune, target_norm=args.target_norm, pure=False
         )
         tables = client.gather(futures)
     t_cv = time.perf_counter() - t_cv

@@ -130,5 +130,5 @@ def test_every_spot_of_every_section_gets_an_embedding(samples):
         assert emb.shape == (table.n_obs, 1280), name
         assert np.isfinite(emb).all() and emb.std(axis=0).mean() > 0
         params = table.uns["hespotex_embed"]["X_test_lite0"]
-        assert params["patch_um"] == 200.0 and params["crop_px"] > 112  # read at full resolution, then downsampled
+        assert params["patch_um"] == 100.0 and params["crop_px"] > 112  # read at full resolution, then downsampled
         assert len(np.unique(emb.round(4), axis=0)) == table.n_obs  # every spot sees its own patch

@@ -141,11 +141,11 @@ def test_from_anndata_other_spatial_key_and_missing_key():
 
 def test_rgba_and_grayscale_images(caplog):
     adata, img = _adata(), _image()
-    rgba = np.concatenate([img, np.full((*img.shape[:2], 1), 7, np.uint8)], axis=2)
+    rgba = np.concatenate([img, np.full((*img.shape[:2], 1), 255, np.uint8)], axis=2)
     with caplog.at_level(logging.WARNING, logger="hespotex"):
         sdata = hx.io.from_anndata(adata, rgba, microns_per_pixel=0.5, spot_diameter_um=10.0)
     assert "alpha" in caplog.text
-    _check_contract(sdata, img)  # alpha dropped, RGB kept
+    _check_contract(sdata, img)  # an opaque alpha dropped, RGB kept (real alpha: tests/test_io_decode.py)
     gray = img[..., 0]
     sdata = hx.io.from_anndata(adata, gray, microns_per_pixel=0.5, spot_diameter_um=10.0)
     pix = _level0(sdata.images["sample_image"])

@@ -16,6 +16,7 @@ import hespotex as hx
 from hespotex.models import ModelConfig
 from hespotex.pp._genes import shared_genes
 from hespotex.pp._normalize import log_expression
+from hespotex.pp._targets import target_expression
 from hespotex.tl._data import EMBEDDING_KEY
 from hespotex.tl._metrics import pearson_per_gene
 
@@ -81,13 +82,15 @@ def test_predictions_are_stored_in_a_new_table(sections, panel, predicted):
     assert list(predicted.var_names) == panel and list(predicted.obs_names) == list(source.obs_names)
     pred = predicted.layers["hespotex"]
     assert pred.shape == (source.n_obs, N_PANEL) and np.isfinite(pred).all()
-    np.testing.assert_allclose(predicted.layers["measured"], log_expression(source, panel), rtol=1e-6)
+    # the measured layer is normalised like the model's targets (default: library over the modelled panel)
+    assert predicted.uns["hespotex"]["params"]["target_norm"] == "library_modelled"
+    np.testing.assert_allclose(predicted.layers["measured"], target_expression(source, panel, target_norm="library_modelled"), rtol=1e-6)
     att = predicted.obsp["hespotex_attention"]
     assert sp.issparse(att)
     np.testing.assert_allclose(np.asarray(att.sum(axis=1)).ravel(), 1.0, atol=1e-4)
     params = predicted.uns["hespotex"]["params"]
     assert params["encoder"] == "efficientnet_lite0.imagenet"
-    assert params["patch_um"] == pytest.approx(200.0)  # twice the 100 µm legacy-ST spot
+    assert params["patch_um"] == pytest.approx(100.0)  # the 100 µm legacy-ST spot
     assert "hespotex" not in source.layers and EMBEDDING_KEY in source.obsm
 
 

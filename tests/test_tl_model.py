@@ -20,6 +20,7 @@ from hespotex.models import ModelConfig
 from hespotex.pp._genes import gene_hash
 from hespotex.pp._graph import knn_graph
 from hespotex.pp._normalize import log_expression
+from hespotex.pp._targets import target_expression
 from hespotex.tl._data import EMBEDDING_KEY, graph_data, spatial_block_mask
 from hespotex.tl._metrics import pearson_per_gene, top_genes
 
@@ -146,7 +147,7 @@ def test_predictions_are_stored_as_documented(sections, genes, model, predicted)
     assert params["n_genes"] == N_GENES
     assert params["encoder"] == ENCODER
     assert params["encoder_id"] == source.uns["hespotex_embed"][EMBEDDING_KEY]["encoder_id"]
-    assert params["patch_um"] == pytest.approx(2 * 55.0)  # default: twice the spot diameter
+    assert params["patch_um"] == pytest.approx(55.0)  # default: the spot diameter
     assert params["seed"] == 0 and params["target_sum"] == 1e4
     assert params["config"]["latent_dim"] == MAIN.latent_dim
     assert "hespotex" in params["versions"] and "torch" in params["versions"]
@@ -184,7 +185,8 @@ def test_other_genes_go_to_a_new_table_of_the_spatialdata(model30):
     assert list(out.var_names) == model30.genes
     assert list(out.obs_names) == list(source.obs_names)
     np.testing.assert_array_equal(out.obsm["spatial"], source.obsm["spatial"])
-    np.testing.assert_allclose(out.layers["measured"], log_expression(source, model30.genes), rtol=1e-6)
+    measured = target_expression(source, model30.genes, target_norm=model30.target_norm)  # normalised like the targets
+    np.testing.assert_allclose(out.layers["measured"], measured, rtol=1e-6)
     assert out.layers["hespotex"].shape == (150, 30)
     # the new table annotates the same spot circles as the source table
     assert out.uns["spatialdata_attrs"]["region"] == source.uns["spatialdata_attrs"]["region"]

@@ -75,8 +75,18 @@ def check_expression(x: Any, obs_names: pd.Index, var_names: pd.Index, *, counts
     return mat
 
 
-def check_spots_in_image(centres_xy: np.ndarray, image_shape: tuple[int, int], *, spot_ids: pd.Index | None = None) -> None:
-    """Raise when a spot centre lies outside the image (``image_shape`` is ``(height, width)``)."""
+def check_spots_in_image(
+    centres_xy: np.ndarray,
+    image_shape: tuple[int, int],
+    *,
+    spot_ids: pd.Index | None = None,
+    radius_px: float | None = None,
+) -> None:
+    """Raise when a spot centre lies outside the image (``image_shape`` is ``(height, width)``).
+
+    With ``radius_px``, spots whose centre is inside but whose circle crosses the image edge get a
+    warning with their count (their patches are padded with white).
+    """
     h, w = image_shape
     x, y = centres_xy[:, 0], centres_xy[:, 1]
     bad = (x < 0) | (y < 0) | (x >= w) | (y >= h) | ~np.isfinite(x) | ~np.isfinite(y)
@@ -88,6 +98,21 @@ def check_spots_in_image(centres_xy: np.ndarray, image_shape: tuple[int, int], *
             "coordinate columns, or the scale factor if the image is a downscaled copy."
         )
         raise ValueError(msg)
+    if radius_px is not None and radius_px > 0:
+        r = float(radius_px)
+        edge = (x - r < 0) | (y - r < 0) | (x + r > w) | (y + r > h)
+        if edge.any():
+            ids = list(spot_ids[edge][:5]) if spot_ids is not None else list(np.flatnonzero(edge)[:5])
+            logger.warning(
+                "%d of %d spots lie partly outside the image (%d x %d px; spot radius %.1f px), e.g. %s; "
+                "their patches are padded with white.",
+                int(edge.sum()),
+                len(edge),
+                w,
+                h,
+                r,
+                ids,
+            )
 
 
 def build_sample(
@@ -148,7 +173,8 @@ def build_sample(
     if image is not None:
         rgb = as_rgb_hwc(image)
         image_shape = tuple(int(s) for s in rgb.shape[:2])
-        check_spots_in_image(centres_xy, image_shape, spot_ids=pd.Index(obs.index))
+        radius = float(spot_diameter_um) / float(microns_per_pixel) / 2.0 if microns_per_pixel and spot_diameter_um else None
+        check_spots_in_image(centres_xy, image_shape, spot_ids=pd.Index(obs.index), radius_px=radius)
         images[image_key] = Image2DModel.parse(
             rgb,
             dims=("y", "x", "c"),

@@ -24,6 +24,7 @@ import pandas as pd
 
 from hespotex._sample import SAMPLE_KEY, TABLE_KEY, SampleInfo
 from hespotex.io._build import check_expression, check_scale, check_spots_in_image
+from hespotex.io._decode import read_image
 from hespotex.io._image import as_rgb_hwc, pyramid_scale_factors
 
 if TYPE_CHECKING:
@@ -132,8 +133,10 @@ def read_visium(
         ``{id}_filtered_feature_bc_matrix.h5`` file name, else the folder name (its parent's when
         the folder is called ``outs``), which spatialdata-io needs for the standard file name.
     fullres_image
-        Path to the full-resolution H&E image given to Space Ranger. Without it the hires PNG is the
-        sample's image (its transformation to the dataset coordinate system is a scale).
+        Path to the full-resolution H&E image given to Space Ranger, decoded by hespotex's rules (a
+        TIFF lazily; bit depth and colour model as in :mod:`hespotex.io._decode`; ``imread_kwargs``
+        do not apply to it). Without it the hires PNG is the sample's image (its transformation to
+        the dataset coordinate system is a scale).
     counts_file
         Name of the count matrix in ``path``.
     in_tissue_only
@@ -181,7 +184,7 @@ def read_visium(
         path,
         dataset_id=dataset_id,
         counts_file=counts_file,
-        fullres_image_file=str(fullres_image) if fullres_image is not None else None,
+        fullres_image_file=None,  # decoded below by hespotex's rules (bit depth, colour model)
         **kwargs,
     )
     table = sdata.tables[TABLE_KEY]
@@ -222,15 +225,17 @@ def read_visium(
     )
 
     image_key = None
-    if fullres_image is not None and f"{cs}_full_image" in sdata.images:
+    if fullres_image is not None:
         image_key = f"{cs}_full_image"
+        sdata.images[image_key] = _fullres_element(fullres_image, cs)
     elif f"{cs}_hires_image" in sdata.images:
         image_key = f"{cs}_hires_image"
+        sdata.images[image_key] = as_rgb_image_element(sdata.images[image_key], name=image_key)
     extent = None
     if image_key is not None:
-        sdata.images[image_key] = as_rgb_image_element(sdata.images[image_key], name=image_key)
         extent = image_extent(sdata.images[image_key], cs)
-        check_spots_in_image(centres, extent, spot_ids=pd.Index(table.obs_names))
+        radius = VISIUM_SPOT_DIAMETER_UM / float(microns_per_pixel) / 2.0 if microns_per_pixel else None
+        check_spots_in_image(centres, extent, spot_ids=pd.Index(table.obs_names), radius_px=radius)
     check_scale(microns_per_pixel, VISIUM_SPOT_DIAMETER_UM, image_shape=extent)
 
     scalefactors = _read_scalefactors(path, kwargs.get("scalefactors_file"))
@@ -273,6 +278,23 @@ def as_rgb_image_element(element: Any, *, name: str = "image") -> Any:
         scale_factors=pyramid_scale_factors(h, w) or None,
         chunks=(3, 2048, 2048),
         transformations=transformations,
+    )
+
+
+def _fullres_element(path: Path, cs: str) -> Any:
+    """The full-resolution image as an RGB ``uint8`` multiscale element mapped to ``cs`` by the identity."""
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import Identity
+
+    rgb = read_image(path, name=f"full-resolution image {path.name}")
+    h, w = (int(s) for s in rgb.shape[:2])
+    return Image2DModel.parse(
+        rgb,
+        dims=("y", "x", "c"),
+        c_coords=["r", "g", "b"],
+        scale_factors=pyramid_scale_factors(h, w) or None,
+        chunks=(3, 2048, 2048),
+        transformations={cs: Identity()},
     )
 
 

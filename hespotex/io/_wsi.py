@@ -20,6 +20,7 @@ import numpy as np
 
 from hespotex.io._anndata import check_sample_id, sample_id_from_path
 from hespotex.io._build import MPP_RANGE
+from hespotex.io._decode import decode_array, decode_levels, decode_pil, tiff_file_format
 from hespotex.io._image import as_rgb_hwc
 
 if TYPE_CHECKING:
@@ -241,7 +242,8 @@ def _open_raster(path: Path) -> tuple[np.ndarray, float | None, str | None]:
     try:
         with Image.open(path) as im:
             mpp, source = _pil_mpp(im.info)
-            data = np.asarray(im)
+            pixels, fmt = decode_pil(im, name=f"slide {path.name}")
+            data = decode_array(pixels, fmt=fmt, name=f"slide {path.name}")
     except (OSError, SyntaxError, ValueError) as err:
         msg = f"Could not read {path.name} as an image ({err}). Expected a JPEG, PNG or (pyramidal) TIFF file."
         raise ValueError(msg) from err
@@ -310,8 +312,9 @@ def read_wsi(
       (``height x width x 3`` bytes, e.g. 280 MB for 9,300 x 9,900 px) and coarser levels (2 x 2
       means) are computed lazily from that array.
 
-    Grayscale images are repeated into RGB and an alpha channel is dropped (a warning each); 16-bit
-    images are scaled to 8 bits (:func:`hespotex.io._image.as_rgb_hwc`).
+    Pixels are decoded by their real bit depth and colour model (:mod:`hespotex.io._decode`: grey
+    repeated into RGB, alpha composited on white, CMYK and palette images converted, 16/12-bit
+    scaled by their declared or inferred white level; the same mapping for every level).
 
     Parameters
     ----------
@@ -359,7 +362,7 @@ def read_wsi(
     if is_tiff:
         levels, found, source, pyramid = _open_tiff(path, chunks)
         mpp = _resolve_mpp(microns_per_pixel, found, source, path)
-        levels = [as_rgb_hwc(levels[0], name=f"slide {path.name}"), *_quietly(as_rgb_hwc, levels[1:])]
+        levels = decode_levels(levels, fmt=tiff_file_format(path), name=f"slide {path.name}")
         if pyramid:
             image = _datatree(levels, sid)
         else:

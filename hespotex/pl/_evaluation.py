@@ -62,9 +62,11 @@ def measured_expression(table: Any, *, layer: str = "hespotex", truth: Any = Non
     already normalised; a sample or AnnData is matched by ``obs_names`` and normalised the same way.
     """
     from hespotex._sample import get_table
-    from hespotex.pp._normalize import log_expression
+    from hespotex.pp._targets import target_expression
 
-    target_sum = float(table.uns.get(layer, {}).get("params", {}).get("target_sum", 1e4))
+    params = table.uns.get(layer, {}).get("params", {})
+    target_sum = float(params.get("target_sum", 1e4))
+    target_norm = str(params.get("target_norm", "library_all"))
     genes = list(table.var_names)
     if truth is None:
         truth = "measured" if "measured" in table.layers else table
@@ -82,7 +84,7 @@ def measured_expression(table: Any, *, layer: str = "hespotex", truth: Any = Non
     if measured is not table:
         measured = measured[table.obs_names]
     try:
-        return log_expression(measured, genes, target_sum=target_sum)
+        return target_expression(measured, genes, target_norm=target_norm, target_sum=target_sum)
     except (KeyError, ValueError) as err:
         msg = f"Found no measured expression for the predictions: no layers['measured'] and the table's counts cannot be used ({err}). Pass `truth=`."
         raise ValueError(msg) from err

@@ -162,10 +162,10 @@ def has_measured(pred: Predictions) -> bool:
 def measured_values(pred: Predictions, gene: str) -> np.ndarray:
     """Measured expression of one gene, normalised like the predictions.
 
-    ``layers["measured"]`` when present, else ``log_expression`` of the table's counts with the
-    ``target_sum`` the predictions were made with (library over all genes of the table).
+    ``layers["measured"]`` when present, else the table's counts normalised as the predictions were
+    (``target_norm`` and ``target_sum`` of their ``params``; see :mod:`hespotex.pp._targets`).
     """
-    from hespotex.pp._normalize import log_expression
+    from hespotex.pp._targets import target_expression
 
     table = pred.table
     if MEASURED_LAYER in table.layers:
@@ -174,7 +174,11 @@ def measured_values(pred: Predictions, gene: str) -> np.ndarray:
         msg = "This table has no measured expression (no layers['measured'] and no counts in X); pass `measured=False`."
         raise ValueError(msg)
     target_sum = float(pred.params.get("target_sum", 1e4))
-    return log_expression(table, [gene], target_sum=target_sum).ravel()
+    target_norm = str(pred.params.get("target_norm", "library_all"))
+    if target_norm == "library_modelled":  # the library over the predicted genes (this table's)
+        y = target_expression(table, list(table.var_names), target_norm=target_norm, target_sum=target_sum)
+        return y[:, int(table.var_names.get_loc(gene))]
+    return target_expression(table, [gene], target_norm=target_norm, target_sum=target_sum).ravel()
 
 
 def resolve_measured(pred: Predictions, measured: bool | Literal["auto"]) -> bool:

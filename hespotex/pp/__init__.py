@@ -11,6 +11,7 @@ __getattr__, __dir__, __all__ = attach(
         "extract_patches": "_patches",
         "embed": "_embed",
         "load_encoder": "_encoders",
+        "list_encoders": "_encoder_zoo",
         "detect_tissue": "_tissue",
         "tile": "_tile",
     },

@@ -47,9 +47,11 @@ def image_fingerprint(plan: PatchPlan) -> str:
     return digest.hexdigest()
 
 
-def cache_key(plan: PatchPlan, encoder: Encoder) -> str:
-    """Cache key of an embedding: image pixels, spot crops (centres and geometry) and encoder."""
+def cache_key(plan: PatchPlan, encoder: Encoder, *, tta: bool = False) -> str:
+    """Cache key of an embedding: image pixels, spot crops (centres and geometry), encoder and test-time augmentation."""
     parts = {"image": image_fingerprint(plan), "patches": plan.fingerprint(), "encoder": encoder.encoder_id, "version": 1}
+    if tta:
+        parts["tta"] = "dihedral8"
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -64,11 +66,24 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def encode_patches(plan: PatchPlan, encoder: Encoder, *, batch_size: int = 64, device: str | None = None) -> np.ndarray:
+def dihedral_views(x):
+    """The 8 flips and quarter-turn rotations of a batch ``(n, c, h, w)`` (the dihedral group of the square)."""
+    import torch
+
+    views = []
+    for flipped in (x, torch.flip(x, dims=(-1,))):
+        views += [torch.rot90(flipped, k, dims=(-2, -1)) for k in range(4)]
+    return views
+
+
+def encode_patches(
+    plan: PatchPlan, encoder: Encoder, *, batch_size: int = 64, device: str | None = None, tta: bool = False
+) -> np.ndarray:
     """Run ``encoder`` over every planned patch; returns ``(n_spots, num_features)`` float32.
 
     Reading and resizing the next batch runs in a background thread while the encoder runs on
-    the current one.
+    the current one. With ``tta`` each patch is embedded in its 8 dihedral views (flips and
+    quarter turns) and the 8 embeddings are averaged (8 times the encoder work).
     """
     import torch
     from tqdm.auto import tqdm
@@ -93,7 +108,8 @@ def encode_patches(plan: PatchPlan, encoder: Encoder, *, batch_size: int = 64, d
             idx, x = pending.result()
             if b + 1 < len(batches):
                 pending = pool.submit(load, batches[b + 1])
-            feats = model(x.to(dev, non_blocking=True))
+            x = x.to(dev, non_blocking=True)
+            feats = sum(model(v).float() for v in dihedral_views(x)) / 8.0 if tta else model(x)
             out[idx] = feats.float().cpu().numpy()
     return out
 
@@ -111,6 +127,7 @@ def embed(
     device: str | None = None,
     key_added: str = "X_hespotex_image",
     overwrite: bool = False,
+    tta: bool = False,
 ) -> None:
     """Embed the H&E patch under every spot with a frozen image encoder.
 
@@ -124,12 +141,16 @@ def embed(
         A sample with its H&E image (SpatialData).
     encoder
         A timm architecture name (random init, seeded), ``"efficientnet_lite0.imagenet"`` (real
-        ImageNet weights, offline), an ``hf-hub:`` id, an :class:`~hespotex.pp._encoders.Encoder`
-        or a ``torch.nn.Module``; see :func:`hespotex.pp.load_encoder`.
+        ImageNet weights, offline), an ``hf-hub:`` id, a pathology encoder of LazySlide's zoo
+        (``"uni"``, ``"virchow2"``, ...; :func:`hespotex.pp.list_encoders`), an
+        :class:`~hespotex.pp._encoders.Encoder` or a ``torch.nn.Module``; see
+        :func:`hespotex.pp.load_encoder`.
     weights
-        Local checkpoint for a timm architecture (safetensors or a torch state dict).
+        Local checkpoint for a timm architecture (safetensors or a torch state dict), or the local
+        weights of a zoo encoder (its checkpoint file or hub folder).
     patch_um
-        Patch side in µm (default: twice the spot diameter).
+        Patch side in µm (default: a zoo encoder's input at its native µm/px, e.g. 224 px x 0.5 =
+        112 µm; else the spot diameter).
     input_size
         Encoder input side in pixels (default: the encoder's own, e.g. 224).
     batch_size
@@ -147,19 +168,33 @@ def embed(
         ``obsm`` key of the embeddings.
     overwrite
         Replace embeddings already stored under ``key_added`` with different parameters.
+    tta
+        Test-time augmentation: embed each patch in its 8 dihedral views (4 quarter turns, with
+        and without a mirror flip) and store their mean (8 times the encoder work). H&E has no
+        preferred orientation, so the mean is a more stable description of the patch. Recorded as
+        ``"tta"`` in the embedding record; a model trained on TTA embeddings predicts with them.
 
     Returns
     -------
     ``None``. Writes ``obsm[key_added]`` (``n_spots x n_features`` float32) and
-    ``uns["hespotex_embed"][key_added]`` (encoder, encoder id, patch size in µm, input size,
-    pyramid level, cache key).
+    ``uns["hespotex_embed"][key_added]`` (encoder, encoder id, patch size in µm, µm/px seen by the
+    encoder, input size, pyramid level, cache key and, for zoo encoders, ``encoder_entry``: name,
+    source, version, native µm/px, hub id).
     """
     from hespotex.pp._encoders import load_encoder
 
     table = get_table(data)
     enc = load_encoder(encoder, weights=weights, seed=seed, input_size=input_size)
+    native_mpp = enc.entry.get("native_mpp")
+    if patch_um is None and native_mpp is not None:
+        patch_um = enc.input_size * float(native_mpp)  # what the model saw in training: its input at its µm/px
     plan = plan_patches(data, patch_um=patch_um, out_px=enc.input_size)
-    key = cache_key(plan, enc)
+    if native_mpp is not None and not 0.8 <= plan.patch_um / enc.input_size / native_mpp <= 1.25:
+        logger.warning(
+            "%s was trained at %.2f µm/px; %.0f µm patches at %d px are %.2f µm/px.",
+            enc.name, native_mpp, plan.patch_um, enc.input_size, plan.patch_um / enc.input_size,
+        )  # fmt: skip
+    key = cache_key(plan, enc, tta=tta)
     stored = table.uns.get(EMBED_KEY, {}).get(key_added)
     if key_added in table.obsm:
         if stored is not None and stored.get("cache_key") == key:
@@ -180,7 +215,7 @@ def embed(
             "Embedding %d patches of %.0f µm with %s (level %d, %d px crops -> %d px).",
             table.n_obs, plan.patch_um, enc.name, plan.level.level, plan.size, enc.input_size,
         )  # fmt: skip
-        feats = encode_patches(plan, enc, batch_size=batch_size, device=device)
+        feats = encode_patches(plan, enc, batch_size=batch_size, device=device, tta=tta)
         if not np.isfinite(feats).all():
             msg = f"The encoder {enc.name!r} produced NaN or infinite embeddings; check its weights and the image."
             raise ValueError(msg)
@@ -198,5 +233,8 @@ def embed(
         "level": plan.level.level,
         "crop_px": plan.size,
         "cache_key": key,
+        "mpp": plan.patch_um / enc.input_size,
+        "encoder_entry": dict(enc.entry) or None,
+        "tta": "dihedral8" if tta else None,
     }
     table.uns.setdefault(EMBED_KEY, {})[key_added] = {k: v for k, v in params.items() if v is not None}

@@ -25,7 +25,7 @@ import hashlib
 import pickle
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,6 +66,9 @@ class Encoder:
         Per-channel normalisation applied to RGB values in ``[0, 1]``.
     num_features
         Width of the feature vector (checked with a forward pass when the encoder is built).
+    entry
+        Registry entry of a zoo encoder (name, source, version, native µm/px; see
+        :func:`hespotex.pp.list_encoders`); empty for others.
     """
 
     model: torch.nn.Module
@@ -75,6 +78,7 @@ class Encoder:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     num_features: int
+    entry: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
@@ -151,6 +155,8 @@ def load_encoder(
           timm's pretrained weights, downloaded once into the huggingface_hub cache. Rule: a tag, the
           ``hf-hub:`` prefix or ``pretrained=True`` loads pretrained weights; a bare architecture name
           without them is randomly initialised.
+        - a pathology encoder of LazySlide's zoo (``"uni"``, ``"virchow2"``, ``"h-optimus-0"``, ...;
+          ``hx.pp.list_encoders()``): built by ``lazyslide-models``, weights from the hub or ``weights``.
         - an :class:`Encoder`: returned unchanged (or with a new ``input_size``).
         - a ``torch.nn.Module`` of your own that outputs ``(B, num_features)``: deep-copied, and the
           copy put in eval mode with gradients off, so your module (its training flag, its
@@ -225,6 +231,10 @@ def load_encoder(
             std=std,
         )
 
+    from hespotex.pp._encoder_zoo import load_zoo_encoder, zoo_name
+
+    if (zoo := zoo_name(encoder)) is not None:
+        return load_zoo_encoder(zoo, weights=weights, input_size=input_size, mean=mean, std=std)
     if weights is not None:
         if encoder.startswith("hf-hub:") or pretrained:
             msg = "Pass either `weights` (a local file) or a pretrained hub id / `pretrained=True`, not both."

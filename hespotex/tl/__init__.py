@@ -6,6 +6,8 @@ __getattr__, __dir__, __all__ = attach(
     __name__,
     {
         "HESpotEx": "_model",
+        "HESpotExEnsemble": "_ensemble",
+        "load_model": "_ensemble",
         "ModelConfig": "_model",
         "train": "_train",
         "predict": "_predict",

@@ -326,6 +326,9 @@ def _model_folder(model: Any, out: Path) -> tuple[Path, Any]:
     """The model as a folder every worker can read (a model object is saved under ``out/.model``)."""
     from hespotex.tl._model import HESpotEx
 
+    if hasattr(model, "members") or (isinstance(model, str | Path) and (Path(model) / "ensemble.json").is_file()):
+        msg = "Cohort prediction streams each slide, which ensembles do not support yet; pass one HESpotEx (e.g. `model.members[0]`)."
+        raise NotImplementedError(msg)
     if isinstance(model, HESpotEx):
         folder = out / ".model"
         if folder.exists():

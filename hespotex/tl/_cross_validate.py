@@ -15,7 +15,9 @@ from hespotex.pp._genes import select_genes, shared_genes
 from hespotex.tl._data import EMBEDDING_KEY, GraphData, graph_data
 from hespotex.tl._evaluate import rank_genes
 from hespotex.tl._metrics import gene_scores, truth_constant_genes
+from hespotex.tl._peers import PEER_METHODS, peer_predictions
 from hespotex.tl._train import ensure_embeddings, train
+from hespotex.tl._tune import DEFAULT_GRIDS, tune_baseline
 
 logger = logging.getLogger("hespotex")
 
@@ -35,10 +37,10 @@ def _method_specs(methods: Sequence[Any], config: Any) -> list[tuple[str, str, A
             specs.append(("hespotex", "hespotex", config))
         elif isinstance(m, str) and m.startswith("hespotex:"):
             specs.append((m, "hespotex", ModelConfig.preset(m.split(":", 1)[1])))
-        elif m in BASELINE_METHODS:
+        elif m in BASELINE_METHODS or m in PEER_METHODS:
             specs.append((m, m, None))
         else:
-            msg = f"Unknown method {m!r}; expected 'hespotex', 'hespotex:<preset>', a (label, ModelConfig) pair, or one of {BASELINE_METHODS}."
+            msg = f"Unknown method {m!r}; expected 'hespotex', 'hespotex:<preset>', a (label, ModelConfig) pair, or one of {BASELINE_METHODS + PEER_METHODS}."
             raise ValueError(msg)
     return specs
 
@@ -77,7 +79,9 @@ def cross_validate(
     device: str | None = "auto",
     embedding_key: str = EMBEDDING_KEY,
     target_sum: float = 1e4,
+    target_norm: str = "library_modelled",
     baseline_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+    tune_baselines: bool = False,
 ) -> pd.DataFrame:
     """Leave-one-sample-out (or leave-one-group-out) evaluation of HESpotEx and baselines.
 
@@ -96,7 +100,9 @@ def cross_validate(
     methods
         ``"hespotex"`` (with ``config``), ``"hespotex:<preset>"``, ``(label, ModelConfig)`` pairs
         (ablations), and the baselines ``"ridge"`` (HEST-Benchmark), ``"mlp"`` (ST-Net style head),
-        ``"retrieval"`` (BLEEP-style nearest neighbours) on the same genes and embeddings.
+        ``"retrieval"`` (BLEEP-style nearest neighbours) on the same genes and embeddings, and the
+        pretrained peer ``"stpath"`` (needs ``"gigapath"`` embeddings and STPath's weights; see
+        :mod:`hespotex.tl._peers`).
     smoothed
         Also score every baseline after spatial smoothing over ``smooth_neighbors`` nearest spots
         (method ``"<name>+smooth"``).
@@ -107,10 +113,17 @@ def cross_validate(
         Named gene lists to flag in the result (column ``in_<name>``), e.g. a published 785-gene panel.
     k
         Size of the top-HVG/HEG sets ranked on the training fold (columns ``in_hvg``, ``in_heg``).
-    config, validation, seed, device, embedding_key, target_sum
-        As in :func:`hespotex.tl.train` (``validation`` applies inside each training fold).
+    config, validation, seed, device, embedding_key, target_sum, target_norm
+        As in :func:`hespotex.tl.train` (``validation`` applies inside each training fold). The
+        baselines are fitted to the same targets as the model, and the truth of the scores is
+        normalised the same way.
     baseline_kwargs
-        Extra parameters per baseline, e.g. ``{"mlp": {"epochs": 100}}``.
+        Extra parameters per baseline, e.g. ``{"mlp": {"epochs": 100}}``, or per peer, e.g.
+        ``{"stpath": {"model_path": "stfm.pth", "gene_voc_path": "symbol2ensembl.json"}}``.
+    tune_baselines
+        Choose ridge α and retrieval k by leave-one-training-section-out on the training samples of
+        each fold (:func:`hespotex.tl._tune.tune_baseline`), separately for the raw and the smoothed
+        variant; the chosen value is in column ``chosen``. Needs 2 or more training samples.
 
     Returns
     -------
@@ -148,8 +161,9 @@ def cross_validate(
         fold_gene_list = fold_genes([tables[n] for n in train_names], list(tables.values()), genes=genes, n_top_genes=n_top_genes, flavor=flavor, include_genes=include_genes)
         ranks = rank_genes({n: tables[n] for n in train_names}, fold_gene_list, k=k, target_sum=target_sum)
         hvg, heg = set(ranks["hvg"]), set(ranks["heg"])
-        train_data = {n: graph_data(tables[n], n, genes=fold_gene_list, embedding_key=embedding_key, target_sum=target_sum) for n in train_names}
-        test_data = {n: graph_data(tables[n], n, genes=fold_gene_list, embedding_key=embedding_key, target_sum=target_sum) for n in test_names}
+        norm = {"embedding_key": embedding_key, "target_sum": target_sum, "target_norm": target_norm}
+        train_data = {n: graph_data(tables[n], n, genes=fold_gene_list, **norm) for n in train_names}
+        test_data = {n: graph_data(tables[n], n, genes=fold_gene_list, **norm) for n in test_names}
         held, _ = split_validation(train_names, validation, seed=seed)
         for label, kind, cfg in specs:
             t0 = time.perf_counter()
@@ -163,18 +177,26 @@ def cross_validate(
                     device=device,
                     embedding_key=embedding_key,
                     target_sum=target_sum,
+                    target_norm=target_norm,
                 )
                 preds = {n: model.predict_graph(GraphData(n, d.emb, d.coords_um), device=device)["expression"] for n, d in test_data.items()}
+            elif kind in PEER_METHODS:
+                kw = (baseline_kwargs or {}).get(kind, {})
+                preds = peer_predictions(kind, {n: tables[n] for n in test_names}, test_data, fold_gene_list, embedding_key=embedding_key, kwargs=kw)
+            elif tune_baselines and kind in DEFAULT_GRIDS:
+                variants, chosen = _tuned_variants(kind, label, train_data, test_data, smoothed=smoothed, k=smooth_neighbors, seed=seed, kwargs=(baseline_kwargs or {}).get(kind, {}))
             else:
                 preds = _baseline_predictions(kind, train_data, test_data, held, seed=seed, kwargs=(baseline_kwargs or {}).get(kind, {}), make_baseline=make_baseline)
             seconds = time.perf_counter() - t0
-            variants = [(label, preds)]
-            if smoothed and kind != "hespotex":
-                smoothed_preds = {}
-                for n, p in preds.items():
-                    conn, _ = knn_graph(test_data[n].coords_um, smooth_neighbors)
-                    smoothed_preds[n] = smooth(p, conn)
-                variants.append((f"{label}+smooth", smoothed_preds))
+            if not (tune_baselines and kind in DEFAULT_GRIDS):
+                chosen = {}
+                variants = [(label, preds)]
+                if smoothed and kind != "hespotex":
+                    smoothed_preds = {}
+                    for n, p in preds.items():
+                        conn, _ = knn_graph(test_data[n].coords_um, smooth_neighbors)
+                        smoothed_preds[n] = smooth(p, conn)
+                    variants.append((f"{label}+smooth", smoothed_preds))
             for method, by_sample in variants:
                 for n, p in by_sample.items():
                     scores = gene_scores(test_data[n].expr, p, fold_gene_list).reset_index()
@@ -184,6 +206,8 @@ def cross_validate(
                     scores["fit_seconds"] = seconds
                     scores["in_hvg"] = scores["gene"].isin(hvg)
                     scores["in_heg"] = scores["gene"].isin(heg)
+                    if chosen:
+                        scores["chosen"] = chosen.get(method)
                     rows.append(scores)
             logger.info("fold %s: %s done in %.1f s", fold, label, seconds)
     table = pd.concat(rows, ignore_index=True)
@@ -208,6 +232,24 @@ def _check_cv_samples(tables: Mapping[str, Any], specs, *, genes, smooth_neighbo
         list(tables.values()), list(tables), present, min_spots=need + 1,
         purpose=f"cross-validation (the {need}-neighbour spatial graphs)",
     )  # fmt: skip
+
+
+def _tuned_variants(kind, label, train_data, test_data, *, smoothed, k, seed, kwargs):
+    """Raw (and smoothed) predictions of a baseline tuned by leave-one-training-section-out, each variant tuned for itself."""
+    from hespotex.pp._graph import knn_graph
+    from hespotex.tl._baselines import smooth
+
+    sections = {n: (d.emb, d.expr, d.coords_um) for n, d in train_data.items()}
+    variants, chosen = [], {}
+    for smoothing in (False, True) if smoothed else (False,):
+        model = tune_baseline(kind, sections, smoothed=smoothing, smooth_neighbors=k, seed=seed, **kwargs)
+        name = f"{label}+smooth" if smoothing else label
+        preds = {n: model.predict(d.emb) for n, d in test_data.items()}
+        if smoothing:
+            preds = {n: smooth(p, knn_graph(test_data[n].coords_um, k)[0]) for n, p in preds.items()}
+        variants.append((name, preds))
+        chosen[name] = f"{model.tuning_['param']}={model.tuning_['value']:g}"
+    return variants, chosen
 
 
 def _baseline_predictions(kind, train_data, test_data, held, *, seed, kwargs, make_baseline) -> dict[str, np.ndarray]:

@@ -16,7 +16,7 @@ import scipy.sparse as sp
 
 from hespotex._sample import SAMPLE_KEY, spot_centres
 from hespotex.pp._graph import knn_graph
-from hespotex.pp._normalize import log_expression
+from hespotex.pp._targets import target_expression
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -77,14 +77,23 @@ class GraphData:
 
 
 def graph_data(
-    adata: AnnData, name: str, *, genes: Sequence[str] | None, embedding_key: str = EMBEDDING_KEY, target_sum: float = 1e4
+    adata: AnnData,
+    name: str,
+    *,
+    genes: Sequence[str] | None,
+    embedding_key: str = EMBEDDING_KEY,
+    target_sum: float = 1e4,
+    target_norm: str = "library_all",
 ) -> GraphData:
-    """Collect a table's arrays; ``genes=None`` skips expression (prediction)."""
+    """Collect a table's arrays; ``genes=None`` skips expression (prediction).
+
+    The expression is normalised as ``target_norm`` says (see :mod:`hespotex.pp._targets`).
+    """
     info = adata.uns.get(SAMPLE_KEY)
     mpp = float(info["microns_per_pixel"]) if info else 1.0
     if info is None:
         logger.warning("Table %r has no uns[%r]; treating obsm['spatial'] as microns.", name, SAMPLE_KEY)
-    expr = None if genes is None else log_expression(adata, genes, target_sum=target_sum)
+    expr = None if genes is None else target_expression(adata, genes, target_norm=target_norm, target_sum=target_sum)
     return GraphData(name, embeddings(adata, embedding_key), spot_centres(adata) * mpp, expr)
 
 

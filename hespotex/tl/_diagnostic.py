@@ -320,7 +320,7 @@ def diagnostic_patches(
     patch_um, size
         Patch side in µm and output side in pixels. Default: the encoder geometry recorded by
         :func:`hespotex.pp.embed` for ``obsm["X_hespotex_image"]`` (else the prediction record, else
-        twice the spot diameter and 224 px).
+        the spot diameter and 224 px).
     use_rep
         ``obsm`` features of the label classifier (default ``"X_hespotex_image"``, else the latent
         ``"X_hespotex"``).

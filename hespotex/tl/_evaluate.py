@@ -11,6 +11,7 @@ import pandas as pd
 
 from hespotex._sample import as_sample_dict, get_table
 from hespotex.pp._normalize import log_expression
+from hespotex.pp._targets import target_expression
 from hespotex.tl._metrics import gene_scores, summarize, top_genes
 
 logger = logging.getLogger("hespotex")
@@ -85,7 +86,9 @@ def evaluate(
             f"{int(bad.any(axis=0).sum())} genes; they cannot be scored. Predict again with `hx.tl.predict(..., overwrite=True)`."
         )
         raise ValueError(msg)
-    target_sum = float(table.uns.get(layer, {}).get("params", {}).get("target_sum", 1e4))
+    params = table.uns.get(layer, {}).get("params", {})
+    target_sum = float(params.get("target_sum", 1e4))
+    target_norm = str(params.get("target_norm", "library_all"))
     if isinstance(truth, str):
         if truth not in table.layers:
             msg = f"Expected measured expression in layers[{truth!r}], found layers {list(table.layers)}. Pass `truth=` the measured sample."
@@ -98,7 +101,7 @@ def evaluate(
         if len(missing):
             msg = f"{len(missing)} predicted spots are absent from the truth table, e.g. {list(missing[:3])}; expected the same spots."
             raise KeyError(msg)
-        y = log_expression(measured[table.obs_names], genes, target_sum=target_sum)
+        y = target_expression(measured[table.obs_names], genes, target_norm=target_norm, target_sum=target_sum)
     if reference is None:
         logger.info("Ranking top-%d genes on the evaluated spots themselves (pass `reference=` training samples for benchmarks).", k)
         yk = min(k, len(genes))

@@ -67,14 +67,22 @@ class HESpotEx:
     config
         A :class:`hespotex.models.ModelConfig` or preset name (``"hespotex"``, ``"paper"``).
     target_sum
-        Normalisation of the expression targets: log1p of counts per ``target_sum``, library over
-        all genes.
+        Counts per spot after library scaling (see ``target_norm``).
+    target_norm
+        How counts become the model's targets (and so what its predictions are):
+        ``"library_all"``, ``"library_modelled"`` or ``"log1p_counts"`` (see
+        :mod:`hespotex.pp._targets`). Saved with the model (``setup.json``) and stated by every
+        prediction.
     gene_selection
         Record of how the genes were chosen (flavor, samples fitted on).
     spot_geometry
         Spot diameter and centre-to-centre spacing of the training data, in µm
         (``{"spot_diameter_um": 55.0, "spacing_um": 100.0}``): what :func:`hespotex.pp.tile` lays
         out on image-only slides.
+    embedding_norm
+        How a slide's embeddings are standardised at prediction: ``"training"`` (the training spots'
+        mean and scale) or ``"slide"`` (the slide's own, see :mod:`hespotex.pp._stain`). Training
+        always uses the training statistics. Saved with the model and stated by every prediction.
 
     Attributes
     ----------
@@ -92,10 +100,14 @@ class HESpotEx:
         embedding: dict[str, Any],
         config: Any = "hespotex",
         target_sum: float = 1e4,
+        target_norm: str = "library_all",
         gene_selection: dict[str, Any] | None = None,
         spot_geometry: dict[str, float] | None = None,
+        embedding_norm: str = "training",
     ) -> None:
         from hespotex.models._net import _resolve_config
+        from hespotex.pp._stain import check_embedding_norm
+        from hespotex.pp._targets import check_target_norm
 
         genes = [str(g) for g in genes]
         if not genes or len(set(genes)) != len(genes):
@@ -105,6 +117,8 @@ class HESpotEx:
         self.embedding = dict(embedding)
         self.config = _resolve_config(config)
         self.target_sum = float(target_sum)
+        self.target_norm = check_target_norm(str(target_norm))
+        self.embedding_norm = check_embedding_norm(str(embedding_norm))
         self.gene_selection = dict(gene_selection or {"flavor": "given", "genes": genes})
         self.spot_geometry = dict(spot_geometry or {})
         self.module_ = None
@@ -239,6 +253,10 @@ class HESpotEx:
             )
             raise ValueError(msg)
         mean, scale = self.embedding_mean_, self.embedding_scale_
+        if self.embedding_norm == "slide":
+            from hespotex.pp._stain import slide_statistics
+
+            mean, scale = slide_statistics(sample.emb)
 
         def standardise(rows: np.ndarray) -> np.ndarray:
             rows = np.subtract(rows, mean, dtype=np.float32)  # the same float32 operations as a whole-slide copy
@@ -362,6 +380,8 @@ class HESpotEx:
             "embedding_dim": None if self.embedding_mean_ is None else len(self.embedding_mean_),
             "config": self.config.to_dict(),
             "target_sum": self.target_sum,
+            "target_norm": self.target_norm,
+            "embedding_norm": self.embedding_norm,
             "train_samples": self.train_samples_,
             "validation": self.validation_,
             "history": self.history_,
@@ -430,8 +450,10 @@ class HESpotEx:
             embedding=setup["embedding"],
             config=setup["config"],
             target_sum=setup["target_sum"],
+            target_norm=setup.get("target_norm", "library_all"),  # models saved before the setting: library over all genes
             gene_selection=setup.get("gene_selection"),
             spot_geometry=setup.get("spot_geometry"),
+            embedding_norm=setup.get("embedding_norm", "training"),  # models saved before the setting
         )
         model.embedding_mean_ = as_array(tensors.pop("setup.embedding_mean"))
         model.embedding_scale_ = as_array(tensors.pop("setup.embedding_scale"))

@@ -10,12 +10,20 @@ import numpy as np
 import pandas as pd
 
 from hespotex._sample import SAMPLE_KEY, get_table
-from hespotex.pp._normalize import log_expression
+from hespotex.pp._targets import TARGET_NORMS, target_expression
 from hespotex.tl._data import EMBEDDING_KEY, graph_data
 from hespotex.tl._model import HESpotEx
 from hespotex.tl._train import _same_embedding, ensure_embeddings
 
 logger = logging.getLogger("hespotex")
+
+
+def _entry_text(record: dict[str, Any]) -> str:
+    """Registry entry of an embedding record: ``'uni' of lazyslide-models 0.1.0 at 0.5 µm/px``."""
+    entry = record.get("encoder_entry") or {}
+    if not entry:
+        return f"{record.get('encoder')!r} (no registry entry)"
+    return f"{entry.get('name')!r} of {entry.get('source')} {entry.get('version')} at {entry.get('native_mpp')} µm/px"
 
 
 def _check_embedding(model: HESpotEx, record: dict[str, Any]) -> None:
@@ -24,8 +32,10 @@ def _check_embedding(model: HESpotEx, record: dict[str, Any]) -> None:
         logger.warning("Cannot check that this slide was embedded like the training slides (no encoder record).")
         return
     if not _same_embedding(expected, record):
+        entries = [_entry_text(r) for r in (expected, record)]
         msg = (
-            f"The model was trained on embeddings of {expected.get('encoder')!r} ({expected.get('encoder_id')}) at "
+            (f"The model's encoder is {entries[0]}, this slide's {entries[1]}. " if entries[0] != entries[1] else "")
+            + f"The model was trained on embeddings of {expected.get('encoder')!r} ({expected.get('encoder_id')}) at "
             f"{expected.get('patch_um')} µm patches; this slide's were made with {record.get('encoder')!r} "
             f"({record.get('encoder_id')}) at {record.get('patch_um')} µm. Re-embed it: "
             f"hx.pp.embed(sdata, encoder={expected.get('encoder')!r}, patch_um={expected.get('patch_um')}, key_added=..., overwrite=True)."
@@ -61,7 +71,7 @@ def predict(
     data
         A SpatialData sample or its table (AnnData with embeddings and ``obsm["spatial"]``).
     model
-        A trained :class:`HESpotEx` or the folder of a saved one.
+        A trained :class:`HESpotEx` or :class:`~hespotex.tl.HESpotExEnsemble`, or the folder of a saved one.
     key_added
         Name of the prediction layer, and prefix of the other keys.
     embedding_key
@@ -91,10 +101,13 @@ def predict(
     - ``layers[key_added]``: predicted log1p(counts per ``target_sum``), spots × genes;
     - ``layers["measured"]`` (new table only, when the source table measured every predicted gene):
       the same normalisation of the measured counts, for evaluation and side-by-side views;
-    - ``obsm[f"X_{key_added}"]``: the latent ``ẑ`` of each spot;
+    - ``layers[f"{key_added}_spread"]`` (ensembles only): the members' standard deviation per spot and
+      gene, an uncertainty that ranks absolute errors (see ``benchmarks/results/shift.md``);
+    - ``obsm[f"X_{key_added}"]``: the latent ``ẑ`` of each spot (an ensemble's first member);
     - ``obsp[f"{key_added}_attention"]``: decoder attention (rows = target spot) when the model has it;
     - ``uns[key_added]["params"]``: model id (weights fingerprint), genes hash, encoder, patch size in µm,
-      seed, configuration, versions.
+      seed, configuration, versions, and what the values are: ``"target_norm"`` (the model's target
+      normalisation, see :mod:`hespotex.pp._targets`) with ``"target"`` describing it in words.
 
     Streaming (``out``) always writes a new table ``key_added`` (no ``layers["measured"]``), whose
     ``layers[key_added]`` is read lazily (dask) from the store; it is returned and put in
@@ -102,9 +115,17 @@ def predict(
     and ``"source"`` (where the image is). The source table is not modified (embeddings computed
     while streaming are not stored in its ``obsm``).
     """
-    if not isinstance(model, HESpotEx):
-        model = HESpotEx.load(model)
+    if isinstance(model, str | Path):
+        from hespotex.tl._ensemble import load_model
+
+        model = load_model(model)
     model._check_trained()
+    if out is not None and hasattr(model, "members"):
+        msg = (
+            "Streaming prediction (`out=`) of an ensemble is not supported yet; predict it in memory (out=None), "
+            "or stream each member (`model.members[i]`) on its own."
+        )
+        raise NotImplementedError(msg)
     if out is not None:
         from hespotex.tl._stream import predict_streaming
 
@@ -127,6 +148,7 @@ def predict(
         weights=embed_params.get("weights"),
         patch_um=embed_params.get("patch_um"),
         input_size=embed_params.get("input_size"),
+        tta=bool(embed_params.get("tta")),
         encoder_seed=int(embed_params.get("seed", 0)),
     )
     _check_embedding(model, record)
@@ -143,11 +165,20 @@ def predict(
     order = pd.Index(model.genes).get_indexer(target.var_names)
     target.layers[key_added] = out["expression"][:, order]
     target.obsm[f"X_{key_added}"] = out["latent"]
+    spread_key = None
+    if out.get("spread") is not None:  # an ensemble: the members' standard deviation, per spot and gene
+        spread_key = f"{key_added}_spread"
+        if spread_key in target.layers and not overwrite:
+            msg = f"layers[{spread_key!r}] already exists; pass `overwrite=True` to replace it, or another `key_added`."
+            raise ValueError(msg)
+        target.layers[spread_key] = out["spread"][:, order]
     if out["attention"] is not None:
         target.obsp[f"{key_added}_attention"] = out["attention"]
     target.uns[key_added] = {
         "params": prediction_params(model, embed_params, key_added=key_added, attention=out["attention"] is not None)
     }
+    if spread_key is not None:
+        target.uns[key_added]["params"].update(spread_layer=spread_key, ensemble_members=len(model.members))
     if target is not table and hasattr(data, "tables"):
         _store_table(data, target, key_added=key_added, overwrite=overwrite)
     logger.info("Predicted %d genes at %d spots into layers[%r].", len(model.genes), sample.n, key_added)
@@ -185,6 +216,10 @@ def prediction_params(
         "patch_um": embed_params.get("patch_um"),
         "seed": model.config.seed,
         "target_sum": model.target_sum,
+        "target_norm": model.target_norm,
+        "target": TARGET_NORMS[model.target_norm],
+        "embedding_norm": model.embedding_norm,
+        "tta": model.embedding.get("tta"),
         "config": setup["config"],
         "versions": setup["versions"],
         "layer": key_added,
@@ -212,7 +247,9 @@ def _target_table(data: Any, table, model: HESpotEx, *, key_added: str, overwrit
     if "spatialdata_attrs" in table.uns:
         new.uns["spatialdata_attrs"] = dict(table.uns["spatialdata_attrs"])
     if table.n_vars and set(model.genes) <= set(table.var_names):
-        new.layers["measured"] = log_expression(table, model.genes, target_sum=model.target_sum)
+        new.layers["measured"] = target_expression(
+            table, model.genes, target_norm=model.target_norm, target_sum=model.target_sum
+        )
     return new
 
 

@@ -77,6 +77,21 @@ def _embedding(value: dict) -> str | None:
     return None
 
 
+def _known(module: str, checker: str) -> Callable[[str], str | None]:
+    """A bounds check through the setting's own validator (``checker(value)`` raises on unknown names)."""
+
+    def check(value: str) -> str | None:
+        import importlib
+
+        try:
+            getattr(importlib.import_module(module), checker)(value)
+        except ValueError as err:
+            return f"a known name ({err})"
+        return None
+
+    return check
+
+
 @dataclass(frozen=True)
 class Field:
     """One ``setup.json`` field: accepted JSON types, whether it must be present, and a bounds check
@@ -100,6 +115,8 @@ SETUP_FIELDS: dict[str, Field] = {
     "embedding_dim": Field((int,), "the width of the image embeddings", required=True, check=_positive_int),
     "config": Field((dict,), "a ModelConfig as an object", required=True),
     "target_sum": Field(NUMBER, "a number", required=True, check=_positive_finite),
+    "target_norm": Field((str,), "a target normalisation name", check=_known("hespotex.pp._targets", "check_target_norm")),
+    "embedding_norm": Field((str,), "an embedding normalisation name", check=_known("hespotex.pp._stain", "check_embedding_norm")),
     "train_samples": Field((list,), "a list of sample names"),
     "validation": Field((dict,), "an object"),
     "history": Field((list,), "a list of per-epoch records"),

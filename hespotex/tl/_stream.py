@@ -258,7 +258,9 @@ def _open_store(
 
 
 # ---------------------------------------------------------------------------------------------- stages
-def _embed_stage(group: Any, plan: Any, encoder: Any, *, step: int, rows: int, device: str | None) -> ZarrRows:
+def _embed_stage(
+    group: Any, plan: Any, encoder: Any, *, step: int, rows: int, device: str | None, tta: bool = False
+) -> ZarrRows:
     """Stage 1: embeddings in reading order, ``step`` spots at a time, with done markers."""
     from tqdm.auto import tqdm
 
@@ -275,20 +277,22 @@ def _embed_stage(group: Any, plan: Any, encoder: Any, *, step: int, rows: int, d
     todo = [j for j in np.flatnonzero(~np.asarray(done[:n_steps], dtype=bool))]
     logger.info("Embedding: %d of %d chunks to compute (%d done before).", len(todo), n_steps, n_steps - len(todo))
     for j in tqdm(todo, desc="embedding chunks", unit="chunk", disable=not settings.progress):
-        _embed_chunk(emb, done, plan, encoder, int(j), step=step, device=device)
+        _embed_chunk(emb, done, plan, encoder, int(j), step=step, device=device, tta=tta)
     position = np.empty(n, dtype=np.int64)
     position[order] = np.arange(n)
     return ZarrRows(emb, position)
 
 
-def _embed_chunk(emb: Any, done: Any, plan: Any, encoder: Any, j: int, *, step: int, device: str | None) -> None:
+def _embed_chunk(
+    emb: Any, done: Any, plan: Any, encoder: Any, j: int, *, step: int, device: str | None, tta: bool = False
+) -> None:
     """Embed reading-order rows ``[j*step, (j+1)*step)``, write them, then mark step ``j`` done."""
     from hespotex.pp._embed import encode_patches
 
     idx = plan.order[j * step : (j + 1) * step]
     sub = replace(plan, x0=plan.x0[idx], y0=plan.y0[idx], order=np.arange(len(idx)))
     with _quiet_progress():
-        feats = encode_patches(sub, encoder, batch_size=BATCH_SIZE, device=device)
+        feats = encode_patches(sub, encoder, batch_size=BATCH_SIZE, device=device, tta=tta)
     if not np.isfinite(feats).all():
         msg = f"The encoder {encoder.name!r} produced NaN or infinite embeddings; check its weights and the image."
         raise ValueError(msg)
@@ -522,7 +526,8 @@ def predict_streaming(
             "image_key": plan.level.image_key,
             "level": plan.level.level,
             "crop_px": plan.size,
-            "cache_key": cache_key(plan, encoder),
+            "cache_key": cache_key(plan, encoder, tta=bool(embed_params.get("tta"))),
+            **({"tta": embed_params["tta"]} if embed_params.get("tta") else {}),
         }
     _check_embedding(model, record)
 
@@ -578,7 +583,8 @@ def predict_streaming(
         emb = embeddings(table, embedding_key)
     else:
         emb = _embed_stage(
-            group, plan, encoder, step=layout["embedding_step"], rows=layout["embedding_rows"], device=device
+            group, plan, encoder, step=layout["embedding_step"], rows=layout["embedding_rows"], device=device,
+            tta=bool(embed_params.get("tta")),
         )
         del encoder
     # 2. graph blocks

@@ -26,6 +26,7 @@ def ensure_embeddings(
     patch_um: float | None = None,
     input_size: int | None = None,
     encoder_seed: int = 0,
+    tta: bool = False,
 ) -> dict[str, Any]:
     """Embed ``sample`` when its table has no ``obsm[embedding_key]``; return the embedding record.
 
@@ -50,6 +51,7 @@ def ensure_embeddings(
             input_size=input_size,
             seed=encoder_seed,
             key_added=embedding_key,
+            tta=tta,
         )
     record = table.uns.get(EMBED_KEY, {}).get(embedding_key)
     if record is None:
@@ -59,7 +61,11 @@ def ensure_embeddings(
 
 
 def _same_embedding(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return a.get("encoder_id") == b.get("encoder_id") and np.isclose(a.get("patch_um", 0.0), b.get("patch_um", 0.0))
+    return (
+        a.get("encoder_id") == b.get("encoder_id")
+        and np.isclose(a.get("patch_um", 0.0), b.get("patch_um", 0.0))
+        and a.get("tta") == b.get("tta")
+    )
 
 
 def spot_geometry(tables: Sequence[Any]) -> dict[str, float]:
@@ -121,10 +127,13 @@ def train(
     device: str | None = "auto",
     embedding_key: str = EMBEDDING_KEY,
     target_sum: float = 1e4,
+    target_norm: str = "library_modelled",
+    embedding_norm: str = "training",
     max_nodes: int = 20_000,
     strategy: Literal["single", "ddp"] = "single",
     n_processes: int = 2,
     backend: Literal["gloo", "nccl"] | None = None,
+    ensemble: bool = False,
 ) -> HESpotEx:
     """Train HESpotEx on samples with spatial transcriptomics.
 
@@ -159,7 +168,17 @@ def train(
     embedding_key
         ``obsm`` key of the image embeddings.
     target_sum
-        Expression targets are log1p(counts per ``target_sum``), library over all genes.
+        Counts per spot after library scaling (``target_norm`` ``"library_*"``).
+    target_norm
+        How counts become the targets the model learns and predicts (recorded in the model and in
+        every prediction's ``uns``): ``"library_modelled"`` (default), log1p(counts per
+        ``target_sum``) with the library over the modelled ``genes`` only, which transfers best to
+        shallow sections of new patients (``benchmarks/results/shift.md``); ``"library_all"``, the
+        library over all genes of the table; ``"log1p_counts"``, log1p of raw counts (HEST-Benchmark). See :mod:`hespotex.pp._targets`.
+    embedding_norm
+        Standardisation of a new slide's embeddings at prediction: ``"training"`` (the training
+        spots' statistics) or ``"slide"`` (the slide's own, from its image only; more robust to stain
+        and scanner shifts, see :mod:`hespotex.pp._stain`). Recorded in the model.
     max_nodes
         Spots per training batch (per process with ``strategy="ddp"``); larger samples are cut into
         spatial blocks.
@@ -181,6 +200,10 @@ def train(
         Processes for ``strategy="ddp"`` (one per GPU with nccl); ignored otherwise.
     backend
         ``torch.distributed`` backend: by default ``"nccl"`` on CUDA, ``"gloo"`` on CPU.
+    ensemble
+        Train one model per sample held out for early stopping (3 or more samples) and return them
+        as one :class:`hespotex.tl.HESpotExEnsemble`: predictions average the members and store their
+        spread as ``layers[f"{key_added}_spread"]``. ``validation`` must stay ``"auto"``.
 
     Returns
     -------
@@ -191,9 +214,24 @@ def train(
     """
     from hespotex.models._net import _resolve_config
     from hespotex.pp._genes import select_genes
+    from hespotex.pp._stain import check_embedding_norm
+    from hespotex.pp._targets import check_target_norm
     from hespotex.tl._distributed import check_strategy
 
     check_strategy(strategy, n_processes, backend)
+    check_target_norm(target_norm)
+    if ensemble:
+        from hespotex.tl._ensemble import train_ensemble
+
+        if not (isinstance(validation, str) and validation == "auto"):
+            msg = f"ensemble=True holds out each sample in turn for early stopping; leave validation='auto' (found {validation!r})."
+            raise ValueError(msg)
+        return train_ensemble(
+            samples, genes=genes, n_top_genes=n_top_genes, flavor=flavor, encoder=encoder, weights=weights, patch_um=patch_um,
+            config=config, seed=seed, device=device, embedding_key=embedding_key, target_sum=target_sum, target_norm=target_norm,
+            embedding_norm=embedding_norm, max_nodes=max_nodes, strategy=strategy, n_processes=n_processes, backend=backend,
+        )  # fmt: skip
+    check_embedding_norm(embedding_norm)
 
     named = as_sample_dict(samples)
     names = list(named)
@@ -221,7 +259,10 @@ def train(
     else:
         genes = select_genes([tables[n] for n in names], genes=genes, key_added=None)
         selection = {"flavor": "given", "n_top": len(genes), "fitted_on": names}
-    data = {n: graph_data(tables[n], n, genes=genes, embedding_key=embedding_key, target_sum=target_sum) for n in names}
+    data = {
+        n: graph_data(tables[n], n, genes=genes, embedding_key=embedding_key, target_sum=target_sum, target_norm=target_norm)
+        for n in names
+    }
     train_parts: list[GraphData] = []
     val_parts: list[tuple[GraphData, np.ndarray]] = []
     for n in fit_names:
@@ -233,8 +274,8 @@ def train(
             val_parts.append((data[n], mask))
     val_parts += [(data[n], np.ones(data[n].n, dtype=bool)) for n in held]
     model = HESpotEx(
-        genes, embedding=first, config=cfg.replace(seed=seed), target_sum=target_sum, gene_selection=selection,
-        spot_geometry=spot_geometry(list(tables.values())),
+        genes, embedding=first, config=cfg.replace(seed=seed), target_sum=target_sum, target_norm=target_norm, gene_selection=selection,
+        spot_geometry=spot_geometry(list(tables.values())), embedding_norm=embedding_norm,
     )  # fmt: skip
     model.train_samples_ = fit_names
     model.validation_ = {"samples": held, "block_fraction": fraction, "metric": "mean per-gene Pearson"}

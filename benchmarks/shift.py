@@ -1,0 +1,456 @@
+"""Shift benchmark: how hespotex and tuned baselines transfer to sections that differ like new patients do.
+
+Leave-one-section-out on her2st C2-C6 with the 785-gene panel as the modelled genes. The held-out
+section is scored as it is (``clean``) and under three emulated shifts:
+
+- ``thinned``: its counts binomially thinned to about 650 counts per spot (the depth of a section of
+  another her2st patient); the truth is computed from the thinned counts, the image is unchanged;
+- ``restained``: its H&E image perturbed in HED colour space (per-channel gain and shift,
+  :func:`skimage.color.rgb2hed` / :func:`~skimage.color.hed2rgb`), slightly blurred (Gaussian,
+  radius 1.5 px) and JPEG-recompressed (quality 40), then re-embedded;
+- ``rescaled``: its µm/px given 10 % too large, so patches are cut 10 % too small (re-embedded).
+
+Every method is scored under three truths: log1p CP10k with the library over all genes
+(``lib_all``), with the library over the scored (modelled) genes (``lib_scored``), and
+HEST-Benchmark's log1p of raw counts (``log1p_raw``); mean per-gene Pearson over the top-50 HVG
+(ranked on the training sections) and over all modelled genes; mean over folds, and over seeds
+with the spread (max - min of the seed means).
+
+Methods: hespotex single models and their ensembles (one member per held-out validation section),
+and ridge / retrieval baselines with α and k tuned by leave-one-training-section-out on the training
+sections, fitted to the same targets as the model, raw and spatially smoothed (6 nearest spots).
+
+    python benchmarks/shift.py embed            # embeddings per (section, condition, patch size), cached
+    python benchmarks/shift.py run --grid select --seeds 0
+    python benchmarks/shift.py run --grid final --seeds 0 1 2
+    python benchmarks/shift.py report
+
+Work files (embeddings, per-task rows) go to ``--work`` (default /tmp/hespotex_shift); each task
+writes its rows when it finishes, so a rerun skips finished tasks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import io
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+ENCODER = "efficientnet_lite0.imagenet"
+CONDITIONS = ("clean", "thinned", "restained", "rescaled")
+IMAGE_CONDITION = {"clean": "clean", "thinned": "clean", "restained": "restained", "rescaled": "rescaled"}
+TRUTHS = ("lib_all", "lib_scored", "log1p_raw")
+THIN_TARGET = 650.0
+RESCALE = 1.10
+
+
+# ----------------------------------------------------------------------------- data and conditions
+def restain_image(rgb: np.ndarray, seed: int) -> np.ndarray:
+    """HED gain/shift per channel (seeded), Gaussian blur, JPEG quality 40; uint8 in, uint8 out."""
+    from PIL import Image, ImageFilter
+    from skimage.color import hed2rgb, rgb2hed
+
+    rng = np.random.default_rng(seed)
+    gain = rng.uniform(0.75, 1.25, size=3)
+    shift = rng.uniform(-0.03, 0.03, size=3)
+    out = np.empty_like(rgb)
+    for start in range(0, rgb.shape[0], 1024):  # strips: a float64 copy of the whole slide is 2 GB
+        hed = rgb2hed(rgb[start : start + 1024])
+        hed = hed * gain + shift
+        out[start : start + 1024] = np.clip(hed2rgb(hed) * 255 + 0.5, 0, 255).astype(np.uint8)
+    img = Image.fromarray(out).filter(ImageFilter.GaussianBlur(radius=1.5))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=40)
+    buf.seek(0)
+    return np.asarray(Image.open(buf).convert("RGB"))
+
+
+def load_section(sid: str, condition: str, data: str | None, work: Path):
+    """The section as a sample, with the condition's image and µm/px (counts untouched here)."""
+    import hespotex as hx
+    from hespotex.datasets._her2st import her2st_path
+    from hespotex.io import read_st
+
+    cond = IMAGE_CONDITION[condition]
+    root = her2st_path(data)
+    image = root / "images" / f"{sid}.jpg"
+    if cond == "restained":
+        image = work / "images" / f"{sid}_restained.png"
+        if not image.is_file():
+            from PIL import Image
+
+            image.parent.mkdir(parents=True, exist_ok=True)
+            rgb = np.asarray(Image.open(root / "images" / f"{sid}.jpg").convert("RGB"))
+            Image.fromarray(restain_image(rgb, seed=int(sid[1:]))).save(image, compress_level=1)
+    sdata = read_st(
+        root / "counts" / f"{sid}.tsv.gz", root / "spots" / f"{sid}_selection.tsv", image, sample_id=sid, join="inner"
+    )
+    if cond == "rescaled":
+        info = sdata.tables["table"].uns["hespotex_sample"]
+        info["microns_per_pixel"] = float(info["microns_per_pixel"]) * RESCALE
+    del hx
+    return sdata
+
+
+def embedding_path(work: Path, sid: str, condition: str, patch_um: float, tta: bool) -> Path:
+    return work / "emb" / f"{sid}_{IMAGE_CONDITION[condition]}_{patch_um:g}{'_tta' if tta else ''}.npy"
+
+
+def embed_one(sid: str, condition: str, patch_um: float, tta: bool, data: str | None, work: str) -> str:
+    """Embed one (section, image condition, patch size) once; the array goes to ``work/emb``."""
+    import hespotex as hx
+
+    hx.settings.progress = False
+    hx.settings.num_threads = 1
+    work = Path(work)
+    path = embedding_path(work, sid, condition, patch_um, tta)
+    if path.is_file():
+        return str(path)
+    import dask
+
+    t0 = time.perf_counter()
+    sdata = load_section(sid, condition, data, work)
+    with dask.config.set(scheduler="synchronous"):  # inside a dask worker: do not send image reads to the (busy) cluster
+        hx.pp.embed(sdata, encoder=ENCODER, patch_um=patch_um, tta=tta, key_added="X", cache=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, sdata.tables["table"].obsm["X"])
+    os.replace(tmp, path)
+    (path.with_suffix(".seconds")).write_text(f"{time.perf_counter() - t0:.1f}")
+    return str(path)
+
+
+def run_parallel(fn, tasks: list[dict], workers: int) -> list:
+    from dask.distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
+        futures = [client.submit(fn, **t, pure=False) for t in tasks]
+        return client.gather(futures)
+
+
+def cmd_embed(args) -> None:
+    from hespotex.datasets._her2st import her2st_sections
+
+    sections = her2st_sections(args.data)
+    tasks = [
+        {"sid": s, "condition": c, "patch_um": p, "tta": t, "data": args.data, "work": args.work}
+        for p in args.patch for t in args.tta for c in ("clean", "restained", "rescaled") for s in sections
+    ]  # fmt: skip
+    t0 = time.perf_counter()
+    run_parallel(embed_one, tasks, args.workers)
+    print(f"{len(tasks)} embeddings in {(time.perf_counter() - t0) / 60:.1f} min")
+
+
+# ----------------------------------------------------------------------------- training and scoring
+_TABLES: dict = {}
+
+
+def tables(data: str | None) -> dict:
+    """Every section's table (counts, spots, µm/px), read once per process."""
+    if not _TABLES:
+        from hespotex.datasets._her2st import her2st_path, her2st_sections
+        from hespotex.io import read_st
+
+        root = her2st_path(data)
+        for sid in her2st_sections(data):
+            sdata = read_st(root / "counts" / f"{sid}.tsv.gz", root / "spots" / f"{sid}_selection.tsv", None, sample_id=sid, join="inner")
+            _TABLES[sid] = sdata.tables["table"]
+    return _TABLES
+
+
+def panel_genes(data: str | None) -> list[str]:
+    import hespotex as hx
+    from hespotex.pp._genes import shared_genes
+
+    present = set(shared_genes(list(tables(data).values())))
+    return [g for g in hx.datasets.her2st_genes(data) if g in present]
+
+
+def thinned_counts(table, fold: str):
+    """Binomial thinning of the section's counts to about THIN_TARGET counts per spot (fixed seed per section)."""
+    import scipy.sparse as sp
+
+    counts = sp.csr_matrix(table.X, dtype=np.int64)
+    p = min(1.0, THIN_TARGET / float(np.median(np.asarray(counts.sum(axis=1)).ravel())))
+    rng = np.random.default_rng(1000 + int(fold[1:]))
+    out = counts.copy()
+    out.data = rng.binomial(out.data, p)
+    out.eliminate_zeros()
+    return out
+
+
+def truths(counts, idx: np.ndarray) -> dict[str, np.ndarray]:
+    from hespotex.pp._targets import normalize_counts
+
+    return {
+        "lib_all": normalize_counts(counts, idx, target_norm="library_all"),
+        "lib_scored": normalize_counts(counts, idx, target_norm="library_modelled"),
+        "log1p_raw": normalize_counts(counts, idx, target_norm="log1p_counts"),
+    }
+
+
+def slide_standardised(emb: np.ndarray, model) -> np.ndarray:
+    """Per-slide standardisation: the slide's own mean and (floored) scale replace the training ones."""
+    from hespotex.tl._model import embedding_scale
+
+    return ((emb - emb.mean(axis=0)) / embedding_scale(emb) * model.embedding_scale_ + model.embedding_mean_).astype(np.float32)
+
+
+def score_rows(pred: np.ndarray, truth: dict[str, np.ndarray], hvg: np.ndarray, **labels) -> list[dict]:
+    from hespotex.tl._metrics import pearson_per_gene
+
+    rows = []
+    for name, y in truth.items():
+        r = pearson_per_gene(y, pred)
+        r = np.where(np.isfinite(r), r, np.nan)
+        rows.append({**labels, "truth": name, "genes": "top50_hvg", "pearson": float(np.nanmean(r[hvg]))})
+        rows.append({**labels, "truth": name, "genes": "all_modelled", "pearson": float(np.nanmean(r))})
+    return rows
+
+
+def run_task(fold: str, seed: int, target_norm: str, patch_um: float, tta: bool, what: str, data: str | None, work: str) -> str:
+    """One held-out section, one seed and setting: hespotex members (``what="hespotex"``) or tuned baselines."""
+    import hespotex as hx
+    from hespotex.pp._embed import EMBED_KEY
+    from hespotex.pp._graph import knn_graph
+    from hespotex.pp._targets import normalize_counts, raw_counts
+    from hespotex.tl._baselines import smooth
+    from hespotex.tl._data import GraphData, graph_data
+    from hespotex.tl._evaluate import rank_genes
+    from hespotex.tl._train import split_validation
+    from hespotex.tl._tune import tune_baseline
+
+    work = Path(work)
+    seed_part = f"_s{seed}" if what != "baselines" else ""
+    done = work / "rows" / f"{what}_{fold}{seed_part}_{target_norm}_{patch_um:g}{'_tta' if tta else ''}.csv.gz"
+    if done.is_file():
+        return str(done)
+    hx.settings.progress = False
+    hx.settings.num_threads = 1
+    t0 = time.perf_counter()
+    all_tables = tables(data)
+    genes = panel_genes(data)
+    train_names = [n for n in all_tables if n != fold]
+    train = {}
+    for n in train_names:
+        t = all_tables[n].copy()
+        t.obsm["X"] = np.load(embedding_path(work, n, "clean", patch_um, tta))
+        t.uns[EMBED_KEY] = {"X": {"encoder": ENCODER, "encoder_id": ENCODER, "patch_um": patch_um, **({"tta": "dihedral8"} if tta else {})}}
+        train[n] = t
+    hvg_names = set(rank_genes(train, genes, k=50)["hvg"])
+    hvg = np.array([g in hvg_names for g in genes])
+    test = all_tables[fold]
+    idx = test.var_names.get_indexer(genes)
+    mpp = float(test.uns["hespotex_sample"]["microns_per_pixel"])
+    conditions = {}
+    for cond in CONDITIONS:
+        if not embedding_path(work, fold, cond, patch_um, tta).is_file():
+            continue  # that image condition was not embedded at this patch size (see the report)
+        counts = thinned_counts(test, fold) if cond == "thinned" else raw_counts(test)
+        xy = np.asarray(test.obsm["spatial"], dtype=np.float64)[:, :2] * mpp * (RESCALE if cond == "rescaled" else 1.0)
+        emb = np.load(embedding_path(work, fold, cond, patch_um, tta))
+        target = normalize_counts(counts, idx, target_norm=target_norm)
+        conditions[cond] = (emb, xy, truths(counts, idx), target)
+    labels = {"fold": fold, "target_norm": target_norm, "patch_um": patch_um, "tta": tta}
+    rows = []
+    if what in ("hespotex", "single"):
+        single = split_validation(train_names, "auto", seed=seed)[0][0]
+        members = {}
+        for held in train_names if what == "hespotex" else [single]:
+            members[held] = hx.tl.train(
+                train, genes=genes, validation=[held], seed=seed, target_norm=target_norm, embedding_key="X", device="cpu"
+            )
+        fit_s = time.perf_counter() - t0
+        for cond, (emb, xy, truth, target) in conditions.items():
+            for std_label, transform in (("", None), ("+slidestd", slide_standardised)):
+                preds = {
+                    h: m.predict_graph(GraphData(fold, emb if transform is None else transform(emb, m), xy), device="cpu")["expression"]
+                    for h, m in members.items()
+                }
+                stack = np.stack(list(preds.values()))
+                ens = stack.mean(axis=0)
+                lab = {**labels, "seed": seed, "condition": cond, "fit_seconds": fit_s, "members": len(members)}
+                rows += score_rows(preds[single], truth, hvg, method="hespotex" + std_label, **lab)
+                if len(members) == 1:
+                    continue
+                rows += score_rows(ens, truth, hvg, method="hespotex-ens" + std_label, **lab)
+                if not std_label:  # does the members' spread rank the errors? (Spearman per slide, model's own targets)
+                    from scipy.stats import spearmanr
+
+                    spread = stack.std(axis=0)
+                    rho = spearmanr(spread.ravel(), np.abs(ens - target).ravel()).statistic
+                    rows.append({**lab, "method": "hespotex-ens", "truth": target_norm, "genes": "spread_spearman", "pearson": float(rho)})
+    else:
+        fit = {n: graph_data(train[n], n, genes=genes, embedding_key="X", target_norm=target_norm) for n in train_names}
+        inner = {n: (d.emb, d.expr, d.coords_um) for n, d in fit.items()}
+        for name in ("ridge", "retrieval"):
+            for smoothed in (False, True):
+                model = tune_baseline(name, inner, smoothed=smoothed, seed=0)
+                label = name + ("+smooth" if smoothed else "")
+                for cond, (emb, xy, truth, _) in conditions.items():
+                    pred = model.predict(emb)
+                    if smoothed:
+                        pred = smooth(pred, knn_graph(xy, 6)[0])
+                    rows += score_rows(
+                        pred, truth, hvg, method=label, seed=-1, condition=cond, fit_seconds=time.perf_counter() - t0,
+                        chosen=f"{model.tuning_['param']}={model.tuning_['value']:g}", **labels,
+                    )  # fmt: skip
+    done.parent.mkdir(parents=True, exist_ok=True)
+    tmp = done.with_suffix(".tmp.gz")
+    pd.DataFrame(rows).to_csv(tmp, index=False, compression="gzip")
+    os.replace(tmp, done)
+    return str(done)
+
+
+GRIDS = {
+    # option selection (fewer seeds): targets x patch scale, without / with TTA
+    "select": [{"target_norm": t, "patch_um": p, "tta": False} for t in ("library_all", "library_modelled") for p in (100.0, 200.0)],
+    "tta": [{"target_norm": "library_modelled", "patch_um": 100.0, "tta": True}],
+    "log1p": [{"target_norm": "log1p_counts", "patch_um": 100.0, "tta": False}],
+}
+
+
+def cmd_run(args) -> None:
+    from hespotex.datasets._her2st import her2st_sections
+
+    folds = her2st_sections(args.data)
+    tasks = []
+    for setting in GRIDS[args.grid] if args.setting is None else [ast.literal_eval(args.setting)]:
+        tasks += [{"fold": f, "seed": 0, "what": "baselines", **setting} for f in folds]
+        tasks += [{"fold": f, "seed": s, "what": args.what, **setting} for s in args.seeds for f in folds]
+    for t in tasks:
+        t.update(data=args.data, work=args.work)
+    t0 = time.perf_counter()
+    run_parallel(run_task, tasks, args.workers)
+    print(f"{len(tasks)} tasks in {(time.perf_counter() - t0) / 60:.1f} min")
+
+
+def load_rows(work: Path) -> pd.DataFrame:
+    files = sorted((work / "rows").glob("*.csv.gz"))
+    if not files:
+        msg = f"No finished tasks under {work / 'rows'}; run `python benchmarks/shift.py run` first."
+        raise FileNotFoundError(msg)
+    return pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
+
+
+def seed_summary(rows: pd.DataFrame) -> pd.DataFrame:
+    """Mean over folds per seed, then mean over seeds with the spread (max - min of the seed means)."""
+    keys = ["target_norm", "patch_um", "tta", "method", "condition", "truth", "genes"]
+    per_seed = rows.groupby([*keys, "seed"], dropna=False)["pearson"].agg(["mean", "count"]).reset_index()
+    out = per_seed.groupby(keys, dropna=False).agg(
+        pearson=("mean", "mean"), spread=("mean", lambda v: float(v.max() - v.min())), seeds=("mean", "size"), folds=("count", "min")
+    )
+    return out.reset_index()
+
+
+def setting_name(row) -> str:
+    return f"{row['target_norm']}, {row['patch_um']:g} µm{', TTA' if row['tta'] else ''}"
+
+
+def cmd_report(args) -> None:
+    from _common import write_report
+
+    work = Path(args.work)
+    rows = load_rows(work)
+    summ = seed_summary(rows[rows["genes"] != "spread_spearman"])
+    n_folds = rows["fold"].nunique()
+    partial = summ[summ["folds"] < n_folds][["target_norm", "patch_um", "condition"]].drop_duplicates()
+    summ = summ[summ["folds"] == n_folds]  # only what every fold has (e.g. not the restained 200 µm patches of one section)
+    summ["setting"] = summ.apply(setting_name, axis=1)
+    cmd = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    lines = [
+        "# Shift benchmark: her2st C2-C6, held-out section as is and under emulated patient shifts",
+        "",
+        "Commands that made these tables (2-core machine shared with other jobs; 2 dask worker processes, 1 torch thread each):  ",
+        "`python benchmarks/shift.py embed` (clean, restained, rescaled at 100 µm; clean at 200 µm);  ",
+        "`python benchmarks/shift.py run --grid select --what single --seeds 0` (option selection, single models, 13.6 min);  ",
+        "`python benchmarks/shift.py run --setting \"{'target_norm': 'library_modelled', 'patch_um': 100.0, 'tta': False}\" "
+        "--what hespotex --seeds 0 1 2` (4-member ensembles, 3 seeds, 26.1 min);  ",
+        f"`{cmd}`.  ",
+        "Modelled genes: the 785-gene panel (those present in every section). Encoder: ImageNet EfficientNet-Lite0 (offline weights), "
+        "frozen. Leave-one-section-out over C2-C6 (5 folds). Shifts of the held-out section: `thinned` (binomial thinning to ~650 "
+        "counts per spot; truth from the thinned counts), `restained` (HED gain/shift, Gaussian blur 1.5 px, JPEG q40, re-embedded), "
+        "`rescaled` (µm/px 10 % too large, re-embedded). Truths: `lib_all` log1p CP10k library over all genes, `lib_scored` library "
+        "over the modelled genes, `log1p_raw` log1p(raw counts) (HEST-Benchmark). Scores: mean per-gene Pearson over the top-50 HVG "
+        "(ranked on the training sections) and over all modelled genes, mean over the 5 folds; `±` is the spread (max - min) of the "
+        "seed means. hespotex = one model (validation section chosen by the seed, as `hx.tl.train` does); hespotex-ens = the mean of "
+        "4 members, one per held-out validation section; `+slidestd` = embeddings standardised per slide at prediction time. "
+        "Baselines (ridge: standardise, PCA 256, ridge; retrieval: k nearest training spots, cosine) with α / k chosen by "
+        "leave-one-training-section-out on the training sections, fitted to the same targets as hespotex, raw and smoothed "
+        "(6 nearest spots); they are deterministic (no seed spread).",
+        "",
+    ]
+    # 1. option selection: every setting, mean over the three truths, per condition and gene set
+    sel = summ.groupby(["setting", "method", "condition", "genes"])["pearson"].mean().unstack(["condition"]).reset_index()
+    sel = sel[["setting", "method", "genes", *[c for c in CONDITIONS if c in sel]]]
+    if len(partial):
+        lines += ["Left out of the tables (not embedded for every section, to fit the compute): "
+                  + ", ".join(f"{r.condition} at {r.patch_um:g} µm ({r.target_norm})" for r in partial.itertuples()) + ".", ""]  # fmt: skip
+    lines += ["## Every setting and method (mean over the three truths; seed 0 and any further seeds averaged)", "",
+              sel.sort_values(["genes", "setting", "method"]).round(4).to_markdown(index=False), ""]  # fmt: skip
+    # 2. per setting: hespotex variants vs the strongest tuned baseline, per condition x truth x gene set
+    base = summ[summ["method"].str.startswith(("ridge", "retrieval"))]
+    best = base.loc[base.groupby(["setting", "condition", "truth", "genes"])["pearson"].idxmax()]
+    for setting in args.final or []:
+        part = summ[(summ["setting"] == setting) & summ["method"].str.startswith("hespotex")]
+        b = best[best["setting"] == setting].set_index(["condition", "truth", "genes"])
+        table = []
+        for (cond, truth, genes), grp in part.groupby(["condition", "truth", "genes"], sort=False):
+            row = {"condition": cond, "truth": truth, "genes": genes}
+            for _, r in grp.iterrows():
+                row[r["method"]] = f"{r['pearson']:.4f} ± {r['spread']:.4f} ({r['seeds']})"
+            if (cond, truth, genes) in b.index:
+                br = b.loc[(cond, truth, genes)]
+                row["best baseline"] = f"{br['pearson']:.4f} {br['method']}"
+                for m in sorted(grp["method"].unique()):
+                    own = grp.loc[grp["method"] == m, "pearson"]
+                    row[f"margin {m}"] = round(float(own.iloc[0]) - float(br["pearson"]), 4)
+            table.append(row)
+        lines += [f"## {setting}: hespotex vs the strongest tuned baseline (mean ± seed spread (seeds))", "",
+                  pd.DataFrame(table).to_markdown(index=False), ""]  # fmt: skip
+    # 3. uncertainty: does the ensemble's spread rank the errors?
+    sp = rows[rows["genes"] == "spread_spearman"].copy()
+    if len(sp):
+        sp["setting"] = sp.apply(setting_name, axis=1)
+        t = sp.groupby(["setting", "condition"])["pearson"].agg(["mean", "min", "max"]).reset_index()
+        lines += ["## Ensemble spread vs absolute error (Spearman over spots x genes, per slide; mean / min / max over folds and seeds)", "",
+                  t.round(3).to_markdown(index=False), ""]  # fmt: skip
+    chosen = rows[rows["method"].str.startswith(("ridge", "retrieval"))].groupby(["target_norm", "patch_um", "method"])["chosen"].agg(
+        lambda v: ", ".join(sorted(set(v)))
+    )
+    lines += ["## Tuned baseline hyper-parameters (chosen per fold)", "", chosen.reset_index().to_markdown(index=False), ""]
+    fit = rows[rows["method"] == "hespotex"].groupby(["target_norm", "patch_um", "tta", "members"])["fit_seconds"].mean()
+    lines += ["## Time per hespotex fold task (training of 1 or 4 members, 1 torch thread), seconds", "", fit.round(1).reset_index().to_markdown(index=False), ""]
+    write_report("\n".join(lines), args.out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=["embed", "run", "report"])
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--work", default="/tmp/hespotex_shift")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--patch", type=float, nargs="+", default=[100.0, 200.0])
+    parser.add_argument("--tta", type=int, nargs="+", default=[0])
+    parser.add_argument("--grid", default="select")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--what", default="hespotex", choices=["hespotex", "single"], help="run: 4-member ensembles or single models")
+    parser.add_argument("--final", nargs="*", default=None, help="report: settings shown in full against the baselines")
+    parser.add_argument("--setting", default=None, help="one setting as a dict literal instead of --grid")
+    parser.add_argument("--out", default="benchmarks/results/shift.md")
+    args = parser.parse_args()
+    args.tta = [bool(t) for t in args.tta]
+    {"embed": cmd_embed, "run": cmd_run, "report": cmd_report}[args.stage](args)
+
+
+if __name__ == "__main__":
+    main()

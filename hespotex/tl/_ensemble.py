@@ -1,0 +1,213 @@
+"""HESpotEx ensembles: one member per held-out validation section, predictions averaged.
+
+Each member is an ordinary :class:`~hespotex.tl.HESpotEx` trained on the same samples with a
+different whole sample held out for early stopping, so every sample trains some member and early
+stopping stays honest. To the user the ensemble is one model: :func:`hespotex.tl.predict` averages
+the members' expression and decoder attention and stores the members' spread (standard deviation)
+as an uncertainty layer ``layers[f"{key_added}_spread"]``; :meth:`HESpotExEnsemble.save` writes one
+folder (``ensemble.json`` and one sub-folder per member), :func:`load_model` reads either kind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hespotex.tl._model import HESpotEx
+
+logger = logging.getLogger("hespotex")
+
+ENSEMBLE_FILE = "ensemble.json"
+ENSEMBLE_FORMAT = 1
+SPREAD_SUFFIX = "_spread"
+
+
+class HESpotExEnsemble:
+    """Several :class:`~hespotex.tl.HESpotEx` on the same genes and embeddings, used as one model.
+
+    Parameters
+    ----------
+    members
+        Trained models with the same genes, encoder, patch size, target and embedding normalisation.
+
+    Attributes
+    ----------
+    members
+        The member models. ``genes``, ``embedding``, ``config``, ``target_sum``, ``target_norm``,
+        ``embedding_norm``, ``spot_geometry`` are shared by all of them (read from the first).
+    """
+
+    def __init__(self, members: Sequence[HESpotEx]) -> None:
+        members = list(members)
+        if len(members) < 2:
+            msg = f"An ensemble needs at least 2 trained members; found {len(members)}."
+            raise ValueError(msg)
+        first = members[0]
+        for i, m in enumerate(members):
+            if not isinstance(m, HESpotEx):
+                msg = f"Member {i} is a {type(m).__name__}, expected a trained HESpotEx."
+                raise TypeError(msg)
+            m._check_trained()
+            same = (
+                m.genes == first.genes
+                and m.embedding.get("encoder_id") == first.embedding.get("encoder_id")
+                and m.embedding.get("patch_um") == first.embedding.get("patch_um")
+                and m.embedding.get("tta") == first.embedding.get("tta")
+                and (m.target_norm, m.target_sum, m.embedding_norm) == (first.target_norm, first.target_sum, first.embedding_norm)
+            )
+            if not same:
+                msg = (
+                    f"Member {i} differs from member 0 in genes, encoder, patch size or normalisation; an ensemble "
+                    "averages members trained on the same genes and embeddings."
+                )
+                raise ValueError(msg)
+        self.members = members
+
+    def __repr__(self) -> str:
+        return f"HESpotExEnsemble({len(self.members)} members, {len(self.genes)} genes, encoder={self.embedding.get('encoder')!r})"
+
+    # shared settings, read from the first member
+    def __getattr__(self, name: str) -> Any:
+        if name in {"genes", "embedding", "config", "target_sum", "target_norm", "embedding_norm", "spot_geometry",
+                    "gene_selection", "module_", "embedding_mean_", "embedding_scale_", "train_strategy_"}:  # fmt: skip
+            return getattr(self.__dict__["members"][0], name)
+        raise AttributeError(name)
+
+    @property
+    def is_trained_(self) -> bool:
+        return all(m.is_trained_ for m in self.members)
+
+    @property
+    def train_samples_(self) -> list[str]:
+        return sorted({s for m in self.members for s in m.train_samples_})
+
+    @property
+    def validation_(self) -> dict[str, Any]:
+        return {"members": [m.validation_ for m in self.members]}
+
+    def _check_trained(self) -> None:
+        for m in self.members:
+            m._check_trained()
+
+    def predict_graph(
+        self, sample, *, device: str | None = "auto", max_nodes: int = 50_000, blocks=None, on_block=None
+    ) -> dict[str, Any]:
+        """The members' mean expression, their spread (per-spot, per-gene standard deviation),
+        the first member's latent and the mean decoder attention (see :meth:`HESpotEx.predict_graph`)."""
+        if on_block is not None:
+            msg = (
+                "Streaming prediction (`out=`) of an ensemble is not supported yet; predict in memory, or stream "
+                "each member (`model.members[i]`) on its own."
+            )
+            raise NotImplementedError(msg)
+        outs = [m.predict_graph(sample, device=device, max_nodes=max_nodes, blocks=blocks) for m in self.members]
+        stack = np.stack([o["expression"] for o in outs])
+        attention = None
+        if all(o["attention"] is not None for o in outs):
+            attention = sum(o["attention"] for o in outs) / len(outs)
+            attention = attention.tocsr()
+        return {
+            "expression": stack.mean(axis=0),
+            "spread": stack.std(axis=0),
+            "latent": outs[0]["latent"],
+            "attention": attention,
+        }
+
+    def setup_dict(self) -> dict[str, Any]:
+        """The first member's setup with an ``"ensemble"`` record (members' ids and validation samples)."""
+        setup = self.members[0].setup_dict()
+        setup["ensemble"] = {
+            "n_members": len(self.members),
+            "combine": "mean",
+            "spread": "standard deviation over members",
+            "member_ids": [m.model_id for m in self.members],
+            "validation": [m.validation_.get("samples") for m in self.members],
+        }
+        return setup
+
+    @property
+    def model_id(self) -> str:
+        """Fingerprint of the members' fingerprints."""
+        return hashlib.sha256("".join(m.model_id for m in self.members).encode()).hexdigest()[:16]
+
+    @property
+    def n_parameters(self) -> int:
+        return sum(m.n_parameters for m in self.members)
+
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the ensemble to one folder: ``ensemble.json`` and ``member_0/``, ``member_1/``... (each a
+        :meth:`HESpotEx.save` folder). Written beside the destination and renamed into place."""
+        path = Path(path)
+        if path.exists() and not overwrite:
+            msg = f"{str(path)!r} already exists; pass `overwrite=True` to replace it, or choose another folder."
+            raise FileExistsError(msg)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            names = []
+            for i, m in enumerate(self.members):
+                names.append(f"member_{i}")
+                m.save(tmp / names[-1])
+            record = {"format": "hespotex-ensemble", "format_version": ENSEMBLE_FORMAT, "members": names, **self.setup_dict()["ensemble"]}
+            (tmp / ENSEMBLE_FILE).write_text(json.dumps(record, indent=1))
+            if path.exists():
+                old = path.with_name(f".{path.name}.old.{os.getpid()}")
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        logger.info("Saved %r to %s.", self, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> HESpotExEnsemble:
+        """Load an ensemble saved with :meth:`save`."""
+        path = Path(path)
+        try:
+            record = json.loads((path / ENSEMBLE_FILE).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            msg = f"{str(path)!r} is not a readable hespotex ensemble folder ({err}); save the ensemble again."
+            raise ValueError(msg) from err
+        if not isinstance(record, dict) or record.get("format") != "hespotex-ensemble" or record.get("format_version") != ENSEMBLE_FORMAT:
+            msg = f"Unsupported ensemble record in {str(path / ENSEMBLE_FILE)!r}; this hespotex reads format {ENSEMBLE_FORMAT}."
+            raise ValueError(msg)
+        members = record.get("members")
+        if not isinstance(members, list) or not all(isinstance(m, str) and "/" not in m and m not in ("", ".", "..") for m in members):
+            msg = f"The ensemble record in {str(path)!r} lists no valid member folders; save the ensemble again."
+            raise ValueError(msg)
+        return cls([HESpotEx.load(path / m) for m in members])
+
+
+def load_model(path: str | Path) -> HESpotEx | HESpotExEnsemble:
+    """Load a saved model folder: an ensemble when it holds ``ensemble.json``, else a :class:`HESpotEx`."""
+    path = Path(path)
+    if (path / ENSEMBLE_FILE).is_file():
+        return HESpotExEnsemble.load(path)
+    return HESpotEx.load(path)
+
+
+def train_ensemble(samples: Any, *, seed: int = 0, **kwargs: Any) -> HESpotExEnsemble:
+    """One :func:`hespotex.tl.train` per sample held out for early stopping (needs 3 or more samples)."""
+    from hespotex._sample import as_sample_dict
+    from hespotex.tl._train import train
+
+    named = as_sample_dict(samples)
+    if len(named) < 3:
+        msg = f"An ensemble holds out one whole sample per member and needs at least 3 samples; found {len(named)}. Use ensemble=False."
+        raise ValueError(msg)
+    kwargs.pop("validation", None)
+    members = [train(named, validation=[name], seed=seed, ensemble=False, **kwargs) for name in named]
+    return HESpotExEnsemble(members)

@@ -1,0 +1,63 @@
+"""Ensembles: one member per held-out validation sample, one model to the user (issue 9, items 4 and 6)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import hespotex as hx
+from hespotex.models import ModelConfig
+
+pytestmark = pytest.mark.usefixtures("single_threaded")
+
+SMALL = {"ae_epochs": 5, "ae_hidden_dim": 32, "latent_dim": 8, "projection_hidden_dim": 32, "head_hidden_dim": 32, "decoder_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def sections():
+    hx.settings.progress = False
+    out = {}
+    for name, seed in (("a", 1), ("b", 2), ("c", 4), ("t", 3)):
+        sdata = hx.datasets.synthetic(n_spots=70, n_genes=10, seed=seed, program_seed=0, microns_per_pixel=1.0, sample_id=f"s{name}")
+        hx.pp.embed(sdata, encoder="efficientnet_lite0.imagenet", input_size=32)
+        out[name] = sdata
+    return out
+
+
+def test_ensemble_trains_saves_loads_and_predicts_with_spread(sections, tmp_path):
+    train = [sections[n] for n in "abc"]
+    config = ModelConfig.preset("hespotex", epochs=4, patience=None, **SMALL)
+    genes = list(sections["a"].tables["table"].var_names)
+    ens = hx.tl.train(train, genes=genes, config=config, ensemble=True, target_norm="library_modelled", embedding_norm="slide", device="cpu")
+    assert isinstance(ens, hx.tl.HESpotExEnsemble) and len(ens.members) == 3
+    assert sorted(m.validation_["samples"][0] for m in ens.members) == ["sa", "sb", "sc"]  # every sample held out once
+    folder = ens.save(tmp_path / "ens")
+    with pytest.raises(FileExistsError):
+        ens.save(folder)
+    loaded = hx.tl.load_model(folder)
+    assert isinstance(loaded, hx.tl.HESpotExEnsemble) and loaded.model_id == ens.model_id
+    assert loaded.target_norm == "library_modelled" and loaded.embedding_norm == "slide"
+    out = hx.tl.predict(sections["t"].tables["table"].copy(), str(folder), device="cpu")
+    params = out.uns["hespotex"]["params"]
+    assert params["spread_layer"] == "hespotex_spread" and params["ensemble_members"] == 3
+    assert params["target_norm"] == "library_modelled"
+    # the prediction is the members' mean and the spread their standard deviation
+    members = np.stack([np.asarray(hx.tl.predict(sections["t"].tables["table"].copy(), m, device="cpu").layers["hespotex"]) for m in loaded.members])
+    np.testing.assert_allclose(out.layers["hespotex"], members.mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out.layers["hespotex_spread"], members.std(0), rtol=1e-4, atol=1e-5)
+    assert (np.asarray(out.layers["hespotex_spread"]) > 0).any()
+    # decoder attention is the members' mean: rows still sum to 1
+    att = out.obsp["hespotex_attention"]
+    np.testing.assert_allclose(np.asarray(att.sum(axis=1)).ravel(), 1.0, rtol=1e-4)
+    with pytest.raises(NotImplementedError, match="Streaming"):
+        hx.tl.predict(sections["t"], loaded, out=tmp_path / "s.zarr", device="cpu")
+
+
+def test_ensemble_bad_input(sections):
+    config = ModelConfig.preset("hespotex", epochs=2, patience=None, **SMALL)
+    with pytest.raises(ValueError, match="at least 3 samples"):
+        hx.tl.train([sections["a"], sections["b"]], config=config, genes=["g0", "g1"], ensemble=True, device="cpu")
+    with pytest.raises(ValueError, match="leave validation='auto'"):
+        hx.tl.train([sections[n] for n in "abc"], config=config, ensemble=True, validation=["sa"], device="cpu")
+    with pytest.raises(ValueError, match="at least 2 trained members"):
+        hx.tl.HESpotExEnsemble([])
