@@ -49,14 +49,15 @@ def test_pearson_many_genes_in_blocks(monkeypatch):
     np.testing.assert_array_equal(pearson_per_gene(truth, pred), whole)
 
 
-def test_pearson_nan_for_constant_genes(pair):
+def test_pearson_nan_for_constant_truth_zero_for_constant_prediction(pair):
     truth, pred = pair[0].copy(), pair[1].copy()
     truth[:, 0] = 3.0
     truth[:, 1] = 0.1  # float constant whose mean is not exactly 0.1
     pred[:, 2] = -7.0
     r = pearson_per_gene(truth, pred)
-    assert np.isnan(r[:3]).all()
-    assert np.isfinite(r[3:]).all()
+    assert np.isnan(r[:2]).all()
+    assert r[2] == 0.0  # a constant prediction says nothing: it scores 0, it is not dropped
+    assert np.isfinite(r[2:]).all()
 
 
 def test_pearson_rejects_mismatched_shapes():
@@ -132,7 +133,10 @@ def test_gene_scores_table(pair):
     truth, pred = pair
     names = [f"g{j}" for j in range(truth.shape[1])]
     df = gene_scores(truth, pred, names)
-    assert list(df.columns) == ["pearson", "pvalue", "mse", "mean_true", "var_true", "n_spots"]
+    assert list(df.columns) == [
+        "pearson", "pvalue", "mse", "mean_true", "var_true", "n_spots", "truth_constant", "prediction_constant"
+    ]  # fmt: skip
+    assert not df["truth_constant"].any() and not df["prediction_constant"].any()
     assert list(df.index) == names
     np.testing.assert_allclose(df["pearson"], pearson_per_gene(truth, pred))
     np.testing.assert_allclose(df["mse"], ((truth - pred) ** 2).mean(axis=0))

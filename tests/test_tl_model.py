@@ -416,6 +416,8 @@ def test_cross_validate_table(cv_result):
         "mean_true",
         "var_true",
         "n_spots",
+        "truth_constant",
+        "prediction_constant",
         "fit_seconds",
         "in_hvg",
         "in_heg",
@@ -454,7 +456,10 @@ def test_cross_validate_fits_genes_and_rankings_on_the_training_fold(cv_result):
 def test_summarize_cv(cv_result):
     _, _, result, _, _ = cv_result
     summary = hx.tl.summarize_cv(result)
-    assert list(summary.columns) == ["fold", "method", "pearson_all", "fit_seconds", "pearson_hvg", "pearson_heg"]
+    assert list(summary.columns) == [
+        "fold", "method", "pearson_all", "fit_seconds", "pearson_hvg", "pearson_heg", "n_genes", "n_truth_constant",
+        "n_folds", "missing_folds",
+    ]  # fmt: skip
     assert len(summary) == 3 * 3 + 3  # per fold and method, then the mean over folds per method
     per_fold = summary[summary["fold"] != "mean"]
     for _, row in per_fold.iterrows():
@@ -465,3 +470,4 @@ def test_summarize_cv(cv_result):
     assert mean.loc["ridge", "pearson_all"] == pytest.approx(
         per_fold.loc[per_fold["method"] == "ridge", "pearson_all"].mean()
     )
+    assert (mean["n_folds"] == 3).all() and (mean["missing_folds"] == "").all()

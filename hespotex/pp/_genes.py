@@ -35,6 +35,51 @@ def shared_genes(tables: Iterable[AnnData]) -> pd.Index:
     return common
 
 
+# skmisc's loess (scanpy's seurat_v3, span 0.3, degree 2) kills the interpreter (segmentation fault)
+# when a sample has 3 or fewer genes that vary, and cannot fit fewer than 14 (floor(0.3 * k) >= 4)
+_LOESS_MIN_GENES = 14
+
+
+def check_samples(
+    tables: Sequence[AnnData],
+    names: Sequence[str],
+    genes: Sequence[str],
+    *,
+    counts_layer: str = "counts",
+    min_spots: int = 1,
+    min_varying_genes: int = 0,
+    purpose: str = "gene selection",
+) -> None:
+    """Refuse degenerate samples by name before any library sees them: fewer than ``min_spots`` spots,
+    no counts at all in ``genes``, or fewer than ``min_varying_genes`` of ``genes`` that vary across
+    spots (what scanpy's seurat_v3 needs, see ``_LOESS_MIN_GENES``)."""
+    for t, name in zip(tables, names, strict=True):
+        if t.n_obs < max(min_spots, 1):
+            msg = (
+                f"Sample {name!r} has {t.n_obs} spot{'s' if t.n_obs != 1 else ''}; {purpose} needs at least "
+                f"{max(min_spots, 1)} per sample. Drop the sample or check how it was read."
+            )
+            raise ValueError(msg)
+        x = t.layers.get(counts_layer, t.X)
+        idx = t.var_names.get_indexer(list(genes))
+        x = sp.csr_matrix(x[:, idx[idx >= 0]])
+        if x.nnz == 0 or not np.any(x.data):
+            msg = (
+                f"Sample {name!r} has no counts: all {t.n_obs} spots are zero in the {len(genes)} genes used for {purpose}. "
+                "Drop the sample, or check its counts (an empty or misread matrix)."
+            )
+            raise ValueError(msg)
+        if min_varying_genes:
+            varying = int(np.count_nonzero(x.max(axis=0).toarray().ravel() != x.min(axis=0).toarray().ravel()))
+            if varying < min_varying_genes:
+                msg = (
+                    f"Sample {name!r} has only {varying} genes that vary across its {t.n_obs} spots; seurat_v3 "
+                    f"{purpose} fits a mean-variance curve per sample and needs at least {min_varying_genes}. "
+                    "Drop the sample, use flavor='mean', or pass `genes=`."
+                )
+                raise ValueError(msg)
+
+
 def _counts(adata: AnnData, layer: str):
     if layer in adata.layers:
         return adata.layers[layer]
@@ -103,6 +148,7 @@ def select_genes(
         if missing:
             msg = f"{len(missing)} of {len(genes)} given genes are absent from at least one sample, e.g. {missing[:5]}. Drop them or use other samples."
             raise ValueError(msg)
+        check_samples(tables, names, genes, counts_layer=counts_layer)
         selected, flavor_used = genes, "given"
     else:
         if n_top is None or n_top < 1:
@@ -111,7 +157,12 @@ def select_genes(
         if n_top > len(common):
             msg = f"Asked for {n_top} genes but the samples share only {len(common)}; lower `n_top`."
             raise ValueError(msg)
-        if flavor == "seurat_v3":
+        seurat = flavor == "seurat_v3"
+        check_samples(
+            tables, names, common, counts_layer=counts_layer,
+            min_spots=2 if seurat else 1, min_varying_genes=_LOESS_MIN_GENES if seurat else 0,
+        )  # fmt: skip
+        if seurat:
             selected = _seurat_v3(tables, names, common, n_top, counts_layer)
         elif flavor == "mean":
             means = np.zeros(len(common))
@@ -143,7 +194,15 @@ def _seurat_v3(tables: list[AnnData], names: list[str], common: pd.Index, n_top:
         parts.append(ad.AnnData(X=sp.csr_matrix(x, dtype=np.float32), obs=pd.DataFrame({"sample": name}, index=t.obs_names.astype(str)), var=pd.DataFrame(index=common)))
     joint = ad.concat(parts, index_unique="-") if len(parts) > 1 else parts[0]
     batch_key = "sample" if len(parts) > 1 else None
-    hvg = sc.pp.highly_variable_genes(joint, flavor="seurat_v3", n_top_genes=n_top, batch_key=batch_key, inplace=False)
+    try:
+        hvg = sc.pp.highly_variable_genes(joint, flavor="seurat_v3", n_top_genes=n_top, batch_key=batch_key, inplace=False)
+    except ValueError as err:  # skmisc's loess cannot fit a sample's mean-variance curve
+        smallest = min(zip(tables, names, strict=True), key=lambda tn: tn[0].n_obs)[1]
+        msg = (
+            f"seurat_v3 gene selection could not fit the mean-variance curve of a sample ({err}); the smallest "
+            f"sample is {smallest!r}. Drop samples with few spots or little expression, use flavor='mean', or pass `genes=`."
+        )
+        raise ValueError(msg) from err
     hvg.index = common
     rank_col = "highly_variable_rank"
     hvg = hvg[hvg["highly_variable"]]

@@ -14,7 +14,7 @@ from hespotex._sample import as_sample_dict, get_table
 from hespotex.pp._genes import select_genes, shared_genes
 from hespotex.tl._data import EMBEDDING_KEY, GraphData, graph_data
 from hespotex.tl._evaluate import rank_genes
-from hespotex.tl._metrics import gene_scores
+from hespotex.tl._metrics import gene_scores, truth_constant_genes
 from hespotex.tl._peers import PEER_METHODS, peer_predictions
 from hespotex.tl._train import ensure_embeddings, train
 from hespotex.tl._tune import DEFAULT_GRIDS, tune_baseline
@@ -129,8 +129,8 @@ def cross_validate(
     -------
     A tidy table, one row per fold, test sample, method and gene: ``fold``, ``test_sample``,
     ``method``, ``gene``, ``pearson``, ``pvalue``, ``mse``, ``mean_true``, ``var_true``,
-    ``n_spots``, ``in_hvg``, ``in_heg``, ``in_<panel>``, ``fit_seconds``. Summarise with
-    :func:`summarize_cv`.
+    ``n_spots``, ``truth_constant``, ``prediction_constant``, ``in_hvg``, ``in_heg``, ``in_<panel>``,
+    ``fit_seconds`` (see :func:`hespotex.tl._metrics.gene_scores`). Summarise with :func:`summarize_cv`.
     """
     from hespotex.pp._graph import knn_graph
     from hespotex.tl._baselines import make_baseline, smooth
@@ -143,6 +143,7 @@ def cross_validate(
     tables = {n: get_table(s) for n, s in named.items()}
     groups = {n: str(groups[n]) if groups else n for n in names}
     specs = _method_specs(methods, config)
+    _check_cv_samples(tables, specs, genes=genes, smooth_neighbors=smooth_neighbors if smoothed else 0)
     rows = []
     fold_ids = list(dict.fromkeys(groups[n] for n in names))
     if len(fold_ids) < 2:
@@ -215,6 +216,24 @@ def cross_validate(
     return table
 
 
+def _check_cv_samples(tables: Mapping[str, Any], specs, *, genes, smooth_neighbors: int) -> None:
+    """Refuse, by name and before any fold runs, samples too small for the graphs or without counts."""
+    from hespotex.models._net import _resolve_config
+    from hespotex.pp._genes import check_samples
+
+    need = smooth_neighbors
+    for _, kind, cfg in specs:
+        if kind == "hespotex":
+            c = _resolve_config(cfg)
+            need = max(need, c.ae_neighbors, c.decoder_neighbors)
+    shared = list(shared_genes(list(tables.values())))
+    present = shared if genes is None else [g for g in genes if g in set(shared)]
+    check_samples(
+        list(tables.values()), list(tables), present, min_spots=need + 1,
+        purpose=f"cross-validation (the {need}-neighbour spatial graphs)",
+    )  # fmt: skip
+
+
 def _tuned_variants(kind, label, train_data, test_data, *, smoothed, k, seed, kwargs):
     """Raw (and smoothed) predictions of a baseline tuned by leave-one-training-section-out, each variant tuned for itself."""
     from hespotex.pp._graph import knn_graph
@@ -250,18 +269,61 @@ def _baseline_predictions(kind, train_data, test_data, held, *, seed, kwargs, ma
     return {n: model.predict(d.emb) for n, d in test_data.items()}
 
 
-def summarize_cv(table: pd.DataFrame, *, panels: Sequence[str] = ("hvg", "heg")) -> pd.DataFrame:
+def summarize_cv(table: pd.DataFrame, *, panels: Sequence[str] = ("hvg", "heg"), skipna: bool = False) -> pd.DataFrame:
     """Mean Pearson per fold and method over all genes and each flagged panel (``in_<panel>`` columns),
-    plus a ``"mean"`` fold averaging the folds."""
+    plus a ``"mean"`` fold averaging the folds.
+
+    Genes whose truth is constant on the test sample have no correlation (``NaN``): they are left out
+    of a fold's means and counted in ``n_truth_constant``; genes predicted as a constant score 0
+    (see :mod:`hespotex.tl._metrics`).
+
+    The mean over folds is taken over every fold of the table (any method's). A method that lacks a
+    fold, or whose score for a fold is ``NaN`` (e.g. every gene of a panel constant in that test
+    sample), gets a ``NaN`` mean for that score, with a warning naming the folds: an average over the
+    folds that happened to work is another, easier benchmark. ``skipna=True`` averages the folds
+    available instead (still warned); ``n_folds`` always says how many folds the mean covers and
+    ``missing_folds`` which are missing or ``NaN``.
+
+    Returns
+    -------
+    One row per fold and method, then one ``fold="mean"`` row per method: ``fold``, ``method``,
+    ``pearson_all``, ``fit_seconds``, ``pearson_<panel>``, ``n_genes``, ``n_truth_constant``, and in
+    the mean rows ``n_folds`` (folds with a finite ``pearson_all``) and ``missing_folds``
+    (comma-separated; ``""`` when none).
+    """
     out = []
     for (fold, method), part in table.groupby(["fold", "method"], sort=False):
-        row = {"fold": fold, "method": method, "pearson_all": part["pearson"].mean(), "fit_seconds": part["fit_seconds"].iat[0]}
+        constant = truth_constant_genes(part)
+        scored = part.loc[~constant.to_numpy()]
+        row = {"fold": fold, "method": method, "pearson_all": scored["pearson"].mean(), "fit_seconds": part["fit_seconds"].iat[0]}
         for p in panels:
             col = f"in_{p}"
             if col in part:
-                row[f"pearson_{p}"] = part.loc[part[col], "pearson"].mean()
+                row[f"pearson_{p}"] = scored.loc[scored[col].astype(bool), "pearson"].mean()
+        row["n_genes"] = len(part)
+        row["n_truth_constant"] = int(constant.sum())
         out.append(row)
     per_fold = pd.DataFrame(out)
-    mean = per_fold.drop(columns="fold").groupby("method", sort=False).mean().reset_index()
-    mean.insert(0, "fold", "mean")
-    return pd.concat([per_fold, mean], ignore_index=True)
+    folds = list(dict.fromkeys(per_fold["fold"]))
+    scores = [c for c in per_fold.columns if c.startswith("pearson_")]
+    means = []
+    for method, part in per_fold.groupby("method", sort=False):
+        part = part.set_index("fold").reindex(folds)
+        row = {"fold": "mean", "method": method}
+        missing_any = set()
+        for c in scores:
+            bad = [str(f) for f in folds if not np.isfinite(part.at[f, c])]
+            missing_any.update(bad)
+            row[c] = part[c].mean() if (skipna or not bad) else float("nan")
+            if bad:
+                logger.warning(
+                    "summarize_cv: %s of method %r is missing or NaN in fold(s) %s; its mean over folds is %s.",
+                    c, method, bad, f"taken over the other {len(folds) - len(bad)} folds" if skipna else "NaN (pass skipna=True to average the others)",
+                )  # fmt: skip
+        row["fit_seconds"] = part["fit_seconds"].mean()
+        row["n_genes"] = part["n_genes"].mean()
+        row["n_truth_constant"] = part["n_truth_constant"].sum()
+        row["n_folds"] = int(np.isfinite(part["pearson_all"].to_numpy(dtype=float)).sum())
+        row["missing_folds"] = ",".join(f for f in map(str, folds) if f in missing_any)
+        means.append(row)
+    return pd.concat([per_fold, pd.DataFrame(means)], ignore_index=True)

@@ -63,10 +63,15 @@ def evaluate(
 
     Returns
     -------
-    Per-gene scores (``pearson``, ``pvalue``, ``mse``, ``mean_true``, ``var_true``, ``n_spots``;
-    with ``groups`` a tidy table with a ``sample`` column). Writes ``uns[key_added]`` with
-    ``per_gene`` (that table), ``summary`` (mean Pearson over all / top-``k`` HVG / top-``k`` HEG
-    genes, MSE, number of genes with significantly positive correlation) and ``params``.
+    Per-gene scores (``pearson``, ``pvalue``, ``mse``, ``mean_true``, ``var_true``, ``n_spots``,
+    ``truth_constant``, ``prediction_constant``; with ``groups`` a tidy table with a ``sample``
+    column). Writes ``uns[key_added]`` with ``per_gene`` (that table), ``summary`` (mean Pearson over
+    all / top-``k`` HVG / top-``k`` HEG genes, MSE, number of genes with significantly positive
+    correlation, see :func:`hespotex.tl._metrics.summarize`) and ``params``.
+
+    A gene predicted as a constant scores 0 in every mean (it is not dropped); a gene whose measured
+    expression is constant on these spots has no defined correlation and is counted apart
+    (``n_truth_constant``), not averaged. Non-finite predictions are refused.
     """
     table = get_table(adata)
     if layer not in table.layers:
@@ -74,6 +79,13 @@ def evaluate(
         raise KeyError(msg)
     genes = list(table.var_names)
     pred = np.asarray(table.layers[layer], dtype=np.float32)
+    if not np.isfinite(pred).all():
+        bad = ~np.isfinite(pred)
+        msg = (
+            f"layers[{layer!r}] holds NaN or infinite predictions at {int(bad.any(axis=1).sum())} spots in "
+            f"{int(bad.any(axis=0).sum())} genes; they cannot be scored. Predict again with `hx.tl.predict(..., overwrite=True)`."
+        )
+        raise ValueError(msg)
     params = table.uns.get(layer, {}).get("params", {})
     target_sum = float(params.get("target_sum", 1e4))
     target_norm = str(params.get("target_norm", "library_all"))

@@ -3,6 +3,14 @@
 Everything here works on plain arrays (``numpy`` or ``scipy.sparse``) of shape ``(n_spots, n_genes)``;
 the AnnData wrappers live elsewhere in :mod:`hespotex.tl`.
 
+Scores that cannot be gamed
+---------------------------
+A gene whose **prediction** is constant (or not finite) carries no information about where the gene
+is expressed: it scores ``r = 0``, in every mean, instead of being left out (leaving it out would let a
+model raise its mean by predicting its worst genes flat). A gene whose **truth** is constant on the
+scored spots has no defined correlation with anything: it gets ``NaN``, is flagged
+(``truth_constant``), left out of the means and counted apart (``n_truth_constant``).
+
 Honest evaluation
 -----------------
 Gene sets such as "the top 50 highly variable genes" must be chosen **without looking at the test
@@ -86,29 +94,40 @@ def _gene_blocks(n_spots: int, n_genes: int) -> Iterator[slice]:
 
 
 def _per_gene_stats(y_true: Any, y_pred: Any) -> dict[str, np.ndarray]:
-    """Pearson r, MSE, mean and variance (ddof=1) of the truth, per gene, in blocks of genes."""
+    """Pearson r, MSE, mean and variance (ddof=1) of the truth, per gene, in blocks of genes; and
+    which genes are constant in the truth and in the prediction (see the module docstring)."""
     yt, yp = _check_pair(y_true, y_pred)
     n, g = yt.shape
     out = {k: np.full(g, np.nan) for k in ("pearson", "mse", "mean_true", "var_true")}
+    out["truth_constant"] = np.ones(g, dtype=bool)
+    out["prediction_constant"] = np.ones(g, dtype=bool)
     for sl in _gene_blocks(n, g):
         t = _dense_block(yt, sl)
         p = _dense_block(yp, sl)
         if n == 0:
             continue
         out["mse"][sl] = np.mean((t - p) ** 2, axis=0)
-        # exactly constant columns get NaN, as scipy.stats.pearsonr does (float means need not be exact)
-        constant = (t == t[:1]).all(axis=0) | (p == p[:1]).all(axis=0)
+        # exactly constant columns (float means need not be exact): truth -> NaN, prediction -> 0
+        truth_constant = (t == t[:1]).all(axis=0)
+        mean_p = p.mean(axis=0)
+        pred_constant = (p == p[:1]).all(axis=0) | ~np.isfinite(mean_p)  # NaN / inf reach the mean
+        out["truth_constant"][sl] = truth_constant
+        out["prediction_constant"][sl] = pred_constant
+        if pred_constant.any():
+            p[:, pred_constant] = 0.0
+            mean_p[pred_constant] = 0.0
         mean_t = t.mean(axis=0)
         out["mean_true"][sl] = mean_t
         t -= mean_t
-        p -= p.mean(axis=0)
+        p -= mean_p
         ss_t = np.einsum("ij,ij->j", t, t)
         ss_p = np.einsum("ij,ij->j", p, p)
         cross = np.einsum("ij,ij->j", t, p)
         with np.errstate(divide="ignore", invalid="ignore"):
             r = cross / np.sqrt(ss_t * ss_p)
         r = np.clip(r, -1.0, 1.0)
-        r[constant] = np.nan
+        r[pred_constant] = 0.0
+        r[truth_constant] = np.nan
         out["pearson"][sl] = r
         if n > 1:
             out["var_true"][sl] = ss_t / (n - 1)
@@ -132,9 +151,10 @@ def pearson_per_gene(y_true: Any, y_pred: Any) -> np.ndarray:
 
     Returns
     -------
-    ``float64`` array of length ``n_genes``: the correlation across spots of each gene. A gene that is
-    exactly constant in the truth or in the prediction gets ``NaN`` (as :func:`scipy.stats.pearsonr`).
-    Values are clipped to ``[-1, 1]``. Neither input is modified; sparse inputs are densified one block
+    ``float64`` array of length ``n_genes``: the correlation across spots of each gene. A gene whose
+    prediction is exactly constant (or holds NaN or infinite values) scores ``0``: it says nothing about
+    where the gene is expressed. A gene exactly constant in the truth gets ``NaN`` (undefined, as
+    :func:`scipy.stats.pearsonr`), whatever the prediction. Values are clipped to ``[-1, 1]``. Neither input is modified; sparse inputs are densified one block
     of genes at a time, so memory stays bounded.
     """
     return _per_gene_stats(y_true, y_pred)["pearson"]
@@ -342,7 +362,7 @@ def top_genes(
 # per-gene tables and summaries
 # --------------------------------------------------------------------------------------------------
 
-_SCORE_COLUMNS = ["pearson", "pvalue", "mse", "mean_true", "var_true", "n_spots"]
+_SCORE_COLUMNS = ["pearson", "pvalue", "mse", "mean_true", "var_true", "n_spots", "truth_constant", "prediction_constant"]
 
 
 def _score_frame(yt: Any, yp: Any, names: pd.Index, alternative: str) -> pd.DataFrame:
@@ -356,6 +376,8 @@ def _score_frame(yt: Any, yp: Any, names: pd.Index, alternative: str) -> pd.Data
             "mean_true": s["mean_true"],
             "var_true": s["var_true"],
             "n_spots": np.full(len(names), n, dtype=np.int64),
+            "truth_constant": s["truth_constant"],
+            "prediction_constant": s["prediction_constant"],
         },
         index=names,
     )
@@ -396,11 +418,14 @@ def gene_scores(
     -------
     Without ``groups``: a :class:`pandas.DataFrame` indexed by gene (index name ``"gene"``) with columns
 
-    - ``pearson``: correlation across spots (``NaN`` when constant in truth or prediction);
+    - ``pearson``: correlation across spots (``0`` when the prediction is constant, ``NaN`` when the
+      truth is, see :func:`pearson_per_gene`);
     - ``pvalue``: its p-value (t test with ``n_spots - 2`` degrees of freedom);
     - ``mse``: mean squared error;
     - ``mean_true``, ``var_true``: mean and variance (ddof=1) of the truth;
-    - ``n_spots``: number of spots scored.
+    - ``n_spots``: number of spots scored;
+    - ``truth_constant``, ``prediction_constant``: whether the gene is exactly constant on these spots
+      in the truth / in the prediction (a non-finite prediction counts as constant).
 
     With ``groups``: a tidy frame with a ``sample`` column (labels as strings, in order of first
     appearance, then ``"pooled"`` for all spots together), a ``gene`` column and the columns above.
@@ -476,12 +501,17 @@ def summarize(
     -------
     A dict with
 
-    - ``pearson_mean``, ``pearson_median``: over all genes with a defined correlation;
-    - ``pearson_mean_hvg``, ``pearson_mean_heg``: over the given genes (only when given);
+    - ``pearson_mean``, ``pearson_median``: over every gene whose truth varies; genes with a constant
+      prediction count as ``0``;
+    - ``pearson_mean_hvg``, ``pearson_mean_heg``: the same over the given genes (only when given);
     - ``mse``: mean over genes of the per-gene MSE;
     - ``n_significant``: genes with significantly positive correlation (:func:`n_significant`);
-    - ``n_genes``: genes in the table; ``n_nan``: genes whose correlation is undefined (constant truth
-      or prediction), left out of the means.
+    - ``n_genes``: genes in the table;
+    - ``n_truth_constant`` (and ``n_truth_constant_hvg`` / ``_heg`` when given): genes whose truth is
+      constant on the scored spots: no correlation is defined, they are left out of the means and
+      counted here (a warning is logged when there are any);
+    - ``n_prediction_constant``: genes whose prediction is constant (scored ``0``, in the means);
+    - ``n_nan``: genes left out of the means (constant truth, or a ``NaN`` score in an older table).
     """
     if "sample" in scores.columns:
         msg = "`scores` is a tidy per-sample table (it has a 'sample' column); use `summarize_samples` for it."
@@ -491,6 +521,7 @@ def summarize(
         msg = f"`scores` lacks the columns {sorted(missing)}; build it with `gene_scores`."
         raise ValueError(msg)
     r = scores["pearson"]
+    truth_constant = truth_constant_genes(scores)
     out: dict[str, float | int] = {
         "pearson_mean": float(np.nanmean(r)) if r.notna().any() else float("nan"),
         "pearson_median": float(np.nanmedian(r)) if r.notna().any() else float("nan"),
@@ -502,8 +533,30 @@ def summarize(
     out["mse"] = float(np.nanmean(scores["mse"])) if len(scores) else float("nan")
     out["n_significant"] = n_significant(r.to_numpy(), scores["n_spots"].to_numpy(), alpha=alpha, correction=correction)
     out["n_genes"] = len(scores)
+    out["n_truth_constant"] = int(truth_constant.sum())
+    for key, genes in (("hvg", hvg), ("heg", heg)):
+        if genes is not None:
+            out[f"n_truth_constant_{key}"] = int(truth_constant.loc[pd.Index(genes)].sum())
+    if "prediction_constant" in scores:
+        out["n_prediction_constant"] = int(scores["prediction_constant"].astype(bool).sum())
     out["n_nan"] = int(r.isna().sum())
+    if out["n_truth_constant"]:
+        logger.warning(
+            "%d of %d genes are constant in the truth on the scored spots (e.g. %s): no correlation is defined for "
+            "them; they are left out of the means and counted in `n_truth_constant`.",
+            out["n_truth_constant"], len(scores), list(truth_constant.index[truth_constant][:3]),
+        )  # fmt: skip
     return out
+
+
+def truth_constant_genes(scores: pd.DataFrame) -> pd.Series:
+    """Boolean per gene of a :func:`gene_scores` table: the truth is constant on the scored spots
+    (the ``truth_constant`` column; for tables without it, a zero truth variance)."""
+    if "truth_constant" in scores:
+        return scores["truth_constant"].astype(bool)
+    if "var_true" in scores:
+        return scores["var_true"].fillna(0.0) == 0.0
+    return pd.Series(False, index=scores.index)
 
 
 def summarize_samples(

@@ -428,50 +428,38 @@ class HESpotEx:
 
     @classmethod
     def load(cls, path: str | Path) -> HESpotEx:
-        """Load a model saved with :meth:`save` (weights through safetensors: no pickle is run)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        """Load a model saved with :meth:`save` (weights through safetensors: no pickle is run).
 
+        Checked before anything is allocated (:mod:`hespotex.tl._setup_validation`): every field of
+        ``setup.json`` (types, required fields, bounds), its ``gene_hash`` against the gene names, the
+        tensor shapes in the safetensors header against the network the setup describes. The weights
+        are then read fully into memory (replacing or truncating the file later does not affect the
+        loaded model) and refused when any is NaN or infinite or the embedding scale is not positive.
+        """
         from hespotex.models import HESpotExNet
+        from hespotex.tl._setup_validation import as_array, load_checked
 
         path = Path(path)
         missing = [f for f in (WEIGHTS_FILE, SETUP_FILE) if not (path / f).is_file()]
         if missing:
             msg = f"{str(path)!r} is not a complete hespotex model folder: missing {missing}. Save it again with `model.save(path)`."
             raise FileNotFoundError(msg)
-        try:
-            setup = json.loads((path / SETUP_FILE).read_text())
-            tensors = load_file(path / WEIGHTS_FILE)
-        except (json.JSONDecodeError, SafetensorError, OSError) as err:
-            msg = f"The model folder {str(path)!r} is corrupt ({err}); save the model again."
-            raise ValueError(msg) from err
-        if not isinstance(setup, dict):
-            msg = f"The model folder {str(path)!r} is corrupt (setup.json holds a JSON {type(setup).__name__}, not an object); save the model again."
-            raise ValueError(msg)
-        if setup.get("format_version") != FORMAT_VERSION:
-            msg = f"Unsupported model format {setup.get('format_version')!r} in {str(path)!r}; this hespotex reads format {FORMAT_VERSION}."
-            raise ValueError(msg)
-        try:
-            model = cls(
-                setup["genes"],
-                embedding=setup["embedding"],
-                config=setup["config"],
-                target_sum=setup["target_sum"],
-                target_norm=setup.get("target_norm", "library_all"),  # models saved before the setting: library over all genes
-                gene_selection=setup.get("gene_selection"),
-                spot_geometry=setup.get("spot_geometry"),
-                embedding_norm=setup.get("embedding_norm", "training"),  # models saved before the setting
-            )
-            model.embedding_mean_ = tensors.pop("setup.embedding_mean").numpy()
-            model.embedding_scale_ = tensors.pop("setup.embedding_scale").numpy()
-        except KeyError as err:
-            msg = (
-                f"The model folder {str(path)!r} cannot be read by this hespotex ({err.args[0]}); it is partial, or "
-                "was written by another version or tool. Save the model again."
-            )
-            raise ValueError(msg) from err
-        net = HESpotExNet(len(model.genes), int(setup["embedding_dim"]), model.config)
+        setup, tensors = load_checked(path, WEIGHTS_FILE, SETUP_FILE)
+        model = cls(
+            setup["genes"],
+            embedding=setup["embedding"],
+            config=setup["config"],
+            target_sum=setup["target_sum"],
+            target_norm=setup.get("target_norm", "library_all"),  # models saved before the setting: library over all genes
+            gene_selection=setup.get("gene_selection"),
+            spot_geometry=setup.get("spot_geometry"),
+            embedding_norm=setup.get("embedding_norm", "training"),  # models saved before the setting
+        )
+        model.embedding_mean_ = as_array(tensors.pop("setup.embedding_mean"))
+        model.embedding_scale_ = as_array(tensors.pop("setup.embedding_scale"))
+        net = HESpotExNet(len(model.genes), setup["embedding_dim"], model.config)
         state = {k.removeprefix("net."): v for k, v in tensors.items() if k.startswith("net.")}
+        del tensors
         try:
             net.load_state_dict(state, strict=True)
         except RuntimeError as err:

@@ -160,6 +160,7 @@ def predict(
         msg = f"The slide has {sample.n} spots; the model's {model.config.decoder_neighbors}-neighbour graph needs at least {min_spots}."
         raise ValueError(msg)
     out = model.predict_graph(sample, device=device, max_nodes=max_nodes)
+    check_finite_predictions(out["expression"], out["latent"])
     target = _target_table(data, table, model, key_added=key_added, overwrite=overwrite)
     order = pd.Index(model.genes).get_indexer(target.var_names)
     target.layers[key_added] = out["expression"][:, order]
@@ -182,6 +183,23 @@ def predict(
         _store_table(data, target, key_added=key_added, overwrite=overwrite)
     logger.info("Predicted %d genes at %d spots into layers[%r].", len(model.genes), sample.n, key_added)
     return target
+
+
+def check_finite_predictions(expression: np.ndarray, latent: np.ndarray | None = None, *, first_spot: int = 0) -> None:
+    """Refuse NaN or infinite predictions (or latents) before anything is stored: they would look like
+    results. Finite weights (checked at load) and embeddings (checked before) can still overflow."""
+    bad_rows = ~np.isfinite(expression).all(axis=1)
+    if latent is not None:
+        bad_rows |= ~np.isfinite(latent).all(axis=1)
+    if bad_rows.any():
+        n_genes = int((~np.isfinite(expression)).any(axis=0).sum())
+        first = first_spot + int(np.flatnonzero(bad_rows)[0])
+        msg = (
+            f"The model's predictions are NaN or infinite at {int(bad_rows.sum())} spots ({n_genes} genes), e.g. spot {first}; "
+            "nothing was stored. The weights overflow on these embeddings: check the embeddings (encoder, image) "
+            "or retrain the model."
+        )
+        raise ValueError(msg)
 
 
 def prediction_params(

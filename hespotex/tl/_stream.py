@@ -394,6 +394,8 @@ def _expression_stage(
     """Stage 3: expression in table order, whole zarr chunks per step, with done markers."""
     from tqdm.auto import tqdm
 
+    from hespotex.tl._predict import check_finite_predictions
+
     n, n_genes = len(latent), len(model.genes)
     expr = _array(group, "expression", (n, n_genes), (rows, n_genes))
     n_steps = -(-n // step)
@@ -407,7 +409,9 @@ def _expression_stage(
     try:
         for j in tqdm(todo, desc="writing expression", unit="chunk", disable=not settings.progress):
             a, b = j * step, min(n, (j + 1) * step)
-            expr[a:b] = gene_heads(net, latent[a:b], None if features is None else features[a:b], dev)
+            rows = gene_heads(net, latent[a:b], None if features is None else features[a:b], dev)
+            check_finite_predictions(rows, first_spot=a)  # never write (and mark done) NaN predictions
+            expr[a:b] = rows
             done[j] = True
     finally:
         net.train(was_training)

@@ -245,6 +245,12 @@ def train(
             )
             raise ValueError(msg)
     tables = {n: get_table(s) for n, s in named.items()}
+    cfg = _resolve_config(config)
+    k = max(cfg.ae_neighbors, cfg.decoder_neighbors)
+    for n, t in tables.items():  # before gene selection: scanpy's seurat_v3 crashes on tiny samples
+        if t.n_obs < k + 1:
+            msg = f"Sample {n!r} has {t.n_obs} spots, too few for the {k}-neighbour graphs. Drop it or lower the config's neighbours."
+            raise ValueError(msg)
     held, fraction = split_validation(names, validation, seed=seed)
     fit_names = [n for n in names if n not in held]
     if genes is None:
@@ -257,11 +263,6 @@ def train(
         n: graph_data(tables[n], n, genes=genes, embedding_key=embedding_key, target_sum=target_sum, target_norm=target_norm)
         for n in names
     }
-    cfg = _resolve_config(config)
-    for n, d in data.items():
-        if d.n < max(cfg.ae_neighbors, cfg.decoder_neighbors) + 1:
-            msg = f"Sample {n!r} has {d.n} spots, too few for the {max(cfg.ae_neighbors, cfg.decoder_neighbors)}-neighbour graphs. Drop it or lower the config's neighbours."
-            raise ValueError(msg)
     train_parts: list[GraphData] = []
     val_parts: list[tuple[GraphData, np.ndarray]] = []
     for n in fit_names:
