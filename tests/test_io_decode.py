@@ -349,7 +349,7 @@ def test_spots_partly_outside_warn_with_the_count(caplog):
     assert "2 of 15 spots lie partly outside the image (96 x 64 px" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="hespotex"):
-        patches = hx.pp.extract_patches(sdata, size=16)  # 8 µm = 16 px at 0.5 µm/px: no resampling
+        patches = hx.pp.extract_patches(sdata, patch_um=8.0, size=16)  # 8 µm = 16 px at 0.5 µm/px: no resampling
     assert "2 of 15 spots of 'sample' have their 8 µm patches partly outside" in caplog.text
     corner = patches[0]
     assert (corner[:7, :, :] == 255).all() and (corner[:, :7, :] == 255).all()  # padded with white glass

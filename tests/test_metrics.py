@@ -185,15 +185,11 @@ def test_summarize(pair):
         summarize(df, hvg=["nope"])
 
 
-def test_dense_speed_many_genes():
-    """A 1,000 x 5,457 evaluation is vectorised: well under a few seconds on 2 cores."""
-    import time
-
+def test_dense_many_genes():
+    """A 1,000 x 5,457 evaluation in one vectorised call (its speed is measured in benchmarks, not here)."""
     rng = np.random.default_rng(5)
     truth = rng.normal(size=(1000, 5457)).astype(np.float32)
     pred = truth + rng.normal(size=truth.shape).astype(np.float32)
-    start = time.perf_counter()
     df = gene_scores(truth, pred)
-    assert time.perf_counter() - start < 10
     assert isinstance(df, pd.DataFrame)
     assert df["pearson"].between(0.6, 0.8).all()

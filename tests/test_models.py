@@ -413,7 +413,7 @@ def test_tiny_model_overfits(toy, preset):
 # --------------------------------------------------------------------------- scale
 
 
-def test_large_graph_is_sparse_in_memory_and_fast():
+def test_large_graph_is_sparse_in_memory():
     """20,000 spots: a dense N × N float matrix would be 1.6 GB; no single allocation comes near it."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -423,18 +423,15 @@ def test_large_graph_is_sparse_in_memory_and_fast():
     gen = torch.Generator().manual_seed(0)
     expr, emb = torch.randn(n, 32, generator=gen), torch.randn(n, 24, generator=gen)
     net = HESpotExNet(32, 24, small_config())
-    start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         total, _ = net.loss(expr, emb, edges_ae, edges_dec)
         total.backward()
         net.eval()
         with torch.inference_mode():
             out = net(emb, edges_dec)
-    elapsed = time.perf_counter() - start
     largest = max(event.cpu_memory_usage for event in prof.events())
     assert largest < n * n * 4 / 20, f"an operation allocated {largest / 1e6:.0f} MB"
     assert out["attention"][1].shape == (edges_dec.shape[1] + n,)
-    assert elapsed < 30
 
 
 def test_parameter_counts_far_below_the_authors_lstm():
