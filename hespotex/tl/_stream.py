@@ -231,12 +231,14 @@ def _open_store(
 
     from hespotex import _ownership
 
+    existing = False
     if not own:
         if path.exists() or path.is_symlink():
             _ownership.check_replaceable(path, "store", what=STORE_WHAT)
             if not any(path.iterdir()):
                 path.rmdir()
-        if not path.exists():  # written beside (a name unique to this run) and renamed: a store that exists is whole
+        existing = path.exists()
+        if not existing:  # written beside (a name unique to this run) and renamed: a store that exists is whole
             info = get_sample_info(sdata)
             attrs = {k: v for k, v in dict(getattr(sdata, "attrs", {}) or {}).items() if k == "hespotex_slide"}
             tmp = _ownership.temp_sibling(path)
@@ -247,8 +249,6 @@ def _open_store(
             finally:
                 if tmp.exists():
                     shutil.rmtree(tmp)
-        else:
-            _add_spots(sdata, path, key=key, overwrite=overwrite)
     root = zarr.open_group(path, mode="r+", use_consolidated=False)
     progress = root.require_group(PROGRESS_GROUP)
     if key in progress and not progress[key].attrs.get("slide"):
@@ -266,6 +266,8 @@ def _open_store(
     elif "tables" in root and key in root["tables"] and not overwrite:
         msg = f"{str(path)!r} already holds a table {key!r} that this streamed prediction did not write. Pass `overwrite=True` to replace it, or another `key_added`."
         raise FileExistsError(msg)
+    if existing:  # checked above that nothing of `key` is refused: now add this slide's spots
+        _add_spots(sdata, path, key=key, overwrite=overwrite)
     return root, progress
 
 
@@ -310,14 +312,23 @@ def _add_spots(sdata: SpatialData, path: Path, *, key: str, overwrite: bool) -> 
 
 def _clean_progress(group: Any, path: Path) -> None:
     """Delete the progress arrays of a finished prediction (done markers first), then consolidate the metadata."""
-    import zarr
 
     names = sorted(list(group.array_keys()) + list(group.group_keys()), key=lambda n: (not n.endswith("_done"), n))
     for name in names:
         _op(_delete, group, name)
-    root = zarr.open_group(path, mode="r", use_consolidated=False)
-    if getattr(root.metadata, "consolidated_metadata", None) is not None:
+    if _consolidated(path) is not None:
         _op(_consolidate, path)
+
+
+def _consolidated(path: Path) -> Any:
+    """The store's consolidated metadata, or ``None`` when it has none."""
+    import warnings
+
+    import zarr
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=zarr.errors.ZarrUserWarning)  # not in the zarr v3 spec yet
+        return zarr.open_group(path, mode="r").metadata.consolidated_metadata
 
 
 def _consolidate(path: Path) -> None:
@@ -333,11 +344,10 @@ def _consolidate(path: Path) -> None:
 
 def _progress_is_clean(group: Any, path: Path, key: str) -> bool:
     """No progress arrays left of a finished prediction, and consolidated metadata (if any) not listing them."""
-    import zarr
 
     if list(group.array_keys()) or list(group.group_keys()):
         return False
-    consolidated = getattr(zarr.open_group(path, mode="r", use_consolidated=False).metadata, "consolidated_metadata", None)
+    consolidated = _consolidated(path)
     if consolidated is None:
         return True
     prefix = f"{PROGRESS_GROUP}/{key}"

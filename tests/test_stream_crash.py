@@ -1,0 +1,263 @@
+"""Crash-safe completion: a streamed prediction (and a cohort slide) killed at any write or delete of its
+commit and clean-up gives, on rerun, exactly the uninterrupted result, and is never reported finished before."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import numpy as np
+import pytest
+
+import hespotex as hx
+from hespotex.tl import _cohort, _stream
+
+pytestmark = pytest.mark.usefixtures("single_threaded")
+N_SPOTS, CHUNK = 150, 64
+
+
+class Crash(BaseException):
+    """A simulated kill: not an Exception, so no ``except Exception`` of the code under test catches it."""
+
+
+class CrashAt:
+    """Counts the real write / delete primitives once the stages are done (the commit and clean-up) and
+    raises :class:`Crash` just before (``when="before"``) or just after (``"after"``) the ``k``-th one.
+
+    Counted: zarr group deletions and attribute writes, zarr metadata consolidation, spatialdata element
+    writes and deletions, and the cohort's completion-marker write. Nested calls count too (an element
+    write consolidates the metadata), so a crash can also fall inside an element write.
+    """
+
+    def __init__(self, monkeypatch, k: int, when: str) -> None:
+        import spatialdata
+        import zarr
+
+        self.k, self.when, self.calls, self.armed = k, when, 0, False
+        real_stage = _stream._expression_stage
+
+        def stage(*args, **kwargs):
+            out = real_stage(*args, **kwargs)
+            self.armed = True
+            return out
+
+        monkeypatch.setattr(_stream, "_expression_stage", stage)
+        for owner, name in [
+            (zarr.Group, "__delitem__"),
+            (zarr.Group, "update_attributes"),
+            (zarr, "consolidate_metadata"),
+            (spatialdata.SpatialData, "write_element"),
+            (spatialdata.SpatialData, "delete_element_from_disk"),
+            (_cohort, "_write_json_atomic"),
+        ]:
+            monkeypatch.setattr(owner, name, self._wrap(getattr(owner, name)))
+
+    def _wrap(self, real):
+        def run(*args, **kwargs):
+            if not self.armed:
+                return real(*args, **kwargs)
+            k = self.calls
+            self.calls += 1
+            if k == self.k and self.when == "before":
+                raise Crash(f"killed before write/delete {k}")
+            out = real(*args, **kwargs)
+            if k == self.k and self.when == "after":
+                raise Crash(f"killed after write/delete {k}")
+            return out
+
+        return run
+
+
+def _layer(table, key="hespotex") -> np.ndarray:
+    x = table.layers[key]
+    return np.asarray(x.compute() if hasattr(x, "compute") else x)
+
+
+def _same(table, ref) -> None:
+    """Bit-identical predictions, latent and attention."""
+    assert list(table.obs_names) == list(ref.obs_names) and list(table.var_names) == list(ref.var_names)
+    np.testing.assert_array_equal(_layer(table), _layer(ref))
+    np.testing.assert_array_equal(np.asarray(table.obsm["X_hespotex"]), np.asarray(ref.obsm["X_hespotex"]))
+    assert (table.obsp["hespotex_attention"] != ref.obsp["hespotex_attention"]).nnz == 0
+
+
+def _committed_and_clean(out, key="hespotex") -> None:
+    import spatialdata
+    import zarr
+
+    group = zarr.open_group(out, mode="r", use_consolidated=False)[_stream.PROGRESS_GROUP][key]
+    assert group.attrs["complete"] and not list(group.array_keys()) and not list(group.group_keys())
+    assert key in spatialdata.read_zarr(out).tables
+    consolidated = zarr.open_group(out, mode="r").metadata.consolidated_metadata  # spatialdata keeps one: up to date
+    entries = consolidated.flattened_metadata
+    assert f"tables/{key}" in entries
+    assert not [k for k in entries if k.startswith(f"{_stream.PROGRESS_GROUP}/{key}/")]
+    assert entries[f"{_stream.PROGRESS_GROUP}/{key}"].attributes["complete"]
+
+
+@pytest.fixture(scope="module")
+def slide():
+    return hx.datasets.synthetic(
+        n_spots=N_SPOTS, n_genes=40, seed=11, program_seed=0, microns_per_pixel=1.0, sample_id="crash"
+    )
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(slide, trained_synthetic, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "ref.zarr"
+    table = hx.tl.predict(copy.deepcopy(slide), trained_synthetic["model"], device="cpu", out=out, chunk_size=CHUNK)
+    return table, out
+
+
+@pytest.fixture(scope="module")
+def before_commit(slide, trained_synthetic, tmp_path_factory):
+    """A store whose every stage is done, killed at the first write of its commit."""
+    out = tmp_path_factory.mktemp("base") / "base.zarr"
+    with pytest.MonkeyPatch.context() as mp:
+        CrashAt(mp, 0, "before")
+        with pytest.raises(Crash):
+            hx.tl.predict(copy.deepcopy(slide), trained_synthetic["model"], device="cpu", out=out, chunk_size=CHUNK)
+    return out
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_crash_at_every_commit_step_resumes_to_the_uninterrupted_result(
+    slide, trained_synthetic, uninterrupted, before_commit, tmp_path, monkeypatch, when
+):
+    ref, _ = uninterrupted
+    model = trained_synthetic["model"]
+    k = 0
+    while True:
+        out = tmp_path / f"k{k}.zarr"
+        shutil.copytree(before_commit, out)
+        with monkeypatch.context() as mp:
+            crash = CrashAt(mp, k, when)
+            try:
+                hx.tl.predict(copy.deepcopy(slide), model, device="cpu", out=out, chunk_size=CHUNK)
+                crashed = False
+            except Crash:
+                crashed = True
+        if not crashed:  # k is past the last write / delete
+            assert crash.calls == k
+            break
+        table = hx.tl.predict(copy.deepcopy(slide), model, device="cpu", out=out, chunk_size=CHUNK)
+        _same(table, ref)
+        _same(hx.io.read_zarr(out).tables["hespotex"], ref)
+        _committed_and_clean(out)
+        shutil.rmtree(out)
+        k += 1
+    assert k >= 8  # table deletion-free commit: table write (and its consolidation), commit, 7 progress deletions...
+
+
+def test_expression_deleted_before_its_done_markers_is_computed_again(
+    slide, trained_synthetic, uninterrupted, before_commit, tmp_path
+):
+    """The state the old clean-up left when killed between its two deletions: the expression rows gone,
+    their done markers still there. It used to be completed with all-zero predictions marked done."""
+    import zarr
+
+    out = tmp_path / "zeros.zarr"
+    shutil.copytree(before_commit, out)
+    group = zarr.open_group(out, mode="r+", use_consolidated=False)[_stream.PROGRESS_GROUP]["hespotex"]
+    assert np.asarray(group["expression_done"][:]).all()
+    del group["expression"]
+    table = hx.tl.predict(copy.deepcopy(slide), trained_synthetic["model"], device="cpu", out=out, chunk_size=CHUNK)
+    assert np.abs(_layer(table)).sum() > 0
+    _same(table, uninterrupted[0])
+
+
+def test_a_block_whose_results_are_gone_is_predicted_again(slide, trained_synthetic, uninterrupted, before_commit, tmp_path):
+    import zarr
+
+    out = tmp_path / "blocks.zarr"
+    shutil.copytree(before_commit, out)
+    group = zarr.open_group(out, mode="r+", use_consolidated=False)[_stream.PROGRESS_GROUP]["hespotex"]
+    del group["blocks"]["1"]
+    del group["expression"]
+    table = hx.tl.predict(copy.deepcopy(slide), trained_synthetic["model"], device="cpu", out=out, chunk_size=CHUNK)
+    _same(table, uninterrupted[0])
+
+
+def test_non_finite_predictions_are_an_error_and_never_marked_done(slide, trained_synthetic, tmp_path):
+    import torch
+    import zarr
+
+    model = copy.deepcopy(trained_synthetic["model"])
+    with torch.no_grad():
+        model.module_.direct_head[-1].bias[3] = float("nan")
+    out = tmp_path / "nan.zarr"
+    with pytest.raises(ValueError, match=r"predicted \d+ NaN or infinite values at spots 0-"):
+        hx.tl.predict(copy.deepcopy(slide), model, device="cpu", out=out, chunk_size=CHUNK)
+    group = zarr.open_group(out, mode="r", use_consolidated=False)[_stream.PROGRESS_GROUP]["hespotex"]
+    assert not group.attrs["complete"] and not np.asarray(group["expression_done"][:]).any()
+
+
+# ---------------------------------------------------------------------------------------------- cohort
+@pytest.fixture(scope="module")
+def wsi(tmp_path_factory):
+    return hx.datasets.synthetic_wsi(
+        tmp_path_factory.mktemp("wsi") / "crashy.ome.tif", width=1800, height=1500, n_blobs=5,
+        microns_per_pixel=1.0, tile=256, seed=4,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cohort_reference(wsi, trained_synthetic, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cohort_ref")
+    record = _cohort.run_slide(wsi, trained_synthetic["model_dir"], out=out, raise_errors=True)
+    assert record["status"] == "finished"
+    return hx.io.read_zarr(out / "crashy.zarr").tables["hespotex"], out
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_cohort_slide_killed_at_every_step_is_never_finished_early(
+    wsi, trained_synthetic, cohort_reference, tmp_path, monkeypatch, when
+):
+    ref, _ = cohort_reference
+    base = tmp_path / "base"
+    with monkeypatch.context() as mp:
+        CrashAt(mp, 0, "before")
+        with pytest.raises(Crash):
+            _cohort.run_slide(wsi, trained_synthetic["model_dir"], out=base)
+    assert _cohort.read_marker(base, "crashy") is None
+    k, finished = 0, []
+    while True:
+        out = tmp_path / f"k{k}"
+        shutil.copytree(base, out)
+        with monkeypatch.context() as mp:
+            crash = CrashAt(mp, k, when)
+            try:
+                _cohort.run_slide(wsi, trained_synthetic["model_dir"], out=out)
+                crashed = False
+            except Crash:
+                crashed = True
+        if not crashed:
+            assert crash.calls == k
+            break
+        if _cohort.read_marker(out, "crashy") is not None:  # reported finished: the store holds the whole result
+            finished.append(k)
+            _same(hx.io.read_zarr(out / "crashy.zarr").tables["hespotex"], ref)
+        record = _cohort.run_slide(wsi, trained_synthetic["model_dir"], out=out)
+        assert record["status"] in ("finished", "skipped"), record["error"]
+        assert _cohort.read_marker(out, "crashy") is not None
+        _same(hx.io.read_zarr(out / "crashy.zarr").tables["hespotex"], ref)
+        _committed_and_clean(out / "crashy.zarr")
+        shutil.rmtree(out)
+        k += 1
+    assert k >= 9
+    # finished only when killed after the very last write, the completion marker
+    assert finished == ([k - 1] if when == "after" else [])
+
+
+def test_a_marker_beside_an_unfinished_store_does_not_count(wsi, trained_synthetic, cohort_reference, tmp_path):
+    import zarr
+
+    _, done = cohort_reference
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    assert _cohort.read_marker(out, "crashy") is not None
+    group = zarr.open_group(out / "crashy.zarr", mode="r+", use_consolidated=False)[_stream.PROGRESS_GROUP]["hespotex"]
+    group.attrs["complete"] = False  # e.g. the store was replaced by an interrupted run after the marker was written
+    assert _cohort.read_marker(out, "crashy") is None
+    record = _cohort.run_slide(wsi, trained_synthetic["model_dir"], out=out)
+    assert record["status"] != "skipped"
