@@ -111,9 +111,10 @@ def check_replaceable(
     if not path.exists() and not path.is_symlink():
         return
     if path.is_symlink() or not path.is_dir():
+        kind_found = "a symbolic link" if path.is_symlink() else "a file"
         msg = (
-            f"{str(path)!r} is a file, not a {what}; hespotex never replaces it ({option} or not). "
-            "Choose another path, or move the file away yourself."
+            f"{str(path)!r} is {kind_found}, not a {what}; hespotex never replaces it ({option} or not). "
+            "Choose another path, or move it away yourself."
         )
         raise FileExistsError(msg)
     record = marker(path)

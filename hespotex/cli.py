@@ -151,14 +151,16 @@ def _is_visium_outs(path: Path) -> bool:
     return path.is_dir() and ((path / "spatial").is_dir() or any(path.glob("*filtered_feature_bc_matrix.h5")))
 
 
-def _output_problem(path: Path, flag: str, *, kind: str) -> str | None:
+def _output_problem(path: Path, flag: str, *, kind: str, beside: bool = False) -> str | None:
     """Why nothing can be written at ``path`` (``--out``), or ``None``: an existing file where a folder is
-    expected, or a folder (or its nearest existing parent) this user cannot write to."""
+    expected, or a folder (or its nearest existing parent) this user cannot write to. ``beside``: the
+    output is written next to ``path`` and renamed into place (a model folder), so its parent must be writable."""
     import os
 
     if path.exists() and not path.is_dir():
         return f"{flag} {str(path)!r} is an existing file; expected {kind} (created if needed). Choose another path."
-    parent = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
+    start = path.parent if beside else path
+    parent = start if start.exists() else next((p for p in start.parents if p.exists()), Path("."))
     if not parent.is_dir():
         return f"{flag} {str(path)!r} is inside {str(parent)!r}, which is a file, not a folder. Choose another path."
     if not os.access(parent, os.W_OK | os.X_OK):
@@ -306,7 +308,7 @@ def train_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     if args.sections and not args.her2st:
         parser.error("--sections needs --her2st PATH.")
     out = Path(args.out)
-    problem = _output_problem(out, "--out", kind="a model folder")
+    problem = _output_problem(out, "--out", kind="a model folder", beside=True)
     if problem:
         parser.error(problem)
     if out.exists():  # checked before training: a folder hespotex did not write is refused, --overwrite or not
