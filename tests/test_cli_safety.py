@@ -37,8 +37,8 @@ def test_predict_several_slides_one_failing_ends_with_the_summary_table(wsi, tra
     assert rc == 1
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:4] == ["slide", "status", "n_tiles", "seconds"]
-    good_row = next(line for line in lines if line.startswith("good"))
-    bad_row = next(line for line in lines if line.lstrip().startswith("bad"))
+    good_row = next(line for line in lines if line.split()[0] == "good")  # to_string right-aligns the columns
+    bad_row = next(line for line in lines if line.split()[0] == "bad")
     assert good_row.split()[1] == "finished" and int(good_row.split()[2]) > 0
     assert bad_row.split()[1] == "failed" and "ValueError" in bad_row
     assert (out / "good.done.json").is_file() and not (out / "bad.done.json").exists()
