@@ -92,7 +92,7 @@ def _contents(path: Path, limit: int = 5) -> str:
     except OSError as err:
         return f"(cannot be listed: {err.strerror})"
     shown = ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
-    return f"{len(names)} entries: {shown}"
+    return f"{len(names)} {'entry' if len(names) == 1 else 'entries'}: {shown}"
 
 
 def check_replaceable(
