@@ -378,7 +378,7 @@ class HESpotEx:
         with ``overwrite=True``, and only when hespotex wrote it (its marker, or nothing but a model's
         two files): a file or any other folder is refused, overwrite or not, naming what it holds.
         """
-        from safetensors.torch import save
+        from safetensors.torch import save_file
 
         from hespotex import _ownership
 
@@ -397,9 +397,8 @@ class HESpotEx:
             tensors = {f"net.{k}": v.detach().cpu().contiguous() for k, v in self.module_.state_dict().items()}
             tensors["setup.embedding_mean"] = torch.from_numpy(self.embedding_mean_)
             tensors["setup.embedding_scale"] = torch.from_numpy(self.embedding_scale_)
-            data = save(tensors, metadata={"format": "hespotex", "format_version": str(FORMAT_VERSION)})
-            with open(tmp / WEIGHTS_FILE, "xb") as fh:  # not safetensors' save_file, which writes 0600
-                fh.write(data)
+            save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "hespotex", "format_version": str(FORMAT_VERSION)})
+            os.chmod(tmp / WEIGHTS_FILE, 0o666 & ~_ownership.umask())  # safetensors writes 0600: the user's umask
             (tmp / SETUP_FILE).write_text(json.dumps(self.setup_dict(), indent=1, default=_json_default))
             _ownership.mark(tmp, "model")
             if path.exists():
