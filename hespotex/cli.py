@@ -5,8 +5,10 @@
 - ``hespotex tile``: tissue detection and pseudo-spots over a whole-slide image, to a zarr store;
 - ``hespotex predict``: expression maps for image-only slides (several run in parallel on Dask).
 
-Exit codes: 0 success; 1 an error, or (``predict``) some slides failed; 2 bad usage or a refused
-overwrite (an output that already exists without ``--overwrite``) or a missing input.
+Exit codes: 0 success; 1 an error, or (``predict``) some slides failed, or predictions that are not
+finite; 2 bad usage, a refused overwrite (an output that already exists without ``--overwrite``, or
+that hespotex did not write), a missing input, or an output that cannot be written (a file where a
+folder is expected, a read-only folder).
 """
 
 from __future__ import annotations
@@ -105,8 +107,9 @@ PREDICT_EPILOG = """examples:
   hespotex predict --model my-model --out predictions --workers 4 slides/*.svs
   hespotex predict --model my-model --out predictions --mpp 0.5 scan.tif   # file without resolution metadata
 
-exit codes: 0 all slides finished (or skipped as finished earlier), 1 some slides failed,
-            2 bad usage, a missing input, or results that --overwrite would be needed to replace
+exit codes: 0 all slides finished (or skipped as finished earlier), 1 some slides failed (an error,
+            or NaN / infinite predictions), 2 bad usage, a missing input, results that --overwrite would be
+            needed to replace, or an --out that cannot be written (a file, a read-only folder)
 """
 TRAIN_HELP = """Train HESpotEx on samples with spatial transcriptomics, then save the model folder.
 
@@ -148,6 +151,23 @@ def _is_visium_outs(path: Path) -> bool:
     return path.is_dir() and ((path / "spatial").is_dir() or any(path.glob("*filtered_feature_bc_matrix.h5")))
 
 
+def _output_problem(path: Path, flag: str, *, kind: str, beside: bool = False) -> str | None:
+    """Why nothing can be written at ``path`` (``--out``), or ``None``: an existing file where a folder is
+    expected, or a folder (or its nearest existing parent) this user cannot write to. ``beside``: the
+    output is written next to ``path`` and renamed into place (a model folder), so its parent must be writable."""
+    import os
+
+    if path.exists() and not path.is_dir():
+        return f"{flag} {str(path)!r} is an existing file; expected {kind} (created if needed). Choose another path."
+    start = path.parent if beside else path
+    parent = start if start.exists() else next((p for p in start.parents if p.exists()), Path("."))
+    if not parent.is_dir():
+        return f"{flag} {str(path)!r} is inside {str(parent)!r}, which is a file, not a folder. Choose another path."
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{flag} {str(path)!r}: cannot write to {str(parent)!r} (permission denied or a read-only file system). Choose a folder you can write to."
+    return None
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -181,6 +201,9 @@ def predict_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     from hespotex.tl._cohort import COLUMNS, predict_slides, run_slide, slide_name
 
     model = Path(args.model)
+    problem = _output_problem(Path(args.out), "--out", kind="a folder")
+    if problem:
+        parser.error(problem)
     if not model.is_dir():
         parser.error(
             f"--model {args.model!r} is not a folder; pass the folder written by `hespotex train` (or HESpotEx.save)."
@@ -207,6 +230,7 @@ def predict_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -
         )  # fmt: skip
     shown = table[["slide", "status", "n_tiles", "seconds", "output", "error"]].copy()
     shown["seconds"] = shown["seconds"].map(lambda v: f"{v:.1f}" if pd.notna(v) else "")
+    shown["n_tiles"] = shown["n_tiles"].map(lambda v: f"{int(v)}" if pd.notna(v) else "")  # Int64 takes no ""
     shown = shown.fillna("")
     sys.stdout.write(shown.to_string(index=False) + "\n")
     n_failed = int((table["status"] == "failed").sum())
@@ -284,9 +308,19 @@ def train_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     if args.sections and not args.her2st:
         parser.error("--sections needs --her2st PATH.")
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        msg = f"{str(out)!r} already exists; pass --overwrite to replace it, or --out another folder."
-        raise FileExistsError(msg)
+    problem = _output_problem(out, "--out", kind="a model folder", beside=True)
+    if problem:
+        parser.error(problem)
+    if out.exists():  # checked before training: a folder hespotex did not write is refused, --overwrite or not
+        from hespotex import _ownership
+        from hespotex.tl._model import SETUP_FILE, WEIGHTS_FILE
+
+        _ownership.check_replaceable(
+            out, "model", what="hespotex model folder", option="--overwrite", legacy=(WEIGHTS_FILE, SETUP_FILE)
+        )
+        if not args.overwrite:
+            msg = f"{str(out)!r} already exists; pass --overwrite to replace it, or --out another folder."
+            raise FileExistsError(msg)
     genes, n_top = _genes_argument(args.genes)
     overrides = _config_overrides(args.set, parser)
     if args.epochs:
@@ -548,8 +582,18 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args, sub)
     except SystemExit as exit_:  # sub.error(): bad usage
         return int(exit_.code or 0)
-    except (FileExistsError, FileNotFoundError) as err:
+    except (FileExistsError, FileNotFoundError, NotADirectoryError) as err:
         logger.error("%s", err)
+        logger.debug("Traceback:", exc_info=True)
+        return 2
+    except OSError as err:
+        import errno
+
+        if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            logger.error("%s: %s", type(err).__name__, err)
+            logger.debug("Traceback:", exc_info=True)
+            return 1
+        logger.error("Cannot write %r: %s. Choose an output you can write to.", err.filename, err.strerror)
         logger.debug("Traceback:", exc_info=True)
         return 2
     except Exception as err:  # any other failure: one clear line (full traceback with --verbose)

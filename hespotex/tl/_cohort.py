@@ -5,7 +5,10 @@ Each slide goes through :func:`hespotex.io.read_wsi`, :func:`hespotex.pp.detect_
 :func:`hespotex.tl.predict`, which writes its results to the slide's own zarr store under ``out``.
 A small JSON completion marker is written beside the store last: a slide is *finished* exactly
 when its marker exists, so an interrupted or failed slide never looks finished, and a re-run skips
-what is finished and resumes the rest.
+what is finished and resumes the rest. The marker counts only while the store it names records its
+predictions as committed (:func:`read_marker`), and a crash at any write or delete of the
+prediction's commit or of the marker leaves the slide unfinished, to be resumed by the next run.
+A new (or empty) ``out`` folder gets hespotex's folder marker (:mod:`hespotex._ownership`).
 
 Layout of ``out`` for a slide ``.../TUMOUR-01.svs``::
 
@@ -19,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 import traceback
 from collections.abc import Iterable, Mapping
@@ -65,21 +67,69 @@ def output_paths(out: str | Path, name: str) -> dict[str, Path]:
 
 
 def read_marker(out: str | Path, name: str) -> dict[str, Any] | None:
-    """The completion marker of slide ``name`` under ``out`` (``None`` when it is not finished)."""
+    """The completion marker of slide ``name`` under ``out`` (``None`` when it is not finished).
+
+    A slide is finished when its marker can be read *and* its store records the predictions it
+    names as complete, so a marker beside a store that was replaced or damaged does not count.
+    """
     paths = output_paths(out, name)
     if not (paths["done"].is_file() and paths["zarr"].exists()):
         return None
     try:
-        return json.loads(paths["done"].read_text())
+        record = json.loads(paths["done"].read_text())
     except (OSError, json.JSONDecodeError):
         return None  # a marker that cannot be read does not count as finished
+    if not isinstance(record, dict) or not _store_complete(paths["zarr"], str(record.get("key_added", "hespotex"))):
+        return None
+    return record
+
+
+def _store_complete(path: Path, key: str) -> bool:
+    """Whether the streamed predictions ``key`` in the store ``path`` are committed (and their table is there)."""
+    import zarr
+
+    from hespotex.tl._stream import PROGRESS_GROUP
+
+    try:
+        root = zarr.open_group(path, mode="r", use_consolidated=False)
+        group = root[PROGRESS_GROUP][key]
+        return bool(group.attrs.get("complete")) and key in root["tables"]
+    except (KeyError, OSError, ValueError, zarr.errors.ZarrError):
+        return False
 
 
 def _write_json_atomic(path: Path, record: Mapping[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(dict(record), fh, indent=1, default=str)
-    os.replace(tmp, path)
+    """Write ``record`` as JSON through a sibling unique to the call, renamed into place (mode from the umask)."""
+    from hespotex._ownership import write_text_atomic
+
+    write_text_atomic(path, json.dumps(dict(record), indent=1, default=str))
+
+
+def _unlink_record(path: Path) -> None:
+    """Delete a completion marker hespotex wrote (a JSON record of a slide); refuse any other file of that name."""
+    if not path.exists():
+        return
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        record = None
+    if not (isinstance(record, dict) and "slide" in record and "model_id" in record):
+        msg = f"{str(path)!r} is not a completion marker written by hespotex; it is never deleted. Move it away, or choose another `out`."
+        raise FileExistsError(msg)
+    path.unlink()
+
+
+def _prepare_out(out: Path) -> None:
+    """Create the cohort folder ``out`` (marked as hespotex's when it is new or empty); an existing file is refused."""
+    from hespotex import _ownership
+
+    if out.exists() and not out.is_dir():
+        msg = f"The output folder {str(out)!r} is a file; expected a folder (created if needed). Choose another `out`."
+        raise NotADirectoryError(msg)
+    if not out.exists():
+        out.mkdir(parents=True)
+    if _ownership.marker(out) is None and not any(out.iterdir()):
+        _ownership.mark(out, "cohort")
 
 
 def _traceback_summary(err: BaseException) -> str:
@@ -207,13 +257,14 @@ def run_slide(
             _check_marker(done, name=name, path=path, model_id=_load_model(str(model_dir)).model_id, out=out)
             record.update(status="skipped", n_tiles=done.get("n_tiles"), seconds=0.0)
             return record
-        out.mkdir(parents=True, exist_ok=True)
-        paths["done"].unlink(missing_ok=True)  # from here on the slide is not finished
+        _prepare_out(out)
+        _unlink_record(paths["done"])  # from here on the slide is not finished
         paths["error"].unlink(missing_ok=True)
         sdata = open_slide(path, microns_per_pixel=microns_per_pixel)  # first: a broken slide fails fast
         n_tiles = _tile_if_needed(sdata, str(model_dir), tile_kwargs or {})
         model = _load_model(str(model_dir))
-        hx.tl.predict(sdata, model, out=paths["zarr"], overwrite=overwrite, **dict(predict_kwargs or {}))
+        kwargs = {"key_added": "hespotex", **dict(predict_kwargs or {})}
+        hx.tl.predict(sdata, model, out=paths["zarr"], overwrite=overwrite, **kwargs)
         seconds = time.perf_counter() - t0
         marker = {
             "slide": name,
@@ -221,6 +272,7 @@ def run_slide(
             "output": str(paths["zarr"]),
             "model": str(Path(model_dir).resolve()),
             "model_id": model.model_id,
+            "key_added": kwargs["key_added"],
             "n_tiles": n_tiles,
             "seconds": round(seconds, 3),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -407,7 +459,7 @@ def predict_slides(
 
     named = _check_paths(paths)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    _prepare_out(out)
     model_dir, loaded = _model_folder(model, out)
     model_id = loaded.model_id
     options = {

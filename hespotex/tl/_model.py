@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -393,18 +392,25 @@ class HESpotEx:
         standardisation) and ``setup.json`` (genes, gene selection, normalisation, encoder and patch
         geometry, config, versions, history).
 
-        The folder is written beside its destination and renamed into place, so an interruption
-        never leaves a half-written model. An existing folder is replaced only with ``overwrite=True``.
+        The folder is written beside its destination (under a name unique to the call) and renamed
+        into place, so an interruption never leaves a half-written model; it is created with the
+        user's umask and carries the marker ``.hespotex.json``. An existing folder is replaced only
+        with ``overwrite=True``, and only when hespotex wrote it (its marker, or nothing but a model's
+        two files): a file or any other folder is refused, overwrite or not, naming what it holds.
         """
         from safetensors.torch import save_file
 
+        from hespotex import _ownership
+
         self._check_trained()
         path = Path(path)
-        if path.exists() and not overwrite:
-            msg = f"{str(path)!r} already exists; pass `overwrite=True` to replace it, or choose another folder."
-            raise FileExistsError(msg)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        if path.exists() or path.is_symlink():
+            # a file, a user's folder or another tool's is refused whatever `overwrite` says
+            _ownership.check_replaceable(path, "model", what="hespotex model folder", legacy=(WEIGHTS_FILE, SETUP_FILE))
+            if not overwrite:
+                msg = f"{str(path)!r} already exists; pass `overwrite=True` to replace it, or choose another folder."
+                raise FileExistsError(msg)
+        tmp = _ownership.make_dir(_ownership.temp_sibling(path))  # unique to this call; the user's umask
         try:
             import torch
 
@@ -412,9 +418,11 @@ class HESpotEx:
             tensors["setup.embedding_mean"] = torch.from_numpy(self.embedding_mean_)
             tensors["setup.embedding_scale"] = torch.from_numpy(self.embedding_scale_)
             save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "hespotex", "format_version": str(FORMAT_VERSION)})
+            os.chmod(tmp / WEIGHTS_FILE, 0o666 & ~_ownership.umask())  # safetensors writes 0600: the user's umask
             (tmp / SETUP_FILE).write_text(json.dumps(self.setup_dict(), indent=1, default=_json_default))
+            _ownership.mark(tmp, "model")
             if path.exists():
-                old = path.with_name(f".{path.name}.old.{os.getpid()}")
+                old = _ownership.temp_sibling(path, suffix=".old")
                 os.replace(path, old)
                 os.replace(tmp, path)
                 shutil.rmtree(old, ignore_errors=True)

@@ -30,15 +30,21 @@ one unit of the stage it was in, and none of the finished ones:
 4. **Table.** A new table ``key_added`` (the spots, the model's genes) whose ``layers[key_added]`` is
    a dask array over ``expression``, with latent, sparse attention, centres and parameters, is
    written into the output SpatialData zarr by spatialdata / anndata, which stream the dask layer
-   chunk by chunk. The progress arrays are then deleted and the group is marked complete; a rerun
-   returns the stored table.
+   chunk by chunk. The group is then marked complete (the commit) and only then are the progress
+   arrays deleted (done markers first), so a run interrupted at any write or delete redoes the table
+   from whole progress arrays, or finds it finished and deletes the leftovers; a rerun returns the
+   stored table. A done marker never outlives its data: an array created anew drops its markers.
 
 Peak memory is one chunk of embeddings, one block's forward pass (core and halo × embedding width),
 one step of expression rows (~64 MB), and ``O(N × latent)`` per-spot arrays, never the ``N × genes``
 predictions or the ``N × width`` embeddings. The output zarr is either the sample's own store
 (``out="auto"``): the table is added beside its image; or another path: a new SpatialData with the
 spot shapes and the prediction table and no copy of the image (``uns[key_added]["params"]["source"]``
-records where the image is, ``attrs["hespotex_slide"]`` is copied from the slide).
+records where the image is, ``attrs["hespotex_slide"]`` is copied from the slide). Such a store
+is created beside its path under a name unique to the run, carries hespotex's marker
+(:mod:`hespotex._ownership`) and is the only kind of folder ``out`` may name when it exists: any
+other folder is refused, ``overwrite`` or not. Another slide goes beside the elements already there;
+``overwrite=True`` replaces only the table ``key_added`` (and its progress group).
 """
 
 from __future__ import annotations
@@ -133,24 +139,20 @@ def _done_array(group: Any, name: str, n: int) -> Any:
     return group.create_array(name, shape=(max(n, 1),), chunks=(1,), dtype=bool, fill_value=False)
 
 
-def _array(group: Any, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: Any = np.float32) -> Any:
+def _array(
+    group: Any, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: Any = np.float32, *, done: str
+) -> Any:
+    """The array ``name`` of the progress group, created when missing (or of another shape). A new array
+    holds nothing yet, so done markers ``done`` left from an older one are deleted with it: a marker can
+    never vouch for rows that are not there (they would read as zeros)."""
     if name in group:
         arr = group[name]
         if tuple(arr.shape) == tuple(shape):
             return arr
         del group[name]
+    if done in group:
+        del group[done]
     return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype)
-
-
-def _is_zarr_store(path: Path) -> bool:
-    return path.is_dir() and any((path / f).exists() for f in ("zarr.json", ".zgroup", ".zattrs"))
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
 
 
 # ---------------------------------------------------------------------------------------------- identity
@@ -203,47 +205,57 @@ def _check_existing(group: Any, path: Path, *, key: str, slide: dict[str, Any], 
     return None
 
 
+STORE_WHAT = "zarr store written by hx.tl.predict"
+
+
+def _op(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run one write or delete of the commit and clean-up (a single place, so tests can crash the run at each)."""
+    return fn(*args, **kwargs)
+
+
+def _delete(group: Any, name: str) -> None:
+    del group[name]
+
+
 def _open_store(
     sdata: SpatialData, path: Path, own: bool, *, key: str, slide: dict[str, Any], model_id: str, overwrite: bool
 ):
-    """Open (or create) the output store and the progress group of ``key``; refuse another slide's or model's results."""
+    """Open (or create) the output store and the progress group of ``key``; refuse another slide's or model's results.
+
+    Another path than the sample's own store must be a store hespotex wrote (its marker), an empty
+    folder or nothing: anything else is refused, ``overwrite`` or not. In a store of hespotex this
+    slide is added beside the other elements; ``overwrite=True`` replaces only what ``key`` names.
+    """
     import zarr
     from spatialdata import SpatialData
 
+    from hespotex import _ownership
+
+    existing = False
     if not own:
-        if path.exists() and not _is_zarr_store(path):
-            if path.is_dir() and not any(path.iterdir()):
+        if path.exists() or path.is_symlink():
+            _ownership.check_replaceable(path, "store", what=STORE_WHAT)
+            if not any(path.iterdir()):
                 path.rmdir()
-            elif overwrite:
-                _remove(path)
-            else:
-                msg = f"{str(path)!r} exists and is not a zarr store written by hx.tl.predict. Pass `overwrite=True` to replace it, or another `out`."
-                raise FileExistsError(msg)
-        if path.exists():
-            progress = zarr.open_group(path, mode="r", use_consolidated=False).get(PROGRESS_GROUP)
-            slides = [] if progress is None else [g.attrs.get("slide") for _, g in progress.groups()]
-            other = next((s for s in slides if s and s != slide), None)
-            if (progress is None or other is not None) and not overwrite:
-                found = (
-                    f"{str(path)!r} already holds a zarr store that hx.tl.predict did not write"
-                    if other is None
-                    else f"{str(path)!r} already holds streamed predictions of another slide ({_describe(other)}; this slide: {_describe(slide)})"
-                )
-                msg = f"{found}. Pass `overwrite=True` to replace it, or another `out`."
-                raise FileExistsError(msg)
-            if progress is None or other is not None:
-                _remove(path)
-        if not path.exists():  # written beside and renamed, so a store that exists is whole
+        existing = path.exists()
+        if not existing:  # written beside (a name unique to this run) and renamed: a store that exists is whole
             info = get_sample_info(sdata)
             attrs = {k: v for k, v in dict(getattr(sdata, "attrs", {}) or {}).items() if k == "hespotex_slide"}
-            tmp = path.with_name(f"{path.name}.partial")
-            _remove(tmp)
-            SpatialData(shapes={info.shapes_key: sdata.shapes[info.shapes_key]}, attrs=attrs).write(tmp)
-            tmp.rename(path)
+            tmp = _ownership.temp_sibling(path)
+            try:
+                SpatialData(shapes={info.shapes_key: sdata.shapes[info.shapes_key]}, attrs=attrs).write(tmp)
+                _ownership.mark(tmp, "store")
+                tmp.rename(path)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
     root = zarr.open_group(path, mode="r+", use_consolidated=False)
     progress = root.require_group(PROGRESS_GROUP)
     if key in progress and not progress[key].attrs.get("slide"):
         del progress[key]  # interrupted before it recorded what it holds
+    if key in progress and progress[key].attrs.get("complete") and not ("tables" in root and key in root["tables"]):
+        logger.warning("%s records finished predictions %r, but their table is gone: predicting again.", path, key)
+        del progress[key]
     if key in progress:
         reason = _check_existing(progress[key], path, key=key, slide=slide, model_id=model_id)
         if reason and not overwrite:
@@ -254,7 +266,96 @@ def _open_store(
     elif "tables" in root and key in root["tables"] and not overwrite:
         msg = f"{str(path)!r} already holds a table {key!r} that this streamed prediction did not write. Pass `overwrite=True` to replace it, or another `key_added`."
         raise FileExistsError(msg)
+    if existing:  # checked above that nothing of `key` is refused: now add this slide's spots
+        _add_spots(sdata, path, key=key, overwrite=overwrite)
     return root, progress
+
+
+def _add_spots(sdata: SpatialData, path: Path, *, key: str, overwrite: bool) -> None:
+    """Write this slide's spot shapes into an existing store of hespotex, beside the other slides' elements.
+
+    Spots of the same name and geometry are kept; spots of another slide under the same name are
+    replaced only with ``overwrite=True`` and only when no other table of the store annotates them.
+    """
+    import spatialdata
+    from anndata.io import read_elem
+
+    name = get_sample_info(sdata).shapes_key
+    shapes = sdata.shapes[name]
+    store = spatialdata.read_zarr(path, selection=("shapes",))
+    if name in store.shapes:
+        stored = store.shapes[name]
+        if len(stored) == len(shapes) and bool(stored.geometry.reset_index(drop=True).geom_equals(shapes.geometry.reset_index(drop=True)).all()):
+            return
+        import zarr
+
+        tables = zarr.open_group(path, mode="r", use_consolidated=False).get("tables")
+        users = []
+        for t, g in [] if tables is None else tables.groups():
+            region = read_elem(g["uns"]).get("spatialdata_attrs", {}).get("region") if "uns" in g else None
+            if t != key and name in np.atleast_1d(region if region is not None else []).tolist():
+                users.append(t)
+        if users:
+            msg = (
+                f"{str(path)!r} holds other spots named {name!r} (another slide), annotated by its table(s) {users}; "
+                f"this slide's spots cannot be added under that name. Predict into another `out`."
+            )
+            raise FileExistsError(msg)
+        if not overwrite:
+            msg = f"{str(path)!r} holds other spots named {name!r} (another slide). Pass `overwrite=True` to replace them, or another `out`."
+            raise FileExistsError(msg)
+        store.delete_element_from_disk(name)
+        del store.shapes[name]
+    store.shapes[name] = shapes
+    store.write_element(name)
+
+
+def _clean_progress(group: Any, path: Path) -> None:
+    """Delete the progress arrays of a finished prediction (done markers first), then consolidate the metadata."""
+
+    names = sorted(list(group.array_keys()) + list(group.group_keys()), key=lambda n: (not n.endswith("_done"), n))
+    for name in names:
+        _op(_delete, group, name)
+    if _consolidated(path) is not None:
+        _op(_consolidate, path)
+
+
+def _consolidated(path: Path) -> Any:
+    """The store's consolidated metadata, or ``None`` when it has none."""
+    import warnings
+
+    import zarr
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=zarr.errors.ZarrUserWarning)  # not in the zarr v3 spec yet
+        return zarr.open_group(path, mode="r").metadata.consolidated_metadata
+
+
+def _consolidate(path: Path) -> None:
+    """Rewrite the store's consolidated metadata (as spatialdata does after writing an element)."""
+    import warnings
+
+    import zarr
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=zarr.errors.ZarrUserWarning)  # parquet shapes are not zarr nodes
+        zarr.consolidate_metadata(zarr.open_group(path, mode="r+", use_consolidated=False).store)
+
+
+def _progress_is_clean(group: Any, path: Path, key: str) -> bool:
+    """No progress arrays left of a finished prediction, and consolidated metadata (if any) not listing them."""
+
+    if list(group.array_keys()) or list(group.group_keys()):
+        return False
+    consolidated = _consolidated(path)
+    if consolidated is None:
+        return True
+    prefix = f"{PROGRESS_GROUP}/{key}"
+    entries = consolidated.flattened_metadata
+    if any(k.startswith(prefix + "/") for k in entries):
+        return False
+    own = entries.get(prefix)
+    return own is None or bool(dict(own.attributes).get("complete"))
 
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -271,7 +372,7 @@ def _embed_stage(
     if not np.array_equal(order, plan.order):
         msg = "The stored reading order of this slide's patches differs from the current one; pass `overwrite=True` to start over."
         raise ValueError(msg)
-    emb = _array(group, "embeddings", (n, encoder.num_features), (rows, encoder.num_features))
+    emb = _array(group, "embeddings", (n, encoder.num_features), (rows, encoder.num_features), done="embeddings_done")
     n_steps = -(-n // step)
     done = _done_array(group, "embeddings_done", n_steps)
     todo = [j for j in np.flatnonzero(~np.asarray(done[:n_steps], dtype=bool))]
@@ -307,7 +408,8 @@ def _graph_stage(
     blocks = bounded_blocks(sample.coords_um, block_size)
     bgroup = group.require_group("blocks")
     done = _done_array(group, "blocks_done", len(blocks))
-    todo = [int(i) for i in np.flatnonzero(~np.asarray(done[: len(blocks)], dtype=bool))]
+    saved = set(bgroup.group_keys())
+    todo = [i for i, d in enumerate(np.asarray(done[: len(blocks)], dtype=bool)) if not (d and str(i) in saved)]
     logger.info("Graph: %d of %d blocks to predict (%d done before).", len(todo), len(blocks), len(blocks) - len(todo))
     if todo:
         from tqdm.auto import tqdm
@@ -397,7 +499,7 @@ def _expression_stage(
     from hespotex.tl._predict import check_finite_predictions
 
     n, n_genes = len(latent), len(model.genes)
-    expr = _array(group, "expression", (n, n_genes), (rows, n_genes))
+    expr = _array(group, "expression", (n, n_genes), (rows, n_genes), done="expression_done")
     n_steps = -(-n // step)
     done = _done_array(group, "expression_done", n_steps)
     todo = [int(j) for j in np.flatnonzero(~np.asarray(done[:n_steps], dtype=bool))]
@@ -565,6 +667,8 @@ def predict_streaming(
         logger.info(
             "%s already holds the finished predictions %r of this slide and model; nothing to do.", path, key_added
         )
+        if not _progress_is_clean(group, path, key_added):  # a clean-up interrupted after the commit
+            _clean_progress(group, path)
         result = _read_result(path, key_added)
         if key_added not in sdata.tables or _ours(sdata.tables[key_added], key_added, model_id, path) or overwrite:
             _attach(sdata, result, key_added)
@@ -644,16 +748,16 @@ def predict_streaming(
 
         target = spatialdata.read_zarr(path, selection=("shapes",))
     _attach(target, new, key_added)
+    # The commit. Until `complete` is set the progress arrays stay whole, so a run interrupted at any
+    # write or delete below redoes the table from them; once it is set the table is whole on disk
+    # and the progress arrays are only leftovers, which a rerun deletes.
     if on_disk:  # spatialdata refuses to overwrite an element inside the store it is backed by: remove it first
-        del root["tables"][key_added]
-    target.write_element(key_added)
+        _op(_delete, root["tables"], key_added)
+    _op(target.write_element, key_added)
+    _op(group.attrs.update, {"complete": True})
+    _clean_progress(group, path)
     result = _read_result(path, key_added)
     if own or key_added not in sdata.tables or overwrite or _ours(sdata.tables[key_added], key_added, model_id, path):
         _attach(sdata, result, key_added)
-    for name in list(group.array_keys()) + list(group.group_keys()):
-        del group[name]
-    group.attrs["complete"] = True
-    if target.has_consolidated_metadata():
-        target.write_consolidated_metadata()
     logger.info("Predicted %d genes at %d spots into %s (table %r).", len(model.genes), n, path, key_added)
     return result

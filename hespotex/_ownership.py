@@ -1,0 +1,164 @@
+"""What hespotex may replace: folders it wrote carry a small marker file, checked before anything is deleted.
+
+Every folder hespotex creates as a whole (a saved model, a streamed prediction store, a cohort's output
+folder) gets ``.hespotex.json`` (what kind of folder it is, the hespotex version, when). With
+``overwrite=True`` hespotex replaces such a folder, and only such a folder: a folder without the marker
+(a user's documents, a SpatialData store written by something else) or with another kind's marker is
+refused, overwrite or not, with an error naming what is in it. Temporary siblings (a store being
+written, a model folder being saved) get names unique to the run, so they never collide with a user's
+folder, and everything is created with the user's umask (not the 0700 / 0600 of :mod:`tempfile`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+#: Name of the marker file hespotex writes into every folder it creates as a whole.
+MARKER = ".hespotex.json"
+#: Kinds of folders: a saved model, a streamed prediction store, the output folder of a cohort.
+KINDS = ("model", "store", "cohort")
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("hespotex")
+    except Exception:  # metadata missing in a source checkout
+        return "unknown"
+
+
+def umask() -> int:
+    """The process's file mode creation mask (read without changing it for more than an instant)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a sibling unique to this call, renamed into place; mode from the umask."""
+    path = Path(path)
+    tmp = temp_sibling(path, suffix=".tmp")
+    try:
+        with open(tmp, "x") as fh:  # created with 0666 & ~umask, like any file the user writes
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def mark(folder: str | Path, kind: str) -> None:
+    """Write the marker of a folder of ``kind`` (one of :data:`KINDS`) that hespotex created."""
+    if kind not in KINDS:
+        msg = f"Expected a folder kind among {KINDS}, found {kind!r}."
+        raise ValueError(msg)
+    record = {"written_by": "hespotex", "kind": kind, "hespotex": _version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    write_text_atomic(Path(folder) / MARKER, json.dumps(record, indent=1) + "\n")
+
+
+def marker(folder: str | Path) -> dict[str, Any] | None:
+    """The marker record of ``folder``, or ``None`` when it has none (or one that is not hespotex's)."""
+    path = Path(folder) / MARKER
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("written_by") != "hespotex" or record.get("kind") not in KINDS:
+        return None
+    return record
+
+
+def owned(folder: str | Path, kind: str) -> bool:
+    """Whether ``folder`` is a folder of ``kind`` that hespotex wrote (it holds that kind's marker)."""
+    record = marker(folder)
+    return record is not None and record["kind"] == kind
+
+
+def _contents(path: Path, limit: int = 5) -> str:
+    try:
+        names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+    except OSError as err:
+        return f"(cannot be listed: {err.strerror})"
+    shown = ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+    return f"{len(names)} {'entry' if len(names) == 1 else 'entries'}: {shown}"
+
+
+def check_replaceable(
+    path: str | Path, kind: str, *, what: str, option: str = "`overwrite=True`", legacy: Iterable[str] = ()
+) -> None:
+    """Raise :class:`FileExistsError` unless hespotex may replace ``path`` as a folder of ``kind``.
+
+    Replaceable: nothing there, an empty folder, a folder with ``kind``'s marker, or a folder whose
+    every entry is one of ``legacy`` (the files hespotex writes there, for folders written before
+    markers existed). Anything else (a file, a folder of the user, of another tool, of another kind)
+    is refused whatever ``overwrite`` says; the message names what is there. ``what`` names the
+    folder in the message ("model folder", "prediction store"...), ``option`` the overwrite option.
+    Reads only.
+    """
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_symlink() or not path.is_dir():
+        kind_found = "a symbolic link" if path.is_symlink() else "a file"
+        msg = (
+            f"{str(path)!r} is {kind_found}, not a {what}; hespotex never replaces it ({option} or not). "
+            "Choose another path, or move it away yourself."
+        )
+        raise FileExistsError(msg)
+    record = marker(path)
+    if record is not None and record["kind"] == kind:
+        return
+    entries = {p.name for p in path.iterdir()}
+    if not entries or (legacy and entries <= set(legacy)):
+        return
+    found = (
+        f"a hespotex {record['kind']} folder, not a {what}"
+        if record is not None
+        else f"a folder that hespotex did not write (no {MARKER} marker): {_contents(path)}"
+    )
+    msg = (
+        f"{str(path)!r} is {found}. It is not a {what}, so hespotex never deletes or replaces it, "
+        f"{option} or not. Choose another path, or move it away yourself."
+    )
+    raise FileExistsError(msg)
+
+
+def remove(path: str | Path, kind: str, *, what: str, option: str = "`overwrite=True`", legacy: Iterable[str] = ()) -> None:
+    """Delete the folder ``path`` after :func:`check_replaceable` allowed it (nothing there: nothing done)."""
+    path = Path(path)
+    check_replaceable(path, kind, what=what, option=option, legacy=legacy)
+    if path.is_dir():
+        shutil.rmtree(path)
+
+
+def temp_sibling(path: str | Path, *, suffix: str = ".partial") -> Path:
+    """A path beside ``path`` that nothing uses and no one else will pick: ``.{name}.{random}{suffix}``.
+
+    Nothing is created; the name is unique to the call (random), so a temporary folder or file of
+    one run never collides with a user's file or another run's.
+    """
+    path = Path(path)
+    while True:
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}{suffix}")
+        if not tmp.exists() and not tmp.is_symlink():
+            return tmp
+
+
+def make_dir(path: str | Path) -> Path:
+    """Create the folder ``path`` (parents too) with the user's umask; error if it exists."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.mkdir()  # mode 0o777 & ~umask
+    return path
