@@ -24,13 +24,13 @@ def tiled(tmp_path_factory):
 def test_cached_crops_equal_direct_reads_and_tiles_are_decoded_once(tiled):
     plan = plan_patches(tiled, patch_um=110, out_px=64)
     assert plan.cache is not None and plan.cache.lazy  # a dask level of 256 px chunks
-    direct = np.concatenate([read_crops(plan.level, plan.x0[b], plan.y0[b], plan.size) for b in plan.batches(32)])
-    cached = np.concatenate([plan.read(b) for b in plan.batches(32)])
+    direct = np.concatenate([read_crops(plan.level, plan.x0[b], plan.y0[b], plan.size) for b in plan.batches(8)])
+    cached = np.concatenate([plan.read(b) for b in plan.batches(8)])
     np.testing.assert_array_equal(cached, direct)
     ys, xs = plan.cache.y_edges, plan.cache.x_edges
     h, w = plan.level.shape
     distinct, per_box = set(), 0
-    for b in plan.batches(32):  # stored chunks under each batch's crop box: what direct reads decode
+    for b in plan.batches(8):  # stored chunks under each batch's crop box: what direct reads decode
         y0, y1 = max(plan.y0[b].min(), 0), min(plan.y0[b].max() + plan.size, h)
         x0, x1 = max(plan.x0[b].min(), 0), min(plan.x0[b].max() + plan.size, w)
         rows = range(np.searchsorted(ys, y0, "right") - 1, np.searchsorted(ys, y1, "left"))
@@ -38,8 +38,8 @@ def test_cached_crops_equal_direct_reads_and_tiles_are_decoded_once(tiled):
         box = {(i, j) for i in rows for j in cols}
         distinct |= box
         per_box += len(box)
-    assert 0 < plan.cache.misses <= len(distinct)  # each stored tile decoded at most once
-    assert plan.cache.misses < 0.6 * per_box  # where direct reads decode tiles again for every box
+    assert 0 < plan.cache.misses <= len(distinct) < per_box  # each stored tile decoded at most once, where direct
+    # reads decode a tile again for every box over it
 
 
 def test_a_small_cache_evicts_and_stays_correct(tiled):
@@ -50,6 +50,6 @@ def test_a_small_cache_evicts_and_stays_correct(tiled):
     idx = rng.permutation(len(plan.x0))[:60]
     got = read_crops(plan.level, plan.x0[idx], plan.y0[idx], plan.size, cache=small)
     np.testing.assert_array_equal(got, read_crops(plan.level, plan.x0[idx], plan.y0[idx], plan.size))
-    assert small.nbytes <= 2 * 256 * 256 * 3 and len(small.chunks) <= 2
+    assert small.nbytes <= 2 * 256 * 256 * 3 and small.misses > len(small.chunks)  # evicted, then decoded again
     box = small.read(100, 700, 50, 900)  # a box over several chunks, assembled
     np.testing.assert_array_equal(box, np.asarray(plan.level.array.data[:3, 100:700, 50:900]))
