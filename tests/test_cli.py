@@ -46,6 +46,7 @@ def _cli(*args, env=None, timeout=300):
         ("predict", ["--model DIR", "--workers", "--mpp", "examples:", "hespotex predict --model", "exit codes"]),
         ("train", ["--genes N|FILE", "--encoder", "--her2st", "--sections", "examples:", "hespotex train --out"]),
         ("tile", ["--spot-diameter", "--spacing", "--layout", "examples:", "hespotex tile --out"]),
+        ("export", ["--format", "geojson", "ome-tiff", "--per-gene", "examples:", "hespotex export"]),
     ],
 )
 def test_each_subcommand_explains_itself(command, expected, capsys):
@@ -58,7 +59,7 @@ def test_each_subcommand_explains_itself(command, expected, capsys):
 def test_top_level_help_lists_the_commands():
     res = _cli("--help")
     assert res.returncode == 0
-    for command in ("demo", "predict", "train", "tile"):
+    for command in ("demo", "predict", "train", "tile", "export"):
         assert command in res.stdout
 
 

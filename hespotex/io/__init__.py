@@ -18,5 +18,9 @@ __getattr__, __dir__, __all__ = attach(
         "read_zarr": "_zarr",
         "write_zarr": "_zarr",
         "read_wsi": "_wsi",
+        "write_geojson": "_export_geojson",
+        "write_ome_tiff": "_export_ometiff",
+        "write_csv": "_export_table",
+        "write_png": "_export_table",
     },
 )

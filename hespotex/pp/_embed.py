@@ -31,9 +31,14 @@ def image_fingerprint(plan: PatchPlan) -> str:
     of full-resolution pixels spread over the slide.
 
     Only the windows are read (a few chunks of the base level), so the cost stays small for
-    in-memory and chunked slides alike, and no downsampled level is computed.
+    in-memory and chunked slides alike, and no downsampled level is computed. Computed once per
+    plan (and the copies made of it with :func:`dataclasses.replace`).
     """
     import dask.array as da
+
+    memo = getattr(plan, "memo", None)
+    if memo is not None and "image_fingerprint" in memo:
+        return memo["image_fingerprint"]
 
     base = plan.base
     arr = base.array.data
@@ -44,6 +49,8 @@ def image_fingerprint(plan: PatchPlan) -> str:
     windows = [arr[:3, y : y + 8, x : x + 8] for y in ys for x in xs]
     stacked = da.stack(windows) if isinstance(arr, da.Array) else np.stack(windows)
     digest.update(np.ascontiguousarray(np.asarray(stacked)).tobytes())
+    if memo is not None:
+        memo["image_fingerprint"] = digest.hexdigest()
     return digest.hexdigest()
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,6 +25,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("hespotex")
 
 PAD_VALUE = 255  # white glass
+CHUNK_CACHE_BYTES = 192 * 2**20  # decoded image chunks kept by a patch plan (about two rows of 512 px
+# tiles across a 50,000 px wide level)
 
 
 @dataclass(frozen=True)
@@ -107,10 +111,76 @@ def spatial_order(xy: np.ndarray, band: float) -> np.ndarray:
     return np.lexsort((x, rows))
 
 
-def read_crops(level: ImageLevel, x0: np.ndarray, y0: np.ndarray, size: int) -> np.ndarray:
+class ChunkCache:
+    """Decoded chunks of one lazily read (dask) image level, least recently used first out.
+
+    A batch of neighbouring spots reads a crop box that covers parts of a few stored tiles (the
+    dask chunks of a pyramidal TIFF level); the next batches, and the next band of the reading
+    order, read the same tiles again. Without a cache every read decodes (e.g. JPEG) every tile
+    it touches, several times over; with it each tile is decoded about once. Holds at most
+    ``max_bytes`` of decoded pixels. In-memory (numpy) levels, and levels whose chunks are large
+    (more than 1/16 of ``max_bytes``, e.g. coarse levels computed from a whole image), are sliced directly.
+    """
+
+    def __init__(self, level: ImageLevel, max_bytes: int = CHUNK_CACHE_BYTES) -> None:
+        data = level.array.data
+        self.data = data
+        chunks = getattr(data, "chunks", None)
+        self.lazy = chunks is not None and hasattr(data, "dask")
+        if self.lazy:
+            chunk_bytes = 3 * max(chunks[1]) * max(chunks[2]) * np.dtype(data.dtype).itemsize
+            self.lazy = chunk_bytes <= max_bytes // 16
+        if self.lazy:
+            self.y_edges = np.cumsum((0, *chunks[1]))
+            self.x_edges = np.cumsum((0, *chunks[2]))
+        self.max_bytes = int(max_bytes)
+        self.nbytes = 0
+        self.misses = 0  # chunks decoded
+        self.chunks: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def _chunk(self, i: int, j: int) -> np.ndarray:
+        with self.lock:
+            hit = self.chunks.get((i, j))
+            if hit is not None:
+                self.chunks.move_to_end((i, j))
+                return hit
+        y0, y1, x0, x1 = self.y_edges[i], self.y_edges[i + 1], self.x_edges[j], self.x_edges[j + 1]
+        arr = np.asarray(self.data[:3, y0:y1, x0:x1])
+        with self.lock:
+            self.misses += 1
+            self.chunks[(i, j)] = arr
+            self.nbytes += arr.nbytes
+            while self.nbytes > self.max_bytes and len(self.chunks) > 1:
+                _, old = self.chunks.popitem(last=False)
+                self.nbytes -= old.nbytes
+        return arr
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Pixels ``[:3, y0:y1, x0:x1]`` (inside the level) as a uint8 numpy array."""
+        if not self.lazy:
+            return np.asarray(self.data[:3, y0:y1, x0:x1])
+        out = np.empty((min(3, self.data.shape[0]), y1 - y0, x1 - x0), dtype=self.data.dtype)
+        i0, i1 = np.searchsorted(self.y_edges, y0, "right") - 1, np.searchsorted(self.y_edges, y1, "left")
+        j0, j1 = np.searchsorted(self.x_edges, x0, "right") - 1, np.searchsorted(self.x_edges, x1, "left")
+        for i in range(i0, i1):
+            cy0, cy1 = max(y0, self.y_edges[i]), min(y1, self.y_edges[i + 1])
+            for j in range(j0, j1):
+                cx0, cx1 = max(x0, self.x_edges[j]), min(x1, self.x_edges[j + 1])
+                chunk = self._chunk(i, j)
+                out[:, cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = chunk[
+                    :, cy0 - self.y_edges[i] : cy1 - self.y_edges[i], cx0 - self.x_edges[j] : cx1 - self.x_edges[j]
+                ]
+        return out
+
+
+def read_crops(
+    level: ImageLevel, x0: np.ndarray, y0: np.ndarray, size: int, *, cache: ChunkCache | None = None
+) -> np.ndarray:
     """Crops ``(n, 3, size, size)`` uint8 with top-left corners ``(x0, y0)`` in level pixels, white-padded.
 
-    Reads one bounding box for all crops when it is compact, one read per crop otherwise.
+    Reads one bounding box for all crops when it is compact, one read per crop otherwise; through
+    ``cache`` (decoded chunks kept between calls) when given.
     """
     h, w = level.shape
     n = len(x0)
@@ -120,17 +190,18 @@ def read_crops(level: ImageLevel, x0: np.ndarray, y0: np.ndarray, size: int) -> 
     if bx1 <= bx0 or by1 <= by0:
         return out
     data = level.array.data
+
+    def box(ya: int, yb: int, xa: int, xb: int) -> np.ndarray:
+        return cache.read(ya, yb, xa, xb) if cache is not None else np.asarray(data[:3, ya:yb, xa:xb])
+
     compact = (bx1 - bx0) * (by1 - by0) <= 16 * n * size * size
-    block = np.asarray(data[:3, by0:by1, bx0:bx1]) if compact else None
+    block = box(by0, by1, bx0, bx1) if compact else None
     for i in range(n):
         cx0, cy0 = int(x0[i]), int(y0[i])
         sx0, sy0, sx1, sy1 = max(cx0, 0), max(cy0, 0), min(cx0 + size, w), min(cy0 + size, h)
         if sx1 <= sx0 or sy1 <= sy0:
             continue
-        if block is not None:
-            src = block[:, sy0 - by0 : sy1 - by0, sx0 - bx0 : sx1 - bx0]
-        else:
-            src = np.asarray(data[:3, sy0:sy1, sx0:sx1])
+        src = block[:, sy0 - by0 : sy1 - by0, sx0 - bx0 : sx1 - bx0] if block is not None else box(sy0, sy1, sx0, sx1)
         out[i, :, sy0 - cy0 : sy1 - cy0, sx0 - cx0 : sx1 - cx0] = src
     return out
 
@@ -147,6 +218,8 @@ class PatchPlan:
     patch_um: float
     out_px: int
     base: ImageLevel  # the full-resolution level (identifies the image)
+    cache: ChunkCache | None = field(default=None, compare=False, repr=False)  # shared by copies (dataclasses.replace)
+    memo: dict = field(default_factory=dict, compare=False, repr=False)  # e.g. the image fingerprint, computed once
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
         """Spot indices per batch, in spatial reading order."""
@@ -155,7 +228,7 @@ class PatchPlan:
 
     def read(self, idx: np.ndarray) -> np.ndarray:
         """Crops ``(len(idx), 3, size, size)`` uint8 at level resolution for spots ``idx``."""
-        return read_crops(self.level, self.x0[idx], self.y0[idx], self.size)
+        return read_crops(self.level, self.x0[idx], self.y0[idx], self.size, cache=self.cache)
 
     def fingerprint(self) -> str:
         """Hash of the geometry (level, crop corners, size, output size) for cache keys."""
@@ -186,7 +259,7 @@ def plan_patches(sdata: SpatialData, *, patch_um: float | None = None, out_px: i
     y0 = np.round(py - size / 2).astype(np.int64)
     check_patches_in_image(level, x0, y0, size, info=info, obs_names=get_table(sdata).obs_names, patch_um=patch_um)
     order = spatial_order(np.c_[px, py], band=4 * size)
-    return PatchPlan(level, size, x0, y0, order, patch_um, out_px, levels[0])
+    return PatchPlan(level, size, x0, y0, order, patch_um, out_px, levels[0], cache=ChunkCache(level))
 
 
 def check_patches_in_image(

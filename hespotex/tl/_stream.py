@@ -54,6 +54,7 @@ import hashlib
 import json
 import logging
 import shutil
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -377,8 +378,13 @@ def _embed_stage(
     done = _done_array(group, "embeddings_done", n_steps)
     todo = [j for j in np.flatnonzero(~np.asarray(done[:n_steps], dtype=bool))]
     logger.info("Embedding: %d of %d chunks to compute (%d done before).", len(todo), n_steps, n_steps - len(todo))
+    t0, n_done = time.perf_counter(), 0
     for j in tqdm(todo, desc="embedding chunks", unit="chunk", disable=not settings.progress):
         _embed_chunk(emb, done, plan, encoder, int(j), step=step, device=device, tta=tta)
+        n_done += len(plan.order[j * step : (j + 1) * step])
+    if n_done:
+        seconds = time.perf_counter() - t0
+        logger.info("Embedded %d patches in %.2f s (%.1f patches/s).", n_done, seconds, n_done / max(seconds, 1e-9))
     position = np.empty(n, dtype=np.int64)
     position[order] = np.arange(n)
     return ZarrRows(emb, position)
