@@ -247,7 +247,8 @@ def _importable(name: str) -> bool:
 # ------------------------------------------------------------------------------------------------ end to end
 @pytest.mark.parametrize(("name", "mpp"), [(CMU, None), pytest.param(TCGA, "0.5", marks=pytest.mark.slow)])
 def test_real_slide_tile_then_predict(wsi_dir, tmp_path, trained_synthetic, name, mpp, monkeypatch):
-    """`hespotex tile` then `hespotex predict` on each real slide: tiles on the slide, one finite prediction each."""
+    """`hespotex tile`, `predict` and `export` on each real slide: tiles on the slide, one finite prediction each,
+    GeoJSON and OME-TIFF that read back to the predictions at the tile centres."""
     import spatialdata
 
     monkeypatch.setenv("HESPOTEX_CACHE", str(tmp_path / "cache"))
@@ -275,3 +276,29 @@ def test_real_slide_tile_then_predict(wsi_dir, tmp_path, trained_synthetic, name
     assert np.allclose(np.asarray(pred.obsm["spatial"]), xy)
     assert json.loads((out / f"{stem}.tiles.done.json").read_text())["n_tiles"] == table.n_obs
     assert os.path.isfile(wsi_dir / name)  # the slide is only read
+
+    # ... then `hespotex export`: QuPath detections and an OME-TIFF heatmap over the slide, read back independently
+    import shapely.geometry
+    import tifffile
+    import zarr
+
+    store, genes = out / f"{stem}.tiles.zarr", list(pred.var_names[:2])
+    geojson, heat = tmp_path / f"{stem}.geojson", tmp_path / f"{stem}.ome.tif"
+    assert main(["--no-progress", "export", str(store), "--format", "geojson", "--genes", *genes, "--out", str(geojson)]) == 0
+    features = json.loads(geojson.read_text())["features"]
+    assert len(features) == pred.n_obs
+    centroids = np.array([shapely.geometry.shape(f["geometry"]).centroid.coords[0] for f in features])
+    np.testing.assert_allclose(centroids, xy, atol=0.5)  # in the slide's level-0 pixel frame
+    got = np.array([[f["properties"]["measurements"][g] for g in genes] for f in features])
+    np.testing.assert_allclose(got, values[:, :2], rtol=1e-5, atol=1e-6)
+    assert {f["properties"]["objectType"] for f in features} == {"detection"}
+    down = 4
+    args = ["--no-progress", "export", str(store), "--format", "ome-tiff", "--genes", *genes, "--downsample", str(down)]
+    assert main([*args, "--out", str(heat)]) == 0
+    with tifffile.TiffFile(heat) as tif:
+        level0 = tif.series[0].levels[0]
+        assert level0.shape == (2, -(-height // down), -(-width // down))
+        arr = zarr.open(tif.series[0].aszarr(), mode="r")["0"]
+        px = np.floor(xy / down).astype(int)
+        under = np.stack([arr.get_coordinate_selection((np.full(len(px), c), px[:, 1], px[:, 0])) for c in range(2)], 1)
+    np.testing.assert_allclose(under, values[:, :2].astype(np.float32), rtol=1e-6)
