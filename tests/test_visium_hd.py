@@ -216,8 +216,12 @@ def test_train_and_predict_on_8um_bins(trained, folders):
     p = np.asarray(pred.layers["hespotex"])
     r = np.array([np.corrcoef(p[:, i], measured[:, i])[0, 1] for i in range(N_GENES)])
     driven = folders["hd_b"][1].tables["table"].var["image_driven"].to_numpy()
-    assert np.nanmean(r[driven]) > np.nanmean(r[~driven]) + 0.1
-    assert np.nanmean(r[driven]) > 0.2
+    assert np.nanmean(r[driven]) > np.nanmean(r[~driven])
+    assert np.nanmean(r[driven]) > 0.3
+    # against the same predictions on shuffled bins (no spatial match): chance level
+    shuffled = p[np.random.default_rng(0).permutation(N_BINS)]
+    r0 = np.array([np.corrcoef(shuffled[:, i], measured[:, i])[0, 1] for i in range(N_GENES)])
+    assert abs(np.nanmean(r0)) < 0.05
 
 
 def test_streamed_prediction_matches_in_memory(trained, tmp_path):
@@ -240,7 +244,9 @@ def test_streamed_prediction_matches_in_memory(trained, tmp_path):
 
 
 def test_consistency_of_two_sections(trained):
-    df = hx.tl.consistency({"a": trained["a"], "b": trained["b"]}, statistics=("mean", "morans_i"), n_neighbors=8)
+    df = hx.tl.consistency(
+        {"a": trained["a"], "b": trained["b"]}, measured="X", statistics=("mean", "morans_i"), n_neighbors=8
+    )
     assert set(df.statistic) == {"mean", "morans_i"}
     row = df[df.statistic == "mean"].iloc[0]
     assert row.predicted > 0.9 and row.measured > 0.9  # same law, same genes high: both agree
