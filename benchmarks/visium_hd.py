@@ -178,9 +178,8 @@ def main() -> None:
     others = competing()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    t = time.perf_counter()
-    model_dir = train_model(work)
-    t_model = time.perf_counter() - t
+    t_model = 0.0
+    model_dir = None
     rows, notes = [], []
     for n in args.sizes:
         folder, meta = slide_folder(work, n)
@@ -188,6 +187,10 @@ def main() -> None:
         graph = run_child({"arm": "graph", "folder": str(folder)})
         pred = None
         if args.skip_predict_above is None or n <= args.skip_predict_above:
+            if model_dir is None:
+                t = time.perf_counter()
+                model_dir = train_model(work)
+                t_model = time.perf_counter() - t
             pred = run_child(
                 {"arm": "predict", "folder": str(folder), "model": str(model_dir), "out": str(work / f"hd_{n}" / "pred.zarr")}
             )
@@ -211,6 +214,10 @@ def main() -> None:
             f"or reused; child walls: read {read['wall_s']:.0f} s, graph {graph['wall_s']:.0f} s"
             + ("" if pred is None else f", predict {pred['wall_s']:.0f} s (CPU {pred['cpu_s']:.0f} s)")
         )
+        report(rows, notes, args, t_all, t_model, load0, others)  # after every size: partial runs leave a table
+
+
+def report(rows: list, notes: list, args: argparse.Namespace, t_all: float, t_model: float, load0, others) -> None:
     header = [
         "8 µm bins", "slide (full resolution)", "read s", "read peak RSS MB", "8-NN graph s (mean degree)",
         "graph µs per bin", "graph peak RSS MB", "streamed predict s (read excluded)", "predict bins/s",
