@@ -32,6 +32,8 @@ class SampleInfo:
 
     ``microns_per_pixel`` is microns per unit of ``coordinate_system``; readers put samples in
     the full-resolution pixel space of their H&E image, so it is the image's µm per pixel.
+    ``spot_shape`` is ``"square"`` for square bins (Visium HD), whose side is ``spot_diameter_um``;
+    ``None`` means circles.
     """
 
     sample_id: str
@@ -41,6 +43,7 @@ class SampleInfo:
     spot_diameter_um: float
     image_key: str | None = None
     table_key: str = TABLE_KEY
+    spot_shape: str | None = None
 
     @property
     def spot_diameter_px(self) -> float:

@@ -12,5 +12,7 @@ __getattr__, __dir__, __all__ = attach(
         "her2st_genes": "_her2st",
         "her2st_sections": "_her2st",
         "synthetic_wsi": "_synthetic_wsi",
+        "synthetic_visium_hd": "_visium_hd",
+        "write_visium_hd": "_visium_hd",
     },
 )

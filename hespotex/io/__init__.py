@@ -11,6 +11,7 @@ __getattr__, __dir__, __all__ = attach(
     __name__,
     {
         "read_visium": "_visium",
+        "read_visium_hd": "_visium_hd",
         "read_st": "_st",
         "read_hest": "_hest",
         "from_anndata": "_anndata",

@@ -94,9 +94,12 @@ class SpatialView:
         if image and self.image is None:
             logger.info("No H&E image to draw under the spots (a table was given, or the sample has none).")
         try:
-            self.diameter = get_sample_info(table).spot_diameter_px
+            info = get_sample_info(table)
+            self.diameter = info.spot_diameter_px
+            self.marker = "square" if info.spot_shape == "square" else "circle"  # Visium HD bins are squares
         except KeyError:
             self.diameter = float(np.median(cKDTree(self.xy).query(self.xy, k=2)[0][:, 1])) if self.n > 1 else 1.0
+            self.marker = "circle"
         self.tree = cKDTree(self.xy)
         if self.image is not None:
             x0, y0, x1, y1 = self.image.bounds
@@ -160,6 +163,7 @@ class SpatialView:
             cmap=self.cmap,
             clim=self.limits(gene, clim),
             size=self.size,
+            marker=self.marker,
             alpha=self.alpha,
             line_alpha=0,
             colorbar=True,
@@ -328,7 +332,9 @@ def spatial(
         Colour map and colour limits (default: 1st-99th percentile of predicted and measured together,
         one scale for both panels).
     size
-        Spot size in screen pixels; default: the spot diameter at the initial zoom.
+        Spot size in screen pixels; default: the spot diameter at the initial zoom. Square bins
+        (``uns["hespotex_sample"]["spot_shape"] == "square"``, Visium HD) are drawn as squares of
+        that side; above ``threshold`` spots every spot is a screen pixel of the rasterised image.
     alpha
         Spot opacity.
     width

@@ -1,0 +1,256 @@
+"""Visium HD at 8 µm bins: read, spatial graph, and streamed prediction (embed + graph + expression) at scale.
+
+For each size a synthetic Visium HD output folder is written once (kept in the work folder): a
+pyramidal OME-TIFF H&E slide from ``hx.datasets.synthetic_wsi`` at 0.5 µm/px (JPEG tiles), a square
+of ``n`` 8 µm bins over it (16 x 16 px each) with Poisson counts of 50 genes, and the files
+Space Ranger writes (``hx.datasets.write_visium_hd``: 10x HDF5 matrices, ``tissue_positions.parquet``,
+scale factors, hires/lowres PNGs; 8 and 16 µm bins). Then, each in a fresh subprocess whose own peak
+RSS (``os.wait4`` ru_maxrss) is reported:
+
+- **read**: ``hx.io.read_visium_hd(folder, 8)`` (spatialdata-io reads the matrix and positions and
+  builds the squares; the TIFF is opened lazily);
+- **graph**: read, then ``hx.pp.spatial_graph(sdata, n_neighbors=8)`` (scipy KD-tree, O(N·k)); the time
+  of the graph alone is reported;
+- **predict**: read, then ``hx.tl.predict(sdata, model, out=zarr, chunk_size=10_000)``: patches cut
+  from the slide's pyramid, embedded chunk by chunk, the graph decoder run block by block, predictions
+  written to zarr. The model (small "hespotex" preset, 8-neighbour decoder graph, efficientnet_lite0
+  at 32 px input = 16 µm patches at their native 0.5 µm/px) is trained once on a 2,000-bin
+  ``hx.datasets.synthetic_visium_hd`` section at the same resolution and kept in the work folder.
+
+    python benchmarks/visium_hd.py [--sizes 100000 600000] [--work /tmp/hespotex-bench-hd] [--skip-predict-above N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from _common import competing, markdown_table, write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+MPP = 0.5
+BIN_UM = 8
+N_GENES = 50
+INPUT_SIZE = 32
+CHUNK = 10_000
+
+
+def slide_folder(work: Path, n: int) -> tuple[Path, dict]:
+    """Write (once) the Visium HD folder of about ``n`` 8 µm bins; returns it and what was written."""
+    import hespotex as hx
+
+    folder = work / f"hd_{n}" / "outs"
+    meta_file = work / f"hd_{n}" / "meta.json"
+    if meta_file.exists():
+        return folder, json.loads(meta_file.read_text())
+    side_bins = int(np.ceil(np.sqrt(n)))
+    margin_px = 64
+    side_px = side_bins * BIN_UM / MPP + 2 * margin_px
+    side_px = int(np.ceil(side_px / 512) * 512)
+    t = time.perf_counter()
+    tif = work / f"hd_{n}" / "slide.ome.tif"
+    tif.parent.mkdir(parents=True, exist_ok=True)
+    hx.datasets.synthetic_wsi(tif, width=side_px, height=side_px, microns_per_pixel=MPP, seed=7, n_blobs=6, overwrite=True)
+    t_tif = time.perf_counter() - t
+    r, c = np.divmod(np.arange(side_bins * side_bins)[:n], side_bins)
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(0.3, size=(n, N_GENES)).astype(np.float32)
+    import scipy.sparse as sp
+
+    slide = hx.io.read_wsi(tif, microns_per_pixel=MPP)
+    from spatialdata import get_pyramid_levels
+
+    level0 = get_pyramid_levels(next(iter(slide.images.values())), n=0).transpose("y", "x", "c").data
+    t = time.perf_counter()
+    hx.datasets.write_visium_hd(
+        folder,
+        sp.csr_matrix(counts),
+        r,
+        c,
+        genes=[f"gene_{g:04d}" for g in range(N_GENES)],
+        image=level0,
+        microns_per_pixel=MPP,
+        origin_px=(margin_px, margin_px),
+        fullres_image=tif,
+        overwrite=True,
+    )
+    meta = {
+        "n_bins": int(n),
+        "side_px": side_px,
+        "tif_mb": tif.stat().st_size / 1e6,
+        "write_tif_s": t_tif,
+        "write_folder_s": time.perf_counter() - t,
+    }
+    meta_file.write_text(json.dumps(meta))
+    return folder, meta
+
+
+def train_model(work: Path) -> Path:
+    """A small model trained on a 2,000-bin synthetic Visium HD section at 0.5 µm/px (once, kept)."""
+    model_dir = work / "model"
+    done = work / "model.done"
+    if done.exists():
+        return model_dir
+    import hespotex as hx
+    from hespotex.models import ModelConfig
+
+    fixture = work / "fixture" / "outs"
+    hx.datasets.synthetic_visium_hd(fixture, 2000, N_GENES, seed=1, microns_per_pixel=MPP, depth=400.0, overwrite=True)
+    sdata = hx.io.read_visium_hd(fixture, 8)
+    hx.pp.embed(sdata, encoder="efficientnet_lite0.imagenet", input_size=INPUT_SIZE, patch_um=2 * BIN_UM)
+    small = {"ae_epochs": 20, "ae_hidden_dim": 64, "latent_dim": 16, "projection_hidden_dim": 64, "head_hidden_dim": 64}
+    config = ModelConfig.preset("hespotex", epochs=40, lr=3e-3, patience=None, decoder_neighbors=8, **small)
+    model = hx.tl.train(
+        sdata, genes=list(sdata.tables["table"].var_names), config=config, validation=None, seed=0, device="cpu"
+    )
+    model.save(model_dir)
+    done.write_text("ok")
+    return model_dir
+
+
+# --------------------------------------------------------------------------------------------------
+# children (fresh subprocesses)
+
+
+def child(spec: dict) -> dict:
+    import hespotex as hx
+
+    hx.settings.progress = False
+    out: dict = {}
+    t = time.perf_counter()
+    sdata = hx.io.read_visium_hd(spec["folder"], 8)
+    out["read_s"] = time.perf_counter() - t
+    out["n_bins"] = int(sdata.tables["table"].n_obs)
+    if spec["arm"] == "graph":
+        t = time.perf_counter()
+        hx.pp.spatial_graph(sdata, n_neighbors=8)
+        out["graph_s"] = time.perf_counter() - t
+        out["edges"] = int(sdata.tables["table"].obsp["spatial_connectivities"].nnz)
+    elif spec["arm"] == "predict":
+        t = time.perf_counter()
+        table = hx.tl.predict(sdata, spec["model"], out=spec["out"], chunk_size=CHUNK, device="cpu", overwrite=True)
+        out["predict_s"] = time.perf_counter() - t
+        layer = table.layers["hespotex"]
+        out["layer_shape"] = [int(s) for s in layer.shape]
+        out["finite"] = bool(np.isfinite(np.asarray(layer[: min(5000, layer.shape[0])])).all())
+    return out
+
+
+def run_child(spec: dict) -> dict:
+    cmd = [sys.executable, __file__, "--child", json.dumps(spec)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    stdout = proc.stdout.read()
+    if status != 0:
+        msg = f"child failed ({status}): {stdout[-2000:]}"
+        raise RuntimeError(msg)
+    res = json.loads(stdout.strip().splitlines()[-1])
+    res["wall_s"] = wall
+    res["peak_mb"] = usage.ru_maxrss / 1024.0
+    res["cpu_s"] = usage.ru_utime + usage.ru_stime
+    return res
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 600_000])
+    parser.add_argument("--work", default="/tmp/hespotex-bench-hd")
+    parser.add_argument("--skip-predict-above", type=int, default=None)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "visium_hd.md"))
+    parser.add_argument("--child", default=None)
+    args = parser.parse_args()
+    if args.child is not None:
+        print(json.dumps(child(json.loads(args.child))))
+        return
+    t_all = time.perf_counter()
+    load0 = os.getloadavg()
+    others = competing()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    t_model = 0.0
+    model_dir = None
+    rows, notes = [], []
+    for n in args.sizes:
+        folder, meta = slide_folder(work, n)
+        read = run_child({"arm": "read", "folder": str(folder)})
+        graph = run_child({"arm": "graph", "folder": str(folder)})
+        pred = None
+        if args.skip_predict_above is None or n <= args.skip_predict_above:
+            if model_dir is None:
+                t = time.perf_counter()
+                model_dir = train_model(work)
+                t_model = time.perf_counter() - t
+            pred = run_child(
+                {"arm": "predict", "folder": str(folder), "model": str(model_dir), "out": str(work / f"hd_{n}" / "pred.zarr")}
+            )
+        rows.append(
+            [
+                f"{read['n_bins']:,}",
+                f"{meta['side_px']} x {meta['side_px']} px ({meta['side_px'] ** 2 / 1e9:.2f} Gpx, {meta['tif_mb']:.0f} MB)",
+                f"{read['read_s']:.1f}",
+                f"**{read['peak_mb']:.0f}**",
+                f"{graph['graph_s']:.2f} ({graph['edges'] / read['n_bins']:.2f})",
+                f"{graph['graph_s'] / read['n_bins'] * 1e6:.1f}",
+                f"{graph['peak_mb']:.0f}",
+                "not run" if pred is None else f"{pred['predict_s']:.0f}",
+                "not run" if pred is None else f"{read['n_bins'] / pred['predict_s']:.0f}",
+                "not run" if pred is None else f"**{pred['peak_mb']:.0f}**",
+                "not run" if pred is None else f"{pred['layer_shape'][0]:,} x {pred['layer_shape'][1]} ({'finite' if pred['finite'] else 'NaN!'})",
+            ]
+        )
+        notes.append(
+            f"- {n:,} bins: folder written in {meta['write_tif_s']:.0f} s (slide) + {meta['write_folder_s']:.0f} s (Space Ranger files), "
+            f"or reused; child walls: read {read['wall_s']:.0f} s, graph {graph['wall_s']:.0f} s"
+            + ("" if pred is None else f", predict {pred['wall_s']:.0f} s (CPU {pred['cpu_s']:.0f} s)")
+        )
+        report(rows, notes, args, t_all, t_model, load0, others)  # after every size: partial runs leave a table
+
+
+def report(rows: list, notes: list, args: argparse.Namespace, t_all: float, t_model: float, load0, others) -> None:
+    header = [
+        "8 µm bins", "slide (full resolution)", "read s", "read peak RSS MB", "8-NN graph s (mean degree)",
+        "graph µs per bin", "graph peak RSS MB", "streamed predict s (read excluded)", "predict bins/s",
+        "predict peak RSS MB (read included)", "predicted layer",
+    ]  # fmt: skip
+    load1 = os.getloadavg()
+    text = "\n".join(
+        [
+            "# Visium HD at 8 µm bins: read, graph, streamed prediction",
+            "",
+            markdown_table(header, rows),
+            "",
+            "## Notes",
+            "",
+            f"- Command: `{shlex.join(['python', 'benchmarks/visium_hd.py', *sys.argv[1:]])}` "
+            f"(whole run {(time.perf_counter() - t_all) / 60:.1f} min wall, of which training the model {t_model:.0f} s)",
+            f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU; Python {platform.python_version()}. "
+            f"Load average at start {load0[0]:.1f}, {load0[1]:.1f}, {load0[2]:.1f}; at end {load1[0]:.1f}, {load1[1]:.1f}, {load1[2]:.1f}"
+            " (above the core count: other jobs shared the machine and inflate the times, not the memory).",
+            f"- Other benchmark running at the same time: {others or 'none'}.",
+            "- Each column is a fresh subprocess; peak RSS is its own ru_maxrss (os.wait4), interpreter and imports included. "
+            "'predict' includes reading the folder (its peak covers both).",
+            f"- Slides: `hx.datasets.synthetic_wsi` at {MPP} µm/px (JPEG tiles, pyramid), a square grid of 8 µm bins over it "
+            f"(tissue and glass alike), Poisson(0.3) counts of {N_GENES} genes; written by `hx.datasets.write_visium_hd` "
+            "(the full-resolution TIFF linked as microscope_image/).",
+            f"- Model: small 'hespotex' preset (latent 16), decoder graph 8-NN, {N_GENES} genes, trained on a 2,000-bin "
+            f"`hx.datasets.synthetic_visium_hd` section; encoder efficientnet_lite0.imagenet, 16 µm patches at {INPUT_SIZE} px "
+            f"(their native 0.5 µm/px); streaming chunk {CHUNK:,} bins.",
+            *notes,
+        ]
+    )
+    write_report(text, args.out)
+
+
+if __name__ == "__main__":
+    main()
