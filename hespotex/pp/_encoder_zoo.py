@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     import pandas as pd
     import torch
 
-    from hespotex.pp._encoders import Encoder
+    from hespotex.pp._encoder_base import Encoder
 
 ZOO_SOURCE = "lazyslide-models"
 #: prefix that names a zoo entry explicitly (``"lazyslide:uni"``); bare zoo names work too.
@@ -209,7 +209,7 @@ def list_encoders(*, timm: str | None = None) -> pd.DataFrame:
     """
     import pandas as pd
 
-    from hespotex.pp._encoders import EFFICIENTNET_LITE0_IMAGENET
+    from hespotex.pp._encoder_base import EFFICIENTNET_LITE0_IMAGENET
 
     rows = [
         {
@@ -394,9 +394,9 @@ def _construct(entry: ZooEntry, *, weights: str | Path | None, token: str | None
             zoo_model = cls(token=token)
         except (OSError, ImportError) as err:
             raise _hub_error(entry, err) from err
-        from hespotex.pp._encoders import _state_fingerprint
+        from hespotex.pp._encoder_base import state_fingerprint
 
-        return zoo_model, f"hub-{_state_fingerprint(zoo_model.model)}"
+        return zoo_model, f"hub-{state_fingerprint(zoo_model.model)}"
 
     path = Path(weights).expanduser()
     if not path.exists():
@@ -491,17 +491,17 @@ def load_zoo_encoder(
     _zoo_model: Any = None,
 ) -> Encoder:
     """A zoo entry as a hespotex :class:`~hespotex.pp._encoders.Encoder` (see the module docstring)."""
-    from hespotex.pp._encoders import _check_input_size, _state_fingerprint, _wrap
+    from hespotex.pp._encoder_base import check_input_size, state_fingerprint, wrap_encoder
 
     entry = zoo_entry(name)
     if _zoo_model is None:
         zoo_model, fingerprint = _construct(entry, weights=weights, token=token)
     else:  # a zoo model already built (tests, random weights)
-        zoo_model, fingerprint = _zoo_model, f"params-{_state_fingerprint(_zoo_model.model)}"
+        zoo_model, fingerprint = _zoo_model, f"params-{state_fingerprint(_zoo_model.model)}"
     spec = _transform_spec(zoo_model)
     module = _module_class()(zoo_model, raw_input=spec["raw_input"])
-    size = _check_input_size(input_size) if input_size is not None else spec["input_size"]
-    enc = _wrap(
+    size = check_input_size(input_size) if input_size is not None else spec["input_size"]
+    enc = wrap_encoder(
         module,
         name=entry.name,
         arch=f"zoo-{entry.name}-lsm{entry.version}",

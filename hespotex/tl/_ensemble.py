@@ -199,15 +199,15 @@ def load_model(path: str | Path) -> HESpotEx | HESpotExEnsemble:
     return HESpotEx.load(path)
 
 
-def train_ensemble(samples: Any, *, seed: int = 0, **kwargs: Any) -> HESpotExEnsemble:
-    """One :func:`hespotex.tl.train` per sample held out for early stopping (needs 3 or more samples)."""
+def train_ensemble(samples: Any, *, fit: Any, seed: int = 0, **kwargs: Any) -> HESpotExEnsemble:
+    """One ``fit(...)`` (:func:`hespotex.tl.train`, passed in by it) per sample held out for early stopping
+    (needs 3 or more samples)."""
     from hespotex._sample import as_sample_dict
-    from hespotex.tl._train import train
 
     named = as_sample_dict(samples)
     if len(named) < 3:
         msg = f"An ensemble holds out one whole sample per member and needs at least 3 samples; found {len(named)}. Use ensemble=False."
         raise ValueError(msg)
     kwargs.pop("validation", None)
-    members = [train(named, validation=[name], seed=seed, ensemble=False, **kwargs) for name in named]
+    members = [fit(named, validation=[name], seed=seed, ensemble=False, **kwargs) for name in named]
     return HESpotExEnsemble(members)

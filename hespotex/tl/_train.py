@@ -227,7 +227,7 @@ def train(
             msg = f"ensemble=True holds out each sample in turn for early stopping; leave validation='auto' (found {validation!r})."
             raise ValueError(msg)
         return train_ensemble(
-            samples, genes=genes, n_top_genes=n_top_genes, flavor=flavor, encoder=encoder, weights=weights, patch_um=patch_um,
+            samples, fit=train, genes=genes, n_top_genes=n_top_genes, flavor=flavor, encoder=encoder, weights=weights, patch_um=patch_um,
             config=config, seed=seed, device=device, embedding_key=embedding_key, target_sum=target_sum, target_norm=target_norm,
             embedding_norm=embedding_norm, max_nodes=max_nodes, strategy=strategy, n_processes=n_processes, backend=backend,
         )  # fmt: skip
