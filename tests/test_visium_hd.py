@@ -208,7 +208,7 @@ def test_train_and_predict_on_8um_bins(trained, folders):
     assert "hespotex" in pred.layers and pred.layers["hespotex"].shape == (N_BINS, N_GENES)
     assert pred.obsm["X_hespotex"].shape[0] == N_BINS
     params = pred.uns["hespotex"]["params"]
-    assert params["patch_um"] == pytest.approx(16.0)  # twice the 8 µm bin, as for any spot size
+    assert params["patch_um"] == pytest.approx(8.0)  # the bin side, as the spot diameter for any spot (default_patch_um)
     # the held-out section B: image-driven genes are predicted, genes without image signal are not
     from hespotex.pp._normalize import log_expression
 
