@@ -126,7 +126,9 @@ def test_train_stain_augment_uses_views_is_recorded_and_predicts_on_clean(tmp_pa
     assert loaded.stain_augment == aug.stain_augment
     test = sections["t"].tables["table"].copy()
     del test.obsm[views_key("X_hespotex_image")]
-    a = np.asarray(hx.tl.predict(test.copy(), aug, device="cpu").layers["hespotex"])
+    out = hx.tl.predict(test.copy(), aug, device="cpu")
+    assert out.uns["hespotex"]["params"]["stain_augment_views"] == 2
+    a = np.asarray(out.layers["hespotex"])
     b = np.asarray(hx.tl.predict(test.copy(), loaded, device="cpu").layers["hespotex"])
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert np.isfinite(a).all()
