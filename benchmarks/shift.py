@@ -24,6 +24,9 @@ sections, fitted to the same targets as the model, raw and spatially smoothed (6
     python benchmarks/shift.py run --grid select --seeds 0
     python benchmarks/shift.py run --grid final --seeds 0 1 2
     python benchmarks/shift.py report
+    python benchmarks/shift.py embed --stain-views --patch 100   # 4 stain-augmented views per clean section
+    python benchmarks/shift.py run --setting "{..., 'stain_augment': True}" --what hespotex --seeds 0
+    python benchmarks/shift.py stain-report   # appends the stain-augmentation section to the report
 
 Work files (embeddings, per-task rows) go to ``--work`` (default /tmp/hespotex_shift); each task
 writes its rows when it finishes, so a rerun skips finished tasks.
@@ -392,7 +395,7 @@ def load_rows(work: Path) -> pd.DataFrame:
     rows = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
     if "stain_augment" not in rows:
         rows["stain_augment"] = False
-    rows["stain_augment"] = rows["stain_augment"].fillna(False).astype(bool)  # rows from before the option: none
+    rows["stain_augment"] = rows["stain_augment"].eq(True)  # rows from before the option (NaN): none
     aug = rows["stain_augment"] & rows["method"].str.startswith("hespotex")
     rows.loc[aug, "method"] = rows.loc[aug, "method"].str.replace("hespotex-ens", "hespotex-ens+stainaug").where(
         rows.loc[aug, "method"].str.startswith("hespotex-ens"), rows.loc[aug, "method"].str.replace("hespotex", "hespotex+stainaug", n=1)
