@@ -503,8 +503,13 @@ def cmd_stain_report(args) -> None:
     rows = load_rows(work)
     rows = rows[(rows["target_norm"] == "library_modelled") & (rows["patch_um"] == 100.0) & ~rows["tta"].astype(bool)]
     rows = rows[rows["genes"] != "spread_spearman"]
-    aug_seeds = sorted(rows.loc[rows["stain_augment"], "seed"].unique())
+    aug = rows[rows["stain_augment"]]
+    aug_seeds = sorted(aug["seed"].unique())
     hes = rows[rows["method"].str.startswith("hespotex") & rows["seed"].isin(aug_seeds)]
+    # single models and ensembles each on the seeds their stain-augmented variant has
+    ens_seeds = aug.loc[aug["method"].str.startswith("hespotex-ens"), "seed"].unique()
+    is_ens = hes["method"].str.startswith("hespotex-ens")
+    hes = hes[~is_ens | hes["seed"].isin(ens_seeds)]
     base = rows[rows["method"].str.startswith(("ridge", "retrieval"))]
     folds = sorted(rows.loc[rows["stain_augment"], "fold"].unique())
     hes, base = hes[hes["fold"].isin(folds)], base[base["fold"].isin(folds)]
@@ -530,8 +535,9 @@ def cmd_stain_report(args) -> None:
         "`python benchmarks/shift.py run --setting \"{'target_norm': 'library_modelled', 'patch_um': 100.0, 'tta': False, "
         "'stain_augment': True}\" --what hespotex --seeds 0` (4-member ensembles trained with `hx.tl.train(..., stain_augment=True)`);  ",
         f"`{cmd}`.  ",
-        f"Setting library_modelled, 100 µm. Seeds {', '.join(map(str, aug_seeds))}; folds {', '.join(folds)}; every method here "
-        "restricted to these seeds and folds (so the plain hespotex figures are those of the same seeds, not the 3-seed means above). "
+        f"Setting library_modelled, 100 µm. Seeds {', '.join(map(str, aug_seeds))} for single models, "
+        f"{', '.join(map(str, sorted(ens_seeds)))} for ensembles; folds {', '.join(folds)}; every method here restricted to these "
+        "seeds and folds (so the plain hespotex figures are those of the same seeds, not the 3-seed means above). "
         "`+stainaug`: trained with one embedding per spot and epoch drawn among the clean one and 4 views re-stained in HED space "
         "(gain 0.7-1.3, shift ±0.04 per stain, brightness ±0.08, contrast 0.85-1.15); prediction on clean embeddings. The "
         "`restained` condition is the held-out section's own image re-stained by a different perturbation (HED gain 0.75-1.25, "
