@@ -24,6 +24,9 @@ sections, fitted to the same targets as the model, raw and spatially smoothed (6
     python benchmarks/shift.py run --grid select --seeds 0
     python benchmarks/shift.py run --grid final --seeds 0 1 2
     python benchmarks/shift.py report
+    python benchmarks/shift.py embed --stain-views --patch 100   # 4 stain-augmented views per clean section
+    python benchmarks/shift.py run --setting "{..., 'stain_augment': True}" --what hespotex --seeds 0
+    python benchmarks/shift.py stain-report   # appends the stain-augmentation section to the report
 
 Work files (embeddings, per-task rows) go to ``--work`` (default /tmp/hespotex_shift); each task
 writes its rows when it finishes, so a rerun skips finished tasks.
@@ -129,6 +132,42 @@ def embed_one(sid: str, condition: str, patch_um: float, tta: bool, data: str | 
     return str(path)
 
 
+STAIN_VIEWS = 4
+
+
+def views_path(work: Path, sid: str, patch_um: float) -> Path:
+    return work / "emb" / f"{sid}_clean_{patch_um:g}_stainviews{STAIN_VIEWS}.npy"
+
+
+def embed_views(sid: str, patch_um: float, data: str | None, work: str) -> str:
+    """Embed the clean section with ``hx.pp.embed(..., stain_augment=STAIN_VIEWS)``; the views go to ``work/emb``."""
+    import dask
+
+    import hespotex as hx
+    from hespotex.pp._stain_augment import views_key
+
+    hx.settings.progress = False
+    hx.settings.num_threads = 1
+    work = Path(work)
+    path = views_path(work, sid, patch_um)
+    if path.is_file():
+        return str(path)
+    t0 = time.perf_counter()
+    sdata = load_section(sid, "clean", data, work)
+    with dask.config.set(scheduler="synchronous"):
+        hx.pp.embed(sdata, encoder=ENCODER, patch_um=patch_um, stain_augment=STAIN_VIEWS, key_added="X", cache=False)
+    table = sdata.tables["table"]
+    clean = np.load(embedding_path(work, sid, "clean", patch_um, False))
+    if not np.allclose(clean, table.obsm["X"], atol=1e-4):  # the clean embedding must not change with the option
+        msg = f"{sid}: the clean embedding computed with stain_augment differs from the cached one."
+        raise RuntimeError(msg)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, table.obsm[views_key("X")])
+    os.replace(tmp, path)
+    (path.with_suffix(".seconds")).write_text(f"{time.perf_counter() - t0:.1f}")
+    return str(path)
+
+
 def run_parallel(fn, tasks: list[dict], workers: int) -> list:
     from dask.distributed import Client, LocalCluster
 
@@ -146,7 +185,11 @@ def cmd_embed(args) -> None:
         for p in args.patch for t in args.tta for c in ("clean", "restained", "rescaled") for s in sections
     ]  # fmt: skip
     t0 = time.perf_counter()
-    run_parallel(embed_one, tasks, args.workers)
+    if args.stain_views:
+        tasks = [{"sid": s, "patch_um": p, "data": args.data, "work": args.work} for p in args.patch for s in sections]
+        run_parallel(embed_views, tasks, args.workers)
+    else:
+        run_parallel(embed_one, tasks, args.workers)
     print(f"{len(tasks)} embeddings in {(time.perf_counter() - t0) / 60:.1f} min")
 
 
@@ -217,7 +260,9 @@ def score_rows(pred: np.ndarray, truth: dict[str, np.ndarray], hvg: np.ndarray, 
     return rows
 
 
-def run_task(fold: str, seed: int, target_norm: str, patch_um: float, tta: bool, what: str, data: str | None, work: str) -> str:
+def run_task(
+    fold: str, seed: int, target_norm: str, patch_um: float, tta: bool, what: str, data: str | None, work: str, stain_augment: bool = False
+) -> str:
     """One held-out section, one seed and setting: hespotex members (``what="hespotex"``) or tuned baselines."""
     import hespotex as hx
     from hespotex.pp._embed import EMBED_KEY
@@ -231,7 +276,8 @@ def run_task(fold: str, seed: int, target_norm: str, patch_um: float, tta: bool,
 
     work = Path(work)
     seed_part = f"_s{seed}" if what != "baselines" else ""
-    done = work / "rows" / f"{what}_{fold}{seed_part}_{target_norm}_{patch_um:g}{'_tta' if tta else ''}.csv.gz"
+    sa = "_stainaug" if stain_augment else ""
+    done = work / "rows" / f"{what}_{fold}{seed_part}_{target_norm}_{patch_um:g}{'_tta' if tta else ''}{sa}.csv.gz"
     if done.is_file():
         return str(done)
     hx.settings.progress = False
@@ -245,6 +291,11 @@ def run_task(fold: str, seed: int, target_norm: str, patch_um: float, tta: bool,
         t = all_tables[n].copy()
         t.obsm["X"] = np.load(embedding_path(work, n, "clean", patch_um, tta))
         t.uns[EMBED_KEY] = {"X": {"encoder": ENCODER, "encoder_id": ENCODER, "patch_um": patch_um, **({"tta": "dihedral8"} if tta else {})}}
+        if stain_augment:
+            from hespotex.pp._stain_augment import stain_record
+
+            t.obsm["X_stain_views"] = np.load(views_path(work, n, patch_um))
+            t.uns[EMBED_KEY]["X"]["stain_augment"] = stain_record(STAIN_VIEWS, 0)
         train[n] = t
     hvg_names = set(rank_genes(train, genes, k=50)["hvg"])
     hvg = np.array([g in hvg_names for g in genes])
@@ -260,15 +311,16 @@ def run_task(fold: str, seed: int, target_norm: str, patch_um: float, tta: bool,
         emb = np.load(embedding_path(work, fold, cond, patch_um, tta))
         target = normalize_counts(counts, idx, target_norm=target_norm)
         conditions[cond] = (emb, xy, truths(counts, idx), target)
-    labels = {"fold": fold, "target_norm": target_norm, "patch_um": patch_um, "tta": tta}
+    labels = {"fold": fold, "target_norm": target_norm, "patch_um": patch_um, "tta": tta, "stain_augment": stain_augment}
     rows = []
     if what in ("hespotex", "single"):
         single = split_validation(train_names, "auto", seed=seed)[0][0]
         members = {}
         for held in train_names if what == "hespotex" else [single]:
             members[held] = hx.tl.train(
-                train, genes=genes, validation=[held], seed=seed, target_norm=target_norm, embedding_key="X", device="cpu"
-            )
+                train, genes=genes, validation=[held], seed=seed, target_norm=target_norm, embedding_key="X", device="cpu",
+                stain_augment=stain_augment,
+            )  # fmt: skip
         fit_s = time.perf_counter() - t0
         for cond, (emb, xy, truth, target) in conditions.items():
             for std_label, transform in (("", None), ("+slidestd", slide_standardised)):
@@ -322,10 +374,11 @@ GRIDS = {
 def cmd_run(args) -> None:
     from hespotex.datasets._her2st import her2st_sections
 
-    folds = her2st_sections(args.data)
+    folds = [f for f in her2st_sections(args.data) if args.folds is None or f in args.folds]
     tasks = []
     for setting in GRIDS[args.grid] if args.setting is None else [ast.literal_eval(args.setting)]:
-        tasks += [{"fold": f, "seed": 0, "what": "baselines", **setting} for f in folds]
+        if not setting.get("stain_augment"):  # the baselines do not depend on how hespotex is trained
+            tasks += [{"fold": f, "seed": 0, "what": "baselines", **setting} for f in folds]
         tasks += [{"fold": f, "seed": s, "what": args.what, **setting} for s in args.seeds for f in folds]
     for t in tasks:
         t.update(data=args.data, work=args.work)
@@ -339,12 +392,20 @@ def load_rows(work: Path) -> pd.DataFrame:
     if not files:
         msg = f"No finished tasks under {work / 'rows'}; run `python benchmarks/shift.py run` first."
         raise FileNotFoundError(msg)
-    return pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
+    rows = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
+    if "stain_augment" not in rows:
+        rows["stain_augment"] = False
+    rows["stain_augment"] = rows["stain_augment"].eq(True)  # rows from before the option (NaN): none
+    aug = rows["stain_augment"] & rows["method"].str.startswith("hespotex")
+    rows.loc[aug, "method"] = rows.loc[aug, "method"].str.replace("hespotex-ens", "hespotex-ens+stainaug").where(
+        rows.loc[aug, "method"].str.startswith("hespotex-ens"), rows.loc[aug, "method"].str.replace("hespotex", "hespotex+stainaug", n=1)
+    )  # shown beside the same setting's other variants
+    return rows
 
 
 def seed_summary(rows: pd.DataFrame) -> pd.DataFrame:
     """Mean over folds per seed, then mean over seeds with the spread (max - min of the seed means)."""
-    keys = ["target_norm", "patch_um", "tta", "method", "condition", "truth", "genes"]
+    keys = ["target_norm", "patch_um", "tta", "stain_augment", "method", "condition", "truth", "genes"]
     per_seed = rows.groupby([*keys, "seed"], dropna=False)["pearson"].agg(["mean", "count"]).reset_index()
     out = per_seed.groupby(keys, dropna=False).agg(
         pearson=("mean", "mean"), spread=("mean", lambda v: float(v.max() - v.min())), seeds=("mean", "size"), folds=("count", "min")
@@ -433,9 +494,71 @@ def cmd_report(args) -> None:
     write_report("\n".join(lines), args.out)
 
 
+STAIN_SECTION = "## Stain augmentation of training patches"
+
+
+def cmd_stain_report(args) -> None:
+    """Append (or replace) the section comparing training with stain-augmented views to the same setting without."""
+    work = Path(args.work)
+    rows = load_rows(work)
+    rows = rows[(rows["target_norm"] == "library_modelled") & (rows["patch_um"] == 100.0) & ~rows["tta"].astype(bool)]
+    rows = rows[rows["genes"] != "spread_spearman"]
+    aug = rows[rows["stain_augment"]]
+    aug_seeds = sorted(aug["seed"].unique())
+    hes = rows[rows["method"].str.startswith("hespotex") & rows["seed"].isin(aug_seeds)]
+    # single models and ensembles each on the seeds their stain-augmented variant has
+    ens_seeds = aug.loc[aug["method"].str.startswith("hespotex-ens"), "seed"].unique()
+    is_ens = hes["method"].str.startswith("hespotex-ens")
+    hes = hes[~is_ens | hes["seed"].isin(ens_seeds)]
+    base = rows[rows["method"].str.startswith(("ridge", "retrieval"))]
+    folds = sorted(rows.loc[rows["stain_augment"], "fold"].unique())
+    hes, base = hes[hes["fold"].isin(folds)], base[base["fold"].isin(folds)]
+    keys = ["condition", "truth", "genes"]
+    h = hes.groupby([*keys, "method"])["pearson"].mean().unstack("method")
+    b = base.groupby([*keys, "method"])["pearson"].mean().unstack("method")
+    h["best baseline"] = b.max(axis=1)
+    order = ["hespotex", "hespotex+stainaug", "hespotex+slidestd", "hespotex+stainaug+slidestd",
+             "hespotex-ens", "hespotex-ens+stainaug", "hespotex-ens+slidestd", "hespotex-ens+stainaug+slidestd", "best baseline"]  # fmt: skip
+    h = h[[c for c in order if c in h]]
+    summary = h.groupby(["condition", "genes"]).mean()  # mean over the three truths
+    for m in ("hespotex", "hespotex-ens"):
+        for std in ("", "+slidestd"):
+            a, c = f"{m}+stainaug{std}", f"{m}{std}"
+            if a in summary and c in summary:
+                summary[f"gain {m}{std}"] = summary[a] - summary[c]
+    cmd = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    lines = [
+        STAIN_SECTION,
+        "",
+        "Commands: `python benchmarks/shift.py embed --stain-views --patch 100` (4 stain-augmented views of every clean section with "
+        "`hx.pp.embed(..., stain_augment=4)`, 17.8 min);  ",
+        "`python benchmarks/shift.py run --setting \"{'target_norm': 'library_modelled', 'patch_um': 100.0, 'tta': False, "
+        "'stain_augment': True}\" --what hespotex --seeds 0` (4-member ensembles trained with `hx.tl.train(..., stain_augment=True)`);  ",
+        f"`{cmd}`.  ",
+        f"Setting library_modelled, 100 µm. Seeds {', '.join(map(str, aug_seeds))} for single models, "
+        f"{', '.join(map(str, sorted(ens_seeds)))} for ensembles; folds {', '.join(folds)}; every method here restricted to these "
+        "seeds and folds (so the plain hespotex figures are those of the same seeds, not the 3-seed means above). "
+        "`+stainaug`: trained with one embedding per spot and epoch drawn among the clean one and 4 views re-stained in HED space "
+        "(gain 0.7-1.3, shift ±0.04 per stain, brightness ±0.08, contrast 0.85-1.15); prediction on clean embeddings. The "
+        "`restained` condition is the held-out section's own image re-stained by a different perturbation (HED gain 0.75-1.25, "
+        "shift ±0.03, blur, JPEG q40).",
+        "",
+        "### Mean over the three truths", "",
+        summary.round(4).reset_index().to_markdown(index=False), "",
+        "### Per truth", "",
+        h.round(4).reset_index().to_markdown(index=False), "",
+    ]  # fmt: skip
+    out = Path(args.out)
+    text = out.read_text() if out.is_file() else ""
+    if STAIN_SECTION in text:
+        text = text[: text.index(STAIN_SECTION)]
+    out.write_text(text.rstrip("\n") + "\n\n" + "\n".join(lines))
+    print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["embed", "run", "report"])
+    parser.add_argument("stage", choices=["embed", "run", "report", "stain-report"])
     parser.add_argument("--data", default=None)
     parser.add_argument("--work", default="/tmp/hespotex_shift")
     parser.add_argument("--workers", type=int, default=2)
@@ -443,13 +566,15 @@ def main() -> None:
     parser.add_argument("--tta", type=int, nargs="+", default=[0])
     parser.add_argument("--grid", default="select")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--folds", nargs="+", default=None, help="run: only these held-out sections (default: all)")
     parser.add_argument("--what", default="hespotex", choices=["hespotex", "single"], help="run: 4-member ensembles or single models")
     parser.add_argument("--final", nargs="*", default=None, help="report: settings shown in full against the baselines")
     parser.add_argument("--setting", default=None, help="one setting as a dict literal instead of --grid")
     parser.add_argument("--out", default="benchmarks/results/shift.md")
+    parser.add_argument("--stain-views", action="store_true", help=f"embed: the {STAIN_VIEWS} stain-augmented views of the clean sections")
     args = parser.parse_args()
     args.tta = [bool(t) for t in args.tta]
-    {"embed": cmd_embed, "run": cmd_run, "report": cmd_report}[args.stage](args)
+    {"embed": cmd_embed, "run": cmd_run, "report": cmd_report, "stain-report": cmd_stain_report}[args.stage](args)
 
 
 if __name__ == "__main__":

@@ -54,11 +54,14 @@ def image_fingerprint(plan: PatchPlan) -> str:
     return digest.hexdigest()
 
 
-def cache_key(plan: PatchPlan, encoder: Encoder, *, tta: bool = False) -> str:
-    """Cache key of an embedding: image pixels, spot crops (centres and geometry), encoder and test-time augmentation."""
+def cache_key(plan: PatchPlan, encoder: Encoder, *, tta: bool = False, stain: dict | None = None) -> str:
+    """Cache key of an embedding: image pixels, spot crops (centres and geometry), encoder, test-time
+    augmentation and stain-augmented views (their number, seed and ranges)."""
     parts = {"image": image_fingerprint(plan), "patches": plan.fingerprint(), "encoder": encoder.encoder_id, "version": 1}
     if tta:
         parts["tta"] = "dihedral8"
+    if stain:
+        parts["stain_augment"] = stain
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -84,13 +87,23 @@ def dihedral_views(x):
 
 
 def encode_patches(
-    plan: PatchPlan, encoder: Encoder, *, batch_size: int = 64, device: str | None = None, tta: bool = False
-) -> np.ndarray:
+    plan: PatchPlan,
+    encoder: Encoder,
+    *,
+    batch_size: int = 64,
+    device: str | None = None,
+    tta: bool = False,
+    stain_views: int = 0,
+    stain_seed: int = 0,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Run ``encoder`` over every planned patch; returns ``(n_spots, num_features)`` float32.
 
     Reading and resizing the next batch runs in a background thread while the encoder runs on
     the current one. With ``tta`` each patch is embedded in its 8 dihedral views (flips and
-    quarter turns) and the 8 embeddings are averaged (8 times the encoder work).
+    quarter turns) and the 8 embeddings are averaged (8 times the encoder work). With
+    ``stain_views`` > 0 each patch is also embedded in that many stain-augmented views
+    (:mod:`hespotex.pp._stain_augment`, seeded by ``stain_seed``) and ``(embeddings, views)`` is
+    returned, views ``(n_spots, stain_views, num_features)``.
     """
     import torch
     from tqdm.auto import tqdm
@@ -103,22 +116,33 @@ def encode_patches(
     mean = torch.tensor(encoder.mean, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(encoder.std, dtype=torch.float32).view(1, 3, 1, 1)
 
+    views_out, params = None, None
+    if stain_views:
+        from hespotex.pp._stain_augment import jitter_params, stain_jitter
+
+        views_out = np.empty((n, stain_views, encoder.num_features), dtype=np.float32)
+        params = jitter_params(n, stain_views, stain_seed)
+
     def load(idx: np.ndarray):
         """Read, resize and normalise one batch (in the loader thread; the main thread only runs the encoder)."""
         x = resize_batch(plan.read(idx), encoder.input_size)
-        return idx, x.sub_(mean).div_(std)
+        aug = [torch.from_numpy(stain_jitter(x.numpy(), params, v, idx)).sub_(mean).div_(std) for v in range(stain_views)]
+        return idx, x.sub_(mean).div_(std), aug
+
+    def run(x):
+        return sum(model(v).float() for v in dihedral_views(x)) / 8.0 if tta else model(x)
 
     # one torch thread for the loader, so it does not fight the encoder's threads for the cores
     with ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads, initargs=(1,)) as pool, torch.inference_mode():
         pending = pool.submit(load, batches[0]) if batches else None
         for b in tqdm(range(len(batches)), desc="embedding patches", unit="batch", disable=not settings.progress):
-            idx, x = pending.result()
+            idx, x, aug = pending.result()
             if b + 1 < len(batches):
                 pending = pool.submit(load, batches[b + 1])
-            x = x.to(dev, non_blocking=True)
-            feats = sum(model(v).float() for v in dihedral_views(x)) / 8.0 if tta else model(x)
-            out[idx] = feats.float().cpu().numpy()
-    return out
+            out[idx] = run(x.to(dev, non_blocking=True)).float().cpu().numpy()
+            for v, xa in enumerate(aug):
+                views_out[idx, v] = run(xa.to(dev, non_blocking=True)).float().cpu().numpy()
+    return out if views_out is None else (out, views_out)
 
 
 def embed(
@@ -135,6 +159,7 @@ def embed(
     key_added: str = "X_hespotex_image",
     overwrite: bool = False,
     tta: bool = False,
+    stain_augment: int = 0,
 ) -> None:
     """Embed the H&E patch under every spot with a frozen image encoder.
 
@@ -180,13 +205,21 @@ def embed(
         and without a mirror flip) and store their mean (8 times the encoder work). H&E has no
         preferred orientation, so the mean is a more stable description of the patch. Recorded as
         ``"tta"`` in the embedding record; a model trained on TTA embeddings predicts with them.
+    stain_augment
+        Number of stain-augmented views to embed besides the clean patch (0: none), for training
+        with :func:`hespotex.tl.train` ``(..., stain_augment=True)``: each view re-stains the patch
+        in HED colour space with mild brightness/contrast changes, drawn from ``seed`` per (view,
+        spot) (:mod:`hespotex.pp._stain_augment`). ``stain_augment + 1`` times the encoder work,
+        once: the views are cached with the embeddings. ``obsm[key_added]`` stays the clean embedding.
 
     Returns
     -------
     ``None``. Writes ``obsm[key_added]`` (``n_spots x n_features`` float32) and
     ``uns["hespotex_embed"][key_added]`` (encoder, encoder id, patch size in µm, µm/px seen by the
     encoder, input size, pyramid level, cache key and, for zoo encoders, ``encoder_entry``: name,
-    source, version, native µm/px, hub id).
+    source, version, native µm/px, hub id). With ``stain_augment``, also
+    ``obsm[f"{key_added}_stain_views"]`` (``n_spots x stain_augment x n_features``) and
+    ``"stain_augment"`` (views, seed, method, ranges) in the record.
     """
     from hespotex.pp._encoders import load_encoder
 
@@ -201,7 +234,13 @@ def embed(
             "%s was trained at %.2f µm/px; %.0f µm patches at %d px are %.2f µm/px.",
             enc.name, native_mpp, plan.patch_um, enc.input_size, plan.patch_um / enc.input_size,
         )  # fmt: skip
-    key = cache_key(plan, enc, tta=tta)
+    from hespotex.pp._stain_augment import stain_record, views_key
+
+    if not isinstance(stain_augment, int | np.integer) or isinstance(stain_augment, bool) or stain_augment < 0:
+        msg = f"Expected stain_augment to be a number of views (0, 1, 2, ...), found {stain_augment!r}."
+        raise ValueError(msg)
+    stain = stain_record(stain_augment, seed) if stain_augment else None
+    key = cache_key(plan, enc, tta=tta, stain=stain)
     stored = table.uns.get(EMBED_KEY, {}).get(key_added)
     if key_added in table.obsm:
         if stored is not None and stored.get("cache_key") == key:
@@ -211,24 +250,38 @@ def embed(
             msg = f"obsm[{key_added!r}] already holds other embeddings; pass `overwrite=True` to replace them, or another `key_added`."
             raise ValueError(msg)
     path = _cache_path(key)
-    feats = None
-    if cache and path.is_file():
+    views_path = path.with_name(f"{key}_stain_views.npy")
+    feats, views = None, None
+    if cache and path.is_file() and (not stain or views_path.is_file()):
         cached = np.load(path, allow_pickle=False)
-        if cached.shape == (table.n_obs, enc.num_features):
-            feats = cached
+        cached_views = np.load(views_path, allow_pickle=False) if stain else None
+        if cached.shape == (table.n_obs, enc.num_features) and (
+            not stain or cached_views.shape == (table.n_obs, stain_augment, enc.num_features)
+        ):
+            feats, views = cached, cached_views
             logger.info("Loaded %d cached embeddings from %s.", len(feats), path)
     if feats is None:
         logger.info(
             "Embedding %d patches of %.0f µm with %s (level %d, %d px crops -> %d px).",
             table.n_obs, plan.patch_um, enc.name, plan.level.level, plan.size, enc.input_size,
         )  # fmt: skip
-        feats = encode_patches(plan, enc, batch_size=batch_size, device=device, tta=tta)
-        if not np.isfinite(feats).all():
+        feats = encode_patches(
+            plan, enc, batch_size=batch_size, device=device, tta=tta, stain_views=stain_augment, stain_seed=seed
+        )
+        if stain:
+            feats, views = feats
+        if not np.isfinite(feats).all() or (views is not None and not np.isfinite(views).all()):
             msg = f"The encoder {enc.name!r} produced NaN or infinite embeddings; check its weights and the image."
             raise ValueError(msg)
         if cache:
+            if stain:
+                _save_atomic(views_path, views)
             _save_atomic(path, feats)
     table.obsm[key_added] = feats
+    if views is not None:
+        table.obsm[views_key(key_added)] = views
+    elif views_key(key_added) in table.obsm:
+        del table.obsm[views_key(key_added)]  # views of the embeddings just replaced
     params = {
         "encoder": enc.name,
         "encoder_id": enc.encoder_id,
@@ -243,5 +296,6 @@ def embed(
         "mpp": plan.patch_um / enc.input_size,
         "encoder_entry": dict(enc.entry) or None,
         "tta": "dihedral8" if tta else None,
+        "stain_augment": stain,
     }
     table.uns.setdefault(EMBED_KEY, {})[key_added] = {k: v for k, v in params.items() if v is not None}

@@ -55,6 +55,7 @@ class GraphData:
     coords_um: np.ndarray
     expr: np.ndarray | None = None
     edges: dict[int, np.ndarray] = field(default_factory=dict)
+    views: np.ndarray | None = None  # stain-augmented views of emb, (n, n_views, dim), for training only
 
     @property
     def n(self) -> int:
@@ -73,6 +74,7 @@ class GraphData:
             self.emb[mask],
             self.coords_um[mask],
             None if self.expr is None else self.expr[mask],
+            views=None if self.views is None else self.views[mask],
         )
 
 

@@ -82,6 +82,11 @@ class HESpotEx:
         How a slide's embeddings are standardised at prediction: ``"training"`` (the training spots'
         mean and scale) or ``"slide"`` (the slide's own, see :mod:`hespotex.pp._stain`). Training
         always uses the training statistics. Saved with the model and stated by every prediction.
+    stain_augment
+        ``None`` when trained on clean embeddings only; else the record of the stain-augmented
+        views it was trained on (``n_views``, ``seed``, ``method``, ``ranges``, ``key``; see
+        :mod:`hespotex.pp._stain_augment`). Saved with the model; prediction is unchanged (clean
+        embeddings).
 
     Attributes
     ----------
@@ -103,6 +108,7 @@ class HESpotEx:
         gene_selection: dict[str, Any] | None = None,
         spot_geometry: dict[str, float] | None = None,
         embedding_norm: str = "training",
+        stain_augment: dict[str, Any] | None = None,
     ) -> None:
         from hespotex.models._net import _resolve_config
         from hespotex.pp._stain import check_embedding_norm
@@ -118,6 +124,7 @@ class HESpotEx:
         self.target_sum = float(target_sum)
         self.target_norm = check_target_norm(str(target_norm))
         self.embedding_norm = check_embedding_norm(str(embedding_norm))
+        self.stain_augment = dict(stain_augment) if stain_augment else None
         self.gene_selection = dict(gene_selection or {"flavor": "given", "genes": genes})
         self.spot_geometry = dict(spot_geometry or {})
         self.module_ = None
@@ -214,7 +221,11 @@ class HESpotEx:
     def _standardised(self, s: GraphData) -> GraphData:
         emb = np.subtract(s.emb, self.embedding_mean_, dtype=np.float32)  # one float32 copy, scaled in place
         emb /= self.embedding_scale_
-        out = GraphData(s.name, emb, s.coords_um, s.expr)
+        views = None
+        if s.views is not None:  # the views are standardised like the clean embeddings they stand in for
+            views = np.subtract(s.views, self.embedding_mean_, dtype=np.float32)
+            views /= self.embedding_scale_
+        out = GraphData(s.name, emb, s.coords_um, s.expr, views=views)
         out.edges = s.edges
         return out
 
@@ -381,6 +392,7 @@ class HESpotEx:
             "target_sum": self.target_sum,
             "target_norm": self.target_norm,
             "embedding_norm": self.embedding_norm,
+            "stain_augment": self.stain_augment,
             "train_samples": self.train_samples_,
             "validation": self.validation_,
             "history": self.history_,
@@ -462,6 +474,7 @@ class HESpotEx:
             gene_selection=setup.get("gene_selection"),
             spot_geometry=setup.get("spot_geometry"),
             embedding_norm=setup.get("embedding_norm", "training"),  # models saved before the setting
+            stain_augment=setup.get("stain_augment"),
         )
         model.embedding_mean_ = as_array(tensors.pop("setup.embedding_mean"))
         model.embedding_scale_ = as_array(tensors.pop("setup.embedding_scale"))

@@ -117,6 +117,7 @@ SETUP_FIELDS: dict[str, Field] = {
     "target_sum": Field(NUMBER, "a number", required=True, check=_positive_finite),
     "target_norm": Field((str,), "a target normalisation name", check=_known("hespotex.pp._targets", "check_target_norm")),
     "embedding_norm": Field((str,), "an embedding normalisation name", check=_known("hespotex.pp._stain", "check_embedding_norm")),
+    "stain_augment": Field((dict, type(None)), "an object describing the stain-augmented views, or null"),
     "train_samples": Field((list,), "a list of sample names"),
     "validation": Field((dict,), "an object"),
     "history": Field((list,), "a list of per-epoch records"),

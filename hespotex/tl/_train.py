@@ -27,6 +27,7 @@ def ensure_embeddings(
     input_size: int | None = None,
     encoder_seed: int = 0,
     tta: bool = False,
+    stain_augment: int = 0,
 ) -> dict[str, Any]:
     """Embed ``sample`` when its table has no ``obsm[embedding_key]``; return the embedding record.
 
@@ -52,12 +53,36 @@ def ensure_embeddings(
             seed=encoder_seed,
             key_added=embedding_key,
             tta=tta,
+            stain_augment=stain_augment,
         )
     record = table.uns.get(EMBED_KEY, {}).get(embedding_key)
     if record is None:
         logger.warning("obsm[%r] has no record of its encoder; the model cannot check later slides against it.", embedding_key)
         return {"encoder": "unknown", "encoder_id": "unknown", "key": embedding_key}
     return {**dict(record), "key": embedding_key}
+
+
+DEFAULT_STAIN_VIEWS = 4
+
+
+def stain_views(tables: dict[str, Any], records: dict[str, dict[str, Any]], embedding_key: str) -> dict[str, Any]:
+    """Check every training table has stain-augmented views of its embeddings; return their record (with the obsm key)."""
+    from hespotex.pp._stain_augment import views_key
+
+    key = views_key(embedding_key)
+    missing = [n for n, t in tables.items() if key not in t.obsm]
+    if missing:
+        msg = (
+            f"stain_augment=True needs stain-augmented views in obsm[{key!r}]; samples {missing} have none. "
+            f"Run `hx.pp.embed(sdata, stain_augment=4, key_added={embedding_key!r}, overwrite=True)` on them first."
+        )
+        raise KeyError(msg)
+    counts = {n: t.obsm[key].shape[1] if np.ndim(t.obsm[key]) == 3 else None for n, t in tables.items()}
+    if len(set(counts.values())) != 1 or None in counts.values():
+        msg = f"Expected obsm[{key!r}] of shape (n_spots, n_views, dim) with the same n_views in every sample, found {counts}."
+        raise ValueError(msg)
+    first = next(iter(records.values())).get("stain_augment") or {"n_views": next(iter(counts.values())), "method": "unknown"}
+    return {**dict(first), "key": key}
 
 
 def _same_embedding(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -134,6 +159,7 @@ def train(
     n_processes: int = 2,
     backend: Literal["gloo", "nccl"] | None = None,
     ensemble: bool = False,
+    stain_augment: bool = False,
 ) -> HESpotEx:
     """Train HESpotEx on samples with spatial transcriptomics.
 
@@ -204,6 +230,12 @@ def train(
         Train one model per sample held out for early stopping (3 or more samples) and return them
         as one :class:`hespotex.tl.HESpotExEnsemble`: predictions average the members and store their
         spread as ``layers[f"{key_added}_spread"]``. ``validation`` must stay ``"auto"``.
+    stain_augment
+        Train on stain-augmented views: every training spot, each epoch, is seen through one
+        embedding drawn among its clean one and its views ``obsm[f"{embedding_key}_stain_views"]``
+        (made once by :func:`hespotex.pp.embed` ``(..., stain_augment=4)``; samples embedded here
+        get 4 views). Early stopping scores clean embeddings; prediction is unchanged. Recorded as
+        ``model.stain_augment`` (and in ``setup.json``).
 
     Returns
     -------
@@ -230,12 +262,19 @@ def train(
             samples, fit=train, genes=genes, n_top_genes=n_top_genes, flavor=flavor, encoder=encoder, weights=weights, patch_um=patch_um,
             config=config, seed=seed, device=device, embedding_key=embedding_key, target_sum=target_sum, target_norm=target_norm,
             embedding_norm=embedding_norm, max_nodes=max_nodes, strategy=strategy, n_processes=n_processes, backend=backend,
+            stain_augment=stain_augment,
         )  # fmt: skip
     check_embedding_norm(embedding_norm)
 
     named = as_sample_dict(samples)
     names = list(named)
-    records = {n: ensure_embeddings(s, embedding_key=embedding_key, encoder=encoder, weights=weights, patch_um=patch_um) for n, s in named.items()}
+    records = {
+        n: ensure_embeddings(
+            s, embedding_key=embedding_key, encoder=encoder, weights=weights, patch_um=patch_um,
+            stain_augment=DEFAULT_STAIN_VIEWS if stain_augment else 0,
+        )
+        for n, s in named.items()
+    }  # fmt: skip
     first = records[names[0]]
     for n, r in records.items():
         if not _same_embedding(first, r):
@@ -263,6 +302,10 @@ def train(
         n: graph_data(tables[n], n, genes=genes, embedding_key=embedding_key, target_sum=target_sum, target_norm=target_norm)
         for n in names
     }
+    stain = stain_views(tables, records, embedding_key) if stain_augment else None
+    if stain is not None:
+        for n, d in data.items():
+            d.views = np.asarray(tables[n].obsm[stain["key"]], dtype=np.float32)
     train_parts: list[GraphData] = []
     val_parts: list[tuple[GraphData, np.ndarray]] = []
     for n in fit_names:
@@ -275,7 +318,7 @@ def train(
     val_parts += [(data[n], np.ones(data[n].n, dtype=bool)) for n in held]
     model = HESpotEx(
         genes, embedding=first, config=cfg.replace(seed=seed), target_sum=target_sum, target_norm=target_norm, gene_selection=selection,
-        spot_geometry=spot_geometry(list(tables.values())), embedding_norm=embedding_norm,
+        spot_geometry=spot_geometry(list(tables.values())), embedding_norm=embedding_norm, stain_augment=stain,
     )  # fmt: skip
     model.train_samples_ = fit_names
     model.validation_ = {"samples": held, "block_fraction": fraction, "metric": "mean per-gene Pearson"}

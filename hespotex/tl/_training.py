@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hespotex._settings import settings
+from hespotex.pp._stain_augment import sample_views
 from hespotex.tl._data import GraphData, induced_edges, spatial_blocks
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ class Batch:
     edges_ae: np.ndarray
     edges_dec: np.ndarray
     latent: np.ndarray | None = None  # the frozen autoencoder's z, once pre-trained
+    views: np.ndarray | None = None  # stain-augmented views of emb (n, n_views, dim): one is drawn per spot per epoch
 
     def to(self, device):
         import torch
@@ -52,8 +54,11 @@ def make_blocks(samples: Sequence[GraphData], *, k_ae: int, k_dec: int, max_node
         e_ae, e_dec = s.graph(k_ae), s.graph(k_dec)
         for nodes in spatial_blocks(s.coords_um, max_nodes):
             blocks.append(
-                Batch(s.emb[nodes], s.expr[nodes], induced_edges(e_ae, nodes, s.n), induced_edges(e_dec, nodes, s.n))
-            )
+                Batch(
+                    s.emb[nodes], s.expr[nodes], induced_edges(e_ae, nodes, s.n), induced_edges(e_dec, nodes, s.n),
+                    views=None if s.views is None else s.views[nodes],
+                )
+            )  # fmt: skip
     return blocks
 
 
@@ -93,6 +98,7 @@ def _union(parts: Sequence[Batch]) -> Batch:
         np.concatenate([p.edges_ae + o for p, o in zip(parts, offsets, strict=True)], axis=1),
         np.concatenate([p.edges_dec + o for p, o in zip(parts, offsets, strict=True)], axis=1),
         None if any(p.latent is None for p in parts) else np.concatenate([p.latent for p in parts]),
+        None if any(p.views is None for p in parts) else np.concatenate([p.views for p in parts]),
     )
 
 
@@ -244,6 +250,7 @@ def fit_net(
         # the joint stage has its own random streams, so it is the same whether or not pre-training was cached
         torch.manual_seed(seed + 1 if distributed is None else distributed.seed(seed + 1))
         rng = np.random.default_rng(seed + 1)
+        view_rng = np.random.default_rng(seed + 2)  # its own stream: the batch order is the same with or without views
         params = net.image_parameters() if frozen else list(net.parameters())
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         step, flags = net.loss, None
@@ -264,6 +271,8 @@ def fit_net(
                 }  # fmt: skip
             for batch in batches:
                 x, emb, e_ae, e_dec = batch.to(device)
+                if batch.views is not None:  # stain augmentation: each spot's embedding drawn among its clean one and views
+                    emb = torch.from_numpy(sample_views(batch.emb, batch.views, view_rng)).to(device)
                 loss, parts = step(x, emb, e_ae, e_dec, latent_target=batch.latent_tensor(device) if frozen else None)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -1,0 +1,81 @@
+"""Stain augmentation of training patches for a frozen encoder: a few re-stained views per spot, embedded once.
+
+A frozen encoder cannot learn to ignore stain; the model on top of it can, if it sees the same spot
+under several stains. :func:`hespotex.pp.embed` with ``stain_augment=n`` embeds, besides the clean
+patch, ``n`` views of it perturbed in HED colour space (scikit-image's colour deconvolution,
+:func:`skimage.color.rgb2hed` / :func:`~skimage.color.hed2rgb`: per-stain gain and shift) with mild
+brightness and contrast changes, all drawn from a seeded generator per (view, spot). The views are
+stored beside the embeddings as ``obsm[f"{key_added}_stain_views"]`` (``n_spots x n_views x dim``)
+and cached with them. :func:`hespotex.tl.train` with ``stain_augment=True`` then gives every
+training spot, each epoch, one embedding drawn among the clean one and its views
+(:func:`sample_views`); prediction uses the clean embeddings as always.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+VIEWS_SUFFIX = "_stain_views"
+
+#: ranges of the random perturbation of one view (uniform): HED gain and shift per stain, brightness, contrast
+STAIN_JITTER: dict[str, tuple[float, float]] = {
+    "hed_gain": (0.7, 1.3),
+    "hed_shift": (-0.04, 0.04),
+    "brightness": (-0.08, 0.08),
+    "contrast": (0.85, 1.15),
+}
+
+
+def views_key(key_added: str) -> str:
+    """``obsm`` key of the stain-augmented views of the embeddings under ``key_added``."""
+    return f"{key_added}{VIEWS_SUFFIX}"
+
+
+def jitter_params(n_spots: int, n_views: int, seed: int) -> dict[str, np.ndarray]:
+    """The perturbation of every (view, spot): arrays of shape ``(n_views, n_spots, ...)``, from ``seed`` alone."""
+    rng = np.random.default_rng(seed)
+    return {
+        "hed_gain": rng.uniform(*STAIN_JITTER["hed_gain"], size=(n_views, n_spots, 3)),
+        "hed_shift": rng.uniform(*STAIN_JITTER["hed_shift"], size=(n_views, n_spots, 3)),
+        "brightness": rng.uniform(*STAIN_JITTER["brightness"], size=(n_views, n_spots)),
+        "contrast": rng.uniform(*STAIN_JITTER["contrast"], size=(n_views, n_spots)),
+    }
+
+
+def stain_jitter(x: np.ndarray, params: dict[str, np.ndarray], view: int, spots: np.ndarray) -> np.ndarray:
+    """Re-stain RGB patches ``x`` (``(n, 3, h, w)`` float in [0, 1]) as view ``view`` of ``spots`` says.
+
+    In HED space each stain's optical density is scaled and shifted; back in RGB, contrast is
+    scaled about the patch mean and brightness added. Returns float32 in [0, 1], same shape.
+    """
+    from skimage.color import hed2rgb, rgb2hed
+
+    rgb = np.moveaxis(np.asarray(x, dtype=np.float64), 1, -1)  # (n, h, w, 3)
+    hed = rgb2hed(rgb)
+    gain = params["hed_gain"][view, spots][:, None, None, :]
+    shift = params["hed_shift"][view, spots][:, None, None, :]
+    out = np.clip(hed2rgb(hed * gain + shift), 0.0, 1.0)
+    mean = out.mean(axis=(1, 2, 3), keepdims=True)
+    contrast = params["contrast"][view, spots][:, None, None, None]
+    out = (out - mean) * contrast + mean + params["brightness"][view, spots][:, None, None, None]
+    return np.moveaxis(np.clip(out, 0.0, 1.0), -1, 1).astype(np.float32)
+
+
+def stain_record(n_views: int, seed: int) -> dict[str, Any]:
+    """What the embedding record says about the views (also part of their cache key)."""
+    return {"n_views": int(n_views), "seed": int(seed), "method": "hed_jitter", "ranges": {k: list(v) for k, v in STAIN_JITTER.items()}}
+
+
+def sample_views(emb: np.ndarray, views: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One embedding per spot, drawn uniformly among the clean one (``emb``, ``(n, dim)``) and its
+    ``views`` (``(n, n_views, dim)``): what a training epoch sees with ``stain_augment=True``."""
+    if views.shape[0] != emb.shape[0] or views.shape[2] != emb.shape[1]:
+        msg = f"Expected stain views of shape ({emb.shape[0]}, n_views, {emb.shape[1]}) for embeddings {emb.shape}, found {views.shape}."
+        raise ValueError(msg)
+    choice = rng.integers(0, views.shape[1] + 1, size=emb.shape[0])
+    out = emb.copy()
+    aug = choice > 0
+    out[aug] = views[np.flatnonzero(aug), choice[aug] - 1]
+    return out
