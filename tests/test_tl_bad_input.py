@@ -72,7 +72,7 @@ def test_slide_embedded_with_another_encoder_is_refused(pair, genes, model):
 
 def test_slide_embedded_with_another_patch_size_is_refused(pair, genes, model):
     table = _table(pair, 1, genes)
-    with pytest.raises(ValueError, match=r"at 110.0 µm patches; this slide's were made .* at 60.0 µm"):
+    with pytest.raises(ValueError, match=r"at 55.0 µm patches; this slide's were made .* at 60.0 µm"):
         hx.tl.predict(table, model, embedding_key="X_small", device="cpu")
     assert "hespotex" not in table.layers
 

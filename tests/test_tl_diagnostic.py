@@ -66,7 +66,8 @@ def planted():
         microns_per_pixel=info.microns_per_pixel,
         spot_diameter_um=info.spot_diameter_um,
     )
-    hx.pp.embed(sdata, encoder=ENCODER, input_size=INPUT_SIZE)
+    # crops two diameters wide (the planted discs sit in their middle; neighbours' crops do not reach them)
+    hx.pp.embed(sdata, encoder=ENCODER, input_size=INPUT_SIZE, patch_um=2 * info.spot_diameter_um)
     names = table.obs_names
     return {"sdata": sdata, "planted": set(names[planted]), "decoys": set(names[decoys]), "positions": planted}
 

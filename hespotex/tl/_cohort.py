@@ -561,6 +561,14 @@ def _run_on_dask(
         bar.close()
     finally:
         if own:
-            client.close()
-            cluster.close()
+            _close_quietly(client, cluster)
     return records
+
+
+def _close_quietly(client: Any, cluster: Any) -> None:
+    """Shut our own cluster down; a slow shutdown (a busy machine) must not lose the slides' records."""
+    for part in (client, cluster):
+        try:
+            part.close()
+        except (TimeoutError, OSError, RuntimeError) as err:  # e.g. a worker still alive after the nanny's wait
+            logger.warning("The local Dask cluster did not shut down cleanly (%s: %s); the results are complete.", type(err).__name__, err)
