@@ -95,7 +95,7 @@ def test_stpath_is_scored_beside_hespotex_on_the_same_folds(sample_factory, stpa
 
     # the same numbers as STPath run directly on the held-out sample
     table = samples["S2"].tables["table"]
-    data = graph_data(table, "S2", genes=GENES, embedding_key=EMBEDDING_KEY)
+    data = graph_data(table, "S2", genes=GENES, embedding_key=EMBEDDING_KEY, target_norm="library_modelled")  # as cross_validate
     direct = STPath(genes=IN_VOCAB, **stpath_files).predict(data.emb, coords=data.coords_um)
     truth = np.asarray(data.expr[:, : len(IN_VOCAB)].toarray() if hasattr(data.expr, "toarray") else data.expr[:, : len(IN_VOCAB)])
     varies = [j for j in range(len(IN_VOCAB)) if truth[:, j].std() > 0]
