@@ -22,8 +22,9 @@ from typing import Any
 
 #: Name of the marker file hespotex writes into every folder it creates as a whole.
 MARKER = ".hespotex.json"
-#: Kinds of folders: a saved model, a streamed prediction store, the output folder of a cohort.
-KINDS = ("model", "store", "cohort")
+#: Kinds of folders: a saved model, a streamed prediction store, the output folder of a cohort, a data set
+#: that :mod:`hespotex.datasets` wrote (e.g. a Visium HD fixture).
+KINDS = ("model", "store", "cohort", "dataset")
 
 
 def _version() -> str:
@@ -161,4 +162,22 @@ def make_dir(path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.mkdir()  # mode 0o777 & ~umask
+    return path
+
+
+def commit_dir(tmp: str | Path, path: str | Path) -> Path:
+    """Move the finished folder ``tmp`` (a :func:`temp_sibling` of ``path``) into place, replacing ``path``.
+
+    The caller has checked ``path`` with :func:`check_replaceable`. The old folder is first renamed
+    aside, then ``tmp`` renamed into place, then the old one deleted: a crash leaves either the old
+    folder or the new one at ``path`` (and at worst a hidden ``.old`` sibling), never a half-written one.
+    """
+    tmp, path = Path(tmp), Path(path)
+    if path.exists():
+        old = temp_sibling(path, suffix=".old")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
     return path

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import hespotex as hx
+from hespotex import _ownership
 from hespotex.models import ModelConfig
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
@@ -34,6 +35,16 @@ def test_ensemble_trains_saves_loads_and_predicts_with_spread(sections, tmp_path
     folder = ens.save(tmp_path / "ens")
     with pytest.raises(FileExistsError):
         ens.save(folder)
+    assert ens.save(folder, overwrite=True) == folder  # its own folder (marker) is replaced...
+    assert _ownership.owned(folder, "model") and sorted(p.name for p in tmp_path.iterdir()) == ["ens"]  # no temporary left
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match=r"hespotex did not write.*notes\.txt"):
+        ens.save(mine, overwrite=True)  # ...a user's folder never is
+    assert (mine / "notes.txt").read_text() == "keep"
+    mine.joinpath("notes.txt").unlink()
+    mine.rmdir()
     loaded = hx.tl.load_model(folder)
     assert isinstance(loaded, hx.tl.HESpotExEnsemble) and loaded.model_id == ens.model_id
     assert loaded.target_norm == "library_modelled" and loaded.embedding_norm == "slide"

@@ -290,3 +290,23 @@ def test_explorer_selects_a_bin(trained):
     assert app.select(x + 3.0, y - 3.0) == table.obs_names[123]  # inside the 8 px square
     assert app.state.spot == table.obs_names[123]
     assert app.view.marker == "square"
+
+
+def test_writer_replaces_only_its_own_folder(tmp_path):
+    """`write_visium_hd(overwrite=True)` replaces a folder it wrote (marker), never a user's folder."""
+    from hespotex import _ownership
+
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "thesis.docx").write_text("mine")
+    kw = {"n_bins": 64, "n_genes": 5, "seed": 0}
+    with pytest.raises(FileExistsError, match=r"hespotex did not write.*thesis\.docx"):
+        hx.datasets.synthetic_visium_hd(user, overwrite=True, **kw)
+    assert (user / "thesis.docx").read_text() == "mine"
+    out = tmp_path / "hd"
+    hx.datasets.synthetic_visium_hd(out, **kw)
+    assert _ownership.owned(out, "dataset")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        hx.datasets.synthetic_visium_hd(out, **kw)
+    hx.datasets.synthetic_visium_hd(out, overwrite=True, **kw)
+    assert hx.io.read_visium_hd(out, 8).tables["table"].n_obs == 64

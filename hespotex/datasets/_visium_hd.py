@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -166,12 +165,16 @@ def write_visium_hd(
     import h5py
     from PIL import Image
 
+    from hespotex import _ownership
+
     path = Path(path)
-    if path.exists():
+    if path.exists() or path.is_symlink():
+        # only a folder this function wrote (its marker) is replaced; anything else is refused
+        _ownership.check_replaceable(path, "dataset", what="Visium HD folder written by hespotex")
         if not overwrite:
             msg = f"{str(path)!r} already exists. Pass `overwrite=True` to replace it, or choose another path."
             raise FileExistsError(msg)
-        shutil.rmtree(path)
+        _ownership.remove(path, "dataset", what="Visium HD folder written by hespotex")
     mpp = float(microns_per_pixel)
     counts = sp.csr_matrix(counts)
     rows, cols = np.asarray(array_row, dtype=np.int64), np.asarray(array_col, dtype=np.int64)
@@ -189,6 +192,7 @@ def write_visium_hd(
         msg = f"Expected bin sizes that are multiples of {BASE_BIN_UM} µm, found {bad}."
         raise ValueError(msg)
     path.mkdir(parents=True)
+    _ownership.mark(path, "dataset")
     (path / "spatial").mkdir()
     hires, s_hi = _downsample(image, hires_px)
     lowres, s_lo = _downsample(hires, lowres_px)

@@ -13,9 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -145,27 +143,28 @@ class HESpotExEnsemble:
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write the ensemble to one folder: ``ensemble.json`` and ``member_0/``, ``member_1/``... (each a
-        :meth:`HESpotEx.save` folder). Written beside the destination and renamed into place."""
+        :meth:`HESpotEx.save` folder). Written beside the destination under a name unique to the call,
+        with the user's umask and the model marker, and renamed into place; an existing folder is
+        replaced only with ``overwrite=True`` and only when hespotex wrote it (as :meth:`HESpotEx.save`)."""
+        from hespotex import _ownership
+
         path = Path(path)
-        if path.exists() and not overwrite:
-            msg = f"{str(path)!r} already exists; pass `overwrite=True` to replace it, or choose another folder."
-            raise FileExistsError(msg)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        if path.exists() or path.is_symlink():
+            # a file, a user's folder or another tool's is refused whatever `overwrite` says
+            _ownership.check_replaceable(path, "model", what="hespotex model folder")
+            if not overwrite:
+                msg = f"{str(path)!r} already exists; pass `overwrite=True` to replace it, or choose another folder."
+                raise FileExistsError(msg)
+        tmp = _ownership.make_dir(_ownership.temp_sibling(path))  # unique to this call; the user's umask
         try:
             names = []
             for i, m in enumerate(self.members):
                 names.append(f"member_{i}")
                 m.save(tmp / names[-1])
             record = {"format": "hespotex-ensemble", "format_version": ENSEMBLE_FORMAT, "members": names, **self.setup_dict()["ensemble"]}
-            (tmp / ENSEMBLE_FILE).write_text(json.dumps(record, indent=1))
-            if path.exists():
-                old = path.with_name(f".{path.name}.old.{os.getpid()}")
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
+            _ownership.write_text_atomic(tmp / ENSEMBLE_FILE, json.dumps(record, indent=1))
+            _ownership.mark(tmp, "model")
+            _ownership.commit_dir(tmp, path)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

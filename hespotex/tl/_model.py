@@ -433,13 +433,7 @@ class HESpotEx:
             os.chmod(tmp / WEIGHTS_FILE, 0o666 & ~_ownership.umask())  # safetensors writes 0600: the user's umask
             (tmp / SETUP_FILE).write_text(json.dumps(self.setup_dict(), indent=1, default=_json_default))
             _ownership.mark(tmp, "model")
-            if path.exists():
-                old = _ownership.temp_sibling(path, suffix=".old")
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
+            _ownership.commit_dir(tmp, path)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
