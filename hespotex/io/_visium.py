@@ -203,15 +203,7 @@ def read_visium(
             sdata.shapes[shapes_key] = shapes.loc[table.obs["spot_id"].to_numpy()]
 
     table.X = check_expression(table.X, pd.Index(table.obs_names), pd.Index(table.var_names), counts=True)
-    centres = np.asarray(table.obsm["spatial"], dtype=np.float64)[:, :2]
-    if not np.isfinite(centres).all():
-        bad = ~np.isfinite(centres).all(axis=1)
-        msg = (
-            f"{int(bad.sum())} barcodes of the count matrix have no position in the tissue positions file, "
-            f"e.g. {list(table.obs_names[bad][:5])}. Expected every barcode to be listed; check `tissue_positions_file`."
-        )
-        raise ValueError(msg)
-    table.obsm["spatial"] = centres
+    centres = table.obsm["spatial"] = spot_centres(table, "the tissue positions file (check `tissue_positions_file`)")
 
     radius = np.asarray(sdata.shapes[shapes_key]["radius"], dtype=np.float64)
     spot_diameter_fullres = float(2.0 * radius[0]) if len(radius) else float("nan")
@@ -318,3 +310,17 @@ def _read_scalefactors(path: Path, scalefactors_file: str | Path | None) -> dict
     if not file.is_file():
         return {}
     return {k: float(v) for k, v in json.loads(file.read_text()).items() if isinstance(v, (int, float))}
+
+
+def spot_centres(table: Any, source: str) -> np.ndarray:
+    """The ``(x, y)`` spot centres of a table read by spatialdata-io (``obsm["spatial"]``, first two columns);
+    a clear error naming ``source`` when barcodes of the count matrix have no position there."""
+    centres = np.asarray(table.obsm["spatial"], dtype=np.float64)[:, :2]
+    if not np.isfinite(centres).all():
+        bad = ~np.isfinite(centres).all(axis=1)
+        msg = (
+            f"{int(bad.sum())} barcodes of the count matrix have no position in {source}, "
+            f"e.g. {list(table.obs_names[bad][:5])}. Expected every barcode to be listed."
+        )
+        raise ValueError(msg)
+    return centres

@@ -28,6 +28,7 @@ import pandas as pd
 
 from hespotex._sample import SAMPLE_KEY, TABLE_KEY, SampleInfo
 from hespotex.io._build import check_expression, check_scale, check_spots_in_image
+from hespotex.io._visium import spot_centres
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -180,15 +181,7 @@ def read_visium_hd(
             table = table[keep].copy()
             sdata.shapes[shapes_key] = sdata.shapes[shapes_key].loc[table.obs["location_id"].to_numpy()]
     table.X = check_expression(table.X, pd.Index(table.obs_names), pd.Index(table.var_names), counts=True)
-    centres = np.asarray(table.obsm["spatial"], dtype=np.float64)[:, :2]
-    if not np.isfinite(centres).all():
-        bad = ~np.isfinite(centres).all(axis=1)
-        msg = (
-            f"{int(bad.sum())} barcodes of the count matrix have no position in {str(spatial / 'tissue_positions.parquet')!r}, "
-            f"e.g. {list(table.obs_names[bad][:5])}. Expected every barcode to be listed."
-        )
-        raise ValueError(msg)
-    table.obsm["spatial"] = centres
+    centres = table.obsm["spatial"] = spot_centres(table, repr(str(spatial / "tissue_positions.parquet")))
 
     raw = json.loads((spatial / "scalefactors_json.json").read_text())
     scalefactors = {k: float(v) for k, v in raw.items() if isinstance(v, (int, float))}
