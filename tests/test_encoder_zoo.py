@@ -21,12 +21,8 @@ import hespotex as hx
 lazyslide_models = pytest.importorskip("lazyslide_models")
 torch = pytest.importorskip("torch")
 
-from hespotex.pp._encoder_zoo import (  # noqa: E402
-    EncoderUnavailableError,
-    _random_zoo_model,
-    load_zoo_encoder,
-    zoo_entries,
-)
+from hespotex.pp._encoder_zoo import EncoderUnavailableError, zoo_entries  # noqa: E402
+from hespotex.pp._encoder_zoo_load import _random_zoo_model, load_zoo_encoder  # noqa: E402
 
 pytestmark = [
     pytest.mark.usefixtures("single_threaded"),
@@ -116,7 +112,7 @@ def test_every_zoo_entry_builds_offline_or_says_what_it_needs(name):
 @pytest.mark.parametrize("name", sorted(BUILT_OFFLINE))
 def test_preprocessing_is_the_zoos_transform(name):
     """The Encoder normalises like the zoo's own transform (a 224 px tile in, no crop: same tensor)."""
-    from hespotex.pp._encoder_zoo import _transform_spec
+    from hespotex.pp._encoder_zoo_load import _transform_spec
 
     zoo_model, _ = _random_zoo_model(name, device="meta")
     spec = _transform_spec(zoo_model)
@@ -188,7 +184,8 @@ def test_hub_folder_of_a_timm_entry_loads_through_local_dir(tmp_path):
 def test_hub_weights_offline_and_gated_errors_say_what_to_do():
     from huggingface_hub.errors import GatedRepoError
 
-    from hespotex.pp._encoder_zoo import _hub_error, zoo_entry
+    from hespotex.pp._encoder_zoo import zoo_entry
+    from hespotex.pp._encoder_zoo_load import _hub_error
 
     with pytest.raises(EncoderUnavailableError, match=r"hf download MahmoodLab/UNI2-h") as err:
         hx.pp.load_encoder("uni2")

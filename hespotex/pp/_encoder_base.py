@@ -1,7 +1,7 @@
 """What every frozen image encoder is: the :class:`Encoder` record and the helpers that build one.
 
 Shared by :mod:`hespotex.pp._encoders` (timm, checkpoints, ImageNet weights) and
-:mod:`hespotex.pp._encoder_zoo` (LazySlide's pathology model zoo), which both import from here.
+:mod:`hespotex.pp._encoder_zoo_load` (LazySlide's pathology model zoo), which both import from here.
 """
 
 from __future__ import annotations

@@ -153,7 +153,8 @@ def load_encoder(
             std=std,
         )
 
-    from hespotex.pp._encoder_zoo import load_zoo_encoder, zoo_name
+    from hespotex.pp._encoder_zoo import zoo_name
+    from hespotex.pp._encoder_zoo_load import load_zoo_encoder
 
     if (zoo := zoo_name(encoder)) is not None:
         return load_zoo_encoder(zoo, weights=weights, input_size=input_size, mean=mean, std=std)
