@@ -23,21 +23,21 @@ from typing import Any, Literal
 
 import numpy as np
 
-from hespotex.datasets._synthetic import (
-    _DENSITY,
-    _EOSIN,
-    _GLASS_OD,
-    _HAEM,
-    _HAEMATOXYLIN,
-    _SEMI_MAJOR,
-    _SEMI_MINOR,
-    _Fields,
-    _grf,
-    _interp_index,
-    _nuclei,
-    _sigmoid,
-    _smooth_noise,
-    _stamp_nuclei,
+from hespotex.datasets._synthetic_tissue import (
+    DENSITY,
+    EOSIN,
+    GLASS_OD,
+    HAEM,
+    HAEMATOXYLIN,
+    SEMI_MAJOR,
+    SEMI_MINOR,
+    Fields,
+    draw_nuclei,
+    grf,
+    interp_index,
+    sigmoid,
+    smooth_noise,
+    stamp_nuclei,
 )
 
 logger = logging.getLogger("hespotex")
@@ -47,7 +47,7 @@ __all__ = ["synthetic_wsi", "write_ome_tiff"]
 _BLOCK = 8  # field cells per nucleus block (each block of nuclei has its own seed)
 _MAX_FIELD_CELLS = 1024  # longest side of the field grid
 _NUCLEI_MAX_MPP = 2.0  # levels coarser than this show the expected haematoxylin density instead of nuclei
-_GLASS_VALUE = round(255.0 * math.exp(-_GLASS_OD))  # background (glass) grey value, 245
+_GLASS_VALUE = round(255.0 * math.exp(-GLASS_OD))  # background (glass) grey value, 245
 
 
 def _n_levels(height: int, width: int, tile: int, levels: int | None) -> int:
@@ -173,7 +173,7 @@ class _SlideModel:
         self.mpp = mpp
         extent = np.array([width * mpp, height * mpp])  # (x, y) µm
         cell = max(10.0, float(extent.max()) / _MAX_FIELD_CELLS)
-        self.fields = _Fields(extent)
+        self.fields = Fields(extent)
         self.fields.cell = cell
         self.fields.shape = (math.ceil(extent[1] / cell) + 1, math.ceil(extent[0] / cell) + 1)
         self.seed = int(seed)
@@ -181,19 +181,19 @@ class _SlideModel:
         shape, m = self.fields.shape, self.fields.maps
         big = 400.0 / 3.0 / cell
         small = 30.0 / cell
-        tumour = _sigmoid(4.0 * (_grf(rng, shape, big) + 0.35 * _grf(rng, shape, small) - 0.2))
-        immune = _sigmoid(3.5 * (_grf(rng, shape, 0.7 * big) + 0.3 * _grf(rng, shape, small) - 0.9)) * (1.0 - tumour)
+        tumour = sigmoid(4.0 * (grf(rng, shape, big) + 0.35 * grf(rng, shape, small) - 0.2))
+        immune = sigmoid(3.5 * (grf(rng, shape, 0.7 * big) + 0.3 * grf(rng, shape, small) - 0.9)) * (1.0 - tumour)
         stroma = 1.0 - tumour - immune
         m["w_tumour"], m["w_immune"], m["w_stroma"] = tumour, immune, stroma
-        m["density_mod"] = np.exp(0.2 * _grf(rng, shape, big))
-        m["size_mod"] = np.exp(0.18 * _grf(rng, shape, big))
-        m["haem_mod"] = np.exp(0.18 * _grf(rng, shape, big))
-        m["eosin"] = 0.5 * np.exp(0.25 * _grf(rng, shape, big)) * (1.0 - 0.35 * immune) * (1.0 - 0.45 * stroma)
-        theta = 0.5 * np.arctan2(_grf(rng, shape, 0.6 * big), _grf(rng, shape, 0.6 * big))
+        m["density_mod"] = np.exp(0.2 * grf(rng, shape, big))
+        m["size_mod"] = np.exp(0.18 * grf(rng, shape, big))
+        m["haem_mod"] = np.exp(0.18 * grf(rng, shape, big))
+        m["eosin"] = 0.5 * np.exp(0.25 * grf(rng, shape, big)) * (1.0 - 0.35 * immune) * (1.0 - 0.45 * stroma)
+        theta = 0.5 * np.arctan2(grf(rng, shape, 0.6 * big), grf(rng, shape, 0.6 * big))
         m["cos2"], m["sin2"] = np.cos(2 * theta), np.sin(2 * theta)
         m["tissue"] = self._tissue(rng, extent, n_blobs)  # signed distance to the outline, in cells
         # expected haematoxylin optical density (nuclear area fraction x stain) for coarse levels
-        area = np.pi * _SEMI_MAJOR * _SEMI_MINOR / 1000.0 * _DENSITY * _HAEM  # per type, at unit modulations
+        area = np.pi * SEMI_MAJOR * SEMI_MINOR / 1000.0 * DENSITY * HAEM  # per type, at unit modulations
         m["haem_mean"] = (
             (tumour * area[0] + immune * area[1] + stroma * area[2])
             * m["density_mod"]
@@ -209,7 +209,7 @@ class _SlideModel:
         x, y = (xx + 0.5) * cell, (yy + 0.5) * cell
         best = np.full(shape, -1e9)
         side = float(extent.min())
-        wobble = _grf(rng, shape, max(1.0, 0.02 * side / cell))
+        wobble = grf(rng, shape, max(1.0, 0.02 * side / cell))
         for _ in range(int(n_blobs)):
             cx, cy = rng.uniform(0.2, 0.8) * extent[0], rng.uniform(0.2, 0.8) * extent[1]
             radius = rng.uniform(0.1, 0.22) * side
@@ -227,8 +227,8 @@ class _SlideModel:
         """Bilinear (separable) values of a field on the grid ``ys_um`` x ``xs_um``, float32."""
         grid = self.fields.maps[name]
         cell = self.fields.cell
-        y0, wy = _interp_index(ys_um / cell - 0.5, grid.shape[0])
-        x0, wx = _interp_index(xs_um / cell - 0.5, grid.shape[1])
+        y0, wy = interp_index(ys_um / cell - 0.5, grid.shape[0])
+        x0, wx = interp_index(xs_um / cell - 0.5, grid.shape[1])
         rows = (grid[y0] * (1 - wy)[:, None] + grid[y0 + 1] * wy[:, None]).astype(np.float32)
         return rows[:, x0] * (1 - wx) + rows[:, x0 + 1] * wx
 
@@ -246,13 +246,13 @@ class _SlideModel:
             self._blocks.move_to_end(key)
             return self._blocks[key]
         cell = self.fields.cell
-        local = _Fields(np.array([1.0, 1.0]))
+        local = Fields(np.array([1.0, 1.0]))
         local.cell = cell
         rows = slice(bi * _BLOCK, (bi + 1) * _BLOCK)
         cols = slice(bj * _BLOCK, (bj + 1) * _BLOCK)
         local.maps = {k: v[rows, cols] for k, v in self.fields.maps.items()}
         local.shape = local.maps["tissue"].shape
-        nuclei = _nuclei(local, np.random.default_rng([self.seed, 0x4E, bi, bj]))
+        nuclei = draw_nuclei(local, np.random.default_rng([self.seed, 0x4E, bi, bj]))
         nuclei["x"] = nuclei["x"] + bj * _BLOCK * cell
         nuclei["y"] = nuclei["y"] + bi * _BLOCK * cell
         self._blocks[key] = nuclei
@@ -262,7 +262,7 @@ class _SlideModel:
 
     def _nuclei_in(self, x0: float, x1: float, y0: float, y1: float) -> dict[str, np.ndarray]:
         span = _BLOCK * self.fields.cell
-        margin = 2.0 * float(_SEMI_MAJOR.max())
+        margin = 2.0 * float(SEMI_MAJOR.max())
         n_i, n_j = (-(-s // _BLOCK) for s in self.fields.shape)
         parts = [
             self._block(bi, bj)
@@ -289,22 +289,22 @@ class _SlideModel:
         inside *= self.fields.cell / mpp / 1.5  # soft edge about 1.5 px wide
         inside += 0.5
         np.clip(inside, 0.0, 1.0, out=inside)
-        grain = _smooth_noise(rng, (h, w), max(0.5, 0.6 / mpp))
+        grain = smooth_noise(rng, (h, w), max(0.5, 0.6 / mpp))
         c_e = self._sample("eosin", xs, ys) * (1.0 + 0.12 * grain)
         c_e *= inside
         if mpp <= _NUCLEI_MAX_MPP:
             nuclei = self._nuclei_in(x0_um, x1_um, y0_um, y1_um)
             nuclei = {**nuclei, "x": nuclei["x"] - x0_um, "y": nuclei["y"] - y0_um}
-            c_h = _stamp_nuclei(nuclei, h, w, mpp)
+            c_h = stamp_nuclei(nuclei, h, w, mpp)
             c_h *= 1.0 + 0.25 * np.roll(grain, 3, axis=1)
         else:
             c_h = self._sample("haem_mean", xs, ys)
         c_h += 0.1 * self._sample("w_tumour", xs, ys)
         c_h *= inside
-        glass = (1.0 - inside) * np.float32(_GLASS_OD)
+        glass = (1.0 - inside) * np.float32(GLASS_OD)
         out = np.empty((h, w, 3), dtype=np.uint8)
         for ch in range(3):
-            od = c_h * np.float32(_HAEMATOXYLIN[ch]) + c_e * np.float32(_EOSIN[ch]) + glass
+            od = c_h * np.float32(HAEMATOXYLIN[ch]) + c_e * np.float32(EOSIN[ch]) + glass
             value = np.exp(-od) * 255.0 + 2.0 * rng.standard_normal((h, w), dtype=np.float32) + 0.5
             out[..., ch] = np.clip(value, 0.0, 255.0)
         return out
