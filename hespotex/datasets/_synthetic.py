@@ -57,6 +57,7 @@ logger = logging.getLogger("hespotex")
 
 __all__ = ["FEATURES", "synthetic"]
 
+
 def synthetic(
     n_spots: int = 400,
     n_genes: int = 200,

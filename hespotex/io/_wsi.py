@@ -367,7 +367,6 @@ def read_wsi(
     return sdata
 
 
-
 def _level_shapes(image: Any) -> list[list[int]]:
     if hasattr(image, "children") and len(image.children):
         names = sorted(image.children, key=lambda n: int(n.removeprefix("scale")))

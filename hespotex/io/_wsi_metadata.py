@@ -126,8 +126,6 @@ def resolve_mpp(given: float | None, found: float | None, source: str | None, pa
     return found
 
 
-
-
 def objective_mpp(magnification: float, path: Path) -> tuple[float | None, str | None]:
     """Microns per pixel from the objective magnification, with a warning (the file records no resolution)."""
     mpp = _plausible(magnification_mpp(magnification), f"{magnification:g}x objective")
@@ -141,4 +139,3 @@ def objective_mpp(magnification: float, path: Path) -> tuple[float | None, str |
         mpp,
     )
     return mpp, f"objective magnification {magnification:g}x (assumed 10 / magnification)"
-

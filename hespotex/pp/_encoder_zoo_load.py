@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".pt2", ".ckpt")
 _PATCH_LOCK = threading.Lock()  # the timm redirect below patches a module attribute
 
+
 def _module_class() -> type:
     import torch
 
@@ -80,7 +81,10 @@ def _transform_spec(zoo_model: Any) -> dict[str, Any]:
 
 def _reads_model_path(cls: type) -> bool:
     """Whether the zoo constructor uses its ``model_path`` argument (read from its bytecode)."""
-    return any(ins.opname.startswith("LOAD_FAST") and "model_path" in str(ins.argval) for ins in dis.get_instructions(cls.__init__))
+    return any(
+        ins.opname.startswith("LOAD_FAST") and "model_path" in str(ins.argval)
+        for ins in dis.get_instructions(cls.__init__)
+    )
 
 
 def _hub_error(entry: ZooEntry, err: BaseException) -> EncoderUnavailableError:
