@@ -56,7 +56,7 @@ def test_panels_show_predicted_and_measured_values(table, sample):
 
     gene = table.var_names[3]
     layout = hx.pl.spatial(sample, gene)
-    points = [el for el in layout.traverse(lambda x: x, [hx.pl._spatial._hv().Points])]
+    points = [el for el in layout.traverse(lambda x: x, [hx.pl._spatial.import_holoviews().Points])]
     assert len(points) == 2  # predicted and measured
     df = points[0].dframe()
     assert list(df["spot"]) == list(table.obs_names)
@@ -141,7 +141,7 @@ def test_measured_only_when_available(table):
     # a stored measured layer is used as is
     with_layer = no_counts.copy()
     with_layer.layers["measured"] = np.full(with_layer.shape, 2.0, dtype=np.float32)
-    pts = hx.pl.spatial(with_layer, table.var_names[0]).traverse(lambda x: x, [hx.pl._spatial._hv().Points])
+    pts = hx.pl.spatial(with_layer, table.var_names[0]).traverse(lambda x: x, [hx.pl._spatial.import_holoviews().Points])
     assert np.all(pts[1].dframe()["measured"] == 2.0)
 
 

@@ -140,9 +140,9 @@ def attention(
     hover shows source, target and weight), the neighbours as ``hv.Points`` coloured by weight and the
     selected spot marked. Reads the prediction table; writes nothing.
     """
-    from hespotex.pl._spatial import _hv, rgb_element
+    from hespotex.pl._spatial import import_holoviews, rgb_element
 
-    hv = _hv()
+    hv = import_holoviews()
     pred = get_predictions(data, layer=layer, table_key=table_key)
     edges = attention_edges(pred, spot, key=key, direction=direction)
     name = str(pred.table.obs_names[spot_index(pred, spot)])

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import param
 from panel.viewable import Viewer
 
-from hespotex.pl._spatial import RASTERIZE_THRESHOLD, SpatialView, _hv
+from hespotex.pl._spatial import RASTERIZE_THRESHOLD, SpatialView, import_holoviews
 from hespotex.pl._utils import Predictions, check_genes, get_predictions
 
 logger = logging.getLogger("hespotex")
@@ -174,7 +174,7 @@ class Explorer(Viewer):
     def spatial_view(self):
         """The spatial panels of the current layer (an ``hv.Layout`` of DynamicMaps following the state);
         taps on them select spots."""
-        hv = _hv()
+        hv = import_holoviews()
         layout = self.view.dynamic_layout(self.state)
         self.tap_streams = []
         for element in self.view.dynamic_panels.values():

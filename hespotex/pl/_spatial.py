@@ -31,7 +31,8 @@ logger = logging.getLogger("hespotex")
 RASTERIZE_THRESHOLD = 20_000  # above this many spots, plain glyphs get slow in the browser
 
 
-def _hv():
+def import_holoviews():
+    """HoloViews with its Bokeh backend registered (imported on first use: it is heavy)."""
     import holoviews as hv
     import holoviews.plotting.bokeh  # registers the Bokeh options
 
@@ -44,7 +45,7 @@ def rgb_element(image: DisplayImage) -> hv.RGB:
     Views draw y downwards (``invert_yaxis``, image rows), so the array is flipped for HoloViews,
     which puts row 0 at the top of its bounds.
     """
-    hv = _hv()
+    hv = import_holoviews()
     x0, y0, x1, y1 = image.bounds
     return hv.RGB(image.rgb[::-1], bounds=(x0, y0, x1, y1), kdims=["x", "y"], label="image").opts(
         backend="bokeh", tools=[]
@@ -149,7 +150,7 @@ class SpatialView:
 
     def points(self, gene: str, which: str = "predicted", clim: tuple[float, float] | None = None) -> hv.Points:
         """Spots of one gene coloured by ``which`` (``"predicted"`` / ``"measured"``), hover with id and values."""
-        hv = _hv()
+        hv = import_holoviews()
         if which not in self.columns:
             msg = f"Expected one of {self.columns}, found {which!r}."
             raise ValueError(msg)
@@ -217,7 +218,7 @@ class SpatialView:
 
     def panel(self, gene: str, which: str = "predicted", clim: tuple[float, float] | None = None):
         """One panel: the H&E image and the spots of ``gene`` (rasterised above the threshold)."""
-        hv = _hv()
+        hv = import_holoviews()
         pts = self.points(gene, which, clim)
         layer = self.rasterize(pts, which, clim, gene) if self.rasterized else pts
         bg = self.background()
@@ -227,7 +228,7 @@ class SpatialView:
 
     def layout(self, gene: str, clim: tuple[float, float] | None = None) -> hv.Layout:
         """Predicted and (when available) measured panels side by side, pan and zoom linked."""
-        hv = _hv()
+        hv = import_holoviews()
         return (
             hv.Layout([self.panel(gene, which, clim) for which in self.columns])
             .opts(backend="bokeh", shared_axes=True)
@@ -236,7 +237,7 @@ class SpatialView:
 
     def dynamic_layout(self, state: Any) -> hv.Layout:
         """Panels following ``state.gene`` / ``state.clim`` (a ``param.Parameterized``), for widgets and apps."""
-        hv = _hv()
+        hv = import_holoviews()
         panels = []
         bg = self.background()
         self.dynamic_panels = {}

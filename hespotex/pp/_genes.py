@@ -12,7 +12,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from hespotex._sample import as_sample_dict, get_table
-from hespotex.pp._normalize import _is_integer_valued, log_expression
+from hespotex.pp._normalize import is_integer_valued, log_expression
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -83,7 +83,7 @@ def check_samples(
 def _counts(adata: AnnData, layer: str):
     if layer in adata.layers:
         return adata.layers[layer]
-    if _is_integer_valued(adata.X):
+    if is_integer_valued(adata.X):
         return adata.X
     msg = f"flavor='seurat_v3' needs raw counts in layers[{layer!r}] or X; found neither. Use flavor='mean' on log-normalised data."
     raise ValueError(msg)

@@ -54,7 +54,8 @@ def log_expression(adata: AnnData, genes: Sequence[str] | None, *, target_sum: f
     return sub.astype(np.float32).toarray() if dense else sub.astype(np.float32).tocsr()
 
 
-def _is_integer_valued(x) -> bool:
+def is_integer_valued(x) -> bool:
+    """Whether a (dense or sparse) matrix holds only finite, non-negative whole numbers: raw counts."""
     data = x.data if sp.issparse(x) else np.asarray(x)
     return bool(np.all(np.isfinite(data)) and np.all(data >= 0) and np.allclose(data, np.round(data)))
 
@@ -113,7 +114,7 @@ def normalize(
         if counts_layer in adata.layers and not overwrite:
             msg = f"layers[{counts_layer!r}] already exists; pass `overwrite=True` to replace it with X, or another `counts_layer`."
             raise ValueError(msg)
-        if not _is_integer_valued(adata.X):
+        if not is_integer_valued(adata.X):
             msg = (
                 "Expected raw integer counts in X, found non-integer or negative values. If X is already "
                 "log-normalised, mark it with `adata.uns['log1p'] = {'base': None}` and skip `normalize`."

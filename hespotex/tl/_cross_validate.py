@@ -218,7 +218,7 @@ def cross_validate(
 
 def _check_cv_samples(tables: Mapping[str, Any], specs, *, genes, smooth_neighbors: int) -> None:
     """Refuse, by name and before any fold runs, samples too small for the graphs or without counts."""
-    from hespotex.models._net import _resolve_config
+    from hespotex.models._net import resolve_config as _resolve_config
     from hespotex.pp._genes import check_samples
 
     need = smooth_neighbors

@@ -110,7 +110,7 @@ class HESpotEx:
         embedding_norm: str = "training",
         stain_augment: dict[str, Any] | None = None,
     ) -> None:
-        from hespotex.models._net import _resolve_config
+        from hespotex.models._net import resolve_config as _resolve_config
         from hespotex.pp._stain import check_embedding_norm
         from hespotex.pp._targets import check_target_norm
 

@@ -244,7 +244,7 @@ def train(
     weights (identical on all ranks). Samples gain ``obsm[embedding_key]`` if they lacked it;
     nothing else in them changes.
     """
-    from hespotex.models._net import _resolve_config
+    from hespotex.models._net import resolve_config as _resolve_config
     from hespotex.pp._genes import select_genes
     from hespotex.pp._stain import check_embedding_norm
     from hespotex.pp._targets import check_target_norm
