@@ -263,7 +263,7 @@ def embed(
     if feats is None:
         logger.info(
             "Embedding %d patches of %.0f µm of %r with %s (level %d, %d px crops -> %d px).",
-            table.n_obs, plan.patch_um, plan.level.key, enc.name, plan.level.level, plan.size, enc.input_size,
+            table.n_obs, plan.patch_um, plan.level.image_key, enc.name, plan.level.level, plan.size, enc.input_size,
         )  # fmt: skip
         feats = encode_patches(
             plan, enc, batch_size=batch_size, device=device, tta=tta, stain_views=stain_augment, stain_seed=seed
