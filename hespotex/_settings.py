@@ -8,8 +8,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 logger = logging.getLogger("hespotex")
-if not logger.handlers:
-    _handler = logging.StreamHandler()
+
+
+class _PackageHandler(logging.StreamHandler):
+    """hespotex's own stderr handler, used only while no handler up the chain would show the record.
+
+    Without any logging set up, hespotex's INFO messages still reach stderr (as scanpy's and
+    scvi-tools' do); once the application configures logging (``logging.basicConfig``, pytest, a
+    notebook's setup), records propagate to its handlers and this one stays silent, so every message
+    appears exactly once. (scvi-tools sets ``propagate = False`` instead, which hides the package's
+    messages from the application's handlers, log files and pytest's ``caplog``.)
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        parent = logger.parent if logger.propagate else None  # the chain above the "hespotex" logger
+        while parent is not None:
+            if parent.handlers:
+                return  # shown by the application's handler
+            parent = parent.parent if parent.propagate else None
+        super().emit(record)
+
+
+if not any(h.get_name() == "hespotex" for h in logger.handlers):
+    _handler = _PackageHandler()
+    _handler.set_name("hespotex")
     _handler.setFormatter(logging.Formatter("%(levelname)s hespotex: %(message)s"))
     logger.addHandler(_handler)
     logger.setLevel(logging.INFO)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pandas as pd
 import pytest
 
 import hespotex as hx
@@ -34,18 +33,3 @@ def test_cli_help_and_bad_output_dir(tmp_path):
 
     assert main(["demo", "--out", str(tmp_path / "taken")]) == 2  # refuses to overwrite, nothing touched
     assert (tmp_path / "taken" / "file").read_text() == "user data"
-
-
-def test_demo_trains_predicts_an_unseen_slide_and_writes_results(tmp_path, capsys):
-    from hespotex.cli import main
-
-    assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
-    printed = capsys.readouterr().out
-    assert "prediction.zarr" in printed
-    metrics = pd.read_csv(tmp_path / "demo" / "metrics.csv")
-    assert metrics["pearson_mean"].iat[0] > 0.1  # synthetic expression follows the image; a model that learnt nothing scores ~0
-    sdata = hx.io.read_zarr(tmp_path / "demo" / "prediction.zarr")
-    pred = sdata["hespotex"]
-    assert pred.layers["hespotex"].shape == (pred.n_obs, 100) and "measured" in pred.layers
-    model = hx.tl.HESpotEx.load(tmp_path / "demo" / "model")
-    assert model.train_samples_ and "synthetic_test" not in model.train_samples_ + model.validation_["samples"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,6 +14,25 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 logger = logging.getLogger("hespotex")
+
+
+@contextlib.contextmanager
+def table_write_options() -> Iterator[None]:
+    """Write AnnData tables (through spatialdata) into zarr v3 stores unsharded, as hespotex always has.
+
+    anndata (0.12.x) warns at every array it writes to a zarr v3 store ("zarr v3 autosharding will be
+    the default in the next minor release") until ``anndata.settings.auto_shard_zarr_v3`` is chosen.
+    hespotex chooses ``False`` for its writes: the stores keep today's layout (one chunk file per chunk,
+    readable by every zarr v3 reader), and zarr's automatic shard shapes, still experimental, stay out.
+    A choice the user made (the setting is not ``None``) is kept.
+    """
+    import anndata
+
+    if getattr(anndata.settings, "auto_shard_zarr_v3", False) is not None:  # chosen by the user, or absent
+        yield
+        return
+    with anndata.settings.override(auto_shard_zarr_v3=False):
+        yield
 
 
 def write_zarr(sdata: SpatialData, path: str | Path, *, overwrite: bool = False) -> None:
@@ -25,7 +46,8 @@ def write_zarr(sdata: SpatialData, path: str | Path, *, overwrite: bool = False)
     if path.exists() and not overwrite:
         msg = f"{str(path)!r} already exists. Pass `overwrite=True` to replace it, or choose another path."
         raise FileExistsError(msg)
-    sdata.write(path, overwrite=overwrite)
+    with table_write_options():
+        sdata.write(path, overwrite=overwrite)
     logger.info("Wrote the sample to %s.", path)
 
 

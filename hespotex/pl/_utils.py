@@ -53,8 +53,10 @@ def _params_for_layer(table: AnnData, layer: str | None) -> tuple[str, dict[str,
     records = {}
     for key, value in table.uns.items():
         params = value.get("params") if isinstance(value, dict) else None
-        if isinstance(params, dict) and params.get("layer", key) in table.layers:
-            records[str(params.get("layer", key))] = dict(params)
+        name = str(params.get("layer", key)) if isinstance(params, dict) else None
+        # the record hx.tl.predict wrote (uns key = layer) wins over others naming the layer (e.g. evaluate's)
+        if name in table.layers and (name not in records or key == name):
+            records[name] = dict(params)
     if layer is not None:
         if layer in records:
             return layer, records[layer]

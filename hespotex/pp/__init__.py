@@ -7,6 +7,7 @@ __getattr__, __dir__, __all__ = attach(
     {
         "select_genes": "_genes",
         "normalize": "_normalize",
+        "log_normalize": "_normalize",
         "spatial_graph": "_graph",
         "extract_patches": "_patches",
         "embed": "_embed",

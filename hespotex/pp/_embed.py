@@ -262,8 +262,8 @@ def embed(
             logger.info("Loaded %d cached embeddings from %s.", len(feats), path)
     if feats is None:
         logger.info(
-            "Embedding %d patches of %.0f µm with %s (level %d, %d px crops -> %d px).",
-            table.n_obs, plan.patch_um, enc.name, plan.level.level, plan.size, enc.input_size,
+            "Embedding %d patches of %.0f µm of %r with %s (level %d, %d px crops -> %d px).",
+            table.n_obs, plan.patch_um, plan.level.image_key, enc.name, plan.level.level, plan.size, enc.input_size,
         )  # fmt: skip
         feats = encode_patches(
             plan, enc, batch_size=batch_size, device=device, tta=tta, stain_views=stain_augment, stain_seed=seed

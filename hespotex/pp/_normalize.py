@@ -54,6 +54,43 @@ def log_expression(adata: AnnData, genes: Sequence[str] | None, *, target_sum: f
     return sub.astype(np.float32).toarray() if dense else sub.astype(np.float32).tocsr()
 
 
+def log_normalize(
+    data: SpatialData | AnnData,
+    genes: Sequence[str] | None = None,
+    *,
+    target_sum: float = 1e4,
+    counts_layer: str = "counts",
+    dense: bool = True,
+) -> np.ndarray | sp.csr_matrix:
+    """Log-normalised expression of ``genes``, as hespotex scores it, without changing the table.
+
+    The definition of :func:`normalize` (log1p of counts per ``target_sum``, library size over
+    **all** genes of the table, before the gene subset), returned as a matrix: use it for the truth
+    of a comparison, or for the targets of a baseline trained beside HESpotEx.
+
+    Parameters
+    ----------
+    data
+        A sample (its table) or an AnnData: raw counts in ``layers[counts_layer]`` or ``X``, or
+        ``X`` already log-normalised (``uns["log1p"]`` set, e.g. by :func:`normalize`), used as is.
+    genes
+        Genes (columns, in this order); default: every gene of the table.
+    target_sum
+        Counts per spot after scaling (1e4 = CP10k); ignored when ``X`` is already log-normalised.
+    counts_layer
+        Layer holding the raw counts (``X`` when absent).
+    dense
+        Return a dense array; ``False`` returns a CSR matrix.
+
+    Returns
+    -------
+    ``(n_spots, len(genes))`` float32 values. Reads ``X`` or ``layers[counts_layer]`` and ``uns["log1p"]``;
+    writes nothing. A gene missing from the table is a ``KeyError``; values that are neither counts nor
+    log-normalised are a ``ValueError``.
+    """
+    return log_expression(get_table(data), genes, target_sum=target_sum, counts_layer=counts_layer, dense=dense)
+
+
 def is_integer_valued(x) -> bool:
     """Whether a (dense or sparse) matrix holds only finite, non-negative whole numbers: raw counts."""
     data = x.data if sp.issparse(x) else np.asarray(x)

@@ -63,6 +63,7 @@ import numpy as np
 
 from hespotex._sample import SAMPLE_KEY, get_sample_info, get_table, spot_centres
 from hespotex._settings import resolve_device, settings
+from hespotex.io._zarr import table_write_options
 from hespotex.tl._data import GraphData, spatial_blocks
 
 if TYPE_CHECKING:
@@ -759,7 +760,8 @@ def predict_streaming(
     # and the progress arrays are only leftovers, which a rerun deletes.
     if on_disk:  # spatialdata refuses to overwrite an element inside the store it is backed by: remove it first
         _op(_delete, root["tables"], key_added)
-    _op(target.write_element, key_added)
+    with table_write_options():
+        _op(target.write_element, key_added)
     _op(group.attrs.update, {"complete": True})
     _clean_progress(group, path)
     result = _read_result(path, key_added)
