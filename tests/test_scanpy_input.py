@@ -272,3 +272,12 @@ def test_hest_anndata_keeps_uns_images_and_predicts(her2st_c2, tmp_path, trained
     out = hx.tl.predict(read, trained_synthetic["model"], device="cpu", image=image_path, microns_per_pixel=mpp)
     ref = hx.tl.predict(sdata, trained_synthetic["model"], device="cpu")
     np.testing.assert_allclose(out.layers["hespotex"], ref.layers["hespotex"], rtol=1e-5, atol=1e-6)
+
+
+def test_streamed_prediction_of_scanpy_anndata(outs, trained_synthetic, tmp_path):
+    model = trained_synthetic["model"]
+    memory = hx.tl.predict(_read_scanpy(outs), model, device="cpu")
+    adata = _read_scanpy(outs)
+    streamed = hx.tl.predict(adata, model, device="cpu", out=tmp_path / "pred.zarr", chunk_size=40)
+    np.testing.assert_allclose(np.asarray(streamed.layers["hespotex"]), memory.layers["hespotex"], rtol=1e-4, atol=1e-5)
+    assert (tmp_path / "pred.zarr").is_dir() and EMB not in adata.obsm  # streaming leaves the source table as it is
