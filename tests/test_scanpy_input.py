@@ -223,6 +223,9 @@ def test_her2st_scanpy_anndata_predicted_end_to_end(her2st_c2, trained_synthetic
     ref = hx.tl.predict(her2st_c2, model, device="cpu")
 
     adata = _as_scanpy(her2st_c2, image_path)
+    with pytest.raises(ValueError, match=r"square grid .* Pass `microns_per_pixel=`"):  # legacy ST is not Visium
+        hx.tl.predict(adata, model, device="cpu")
+    assert EMB not in adata.obsm
     got = hx.tl.predict(adata, model, device="cpu", image=image_path, microns_per_pixel=mpp)
     np.testing.assert_allclose(got.layers["hespotex"], ref.layers["hespotex"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(adata.obsm[EMB], get_table(her2st_c2).obsm[EMB], atol=1e-5)
@@ -281,3 +284,17 @@ def test_streamed_prediction_of_scanpy_anndata(outs, trained_synthetic, tmp_path
     streamed = hx.tl.predict(adata, model, device="cpu", out=tmp_path / "pred.zarr", chunk_size=40)
     np.testing.assert_allclose(np.asarray(streamed.layers["hespotex"]), memory.layers["hespotex"], rtol=1e-4, atol=1e-5)
     assert (tmp_path / "pred.zarr").is_dir() and EMB not in adata.obsm  # streaming leaves the source table as it is
+
+
+def test_square_grid_tells_legacy_st_from_visium(shared_data):
+    from hespotex.io._scanpy import square_grid
+
+    visium = ad.read_h5ad(shared_data / "squidpy_mouse_brain" / "test_data.h5ad").obsm["spatial"].astype(float)
+    assert not square_grid(visium)
+    theta = np.deg2rad(17.0)  # any rotation of the slide
+    rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+    assert not square_grid(visium @ rot.T)
+    for section in ("C2", "C4"):
+        spots = pd.read_csv(shared_data / "her2st" / "spots" / f"{section}_selection.tsv", sep="\t")
+        xy = spots[["pixel_x", "pixel_y"]].to_numpy(float)
+        assert square_grid(xy) and square_grid(xy @ rot.T)
