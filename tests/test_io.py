@@ -392,7 +392,8 @@ def test_read_hest_tiff_lazy_and_scale_from_scalefactors(tmp_path):
     assert info.microns_per_pixel == pytest.approx(mpp)
     _check_contract(sdata, img)
     uns_spatial = sdata.tables["table"].uns["spatial"]["ST"]
-    assert "images" not in uns_spatial and uns_spatial["scalefactors"]["spot_diameter_fullres"] == pytest.approx(27.5)
+    assert uns_spatial["scalefactors"]["spot_diameter_fullres"] == pytest.approx(27.5)
+    assert uns_spatial["images"]["downscaled_fullres"].shape == (8, 8, 3)  # nothing the file had is lost
 
     sdata = hx.io.read_hest(tmp_path / "SPA1.h5ad", img, microns_per_pixel=1.9, spot_diameter_um=60.0, sample_id="x")
     info = get_sample_info(sdata)

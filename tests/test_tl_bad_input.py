@@ -101,7 +101,7 @@ def test_embeddings_without_record_and_of_the_wrong_width(pair, genes, model, ca
 def test_table_without_embeddings_or_image(pair, genes, model):
     table = _table(pair, 1, genes)
     del table.obsm[EMBEDDING_KEY]
-    with pytest.raises(KeyError, match=r"no image embeddings .* and no image to compute them"):
+    with pytest.raises(ValueError, match=r"no H&E image to cut patches from .*`image=`.*uns\['spatial'\].*hx.pp.embed"):
         hx.tl.predict(table, model, device="cpu")
 
 

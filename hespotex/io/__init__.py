@@ -15,6 +15,7 @@ __getattr__, __dir__, __all__ = attach(
         "read_st": "_st",
         "read_hest": "_hest",
         "from_anndata": "_anndata",
+        "from_scanpy": "_scanpy",
         "build_sample": "_build",
         "read_zarr": "_zarr",
         "write_zarr": "_zarr",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,9 +54,9 @@ def read_hest(
 
     Returns
     -------
-    A sample as :func:`hespotex.io.from_anndata` builds it. The downscaled copies of the image that
-    HEST stores in ``uns["spatial"][library]["images"]`` are left out of the table (the image
-    element replaces them); the scale factors are kept.
+    A sample as :func:`hespotex.io.from_anndata` builds it; the table keeps everything the file had,
+    including the downscaled copies of the image and the scale factors HEST stores in
+    ``uns["spatial"][library]`` (the image element holds ``image`` itself).
     """
     import anndata as ad
 
@@ -90,7 +89,6 @@ def read_hest(
         if spot_diameter_um is None:
             spot_diameter_um = VISIUM_SPOT_DIAMETER_UM
             logger.info("read_hest %s: assuming Visium spots of %g µm.", sample_id, spot_diameter_um)
-    adata.uns = _without_images(adata.uns)
     sdata = from_anndata(
         adata,
         image,
@@ -121,14 +119,3 @@ def _scalefactors(adata: Any) -> dict[str, float]:
                     out[k] = float(value)
             return out
     return {}
-
-
-def _without_images(uns: Any) -> dict[str, Any]:
-    out = dict(uns)
-    spatial = out.get("spatial")
-    if isinstance(spatial, dict):
-        out["spatial"] = {
-            lib: {k: copy.deepcopy(v) for k, v in entry.items() if k != "images"} if isinstance(entry, dict) else entry
-            for lib, entry in spatial.items()
-        }
-    return out

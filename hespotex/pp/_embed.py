@@ -14,9 +14,11 @@ import numpy as np
 
 from hespotex._sample import get_table
 from hespotex._settings import resolve_device, settings
+from hespotex.io._inputs import accepts_anndata
 from hespotex.pp._patches import PatchPlan, plan_patches, resize_batch
 
 if TYPE_CHECKING:
+    from anndata import AnnData
     from spatialdata import SpatialData
 
     from hespotex.pp._encoders import Encoder
@@ -145,8 +147,9 @@ def encode_patches(
     return out if views_out is None else (out, views_out)
 
 
+@accepts_anndata()
 def embed(
-    data: SpatialData,
+    data: SpatialData | AnnData,
     *,
     encoder: str | Any = "efficientnet_lite0.imagenet",
     weights: str | Path | None = None,
@@ -160,6 +163,9 @@ def embed(
     overwrite: bool = False,
     tta: bool = False,
     stain_augment: int = 0,
+    image: Any = None,
+    microns_per_pixel: float | None = None,
+    library_id: str | None = None,
 ) -> None:
     """Embed the H&E patch under every spot with a frozen image encoder.
 
@@ -170,7 +176,11 @@ def embed(
     Parameters
     ----------
     data
-        A sample with its H&E image (SpatialData).
+        A sample with its H&E image (SpatialData), or an AnnData in the scanpy / squidpy Visium or HEST
+        convention (image and scale factors in ``uns["spatial"][library_id]``, ``obsm["spatial"]`` in
+        full-resolution pixels; read through :func:`hespotex.io.from_scanpy`, highest resolution first). The
+        AnnData itself receives what is written; without any image a ``ValueError`` names the three ways to
+        supply one.
     encoder
         A timm architecture name (random init, seeded), ``"efficientnet_lite0.imagenet"`` (real
         ImageNet weights, offline), an ``hf-hub:`` id, a pathology encoder of LazySlide's zoo
@@ -211,6 +221,10 @@ def embed(
         in HED colour space with mild brightness/contrast changes, drawn from ``seed`` per (view,
         spot) (:mod:`hespotex.pp._stain_augment`). ``stain_augment + 1`` times the encoder work,
         once: the views are cached with the embeddings. ``obsm[key_added]`` stays the clean embedding.
+    image, microns_per_pixel, library_id
+        AnnData input only (see :func:`hespotex.io.from_scanpy`): the full-resolution H&E image (path or
+        array) in the pixels of ``obsm["spatial"]``, its µm per pixel when ``spot_diameter_fullres`` cannot
+        give it, and the ``uns["spatial"]`` library to read when there are several.
 
     Returns
     -------
@@ -219,7 +233,8 @@ def embed(
     encoder, input size, pyramid level, cache key and, for zoo encoders, ``encoder_entry``: name,
     source, version, native µm/px, hub id). With ``stain_augment``, also
     ``obsm[f"{key_added}_stain_views"]`` (``n_spots x stain_augment x n_features``) and
-    ``"stain_augment"`` (views, seed, method, ranges) in the record.
+    ``"stain_augment"`` (views, seed, method, ranges) in the record. These are all the entries written,
+    to the SpatialData's table or to the AnnData passed (nothing else of it changes).
     """
     from hespotex.pp._encoders import load_encoder
 

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from hespotex._sample import SAMPLE_KEY, get_table
+from hespotex.io._inputs import accepts_anndata
 from hespotex.pp._targets import TARGET_NORMS, target_expression
 from hespotex.tl._data import EMBEDDING_KEY, graph_data
 from hespotex.tl._model import HESpotEx
@@ -43,6 +44,7 @@ def _check_embedding(model: HESpotEx, record: dict[str, Any]) -> None:
         raise ValueError(msg)
 
 
+@accepts_anndata(reads="embedding_key")
 def predict(
     data: Any,
     model: HESpotEx | str,
@@ -54,6 +56,9 @@ def predict(
     max_nodes: int = 50_000,
     out: str | Path | None = None,
     chunk_size: int | None = None,
+    image: Any = None,
+    microns_per_pixel: float | None = None,
+    library_id: str | None = None,
 ):
     """Predict the expression of the model's genes at every spot (or tile) from the H&E image.
 
@@ -69,7 +74,11 @@ def predict(
     Parameters
     ----------
     data
-        A SpatialData sample or its table (AnnData with embeddings and ``obsm["spatial"]``).
+        A SpatialData sample; or an AnnData: one carrying embeddings in ``obsm[embedding_key]`` and
+        ``obsm["spatial"]`` (used as is), or one in the scanpy / squidpy Visium or HEST convention (image
+        and scale factors in ``uns["spatial"][library_id]``, ``obsm["spatial"]`` in full-resolution
+        pixels; embedded on the fly through :func:`hespotex.io.from_scanpy`, highest resolution first). An
+        AnnData without embeddings or image gets a ``ValueError`` naming the three ways to supply one.
     model
         A trained :class:`HESpotEx` or :class:`~hespotex.tl.HESpotExEnsemble`, or the folder of a saved one.
     key_added
@@ -91,6 +100,10 @@ def predict(
         Streaming only: spots per chunk of embeddings and per graph block (before its halo),
         default 10,000; expression rows are written at most ``chunk_size`` and ~64 MB at a time. A
         resumed run keeps the chunk size it was started with.
+    image, microns_per_pixel, library_id
+        AnnData input without embeddings only (see :func:`hespotex.io.from_scanpy`): the full-resolution
+        H&E image (path or array) in the pixels of ``obsm["spatial"]``, its µm per pixel when
+        ``spot_diameter_fullres`` cannot give it, and the ``uns["spatial"]`` library to read.
 
     Returns
     -------
@@ -114,6 +127,17 @@ def predict(
     ``sdata.tables[key_added]``. ``uns[key_added]["params"]`` adds ``"stream"`` (store, chunk size)
     and ``"source"`` (where the image is). The source table is not modified (embeddings computed
     while streaming are not stored in its ``obsm``).
+
+    Embedding on the fly (in memory, no ``obsm[embedding_key]`` yet) also writes to the table (the
+    sample's, or the AnnData passed), with the model's encoder and patch size (see :func:`hespotex.pp.embed`):
+
+    - ``obsm[embedding_key]``: the image embeddings, spots × encoder features (float32);
+    - ``uns["hespotex_embed"][embedding_key]``: their record (encoder, encoder id, patch size in µm,
+      µm/px seen, input size, pyramid level, cache key, registry entry, TTA).
+
+    For an AnnData in the scanpy convention the prediction runs on a sample built from it and every
+    entry listed here is written back to the AnnData passed; when its genes are the model's it is the
+    AnnData returned.
     """
     if isinstance(model, str | Path):
         from hespotex.tl._ensemble import load_model
