@@ -199,7 +199,7 @@ def predict_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     """``hespotex predict``: one slide in-process, several through :func:`hespotex.tl.predict_slides`."""
     import pandas as pd
 
-    from hespotex.tl._cohort import COLUMNS, predict_slides, run_slide, slide_name
+    from hespotex.tl.prediction._cohort import COLUMNS, predict_slides, run_slide, slide_name
 
     model = Path(args.model)
     problem = _output_problem(Path(args.out), "--out", kind="a folder")
@@ -314,7 +314,7 @@ def train_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error(problem)
     if out.exists():  # checked before training: a folder hespotex did not write is refused, --overwrite or not
         from hespotex import _ownership
-        from hespotex.tl._model import SETUP_FILE, WEIGHTS_FILE
+        from hespotex.tl.model._model import SETUP_FILE, WEIGHTS_FILE
 
         _ownership.check_replaceable(
             out, "model", what="hespotex model folder", option="--overwrite", legacy=(WEIGHTS_FILE, SETUP_FILE)

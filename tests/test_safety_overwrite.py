@@ -179,7 +179,7 @@ def test_ownership_temporary_names_are_unique(tmp_path):
 
 
 def test_cohort_folder_gets_the_marker_and_keeps_foreign_files(tmp_path):
-    from hespotex.tl._cohort import _prepare_out, _unlink_record
+    from hespotex.tl.prediction._cohort import _prepare_out, _unlink_record
 
     new = tmp_path / "cohort"
     _prepare_out(new)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import hespotex as hx
-from hespotex.tl import _cohort, _stream
+from hespotex.tl.prediction import _cohort, _stream
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 N_SPOTS, CHUNK = 150, 64

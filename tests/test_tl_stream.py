@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import hespotex as hx
-from hespotex.tl import _stream
+from hespotex.tl.prediction import _stream
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 N_SPOTS = 300
@@ -265,7 +265,7 @@ def test_streamed_blocks_equal_a_whole_slide_pass(options):
     whole-slide prediction for every kind of decoder (GCN's normalisation needs one ring more)."""
     from hespotex.models import HESpotExNet
     from hespotex.models._config import ModelConfig
-    from hespotex.tl._data import GraphData
+    from hespotex.tl.model._data import GraphData
 
     rng = np.random.default_rng(0)
     xy = np.stack(np.meshgrid(np.arange(20), np.arange(20)), -1).reshape(-1, 2) * 100.0

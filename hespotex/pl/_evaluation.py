@@ -182,7 +182,7 @@ def evaluation(
             raise ValueError(msg)
     table = pred = y = scores = computed = None
     if source == "table":
-        from hespotex.tl._metrics import gene_scores
+        from hespotex.tl.evaluation._metrics import gene_scores
 
         table = _prediction_table(data, layer, table_key)
         pred = np.asarray(table.layers[layer], dtype=np.float32)

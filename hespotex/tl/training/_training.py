@@ -12,10 +12,11 @@ import numpy as np
 
 from hespotex._settings import settings
 from hespotex.pp._stain_augment import sample_views
-from hespotex.tl._data import GraphData, induced_edges, spatial_blocks
+from hespotex.tl.model._data import GraphData, induced_edges, spatial_blocks
+from hespotex.tl.training._collectives import restore_grad_flags, trainable_only
 
 if TYPE_CHECKING:
-    from hespotex.tl._distributed import Context
+    from hespotex.tl.training._collectives import Context
 
 logger = logging.getLogger("hespotex")
 
@@ -158,7 +159,7 @@ def pretrain_autoencoder(
 
     It depends only on the expression, its graph and the autoencoder's settings, so its result
     is kept in memory for this process and reused (e.g. by the two encoders of a benchmark fold).
-    With ``distributed`` (a :class:`hespotex.tl._distributed.Context`) every rank trains on its
+    With ``distributed`` (a :class:`hespotex.tl.training._collectives.Context`) every rank trains on its
     shard of the blocks and ``DistributedDataParallel`` averages the gradients.
     """
     import torch
@@ -177,7 +178,6 @@ def pretrain_autoencoder(
     opt = torch.optim.Adam(params, lr=cfg.ae_lr, weight_decay=cfg.ae_weight_decay)
     step, flags = net.autoencoder_loss, None
     if distributed is not None:
-        from hespotex.tl._distributed import trainable_only
 
         flags = trainable_only(net, params)
         step = distributed.wrap(net, "autoencoder_loss")
@@ -198,7 +198,6 @@ def pretrain_autoencoder(
     finally:
         if flags is not None:
             del step  # the DDP wrapper and its gradient hooks
-            from hespotex.tl._distributed import restore_grad_flags
 
             restore_grad_flags(flags)
     if len(_AE_CACHE) >= _AE_CACHE_SIZE:
@@ -222,7 +221,7 @@ def fit_net(
     ``validate(net)`` returns a score (higher is better) on held-out validation spots; the best
     epoch's weights are restored. Returns the per-epoch history.
 
-    With ``distributed`` (a :class:`hespotex.tl._distributed.Context`, process group running)
+    With ``distributed`` (a :class:`hespotex.tl.training._collectives.Context`, process group running)
     this process is one rank of data-parallel training: it trains on its shard of the blocks each
     epoch, ``DistributedDataParallel`` averages the gradients, the history holds the losses
     averaged over ranks, and ``validate`` must return the same score on every rank (it decides
@@ -255,7 +254,6 @@ def fit_net(
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         step, flags = net.loss, None
         if distributed is not None:
-            from hespotex.tl._distributed import restore_grad_flags, trainable_only
 
             flags = trainable_only(net, params)
             step = distributed.wrap(net, "loss")

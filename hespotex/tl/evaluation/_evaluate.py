@@ -12,7 +12,7 @@ import pandas as pd
 from hespotex._sample import as_sample_dict, get_table
 from hespotex.pp._normalize import log_expression
 from hespotex.pp._targets import target_expression
-from hespotex.tl._metrics import gene_scores, summarize, top_genes
+from hespotex.tl.evaluation._metrics import gene_scores, summarize, top_genes
 
 logger = logging.getLogger("hespotex")
 
@@ -67,7 +67,7 @@ def evaluate(
     ``truth_constant``, ``prediction_constant``; with ``groups`` a tidy table with a ``sample``
     column). Writes ``uns[key_added]`` with ``per_gene`` (that table), ``summary`` (mean Pearson over
     all / top-``k`` HVG / top-``k`` HEG genes, MSE, number of genes with significantly positive
-    correlation, see :func:`hespotex.tl._metrics.summarize`) and ``params``.
+    correlation, see :func:`hespotex.tl.evaluation._metrics.summarize`) and ``params``.
 
     A gene predicted as a constant scores 0 in every mean (it is not dropped); a gene whose measured
     expression is constant on these spots has no defined correlation and is counted apart

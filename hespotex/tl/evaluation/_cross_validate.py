@@ -12,12 +12,12 @@ import pandas as pd
 
 from hespotex._sample import as_sample_dict, get_table
 from hespotex.pp._genes import select_genes, shared_genes
-from hespotex.tl._data import EMBEDDING_KEY, GraphData, graph_data
-from hespotex.tl._evaluate import rank_genes
-from hespotex.tl._metrics import gene_scores, truth_constant_genes
-from hespotex.tl._peers import PEER_METHODS, peer_predictions
-from hespotex.tl._train import ensure_embeddings, train
-from hespotex.tl._tune import DEFAULT_GRIDS, tune_baseline
+from hespotex.tl.evaluation._evaluate import rank_genes
+from hespotex.tl.evaluation._metrics import gene_scores, truth_constant_genes
+from hespotex.tl.evaluation._peers import PEER_METHODS, peer_predictions
+from hespotex.tl.model._data import EMBEDDING_KEY, GraphData, graph_data
+from hespotex.tl.training._train import ensure_embeddings, train
+from hespotex.tl.training._tune import DEFAULT_GRIDS, tune_baseline
 
 logger = logging.getLogger("hespotex")
 
@@ -102,7 +102,7 @@ def cross_validate(
         (ablations), and the baselines ``"ridge"`` (HEST-Benchmark), ``"mlp"`` (ST-Net style head),
         ``"retrieval"`` (BLEEP-style nearest neighbours) on the same genes and embeddings, and the
         pretrained peer ``"stpath"`` (needs ``"gigapath"`` embeddings and STPath's weights; see
-        :mod:`hespotex.tl._peers`).
+        :mod:`hespotex.tl.evaluation._peers`).
     smoothed
         Also score every baseline after spatial smoothing over ``smooth_neighbors`` nearest spots
         (method ``"<name>+smooth"``).
@@ -122,7 +122,7 @@ def cross_validate(
         ``{"stpath": {"model_path": "stfm.pth", "gene_voc_path": "symbol2ensembl.json"}}``.
     tune_baselines
         Choose ridge α and retrieval k by leave-one-training-section-out on the training samples of
-        each fold (:func:`hespotex.tl._tune.tune_baseline`), separately for the raw and the smoothed
+        each fold (:func:`hespotex.tl.training._tune.tune_baseline`), separately for the raw and the smoothed
         variant; the chosen value is in column ``chosen``. Needs 2 or more training samples.
 
     Returns
@@ -130,11 +130,11 @@ def cross_validate(
     A tidy table, one row per fold, test sample, method and gene: ``fold``, ``test_sample``,
     ``method``, ``gene``, ``pearson``, ``pvalue``, ``mse``, ``mean_true``, ``var_true``,
     ``n_spots``, ``truth_constant``, ``prediction_constant``, ``in_hvg``, ``in_heg``, ``in_<panel>``,
-    ``fit_seconds`` (see :func:`hespotex.tl._metrics.gene_scores`). Summarise with :func:`summarize_cv`.
+    ``fit_seconds`` (see :func:`hespotex.tl.evaluation._metrics.gene_scores`). Summarise with :func:`summarize_cv`.
     """
     from hespotex.pp._graph import knn_graph
-    from hespotex.tl._baselines import make_baseline, smooth
-    from hespotex.tl._train import split_validation
+    from hespotex.tl.evaluation._baselines import make_baseline, smooth
+    from hespotex.tl.training._train import split_validation
 
     named = as_sample_dict(samples)
     names = list(named)
@@ -237,7 +237,7 @@ def _check_cv_samples(tables: Mapping[str, Any], specs, *, genes, smooth_neighbo
 def _tuned_variants(kind, label, train_data, test_data, *, smoothed, k, seed, kwargs):
     """Raw (and smoothed) predictions of a baseline tuned by leave-one-training-section-out, each variant tuned for itself."""
     from hespotex.pp._graph import knn_graph
-    from hespotex.tl._baselines import smooth
+    from hespotex.tl.evaluation._baselines import smooth
 
     sections = {n: (d.emb, d.expr, d.coords_um) for n, d in train_data.items()}
     variants, chosen = [], {}
@@ -275,7 +275,7 @@ def summarize_cv(table: pd.DataFrame, *, panels: Sequence[str] = ("hvg", "heg"),
 
     Genes whose truth is constant on the test sample have no correlation (``NaN``): they are left out
     of a fold's means and counted in ``n_truth_constant``; genes predicted as a constant score 0
-    (see :mod:`hespotex.tl._metrics`).
+    (see :mod:`hespotex.tl.evaluation._metrics`).
 
     The mean over folds is taken over every fold of the table (any method's). A method that lacks a
     fold, or whose score for a fold is ``NaN`` (e.g. every gene of a panel constant in that test

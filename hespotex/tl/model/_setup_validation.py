@@ -31,10 +31,12 @@ from typing import Any
 import numpy as np
 
 from hespotex.pp._genes import gene_hash
-from hespotex.tl._model import FORMAT_VERSION
 
 __all__ = ["SETUP_FIELDS", "Field", "check_header", "expected_tensors", "read_header", "read_weights", "validate_setup"]
 
+FORMAT_VERSION = 1  # of a saved model folder (setup.json "format_version")
+WEIGHTS_FILE = "model.safetensors"
+SETUP_FILE = "setup.json"
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on the JSON header
 
 
@@ -322,3 +324,25 @@ def as_array(tensor: Any) -> np.ndarray:
     """A writable numpy copy of a CPU tensor (not a view of the file's bytes)."""
     return np.array(tensor.numpy(), copy=True)
 
+
+def versions() -> dict[str, str]:
+    """Versions of hespotex and its model libraries, recorded in ``setup.json``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("hespotex", "torch", "torch-geometric", "timm"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "unknown"
+    return out
+
+
+def json_default(value: Any) -> Any:
+    """JSON form of the numpy values in a setup record."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    msg = f"Cannot store {type(value).__name__} in setup.json."
+    raise TypeError(msg)

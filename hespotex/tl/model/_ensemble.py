@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from hespotex.tl._model import HESpotEx
+from hespotex.tl.model._model import HESpotEx
 
 logger = logging.getLogger("hespotex")
 

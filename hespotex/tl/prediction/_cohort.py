@@ -88,7 +88,7 @@ def _store_complete(path: Path, key: str) -> bool:
     """Whether the streamed predictions ``key`` in the store ``path`` are committed (and their table is there)."""
     import zarr
 
-    from hespotex.tl._stream import PROGRESS_GROUP
+    from hespotex.tl.prediction._stream import PROGRESS_GROUP
 
     try:
         root = zarr.open_group(path, mode="r", use_consolidated=False)
@@ -145,7 +145,7 @@ def _error_message(err: BaseException) -> str:
 
 
 def _load_model(model_dir: str):
-    from hespotex.tl._model import HESpotEx
+    from hespotex.tl.model._model import HESpotEx
 
     key = (str(Path(model_dir).resolve()), (Path(model_dir) / "setup.json").stat().st_mtime)
     if key not in _MODELS:
@@ -376,7 +376,7 @@ def _check_paths(paths: Iterable[str | Path]) -> dict[str, Path]:
 
 def _model_folder(model: Any, out: Path) -> tuple[Path, Any]:
     """The model as a folder every worker can read (a model object is saved under ``out/.model``)."""
-    from hespotex.tl._model import HESpotEx
+    from hespotex.tl.model._model import HESpotEx
 
     if hasattr(model, "members") or (isinstance(model, str | Path) and (Path(model) / "ensemble.json").is_file()):
         msg = "Cohort prediction streams each slide, which ensembles do not support yet; pass one HESpotEx (e.g. `model.members[0]`)."

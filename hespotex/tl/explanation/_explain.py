@@ -29,8 +29,8 @@ import pandas as pd
 
 from hespotex._sample import SAMPLE_KEY, get_sample_info, get_table
 from hespotex._settings import resolve_device, settings
-from hespotex.tl._data import EMBEDDING_KEY, graph_data, induced_edges, k_hop_halo
-from hespotex.tl._model import HESpotEx
+from hespotex.tl.model._data import EMBEDDING_KEY, graph_data, induced_edges, k_hop_halo
+from hespotex.tl.model._model import HESpotEx
 
 if TYPE_CHECKING:
     import torch
@@ -538,7 +538,7 @@ def _neighbour_attributions(
 
 
 def _prepare(data: Any, model: HESpotEx | str, genes: Any, signature: Any, embedding_key: str, device: str | None):
-    from hespotex.tl._predict import _check_embedding
+    from hespotex.tl.prediction._checks import check_embedding
 
     if hasattr(model, "members"):
         msg = "`explain` takes one HESpotEx; for an ensemble, explain a member (`model.members[i]`)."
@@ -550,7 +550,7 @@ def _prepare(data: Any, model: HESpotEx | str, genes: Any, signature: Any, embed
     names, weights = _resolve_score(model, genes, signature)
     record = table.uns.get(EMBED_RECORD_KEY, {}).get(embedding_key)
     if record is not None:
-        _check_embedding(model, record)
+        check_embedding(model, record)
     scorer = _Scorer(model, table, embedding_key, names, weights, resolve_device(device))
     return model, table, names, weights, scorer
 

@@ -11,8 +11,8 @@ import numpy as np
 
 from hespotex._sample import as_sample_dict, get_table
 from hespotex.pp._embed import EMBED_KEY
-from hespotex.tl._data import EMBEDDING_KEY, GraphData, graph_data, spatial_block_mask
-from hespotex.tl._model import HESpotEx
+from hespotex.tl.model._data import EMBEDDING_KEY, GraphData, graph_data, spatial_block_mask
+from hespotex.tl.model._model import HESpotEx
 
 logger = logging.getLogger("hespotex")
 
@@ -85,7 +85,7 @@ def stain_views(tables: dict[str, Any], records: dict[str, dict[str, Any]], embe
     return {**dict(first), "key": key}
 
 
-def _same_embedding(a: dict[str, Any], b: dict[str, Any]) -> bool:
+def same_embedding(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return (
         a.get("encoder_id") == b.get("encoder_id")
         and np.isclose(a.get("patch_um", 0.0), b.get("patch_um", 0.0))
@@ -248,12 +248,12 @@ def train(
     from hespotex.pp._genes import select_genes
     from hespotex.pp._stain import check_embedding_norm
     from hespotex.pp._targets import check_target_norm
-    from hespotex.tl._distributed import check_strategy
+    from hespotex.tl.training._distributed import check_strategy
 
     check_strategy(strategy, n_processes, backend)
     check_target_norm(target_norm)
     if ensemble:
-        from hespotex.tl._ensemble import train_ensemble
+        from hespotex.tl.model._ensemble import train_ensemble
 
         if not (isinstance(validation, str) and validation == "auto"):
             msg = f"ensemble=True holds out each sample in turn for early stopping; leave validation='auto' (found {validation!r})."
@@ -277,7 +277,7 @@ def train(
     }  # fmt: skip
     first = records[names[0]]
     for n, r in records.items():
-        if not _same_embedding(first, r):
+        if not same_embedding(first, r):
             msg = (
                 f"Samples were embedded differently: {names[0]!r} with {first.get('encoder_id')} at {first.get('patch_um')} µm, "
                 f"{n!r} with {r.get('encoder_id')} at {r.get('patch_um')} µm. Re-embed them with one encoder and patch size."

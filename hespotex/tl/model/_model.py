@@ -15,27 +15,13 @@ import numpy as np
 from hespotex._settings import resolve_device
 from hespotex.models._config import ModelConfig  # re-exported as hx.tl.ModelConfig (no torch import)
 from hespotex.pp._genes import gene_hash
-from hespotex.tl._data import GraphData, induced_edges, k_hop_halo, spatial_blocks
+from hespotex.tl.model._data import GraphData, induced_edges, k_hop_halo, spatial_blocks
+from hespotex.tl.model._setup_validation import FORMAT_VERSION, SETUP_FILE, WEIGHTS_FILE, json_default, versions
 
 logger = logging.getLogger("hespotex")
 
 __all__ = ["HESpotEx", "ModelConfig"]
 
-FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
-SETUP_FILE = "setup.json"
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("hespotex", "torch", "torch-geometric", "timm"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "unknown"
-    return out
 
 
 def embedding_scale(emb: np.ndarray, *, floor: float = 0.1) -> np.ndarray:
@@ -164,8 +150,8 @@ class HESpotEx:
         (see :func:`hespotex.tl.train`); ``train_strategy_`` records how the model was trained.
         """
         from hespotex.models import HESpotExNet
-        from hespotex.tl._distributed import check_strategy
-        from hespotex.tl._training import fit_net
+        from hespotex.tl.training._distributed import check_strategy
+        from hespotex.tl.training._training import fit_net
 
         check_strategy(strategy, n_processes, backend)
         seed = self.config.seed if seed is None else seed
@@ -179,7 +165,7 @@ class HESpotEx:
         self._start_at_training_means(train)
         dev = resolve_device(device)
         if strategy == "ddp":
-            from hespotex.tl._distributed import fit_distributed
+            from hespotex.tl.training._distributed import fit_distributed
 
             self.history_, self.train_strategy_ = fit_distributed(
                 self, train, validation, device=dev, max_nodes=max_nodes, seed=seed, n_processes=n_processes, backend=backend
@@ -190,7 +176,7 @@ class HESpotEx:
             return self
 
         def validate(net) -> float:
-            from hespotex.tl._metrics import pearson_per_gene
+            from hespotex.tl.evaluation._metrics import pearson_per_gene
 
             scores = []
             for s, mask in validation:
@@ -253,7 +239,7 @@ class HESpotEx:
         decoder's input to its gene head, ``None`` without a decoder) and ``"attention"``
         ``(targets, sources, weights)`` of the edges into core spots, or ``None``. The gene heads are
         skipped there (the expression is ``direct_head(latent) + decoder.gene_head(features)``, see
-        :func:`hespotex.tl._stream.gene_heads`), so a block never holds spots × genes.
+        :func:`hespotex.tl.prediction._stream.gene_heads`), so a block never holds spots × genes.
         """
         self._check_trained()
         if sample.emb.shape[1] != len(self.embedding_mean_):
@@ -381,7 +367,7 @@ class HESpotEx:
         """Everything but the weights, as JSON-safe values (what :meth:`save` writes to ``setup.json``)."""
         return {
             "format_version": FORMAT_VERSION,
-            "versions": _versions(),
+            "versions": versions(),
             "genes": self.genes,
             "gene_hash": gene_hash(self.genes),
             "gene_selection": self.gene_selection,
@@ -431,7 +417,7 @@ class HESpotEx:
             tensors["setup.embedding_scale"] = torch.from_numpy(self.embedding_scale_)
             save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "hespotex", "format_version": str(FORMAT_VERSION)})
             os.chmod(tmp / WEIGHTS_FILE, 0o666 & ~_ownership.umask())  # safetensors writes 0600: the user's umask
-            (tmp / SETUP_FILE).write_text(json.dumps(self.setup_dict(), indent=1, default=_json_default))
+            (tmp / SETUP_FILE).write_text(json.dumps(self.setup_dict(), indent=1, default=json_default))
             _ownership.mark(tmp, "model")
             _ownership.commit_dir(tmp, path)
         finally:
@@ -444,14 +430,14 @@ class HESpotEx:
     def load(cls, path: str | Path) -> HESpotEx:
         """Load a model saved with :meth:`save` (weights through safetensors: no pickle is run).
 
-        Checked before anything is allocated (:mod:`hespotex.tl._setup_validation`): every field of
+        Checked before anything is allocated (:mod:`hespotex.tl.model._setup_validation`): every field of
         ``setup.json`` (types, required fields, bounds), its ``gene_hash`` against the gene names, the
         tensor shapes in the safetensors header against the network the setup describes. The weights
         are then read fully into memory (replacing or truncating the file later does not affect the
         loaded model) and refused when any is NaN or infinite or the embedding scale is not positive.
         """
         from hespotex.models import HESpotExNet
-        from hespotex.tl._setup_validation import as_array, load_checked
+        from hespotex.tl.model._setup_validation import as_array, load_checked
 
         path = Path(path)
         missing = [f for f in (WEIGHTS_FILE, SETUP_FILE) if not (path / f).is_file()]
@@ -495,7 +481,7 @@ class HESpotEx:
         import hashlib
 
         self._check_trained()
-        h = hashlib.sha256(json.dumps({k: v for k, v in self.setup_dict().items() if k not in ("history", "versions", "train_strategy")}, sort_keys=True, default=_json_default).encode())
+        h = hashlib.sha256(json.dumps({k: v for k, v in self.setup_dict().items() if k not in ("history", "versions", "train_strategy")}, sort_keys=True, default=json_default).encode())
         for k, v in sorted(self.module_.state_dict().items()):
             h.update(k.encode())
             h.update(v.detach().cpu().contiguous().numpy().tobytes())
@@ -506,12 +492,3 @@ class HESpotEx:
         """Number of parameters of the network."""
         self._check_trained()
         return sum(p.numel() for p in self.module_.parameters())
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    msg = f"Cannot store {type(value).__name__} in setup.json."
-    raise TypeError(msg)

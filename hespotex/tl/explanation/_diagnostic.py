@@ -314,7 +314,7 @@ def diagnostic_patches(
         A trained :class:`~hespotex.tl.HESpotEx`, needed only for ``saliency``.
     saliency
         Also compute pixel saliency (integrated gradients through the encoder,
-        :func:`hespotex.tl._explain.patch_saliency`) of the programme on each patch. For a label, the
+        :func:`hespotex.tl.explanation._explain.patch_saliency`) of the programme on each patch. For a label, the
         programme explained is the label's ten marker genes (highest mean z-scored expression in the
         label vs the other spots, from ``layer`` restricted to the model's genes).
     patch_um, size
@@ -530,7 +530,7 @@ def _saliency(
     params: dict[str, Any],
 ) -> np.ndarray:
     """Saliency of each chosen patch for its group's programme, resized to the crops."""
-    from hespotex.tl._explain import patch_saliency
+    from hespotex.tl.explanation._explain import patch_saliency
 
     if not signatures:  # labels: explain each label's marker genes (from the model's genes)
         genes = list(model.genes)
@@ -559,6 +559,6 @@ def _saliency(
             )
         out[rows] = np.clip(sal, 0.0, 1.0)
     params["saliency_method"] = (
-        "integrated gradients through the encoder (hespotex.tl._explain.patch_saliency, n_steps=32)"
+        "integrated gradients through the encoder (hespotex.tl.explanation._explain.patch_saliency, n_steps=32)"
     )
     return out

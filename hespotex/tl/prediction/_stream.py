@@ -63,13 +63,13 @@ import numpy as np
 
 from hespotex._sample import SAMPLE_KEY, get_sample_info, get_table, spot_centres
 from hespotex._settings import resolve_device, settings
-from hespotex.tl._data import GraphData, spatial_blocks
+from hespotex.tl.model._data import GraphData, spatial_blocks
 
 if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
 
-    from hespotex.tl._model import HESpotEx
+    from hespotex.tl.model._model import HESpotEx
 
 logger = logging.getLogger("hespotex")
 
@@ -107,7 +107,7 @@ class ZarrRows:
 
 
 def bounded_blocks(coords: np.ndarray, max_nodes: int) -> list[np.ndarray]:
-    """:func:`~hespotex.tl._data.spatial_blocks`, with blocks of more than 1.5 × ``max_nodes`` spots
+    """:func:`~hespotex.tl.model._data.spatial_blocks`, with blocks of more than 1.5 × ``max_nodes`` spots
     (uneven tissue) split again, so every block's memory is bounded."""
     out = []
     for block in spatial_blocks(coords, max_nodes):
@@ -502,7 +502,7 @@ def _expression_stage(
     """Stage 3: expression in table order, whole zarr chunks per step, with done markers."""
     from tqdm.auto import tqdm
 
-    from hespotex.tl._predict import check_finite_predictions
+    from hespotex.tl.prediction._checks import check_finite_predictions
 
     n, n_genes = len(latent), len(model.genes)
     expr = _array(group, "expression", (n, n_genes), (rows, n_genes), done="expression_done")
@@ -574,8 +574,9 @@ def predict_streaming(
     from hespotex.pp._embed import cache_key
     from hespotex.pp._encoders import load_encoder
     from hespotex.pp._patches import plan_patches
-    from hespotex.tl._data import embeddings
-    from hespotex.tl._predict import _check_embedding, prediction_params
+    from hespotex.tl.model._data import embeddings
+    from hespotex.tl.prediction._checks import check_embedding
+    from hespotex.tl.prediction._tables import prediction_params
 
     if isinstance(sdata, AnnData) or not hasattr(sdata, "tables"):
         msg = f"Streaming prediction (`out=`) writes a SpatialData zarr and needs the SpatialData sample, found {type(sdata).__name__}."
@@ -620,7 +621,7 @@ def predict_streaming(
         msg = f"This sample has neither image embeddings in obsm[{embedding_key!r}] nor its image to compute them. Read the sample with its image."
         raise KeyError(msg)
     if stored_emb:
-        from hespotex.tl._train import ensure_embeddings
+        from hespotex.tl.training._train import ensure_embeddings
 
         record = ensure_embeddings(sdata, embedding_key=embedding_key)
     else:
@@ -637,7 +638,7 @@ def predict_streaming(
             "cache_key": cache_key(plan, encoder, tta=bool(embed_params.get("tta"))),
             **({"tta": embed_params["tta"]} if embed_params.get("tta") else {}),
         }
-    _check_embedding(model, record)
+    check_embedding(model, record)
 
     slide = _slide_identity(table, info.sample_id, plan)
     model_id = model.model_id

@@ -1,0 +1,40 @@
+"""Prediction tables: what ``hx.tl.predict`` records with a prediction (``uns[key_added]["params"]``) and how
+every reader (attention, diagnostic patches, evaluation, plots) finds the prediction table, layer and record."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from hespotex.pp._targets import TARGET_NORMS
+
+if TYPE_CHECKING:
+    from hespotex.tl.model._model import HESpotEx
+
+PREDICTION_KEY = "hespotex"  # default key_added of hx.tl.predict: layer, table and uns entry
+
+
+def prediction_params(
+    model: HESpotEx, embed_params: dict[str, Any], *, key_added: str, attention: bool
+) -> dict[str, Any]:
+    """``uns[key_added]["params"]`` of a prediction: model id, genes hash, encoder, patch size, seed, config, versions, keys."""
+    setup = model.setup_dict()
+    return {
+        "model_id": model.model_id,
+        "genes_hash": setup["gene_hash"],
+        "n_genes": len(model.genes),
+        "encoder": embed_params.get("encoder"),
+        "encoder_id": embed_params.get("encoder_id"),
+        "patch_um": embed_params.get("patch_um"),
+        "seed": model.config.seed,
+        "target_sum": model.target_sum,
+        "target_norm": model.target_norm,
+        "target": TARGET_NORMS[model.target_norm],
+        "embedding_norm": model.embedding_norm,
+        "tta": model.embedding.get("tta"),
+        "stain_augment_views": int((model.stain_augment or {}).get("n_views", 0)),  # 0: trained on clean embeddings only
+        "config": setup["config"],
+        "versions": setup["versions"],
+        "layer": key_added,
+        "latent_key": f"X_{key_added}",
+        "attention_key": f"{key_added}_attention" if attention else None,
+    }
