@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from hespotex._sample import get_table
 from hespotex.pp._targets import TARGET_NORMS
 
 if TYPE_CHECKING:
+    from anndata import AnnData
+
     from hespotex.tl.model._model import HESpotEx
 
 PREDICTION_KEY = "hespotex"  # default key_added of hx.tl.predict: layer, table and uns entry
@@ -38,3 +41,14 @@ def prediction_params(
         "latent_key": f"X_{key_added}",
         "attention_key": f"{key_added}_attention" if attention else None,
     }
+
+
+def spot_tables(data: Any) -> list[tuple[str, AnnData]]:
+    """The sample's spot table first, then other tables of the same spots (e.g. ``tables["hespotex"]`` from predict)."""
+    main = get_table(data)
+    out = [("table", main)]
+    if hasattr(data, "tables"):
+        for name, t in data.tables.items():
+            if t is not main and t.n_obs == main.n_obs and t.obs_names.equals(main.obs_names):
+                out.append((str(name), t))
+    return out
