@@ -243,7 +243,7 @@ def truths(counts, idx: np.ndarray) -> dict[str, np.ndarray]:
 
 def slide_standardised(emb: np.ndarray, model) -> np.ndarray:
     """Per-slide standardisation: the slide's own mean and (floored) scale replace the training ones."""
-    from hespotex.tl.model._model import embedding_scale
+    from hespotex.tl.model._data import embedding_scale
 
     return ((emb - emb.mean(axis=0)) / embedding_scale(emb) * model.embedding_scale_ + model.embedding_mean_).astype(np.float32)
 

@@ -51,7 +51,7 @@ def parameter_count(module: nn.Module, *, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-def _resolve_config(config: ModelConfig | str | dict[str, Any] | None) -> ModelConfig:
+def resolve_config(config: ModelConfig | str | dict[str, Any] | None) -> ModelConfig:
     if config is None:
         return PRESETS["hespotex"]
     if isinstance(config, ModelConfig):
@@ -97,7 +97,7 @@ class HESpotExNet(nn.Module):
         config: ModelConfig | str | dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        cfg = _resolve_config(config)
+        cfg = resolve_config(config)
         self.config = cfg
         self.n_genes = n_genes
         self.embedding_dim = embedding_dim

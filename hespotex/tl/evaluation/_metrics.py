@@ -57,7 +57,16 @@ POOLED = "pooled"
 # per-gene tables and summaries
 # --------------------------------------------------------------------------------------------------
 
-_SCORE_COLUMNS = ["pearson", "pvalue", "mse", "mean_true", "var_true", "n_spots", "truth_constant", "prediction_constant"]
+_SCORE_COLUMNS = [
+    "pearson",
+    "pvalue",
+    "mse",
+    "mean_true",
+    "var_true",
+    "n_spots",
+    "truth_constant",
+    "prediction_constant",
+]
 
 
 def _score_frame(yt: Any, yp: Any, names: pd.Index, alternative: str) -> pd.DataFrame:

@@ -37,7 +37,7 @@ from hespotex.tl.explanation._diagnostic_scores import (
     rank_patches,
     zscore,
 )
-from hespotex.tl.prediction._tables import PREDICTION_KEY, spot_tables
+from hespotex.tl.prediction._tables import PREDICTION_KEY, recorded_params, spot_tables
 
 if TYPE_CHECKING:
     pass
@@ -295,9 +295,7 @@ def diagnostic_patches(
 
     # 3. crops (the encoder's geometry) and saliency
     embed_rec = table.uns.get(EMBED_KEY, {}).get(IMAGE_REP, {})
-    pred_rec = next(
-        ((t.uns.get(PREDICTION_KEY) or {}).get("params", {}) for _, t in spot_tables(data) if PREDICTION_KEY in t.uns), {}
-    )
+    pred_rec = next(((recorded_params(t) or {}) for _, t in spot_tables(data) if PREDICTION_KEY in t.uns), {})
     patch_um = float(
         patch_um
         if patch_um is not None

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from hespotex.tl.prediction._tables import PREDICTION_KEY, spot_tables
+from hespotex.tl.prediction._tables import recorded_params, spot_tables
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -29,7 +29,9 @@ def _dense(x: Any) -> np.ndarray:
     return np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float64)
 
 
-def programme_expression(data: Any, genes: list[str], layer: str | None) -> tuple[np.ndarray, list[str], dict[str, Any]]:
+def programme_expression(
+    data: Any, genes: list[str], layer: str | None
+) -> tuple[np.ndarray, list[str], dict[str, Any]]:
     """Expression ``(n_spots, n_present)`` of ``genes`` from ``layer``, the genes found, and where it came from."""
     from hespotex.pp._normalize import log_expression
 
@@ -37,7 +39,7 @@ def programme_expression(data: Any, genes: list[str], layer: str | None) -> tupl
     source: tuple[str, AnnData, str] | None = None
     if layer is None:
         for name, t in tables:
-            recorded = (t.uns.get(PREDICTION_KEY) or {}).get("params", {}).get("layer")
+            recorded = (recorded_params(t) or {}).get("layer")
             if recorded is not None and recorded in t.layers:
                 source = (name, t, str(recorded))
                 break

@@ -49,7 +49,6 @@ from hespotex.tl.model._data import EMBEDDING_KEY
 from hespotex.tl.model._model import HESpotEx
 
 if TYPE_CHECKING:
-
     pass
 
 logger = logging.getLogger("hespotex")

@@ -15,24 +15,12 @@ import numpy as np
 from hespotex._settings import resolve_device
 from hespotex.models._config import ModelConfig  # re-exported as hx.tl.ModelConfig (no torch import)
 from hespotex.pp._genes import gene_hash
-from hespotex.tl.model._data import GraphData, induced_edges, k_hop_halo, spatial_blocks
+from hespotex.tl.model._data import GraphData, embedding_scale, induced_edges, k_hop_halo, spatial_blocks
 from hespotex.tl.model._setup_validation import FORMAT_VERSION, SETUP_FILE, WEIGHTS_FILE, json_default, versions
 
 logger = logging.getLogger("hespotex")
 
 __all__ = ["HESpotEx", "ModelConfig"]
-
-
-
-def embedding_scale(emb: np.ndarray, *, floor: float = 0.1) -> np.ndarray:
-    """Per-feature standard deviation of the training embeddings, floored at ``floor`` times the median.
-
-    Features (nearly) constant on the training patches would otherwise get a tiny scale, and any
-    activity on a new slide would become a standardised value in the hundreds of thousands.
-    """
-    std = emb.std(axis=0)
-    median = float(np.median(std))
-    return np.maximum(std, floor * median if median > 0 else 1.0).astype(np.float32)
 
 
 class HESpotEx:
@@ -96,7 +84,7 @@ class HESpotEx:
         embedding_norm: str = "training",
         stain_augment: dict[str, Any] | None = None,
     ) -> None:
-        from hespotex.models._net import _resolve_config
+        from hespotex.models._net import resolve_config
         from hespotex.pp._stain import check_embedding_norm
         from hespotex.pp._targets import check_target_norm
 
@@ -106,7 +94,7 @@ class HESpotEx:
             raise ValueError(msg)
         self.genes = genes
         self.embedding = dict(embedding)
-        self.config = _resolve_config(config)
+        self.config = resolve_config(config)
         self.target_sum = float(target_sum)
         self.target_norm = check_target_norm(str(target_norm))
         self.embedding_norm = check_embedding_norm(str(embedding_norm))
@@ -168,7 +156,14 @@ class HESpotEx:
             from hespotex.tl.training._distributed import fit_distributed
 
             self.history_, self.train_strategy_ = fit_distributed(
-                self, train, validation, device=dev, max_nodes=max_nodes, seed=seed, n_processes=n_processes, backend=backend
+                self,
+                train,
+                validation,
+                device=dev,
+                max_nodes=max_nodes,
+                seed=seed,
+                n_processes=n_processes,
+                backend=backend,
             )
             self.module_.to("cpu")
             self.module_.eval()
@@ -415,7 +410,9 @@ class HESpotEx:
             tensors = {f"net.{k}": v.detach().cpu().contiguous() for k, v in self.module_.state_dict().items()}
             tensors["setup.embedding_mean"] = torch.from_numpy(self.embedding_mean_)
             tensors["setup.embedding_scale"] = torch.from_numpy(self.embedding_scale_)
-            save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "hespotex", "format_version": str(FORMAT_VERSION)})
+            save_file(
+                tensors, tmp / WEIGHTS_FILE, metadata={"format": "hespotex", "format_version": str(FORMAT_VERSION)}
+            )
             os.chmod(tmp / WEIGHTS_FILE, 0o666 & ~_ownership.umask())  # safetensors writes 0600: the user's umask
             (tmp / SETUP_FILE).write_text(json.dumps(self.setup_dict(), indent=1, default=json_default))
             _ownership.mark(tmp, "model")
@@ -450,7 +447,9 @@ class HESpotEx:
             embedding=setup["embedding"],
             config=setup["config"],
             target_sum=setup["target_sum"],
-            target_norm=setup.get("target_norm", "library_all"),  # models saved before the setting: library over all genes
+            target_norm=setup.get(
+                "target_norm", "library_all"
+            ),  # models saved before the setting: library over all genes
             gene_selection=setup.get("gene_selection"),
             spot_geometry=setup.get("spot_geometry"),
             embedding_norm=setup.get("embedding_norm", "training"),  # models saved before the setting
@@ -481,7 +480,13 @@ class HESpotEx:
         import hashlib
 
         self._check_trained()
-        h = hashlib.sha256(json.dumps({k: v for k, v in self.setup_dict().items() if k not in ("history", "versions", "train_strategy")}, sort_keys=True, default=json_default).encode())
+        h = hashlib.sha256(
+            json.dumps(
+                {k: v for k, v in self.setup_dict().items() if k not in ("history", "versions", "train_strategy")},
+                sort_keys=True,
+                default=json_default,
+            ).encode()
+        )
         for k, v in sorted(self.module_.state_dict().items()):
             h.update(k.encode())
             h.update(v.detach().cpu().contiguous().numpy().tobytes())

@@ -478,4 +478,8 @@ def _close_quietly(client: Any, cluster: Any) -> None:
         try:
             part.close()
         except (TimeoutError, OSError, RuntimeError) as err:  # e.g. a worker still alive after the nanny's wait
-            logger.warning("The local Dask cluster did not shut down cleanly (%s: %s); the results are complete.", type(err).__name__, err)
+            logger.warning(
+                "The local Dask cluster did not shut down cleanly (%s: %s); the results are complete.",
+                type(err).__name__,
+                err,
+            )

@@ -236,7 +236,12 @@ def predict_streaming(
         emb = embeddings(table, embedding_key)
     else:
         emb = embed_stage(
-            group, plan, encoder, step=layout["embedding_step"], rows=layout["embedding_rows"], device=device,
+            group,
+            plan,
+            encoder,
+            step=layout["embedding_step"],
+            rows=layout["embedding_rows"],
+            device=device,
             tta=bool(embed_params.get("tta")),
         )
         del encoder

@@ -16,7 +16,6 @@ from hespotex._settings import resolve_device, settings
 from hespotex.tl.model._data import GraphData, spatial_blocks
 
 if TYPE_CHECKING:
-
     from hespotex.tl.model._model import HESpotEx
 
 logger = logging.getLogger("hespotex")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hespotex._sample import get_sample_info, spot_centres
+from hespotex.tl.prediction._tables import recorded_params
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -153,7 +154,9 @@ def _add_spots(sdata: SpatialData, path: Path, *, key: str, overwrite: bool) -> 
     store = spatialdata.read_zarr(path, selection=("shapes",))
     if name in store.shapes:
         stored = store.shapes[name]
-        if len(stored) == len(shapes) and bool(stored.geometry.reset_index(drop=True).geom_equals(shapes.geometry.reset_index(drop=True)).all()):
+        if len(stored) == len(shapes) and bool(
+            stored.geometry.reset_index(drop=True).geom_equals(shapes.geometry.reset_index(drop=True)).all()
+        ):
             return
         import zarr
 
@@ -248,6 +251,6 @@ def attach(sdata: SpatialData, table: AnnData, key: str) -> None:
 
 
 def ours(table: AnnData, key: str, model_id: str, path: Path) -> bool:
-    params = table.uns.get(key, {}).get("params", {})
+    params = recorded_params(table, key) or {}
     stream = params.get("stream", {})
     return params.get("model_id") == model_id and Path(str(stream.get("out", ""))).resolve() == path.resolve()

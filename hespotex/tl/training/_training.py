@@ -121,7 +121,8 @@ def epoch_batches(
     # every rank knows every shard (shared order): the largest batch count needs no communication
     sizes = np.array([len(b.emb) for b in blocks])
     steps = max(
-        count_batches(sizes[distributed.shard(len(blocks), order, rank=r)], max_nodes) for r in range(distributed.world_size)
+        count_batches(sizes[distributed.shard(len(blocks), order, rank=r)], max_nodes)
+        for r in range(distributed.world_size)
     )
     return [batches[i % len(batches)] for i in range(steps)], mine
 
@@ -135,7 +136,16 @@ def _autoencoder_key(net, blocks: Sequence[Batch], max_nodes: int, seed: int, wo
 
     cfg = net.config
     h = hashlib.sha256()
-    fields = ("ae_neighbors", "ae_hidden_dim", "latent_dim", "ae_attention", "ae_lr", "ae_weight_decay", "ae_epochs", "ae_grad_clip")
+    fields = (
+        "ae_neighbors",
+        "ae_hidden_dim",
+        "latent_dim",
+        "ae_attention",
+        "ae_lr",
+        "ae_weight_decay",
+        "ae_epochs",
+        "ae_grad_clip",
+    )
     h.update(repr(([getattr(cfg, f) for f in fields], net.n_genes, max_nodes, seed)).encode())
     if world_size > 1:  # data-parallel pre-training takes other steps
         h.update(f"world_size={world_size}".encode())
@@ -178,7 +188,6 @@ def pretrain_autoencoder(
     opt = torch.optim.Adam(params, lr=cfg.ae_lr, weight_decay=cfg.ae_weight_decay)
     step, flags = net.autoencoder_loss, None
     if distributed is not None:
-
         flags = trainable_only(net, params)
         step = distributed.wrap(net, "autoencoder_loss")
     net.train()
@@ -254,7 +263,6 @@ def fit_net(
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         step, flags = net.loss, None
         if distributed is not None:
-
             flags = trainable_only(net, params)
             step = distributed.wrap(net, "loss")
         best_score, best_state, stale = -np.inf, None, 0
@@ -269,7 +277,9 @@ def fit_net(
                 }  # fmt: skip
             for batch in batches:
                 x, emb, e_ae, e_dec = batch.to(device)
-                if batch.views is not None:  # stain augmentation: each spot's embedding drawn among its clean one and views
+                if (
+                    batch.views is not None
+                ):  # stain augmentation: each spot's embedding drawn among its clean one and views
                     emb = torch.from_numpy(sample_views(batch.emb, batch.views, view_rng)).to(device)
                 loss, parts = step(x, emb, e_ae, e_dec, latent_target=batch.latent_tensor(device) if frozen else None)
                 opt.zero_grad(set_to_none=True)
@@ -288,9 +298,16 @@ def fit_net(
                 else:
                     stale += 1
             history.append(record)
-            bar.set_postfix(loss=f"{sums.get('total', float('nan')):.3f}", val=f"{record.get('validation', float('nan')):.3f}")
+            bar.set_postfix(
+                loss=f"{sums.get('total', float('nan')):.3f}", val=f"{record.get('validation', float('nan')):.3f}"
+            )
             # no stop before 2 x patience epochs: with one step per epoch, early epochs only fit gene means
-            if cfg.patience is not None and validate is not None and stale >= cfg.patience and epoch + 1 >= 2 * cfg.patience:
+            if (
+                cfg.patience is not None
+                and validate is not None
+                and stale >= cfg.patience
+                and epoch + 1 >= 2 * cfg.patience
+            ):
                 logger.info("Early stopping at epoch %d (best validation %.4f).", epoch, best_score)
                 break
         if best_state is not None:

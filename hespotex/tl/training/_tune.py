@@ -118,7 +118,14 @@ def tune_baseline(
             scores[i] += _score(yh, smooth(pred, conn) if smoothed else pred) / len(names)
     best = int(np.argmax(scores))
     value = int(values[best]) if param == "k" else float(values[best])
-    logger.info("%s%s: %s = %s chosen by leave-one-section-out (inner Pearson %.4f)", name, "+smooth" if smoothed else "", param, value, scores[best])
+    logger.info(
+        "%s%s: %s = %s chosen by leave-one-section-out (inner Pearson %.4f)",
+        name,
+        "+smooth" if smoothed else "",
+        param,
+        value,
+        scores[best],
+    )
     model = make_baseline(name, **{param: value}, **extra, **kwargs)
     model.fit(np.concatenate([s[0] for s in sections.values()]), np.concatenate([s[1] for s in sections.values()]))
     model.tuning_ = {
