@@ -16,6 +16,10 @@ schema, the weights' shapes against the safetensors header, then finite weights.
 
 A new ``setup.json`` field is one entry of :data:`SETUP_FIELDS` (type, required, bounds); a field that
 is not declared there is refused, since this hespotex would not know what it means.
+
+The folder's format (:data:`FORMAT_VERSION`, the file names) and what :meth:`~hespotex.tl.HESpotEx.save` records
+beside the schema (library :func:`versions`, :func:`json_default`) live here too, so the model imports the
+schema and the schema never imports the model.
 """
 
 from __future__ import annotations
