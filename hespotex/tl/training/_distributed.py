@@ -45,6 +45,7 @@ import numpy as np
 
 from hespotex._settings import settings
 from hespotex.tl.model._data import GraphData
+from hespotex.tl.model._forward import forward_blocks
 from hespotex.tl.training._collectives import Context, state_fingerprint
 from hespotex.tl.training._training import fit_net
 
@@ -129,7 +130,7 @@ def train_rank(
         scores = np.zeros(len(validation))
         for i in range(ctx.rank, len(validation), ctx.world_size):
             s, mask = validation[i]
-            pred = model._forward(net, s, ctx.device, max_nodes=max_nodes)["expression"]
+            pred = forward_blocks(net, s, ctx.device, max_nodes=max_nodes)["expression"]
             r = pearson_per_gene(s.expr[mask], pred[mask])
             scores[i] = np.nanmean(r) if np.isfinite(r).any() else 0.0
         return float(np.mean(ctx.all_reduce(scores)))  # each entry set by one rank, zeros elsewhere: exact
