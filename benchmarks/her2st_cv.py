@@ -27,7 +27,7 @@ import pandas as pd
 
 import hespotex as hx
 from hespotex.models import ModelConfig
-from hespotex.tl._cross_validate import cross_validate, summarize_cv
+from hespotex.tl.evaluation._cross_validate import cross_validate, summarize_cv
 
 ENCODERS = {"random": ("efficientnet_lite0", "X_random"), "imagenet": ("efficientnet_lite0.imagenet", "X_imagenet")}
 

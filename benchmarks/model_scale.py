@@ -53,7 +53,7 @@ def _synthetic(n_spots: int, n_genes: int | None, *, seed: int, name: str):
     """One synthetic slide as a GraphData (expression only when ``n_genes`` is given)."""
     import numpy as np
 
-    from hespotex.tl._data import GraphData
+    from hespotex.tl.model._data import GraphData
 
     rng = np.random.default_rng(seed)
     cols = int(np.ceil(np.sqrt(n_spots)))
@@ -80,8 +80,8 @@ def _train(job: dict) -> dict:
 
     import hespotex as hx
     from hespotex.models import ModelConfig
-    from hespotex.tl import _training
-    from hespotex.tl._model import HESpotEx
+    from hespotex.tl.model._model import HESpotEx
+    from hespotex.tl.training import _training
 
     hx.settings.progress = False
     t0 = time.perf_counter()
@@ -150,7 +150,7 @@ def _predict(job: dict) -> dict:
     import torch
 
     import hespotex as hx
-    from hespotex.tl._model import HESpotEx
+    from hespotex.tl.model._model import HESpotEx
 
     hx.settings.progress = False
     t0 = time.perf_counter()
@@ -196,7 +196,7 @@ def _baseline(job: dict) -> dict:
     out = {"torch_mb": _peak_rss_mb(), "torch_threads": torch.get_num_threads()}
     import torch_geometric  # noqa: F401  (imported by the graph decoder)
 
-    from hespotex.tl._model import HESpotEx  # noqa: F401
+    from hespotex.tl.model._model import HESpotEx  # noqa: F401
 
     out["imports_mb"] = _peak_rss_mb()
     return out

@@ -243,13 +243,13 @@ def truths(counts, idx: np.ndarray) -> dict[str, np.ndarray]:
 
 def slide_standardised(emb: np.ndarray, model) -> np.ndarray:
     """Per-slide standardisation: the slide's own mean and (floored) scale replace the training ones."""
-    from hespotex.tl._model import embedding_scale
+    from hespotex.tl.model._data import embedding_scale
 
     return ((emb - emb.mean(axis=0)) / embedding_scale(emb) * model.embedding_scale_ + model.embedding_mean_).astype(np.float32)
 
 
 def score_rows(pred: np.ndarray, truth: dict[str, np.ndarray], hvg: np.ndarray, **labels) -> list[dict]:
-    from hespotex.tl._metrics import pearson_per_gene
+    from hespotex.tl.evaluation._metrics import pearson_per_gene
 
     rows = []
     for name, y in truth.items():
@@ -268,11 +268,11 @@ def run_task(
     from hespotex.pp._embed import EMBED_KEY
     from hespotex.pp._graph import knn_graph
     from hespotex.pp._targets import normalize_counts, raw_counts
-    from hespotex.tl._baselines import smooth
-    from hespotex.tl._data import GraphData, graph_data
-    from hespotex.tl._evaluate import rank_genes
-    from hespotex.tl._train import split_validation
-    from hespotex.tl._tune import tune_baseline
+    from hespotex.tl.evaluation._baselines import smooth
+    from hespotex.tl.evaluation._evaluate import rank_genes
+    from hespotex.tl.model._data import GraphData, graph_data
+    from hespotex.tl.training._train import split_validation
+    from hespotex.tl.training._tune import tune_baseline
 
     work = Path(work)
     seed_part = f"_s{seed}" if what != "baselines" else ""

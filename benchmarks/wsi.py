@@ -152,7 +152,7 @@ def premade_inputs(tiles_zarr: Path, model_dir: Path, n: int, batch_size: int):
     import hespotex as hx
     from hespotex.pp import load_encoder
     from hespotex.pp._patches import plan_patches, resize_batch
-    from hespotex.tl._cohort import open_slide
+    from hespotex.tl.prediction._cohort import open_slide
 
     model = hx.tl.HESpotEx.load(model_dir)
     emb = model.embedding

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 from scipy import sparse
 
-from hespotex.tl._baselines import (
+from hespotex.tl.evaluation._baselines import (
     MLPBaseline,
     RetrievalBaseline,
     RidgeBaseline,
     make_baseline,
     smooth,
 )
-from hespotex.tl._metrics import pearson_per_gene
+from hespotex.tl.evaluation._metrics import pearson_per_gene
 
 N_TRAIN, N_VAL, N_TEST, N_FEAT, N_GENES = 500, 100, 200, 48, 12
 FAST = {

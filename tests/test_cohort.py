@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import hespotex as hx
-from hespotex.tl._cohort import output_paths, read_marker, slide_name
+from hespotex.tl.prediction._cohort import output_paths, read_marker, slide_name
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 

@@ -18,7 +18,7 @@ from conftest import make_sample
 
 import hespotex as hx
 from hespotex.models import ModelConfig
-from hespotex.tl._data import EMBEDDING_KEY
+from hespotex.tl.model._data import EMBEDDING_KEY
 
 TINY = ModelConfig.preset(
     "hespotex", epochs=1, ae_epochs=1, ae_hidden_dim=16, latent_dim=8, projection_hidden_dim=16, head_hidden_dim=16, decoder_heads=2

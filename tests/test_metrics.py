@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from scipy import sparse, stats
 
-from hespotex.tl._metrics import (
+from hespotex.tl.evaluation._metrics import (
     gene_scores,
     n_significant,
     pearson_per_gene,
@@ -40,7 +40,7 @@ def test_pearson_matches_scipy(pair):
 
 def test_pearson_many_genes_in_blocks(monkeypatch):
     """Blocks of genes (bounded memory) give the same result as one block."""
-    import hespotex.tl._metrics as m
+    import hespotex.tl.evaluation._correlation as m
 
     rng = np.random.default_rng(1)
     truth, pred = rng.normal(size=(50, 300)), rng.normal(size=(50, 300))

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 import hespotex as hx
-from hespotex.tl._metrics import gene_scores, pearson_per_gene, summarize
+from hespotex.tl.evaluation._metrics import gene_scores, pearson_per_gene, summarize
 
 
 def _pair(n_spots: int = 200, n_genes: int = 60, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

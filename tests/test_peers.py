@@ -16,7 +16,7 @@ import pytest
 
 import hespotex as hx
 from hespotex.pp._embed import EMBED_KEY
-from hespotex.tl._data import EMBEDDING_KEY, graph_data
+from hespotex.tl.model._data import EMBEDDING_KEY, graph_data
 
 pytest.importorskip("lazyslide_models")
 pytest.importorskip("einops")

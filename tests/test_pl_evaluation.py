@@ -10,8 +10,8 @@ import pytest
 
 import hespotex as hx
 from hespotex.pp._normalize import log_expression
-from hespotex.tl._cross_validate import summarize_cv
-from hespotex.tl._metrics import gene_scores
+from hespotex.tl.evaluation._cross_validate import summarize_cv
+from hespotex.tl.evaluation._metrics import gene_scores
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 

@@ -20,7 +20,7 @@ import pytest
 
 import hespotex as hx
 from hespotex.models import ModelConfig
-from hespotex.tl._data import EMBEDDING_KEY, GraphData
+from hespotex.tl.model._data import EMBEDDING_KEY, GraphData
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 SOURCE = Path(hx.__file__).resolve().parents[1]  # the hespotex under test, for subprocesses
@@ -102,7 +102,7 @@ def test_truncating_the_file_does_not_crash_a_loaded_model(folder, section, tmp_
     script = textwrap.dedent(
         f"""
         import os, numpy as np, hespotex as hx
-        from hespotex.tl._data import GraphData
+        from hespotex.tl.model._data import GraphData
         d = np.load({str(emb)!r})
         m = hx.tl.HESpotEx.load({str(folder)!r})
         first = m.predict_graph(GraphData("s", d["emb"], d["coords"]), device="cpu")["expression"]

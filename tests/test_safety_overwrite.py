@@ -179,22 +179,22 @@ def test_ownership_temporary_names_are_unique(tmp_path):
 
 
 def test_cohort_folder_gets_the_marker_and_keeps_foreign_files(tmp_path):
-    from hespotex.tl._cohort import _prepare_out, _unlink_record
+    from hespotex.tl.prediction._cohort_records import prepare_out, unlink_record
 
     new = tmp_path / "cohort"
-    _prepare_out(new)
+    prepare_out(new)
     assert _ownership.owned(new, "cohort")
     busy = _user_folder(tmp_path / "busy")
-    _prepare_out(busy)  # a cohort may write into a folder with other files: they are only added to
+    prepare_out(busy)  # a cohort may write into a folder with other files: they are only added to
     assert _ownership.marker(busy) is None and _intact(busy)
     (busy / "slide.done.json").write_text("my notes")  # a file that merely has a marker's name is never deleted
     with pytest.raises(FileExistsError, match="not a completion marker written by hespotex"):
-        _unlink_record(busy / "slide.done.json")
+        unlink_record(busy / "slide.done.json")
     assert (busy / "slide.done.json").read_text() == "my notes"
     f = tmp_path / "file"
     f.write_text("x")
     with pytest.raises(NotADirectoryError, match="is a file; expected a folder"):
-        _prepare_out(f)
+        prepare_out(f)
 
 
 def test_a_refused_save_leaves_nothing_behind(trained_synthetic, tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import hespotex as hx
-from hespotex.tl import _cohort, _stream
+from hespotex.tl.prediction import _cohort, _stream, _stream_store
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 N_SPOTS, CHUNK = 150, 64
@@ -35,21 +35,21 @@ class CrashAt:
         import zarr
 
         self.k, self.calls, self.armed, self.depth = k, 0, False, 0
-        real_stage = _stream._expression_stage
+        real_stage = _stream.expression_stage
 
         def stage(*args, **kwargs):
             out = real_stage(*args, **kwargs)
             self.armed = True
             return out
 
-        monkeypatch.setattr(_stream, "_expression_stage", stage)
+        monkeypatch.setattr(_stream, "expression_stage", stage)
         for owner, name in [
             (zarr.Group, "__delitem__"),
             (zarr.Group, "update_attributes"),
             (zarr, "consolidate_metadata"),
             (spatialdata.SpatialData, "write_element"),
             (spatialdata.SpatialData, "delete_element_from_disk"),
-            (_cohort, "_write_json_atomic"),
+            (_cohort, "write_json_atomic"),
         ]:
             monkeypatch.setattr(owner, name, self._wrap(getattr(owner, name)))
 
@@ -86,14 +86,14 @@ def _committed_and_clean(out, key="hespotex") -> None:
     import spatialdata
     import zarr
 
-    group = zarr.open_group(out, mode="r", use_consolidated=False)[_stream.PROGRESS_GROUP][key]
+    group = zarr.open_group(out, mode="r", use_consolidated=False)[_stream_store.PROGRESS_GROUP][key]
     assert group.attrs["complete"] and not list(group.array_keys()) and not list(group.group_keys())
     assert key in spatialdata.read_zarr(out).tables
     consolidated = zarr.open_group(out, mode="r").metadata.consolidated_metadata  # spatialdata keeps one: up to date
     entries = consolidated.flattened_metadata
     assert f"tables/{key}" in entries
-    assert not [k for k in entries if k.startswith(f"{_stream.PROGRESS_GROUP}/{key}/")]
-    assert entries[f"{_stream.PROGRESS_GROUP}/{key}"].attributes["complete"]
+    assert not [k for k in entries if k.startswith(f"{_stream_store.PROGRESS_GROUP}/{key}/")]
+    assert entries[f"{_stream_store.PROGRESS_GROUP}/{key}"].attributes["complete"]
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +196,7 @@ def test_expression_deleted_before_its_done_markers_is_computed_again(
 
     out = tmp_path / "zeros.zarr"
     shutil.copytree(before_commit, out)
-    group = zarr.open_group(out, mode="r+", use_consolidated=False)[_stream.PROGRESS_GROUP]["hespotex"]
+    group = zarr.open_group(out, mode="r+", use_consolidated=False)[_stream_store.PROGRESS_GROUP]["hespotex"]
     assert np.asarray(group["expression_done"][:]).all()
     del group["expression"]
     table = hx.tl.predict(copy.deepcopy(slide), trained_synthetic["model"], device="cpu", out=out, chunk_size=CHUNK)
@@ -209,7 +209,7 @@ def test_a_block_whose_results_are_gone_is_predicted_again(slide, trained_synthe
 
     out = tmp_path / "blocks.zarr"
     shutil.copytree(before_commit, out)
-    group = zarr.open_group(out, mode="r+", use_consolidated=False)[_stream.PROGRESS_GROUP]["hespotex"]
+    group = zarr.open_group(out, mode="r+", use_consolidated=False)[_stream_store.PROGRESS_GROUP]["hespotex"]
     del group["blocks"]["1"]
     del group["expression"]
     table = hx.tl.predict(copy.deepcopy(slide), trained_synthetic["model"], device="cpu", out=out, chunk_size=CHUNK)
@@ -226,7 +226,7 @@ def test_non_finite_predictions_are_an_error_and_never_marked_done(slide, traine
     out = tmp_path / "nan.zarr"
     with pytest.raises(ValueError, match=r"NaN or infinite at \d+ spots .*e\.g\. spot 0;"):
         hx.tl.predict(copy.deepcopy(slide), model, device="cpu", out=out, chunk_size=CHUNK)
-    group = zarr.open_group(out, mode="r", use_consolidated=False)[_stream.PROGRESS_GROUP]["hespotex"]
+    group = zarr.open_group(out, mode="r", use_consolidated=False)[_stream_store.PROGRESS_GROUP]["hespotex"]
     assert not group.attrs["complete"] and not np.asarray(group["expression_done"][:]).any()
 
 
@@ -308,7 +308,7 @@ def test_a_marker_beside_an_unfinished_store_does_not_count(tiles, trained_synth
     out = tmp_path / "out"
     shutil.copytree(done, out)
     assert _cohort.read_marker(out, "crashy") is not None
-    group = zarr.open_group(out / "crashy.zarr", mode="r+", use_consolidated=False)[_stream.PROGRESS_GROUP]["hespotex"]
+    group = zarr.open_group(out / "crashy.zarr", mode="r+", use_consolidated=False)[_stream_store.PROGRESS_GROUP]["hespotex"]
     group.attrs["complete"] = False  # e.g. the store was replaced by an interrupted run after the marker was written
     assert _cohort.read_marker(out, "crashy") is None
     record = _cohort.run_slide(tiles, trained_synthetic["model_dir"], out=out)

@@ -10,7 +10,7 @@ import pytest
 
 import hespotex as hx
 from hespotex.models import ModelConfig
-from hespotex.tl._data import EMBEDDING_KEY
+from hespotex.tl.model._data import EMBEDDING_KEY
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 ENCODER = "efficientnet_lite0.imagenet"

@@ -17,7 +17,7 @@ from sklearn import cluster  # noqa: F401
 
 import hespotex as hx
 from hespotex.pp._normalize import log_expression
-from hespotex.tl._consistency import morans_i
+from hespotex.tl.evaluation._consistency import morans_i
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 
@@ -184,7 +184,7 @@ def test_her2st_serial_sections(shared_data):
     from hespotex._sample import spot_centres_um
     from hespotex.pp._genes import shared_genes
     from hespotex.pp._graph import knn_graph
-    from hespotex.tl._baselines import smooth
+    from hespotex.tl.evaluation._baselines import smooth
 
     samples = hx.datasets.her2st(shared_data / "her2st")
     assert list(samples) == ["C2", "C3", "C4", "C5", "C6"]

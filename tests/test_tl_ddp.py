@@ -19,9 +19,9 @@ import pytest
 import hespotex as hx
 from hespotex.models import ModelConfig
 from hespotex.pp._normalize import log_expression
-from hespotex.tl._data import EMBEDDING_KEY, graph_data, spatial_block_mask
-from hespotex.tl._distributed import state_fingerprint
-from hespotex.tl._metrics import pearson_per_gene
+from hespotex.tl.evaluation._metrics import pearson_per_gene
+from hespotex.tl.model._data import EMBEDDING_KEY, graph_data, spatial_block_mask
+from hespotex.tl.training._collectives import state_fingerprint
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 ENCODER = "efficientnet_lite0.imagenet"

@@ -229,10 +229,10 @@ def test_bad_input(sample):
     assert not any(k.startswith("diagnostic_patches") for k in table.obs)  # nothing written on failure
 
 
-# SALIENCY: the one test that needs hespotex.tl._explain.patch_saliency (written by another helper);
+# SALIENCY: the one test that needs hespotex.tl.explanation._explain.patch_saliency (written by another helper);
 # it is skipped only while that module does not exist.
 def test_saliency_of_a_programme(trained_synthetic):
-    pytest.importorskip("hespotex.tl._explain")
+    pytest.importorskip("hespotex.tl.explanation._explain")
     from spatialdata import SpatialData
 
     src = trained_synthetic["test"]

@@ -16,8 +16,9 @@ import torch
 
 import hespotex as hx
 from hespotex.pp._encoders import load_encoder
-from hespotex.tl._data import GraphData, graph_data
-from hespotex.tl._explain import Explanation, _baseline_patch, patch_saliency
+from hespotex.tl.explanation._attributions import _baseline_patch
+from hespotex.tl.explanation._explain import Explanation, patch_saliency
+from hespotex.tl.model._data import GraphData, graph_data
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 

@@ -17,8 +17,8 @@ from hespotex.models import ModelConfig
 from hespotex.pp._genes import shared_genes
 from hespotex.pp._normalize import log_expression
 from hespotex.pp._targets import target_expression
-from hespotex.tl._data import EMBEDDING_KEY
-from hespotex.tl._metrics import pearson_per_gene
+from hespotex.tl.evaluation._metrics import pearson_per_gene
+from hespotex.tl.model._data import EMBEDDING_KEY
 
 pytestmark = [pytest.mark.realdata, pytest.mark.usefixtures("single_threaded")]
 
@@ -95,7 +95,7 @@ def test_predictions_are_stored_in_a_new_table(sections, panel, predicted):
 
 
 def test_predictions_correlate_with_the_measured_expression(sections, panel, predicted):
-    from hespotex.tl._baselines import make_baseline
+    from hespotex.tl.evaluation._baselines import make_baseline
 
     truth = np.asarray(predicted.layers["measured"])
     r_model = pearson_per_gene(truth, predicted.layers["hespotex"])

@@ -21,8 +21,8 @@ from hespotex.pp._genes import gene_hash
 from hespotex.pp._graph import knn_graph
 from hespotex.pp._normalize import log_expression
 from hespotex.pp._targets import target_expression
-from hespotex.tl._data import EMBEDDING_KEY, graph_data, spatial_block_mask
-from hespotex.tl._metrics import pearson_per_gene, top_genes
+from hespotex.tl.evaluation._metrics import pearson_per_gene, top_genes
+from hespotex.tl.model._data import EMBEDDING_KEY, graph_data, spatial_block_mask
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 ENCODER = "efficientnet_lite0.imagenet"
@@ -231,7 +231,7 @@ def test_save_load_round_trip(tmp_path, sections, model, predicted):
 
 
 def test_same_seed_same_model_other_seed_other_model(sections, monkeypatch):
-    import hespotex.tl._training as training
+    import hespotex.tl.training._training as training
 
     ids = []
 
@@ -368,7 +368,7 @@ def test_evaluate_measured_layer_and_groups(sections, model30):
 @pytest.fixture(scope="module")
 def cv_result(sections):
     """Leave-one-section-out CV on copies of the three tables; a planted gene is highly expressed only in T."""
-    from hespotex.tl._cross_validate import fold_genes
+    from hespotex.tl.evaluation._cross_validate import fold_genes
 
     tables = {n: _table(sections, key).copy() for n, key in (("syn_a", "A"), ("syn_b", "B"), ("syn_t", "T"))}
     # the planted gene: the least expressed in A and B, made the most expressed in T, so that genes
@@ -435,8 +435,8 @@ def test_cross_validate_table(cv_result):
 
 
 def test_cross_validate_fits_genes_and_rankings_on_the_training_fold(cv_result):
-    from hespotex.tl._cross_validate import fold_genes
-    from hespotex.tl._evaluate import rank_genes
+    from hespotex.tl.evaluation._cross_validate import fold_genes
+    from hespotex.tl.evaluation._evaluate import rank_genes
 
     tables, planted, result, _, _ = cv_result
     for fold, part in result.groupby("fold"):

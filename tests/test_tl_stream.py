@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import hespotex as hx
-from hespotex.tl import _stream
+from hespotex.tl.prediction import _stream_stages
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 N_SPOTS = 300
@@ -54,8 +54,8 @@ class Counter:
         self.patches = 0
         self.calls: dict[str, int] = {"embed": 0, "block": 0, "rows": 0}
         self.stop_after: dict[str, int] = {}
-        real_encode, real_embed, real_block = _embed.encode_patches, _stream._embed_chunk, _stream._save_block
-        real_heads = _stream.gene_heads
+        real_encode, real_embed, real_block = _embed.encode_patches, _stream_stages._embed_chunk, _stream_stages._save_block
+        real_heads = _stream_stages.gene_heads
 
         def encode(plan, *args, **kwargs):
             self.patches += len(plan.order)
@@ -71,9 +71,9 @@ class Counter:
             return run
 
         monkeypatch.setattr(_embed, "encode_patches", encode)
-        monkeypatch.setattr(_stream, "_embed_chunk", wrap("embed", real_embed))
-        monkeypatch.setattr(_stream, "_save_block", wrap("block", real_block))
-        monkeypatch.setattr(_stream, "gene_heads", wrap("rows", real_heads))
+        monkeypatch.setattr(_stream_stages, "_embed_chunk", wrap("embed", real_embed))
+        monkeypatch.setattr(_stream_stages, "_save_block", wrap("block", real_block))
+        monkeypatch.setattr(_stream_stages, "gene_heads", wrap("rows", real_heads))
 
 
 def _layer(table, key="hespotex") -> np.ndarray:
@@ -161,7 +161,7 @@ def test_interrupted_run_resumes_where_it_stopped(slide, streamed, trained_synth
     def run():
         return hx.tl.predict(copy.deepcopy(slide), model, device="cpu", out=out, chunk_size=CHUNK)
 
-    n_blocks = len(_stream.bounded_blocks(slide.tables["table"].obsm["spatial"] * 1.0, CHUNK))
+    n_blocks = len(_stream_stages.bounded_blocks(slide.tables["table"].obsm["spatial"] * 1.0, CHUNK))
     assert n_blocks >= 3
     counter.stop_after = {"embed": 2}  # killed while embedding: 2 of 3 chunks written
     with pytest.raises(KeyboardInterrupt):
@@ -245,7 +245,7 @@ def test_blocks_stay_bounded_on_uneven_tissue():
     dense = rng.normal(0, 1, (5000, 2))  # one dense blob in a large, nearly empty bounding box
     sparse = rng.uniform(-500, 500, (200, 2))
     coords = np.vstack([dense, sparse])
-    blocks = _stream.bounded_blocks(coords, 500)
+    blocks = _stream_stages.bounded_blocks(coords, 500)
     assert max(len(b) for b in blocks) <= 750
     np.testing.assert_array_equal(np.sort(np.concatenate(blocks)), np.arange(len(coords)))
 
@@ -265,7 +265,7 @@ def test_streamed_blocks_equal_a_whole_slide_pass(options):
     whole-slide prediction for every kind of decoder (GCN's normalisation needs one ring more)."""
     from hespotex.models import HESpotExNet
     from hespotex.models._config import ModelConfig
-    from hespotex.tl._data import GraphData
+    from hespotex.tl.model._data import GraphData
 
     rng = np.random.default_rng(0)
     xy = np.stack(np.meshgrid(np.arange(20), np.arange(20)), -1).reshape(-1, 2) * 100.0
@@ -277,7 +277,7 @@ def test_streamed_blocks_equal_a_whole_slide_pass(options):
     model.embedding_mean_, model.embedding_scale_ = emb.mean(0), emb.std(0)
     model.is_trained_ = True
     whole = model.predict_graph(GraphData("s", emb, xy), device="cpu")
-    blocks = _stream.bounded_blocks(xy, 60)
+    blocks = _stream_stages.bounded_blocks(xy, 60)
     latent = np.zeros((len(xy), 16), np.float32)
     features = (
         np.zeros((len(xy), model.module_.decoder.gene_head[0].in_features), np.float32)
@@ -291,6 +291,6 @@ def test_streamed_blocks_equal_a_whole_slide_pass(options):
             features[core] = result["features"]
 
     assert model.predict_graph(GraphData("s", emb, xy), device="cpu", blocks=blocks, on_block=on_block) is None
-    expression = _stream.gene_heads(model.module_, latent, features, "cpu")
+    expression = _stream_stages.gene_heads(model.module_, latent, features, "cpu")
     np.testing.assert_allclose(latent, whole["latent"], atol=1e-6)
     np.testing.assert_allclose(expression, whole["expression"], atol=1e-5)

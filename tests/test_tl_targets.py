@@ -60,7 +60,7 @@ def test_saved_model_records_and_reapplies_target_norm(tmp_path):
     np.testing.assert_allclose(np.asarray(out.layers["measured"]), expected, rtol=1e-6)
     # evaluation against the sample reapplies the same normalisation
     scores = hx.tl.evaluate(out, truth=sections["t"])
-    from hespotex.tl._metrics import pearson_per_gene
+    from hespotex.tl.evaluation._metrics import pearson_per_gene
 
     r = pearson_per_gene(expected, np.asarray(out.layers["hespotex"]))
     np.testing.assert_allclose(scores["pearson"].to_numpy(), r, rtol=1e-5, equal_nan=True)

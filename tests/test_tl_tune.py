@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hespotex.tl._baselines import RetrievalBaseline, RidgeBaseline
-from hespotex.tl._tune import _ridge_path, tune_baseline
+from hespotex.tl.evaluation._baselines import RetrievalBaseline, RidgeBaseline
+from hespotex.tl.training._tune import _ridge_path, tune_baseline
 
 
 def _sections(signal: float, seed: int = 0, n: int = 60):
@@ -52,7 +52,7 @@ def test_tuning_bad_input():
 
 def test_cross_validate_tunes_baselines_on_the_training_folds():
     import hespotex as hx
-    from hespotex.tl._data import graph_data
+    from hespotex.tl.model._data import graph_data
 
     hx.settings.progress = False
     samples = {}

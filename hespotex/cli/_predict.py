@@ -38,7 +38,7 @@ def predict_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     """``hespotex predict``: one slide in-process, several through :func:`hespotex.tl.predict_slides`."""
     import pandas as pd
 
-    from hespotex.tl._cohort import COLUMNS, predict_slides, run_slide, slide_name
+    from hespotex.tl.prediction._cohort import COLUMNS, predict_slides, run_slide, slide_name
 
     model = Path(args.model)
     problem = output_problem(Path(args.out), "--out", kind="a folder")

@@ -93,7 +93,7 @@ def train_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error(problem)
     if out.exists():  # checked before training: a folder hespotex did not write is refused, --overwrite or not
         from hespotex import _ownership
-        from hespotex.tl._model import SETUP_FILE, WEIGHTS_FILE
+        from hespotex.tl.model._model import SETUP_FILE, WEIGHTS_FILE
 
         _ownership.check_replaceable(
             out, "model", what="hespotex model folder", option="--overwrite", legacy=(WEIGHTS_FILE, SETUP_FILE)

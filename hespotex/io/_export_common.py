@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from hespotex.tl.prediction._tables import recorded_params
+
 logger = logging.getLogger("hespotex")
 
 DEFAULT_KEY = "hespotex"
@@ -187,7 +189,7 @@ def open_prediction(data: Any, *, key: str = DEFAULT_KEY, layer: str | None = No
         )
         raise KeyError(msg)
     centres = np.asarray(table.obsm["spatial"], dtype=np.float64)[:, :2]
-    params = dict(table.uns.get(key, {}).get("params", {})) if isinstance(table.uns.get(key), dict) else {}
+    params = dict(recorded_params(table, key) or {})
     return Prediction(
         values=table.layers[layer],
         genes=[str(g) for g in table.var_names],

@@ -63,8 +63,9 @@ def measured_expression(table: Any, *, layer: str = "hespotex", truth: Any = Non
     """
     from hespotex._sample import get_table
     from hespotex.pp._targets import target_expression
+    from hespotex.tl.prediction._tables import recorded_params
 
-    params = table.uns.get(layer, {}).get("params", {})
+    params = recorded_params(table, layer) or {}
     target_sum = float(params.get("target_sum", 1e4))
     target_norm = str(params.get("target_norm", "library_all"))
     genes = list(table.var_names)
@@ -182,7 +183,7 @@ def evaluation(
             raise ValueError(msg)
     table = pred = y = scores = computed = None
     if source == "table":
-        from hespotex.tl._metrics import gene_scores
+        from hespotex.tl.evaluation._metrics import gene_scores
 
         table = _prediction_table(data, layer, table_key)
         pred = np.asarray(table.layers[layer], dtype=np.float32)

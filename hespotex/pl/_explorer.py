@@ -18,6 +18,7 @@ from panel.viewable import Viewer
 
 from hespotex.pl._spatial import RASTERIZE_THRESHOLD, SpatialView, import_holoviews
 from hespotex.pl._utils import Predictions, check_genes, get_predictions
+from hespotex.tl.prediction._tables import prediction_records
 
 logger = logging.getLogger("hespotex")
 
@@ -333,12 +334,7 @@ class Explorer(Viewer):
 def _prediction_layers(pred: Predictions) -> list[str]:
     table = pred.table
     layers = [pred.layer]
-    for key, value in table.uns.items():
-        params = value.get("params") if isinstance(value, dict) else None
-        if isinstance(params, dict):
-            name = str(params.get("layer", key))
-            if name in table.layers and name not in layers:
-                layers.append(name)
+    layers += [name for name in prediction_records(table) if name not in layers]
     return layers
 
 

@@ -16,13 +16,13 @@ import numpy as np
 import scipy.sparse as sp
 
 from hespotex._sample import SAMPLE_KEY, TABLE_KEY, get_sample_info
+from hespotex.tl.prediction._tables import PREDICTION_KEY, find_prediction
 
 if TYPE_CHECKING:
     from anndata import AnnData
 
 logger = logging.getLogger("hespotex")
 
-PREDICTION_KEY = "hespotex"
 MEASURED_LAYER = "measured"
 # sdata -> {(image key, max_px): (element, display image)}
 _DISPLAY_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -46,31 +46,6 @@ class Predictions:
     def attention_key(self) -> str | None:
         key = self.params.get("attention_key")
         return str(key) if key else None
-
-
-def _params_for_layer(table: AnnData, layer: str | None) -> tuple[str, dict[str, Any]] | None:
-    """The prediction layer of ``table`` and the parameters ``hx.tl.predict`` recorded for it."""
-    records = {}
-    for key, value in table.uns.items():
-        params = value.get("params") if isinstance(value, dict) else None
-        name = str(params.get("layer", key)) if isinstance(params, dict) else None
-        # the record hx.tl.predict wrote (uns key = layer) wins over others naming the layer (e.g. evaluate's)
-        if name in table.layers and (name not in records or key == name):
-            records[name] = dict(params)
-    if layer is not None:
-        if layer in records:
-            return layer, records[layer]
-        if layer in table.layers:
-            return layer, {"layer": layer}
-        return None
-    if PREDICTION_KEY in records:
-        return PREDICTION_KEY, records[PREDICTION_KEY]
-    if records:
-        key = next(iter(records))
-        return key, records[key]
-    if PREDICTION_KEY in table.layers:
-        return PREDICTION_KEY, {"layer": PREDICTION_KEY}
-    return None
 
 
 def get_predictions(data: Any, *, layer: str | None = None, table_key: str | None = None) -> Predictions:
@@ -110,7 +85,7 @@ def get_predictions(data: Any, *, layer: str | None = None, table_key: str | Non
         msg = f"Expected a SpatialData sample or an AnnData table, found {type(data).__name__}."
         raise TypeError(msg)
     for key, table in candidates.items():
-        found = _params_for_layer(table, layer)
+        found = find_prediction(table, layer)
         if found is not None:
             return Predictions(table=table, layer=found[0], params=found[1], table_key=key)
     what = f"layers[{layer!r}]" if layer else "a prediction layer (uns[key]['params']['layer'])"

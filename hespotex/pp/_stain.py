@@ -35,7 +35,7 @@ def slide_statistics(emb: Any, *, chunk: int = 10_000, floor: float = 0.1) -> tu
     zarr-backed one while streaming). The scale is the standard deviation floored at ``floor`` times
     the median over the features that vary on this slide (so standardised values do not change when
     the whole slide's embeddings are scaled), as for the training statistics
-    (:func:`hespotex.tl._model.embedding_scale`).
+    (:func:`hespotex.tl.model._data.embedding_scale`).
     """
     n, d = emb.shape
     if n < 2:

@@ -82,12 +82,16 @@ def peer_predictions(
     column = {g: j for j, g in enumerate(genes)}
     out = {}
     for name, data in test_data.items():
-        scores = model.predict(np.asarray(data.emb, dtype=np.float32), coords=np.asarray(data.coords_um, dtype=np.float32))
+        scores = model.predict(
+            np.asarray(data.emb, dtype=np.float32), coords=np.asarray(data.coords_um, dtype=np.float32)
+        )
         pred = np.full((data.emb.shape[0], len(genes)), np.nan, dtype=np.float32)
         for gene, values in scores.items():
             pred[:, column[gene]] = values
         missing = len(genes) - len(scores)
         if missing:
-            logger.info("STPath has no output for %d of the %d genes of %s (not in its vocabulary).", missing, len(genes), name)
+            logger.info(
+                "STPath has no output for %d of the %d genes of %s (not in its vocabulary).", missing, len(genes), name
+            )
         out[name] = pred
     return out

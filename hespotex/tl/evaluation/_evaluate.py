@@ -12,7 +12,8 @@ import pandas as pd
 from hespotex._sample import as_sample_dict, get_table
 from hespotex.pp._normalize import log_expression
 from hespotex.pp._targets import target_expression
-from hespotex.tl._metrics import gene_scores, summarize, top_genes
+from hespotex.tl.evaluation._metrics import gene_scores, summarize, top_genes
+from hespotex.tl.prediction._tables import recorded_params
 
 logger = logging.getLogger("hespotex")
 
@@ -67,7 +68,7 @@ def evaluate(
     ``truth_constant``, ``prediction_constant``; with ``groups`` a tidy table with a ``sample``
     column). Writes ``uns[key_added]`` with ``per_gene`` (that table), ``summary`` (mean Pearson over
     all / top-``k`` HVG / top-``k`` HEG genes, MSE, number of genes with significantly positive
-    correlation, see :func:`hespotex.tl._metrics.summarize`) and ``params``.
+    correlation, see :func:`hespotex.tl.evaluation._metrics.summarize`) and ``params``.
 
     A gene predicted as a constant scores 0 in every mean (it is not dropped); a gene whose measured
     expression is constant on these spots has no defined correlation and is counted apart
@@ -75,7 +76,9 @@ def evaluate(
     """
     table = get_table(adata)
     if layer not in table.layers:
-        msg = f"Expected predictions in layers[{layer!r}], found layers {list(table.layers)}. Run `hx.tl.predict` first."
+        msg = (
+            f"Expected predictions in layers[{layer!r}], found layers {list(table.layers)}. Run `hx.tl.predict` first."
+        )
         raise KeyError(msg)
     genes = list(table.var_names)
     pred = np.asarray(table.layers[layer], dtype=np.float32)
@@ -86,7 +89,7 @@ def evaluate(
             f"{int(bad.any(axis=0).sum())} genes; they cannot be scored. Predict again with `hx.tl.predict(..., overwrite=True)`."
         )
         raise ValueError(msg)
-    params = table.uns.get(layer, {}).get("params", {})
+    params = recorded_params(table, layer) or {}
     target_sum = float(params.get("target_sum", 1e4))
     target_norm = str(params.get("target_norm", "library_all"))
     if isinstance(truth, str):
@@ -103,9 +106,15 @@ def evaluate(
             raise KeyError(msg)
         y = target_expression(measured[table.obs_names], genes, target_norm=target_norm, target_sum=target_sum)
     if reference is None:
-        logger.info("Ranking top-%d genes on the evaluated spots themselves (pass `reference=` training samples for benchmarks).", k)
+        logger.info(
+            "Ranking top-%d genes on the evaluated spots themselves (pass `reference=` training samples for benchmarks).",
+            k,
+        )
         yk = min(k, len(genes))
-        ranks = {"hvg": list(top_genes(y, yk, by="hvg", gene_names=genes)), "heg": list(top_genes(y, yk, by="mean", gene_names=genes))}
+        ranks = {
+            "hvg": list(top_genes(y, yk, by="hvg", gene_names=genes)),
+            "heg": list(top_genes(y, yk, by="mean", gene_names=genes)),
+        }
     else:
         ranks = rank_genes(reference, genes, k=k, target_sum=target_sum)
     group_values = None if groups is None else table.obs[groups].astype(str).to_numpy()
@@ -121,7 +130,14 @@ def evaluate(
     table.uns[key_added] = {
         "per_gene": scores.reset_index() if groups is None else scores,
         "summary": summary,
-        "params": {"layer": layer, "truth": truth if isinstance(truth, str) else "table", "k": k, "ranked_on": "reference" if reference is not None else "truth", "hvg": ranks["hvg"], "heg": ranks["heg"]},
+        "params": {
+            "layer": layer,
+            "truth": truth if isinstance(truth, str) else "table",
+            "k": k,
+            "ranked_on": "reference" if reference is not None else "truth",
+            "hvg": ranks["hvg"],
+            "heg": ranks["heg"],
+        },
     }
     scores.attrs["summary"] = summary
     return scores

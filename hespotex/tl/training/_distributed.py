@@ -31,7 +31,6 @@ size (one batch per rank): the optimisation differs, the quality should not.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -45,7 +44,10 @@ from typing import Any
 import numpy as np
 
 from hespotex._settings import settings
-from hespotex.tl._data import GraphData
+from hespotex.tl.model._data import GraphData
+from hespotex.tl.model._forward import forward_blocks
+from hespotex.tl.training._collectives import Context, state_fingerprint
+from hespotex.tl.training._training import fit_net
 
 logger = logging.getLogger("hespotex")
 
@@ -104,105 +106,6 @@ def _free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
-def state_fingerprint(net) -> str:
-    """SHA-256 of a module's state (names and bytes), to compare weights across processes."""
-    h = hashlib.sha256()
-    for k, v in sorted(net.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------- collectives
-class Context:
-    """This rank's place in the process group, and the collectives the training loop needs."""
-
-    def __init__(self, rank: int, world_size: int, device) -> None:
-        import torch.distributed as dist
-
-        self.rank = rank
-        self.world_size = world_size
-        self.device = device  # where the model runs
-        # nccl reduces CUDA tensors, gloo CPU tensors
-        self.comm_device = device if dist.get_backend() == "nccl" else "cpu"
-
-    def all_reduce(self, values: np.ndarray, op: str = "sum") -> np.ndarray:
-        """Element-wise sum or max of a float64 vector over the ranks (identical result on every rank)."""
-        import torch
-        import torch.distributed as dist
-
-        t = torch.as_tensor(np.asarray(values, dtype=np.float64)).to(self.comm_device)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-        return t.cpu().numpy()
-
-    def all_gather(self, value: int) -> list[int]:
-        import torch
-        import torch.distributed as dist
-
-        t = torch.tensor([value], dtype=torch.int64, device=self.comm_device)
-        out = [torch.zeros_like(t) for _ in range(self.world_size)]
-        dist.all_gather(out, t)
-        return [int(o.item()) for o in out]
-
-    def check_identical(self, net, what: str) -> str:
-        """Fingerprint of ``net``'s state, checked equal on every rank (raises when not)."""
-        fp = state_fingerprint(net)
-        short = int(fp[:15], 16)
-        got = self.all_gather(short)
-        if len(set(got)) != 1:
-            msg = f"DDP ranks hold different {what} (state fingerprints {got}); every rank must build the model from the same seed."
-            raise RuntimeError(msg)
-        return fp
-
-    def seed(self, seed: int) -> int:
-        """Torch seed of this rank (dropout): rank 0 keeps ``seed``, other ranks get their own stream."""
-        if self.rank == 0:
-            return seed
-        return int(np.random.SeedSequence([seed, self.rank]).generate_state(1)[0])
-
-    def shard(self, n_blocks: int, order: np.ndarray, rank: int | None = None) -> np.ndarray:
-        """Blocks of ``rank`` (default: this rank) in an epoch: the shared ``order`` dealt round-robin
-        (cycled when there are fewer blocks than ranks, so no rank is empty)."""
-        size = max(n_blocks, self.world_size)
-        size += (-size) % self.world_size
-        return np.resize(order, size)[self.rank if rank is None else rank :: self.world_size]
-
-    def wrap(self, net, method: str):
-        """``DistributedDataParallel`` over ``net`` whose forward is ``net.<method>`` (the loss).
-
-        Only parameters that require gradients are synchronised; freeze the others first.
-        """
-        import torch
-        from torch.nn.parallel import DistributedDataParallel
-
-        class _Loss(torch.nn.Module):
-            def __init__(self, inner) -> None:
-                super().__init__()
-                self.inner = inner
-
-            def forward(self, *args, **kwargs):
-                return getattr(self.inner, method)(*args, **kwargs)
-
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(_Loss(net), device_ids=ids)
-
-
-def trainable_only(net, params: Sequence) -> dict:
-    """Set ``requires_grad`` to False on ``net``'s parameters outside ``params``; returns the old flags."""
-    keep = {id(p) for p in params}
-    old = {}
-    for p in net.parameters():
-        old[p] = p.requires_grad
-        if id(p) not in keep:
-            p.requires_grad_(False)
-    return old
-
-
-def restore_grad_flags(old: dict) -> None:
-    for p, flag in old.items():
-        p.requires_grad_(flag)
-
-
 # ---------------------------------------------------------------------------------------------- one rank
 def train_rank(
     model,
@@ -215,8 +118,7 @@ def train_rank(
     expected_init: str | None = None,
 ) -> tuple[list[dict[str, float]], dict[str, Any]]:
     """Train ``model.module_`` on this rank (inputs already standardised); returns history and this rank's record."""
-    from hespotex.tl._metrics import pearson_per_gene
-    from hespotex.tl._training import fit_net
+    from hespotex.tl.evaluation._metrics import pearson_per_gene
 
     net = model.module_
     init = ctx.check_identical(net, "initial weights")
@@ -228,7 +130,7 @@ def train_rank(
         scores = np.zeros(len(validation))
         for i in range(ctx.rank, len(validation), ctx.world_size):
             s, mask = validation[i]
-            pred = model._forward(net, s, ctx.device, max_nodes=max_nodes)["expression"]
+            pred = forward_blocks(net, s, ctx.device, max_nodes=max_nodes)["expression"]
             r = pearson_per_gene(s.expr[mask], pred[mask])
             scores[i] = np.nanmean(r) if np.isfinite(r).any() else 0.0
         return float(np.mean(ctx.all_reduce(scores)))  # each entry set by one rank, zeros elsewhere: exact
@@ -251,7 +153,6 @@ def _worker(rank: int, world_size: int, job: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     from hespotex.models import HESpotExNet
-    from hespotex.tl._model import HESpotEx
 
     torch.set_num_threads(job["threads"])
     settings.progress = job["progress"] and rank == 0
@@ -269,7 +170,7 @@ def _worker(rank: int, world_size: int, job: dict[str, Any]) -> None:
 
         with threadpool_limits(limits=job["threads"]):
             setup = job["setup"]
-            model = HESpotEx(
+            model = job["model_class"](
                 setup["genes"], embedding=setup["embedding"], config=setup["config"], target_sum=setup["target_sum"]
             )
             model.module_ = HESpotExNet(
@@ -336,6 +237,7 @@ def fit_distributed(
             "genes": model.genes, "embedding": model.embedding, "config": model.config.to_dict(),
             "target_sum": model.target_sum, "embedding_dim": len(model.embedding_mean_),
         },
+        "model_class": type(model),  # the worker builds the same class (pickled by reference)
         "init_sha256": state_fingerprint(model.module_), "train": list(train), "validation": list(validation),
         "device": str(device), "backend": backend, "addr": addr, "port": port, "timeout_s": timeout_s,
         "max_nodes": max_nodes, "seed": seed, "threads": threads, "outdir": str(outdir),

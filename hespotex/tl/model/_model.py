@@ -15,38 +15,13 @@ import numpy as np
 from hespotex._settings import resolve_device
 from hespotex.models._config import ModelConfig  # re-exported as hx.tl.ModelConfig (no torch import)
 from hespotex.pp._genes import gene_hash
-from hespotex.tl._data import GraphData, induced_edges, k_hop_halo, spatial_blocks
+from hespotex.tl.model._data import GraphData, embedding_scale
+from hespotex.tl.model._forward import forward_blocks
+from hespotex.tl.model._setup_validation import FORMAT_VERSION, SETUP_FILE, WEIGHTS_FILE, json_default, versions
 
 logger = logging.getLogger("hespotex")
 
 __all__ = ["HESpotEx", "ModelConfig"]
-
-FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
-SETUP_FILE = "setup.json"
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("hespotex", "torch", "torch-geometric", "timm"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "unknown"
-    return out
-
-
-def embedding_scale(emb: np.ndarray, *, floor: float = 0.1) -> np.ndarray:
-    """Per-feature standard deviation of the training embeddings, floored at ``floor`` times the median.
-
-    Features (nearly) constant on the training patches would otherwise get a tiny scale, and any
-    activity on a new slide would become a standardised value in the hundreds of thousands.
-    """
-    std = emb.std(axis=0)
-    median = float(np.median(std))
-    return np.maximum(std, floor * median if median > 0 else 1.0).astype(np.float32)
 
 
 class HESpotEx:
@@ -110,7 +85,7 @@ class HESpotEx:
         embedding_norm: str = "training",
         stain_augment: dict[str, Any] | None = None,
     ) -> None:
-        from hespotex.models._net import resolve_config as _resolve_config
+        from hespotex.models._net import resolve_config
         from hespotex.pp._stain import check_embedding_norm
         from hespotex.pp._targets import check_target_norm
 
@@ -120,7 +95,7 @@ class HESpotEx:
             raise ValueError(msg)
         self.genes = genes
         self.embedding = dict(embedding)
-        self.config = _resolve_config(config)
+        self.config = resolve_config(config)
         self.target_sum = float(target_sum)
         self.target_norm = check_target_norm(str(target_norm))
         self.embedding_norm = check_embedding_norm(str(embedding_norm))
@@ -164,8 +139,8 @@ class HESpotEx:
         (see :func:`hespotex.tl.train`); ``train_strategy_`` records how the model was trained.
         """
         from hespotex.models import HESpotExNet
-        from hespotex.tl._distributed import check_strategy
-        from hespotex.tl._training import fit_net
+        from hespotex.tl.training._distributed import check_strategy
+        from hespotex.tl.training._training import fit_net
 
         check_strategy(strategy, n_processes, backend)
         seed = self.config.seed if seed is None else seed
@@ -179,10 +154,17 @@ class HESpotEx:
         self._start_at_training_means(train)
         dev = resolve_device(device)
         if strategy == "ddp":
-            from hespotex.tl._distributed import fit_distributed
+            from hespotex.tl.training._distributed import fit_distributed
 
             self.history_, self.train_strategy_ = fit_distributed(
-                self, train, validation, device=dev, max_nodes=max_nodes, seed=seed, n_processes=n_processes, backend=backend
+                self,
+                train,
+                validation,
+                device=dev,
+                max_nodes=max_nodes,
+                seed=seed,
+                n_processes=n_processes,
+                backend=backend,
             )
             self.module_.to("cpu")
             self.module_.eval()
@@ -190,11 +172,11 @@ class HESpotEx:
             return self
 
         def validate(net) -> float:
-            from hespotex.tl._metrics import pearson_per_gene
+            from hespotex.tl.evaluation._metrics import pearson_per_gene
 
             scores = []
             for s, mask in validation:
-                pred = self._forward(net, s, dev, max_nodes=max_nodes)["expression"]
+                pred = forward_blocks(net, s, dev, max_nodes=max_nodes)["expression"]
                 r = pearson_per_gene(s.expr[mask], pred[mask])
                 scores.append(np.nanmean(r) if np.isfinite(r).any() else 0.0)
             return float(np.mean(scores))
@@ -253,7 +235,7 @@ class HESpotEx:
         decoder's input to its gene head, ``None`` without a decoder) and ``"attention"``
         ``(targets, sources, weights)`` of the edges into core spots, or ``None``. The gene heads are
         skipped there (the expression is ``direct_head(latent) + decoder.gene_head(features)``, see
-        :func:`hespotex.tl._stream.gene_heads`), so a block never holds spots × genes.
+        :func:`hespotex.tl.prediction._stream.gene_heads`), so a block never holds spots × genes.
         """
         self._check_trained()
         if sample.emb.shape[1] != len(self.embedding_mean_):
@@ -273,7 +255,7 @@ class HESpotEx:
             rows /= scale
             return rows
 
-        return self._forward(
+        return forward_blocks(
             self.module_,
             sample,
             resolve_device(device),
@@ -282,94 +264,6 @@ class HESpotEx:
             on_block=on_block,
             standardise=standardise,
         )
-
-    def _forward(
-        self,
-        net,
-        s: GraphData,
-        device,
-        *,
-        max_nodes: int,
-        blocks: Sequence[np.ndarray] | None = None,
-        on_block: Callable[[int, np.ndarray, dict[str, Any]], None] | None = None,
-        standardise: Callable[[np.ndarray], np.ndarray] | None = None,
-    ) -> dict[str, Any] | None:
-        """Block-wise forward of ``net`` (see :meth:`predict_graph`); ``standardise`` maps each block's
-        embedding rows (``None``: ``s.emb`` is standardised already)."""
-        import scipy.sparse as sp
-        import torch
-
-        cfg = net.config
-        use_graph = net.decoder is not None
-        edges = s.graph(cfg.decoder_neighbors) if use_graph else np.zeros((2, 0), dtype=np.int64)
-        collect = on_block is None
-        if collect:
-            expression = np.empty((s.n, net.n_genes), dtype=np.float32)
-            latent = np.empty((s.n, cfg.latent_dim), dtype=np.float32)
-        att_rows, att_cols, att_vals = [], [], []
-        features: list = []  # the graph decoder's gene-head input, captured for streaming
-        hooks = []
-        if not collect:
-            # Streaming runs the two gene heads later, on rows in table order (from the latent and the
-            # captured features): here they see one row each, so no block ever holds spots x genes.
-            def one_row(_module, args):
-                return (args[0][:1],)
-
-            def capture(_module, args):
-                features.append(args[0])
-                return (args[0][:1],)
-
-            hooks.append(net.direct_head.register_forward_pre_hook(one_row))
-            if use_graph:
-                hooks.append(net.decoder.gene_head.register_forward_pre_hook(capture))
-        was_training = net.training
-        net.eval()
-        net.to(device)
-        # n_hops rings make each block exact; GCN's symmetric normalisation also needs the degree of
-        # the outermost ring's nodes, hence one ring more
-        halo = cfg.n_hops + (cfg.decoder_conv == "gcn") if use_graph else 0
-        try:
-            with torch.inference_mode():
-                for i, core in enumerate(spatial_blocks(s.coords_um, max_nodes) if blocks is None else blocks):
-                    nodes = k_hop_halo(edges, core, s.n, halo) if use_graph else core
-                    sub = induced_edges(edges, nodes, s.n)
-                    rows = s.emb[nodes] if standardise is None else standardise(s.emb[nodes])
-                    x = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).to(device)
-                    features.clear()
-                    out = net(x, torch.from_numpy(sub).to(device) if use_graph else None)
-                    m = len(core)
-                    attention = None
-                    if out["attention"] is not None:
-                        ei, alpha = out["attention"]
-                        ei, alpha = ei.cpu().numpy(), alpha.float().cpu().numpy()
-                        keep = ei[1] < m  # edges into core spots
-                        attention = (nodes[ei[1][keep]], nodes[ei[0][keep]], alpha[keep])
-                    if not collect:
-                        result = {
-                            "latent": out["latent"][:m].float().cpu().numpy(),
-                            "features": features[-1][:m].float().cpu().numpy() if features else None,
-                            "attention": attention,
-                        }
-                        on_block(i, core, result)
-                        continue
-                    expression[core] = out["expression"][:m].float().cpu().numpy()
-                    latent[core] = out["latent"][:m].float().cpu().numpy()
-                    if attention is not None:
-                        att_rows.append(attention[0])
-                        att_cols.append(attention[1])
-                        att_vals.append(attention[2])
-        finally:
-            for hook in hooks:
-                hook.remove()
-            net.train(was_training)
-        if not collect:
-            return None
-        attention = None
-        if att_rows:
-            attention = sp.csr_matrix(
-                (np.concatenate(att_vals), (np.concatenate(att_rows), np.concatenate(att_cols))), shape=(s.n, s.n)
-            )
-        return {"expression": expression, "latent": latent, "attention": attention}
 
     def _check_trained(self) -> None:
         if not self.is_trained_ or self.module_ is None:
@@ -381,7 +275,7 @@ class HESpotEx:
         """Everything but the weights, as JSON-safe values (what :meth:`save` writes to ``setup.json``)."""
         return {
             "format_version": FORMAT_VERSION,
-            "versions": _versions(),
+            "versions": versions(),
             "genes": self.genes,
             "gene_hash": gene_hash(self.genes),
             "gene_selection": self.gene_selection,
@@ -429,9 +323,11 @@ class HESpotEx:
             tensors = {f"net.{k}": v.detach().cpu().contiguous() for k, v in self.module_.state_dict().items()}
             tensors["setup.embedding_mean"] = torch.from_numpy(self.embedding_mean_)
             tensors["setup.embedding_scale"] = torch.from_numpy(self.embedding_scale_)
-            save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "hespotex", "format_version": str(FORMAT_VERSION)})
+            save_file(
+                tensors, tmp / WEIGHTS_FILE, metadata={"format": "hespotex", "format_version": str(FORMAT_VERSION)}
+            )
             os.chmod(tmp / WEIGHTS_FILE, 0o666 & ~_ownership.umask())  # safetensors writes 0600: the user's umask
-            (tmp / SETUP_FILE).write_text(json.dumps(self.setup_dict(), indent=1, default=_json_default))
+            (tmp / SETUP_FILE).write_text(json.dumps(self.setup_dict(), indent=1, default=json_default))
             _ownership.mark(tmp, "model")
             _ownership.commit_dir(tmp, path)
         finally:
@@ -444,14 +340,14 @@ class HESpotEx:
     def load(cls, path: str | Path) -> HESpotEx:
         """Load a model saved with :meth:`save` (weights through safetensors: no pickle is run).
 
-        Checked before anything is allocated (:mod:`hespotex.tl._setup_validation`): every field of
+        Checked before anything is allocated (:mod:`hespotex.tl.model._setup_validation`): every field of
         ``setup.json`` (types, required fields, bounds), its ``gene_hash`` against the gene names, the
         tensor shapes in the safetensors header against the network the setup describes. The weights
         are then read fully into memory (replacing or truncating the file later does not affect the
         loaded model) and refused when any is NaN or infinite or the embedding scale is not positive.
         """
         from hespotex.models import HESpotExNet
-        from hespotex.tl._setup_validation import as_array, load_checked
+        from hespotex.tl.model._setup_validation import as_array, load_checked
 
         path = Path(path)
         missing = [f for f in (WEIGHTS_FILE, SETUP_FILE) if not (path / f).is_file()]
@@ -464,7 +360,9 @@ class HESpotEx:
             embedding=setup["embedding"],
             config=setup["config"],
             target_sum=setup["target_sum"],
-            target_norm=setup.get("target_norm", "library_all"),  # models saved before the setting: library over all genes
+            target_norm=setup.get(
+                "target_norm", "library_all"
+            ),  # models saved before the setting: library over all genes
             gene_selection=setup.get("gene_selection"),
             spot_geometry=setup.get("spot_geometry"),
             embedding_norm=setup.get("embedding_norm", "training"),  # models saved before the setting
@@ -495,7 +393,13 @@ class HESpotEx:
         import hashlib
 
         self._check_trained()
-        h = hashlib.sha256(json.dumps({k: v for k, v in self.setup_dict().items() if k not in ("history", "versions", "train_strategy")}, sort_keys=True, default=_json_default).encode())
+        h = hashlib.sha256(
+            json.dumps(
+                {k: v for k, v in self.setup_dict().items() if k not in ("history", "versions", "train_strategy")},
+                sort_keys=True,
+                default=json_default,
+            ).encode()
+        )
         for k, v in sorted(self.module_.state_dict().items()):
             h.update(k.encode())
             h.update(v.detach().cpu().contiguous().numpy().tobytes())
@@ -506,12 +410,3 @@ class HESpotEx:
         """Number of parameters of the network."""
         self._check_trained()
         return sum(p.numel() for p in self.module_.parameters())
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    msg = f"Cannot store {type(value).__name__} in setup.json."
-    raise TypeError(msg)

@@ -19,125 +19,32 @@ Layout of ``out`` for a slide ``.../TUMOUR-01.svs``::
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
-import traceback
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from hespotex.tl.prediction._cohort_records import (
+    error_message,
+    output_paths,
+    prepare_out,
+    read_marker,
+    slide_name,
+    traceback_summary,
+    unlink_record,
+    write_json_atomic,
+)
+
 logger = logging.getLogger("hespotex")
 
 #: Columns of the table :func:`predict_slides` returns, in order.
 COLUMNS = ["slide", "status", "n_tiles", "seconds", "output", "error", "traceback", "path"]
-#: Suffix of the completion marker written beside each slide's zarr store.
-DONE_SUFFIX = ".done.json"
-ERROR_SUFFIX = ".error.txt"
-#: Frames of the traceback kept in the returned table (the innermost ones).
-TRACEBACK_FRAMES = 4
 
 _MODELS: dict[tuple[str, float], Any] = {}  # per-process cache: a worker loads each model folder once
-
-
-# --------------------------------------------------------------------------------------------------
-# names and markers
-
-
-def slide_name(path: str | Path) -> str:
-    """Name of a slide's outputs: the file name without its extension (``.ome.tif`` counts as one).
-
-    ``TCGA-A1-A0SB-01Z-00-DX1.B34C267B.svs`` -> ``TCGA-A1-A0SB-01Z-00-DX1.B34C267B``;
-    ``slide.ome.tiff`` -> ``slide``; a zarr store ``slide.zarr`` from ``hespotex tile`` -> ``slide``.
-    """
-    name = Path(path).name.rstrip("/")
-    stem = name.rsplit(".", 1)[0] if "." in name else name
-    if stem.lower().endswith(".ome"):
-        stem = stem[: -len(".ome")]
-    return stem
-
-
-def output_paths(out: str | Path, name: str) -> dict[str, Path]:
-    """Where a slide called ``name`` writes under ``out``: ``zarr``, ``done`` marker, ``error`` file."""
-    out = Path(out)
-    return {"zarr": out / f"{name}.zarr", "done": out / f"{name}{DONE_SUFFIX}", "error": out / f"{name}{ERROR_SUFFIX}"}
-
-
-def read_marker(out: str | Path, name: str) -> dict[str, Any] | None:
-    """The completion marker of slide ``name`` under ``out`` (``None`` when it is not finished).
-
-    A slide is finished when its marker can be read *and* its store records the predictions it
-    names as complete, so a marker beside a store that was replaced or damaged does not count.
-    """
-    paths = output_paths(out, name)
-    if not (paths["done"].is_file() and paths["zarr"].exists()):
-        return None
-    try:
-        record = json.loads(paths["done"].read_text())
-    except (OSError, json.JSONDecodeError):
-        return None  # a marker that cannot be read does not count as finished
-    if not isinstance(record, dict) or not _store_complete(paths["zarr"], str(record.get("key_added", "hespotex"))):
-        return None
-    return record
-
-
-def _store_complete(path: Path, key: str) -> bool:
-    """Whether the streamed predictions ``key`` in the store ``path`` are committed (and their table is there)."""
-    import zarr
-
-    from hespotex.tl._stream import PROGRESS_GROUP
-
-    try:
-        root = zarr.open_group(path, mode="r", use_consolidated=False)
-        group = root[PROGRESS_GROUP][key]
-        return bool(group.attrs.get("complete")) and key in root["tables"]
-    except (KeyError, OSError, ValueError, zarr.errors.ZarrError):
-        return False
-
-
-def _write_json_atomic(path: Path, record: Mapping[str, Any]) -> None:
-    """Write ``record`` as JSON through a sibling unique to the call, renamed into place (mode from the umask)."""
-    from hespotex._ownership import write_text_atomic
-
-    write_text_atomic(path, json.dumps(dict(record), indent=1, default=str))
-
-
-def _unlink_record(path: Path) -> None:
-    """Delete a completion marker hespotex wrote (a JSON record of a slide); refuse any other file of that name."""
-    if not path.exists():
-        return
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        record = None
-    if not (isinstance(record, dict) and "slide" in record and "model_id" in record):
-        msg = f"{str(path)!r} is not a completion marker written by hespotex; it is never deleted. Move it away, or choose another `out`."
-        raise FileExistsError(msg)
-    path.unlink()
-
-
-def _prepare_out(out: Path) -> None:
-    """Create the cohort folder ``out`` (marked as hespotex's when it is new or empty); an existing file is refused."""
-    from hespotex import _ownership
-
-    if out.exists() and not out.is_dir():
-        msg = f"The output folder {str(out)!r} is a file; expected a folder (created if needed). Choose another `out`."
-        raise NotADirectoryError(msg)
-    if not out.exists():
-        out.mkdir(parents=True)
-    if _ownership.marker(out) is None and not any(out.iterdir()):
-        _ownership.mark(out, "cohort")
-
-
-def _traceback_summary(err: BaseException) -> str:
-    return "".join(traceback.format_exception(type(err), err, err.__traceback__, limit=-TRACEBACK_FRAMES)).rstrip()
-
-
-def _error_message(err: BaseException) -> str:
-    return f"{type(err).__name__}: {err}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,7 +52,7 @@ def _error_message(err: BaseException) -> str:
 
 
 def _load_model(model_dir: str):
-    from hespotex.tl._model import HESpotEx
+    from hespotex.tl.model._model import HESpotEx
 
     key = (str(Path(model_dir).resolve()), (Path(model_dir) / "setup.json").stat().st_mtime)
     if key not in _MODELS:
@@ -257,8 +164,8 @@ def run_slide(
             _check_marker(done, name=name, path=path, model_id=_load_model(str(model_dir)).model_id, out=out)
             record.update(status="skipped", n_tiles=done.get("n_tiles"), seconds=0.0)
             return record
-        _prepare_out(out)
-        _unlink_record(paths["done"])  # from here on the slide is not finished
+        prepare_out(out)
+        unlink_record(paths["done"])  # from here on the slide is not finished
         paths["error"].unlink(missing_ok=True)
         sdata = open_slide(path, microns_per_pixel=microns_per_pixel)  # first: a broken slide fails fast
         n_tiles = _tile_if_needed(sdata, str(model_dir), tile_kwargs or {})
@@ -278,14 +185,14 @@ def run_slide(
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "hespotex": _version(),
         }
-        _write_json_atomic(paths["done"], marker)  # last: the slide is finished only now
+        write_json_atomic(paths["done"], marker)  # last: the slide is finished only now
         record.update(status="finished", n_tiles=n_tiles, seconds=seconds)
     except Exception as err:  # one slide's failure is reported, not raised, so the cohort goes on
         record.update(
             status="failed",
             seconds=time.perf_counter() - t0,
-            error=_error_message(err),
-            traceback=_traceback_summary(err),
+            error=error_message(err),
+            traceback=traceback_summary(err),
         )
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -376,7 +283,7 @@ def _check_paths(paths: Iterable[str | Path]) -> dict[str, Path]:
 
 def _model_folder(model: Any, out: Path) -> tuple[Path, Any]:
     """The model as a folder every worker can read (a model object is saved under ``out/.model``)."""
-    from hespotex.tl._model import HESpotEx
+    from hespotex.tl.model._model import HESpotEx
 
     if hasattr(model, "members") or (isinstance(model, str | Path) and (Path(model) / "ensemble.json").is_file()):
         msg = "Cohort prediction streams each slide, which ensembles do not support yet; pass one HESpotEx (e.g. `model.members[0]`)."
@@ -459,7 +366,7 @@ def predict_slides(
 
     named = _check_paths(paths)
     out = Path(out)
-    _prepare_out(out)
+    prepare_out(out)
     model_dir, loaded = _model_folder(model, out)
     model_id = loaded.model_id
     options = {
@@ -512,7 +419,7 @@ def predict_slides(
 
 def _failed(name: str, path: Path, out: Path, err: BaseException) -> dict[str, Any]:
     return {**dict.fromkeys(COLUMNS), "slide": name, "path": str(path), "status": "failed", "seconds": 0.0,
-            "output": str(output_paths(out, name)["zarr"]), "error": _error_message(err), "traceback": _traceback_summary(err)}  # fmt: skip
+            "output": str(output_paths(out, name)["zarr"]), "error": error_message(err), "traceback": traceback_summary(err)}  # fmt: skip
 
 
 def _run_on_dask(
@@ -571,4 +478,8 @@ def _close_quietly(client: Any, cluster: Any) -> None:
         try:
             part.close()
         except (TimeoutError, OSError, RuntimeError) as err:  # e.g. a worker still alive after the nanny's wait
-            logger.warning("The local Dask cluster did not shut down cleanly (%s: %s); the results are complete.", type(err).__name__, err)
+            logger.warning(
+                "The local Dask cluster did not shut down cleanly (%s: %s); the results are complete.",
+                type(err).__name__,
+                err,
+            )

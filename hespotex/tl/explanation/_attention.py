@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import scipy.sparse as sp
 
-from hespotex._sample import get_table
+from hespotex.tl.prediction._tables import PREDICTION_KEY, recorded_params, spot_tables
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -23,16 +23,13 @@ logger = logging.getLogger("hespotex")
 
 __all__ = ["attention"]
 
-PREDICTION_KEY = "hespotex"
 ROW_SUM_TOL = 1e-3
 
 
 def _attention_table(data: Any, key: str | None) -> tuple[AnnData, str]:
     """The table holding the attention and the ``obsp`` key (resolved from the prediction record when ``key`` is None)."""
-    tables = [get_table(data)]
-    if hasattr(data, "tables"):  # predict() may store a table of its own when the genes differ
-        tables += [t for name, t in data.tables.items() if t is not tables[0] and name == PREDICTION_KEY]
-        tables += [t for t in data.tables.values() if all(t is not u for u in tables)]
+    # predict() may store a table of its own when the genes differ
+    tables = [t for _, t in spot_tables(data, same_spots=False, prefer=PREDICTION_KEY)]
     if key is not None:
         for table in tables:
             if key in table.obsp:
@@ -44,7 +41,7 @@ def _attention_table(data: Any, key: str | None) -> tuple[AnnData, str]:
         )
         raise KeyError(msg)
     for table in tables:
-        params = table.uns.get(PREDICTION_KEY, {}).get("params")
+        params = recorded_params(table)
         if params is None:
             continue
         att = params.get("attention_key")

@@ -151,3 +151,14 @@ def induced_edges(edges: np.ndarray, nodes: np.ndarray, n: int) -> np.ndarray:
     src, dst = pos[edges[0]], pos[edges[1]]
     keep = (src >= 0) & (dst >= 0)
     return np.vstack([src[keep], dst[keep]])
+
+
+def embedding_scale(emb: np.ndarray, *, floor: float = 0.1) -> np.ndarray:
+    """Per-feature standard deviation of the training embeddings, floored at ``floor`` times the median.
+
+    Features (nearly) constant on the training patches would otherwise get a tiny scale, and any
+    activity on a new slide would become a standardised value in the hundreds of thousands.
+    """
+    std = emb.std(axis=0)
+    median = float(np.median(std))
+    return np.maximum(std, floor * median if median > 0 else 1.0).astype(np.float32)

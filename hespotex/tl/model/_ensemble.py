@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from hespotex.tl._model import HESpotEx
+from hespotex.tl.model._model import HESpotEx
 
 logger = logging.getLogger("hespotex")
 
@@ -60,7 +60,8 @@ class HESpotExEnsemble:
                 and m.embedding.get("encoder_id") == first.embedding.get("encoder_id")
                 and m.embedding.get("patch_um") == first.embedding.get("patch_um")
                 and m.embedding.get("tta") == first.embedding.get("tta")
-                and (m.target_norm, m.target_sum, m.embedding_norm) == (first.target_norm, first.target_sum, first.embedding_norm)
+                and (m.target_norm, m.target_sum, m.embedding_norm)
+                == (first.target_norm, first.target_sum, first.embedding_norm)
             )
             if not same:
                 msg = (
@@ -161,7 +162,12 @@ class HESpotExEnsemble:
             for i, m in enumerate(self.members):
                 names.append(f"member_{i}")
                 m.save(tmp / names[-1])
-            record = {"format": "hespotex-ensemble", "format_version": ENSEMBLE_FORMAT, "members": names, **self.setup_dict()["ensemble"]}
+            record = {
+                "format": "hespotex-ensemble",
+                "format_version": ENSEMBLE_FORMAT,
+                "members": names,
+                **self.setup_dict()["ensemble"],
+            }
             _ownership.write_text_atomic(tmp / ENSEMBLE_FILE, json.dumps(record, indent=1))
             _ownership.mark(tmp, "model")
             _ownership.commit_dir(tmp, path)
@@ -180,11 +186,17 @@ class HESpotExEnsemble:
         except (OSError, json.JSONDecodeError) as err:
             msg = f"{str(path)!r} is not a readable hespotex ensemble folder ({err}); save the ensemble again."
             raise ValueError(msg) from err
-        if not isinstance(record, dict) or record.get("format") != "hespotex-ensemble" or record.get("format_version") != ENSEMBLE_FORMAT:
+        if (
+            not isinstance(record, dict)
+            or record.get("format") != "hespotex-ensemble"
+            or record.get("format_version") != ENSEMBLE_FORMAT
+        ):
             msg = f"Unsupported ensemble record in {str(path / ENSEMBLE_FILE)!r}; this hespotex reads format {ENSEMBLE_FORMAT}."
             raise ValueError(msg)
         members = record.get("members")
-        if not isinstance(members, list) or not all(isinstance(m, str) and "/" not in m and m not in ("", ".", "..") for m in members):
+        if not isinstance(members, list) or not all(
+            isinstance(m, str) and "/" not in m and m not in ("", ".", "..") for m in members
+        ):
             msg = f"The ensemble record in {str(path)!r} lists no valid member folders; save the ensemble again."
             raise ValueError(msg)
         return cls([HESpotEx.load(path / m) for m in members])

@@ -26,14 +26,14 @@ DEFAULT_GRIDS: dict[str, tuple[str, tuple[float, ...]]] = {
 
 
 def _score(y: np.ndarray, pred: np.ndarray) -> float:
-    from hespotex.tl._metrics import pearson_per_gene
+    from hespotex.tl.evaluation._metrics import pearson_per_gene
 
     r = pearson_per_gene(y, pred)
     return float(np.nanmean(r)) if np.isfinite(r).any() else 0.0
 
 
 def _ridge_path(X, y, Xh, alphas, *, n_components: int | None, seed: int):
-    """Predictions of :class:`~hespotex.tl._baselines.RidgeBaseline` for every α (exact ridge on the PCA scores).
+    """Predictions of :class:`~hespotex.tl.evaluation._baselines.RidgeBaseline` for every α (exact ridge on the PCA scores).
 
     The same standardisation and PCA as the baseline; the ridge with intercept is solved in closed
     form from one SVD of the centred scores, so a grid of α costs one fit.
@@ -88,7 +88,7 @@ def tune_baseline(
     "smoothed", "inner_folds"}`` (``scores``: mean inner Pearson per grid value).
     """
     from hespotex.pp._graph import knn_graph
-    from hespotex.tl._baselines import make_baseline, smooth
+    from hespotex.tl.evaluation._baselines import make_baseline, smooth
 
     if name not in DEFAULT_GRIDS:
         msg = f"Cannot tune baseline {name!r}; expected one of {sorted(DEFAULT_GRIDS)}."
@@ -118,7 +118,14 @@ def tune_baseline(
             scores[i] += _score(yh, smooth(pred, conn) if smoothed else pred) / len(names)
     best = int(np.argmax(scores))
     value = int(values[best]) if param == "k" else float(values[best])
-    logger.info("%s%s: %s = %s chosen by leave-one-section-out (inner Pearson %.4f)", name, "+smooth" if smoothed else "", param, value, scores[best])
+    logger.info(
+        "%s%s: %s = %s chosen by leave-one-section-out (inner Pearson %.4f)",
+        name,
+        "+smooth" if smoothed else "",
+        param,
+        value,
+        scores[best],
+    )
     model = make_baseline(name, **{param: value}, **extra, **kwargs)
     model.fit(np.concatenate([s[0] for s in sections.values()]), np.concatenate([s[1] for s in sections.values()]))
     model.tuning_ = {

@@ -12,12 +12,12 @@ import pandas as pd
 
 from hespotex._sample import as_sample_dict, get_table
 from hespotex.pp._genes import select_genes, shared_genes
-from hespotex.tl._data import EMBEDDING_KEY, GraphData, graph_data
-from hespotex.tl._evaluate import rank_genes
-from hespotex.tl._metrics import gene_scores, truth_constant_genes
-from hespotex.tl._peers import PEER_METHODS, peer_predictions
-from hespotex.tl._train import ensure_embeddings, train
-from hespotex.tl._tune import DEFAULT_GRIDS, tune_baseline
+from hespotex.tl.evaluation._evaluate import rank_genes
+from hespotex.tl.evaluation._metrics import gene_scores, truth_constant_genes
+from hespotex.tl.evaluation._peers import PEER_METHODS, peer_predictions
+from hespotex.tl.model._data import EMBEDDING_KEY, GraphData, graph_data
+from hespotex.tl.training._train import ensure_embeddings, train
+from hespotex.tl.training._tune import DEFAULT_GRIDS, tune_baseline
 
 logger = logging.getLogger("hespotex")
 
@@ -45,7 +45,9 @@ def _method_specs(methods: Sequence[Any], config: Any) -> list[tuple[str, str, A
     return specs
 
 
-def fold_genes(train_tables: Sequence[Any], all_tables: Sequence[Any], *, genes, n_top_genes: int, flavor: str, include_genes) -> list[str]:
+def fold_genes(
+    train_tables: Sequence[Any], all_tables: Sequence[Any], *, genes, n_top_genes: int, flavor: str, include_genes
+) -> list[str]:
     """The fold's gene panel: given ``genes``, else ``include_genes`` (those present everywhere) topped up
     with the training fold's best-ranked genes to ``n_top_genes``."""
     if genes is not None:
@@ -54,7 +56,9 @@ def fold_genes(train_tables: Sequence[Any], all_tables: Sequence[Any], *, genes,
     base = [g for g in (include_genes or []) if g in present]
     if len(base) >= n_top_genes:
         return base[:n_top_genes]
-    ranked = select_genes(list(train_tables), n_top=min(len(present), n_top_genes + len(base)), flavor=flavor, key_added=None)
+    ranked = select_genes(
+        list(train_tables), n_top=min(len(present), n_top_genes + len(base)), flavor=flavor, key_added=None
+    )
     extra = [g for g in ranked if g in present and g not in set(base)]
     return base + extra[: n_top_genes - len(base)]
 
@@ -102,7 +106,7 @@ def cross_validate(
         (ablations), and the baselines ``"ridge"`` (HEST-Benchmark), ``"mlp"`` (ST-Net style head),
         ``"retrieval"`` (BLEEP-style nearest neighbours) on the same genes and embeddings, and the
         pretrained peer ``"stpath"`` (needs ``"gigapath"`` embeddings and STPath's weights; see
-        :mod:`hespotex.tl._peers`).
+        :mod:`hespotex.tl.evaluation._peers`).
     smoothed
         Also score every baseline after spatial smoothing over ``smooth_neighbors`` nearest spots
         (method ``"<name>+smooth"``).
@@ -122,7 +126,7 @@ def cross_validate(
         ``{"stpath": {"model_path": "stfm.pth", "gene_voc_path": "symbol2ensembl.json"}}``.
     tune_baselines
         Choose ridge α and retrieval k by leave-one-training-section-out on the training samples of
-        each fold (:func:`hespotex.tl._tune.tune_baseline`), separately for the raw and the smoothed
+        each fold (:func:`hespotex.tl.training._tune.tune_baseline`), separately for the raw and the smoothed
         variant; the chosen value is in column ``chosen``. Needs 2 or more training samples.
 
     Returns
@@ -130,11 +134,11 @@ def cross_validate(
     A tidy table, one row per fold, test sample, method and gene: ``fold``, ``test_sample``,
     ``method``, ``gene``, ``pearson``, ``pvalue``, ``mse``, ``mean_true``, ``var_true``,
     ``n_spots``, ``truth_constant``, ``prediction_constant``, ``in_hvg``, ``in_heg``, ``in_<panel>``,
-    ``fit_seconds`` (see :func:`hespotex.tl._metrics.gene_scores`). Summarise with :func:`summarize_cv`.
+    ``fit_seconds`` (see :func:`hespotex.tl.evaluation._metrics.gene_scores`). Summarise with :func:`summarize_cv`.
     """
     from hespotex.pp._graph import knn_graph
-    from hespotex.tl._baselines import make_baseline, smooth
-    from hespotex.tl._train import split_validation
+    from hespotex.tl.evaluation._baselines import make_baseline, smooth
+    from hespotex.tl.training._train import split_validation
 
     named = as_sample_dict(samples)
     names = list(named)
@@ -158,7 +162,14 @@ def cross_validate(
     for fold in fold_ids:
         test_names = [n for n in names if groups[n] == fold]
         train_names = [n for n in names if groups[n] != fold]
-        fold_gene_list = fold_genes([tables[n] for n in train_names], list(tables.values()), genes=genes, n_top_genes=n_top_genes, flavor=flavor, include_genes=include_genes)
+        fold_gene_list = fold_genes(
+            [tables[n] for n in train_names],
+            list(tables.values()),
+            genes=genes,
+            n_top_genes=n_top_genes,
+            flavor=flavor,
+            include_genes=include_genes,
+        )
         ranks = rank_genes({n: tables[n] for n in train_names}, fold_gene_list, k=k, target_sum=target_sum)
         hvg, heg = set(ranks["hvg"]), set(ranks["heg"])
         norm = {"embedding_key": embedding_key, "target_sum": target_sum, "target_norm": target_norm}
@@ -179,14 +190,41 @@ def cross_validate(
                     target_sum=target_sum,
                     target_norm=target_norm,
                 )
-                preds = {n: model.predict_graph(GraphData(n, d.emb, d.coords_um), device=device)["expression"] for n, d in test_data.items()}
+                preds = {
+                    n: model.predict_graph(GraphData(n, d.emb, d.coords_um), device=device)["expression"]
+                    for n, d in test_data.items()
+                }
             elif kind in PEER_METHODS:
                 kw = (baseline_kwargs or {}).get(kind, {})
-                preds = peer_predictions(kind, {n: tables[n] for n in test_names}, test_data, fold_gene_list, embedding_key=embedding_key, kwargs=kw)
+                preds = peer_predictions(
+                    kind,
+                    {n: tables[n] for n in test_names},
+                    test_data,
+                    fold_gene_list,
+                    embedding_key=embedding_key,
+                    kwargs=kw,
+                )
             elif tune_baselines and kind in DEFAULT_GRIDS:
-                variants, chosen = _tuned_variants(kind, label, train_data, test_data, smoothed=smoothed, k=smooth_neighbors, seed=seed, kwargs=(baseline_kwargs or {}).get(kind, {}))
+                variants, chosen = _tuned_variants(
+                    kind,
+                    label,
+                    train_data,
+                    test_data,
+                    smoothed=smoothed,
+                    k=smooth_neighbors,
+                    seed=seed,
+                    kwargs=(baseline_kwargs or {}).get(kind, {}),
+                )
             else:
-                preds = _baseline_predictions(kind, train_data, test_data, held, seed=seed, kwargs=(baseline_kwargs or {}).get(kind, {}), make_baseline=make_baseline)
+                preds = _baseline_predictions(
+                    kind,
+                    train_data,
+                    test_data,
+                    held,
+                    seed=seed,
+                    kwargs=(baseline_kwargs or {}).get(kind, {}),
+                    make_baseline=make_baseline,
+                )
             seconds = time.perf_counter() - t0
             if not (tune_baselines and kind in DEFAULT_GRIDS):
                 chosen = {}
@@ -218,13 +256,13 @@ def cross_validate(
 
 def _check_cv_samples(tables: Mapping[str, Any], specs, *, genes, smooth_neighbors: int) -> None:
     """Refuse, by name and before any fold runs, samples too small for the graphs or without counts."""
-    from hespotex.models._net import resolve_config as _resolve_config
+    from hespotex.models._net import resolve_config
     from hespotex.pp._genes import check_samples
 
     need = smooth_neighbors
     for _, kind, cfg in specs:
         if kind == "hespotex":
-            c = _resolve_config(cfg)
+            c = resolve_config(cfg)
             need = max(need, c.ae_neighbors, c.decoder_neighbors)
     shared = list(shared_genes(list(tables.values())))
     present = shared if genes is None else [g for g in genes if g in set(shared)]
@@ -237,7 +275,7 @@ def _check_cv_samples(tables: Mapping[str, Any], specs, *, genes, smooth_neighbo
 def _tuned_variants(kind, label, train_data, test_data, *, smoothed, k, seed, kwargs):
     """Raw (and smoothed) predictions of a baseline tuned by leave-one-training-section-out, each variant tuned for itself."""
     from hespotex.pp._graph import knn_graph
-    from hespotex.tl._baselines import smooth
+    from hespotex.tl.evaluation._baselines import smooth
 
     sections = {n: (d.emb, d.expr, d.coords_um) for n, d in train_data.items()}
     variants, chosen = [], {}
@@ -258,6 +296,7 @@ def _baseline_predictions(kind, train_data, test_data, held, *, seed, kwargs, ma
     The MLP stops early on the held-out training samples (the same ones HESpotEx validates on);
     ridge and retrieval have nothing to stop, so they fit on every training sample.
     """
+
     def stack(names):
         return np.concatenate([train_data[n].emb for n in names]), np.concatenate([train_data[n].expr for n in names])
 
@@ -275,7 +314,7 @@ def summarize_cv(table: pd.DataFrame, *, panels: Sequence[str] = ("hvg", "heg"),
 
     Genes whose truth is constant on the test sample have no correlation (``NaN``): they are left out
     of a fold's means and counted in ``n_truth_constant``; genes predicted as a constant score 0
-    (see :mod:`hespotex.tl._metrics`).
+    (see :mod:`hespotex.tl.evaluation._metrics`).
 
     The mean over folds is taken over every fold of the table (any method's). A method that lacks a
     fold, or whose score for a fold is ``NaN`` (e.g. every gene of a panel constant in that test
@@ -295,7 +334,12 @@ def summarize_cv(table: pd.DataFrame, *, panels: Sequence[str] = ("hvg", "heg"),
     for (fold, method), part in table.groupby(["fold", "method"], sort=False):
         constant = truth_constant_genes(part)
         scored = part.loc[~constant.to_numpy()]
-        row = {"fold": fold, "method": method, "pearson_all": scored["pearson"].mean(), "fit_seconds": part["fit_seconds"].iat[0]}
+        row = {
+            "fold": fold,
+            "method": method,
+            "pearson_all": scored["pearson"].mean(),
+            "fit_seconds": part["fit_seconds"].iat[0],
+        }
         for p in panels:
             col = f"in_{p}"
             if col in part:

@@ -16,6 +16,10 @@ schema, the weights' shapes against the safetensors header, then finite weights.
 
 A new ``setup.json`` field is one entry of :data:`SETUP_FIELDS` (type, required, bounds); a field that
 is not declared there is refused, since this hespotex would not know what it means.
+
+The folder's format (:data:`FORMAT_VERSION`, the file names) and what :meth:`~hespotex.tl.HESpotEx.save` records
+beside the schema (library :func:`versions`, :func:`json_default`) live here too, so the model imports the
+schema and the schema never imports the model.
 """
 
 from __future__ import annotations
@@ -31,10 +35,12 @@ from typing import Any
 import numpy as np
 
 from hespotex.pp._genes import gene_hash
-from hespotex.tl._model import FORMAT_VERSION
 
 __all__ = ["SETUP_FIELDS", "Field", "check_header", "expected_tensors", "read_header", "read_weights", "validate_setup"]
 
+FORMAT_VERSION = 1  # of a saved model folder (setup.json "format_version")
+WEIGHTS_FILE = "model.safetensors"
+SETUP_FILE = "setup.json"
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on the JSON header
 
 
@@ -115,8 +121,12 @@ SETUP_FIELDS: dict[str, Field] = {
     "embedding_dim": Field((int,), "the width of the image embeddings", required=True, check=_positive_int),
     "config": Field((dict,), "a ModelConfig as an object", required=True),
     "target_sum": Field(NUMBER, "a number", required=True, check=_positive_finite),
-    "target_norm": Field((str,), "a target normalisation name", check=_known("hespotex.pp._targets", "check_target_norm")),
-    "embedding_norm": Field((str,), "an embedding normalisation name", check=_known("hespotex.pp._stain", "check_embedding_norm")),
+    "target_norm": Field(
+        (str,), "a target normalisation name", check=_known("hespotex.pp._targets", "check_target_norm")
+    ),
+    "embedding_norm": Field(
+        (str,), "an embedding normalisation name", check=_known("hespotex.pp._stain", "check_embedding_norm")
+    ),
     "stain_augment": Field((dict, type(None)), "an object describing the stain-augmented views, or null"),
     "train_samples": Field((list,), "a list of sample names"),
     "validation": Field((dict,), "an object"),
@@ -176,10 +186,16 @@ def validate_setup(setup: Any, path: Path) -> None:
         if problem is None and field.check is not None:
             problem = field.check(value)
         if problem is not None:
-            raise _refuse(path, f"setup.json's {name!r} should be {problem}, found {_short(value)}. The file was edited or damaged; save the model again.")
+            raise _refuse(
+                path,
+                f"setup.json's {name!r} should be {problem}, found {_short(value)}. The file was edited or damaged; save the model again.",
+            )
     unknown = sorted(set(setup) - set(SETUP_FIELDS))
     if unknown:
-        raise _refuse(path, f"setup.json has fields this hespotex does not know, {unknown}: it was written by a newer version or another tool. Upgrade hespotex.")
+        raise _refuse(
+            path,
+            f"setup.json has fields this hespotex does not know, {unknown}: it was written by a newer version or another tool. Upgrade hespotex.",
+        )
     if gene_hash(setup["genes"]) != setup["gene_hash"]:
         raise _refuse(
             path,
@@ -189,7 +205,10 @@ def validate_setup(setup: Any, path: Path) -> None:
     types = _config_types()
     for key, value in setup["config"].items():
         if key not in types:
-            raise _refuse(path, f"its config has the unknown field {key!r}; known fields are {sorted(types)}. It was written by another version.")
+            raise _refuse(
+                path,
+                f"its config has the unknown field {key!r}; known fields are {sorted(types)}. It was written by another version.",
+            )
         accepted, what = types[key]
         if not _is_type(value, accepted) or (_number(value) and not math.isfinite(value)):
             raise _refuse(path, f"config field {key!r} should be {what}, found {_short(value)}. Save the model again.")
@@ -233,7 +252,14 @@ def expected_tensors(setup: dict[str, Any]) -> dict[str, tuple[str, tuple[int, .
 
     from hespotex.models import HESpotExNet
 
-    dtypes = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64", torch.bool: "BOOL"}
+    dtypes = {
+        torch.float32: "F32",
+        torch.float64: "F64",
+        torch.float16: "F16",
+        torch.bfloat16: "BF16",
+        torch.int64: "I64",
+        torch.bool: "BOOL",
+    }
     with torch.device("meta"):
         net = HESpotExNet(len(setup["genes"]), setup["embedding_dim"], setup["config"])
     out = {f"net.{k}": (dtypes.get(v.dtype, str(v.dtype)), tuple(v.shape)) for k, v in net.state_dict().items()}
@@ -251,7 +277,10 @@ def check_header(header: dict[str, Any], data_start: int, file: Path, setup: dic
     path = file.parent
     meta = header.get("__metadata__") or {}
     if isinstance(meta, dict) and "gene_hash" in meta and meta["gene_hash"] != setup["gene_hash"]:
-        raise _refuse(path, f"the weights were saved for the gene list {meta['gene_hash']!r}, setup.json describes {setup['gene_hash']!r}. Restore the original setup.json.")
+        raise _refuse(
+            path,
+            f"the weights were saved for the gene list {meta['gene_hash']!r}, setup.json describes {setup['gene_hash']!r}. Restore the original setup.json.",
+        )
     found = {k: v for k, v in header.items() if k != "__metadata__"}
     expected = expected_tensors(setup)
     problems = [f"{k} missing" for k in expected if k not in found]
@@ -260,7 +289,9 @@ def check_header(header: dict[str, Any], data_start: int, file: Path, setup: dic
         entry = found[k]
         got = (entry.get("dtype"), tuple(entry.get("shape", ()))) if isinstance(entry, dict) else (None, None)
         if got != expected[k]:
-            problems.append(f"{k} is {got[0]} {list(got[1] or [])} in the weights, {expected[k][0]} {list(expected[k][1])} in setup.json")
+            problems.append(
+                f"{k} is {got[0]} {list(got[1] or [])} in the weights, {expected[k][0]} {list(expected[k][1])} in setup.json"
+            )
     if problems:
         msg = (
             f"The weights in {str(path)!r} do not fit the model its setup describes ({len(problems)} problems: "
@@ -271,10 +302,15 @@ def check_header(header: dict[str, Any], data_start: int, file: Path, setup: dic
     for k, entry in found.items():
         begin, stop = entry.get("data_offsets", (0, -1))
         if stop - begin != math.prod(expected[k][1]) * _ITEM_BYTES[expected[k][0]]:
-            raise _refuse(path, f"{file.name} is corrupt (the byte range of {k} does not fit its shape); save the model again.")
+            raise _refuse(
+                path, f"{file.name} is corrupt (the byte range of {k} does not fit its shape); save the model again."
+            )
         end = max(end, stop)
     if data_start + end != file.stat().st_size:
-        raise _refuse(path, f"{file.name} is corrupt ({data_start + end} bytes described, {file.stat().st_size} found: truncated or padded); save the model again.")
+        raise _refuse(
+            path,
+            f"{file.name} is corrupt ({data_start + end} bytes described, {file.stat().st_size} found: truncated or padded); save the model again.",
+        )
 
 
 def read_weights(file: Path) -> dict[str, Any]:
@@ -296,10 +332,16 @@ def read_weights(file: Path) -> dict[str, Any]:
     del data
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
-        raise _refuse(path, f"{len(bad)} weight tensors hold NaN or infinite values ({bad[:5]}); every prediction would be NaN. Retrain or restore the model.")
+        raise _refuse(
+            path,
+            f"{len(bad)} weight tensors hold NaN or infinite values ({bad[:5]}); every prediction would be NaN. Retrain or restore the model.",
+        )
     scale = tensors["setup.embedding_scale"].numpy()
     if not (scale > 0).all():
-        raise _refuse(path, f"its embedding scale has {int((scale <= 0).sum())} zero or negative values; standardised embeddings would be infinite. Retrain or restore the model.")
+        raise _refuse(
+            path,
+            f"its embedding scale has {int((scale <= 0).sum())} zero or negative values; standardised embeddings would be infinite. Retrain or restore the model.",
+        )
     return tensors
 
 
@@ -322,3 +364,25 @@ def as_array(tensor: Any) -> np.ndarray:
     """A writable numpy copy of a CPU tensor (not a view of the file's bytes)."""
     return np.array(tensor.numpy(), copy=True)
 
+
+def versions() -> dict[str, str]:
+    """Versions of hespotex and its model libraries, recorded in ``setup.json``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("hespotex", "torch", "torch-geometric", "timm"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "unknown"
+    return out
+
+
+def json_default(value: Any) -> Any:
+    """JSON form of the numpy values in a setup record."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    msg = f"Cannot store {type(value).__name__} in setup.json."
+    raise TypeError(msg)

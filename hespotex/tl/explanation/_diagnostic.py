@@ -27,22 +27,27 @@ import numpy as np
 import pandas as pd
 
 from hespotex._sample import get_sample_info, get_table, spot_centres
+from hespotex.tl.explanation._diagnostic_scores import (
+    IMAGE_REP,
+    as_groups,
+    find_rep,
+    label_scores,
+    parse_signature,
+    programme_expression,
+    rank_patches,
+    zscore,
+)
+from hespotex.tl.prediction._tables import PREDICTION_KEY, recorded_params, spot_tables
 
 if TYPE_CHECKING:
-    from anndata import AnnData
+    pass
 
 logger = logging.getLogger("hespotex")
 
 __all__ = ["DiagnosticPatches", "diagnostic_patches"]
 
-PREDICTION_KEY = "hespotex"
 EMBED_KEY = "hespotex_embed"
-IMAGE_REP = "X_hespotex_image"
-LATENT_REP = "X_hespotex"
-MEASURED = "X"  # layer name meaning "log-normalised measured expression of the table"
 SIGNATURE_GROUPS = ("high", "low")
-MAX_FOLDS = 5
-MAX_COMPONENTS = 16
 MARKER_GENES = 10  # genes in the signature explained for a label (saliency of label patches)
 
 
@@ -76,186 +81,6 @@ class DiagnosticPatches:
         groups = ", ".join(f"{g}: {c}" for g, c in self.table["group"].value_counts(sort=False).items())
         sal = "with" if self.saliency is not None else "without"
         return f"DiagnosticPatches({len(self)} patches of {self.images.shape[1]} px, {sal} saliency; {groups})"
-
-
-# --------------------------------------------------------------------------------------------------
-# where things live
-
-
-def _tables(data: Any) -> list[tuple[str, AnnData]]:
-    """The sample's spot table first, then other tables of the same spots (e.g. ``tables["hespotex"]`` from predict)."""
-    main = get_table(data)
-    out = [("table", main)]
-    if hasattr(data, "tables"):
-        for name, t in data.tables.items():
-            if t is not main and t.n_obs == main.n_obs and t.obs_names.equals(main.obs_names):
-                out.append((str(name), t))
-    return out
-
-
-def _dense(x: Any) -> np.ndarray:
-    return np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float64)
-
-
-def _expression(data: Any, genes: list[str], layer: str | None) -> tuple[np.ndarray, list[str], dict[str, Any]]:
-    """Expression ``(n_spots, n_present)`` of ``genes`` from ``layer``, the genes found, and where it came from."""
-    from hespotex.pp._normalize import log_expression
-
-    tables = _tables(data)
-    source: tuple[str, AnnData, str] | None = None
-    if layer is None:
-        for name, t in tables:
-            recorded = (t.uns.get(PREDICTION_KEY) or {}).get("params", {}).get("layer")
-            if recorded is not None and recorded in t.layers:
-                source = (name, t, str(recorded))
-                break
-        if source is None:
-            source = (tables[0][0], tables[0][1], MEASURED)
-    elif layer == MEASURED:
-        source = (tables[0][0], tables[0][1], MEASURED)
-    else:
-        for name, t in tables:
-            if layer in t.layers:
-                source = (name, t, layer)
-                break
-        if source is None:
-            found = sorted({k for _, t in tables for k in t.layers})
-            msg = (
-                f"Expected expression in layers[{layer!r}], found layers {found}. Pass `layer=None` (predictions "
-                f"when present, else measured expression), {MEASURED!r} (log-normalised measured expression) or an existing layer."
-            )
-            raise KeyError(msg)
-    name, table, lay = source
-    present = [g for g in genes if g in table.var_names]
-    missing = [g for g in genes if g not in table.var_names]
-    if not present:
-        msg = (
-            f"None of the {len(genes)} signature genes (e.g. {genes[:5]}) is in table {name!r} "
-            f"({'measured X' if lay == MEASURED else f'layers[{lay!r}]'}, {table.n_vars} genes). Check the gene "
-            "symbols, or pass `layer=` a layer that holds them."
-        )
-        raise KeyError(msg)
-    if missing:
-        logger.warning(
-            "%d of %d signature genes are not in table %r and are left out: %s.",
-            len(missing),
-            len(genes),
-            name,
-            missing[:10],
-        )
-    if lay == MEASURED:
-        try:
-            x = log_expression(table, present)
-        except ValueError as err:
-            msg = f"Cannot read log-normalised measured expression from table {name!r}: {err}"
-            raise ValueError(msg) from err
-    else:
-        idx = table.var_names.get_indexer(present)
-        x = _dense(table.layers[lay][:, idx])
-    x = np.asarray(x, dtype=np.float64)
-    if not np.isfinite(x).all():
-        msg = f"The expression of the signature genes in table {name!r} holds NaN or infinite values."
-        raise ValueError(msg)
-    return x, present, {"table": name, "layer": lay, "genes_missing": missing}
-
-
-def _zscore(x: np.ndarray) -> np.ndarray:
-    sd = x.std(axis=0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        z = np.where(sd > 0, (x - x.mean(axis=0)) / np.where(sd > 0, sd, 1.0), 0.0)
-    return z
-
-
-def _signature(by: Any) -> dict[str, float]:
-    """``{gene: weight}`` from a gene, a gene list or a weighted mapping."""
-    if isinstance(by, str):
-        return {by: 1.0}
-    if isinstance(by, Mapping):
-        sig = {str(g): float(w) for g, w in by.items()}
-        bad = [g for g, w in sig.items() if not np.isfinite(w)]
-        if bad or not any(sig.values()):
-            msg = f"Expected finite, not all zero signature weights, found {dict(list(sig.items())[:5])}."
-            raise ValueError(msg)
-        return sig
-    genes = [str(g) for g in by]
-    dup = sorted({g for g in genes if genes.count(g) > 1})
-    if dup:
-        msg = f"Expected each signature gene once, found duplicates {dup[:5]}."
-        raise ValueError(msg)
-    return dict.fromkeys(genes, 1.0)
-
-
-# --------------------------------------------------------------------------------------------------
-# scores
-
-
-def _label_scores(features: np.ndarray, labels: pd.Series, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
-    """Out-of-fold probability of each labelled spot's own label (NaN for unlabelled spots)."""
-    from sklearn.decomposition import PCA
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    known = labels.notna().to_numpy()
-    y = labels[known].astype(str).to_numpy()
-    x = features[known]
-    classes, counts = np.unique(y, return_counts=True)
-    if len(classes) < 2:
-        msg = f"A classifier needs at least two labels with two or more spots each, found {dict(zip(classes, counts, strict=True))}."
-        raise ValueError(msg)
-    n_splits = int(min(MAX_FOLDS, counts.min()))
-    folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    proba = np.full(len(y), np.nan)
-    for train, test in folds.split(x, y):
-        n_comp = int(min(MAX_COMPONENTS, len(train) - 1, x.shape[1]))
-        clf = make_pipeline(
-            PCA(n_components=n_comp, svd_solver="full"), StandardScaler(), LogisticRegression(C=1.0, max_iter=2000)
-        )
-        clf.fit(x[train], y[train])
-        p = clf.predict_proba(x[test])
-        col = pd.Index(clf.classes_).get_indexer(y[test])
-        proba[test] = p[np.arange(len(test)), col]
-    scores = np.full(len(labels), np.nan)
-    scores[known] = proba
-    info = {
-        "classifier": f"PCA(<= {MAX_COMPONENTS} components) -> StandardScaler -> LogisticRegression(C=1.0)",
-        "cross_fitting": f"StratifiedKFold(n_splits={n_splits}, shuffle=True, random_state={seed})",
-        "n_splits": n_splits,
-    }
-    return scores, info
-
-
-def _find_rep(data: Any, use_rep: str | None) -> tuple[np.ndarray, str]:
-    tables = _tables(data)
-    wanted = [use_rep] if use_rep is not None else [IMAGE_REP, LATENT_REP]
-    for key in wanted:
-        for _, t in tables:
-            if key in t.obsm:
-                x = np.asarray(t.obsm[key], dtype=np.float64)
-                if x.ndim != 2 or not np.isfinite(x).all():
-                    msg = f"Expected finite spot features in obsm[{key!r}] (n_spots x n_features), found shape {x.shape} or non-finite values."
-                    raise ValueError(msg)
-                return x, key
-    found = sorted({k for _, t in tables for k in t.obsm})
-    msg = (
-        f"Ranking by a label needs image features in obsm (looked for {wanted}, found {found}). Run "
-        "`hx.pp.embed(sdata)` (image embeddings) or `hx.tl.predict` (latent) first, or pass `use_rep=`."
-    )
-    raise KeyError(msg)
-
-
-def _rank(scores: np.ndarray, candidates: np.ndarray, n: int, *, descending: bool = True) -> np.ndarray:
-    """Positions of the top ``n`` candidates by score; ties go to the earlier position."""
-    pos = np.flatnonzero(candidates & np.isfinite(scores))
-    key = -scores[pos] if descending else scores[pos]
-    return pos[np.lexsort((pos, key))][:n]
-
-
-def _as_groups(groups: Any) -> list[str] | None:
-    if groups is None:
-        return None
-    return [str(groups)] if isinstance(groups, str) else [str(g) for g in groups]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -314,7 +139,7 @@ def diagnostic_patches(
         A trained :class:`~hespotex.tl.HESpotEx`, needed only for ``saliency``.
     saliency
         Also compute pixel saliency (integrated gradients through the encoder,
-        :func:`hespotex.tl._explain.patch_saliency`) of the programme on each patch. For a label, the
+        :func:`hespotex.tl.explanation._explain.patch_saliency`) of the programme on each patch. For a label, the
         programme explained is the label's ten marker genes (highest mean z-scored expression in the
         label vs the other spots, from ``layer`` restricted to the model's genes).
     patch_um, size
@@ -367,13 +192,13 @@ def diagnostic_patches(
     if saliency and model is None:
         msg = "`saliency=True` needs the trained model: pass `model=`."
         raise ValueError(msg)
-    groups_list = _as_groups(groups)
+    groups_list = as_groups(groups)
 
     # 1. scores and the candidate spots of each group
     params: dict[str, Any] = {"n": int(n), "seed": int(seed), "sample_id": info.sample_id, "saliency": bool(saliency)}
     label_col = None
     if isinstance(by, str):
-        for _, t in _tables(data):
+        for _, t in spot_tables(data):
             if by in t.obs.columns:
                 label_col = t.obs[by]
                 break
@@ -388,7 +213,7 @@ def diagnostic_patches(
         labels = label_col.astype("category") if not isinstance(label_col.dtype, pd.CategoricalDtype) else label_col
         counts = labels.value_counts(sort=False)
         present = [str(c) for c in labels.cat.categories if counts.get(c, 0) > 0]
-        features, rep = _find_rep(data, use_rep)
+        features, rep = find_rep(data, use_rep)
         if len(features) != table.n_obs:
             msg = f"obsm[{rep!r}] has {len(features)} rows, expected one per spot ({table.n_obs})."
             raise ValueError(msg)
@@ -396,7 +221,7 @@ def diagnostic_patches(
         if small:
             logger.warning("Labels with a single spot cannot be cross-fitted and are left out: %s.", small)
         str_labels = labels.astype(str).where(labels.notna() & ~labels.astype(str).isin(small))
-        scores, clf_info = _label_scores(features, str_labels.reset_index(drop=True), seed)
+        scores, clf_info = label_scores(features, str_labels.reset_index(drop=True), seed)
         usable = [c for c in present if c not in small]
         chosen = usable if groups_list is None else groups_list
         unknown = [g for g in chosen if g not in usable]
@@ -412,14 +237,14 @@ def diagnostic_patches(
             scores = pd.to_numeric(label_col, errors="coerce").to_numpy(dtype=np.float64)
             params.update({"mode": "score", "by": by})
         else:
-            if isinstance(by, str) and not any(by in t.var_names for _, t in _tables(data)):
+            if isinstance(by, str) and not any(by in t.var_names for _, t in spot_tables(data)):
                 found = list(table.obs.columns)
                 msg = f"`by={by!r}` is neither an obs column ({found}) nor a gene of the sample. Pass an obs column of labels or gene symbols."
                 raise KeyError(msg)
-            sig = _signature(by)
-            x, genes, source = _expression(data, list(sig), layer)
+            sig = parse_signature(by)
+            x, genes, source = programme_expression(data, list(sig), layer)
             w = np.array([sig[g] for g in genes])
-            scores = _zscore(x) @ w / np.abs(w).sum()
+            scores = zscore(x) @ w / np.abs(w).sum()
             constant = [g for g, s in zip(genes, x.std(axis=0), strict=True) if s == 0]
             if constant:
                 logger.warning("Signature genes constant over the section contribute nothing: %s.", constant[:10])
@@ -447,7 +272,7 @@ def diagnostic_patches(
     # 2. ranking
     rows = []
     for g in candidates:
-        picked = _rank(scores, candidates[g], n, descending=descending[g])
+        picked = rank_patches(scores, candidates[g], n, descending=descending[g])
         if len(picked) < n:
             logger.warning("Group %r has %d scored spots, fewer than n=%d; returning them all.", g, len(picked), n)
         rows += [(g, r + 1, int(i)) for r, i in enumerate(picked)]
@@ -470,9 +295,7 @@ def diagnostic_patches(
 
     # 3. crops (the encoder's geometry) and saliency
     embed_rec = table.uns.get(EMBED_KEY, {}).get(IMAGE_REP, {})
-    pred_rec = next(
-        ((t.uns.get(PREDICTION_KEY) or {}).get("params", {}) for _, t in _tables(data) if PREDICTION_KEY in t.uns), {}
-    )
+    pred_rec = next(((recorded_params(t) or {}) for _, t in spot_tables(data) if PREDICTION_KEY in t.uns), {})
     patch_um = float(
         patch_um
         if patch_um is not None
@@ -530,12 +353,12 @@ def _saliency(
     params: dict[str, Any],
 ) -> np.ndarray:
     """Saliency of each chosen patch for its group's programme, resized to the crops."""
-    from hespotex.tl._explain import patch_saliency
+    from hespotex.tl.explanation._explain import patch_saliency
 
     if not signatures:  # labels: explain each label's marker genes (from the model's genes)
         genes = list(model.genes)
-        x, genes, _ = _expression(data, genes, layer)
-        z = _zscore(x)
+        x, genes, _ = programme_expression(data, genes, layer)
+        z = zscore(x)
         for g, mask in candidates.items():
             diff = z[mask].mean(axis=0) - z[~mask].mean(axis=0)
             top = np.lexsort((np.arange(len(genes)), -diff))[:MARKER_GENES]
@@ -559,6 +382,6 @@ def _saliency(
             )
         out[rows] = np.clip(sal, 0.0, 1.0)
     params["saliency_method"] = (
-        "integrated gradients through the encoder (hespotex.tl._explain.patch_saliency, n_steps=32)"
+        "integrated gradients through the encoder (hespotex.tl.explanation._explain.patch_saliency, n_steps=32)"
     )
     return out

@@ -11,8 +11,8 @@ import numpy as np
 
 from hespotex._sample import as_sample_dict, get_table
 from hespotex.pp._embed import EMBED_KEY
-from hespotex.tl._data import EMBEDDING_KEY, GraphData, graph_data, spatial_block_mask
-from hespotex.tl._model import HESpotEx
+from hespotex.tl.model._data import EMBEDDING_KEY, GraphData, graph_data, spatial_block_mask
+from hespotex.tl.model._model import HESpotEx
 
 logger = logging.getLogger("hespotex")
 
@@ -57,7 +57,9 @@ def ensure_embeddings(
         )
     record = table.uns.get(EMBED_KEY, {}).get(embedding_key)
     if record is None:
-        logger.warning("obsm[%r] has no record of its encoder; the model cannot check later slides against it.", embedding_key)
+        logger.warning(
+            "obsm[%r] has no record of its encoder; the model cannot check later slides against it.", embedding_key
+        )
         return {"encoder": "unknown", "encoder_id": "unknown", "key": embedding_key}
     return {**dict(record), "key": embedding_key}
 
@@ -81,11 +83,14 @@ def stain_views(tables: dict[str, Any], records: dict[str, dict[str, Any]], embe
     if len(set(counts.values())) != 1 or None in counts.values():
         msg = f"Expected obsm[{key!r}] of shape (n_spots, n_views, dim) with the same n_views in every sample, found {counts}."
         raise ValueError(msg)
-    first = next(iter(records.values())).get("stain_augment") or {"n_views": next(iter(counts.values())), "method": "unknown"}
+    first = next(iter(records.values())).get("stain_augment") or {
+        "n_views": next(iter(counts.values())),
+        "method": "unknown",
+    }
     return {**dict(first), "key": key}
 
 
-def _same_embedding(a: dict[str, Any], b: dict[str, Any]) -> bool:
+def same_embedding(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return (
         a.get("encoder_id") == b.get("encoder_id")
         and np.isclose(a.get("patch_um", 0.0), b.get("patch_um", 0.0))
@@ -244,16 +249,16 @@ def train(
     weights (identical on all ranks). Samples gain ``obsm[embedding_key]`` if they lacked it;
     nothing else in them changes.
     """
-    from hespotex.models._net import resolve_config as _resolve_config
+    from hespotex.models._net import resolve_config
     from hespotex.pp._genes import select_genes
     from hespotex.pp._stain import check_embedding_norm
     from hespotex.pp._targets import check_target_norm
-    from hespotex.tl._distributed import check_strategy
+    from hespotex.tl.training._distributed import check_strategy
 
     check_strategy(strategy, n_processes, backend)
     check_target_norm(target_norm)
     if ensemble:
-        from hespotex.tl._ensemble import train_ensemble
+        from hespotex.tl.model._ensemble import train_ensemble
 
         if not (isinstance(validation, str) and validation == "auto"):
             msg = f"ensemble=True holds out each sample in turn for early stopping; leave validation='auto' (found {validation!r})."
@@ -277,14 +282,14 @@ def train(
     }  # fmt: skip
     first = records[names[0]]
     for n, r in records.items():
-        if not _same_embedding(first, r):
+        if not same_embedding(first, r):
             msg = (
                 f"Samples were embedded differently: {names[0]!r} with {first.get('encoder_id')} at {first.get('patch_um')} µm, "
                 f"{n!r} with {r.get('encoder_id')} at {r.get('patch_um')} µm. Re-embed them with one encoder and patch size."
             )
             raise ValueError(msg)
     tables = {n: get_table(s) for n, s in named.items()}
-    cfg = _resolve_config(config)
+    cfg = resolve_config(config)
     k = max(cfg.ae_neighbors, cfg.decoder_neighbors)
     for n, t in tables.items():  # before gene selection: scanpy's seurat_v3 crashes on tiny samples
         if t.n_obs < k + 1:
@@ -299,7 +304,9 @@ def train(
         genes = select_genes([tables[n] for n in names], genes=genes, key_added=None)
         selection = {"flavor": "given", "n_top": len(genes), "fitted_on": names}
     data = {
-        n: graph_data(tables[n], n, genes=genes, embedding_key=embedding_key, target_sum=target_sum, target_norm=target_norm)
+        n: graph_data(
+            tables[n], n, genes=genes, embedding_key=embedding_key, target_sum=target_sum, target_norm=target_norm
+        )
         for n in names
     }
     stain = stain_views(tables, records, embedding_key) if stain_augment else None

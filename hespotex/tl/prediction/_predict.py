@@ -11,37 +11,14 @@ import pandas as pd
 
 from hespotex._sample import SAMPLE_KEY, get_table
 from hespotex.io._inputs import accepts_anndata
-from hespotex.pp._targets import TARGET_NORMS, target_expression
-from hespotex.tl._data import EMBEDDING_KEY, graph_data
-from hespotex.tl._model import HESpotEx
-from hespotex.tl._train import _same_embedding, ensure_embeddings
+from hespotex.pp._targets import target_expression
+from hespotex.tl.model._data import EMBEDDING_KEY, graph_data
+from hespotex.tl.model._model import HESpotEx
+from hespotex.tl.prediction._checks import check_embedding, check_finite_predictions
+from hespotex.tl.prediction._tables import prediction_params
+from hespotex.tl.training._train import ensure_embeddings
 
 logger = logging.getLogger("hespotex")
-
-
-def _entry_text(record: dict[str, Any]) -> str:
-    """Registry entry of an embedding record: ``'uni' of lazyslide-models 0.1.0 at 0.5 µm/px``."""
-    entry = record.get("encoder_entry") or {}
-    if not entry:
-        return f"{record.get('encoder')!r} (no registry entry)"
-    return f"{entry.get('name')!r} of {entry.get('source')} {entry.get('version')} at {entry.get('native_mpp')} µm/px"
-
-
-def _check_embedding(model: HESpotEx, record: dict[str, Any]) -> None:
-    expected = model.embedding
-    if "unknown" in (record.get("encoder_id"), expected.get("encoder_id")):
-        logger.warning("Cannot check that this slide was embedded like the training slides (no encoder record).")
-        return
-    if not _same_embedding(expected, record):
-        entries = [_entry_text(r) for r in (expected, record)]
-        msg = (
-            (f"The model's encoder is {entries[0]}, this slide's {entries[1]}. " if entries[0] != entries[1] else "")
-            + f"The model was trained on embeddings of {expected.get('encoder')!r} ({expected.get('encoder_id')}) at "
-            f"{expected.get('patch_um')} µm patches; this slide's were made with {record.get('encoder')!r} "
-            f"({record.get('encoder_id')}) at {record.get('patch_um')} µm. Re-embed it: "
-            f"hx.pp.embed(sdata, encoder={expected.get('encoder')!r}, patch_um={expected.get('patch_um')}, key_added=..., overwrite=True)."
-        )
-        raise ValueError(msg)
 
 
 @accepts_anndata(reads="embedding_key")
@@ -69,7 +46,7 @@ def predict(
     embedded chunk by chunk, the slide is predicted block by block, and every result goes to zarr as
     soon as it exists, so peak memory does not grow with the number of genes × spots and an
     interrupted run, started again with the same arguments, resumes where it stopped (finished
-    chunks are not recomputed). See :mod:`hespotex.tl._stream` for the design.
+    chunks are not recomputed). See :mod:`hespotex.tl.prediction._stream` for the design.
 
     Parameters
     ----------
@@ -140,7 +117,7 @@ def predict(
     AnnData returned.
     """
     if isinstance(model, str | Path):
-        from hespotex.tl._ensemble import load_model
+        from hespotex.tl.model._ensemble import load_model
 
         model = load_model(model)
     model._check_trained()
@@ -151,7 +128,7 @@ def predict(
         )
         raise NotImplementedError(msg)
     if out is not None:
-        from hespotex.tl._stream import predict_streaming
+        from hespotex.tl.prediction._stream import predict_streaming
 
         return predict_streaming(
             data,
@@ -175,7 +152,7 @@ def predict(
         tta=bool(embed_params.get("tta")),
         encoder_seed=int(embed_params.get("seed", 0)),
     )
-    _check_embedding(model, record)
+    check_embedding(model, record)
     sample = graph_data(
         table, str(table.uns.get(SAMPLE_KEY, {}).get("sample_id", "slide")), genes=None, embedding_key=embedding_key
     )
@@ -207,50 +184,6 @@ def predict(
         _store_table(data, target, key_added=key_added, overwrite=overwrite)
     logger.info("Predicted %d genes at %d spots into layers[%r].", len(model.genes), sample.n, key_added)
     return target
-
-
-def check_finite_predictions(expression: np.ndarray, latent: np.ndarray | None = None, *, first_spot: int = 0) -> None:
-    """Refuse NaN or infinite predictions (or latents) before anything is stored: they would look like
-    results. Finite weights (checked at load) and embeddings (checked before) can still overflow."""
-    bad_rows = ~np.isfinite(expression).all(axis=1)
-    if latent is not None:
-        bad_rows |= ~np.isfinite(latent).all(axis=1)
-    if bad_rows.any():
-        n_genes = int((~np.isfinite(expression)).any(axis=0).sum())
-        first = first_spot + int(np.flatnonzero(bad_rows)[0])
-        msg = (
-            f"The model's predictions are NaN or infinite at {int(bad_rows.sum())} spots ({n_genes} genes), e.g. spot {first}; "
-            "nothing was stored. The weights overflow on these embeddings: check the embeddings (encoder, image) "
-            "or retrain the model."
-        )
-        raise ValueError(msg)
-
-
-def prediction_params(
-    model: HESpotEx, embed_params: dict[str, Any], *, key_added: str, attention: bool
-) -> dict[str, Any]:
-    """``uns[key_added]["params"]`` of a prediction: model id, genes hash, encoder, patch size, seed, config, versions, keys."""
-    setup = model.setup_dict()
-    return {
-        "model_id": model.model_id,
-        "genes_hash": setup["gene_hash"],
-        "n_genes": len(model.genes),
-        "encoder": embed_params.get("encoder"),
-        "encoder_id": embed_params.get("encoder_id"),
-        "patch_um": embed_params.get("patch_um"),
-        "seed": model.config.seed,
-        "target_sum": model.target_sum,
-        "target_norm": model.target_norm,
-        "target": TARGET_NORMS[model.target_norm],
-        "embedding_norm": model.embedding_norm,
-        "tta": model.embedding.get("tta"),
-        "stain_augment_views": int((model.stain_augment or {}).get("n_views", 0)),  # 0: trained on clean embeddings only
-        "config": setup["config"],
-        "versions": setup["versions"],
-        "layer": key_added,
-        "latent_key": f"X_{key_added}",
-        "attention_key": f"{key_added}_attention" if attention else None,
-    }
 
 
 def _target_table(data: Any, table, model: HESpotEx, *, key_added: str, overwrite: bool):

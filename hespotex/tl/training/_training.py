@@ -12,10 +12,11 @@ import numpy as np
 
 from hespotex._settings import settings
 from hespotex.pp._stain_augment import sample_views
-from hespotex.tl._data import GraphData, induced_edges, spatial_blocks
+from hespotex.tl.model._data import GraphData, induced_edges, spatial_blocks
+from hespotex.tl.training._collectives import restore_grad_flags, trainable_only
 
 if TYPE_CHECKING:
-    from hespotex.tl._distributed import Context
+    from hespotex.tl.training._collectives import Context
 
 logger = logging.getLogger("hespotex")
 
@@ -120,7 +121,8 @@ def epoch_batches(
     # every rank knows every shard (shared order): the largest batch count needs no communication
     sizes = np.array([len(b.emb) for b in blocks])
     steps = max(
-        count_batches(sizes[distributed.shard(len(blocks), order, rank=r)], max_nodes) for r in range(distributed.world_size)
+        count_batches(sizes[distributed.shard(len(blocks), order, rank=r)], max_nodes)
+        for r in range(distributed.world_size)
     )
     return [batches[i % len(batches)] for i in range(steps)], mine
 
@@ -134,7 +136,16 @@ def _autoencoder_key(net, blocks: Sequence[Batch], max_nodes: int, seed: int, wo
 
     cfg = net.config
     h = hashlib.sha256()
-    fields = ("ae_neighbors", "ae_hidden_dim", "latent_dim", "ae_attention", "ae_lr", "ae_weight_decay", "ae_epochs", "ae_grad_clip")
+    fields = (
+        "ae_neighbors",
+        "ae_hidden_dim",
+        "latent_dim",
+        "ae_attention",
+        "ae_lr",
+        "ae_weight_decay",
+        "ae_epochs",
+        "ae_grad_clip",
+    )
     h.update(repr(([getattr(cfg, f) for f in fields], net.n_genes, max_nodes, seed)).encode())
     if world_size > 1:  # data-parallel pre-training takes other steps
         h.update(f"world_size={world_size}".encode())
@@ -158,7 +169,7 @@ def pretrain_autoencoder(
 
     It depends only on the expression, its graph and the autoencoder's settings, so its result
     is kept in memory for this process and reused (e.g. by the two encoders of a benchmark fold).
-    With ``distributed`` (a :class:`hespotex.tl._distributed.Context`) every rank trains on its
+    With ``distributed`` (a :class:`hespotex.tl.training._collectives.Context`) every rank trains on its
     shard of the blocks and ``DistributedDataParallel`` averages the gradients.
     """
     import torch
@@ -177,8 +188,6 @@ def pretrain_autoencoder(
     opt = torch.optim.Adam(params, lr=cfg.ae_lr, weight_decay=cfg.ae_weight_decay)
     step, flags = net.autoencoder_loss, None
     if distributed is not None:
-        from hespotex.tl._distributed import trainable_only
-
         flags = trainable_only(net, params)
         step = distributed.wrap(net, "autoencoder_loss")
     net.train()
@@ -198,7 +207,6 @@ def pretrain_autoencoder(
     finally:
         if flags is not None:
             del step  # the DDP wrapper and its gradient hooks
-            from hespotex.tl._distributed import restore_grad_flags
 
             restore_grad_flags(flags)
     if len(_AE_CACHE) >= _AE_CACHE_SIZE:
@@ -222,7 +230,7 @@ def fit_net(
     ``validate(net)`` returns a score (higher is better) on held-out validation spots; the best
     epoch's weights are restored. Returns the per-epoch history.
 
-    With ``distributed`` (a :class:`hespotex.tl._distributed.Context`, process group running)
+    With ``distributed`` (a :class:`hespotex.tl.training._collectives.Context`, process group running)
     this process is one rank of data-parallel training: it trains on its shard of the blocks each
     epoch, ``DistributedDataParallel`` averages the gradients, the history holds the losses
     averaged over ranks, and ``validate`` must return the same score on every rank (it decides
@@ -255,8 +263,6 @@ def fit_net(
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         step, flags = net.loss, None
         if distributed is not None:
-            from hespotex.tl._distributed import restore_grad_flags, trainable_only
-
             flags = trainable_only(net, params)
             step = distributed.wrap(net, "loss")
         best_score, best_state, stale = -np.inf, None, 0
@@ -271,7 +277,9 @@ def fit_net(
                 }  # fmt: skip
             for batch in batches:
                 x, emb, e_ae, e_dec = batch.to(device)
-                if batch.views is not None:  # stain augmentation: each spot's embedding drawn among its clean one and views
+                if (
+                    batch.views is not None
+                ):  # stain augmentation: each spot's embedding drawn among its clean one and views
                     emb = torch.from_numpy(sample_views(batch.emb, batch.views, view_rng)).to(device)
                 loss, parts = step(x, emb, e_ae, e_dec, latent_target=batch.latent_tensor(device) if frozen else None)
                 opt.zero_grad(set_to_none=True)
@@ -290,9 +298,16 @@ def fit_net(
                 else:
                     stale += 1
             history.append(record)
-            bar.set_postfix(loss=f"{sums.get('total', float('nan')):.3f}", val=f"{record.get('validation', float('nan')):.3f}")
+            bar.set_postfix(
+                loss=f"{sums.get('total', float('nan')):.3f}", val=f"{record.get('validation', float('nan')):.3f}"
+            )
             # no stop before 2 x patience epochs: with one step per epoch, early epochs only fit gene means
-            if cfg.patience is not None and validate is not None and stale >= cfg.patience and epoch + 1 >= 2 * cfg.patience:
+            if (
+                cfg.patience is not None
+                and validate is not None
+                and stale >= cfg.patience
+                and epoch + 1 >= 2 * cfg.patience
+            ):
                 logger.info("Early stopping at epoch %d (best validation %.4f).", epoch, best_score)
                 break
         if best_state is not None:

@@ -1,0 +1,293 @@
+"""Integrated-gradient attributions of a spot's score (see :mod:`hespotex.tl.explanation._explain`): to the pixels
+of its patch through the frozen encoder, and to the embeddings of the neighbouring spots through the decoder."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from hespotex._sample import SAMPLE_KEY
+from hespotex._settings import settings
+from hespotex.tl.model._data import graph_data, induced_edges, k_hop_halo
+from hespotex.tl.model._model import HESpotEx
+
+if TYPE_CHECKING:
+    import torch
+    from anndata import AnnData
+
+    from hespotex.pp._encoders import Encoder
+    from hespotex.pp._patches import PatchPlan
+
+logger = logging.getLogger("hespotex")
+
+
+@contextlib.contextmanager
+def frozen_modules(*modules: torch.nn.Module, device: Any = None) -> Iterator[None]:
+    """Eval mode, no parameter gradients and ``device`` for ``modules``, gradients on for inputs (even inside
+    ``torch.inference_mode``); the modules' flags and devices are restored afterwards."""
+    import torch
+
+    flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    modes = [(m, m.training) for m in modules]
+    places = [(m, next(iter([*m.parameters(), *m.buffers()]), None)) for m in modules]
+    places = [(m, t.device) for m, t in places if t is not None]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for m, _ in modes:
+            m.eval()
+            if device is not None:
+                m.to(device)
+        with torch.inference_mode(False), torch.enable_grad():
+            yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for m, mode in modes:
+            m.train(mode)
+        for m, dev in places:
+            m.to(dev)
+
+
+class Scorer:
+    """The score at a target spot as a differentiable function of its neighbourhood's standardised embeddings."""
+
+    def __init__(
+        self, model: HESpotEx, table: AnnData, embedding_key: str, genes: list[str], weights: np.ndarray, device
+    ) -> None:
+        import torch
+
+        self.model = model
+        self.net = model.module_
+        self.device = device
+        sample = graph_data(
+            table, str(table.uns.get(SAMPLE_KEY, {}).get("sample_id", "slide")), genes=None, embedding_key=embedding_key
+        )
+        if sample.emb.shape[1] != len(model.embedding_mean_):
+            msg = (
+                f"Expected embeddings of width {len(model.embedding_mean_)} (encoder {model.embedding.get('encoder')!r}) in "
+                f"obsm[{embedding_key!r}], found {sample.emb.shape[1]}. Predict the slide with this model first."
+            )
+            raise ValueError(msg)
+        self.sample = sample
+        self.std = model._standardised(sample).emb
+        self.use_graph = self.net.decoder is not None
+        cfg = self.net.config
+        self.edges = sample.graph(cfg.decoder_neighbors) if self.use_graph else np.zeros((2, 0), dtype=np.int64)
+        self.hops = cfg.n_hops if self.use_graph else 0
+        self.gene_idx = torch.as_tensor(pd.Index(model.genes).get_indexer(genes), device=device)
+        self.weights = torch.as_tensor(weights, dtype=torch.float32, device=device)
+        self.mean = torch.as_tensor(model.embedding_mean_, device=device)
+        self.scale = torch.as_tensor(model.embedding_scale_, device=device)
+
+    def predict_all(self) -> np.ndarray:
+        """The score at every spot from a whole-slide prediction (``(n_spots,)``)."""
+        out = self.model.predict_graph(self.sample, device=str(self.device))
+        idx = self.gene_idx.cpu().numpy()
+        return out["expression"][:, idx].astype(np.float64) @ self.weights.cpu().numpy().astype(np.float64)
+
+    def neighbourhood(self, t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Nodes that reach ``t`` in ``n_hops`` (``t`` first), their induced edges and hop distances to ``t``."""
+        from scipy.sparse import csr_matrix
+        from scipy.sparse.csgraph import shortest_path
+
+        core = np.array([t], dtype=np.int64)
+        nodes = k_hop_halo(self.edges, core, self.sample.n, self.hops) if self.use_graph else core
+        sub = induced_edges(self.edges, nodes, self.sample.n)
+        adj = csr_matrix((np.ones(sub.shape[1]), (sub[0], sub[1])), shape=(len(nodes), len(nodes)))
+        hop = shortest_path(adj, directed=False, unweighted=True, indices=0)
+        return nodes, sub, np.where(np.isfinite(hop), hop, -1).astype(np.int64)
+
+    def scores(self, emb: torch.Tensor, sub: torch.Tensor | None) -> torch.Tensor:
+        """Scores ``(B,)`` at node 0 of ``B`` copies of a neighbourhood with embeddings ``emb`` ``(B, m, F)``."""
+        import torch
+
+        b, m, f = emb.shape
+        edges = None
+        if self.use_graph:
+            offsets = (torch.arange(b, device=emb.device) * m).repeat_interleave(sub.shape[1])
+            edges = sub.repeat(1, b) + offsets
+        out = self.net(emb.reshape(b * m, f), edges)["expression"]
+        return out[::m][:, self.gene_idx] @ self.weights
+
+    def standardise(self, features: torch.Tensor) -> torch.Tensor:
+        return (features - self.mean) / self.scale
+
+
+def normalise_per_patch(saliency: np.ndarray) -> np.ndarray:
+    peak = saliency.reshape(len(saliency), -1).max(axis=1)
+    peak = np.where(peak > 0, peak, 1.0)
+    return (saliency / peak[:, None, None]).astype(np.float32)
+
+
+def _baseline_patch(x: torch.Tensor, baseline: str) -> torch.Tensor:
+    import torch
+
+    if baseline == "white":
+        return torch.ones_like(x)
+    if baseline == "black":
+        return torch.zeros_like(x)
+    from torchvision.transforms.functional import gaussian_blur
+
+    size = x.shape[-1]
+    sigma = max(size / 16.0, 1.0)
+    kernel = min(2 * int(np.ceil(3 * sigma)) + 1, 2 * ((size - 1) // 2) + 1)
+    return gaussian_blur(x, [kernel, kernel], [sigma, sigma])
+
+
+def pixel_attributions(
+    scorer: Scorer,
+    enc: Encoder,
+    plan: PatchPlan,
+    positions: np.ndarray,
+    *,
+    n_steps: int,
+    internal_batch_size: int | None,
+    baseline: str,
+    embedding_key: str,
+) -> dict[str, np.ndarray]:
+    import torch
+    from captum.attr import IntegratedGradients
+    from tqdm.auto import tqdm
+
+    from hespotex.pp._patches import resize_batch
+
+    dev = scorer.device
+    n = len(positions)
+    size = enc.input_size
+    out = {
+        "patches": np.empty((n, size, size, 3), dtype=np.uint8),
+        "saliency": np.empty((n, size, size), dtype=np.float32),
+        "pixel_attribution_sum": np.empty(n),
+        "pixel_score": np.empty(n),
+        "pixel_baseline_score": np.empty(n),
+        "pixel_delta": np.empty(n),
+    }
+    worst = 0.0
+    enc_model = enc.model
+    for i, t in enumerate(tqdm(positions, desc="pixel attributions", unit="spot", disable=not settings.progress)):
+        t = int(t)
+        x = resize_batch(plan.read(np.array([t])), size).to(dev)  # (1, 3, S, S) in [0, 1], as hx.pp.embed resizes
+        out["patches"][i] = x[0].mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+        nodes, sub, _ = scorer.neighbourhood(t)
+        rest = torch.from_numpy(scorer.std[nodes[1:]]).to(dev)
+        sub_t = torch.from_numpy(sub).to(dev)
+
+        def forward(patch: torch.Tensor, rest=rest, sub_t=sub_t) -> torch.Tensor:
+            z = scorer.standardise(enc_model(enc.normalize(patch)))
+            emb = torch.cat([z[:, None, :], rest.expand(len(patch), *rest.shape)], dim=1)
+            return scorer.scores(emb, sub_t)
+
+        base = _baseline_patch(x, baseline)
+        with torch.no_grad():
+            feats = enc_model(enc.normalize(x))[0].cpu().numpy()
+            stored = scorer.sample.emb[t]
+            worst = max(worst, float(np.abs(feats - stored).max() / max(np.abs(stored).max(), 1e-6)))
+            f_x, f_b = forward(x).item(), forward(base).item()
+        ig = IntegratedGradients(forward)
+        attr, delta = ig.attribute(
+            x,
+            baselines=base,
+            n_steps=int(n_steps),
+            internal_batch_size=internal_batch_size,
+            return_convergence_delta=True,
+        )
+        attr = attr[0].detach().float().cpu().numpy()
+        out["saliency"][i] = np.abs(attr).sum(axis=0)
+        out["pixel_attribution_sum"][i] = float(attr.sum())
+        out["pixel_score"][i], out["pixel_baseline_score"][i] = f_x, f_b
+        out["pixel_delta"][i] = float(delta.reshape(-1)[0])
+    gap = np.abs(out["pixel_delta"]) > 0.1 * np.abs(out["pixel_score"] - out["pixel_baseline_score"]) + 0.01
+    if gap.any():
+        logger.warning(
+            "Pixel integrated gradients are incomplete at %d of %d spots (|delta| above 10%% of the score change): the "
+            "encoder is rough along the path from the %r baseline. Raise `n_steps`, or try another baseline "
+            "('blur' stays closest to real tissue).",
+            int(gap.sum()),
+            n,
+            baseline,
+        )
+    if worst > 1e-2:
+        logger.warning(
+            "The patches re-encoded for attribution differ from the stored obsm[%r] (relative difference up to %.3g): "
+            "the image or encoder changed since the slide was embedded, so the attributions explain other embeddings.",
+            embedding_key,
+            worst,
+        )
+    return out
+
+
+def neighbour_attributions(
+    scorer: Scorer, table: AnnData, positions: np.ndarray, *, n_steps: int, internal_batch_size: int | None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    import torch
+    from captum.attr import IntegratedGradients
+    from scipy.stats import spearmanr
+    from tqdm.auto import tqdm
+
+    dev = scorer.device
+    names = np.asarray(table.obs_names)
+    frames, rows = [], []
+    for t in tqdm(positions, desc="neighbour attributions", unit="spot", disable=not settings.progress):
+        t = int(t)
+        nodes, sub, hop = scorer.neighbourhood(t)
+        emb = torch.from_numpy(scorer.std[nodes]).to(dev)[None]  # (1, m, F)
+        sub_t = torch.from_numpy(sub).to(dev)
+        ig = IntegratedGradients(lambda e, sub_t=sub_t: scorer.scores(e, sub_t))
+        attr, delta = ig.attribute(
+            emb,
+            baselines=torch.zeros_like(emb),
+            n_steps=int(n_steps),
+            internal_batch_size=internal_batch_size,
+            return_convergence_delta=True,
+        )
+        per_source = attr[0].sum(dim=1).detach().double().cpu().numpy()
+        attention = np.full(len(nodes), np.nan)
+        if scorer.use_graph:
+            with torch.no_grad():
+                res = scorer.net(emb[0], sub_t)
+            if res["attention"] is not None:
+                ei, alpha = res["attention"]
+                ei, alpha = ei.cpu().numpy(), alpha.float().cpu().numpy()
+                into = ei[1] == 0
+                attention[ei[0][into]] = alpha[into]
+        total = np.abs(per_source).sum()
+        share = np.abs(per_source) / total if total > 0 else np.zeros_like(per_source)
+        frames.append(
+            pd.DataFrame(
+                {
+                    "target": names[t],
+                    "source": names[nodes],
+                    "hop": hop,
+                    "attribution": per_source,
+                    "share": share,
+                    "attention": attention,
+                }
+            )
+        )
+        one_hop = np.flatnonzero(hop <= 1)
+        neigh = one_hop[one_hop != 0]
+        row = {
+            "target": names[t],
+            "delta": float(delta.reshape(-1)[0]),
+            "self_share": float(share[0]),
+            "self_attention": attention[0],
+        }
+        if len(neigh):
+            row["top_attribution"] = names[nodes[neigh[np.argmax(np.abs(per_source[neigh]))]]]
+        if np.isfinite(attention[one_hop]).all() and len(neigh):
+            row["top_attention"] = names[nodes[neigh[np.argmax(attention[neigh])]]]
+            row["top_match"] = row["top_attention"] == row["top_attribution"]
+            a, b = np.abs(per_source[one_hop]), attention[one_hop]
+            row["spearman"] = float(spearmanr(a, b).statistic) if np.ptp(a) > 0 and np.ptp(b) > 0 else np.nan
+        rows.append(row)
+    columns = ["spearman", "top_attribution", "top_attention", "top_match", "self_share", "self_attention", "delta"]
+    agreement = pd.DataFrame(rows).set_index("target").reindex(columns=columns)
+    agreement.index.name = "target"
+    neighbours = pd.concat(frames, ignore_index=True)
+    return neighbours, agreement

@@ -1,0 +1,366 @@
+"""``hx.tl.explain``: what drives a predicted gene or gene programme at a spot.
+
+Two attributions, both by integrated gradients (:class:`captum.attr.IntegratedGradients`) of a
+*score*, the weighted mean of the predicted log expression of the chosen genes at the target spot:
+
+- **pixels**: through the frozen image encoder, the model's embedding standardisation and
+  :class:`~hespotex.models.HESpotExNet`, on exactly the patch the encoder saw when the slide was
+  embedded (same crop geometry, resizing and normalisation as :func:`hespotex.pp.embed`). The
+  neighbours' embeddings stay at their stored values; only the target's patch varies, from a
+  baseline patch (white glass by default) to the real one.
+- **neighbouring spots**: with respect to the standardised embeddings of every spot that can reach
+  the target through the decoder's ``n_hops`` graph layers, from the all-zero baseline (every spot
+  at the training mean embedding); attributions are summed over embedding dimensions per source spot.
+
+Integrated gradients are complete: the attributions sum to ``score(input) - score(baseline)`` up to
+the integration error, which captum reports as the convergence delta (stored).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from hespotex._sample import get_table
+from hespotex._settings import resolve_device
+from hespotex.tl.explanation._attributions import (
+    Scorer,
+    frozen_modules,
+    neighbour_attributions,
+    normalise_per_patch,
+    pixel_attributions,
+)
+from hespotex.tl.explanation._explain_inputs import (
+    EMBED_RECORD_KEY,
+    check_baseline,
+    check_steps,
+    has_slide_image,
+    load_model_encoder,
+    patch_plan,
+    resolve_score,
+    spot_positions,
+)
+from hespotex.tl.model._data import EMBEDDING_KEY
+from hespotex.tl.model._model import HESpotEx
+
+if TYPE_CHECKING:
+    pass
+
+logger = logging.getLogger("hespotex")
+
+__all__ = ["Explanation", "explain", "patch_saliency"]
+
+
+@dataclass
+class Explanation:
+    """Attributions of a gene score at a few spots (returned by :func:`explain`).
+
+    The *score* at a spot is ``sum_g w_g * y_g`` with ``y_g`` the predicted log1p expression and the
+    weights ``w`` normalised to ``sum_g |w_g| = 1`` (a plain mean for a list of genes).
+
+    Attributes
+    ----------
+    spots
+        ``obs_names`` of the explained spots, in the order of every per-spot array.
+    genes, weights
+        The genes of the score and their normalised weights.
+    score
+        ``(n_spots,)`` the model's score at each spot (from a whole-slide prediction).
+    patches
+        ``(n_spots, h, w, 3)`` uint8: the patch each spot's embedding was computed from, at the encoder
+        input size; ``None`` without pixel attribution.
+    saliency
+        ``(n_spots, h, w)`` float32: absolute integrated-gradients attribution summed over the colour
+        channels (not normalised); ``None`` without pixel attribution.
+    pixel_attribution_sum
+        ``(n_spots,)`` sum of the signed pixel attributions (over pixels and channels).
+    pixel_score, pixel_baseline_score
+        ``(n_spots,)`` the score with the real patch (recomputed through the encoder: equals ``score``
+        when the stored embeddings came from this image and encoder) and with the baseline patch.
+    pixel_delta
+        ``(n_spots,)`` captum's convergence delta: ``pixel_attribution_sum - (pixel_score - pixel_baseline_score)``.
+    neighbours
+        Tidy table, one row per (target, source) pair: ``target``, ``source`` (obs names), ``hop`` (graph
+        distance; 0 for the spot itself), ``attribution`` (signed, summed over embedding dimensions),
+        ``share`` (``|attribution|`` over the target's total ``|attribution|``) and ``attention`` (the
+        decoder's attention of target on source; NaN beyond one hop or for decoders without attention).
+        ``None`` without neighbour attribution.
+    agreement
+        Per target (index): ``spearman`` rank correlation of ``|attribution|`` and attention over the
+        target's one-hop sources (itself included), ``top_attribution`` and ``top_attention`` (the strongest
+        one-hop neighbour, self excluded, by each), ``top_match`` (whether they agree), ``self_share``,
+        ``self_attention``, and ``delta`` (the convergence delta of the neighbour attribution).
+    params
+        Every parameter that shaped the result (model id, encoder, patch size, baseline, steps, ...).
+    """
+
+    spots: list[str]
+    genes: list[str]
+    weights: np.ndarray
+    score: np.ndarray
+    patches: np.ndarray | None = None
+    saliency: np.ndarray | None = None
+    pixel_attribution_sum: np.ndarray | None = None
+    pixel_score: np.ndarray | None = None
+    pixel_baseline_score: np.ndarray | None = None
+    pixel_delta: np.ndarray | None = None
+    neighbours: pd.DataFrame | None = None
+    agreement: pd.DataFrame | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        parts = [f"{len(self.spots)} spots", f"{len(self.genes)} genes"]
+        if self.saliency is not None:
+            parts.append(f"pixel saliency {self.saliency.shape[1]}x{self.saliency.shape[2]}")
+        if self.neighbours is not None:
+            parts.append(f"{len(self.neighbours)} neighbour attributions")
+        return f"Explanation({', '.join(parts)})"
+
+    def normalised_saliency(self) -> np.ndarray:
+        """:attr:`saliency` scaled to [0, 1] per patch (each patch divided by its maximum)."""
+        if self.saliency is None:
+            msg = "This explanation has no pixel saliency: explain a SpatialData with its image (`pixels=True`)."
+            raise ValueError(msg)
+        return normalise_per_patch(self.saliency)
+
+
+# ---------------------------------------------------------------------------------------------- public API
+
+
+def _prepare(data: Any, model: HESpotEx | str, genes: Any, signature: Any, embedding_key: str, device: str | None):
+    from hespotex.tl.prediction._checks import check_embedding
+
+    if hasattr(model, "members"):
+        msg = "`explain` takes one HESpotEx; for an ensemble, explain a member (`model.members[i]`)."
+        raise NotImplementedError(msg)
+    if not isinstance(model, HESpotEx):
+        model = HESpotEx.load(model)
+    model._check_trained()
+    table = get_table(data)
+    names, weights = resolve_score(model, genes, signature)
+    record = table.uns.get(EMBED_RECORD_KEY, {}).get(embedding_key)
+    if record is not None:
+        check_embedding(model, record)
+    scorer = Scorer(model, table, embedding_key, names, weights, resolve_device(device))
+    return model, table, names, weights, scorer
+
+
+def patch_saliency(
+    data: Any,
+    model: HESpotEx | str,
+    *,
+    spots: Any,
+    genes: str | Sequence[str] | None = None,
+    signature: Sequence[str] | Mapping[str, float] | None = None,
+    n_steps: int = 32,
+    baseline: str = "white",
+    internal_batch_size: int | None = 16,
+    embedding_key: str = EMBEDDING_KEY,
+    device: str | None = "cpu",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel saliency of a gene score at some spots: the patch each spot was embedded from and where it matters.
+
+    Integrated gradients (captum) of the score (weighted mean predicted log expression of
+    ``genes`` / ``signature``) with respect to the patch's pixels, through the frozen encoder, the
+    model's embedding standardisation and the network, the neighbours' embeddings held at their
+    stored values. See :func:`explain` for the full explanation; this is its pixel part.
+
+    Parameters
+    ----------
+    data
+        A SpatialData sample with its H&E image and embeddings (``obsm[embedding_key]``, e.g. after
+        :func:`hespotex.tl.predict`).
+    model
+        A trained :class:`HESpotEx` or the folder of a saved one.
+    spots
+        ``obs_names`` (or integer positions) of the spots.
+    genes, signature
+        The score: one gene or a list (mean), or a list / dict gene -> weight (weighted mean, weights
+        normalised to ``sum |w| = 1``). Pass exactly one.
+    n_steps
+        Integration steps.
+    baseline
+        ``"white"`` (glass, default), ``"black"`` or ``"blur"`` (the patch blurred with a Gaussian of
+        1/16 of its side).
+    internal_batch_size
+        Integration steps per forward pass (bounds memory; ``None``: all at once).
+    embedding_key
+        ``obsm`` key of the slide's image embeddings.
+    device
+        Torch device.
+
+    Returns
+    -------
+    ``(patches, saliency)``: uint8 ``(n_spots, h, w, 3)`` patches at the encoder input size, in the
+    order of ``spots``, and float32 ``(n_spots, h, w)`` saliency (absolute attribution summed over
+    channels) scaled to [0, 1] per patch. Writes nothing.
+    """
+    model, table, _, _, scorer = _prepare(data, model, genes, signature, embedding_key, device)
+    check_baseline(baseline)
+    check_steps(n_steps, internal_batch_size)
+    positions = spot_positions(table, spots)
+    if not has_slide_image(data):
+        msg = (
+            "Pixel saliency needs the H&E image: pass the SpatialData sample with its image element, not the table "
+            f"alone (found {type(data).__name__}{' without its image' if hasattr(data, 'images') else ''})."
+        )
+        raise ValueError(msg)
+    enc = load_model_encoder(model)
+    plan = patch_plan(data, table, model, enc, embedding_key)
+    with frozen_modules(model.module_, enc.model, device=scorer.device):
+        res = pixel_attributions(
+            scorer,
+            enc,
+            plan,
+            positions,
+            n_steps=n_steps,
+            internal_batch_size=internal_batch_size,
+            baseline=baseline,
+            embedding_key=embedding_key,
+        )
+    return res["patches"], normalise_per_patch(res["saliency"])
+
+
+def explain(
+    data: Any,
+    model: HESpotEx | str,
+    *,
+    genes: str | Sequence[str] | None = None,
+    signature: Sequence[str] | Mapping[str, float] | None = None,
+    spots: Any = None,
+    n_top: int = 3,
+    pixels: bool | None = None,
+    neighbours: bool = True,
+    n_steps: int = 32,
+    internal_batch_size: int | None = 16,
+    baseline: str = "white",
+    embedding_key: str = EMBEDDING_KEY,
+    device: str | None = "cpu",
+) -> Explanation:
+    """Attribute a predicted gene or gene programme at some spots to the image patch and to neighbouring spots.
+
+    The score is the weighted mean predicted log expression of ``genes`` / ``signature`` at a spot.
+    Both attributions are integrated gradients (:class:`captum.attr.IntegratedGradients`):
+
+    - *pixels*: through the frozen image encoder, the model's embedding standardisation and the
+      network, on the exact patch the slide's embedding was computed from (same crop geometry,
+      resizing and normalisation as :func:`hespotex.pp.embed`), from a ``baseline`` patch; the
+      neighbours' embeddings stay at their stored values. Encoder and model weights are frozen.
+    - *neighbours*: with respect to the standardised embeddings of every spot within the decoder's
+      ``n_hops`` of the target (the target included), from the all-zero baseline (every spot at the
+      training mean embedding), summed per source spot; compared with the decoder's attention.
+
+    Parameters
+    ----------
+    data
+        A SpatialData sample with its image and embeddings (pixels and neighbours) or its table
+        (AnnData with ``obsm[embedding_key]`` and ``obsm["spatial"]``: neighbours only).
+    model
+        A trained :class:`HESpotEx` or the folder of a saved one.
+    genes, signature
+        The score: one gene or a list (mean), or a list / dict gene -> weight (weighted mean, weights
+        normalised to ``sum |w| = 1``; negative weights allowed). Pass exactly one.
+    spots
+        ``obs_names`` (or integer positions) of the spots to explain; default: the ``n_top`` spots with
+        the highest score.
+    n_top
+        Number of spots explained when ``spots`` is not given.
+    pixels
+        Attribute to pixels; default: when ``data`` has its image. ``True`` without an image is an error.
+    neighbours
+        Attribute to neighbouring spots.
+    n_steps
+        Integration steps of integrated gradients.
+    internal_batch_size
+        Integration steps per forward pass (bounds memory; ``None``: all at once).
+    baseline
+        Pixel baseline: ``"white"`` (glass, default), ``"black"`` or ``"blur"``.
+    embedding_key
+        ``obsm`` key of the slide's image embeddings.
+    device
+        Torch device.
+
+    Returns
+    -------
+    An :class:`Explanation` (patches, saliency, completeness checks, the tidy neighbour table and
+    its agreement with attention, parameters). Writes nothing to ``data``; the model is left as it was.
+    """
+    check_baseline(baseline)
+    check_steps(n_steps, internal_batch_size)
+    if not isinstance(n_top, (int, np.integer)) or n_top < 1:
+        msg = f"Expected `n_top` to be a positive integer, found {n_top!r}."
+        raise ValueError(msg)
+    has_image = has_slide_image(data)
+    if pixels is None:
+        pixels = has_image
+        if not has_image:
+            logger.info(
+                "No H&E image in %s: explaining the neighbours only (pass the SpatialData for pixel saliency).",
+                type(data).__name__,
+            )
+    elif pixels and not has_image:
+        msg = (
+            "Pixel attribution needs the H&E image: pass the SpatialData sample with its image element, not "
+            f"{type(data).__name__}{' without its image' if hasattr(data, 'images') else ''}; or set `pixels=False`."
+        )
+        raise ValueError(msg)
+    if not pixels and not neighbours:
+        msg = "Nothing to explain: `pixels` and `neighbours` are both off."
+        raise ValueError(msg)
+    model, table, names, weights, scorer = _prepare(data, model, genes, signature, embedding_key, device)
+    positions = None if spots is None else spot_positions(table, spots)
+    with frozen_modules(model.module_, device=scorer.device):
+        all_scores = scorer.predict_all()
+        if positions is None:
+            positions = np.argsort(-all_scores, kind="stable")[: min(int(n_top), table.n_obs)]
+        result = Explanation(
+            spots=[str(s) for s in table.obs_names[positions]],
+            genes=names,
+            weights=weights,
+            score=all_scores[positions],
+        )
+        if pixels:
+            enc = load_model_encoder(model)
+            plan = patch_plan(data, table, model, enc, embedding_key)
+            with frozen_modules(enc.model, device=scorer.device):
+                res = pixel_attributions(
+                    scorer,
+                    enc,
+                    plan,
+                    positions,
+                    n_steps=n_steps,
+                    internal_batch_size=internal_batch_size,
+                    baseline=baseline,
+                    embedding_key=embedding_key,
+                )
+            for k, v in res.items():
+                setattr(result, k, v)
+        if neighbours:
+            result.neighbours, result.agreement = neighbour_attributions(
+                scorer, table, positions, n_steps=n_steps, internal_batch_size=internal_batch_size
+            )
+    emb = model.embedding
+    result.params = {
+        "model_id": model.model_id,
+        "genes": names,
+        "weights": weights.tolist(),
+        "spots": result.spots,
+        "pixels": bool(pixels),
+        "neighbours": bool(neighbours),
+        "n_steps": int(n_steps),
+        "baseline": baseline,
+        "neighbour_baseline": "training mean embedding (standardised zero)",
+        "encoder": emb.get("encoder"),
+        "encoder_id": emb.get("encoder_id"),
+        "patch_um": emb.get("patch_um"),
+        "input_size": emb.get("input_size"),
+        "embedding_key": embedding_key,
+        "n_hops": scorer.hops,
+        "decoder_neighbors": int(model.config.decoder_neighbors),
+    }
+    return result

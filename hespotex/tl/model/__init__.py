@@ -1,0 +1,3 @@
+"""The HESpotEx model: the :class:`HESpotEx` estimator and its :class:`ModelConfig` (``_model``), the arrays and
+graphs it reads (``_data``), the checked ``setup.json`` / safetensors schema of a saved model folder
+(``_setup_validation``), and ensembles with :func:`load_model` (``_ensemble``)."""

@@ -1,0 +1,59 @@
+"""Checks shared by in-memory and streamed prediction: the slide was embedded like the training slides, and the
+predictions are finite before anything is stored."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from hespotex.tl.training._train import same_embedding
+
+if TYPE_CHECKING:
+    from hespotex.tl.model._model import HESpotEx
+
+logger = logging.getLogger("hespotex")
+
+
+def entry_text(record: dict[str, Any]) -> str:
+    """Registry entry of an embedding record: ``'uni' of lazyslide-models 0.1.0 at 0.5 µm/px``."""
+    entry = record.get("encoder_entry") or {}
+    if not entry:
+        return f"{record.get('encoder')!r} (no registry entry)"
+    return f"{entry.get('name')!r} of {entry.get('source')} {entry.get('version')} at {entry.get('native_mpp')} µm/px"
+
+
+def check_embedding(model: HESpotEx, record: dict[str, Any]) -> None:
+    """Refuse a slide embedded differently (encoder, patch size) from the model's training slides."""
+    expected = model.embedding
+    if "unknown" in (record.get("encoder_id"), expected.get("encoder_id")):
+        logger.warning("Cannot check that this slide was embedded like the training slides (no encoder record).")
+        return
+    if not same_embedding(expected, record):
+        entries = [entry_text(r) for r in (expected, record)]
+        msg = (
+            (f"The model's encoder is {entries[0]}, this slide's {entries[1]}. " if entries[0] != entries[1] else "")
+            + f"The model was trained on embeddings of {expected.get('encoder')!r} ({expected.get('encoder_id')}) at "
+            f"{expected.get('patch_um')} µm patches; this slide's were made with {record.get('encoder')!r} "
+            f"({record.get('encoder_id')}) at {record.get('patch_um')} µm. Re-embed it: "
+            f"hx.pp.embed(sdata, encoder={expected.get('encoder')!r}, patch_um={expected.get('patch_um')}, key_added=..., overwrite=True)."
+        )
+        raise ValueError(msg)
+
+
+def check_finite_predictions(expression: np.ndarray, latent: np.ndarray | None = None, *, first_spot: int = 0) -> None:
+    """Refuse NaN or infinite predictions (or latents) before anything is stored: they would look like
+    results. Finite weights (checked at load) and embeddings (checked before) can still overflow."""
+    bad_rows = ~np.isfinite(expression).all(axis=1)
+    if latent is not None:
+        bad_rows |= ~np.isfinite(latent).all(axis=1)
+    if bad_rows.any():
+        n_genes = int((~np.isfinite(expression)).any(axis=0).sum())
+        first = first_spot + int(np.flatnonzero(bad_rows)[0])
+        msg = (
+            f"The model's predictions are NaN or infinite at {int(bad_rows.sum())} spots ({n_genes} genes), e.g. spot {first}; "
+            "nothing was stored. The weights overflow on these embeddings: check the embeddings (encoder, image) "
+            "or retrain the model."
+        )
+        raise ValueError(msg)

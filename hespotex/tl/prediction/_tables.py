@@ -1,0 +1,114 @@
+"""Prediction tables: what ``hx.tl.predict`` records with a prediction (``uns[key_added]["params"]``) and how
+every reader (attention, diagnostic patches, evaluation, plots) finds the prediction table, layer and record."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from hespotex._sample import get_table
+from hespotex.pp._targets import TARGET_NORMS
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+    from hespotex.tl.model._model import HESpotEx
+
+PREDICTION_KEY = "hespotex"  # default key_added of hx.tl.predict: layer, table and uns entry
+
+
+def prediction_params(
+    model: HESpotEx, embed_params: dict[str, Any], *, key_added: str, attention: bool
+) -> dict[str, Any]:
+    """``uns[key_added]["params"]`` of a prediction: model id, genes hash, encoder, patch size, seed, config, versions, keys."""
+    setup = model.setup_dict()
+    return {
+        "model_id": model.model_id,
+        "genes_hash": setup["gene_hash"],
+        "n_genes": len(model.genes),
+        "encoder": embed_params.get("encoder"),
+        "encoder_id": embed_params.get("encoder_id"),
+        "patch_um": embed_params.get("patch_um"),
+        "seed": model.config.seed,
+        "target_sum": model.target_sum,
+        "target_norm": model.target_norm,
+        "target": TARGET_NORMS[model.target_norm],
+        "embedding_norm": model.embedding_norm,
+        "tta": model.embedding.get("tta"),
+        "stain_augment_views": int(
+            (model.stain_augment or {}).get("n_views", 0)
+        ),  # 0: trained on clean embeddings only
+        "config": setup["config"],
+        "versions": setup["versions"],
+        "layer": key_added,
+        "latent_key": f"X_{key_added}",
+        "attention_key": f"{key_added}_attention" if attention else None,
+    }
+
+
+def recorded_params(table: AnnData, key: str = PREDICTION_KEY) -> dict[str, Any] | None:
+    """``uns[key]["params"]``: what ``hx.tl.predict(..., key_added=key)`` recorded in ``table``, or ``None``."""
+    entry = table.uns.get(key)
+    params = entry.get("params") if isinstance(entry, dict) else None
+    return params if isinstance(params, dict) else None
+
+
+def prediction_records(table: AnnData) -> dict[str, dict[str, Any]]:
+    """Every prediction recorded in ``table``: its layer name -> the parameters recorded with it.
+
+    A prediction is an ``uns`` entry with a ``params`` dict whose ``layer`` (default: the entry's key)
+    is a layer of the table, whatever ``key_added`` it was written under.
+    """
+    records: dict[str, dict[str, Any]] = {}
+    for key, value in table.uns.items():
+        params = value.get("params") if isinstance(value, dict) else None
+        name = str(params.get("layer", key)) if isinstance(params, dict) else None
+        # the record hx.tl.predict wrote (uns key = layer) wins over others naming the layer (e.g. evaluate's)
+        if name in table.layers and (name not in records or key == name):
+            records[name] = params
+    return records
+
+
+def find_prediction(table: AnnData, layer: str | None = None) -> tuple[str, dict[str, Any]] | None:
+    """The prediction layer of ``table`` and a copy of the parameters recorded for it, or ``None``.
+
+    ``layer`` given: that layer (with its record when there is one). ``None``: the prediction under
+    :data:`PREDICTION_KEY`, else the first recorded one, else a bare ``layers[PREDICTION_KEY]``.
+    """
+    records = {name: dict(params) for name, params in prediction_records(table).items()}
+    if layer is not None:
+        if layer in records:
+            return layer, records[layer]
+        if layer in table.layers:
+            return layer, {"layer": layer}
+        return None
+    if PREDICTION_KEY in records:
+        return PREDICTION_KEY, records[PREDICTION_KEY]
+    if records:
+        key = next(iter(records))
+        return key, records[key]
+    if PREDICTION_KEY in table.layers:
+        return PREDICTION_KEY, {"layer": PREDICTION_KEY}
+    return None
+
+
+def spot_tables(data: Any, *, same_spots: bool = True, prefer: str | None = None) -> list[tuple[str, AnnData]]:
+    """The tables a prediction may be in: the sample's spot table first (named ``"table"``), then the other
+    tables of the SpatialData (e.g. ``tables["hespotex"]``, written by predict when the genes differ).
+
+    ``same_spots``: only tables of the same spots (same ``obs_names``). ``prefer``: that table right after
+    the spot table. A table held under several names appears once.
+    """
+    main = get_table(data)
+    out = [("table", main)]
+    if hasattr(data, "tables"):
+        others = [
+            (str(name), t)
+            for name, t in data.tables.items()
+            if t is not main and (not same_spots or (t.n_obs == main.n_obs and t.obs_names.equals(main.obs_names)))
+        ]
+        if prefer is not None:
+            others.sort(key=lambda item: item[0] != prefer)  # stable: the rest keep their order
+        for name, t in others:
+            if all(t is not u for _, u in out):
+                out.append((name, t))
+    return out
