@@ -202,6 +202,10 @@ def predict_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     from hespotex.tl._cohort import COLUMNS, predict_slides, run_slide, slide_name
 
     model = Path(args.model)
+    if args.model.startswith("hf-hub:"):  # a Hugging Face Hub id: its snapshot in the local cache
+        from hespotex.tl.model._resolve import model_folder
+
+        model = model_folder(args.model)
     problem = _output_problem(Path(args.out), "--out", kind="a folder")
     if problem:
         parser.error(problem)
@@ -379,7 +383,7 @@ def tile_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     slide, out = Path(args.slide), Path(args.out)
     if not slide.exists():
         parser.error(f"the slide {args.slide!r} does not exist.")
-    if args.model and not Path(args.model).is_dir():
+    if args.model and not args.model.startswith("hf-hub:") and not Path(args.model).is_dir():
         parser.error(f"--model {args.model!r} is not a folder; pass the folder written by `hespotex train`.")
     if out.exists() and not args.overwrite:
         msg = f"{str(out)!r} already exists; pass --overwrite to replace it, or --out another path."
@@ -507,7 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_pred.add_argument(
         "slides", nargs="+", metavar="SLIDE", help="whole-slide image files (or zarr stores from `hespotex tile`)"
     )
-    p_pred.add_argument("--model", required=True, metavar="DIR", help="model folder written by `hespotex train`")
+    p_pred.add_argument(
+        "--model", required=True, metavar="DIR", help="model folder written by `hespotex train`, or hf-hub:owner/name[@revision]"
+    )
     p_pred.add_argument(
         "--out", required=True, metavar="DIR", help="output folder: one OUT/<slide name>.zarr per slide"
     )
@@ -596,7 +602,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_tile.add_argument("slide", metavar="SLIDE", help="whole-slide image file (pyramidal TIFF / OME-TIFF, SVS...)")
     p_tile.add_argument("--out", required=True, metavar="ZARR", help="zarr store to write")
-    p_tile.add_argument("--model", metavar="DIR", help="model folder: use the spot geometry it was trained on")
+    p_tile.add_argument(
+        "--model", metavar="DIR", help="model folder (or hf-hub:owner/name): use the spot geometry it was trained on"
+    )
     p_tile.add_argument(
         "--spot-diameter",
         type=_positive_float,

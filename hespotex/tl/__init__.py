@@ -8,6 +8,7 @@ __getattr__, __dir__, __all__ = attach(
         "HESpotEx": "_model",
         "HESpotExEnsemble": "_ensemble",
         "load_model": "_ensemble",
+        "model_card": "model._card",
         "ModelConfig": "_model",
         "train": "_train",
         "predict": "_predict",

@@ -71,7 +71,8 @@ def predict(
     data
         A SpatialData sample or its table (AnnData with embeddings and ``obsm["spatial"]``).
     model
-        A trained :class:`HESpotEx` or :class:`~hespotex.tl.HESpotExEnsemble`, or the folder of a saved one.
+        A trained :class:`HESpotEx` or :class:`~hespotex.tl.HESpotExEnsemble`, the folder of a saved one, or a
+        Hugging Face Hub id ``"hf-hub:owner/name"`` / ``"hf-hub:owner/name@revision"`` (see :func:`hespotex.tl.load_model`).
     key_added
         Name of the prediction layer, and prefix of the other keys.
     embedding_key
@@ -115,10 +116,9 @@ def predict(
     and ``"source"`` (where the image is). The source table is not modified (embeddings computed
     while streaming are not stored in its ``obsm``).
     """
-    if isinstance(model, str | Path):
-        from hespotex.tl._ensemble import load_model
+    from hespotex.tl.model._resolve import as_model
 
-        model = load_model(model)
+    model = as_model(model)  # a model, a saved folder or "hf-hub:owner/name"
     model._check_trained()
     if out is not None and hasattr(model, "members"):
         msg = (
