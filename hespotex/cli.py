@@ -512,7 +512,10 @@ def build_parser() -> argparse.ArgumentParser:
         "slides", nargs="+", metavar="SLIDE", help="whole-slide image files (or zarr stores from `hespotex tile`)"
     )
     p_pred.add_argument(
-        "--model", required=True, metavar="DIR", help="model folder written by `hespotex train`, or hf-hub:owner/name[@revision]"
+        "--model",
+        required=True,
+        metavar="DIR",
+        help="model folder written by `hespotex train`, or hf-hub:owner/name[@revision]",
     )
     p_pred.add_argument(
         "--out", required=True, metavar="DIR", help="output folder: one OUT/<slide name>.zarr per slide"

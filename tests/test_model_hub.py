@@ -27,7 +27,14 @@ from hespotex.tl.model._resolve import HUB_FILES, as_model, model_folder
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 
-SMALL = {"ae_epochs": 5, "ae_hidden_dim": 32, "latent_dim": 8, "projection_hidden_dim": 32, "head_hidden_dim": 32, "decoder_heads": 2}
+SMALL = {
+    "ae_epochs": 5,
+    "ae_hidden_dim": 32,
+    "latent_dim": 8,
+    "projection_hidden_dim": 32,
+    "head_hidden_dim": 32,
+    "decoder_heads": 2,
+}
 COMMIT_A = "a" * 39 + "1"
 COMMIT_B = "b" * 39 + "2"
 
@@ -37,7 +44,9 @@ def sections():
     hx.settings.progress = False
     out = {}
     for name, seed in (("a", 1), ("b", 2), ("c", 4), ("t", 3)):
-        sdata = hx.datasets.synthetic(n_spots=70, n_genes=10, seed=seed, program_seed=0, microns_per_pixel=1.0, sample_id=f"s{name}")
+        sdata = hx.datasets.synthetic(
+            n_spots=70, n_genes=10, seed=seed, program_seed=0, microns_per_pixel=1.0, sample_id=f"s{name}"
+        )
         hx.pp.embed(sdata, encoder="efficientnet_lite0.imagenet", input_size=32)
         out[name] = sdata
     return out
@@ -164,7 +173,9 @@ def test_folder_and_object_inputs(model, ensemble, tmp_path):
         assert hx.tl.load_model(name).model_id == model.model_id
     ens = as_model(ensemble.save(tmp_path / "e"))
     assert isinstance(ens, hx.tl.HESpotExEnsemble) and ens.model_id == ensemble.model_id
-    with pytest.raises(FileNotFoundError, match=r"found 'my-lab/model', which is not there\. .*write 'hf-hub:my-lab/model'"):
+    with pytest.raises(
+        FileNotFoundError, match=r"found 'my-lab/model', which is not there\. .*write 'hf-hub:my-lab/model'"
+    ):
         as_model("my-lab/model")
     with pytest.raises(TypeError, match="found a dict"):
         as_model({"genes": []})
@@ -190,10 +201,17 @@ def _card(folder: Path):
 
 def test_model_card_content(model, sections, tmp_path):
     folder = model.save(tmp_path / "m")
-    assert sorted(p.name for p in folder.iterdir()) == [".hespotex.json", "README.md", "model.safetensors", "setup.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        ".hespotex.json",
+        "README.md",
+        "model.safetensors",
+        "setup.json",
+    ]
     assert _ownership.owned(folder, "model") and not card_edited(folder)
     card, data = _card(folder)
-    assert data["library_name"] == "hespotex" and "hespotex" in data["tags"] and "spatial-transcriptomics" in data["tags"]
+    assert (
+        data["library_name"] == "hespotex" and "hespotex" in data["tags"] and "spatial-transcriptomics" in data["tags"]
+    )
     rec = data["hespotex"]
     assert rec["genes"] == model.genes and rec["n_genes"] == 10 and rec["model_id"] == model.model_id
     emb = model.embedding

@@ -143,9 +143,10 @@ class HESpotExEnsemble:
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write the ensemble to one folder: ``ensemble.json``, a model card ``README.md`` (as
-        :meth:`HESpotEx.save`) and ``member_0/``, ``member_1/``... (each a :meth:`HESpotEx.save` folder). Written beside the destination under a name unique to the call,
-        with the user's umask and the model marker, and renamed into place; an existing folder is
-        replaced only with ``overwrite=True`` and only when hespotex wrote it (as :meth:`HESpotEx.save`)."""
+        :meth:`HESpotEx.save`) and ``member_0/``, ``member_1/``... (each a :meth:`HESpotEx.save` folder).
+        Written beside the destination under a name unique to the call, with the user's umask and the
+        model marker, and renamed into place; an existing folder is replaced only with ``overwrite=True``
+        and only when hespotex wrote it (as :meth:`HESpotEx.save`)."""
         from hespotex import _ownership
         from hespotex.tl.model._card import write_card
 

@@ -539,7 +539,6 @@ def _neighbour_attributions(
 
 def _prepare(data: Any, model: HESpotEx | str, genes: Any, signature: Any, embedding_key: str, device: str | None):
     from hespotex.tl._predict import _check_embedding
-
     from hespotex.tl.model._resolve import as_model
 
     model = as_model(model)  # a model, a saved folder or "hf-hub:owner/name"

@@ -519,13 +519,16 @@ class HESpotEx:
         return sum(p.numel() for p in self.module_.parameters())
 
 
-def training_data(train: Sequence[GraphData], validation: Sequence[tuple[GraphData, np.ndarray]]) -> dict[str, dict[str, int]]:
+def training_data(
+    train: Sequence[GraphData], validation: Sequence[tuple[GraphData, np.ndarray]]
+) -> dict[str, dict[str, int]]:
     """``{sample: {"train_spots": n, "validation_spots": m}}`` of the parts :meth:`HESpotEx.fit` is given."""
     out: dict[str, dict[str, int]] = {}
     for s in train:
         out.setdefault(str(s.name), {"train_spots": 0, "validation_spots": 0})["train_spots"] += int(s.n)
     for s, mask in validation:
-        out.setdefault(str(s.name), {"train_spots": 0, "validation_spots": 0})["validation_spots"] += int(np.count_nonzero(mask))
+        row = out.setdefault(str(s.name), {"train_spots": 0, "validation_spots": 0})
+        row["validation_spots"] += int(np.count_nonzero(mask))
     return out
 
 

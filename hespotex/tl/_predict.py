@@ -72,7 +72,8 @@ def predict(
         A SpatialData sample or its table (AnnData with embeddings and ``obsm["spatial"]``).
     model
         A trained :class:`HESpotEx` or :class:`~hespotex.tl.HESpotExEnsemble`, the folder of a saved one, or a
-        Hugging Face Hub id ``"hf-hub:owner/name"`` / ``"hf-hub:owner/name@revision"`` (see :func:`hespotex.tl.load_model`).
+        Hugging Face Hub id ``"hf-hub:owner/name"`` / ``"hf-hub:owner/name@revision"`` (see
+        :func:`hespotex.tl.load_model`).
     key_added
         Name of the prediction layer, and prefix of the other keys.
     embedding_key

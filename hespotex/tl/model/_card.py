@@ -20,6 +20,7 @@ import hashlib
 import logging
 import math
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,8 @@ def _weights_source(embedding: dict[str, Any]) -> str:
     if embedding.get("weights"):
         return f"local weights file {embedding['weights']!r}"
     if entry.get("hub_id"):
-        return f"{entry.get('source', 'registry')} entry {entry.get('name')!r} {entry.get('version', '')}, weights hf-hub:{entry['hub_id']}".replace("  ", " ")
+        name = f"{entry.get('source', 'registry')} entry {entry.get('name')!r} {entry.get('version', '')}".strip()
+        return f"{name}, weights hf-hub:{entry['hub_id']}"
     return f"the encoder's pretrained weights ({embedding.get('encoder_id')})"
 
 
@@ -112,7 +114,9 @@ def _record(model: Any) -> dict[str, Any]:
         "patch_um": emb.get("patch_um"),
         "patch_px": emb.get("crop_px"),
         "encoder_input_px": emb.get("input_size"),
-        "microns_per_pixel": emb.get("mpp", (emb.get("patch_um") or 0) / emb["input_size"] if emb.get("input_size") else None),
+        "microns_per_pixel": emb.get(
+            "mpp", (emb.get("patch_um") or 0) / emb["input_size"] if emb.get("input_size") else None
+        ),
         "tta": emb.get("tta"),
         "target_norm": model.target_norm,
         "target_sum": model.target_sum,
@@ -124,6 +128,10 @@ def _record(model: Any) -> dict[str, Any]:
     if hasattr(model, "members"):
         record["ensemble_members"] = len(model.members)
     return {k: v for k, v in record.items() if v is not None}
+
+
+def _um(value: Any) -> str:
+    return f"{value:.4g} µm" if isinstance(value, int | float) else "(not recorded)"
 
 
 def _table(rows: list[list[Any]], header: list[str]) -> str:
@@ -138,25 +146,50 @@ def _body(model: Any, record: dict[str, Any]) -> str:
 
     genes = record["genes"]
     shown = ", ".join(f"`{g}`" for g in genes[:N_GENES_SHOWN])
-    more = f", ... ({len(genes) - N_GENES_SHOWN} more: the full list is `genes` in the front matter and in `setup.json`)" if len(genes) > N_GENES_SHOWN else ""
-    kind = f"an ensemble of {record['ensemble_members']} HESpotEx models (predictions averaged, spread as uncertainty)" if "ensemble_members" in record else "a HESpotEx model"
+    more = (
+        f", ... ({len(genes) - N_GENES_SHOWN} more: the full list is `genes` in the front matter and in `setup.json`)"
+        if len(genes) > N_GENES_SHOWN
+        else ""
+    )
+    kind = (
+        f"an ensemble of {record['ensemble_members']} HESpotEx models (predictions averaged, spread as uncertainty)"
+        if "ensemble_members" in record
+        else "a HESpotEx model"
+    )
     data = record["training_data"]
     data_text = (
-        _table([[n, c["train_spots"], c["validation_spots"]] for n, c in data.items()], ["sample", "training spots", "validation spots"])
+        _table(
+            [[n, c["train_spots"], c["validation_spots"]] for n, c in data.items()],
+            ["sample", "training spots", "validation spots"],
+        )
         if data
-        else "Samples: " + (", ".join(f"`{s}`" for s in model.train_samples_) or "not recorded") + " (spot counts not recorded by this model's version)."
+        else "Samples: "
+        + (", ".join(f"`{s}`" for s in model.train_samples_) or "not recorded")
+        + " (spot counts not recorded by this model's version)."
     )
     val_rows = []
     for v in record["validation"]:
-        held = ", ".join(v["samples"]) if v["samples"] else (f"{v['block_fraction']:.0%} spatial block of each sample" if v.get("block_fraction") else "none")
-        score = f"{v['score']:.4f} (epoch {v['epoch']} of {v['epochs']})" if "score" in v else "not recorded (trained without validation)"
+        held = (
+            ", ".join(v["samples"])
+            if v["samples"]
+            else (f"{v['block_fraction']:.0%} spatial block of each sample" if v.get("block_fraction") else "none")
+        )
+        score = (
+            f"{v['score']:.4f} (epoch {v['epoch']} of {v['epochs']})"
+            if "score" in v
+            else "not recorded (trained without validation)"
+        )
         val_rows.append(([v["member"]] if "member" in v else []) + [v["metric"], held, score])
-    val_header = (["member"] if "ensemble_members" in record else []) + ["metric", "held out", "best score (weights kept)"]
+    val_header = (["member"] if "ensemble_members" in record else []) + [
+        "metric",
+        "held out",
+        "best score (weights kept)",
+    ]
     geometry = record["spot_geometry"]
     lines = [
         f"# HESpotEx: {record['n_genes']} genes from H&E",
         "",
-        f"This is {kind} made with [hespotex](https://github.com/hespotex/hespotex). It predicts the spatial "
+        f"This is {kind} made with hespotex. It predicts the spatial "
         f"expression of {record['n_genes']} genes at every spot of an H&E slide from frozen image embeddings of "
         f"`{record.get('encoder')}` and the spot graph. Model id `{record['model_id']}`.",
         "",
@@ -178,8 +211,8 @@ def _body(model: Any, record: dict[str, Any]) -> str:
         "",
         data_text,
         "",
-        f"Spot geometry of the training data: {geometry.get('spot_diameter_um', '?')} µm spots, "
-        f"{geometry.get('spacing_um', '?')} µm apart.",
+        f"Spot geometry of the training data: {_um(geometry.get('spot_diameter_um'))} spots, "
+        f"{_um(geometry.get('spacing_um'))} apart.",
         "",
         "## Image embeddings",
         "",
@@ -188,7 +221,8 @@ def _body(model: Any, record: dict[str, Any]) -> str:
         f"- patch: {record.get('patch_um')} µm ({record.get('patch_px')} px of the scan, resized to "
         f"{record.get('encoder_input_px')} px for the encoder)",
         f"- test-time augmentation: {record.get('tta') or 'none'}",
-        f"- embedding normalisation: `{record['embedding_norm']}` ({EMBEDDING_NORMS.get(record['embedding_norm'], '')})",
+        f"- embedding normalisation: `{record['embedding_norm']}` "
+        f"({EMBEDDING_NORMS.get(record['embedding_norm'], '')})",
         "",
         "## Targets",
         "",
@@ -251,7 +285,7 @@ def write_card(model: Any, folder: str | Path, *, previous: str | Path | None = 
 
     folder = Path(folder)
     if previous is not None and card_edited(previous):
-        write_text_atomic(folder / CARD_FILE, (Path(previous) / CARD_FILE).read_text())
+        shutil.copyfile(Path(previous) / CARD_FILE, folder / CARD_FILE)  # byte for byte, the user's umask
         logger.warning(
             "Kept the edited %s of %s instead of writing a new model card; its facts (genes, training data, scores) "
             "may now be out of date. Merge them by hand from `hx.tl.model_card(model)`, or delete %s and save again.",

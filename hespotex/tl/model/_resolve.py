@@ -38,7 +38,8 @@ def parse_hub_id(text: str) -> tuple[str, str | None]:
     parts = repo_id.split("/")
     if len(parts) != 2 or not all(parts) or (_ and not revision):
         msg = (
-            f"Expected a Hugging Face Hub model id 'hf-hub:owner/name' or 'hf-hub:owner/name@revision', found {text!r}. "
+            "Expected a Hugging Face Hub model id 'hf-hub:owner/name' or 'hf-hub:owner/name@revision', "
+            f"found {text!r}. "
             "Write the repo as owner/name, e.g. 'hf-hub:my-lab/hespotex-her2st'."
         )
         raise ValueError(msg)
@@ -52,7 +53,7 @@ def _hub_error(repo_id: str, revision: str | None, err: Exception) -> FileNotFou
 
     rev = revision or "main"
     if isinstance(err, GatedRepoError):
-        why = f"the repository {repo_id!r} is gated: it needs you to accept its terms on huggingface.co and to be logged in"
+        why = f"the repository {repo_id!r} is gated: accept its terms on huggingface.co and log in"
     elif isinstance(err, RepositoryNotFoundError):
         why = f"the repository {repo_id!r} does not exist, or it is private or gated and you are not logged in"
     elif isinstance(err, RevisionNotFoundError):
@@ -92,8 +93,9 @@ def _download(repo_id: str, revision: str | None) -> Path:
     folder = Path(folder)
     if not (folder / "setup.json").is_file() and not (folder / "ensemble.json").is_file():
         msg = (
-            f"The Hugging Face Hub repo {repo_id!r} (revision {revision or 'main'!r}) holds no hespotex model: its snapshot "
-            f"{str(folder)!r} has no setup.json or ensemble.json. Check the repo id, or publish a folder written by `model.save(path)`."
+            f"The Hugging Face Hub repo {repo_id!r} (revision {revision or 'main'!r}) holds no hespotex model: "
+            f"its snapshot {str(folder)!r} has no setup.json or ensemble.json. Check the repo id, or publish a "
+            "folder written by `model.save(path)`."
         )
         raise FileNotFoundError(msg)
     logger.info("Using the model hf-hub:%s (revision %s) from %s.", repo_id, revision or "main", folder)
@@ -140,7 +142,7 @@ def model_folder(model: str | Path) -> Path:
 
 
 def load_folder(path: str | Path) -> Any:
-    """Load a saved folder: an ensemble when it holds ``ensemble.json``, else a :class:`HESpotEx` (both safe loaders)."""
+    """Load a saved folder: an ensemble when it holds ``ensemble.json``, else a :class:`HESpotEx` (safe loaders)."""
     from hespotex.tl._ensemble import ENSEMBLE_FILE, HESpotExEnsemble
     from hespotex.tl._model import HESpotEx
 
