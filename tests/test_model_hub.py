@@ -301,3 +301,31 @@ def test_setup_without_training_data_still_loads(model, tmp_path):
     (old / "setup.json").write_text(json.dumps(setup))
     with pytest.raises(ValueError, match="non-negative spot counts per sample"):
         hx.tl.load_model(old)
+
+
+def test_tile_explain_and_cli_take_a_hub_id(hub_cache, model, sections, tmp_path):
+    """The other places a model is taken: pp.tile's geometry, tl.explain, and `hespotex predict --model hf-hub:...`."""
+    import spatialdata
+
+    from hespotex.cli import main
+
+    folder = model.save(tmp_path / "m")
+    cache_snapshot(hub_cache, "o/n", folder, COMMIT_A)
+    wsi = hx.datasets.synthetic_wsi(
+        tmp_path / "s.ome.tif", width=900, height=700, n_blobs=3, microns_per_pixel=1.0, seed=3
+    )
+    tiled = {}
+    for name in ("hf-hub:o/n", folder):
+        sdata = hx.io.read_wsi(wsi)
+        hx.pp.detect_tissue(sdata)
+        tiled[str(name)] = hx.pp.tile(sdata, model=name).obsm["spatial"]
+    np.testing.assert_array_equal(*tiled.values())
+    assert len(tiled["hf-hub:o/n"]) > 0
+    genes = model.genes[:2]
+    via_hub = hx.tl.explain(sections["t"], "hf-hub:o/n", genes=genes, pixels=False, n_top=2, n_steps=4, device="cpu")
+    direct = hx.tl.explain(sections["t"], model, genes=genes, pixels=False, n_top=2, n_steps=4, device="cpu")
+    assert via_hub.spots == direct.spots
+    np.testing.assert_allclose(via_hub.score, direct.score, rtol=1e-6)
+    assert main(["predict", "--model", "hf-hub:o/n", "--out", str(tmp_path / "out"), str(wsi)]) == 0
+    table = spatialdata.read_zarr(tmp_path / "out" / "s.zarr").tables["hespotex"]
+    assert table.uns["hespotex"]["params"]["model_id"] == model.model_id and table.n_obs == len(tiled["hf-hub:o/n"])
