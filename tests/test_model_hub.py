@@ -219,7 +219,7 @@ def test_model_card_content(model, sections, tmp_path):
     assert rec["patch_um"] == emb["patch_um"] and rec["patch_px"] == emb["crop_px"] and rec["encoder_input_px"] == 32
     assert "pretrained weights" in rec["encoder_weights"]
     assert rec["target_norm"] == model.target_norm and rec["embedding_norm"] == model.embedding_norm
-    assert rec["hespotex_version"] == _ownership._version()
+    assert rec["hespotex_version"] == hx.__version__
     # training data: every spot of both samples, split into training and validation spots
     n = {s: sections[s[1]].tables["table"].n_obs for s in ("sa", "sb")}
     assert set(rec["training_data"]) == {"sa", "sb"}
@@ -297,6 +297,7 @@ def test_setup_without_training_data_still_loads(model, tmp_path):
     (old / "setup.json").write_text(json.dumps(setup))
     loaded = hx.tl.load_model(old)
     assert loaded.training_data_ == {} and "spot counts not recorded" in hx.tl.model_card(loaded).text
+    assert loaded.model_id == model.model_id  # the record is not part of the fingerprint: old predictions still match
     setup["training_data"] = {"sa": {"train_spots": -1, "validation_spots": 0}}
     (old / "setup.json").write_text(json.dumps(setup))
     with pytest.raises(ValueError, match="non-negative spot counts per sample"):

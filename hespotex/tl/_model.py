@@ -506,7 +506,7 @@ class HESpotEx:
         import hashlib
 
         self._check_trained()
-        h = hashlib.sha256(json.dumps({k: v for k, v in self.setup_dict().items() if k not in ("history", "versions", "train_strategy")}, sort_keys=True, default=_json_default).encode())
+        h = hashlib.sha256(json.dumps({k: v for k, v in self.setup_dict().items() if k not in ("history", "versions", "train_strategy", "training_data")}, sort_keys=True, default=_json_default).encode())
         for k, v in sorted(self.module_.state_dict().items()):
             h.update(k.encode())
             h.update(v.detach().cpu().contiguous().numpy().tobytes())

@@ -99,11 +99,11 @@ def _weights_source(embedding: dict[str, Any]) -> str:
 
 def _record(model: Any) -> dict[str, Any]:
     """The ``hespotex`` record of the front matter."""
-    from hespotex._ownership import _version
+    from hespotex import __version__
 
     emb = model.embedding
     record = {
-        "hespotex_version": _version(),
+        "hespotex_version": __version__,
         "model_id": model.model_id,
         "n_genes": len(model.genes),
         "genes": list(model.genes),

@@ -103,9 +103,9 @@ def _download(repo_id: str, revision: str | None) -> Path:
 
 
 def _version() -> str:
-    from hespotex._ownership import _version
+    from hespotex import __version__
 
-    return _version()
+    return __version__
 
 
 def model_folder(model: str | Path) -> Path:
