@@ -330,3 +330,18 @@ def test_tile_explain_and_cli_take_a_hub_id(hub_cache, model, sections, tmp_path
     assert main(["predict", "--model", "hf-hub:o/n", "--out", str(tmp_path / "out"), str(wsi)]) == 0
     table = spatialdata.read_zarr(tmp_path / "out" / "s.zarr").tables["hespotex"]
     assert table.uns["hespotex"]["params"]["model_id"] == model.model_id and table.n_obs == len(tiled["hf-hub:o/n"])
+
+
+def test_predict_slides_takes_a_hub_id(hub_cache, model, tmp_path):
+    import spatialdata
+    from distributed import Client
+
+    cache_snapshot(hub_cache, "o/n", model.save(tmp_path / "m"), COMMIT_A)
+    wsi = hx.datasets.synthetic_wsi(
+        tmp_path / "s.ome.tif", width=900, height=700, n_blobs=3, microns_per_pixel=1.0, seed=3
+    )
+    with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None) as client:
+        table = hx.tl.predict_slides([wsi], "hf-hub:o/n", out=tmp_path / "out", client=client, progress=False)
+    assert list(table["status"]) == ["finished"], table["error"].tolist()
+    pred = spatialdata.read_zarr(tmp_path / "out" / "s.zarr").tables["hespotex"]
+    assert pred.uns["hespotex"]["params"]["model_id"] == model.model_id and pred.n_obs == table["n_tiles"].iloc[0]
