@@ -202,13 +202,13 @@ def predict_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     from hespotex.tl._cohort import COLUMNS, predict_slides, run_slide, slide_name
 
     model = Path(args.model)
+    problem = _output_problem(Path(args.out), "--out", kind="a folder")
+    if problem:
+        parser.error(problem)
     if args.model.startswith("hf-hub:"):  # a Hugging Face Hub id: its snapshot in the local cache
         from hespotex.tl.model._resolve import model_folder
 
         model = model_folder(args.model)
-    problem = _output_problem(Path(args.out), "--out", kind="a folder")
-    if problem:
-        parser.error(problem)
     if not model.is_dir():
         parser.error(
             f"--model {args.model!r} is not a folder; pass the folder written by `hespotex train` (or HESpotEx.save)."
