@@ -209,7 +209,8 @@ def test_anndata_without_some_model_genes_gets_a_table_without_measured(sections
 # ---------------------------------------------------------------------------------------------- persistence
 def test_save_load_round_trip(tmp_path, sections, model, predicted):
     path = model.save(tmp_path / "model")
-    assert sorted(p.name for p in path.iterdir()) == [".hespotex.json", "model.safetensors", "setup.json"]  # with its ownership marker
+    # with its ownership marker and model card
+    assert sorted(p.name for p in path.iterdir()) == [".hespotex.json", "README.md", "model.safetensors", "setup.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary folder left beside it
     setup = json.loads((path / "setup.json").read_text())
     assert setup["genes"] == model.genes and setup["gene_hash"] == gene_hash(model.genes)

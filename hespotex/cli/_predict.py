@@ -44,6 +44,10 @@ def predict_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     problem = output_problem(Path(args.out), "--out", kind="a folder")
     if problem:
         parser.error(problem)
+    if args.model.startswith("hf-hub:"):  # a Hugging Face Hub id: its snapshot in the local cache
+        from hespotex.tl.model._resolve import model_folder
+
+        model = model_folder(args.model)
     if not model.is_dir():
         parser.error(
             f"--model {args.model!r} is not a folder; pass the folder written by `hespotex train` (or HESpotEx.save)."
@@ -95,7 +99,12 @@ def add_predict_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPars
     p_pred.add_argument(
         "slides", nargs="+", metavar="SLIDE", help="whole-slide image files (or zarr stores from `hespotex tile`)"
     )
-    p_pred.add_argument("--model", required=True, metavar="DIR", help="model folder written by `hespotex train`")
+    p_pred.add_argument(
+        "--model",
+        required=True,
+        metavar="DIR",
+        help="model folder written by `hespotex train`, or hf-hub:owner/name[@revision]",
+    )
     p_pred.add_argument(
         "--out", required=True, metavar="DIR", help="output folder: one OUT/<slide name>.zarr per slide"
     )

@@ -35,7 +35,7 @@ def tile_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     slide, out = Path(args.slide), Path(args.out)
     if not slide.exists():
         parser.error(f"the slide {args.slide!r} does not exist.")
-    if args.model and not Path(args.model).is_dir():
+    if args.model and not args.model.startswith("hf-hub:") and not Path(args.model).is_dir():
         parser.error(f"--model {args.model!r} is not a folder; pass the folder written by `hespotex train`.")
     if out.exists() and not args.overwrite:
         msg = f"{str(out)!r} already exists; pass --overwrite to replace it, or --out another path."
@@ -80,7 +80,9 @@ def add_tile_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p_tile.add_argument("slide", metavar="SLIDE", help="whole-slide image file (pyramidal TIFF / OME-TIFF, SVS...)")
     p_tile.add_argument("--out", required=True, metavar="ZARR", help="zarr store to write")
-    p_tile.add_argument("--model", metavar="DIR", help="model folder: use the spot geometry it was trained on")
+    p_tile.add_argument(
+        "--model", metavar="DIR", help="model folder (or hf-hub:owner/name): use the spot geometry it was trained on"
+    )
     p_tile.add_argument(
         "--spot-diameter",
         type=positive_float,

@@ -28,6 +28,10 @@ _MPP_RATIO_WARN = 2.0  # warn when the slide's µm/px differs from the training 
 
 def _model_record(model: Any) -> tuple[dict[str, float], dict[str, Any], str]:
     """``spot_geometry`` and ``embedding`` of a HESpotEx or a saved model folder (its setup.json only: no torch)."""
+    if isinstance(model, str) and model.startswith("hf-hub:"):
+        from hespotex.tl.model._resolve import model_folder
+
+        model = model_folder(model)  # the Hub snapshot in the local cache (downloaded when online)
     if isinstance(model, (str, Path)):
         setup_path = Path(model) / "setup.json"
         if not setup_path.is_file():

@@ -13,7 +13,8 @@ __getattr__, __dir__, __all__ = attach(
     {
         "HESpotEx": "model._model",
         "HESpotExEnsemble": "model._ensemble",
-        "load_model": "model._ensemble",
+        "load_model": "model._resolve",
+        "model_card": "model._card",
         "ModelConfig": "model._model",
         "train": "training._train",
         "predict": "prediction._predict",

@@ -192,6 +192,10 @@ def diagnostic_patches(
     if saliency and model is None:
         msg = "`saliency=True` needs the trained model: pass `model=`."
         raise ValueError(msg)
+    if model is not None:
+        from hespotex.tl.model._resolve import as_model
+
+        model = as_model(model)  # a model, a saved folder or "hf-hub:owner/name"
     groups_list = as_groups(groups)
 
     # 1. scores and the candidate spots of each group

@@ -133,8 +133,10 @@ class Explanation:
 
 
 def _prepare(data: Any, model: HESpotEx | str, genes: Any, signature: Any, embedding_key: str, device: str | None):
+    from hespotex.tl.model._resolve import as_model
     from hespotex.tl.prediction._checks import check_embedding
 
+    model = as_model(model)  # a model, a saved folder or "hf-hub:owner/name"
     if hasattr(model, "members"):
         msg = "`explain` takes one HESpotEx; for an ensemble, explain a member (`model.members[i]`)."
         raise NotImplementedError(msg)

@@ -143,11 +143,13 @@ class HESpotExEnsemble:
         return sum(m.n_parameters for m in self.members)
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
-        """Write the ensemble to one folder: ``ensemble.json`` and ``member_0/``, ``member_1/``... (each a
-        :meth:`HESpotEx.save` folder). Written beside the destination under a name unique to the call,
-        with the user's umask and the model marker, and renamed into place; an existing folder is
-        replaced only with ``overwrite=True`` and only when hespotex wrote it (as :meth:`HESpotEx.save`)."""
+        """Write the ensemble to one folder: ``ensemble.json``, a model card ``README.md`` (as
+        :meth:`HESpotEx.save`) and ``member_0/``, ``member_1/``... (each a :meth:`HESpotEx.save` folder).
+        Written beside the destination under a name unique to the call, with the user's umask and the
+        model marker, and renamed into place; an existing folder is replaced only with ``overwrite=True``
+        and only when hespotex wrote it (as :meth:`HESpotEx.save`)."""
         from hespotex import _ownership
+        from hespotex.tl.model._card import write_card
 
         path = Path(path)
         if path.exists() or path.is_symlink():
@@ -169,6 +171,7 @@ class HESpotExEnsemble:
                 **self.setup_dict()["ensemble"],
             }
             _ownership.write_text_atomic(tmp / ENSEMBLE_FILE, json.dumps(record, indent=1))
+            write_card(self, tmp, previous=path if path.is_dir() else None)  # README.md; a user-edited one is kept
             _ownership.mark(tmp, "model")
             _ownership.commit_dir(tmp, path)
         finally:
@@ -200,14 +203,6 @@ class HESpotExEnsemble:
             msg = f"The ensemble record in {str(path)!r} lists no valid member folders; save the ensemble again."
             raise ValueError(msg)
         return cls([HESpotEx.load(path / m) for m in members])
-
-
-def load_model(path: str | Path) -> HESpotEx | HESpotExEnsemble:
-    """Load a saved model folder: an ensemble when it holds ``ensemble.json``, else a :class:`HESpotEx`."""
-    path = Path(path)
-    if (path / ENSEMBLE_FILE).is_file():
-        return HESpotExEnsemble.load(path)
-    return HESpotEx.load(path)
 
 
 def train_ensemble(samples: Any, *, fit: Any, seed: int = 0, **kwargs: Any) -> HESpotExEnsemble:

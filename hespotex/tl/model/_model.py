@@ -70,6 +70,9 @@ class HESpotEx:
     is_trained_, history_, train_samples_, validation_, embedding_mean_, embedding_scale_
         Fitted state: whether trained, per-epoch losses and validation scores, the training
         sample names, the validation split, and the embedding standardisation (training spots only).
+    training_data_
+        Spots per sample the model was fitted and early-stopped on:
+        ``{sample: {"train_spots": n, "validation_spots": m}}`` (saved; shown in the model card).
     """
 
     def __init__(
@@ -110,6 +113,7 @@ class HESpotEx:
         self.embedding_mean_: np.ndarray | None = None
         self.embedding_scale_: np.ndarray | None = None
         self.train_strategy_: dict[str, Any] | None = None
+        self.training_data_: dict[str, dict[str, int]] = {}
 
     def __repr__(self) -> str:
         state = "trained" if self.is_trained_ else "untrained"
@@ -144,6 +148,7 @@ class HESpotEx:
 
         check_strategy(strategy, n_processes, backend)
         seed = self.config.seed if seed is None else seed
+        self.training_data_ = training_data(train, validation)
         emb = np.concatenate([s.emb for s in train])
         self.embedding_mean_ = emb.mean(axis=0).astype(np.float32)
         self.embedding_scale_ = embedding_scale(emb)
@@ -291,12 +296,15 @@ class HESpotEx:
             "validation": self.validation_,
             "history": self.history_,
             "train_strategy": getattr(self, "train_strategy_", None),
+            "training_data": getattr(self, "training_data_", {}),
         }
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write the model to the folder ``path``: ``model.safetensors`` (weights, embedding
-        standardisation) and ``setup.json`` (genes, gene selection, normalisation, encoder and patch
-        geometry, config, versions, history).
+        standardisation), ``setup.json`` (genes, gene selection, normalisation, encoder and patch
+        geometry, config, versions, history, training data) and ``README.md``, a Hugging Face model card
+        (:func:`hespotex.tl.model_card`) so the folder can be published on the Hub as is. A ``README.md``
+        someone edited in the folder being replaced is kept (with a warning), not overwritten.
 
         The folder is written beside its destination (under a name unique to the call) and renamed
         into place, so an interruption never leaves a half-written model; it is created with the
@@ -307,6 +315,7 @@ class HESpotEx:
         from safetensors.torch import save_file
 
         from hespotex import _ownership
+        from hespotex.tl.model._card import write_card
 
         self._check_trained()
         path = Path(path)
@@ -328,6 +337,7 @@ class HESpotEx:
             )
             os.chmod(tmp / WEIGHTS_FILE, 0o666 & ~_ownership.umask())  # safetensors writes 0600: the user's umask
             (tmp / SETUP_FILE).write_text(json.dumps(self.setup_dict(), indent=1, default=json_default))
+            write_card(self, tmp, previous=path if path.is_dir() else None)  # README.md; a user-edited one is kept
             _ownership.mark(tmp, "model")
             _ownership.commit_dir(tmp, path)
         finally:
@@ -385,6 +395,7 @@ class HESpotEx:
         model.train_samples_ = setup.get("train_samples", [])
         model.validation_ = setup.get("validation", {})
         model.train_strategy_ = setup.get("train_strategy")
+        model.training_data_ = setup.get("training_data", {})  # models saved before the record: {}
         return model
 
     @property
@@ -395,7 +406,7 @@ class HESpotEx:
         self._check_trained()
         h = hashlib.sha256(
             json.dumps(
-                {k: v for k, v in self.setup_dict().items() if k not in ("history", "versions", "train_strategy")},
+                {k: v for k, v in self.setup_dict().items() if k not in ("history", "versions", "train_strategy", "training_data")},
                 sort_keys=True,
                 default=json_default,
             ).encode()
@@ -410,3 +421,17 @@ class HESpotEx:
         """Number of parameters of the network."""
         self._check_trained()
         return sum(p.numel() for p in self.module_.parameters())
+
+
+def training_data(
+    train: Sequence[GraphData], validation: Sequence[tuple[GraphData, np.ndarray]]
+) -> dict[str, dict[str, int]]:
+    """``{sample: {"train_spots": n, "validation_spots": m}}`` of the parts :meth:`HESpotEx.fit` is given."""
+    out: dict[str, dict[str, int]] = {}
+    for s in train:
+        out.setdefault(str(s.name), {"train_spots": 0, "validation_spots": 0})["train_spots"] += int(s.n)
+    for s, mask in validation:
+        row = out.setdefault(str(s.name), {"train_spots": 0, "validation_spots": 0})
+        row["validation_spots"] += int(np.count_nonzero(mask))
+    return out
+

@@ -83,6 +83,17 @@ def _embedding(value: dict) -> str | None:
     return None
 
 
+def _spot_counts(value: dict) -> str | None:
+    for name, counts in value.items():
+        ok = isinstance(counts, dict) and all(
+            isinstance(counts.get(k), int) and not isinstance(counts.get(k), bool) and counts[k] >= 0
+            for k in ("train_spots", "validation_spots")
+        )
+        if not ok or set(counts) != {"train_spots", "validation_spots"}:
+            return f"an object of non-negative spot counts per sample (found {name!r}: {counts!r})"
+    return None
+
+
 def _known(module: str, checker: str) -> Callable[[str], str | None]:
     """A bounds check through the setting's own validator (``checker(value)`` raises on unknown names)."""
 
@@ -132,6 +143,7 @@ SETUP_FIELDS: dict[str, Field] = {
     "validation": Field((dict,), "an object"),
     "history": Field((list,), "a list of per-epoch records"),
     "train_strategy": Field((dict, type(None)), "an object or null"),
+    "training_data": Field((dict,), "an object {sample: {train_spots, validation_spots}}", check=_spot_counts),
 }
 """The schema of ``setup.json``: field -> :class:`Field`. Add new (optional) fields here."""
 

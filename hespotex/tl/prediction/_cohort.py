@@ -284,7 +284,9 @@ def _check_paths(paths: Iterable[str | Path]) -> dict[str, Path]:
 def _model_folder(model: Any, out: Path) -> tuple[Path, Any]:
     """The model as a folder every worker can read (a model object is saved under ``out/.model``)."""
     from hespotex.tl.model._model import HESpotEx
+    from hespotex.tl.model._resolve import model_folder
 
+    model = model_folder(model) if isinstance(model, str | Path) else model  # a folder or "hf-hub:owner/name"
     if hasattr(model, "members") or (isinstance(model, str | Path) and (Path(model) / "ensemble.json").is_file()):
         msg = "Cohort prediction streams each slide, which ensembles do not support yet; pass one HESpotEx (e.g. `model.members[0]`)."
         raise NotImplementedError(msg)

@@ -57,7 +57,9 @@ def predict(
         pixels; embedded on the fly through :func:`hespotex.io.from_scanpy`, highest resolution first). An
         AnnData without embeddings or image gets a ``ValueError`` naming the three ways to supply one.
     model
-        A trained :class:`HESpotEx` or :class:`~hespotex.tl.HESpotExEnsemble`, or the folder of a saved one.
+        A trained :class:`HESpotEx` or :class:`~hespotex.tl.HESpotExEnsemble`, the folder of a saved one, or a
+        Hugging Face Hub id ``"hf-hub:owner/name"`` / ``"hf-hub:owner/name@revision"`` (see
+        :func:`hespotex.tl.load_model`).
     key_added
         Name of the prediction layer, and prefix of the other keys.
     embedding_key
@@ -116,10 +118,9 @@ def predict(
     entry listed here is written back to the AnnData passed; when its genes are the model's it is the
     AnnData returned.
     """
-    if isinstance(model, str | Path):
-        from hespotex.tl.model._ensemble import load_model
+    from hespotex.tl.model._resolve import as_model
 
-        model = load_model(model)
+    model = as_model(model)  # a model, a saved folder or "hf-hub:owner/name"
     model._check_trained()
     if out is not None and hasattr(model, "members"):
         msg = (
