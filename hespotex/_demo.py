@@ -13,6 +13,8 @@ import time
 import warnings
 from pathlib import Path
 
+from hespotex import _ownership
+
 logger = logging.getLogger("hespotex")
 
 N_SHOWN = 4  # best-predicted genes in the PNG overview and the explorer
@@ -49,6 +51,16 @@ def _quiet_third_party_imports() -> None:
         import torch_geometric.nn  # noqa: F401
 
 
+def check_demo_folder(out: Path, *, overwrite: bool) -> None:
+    """Refuse a non-empty ``out`` that an earlier demo did not write, unless ``overwrite``."""
+    if out.exists() and any(out.iterdir()) and not overwrite and not _ownership.owned(out, "demo"):
+        msg = (
+            f"{str(out)!r} already holds files that hespotex's demo did not write; pass --overwrite to replace "
+            "the demo's outputs in it, or --out another folder."
+        )
+        raise FileExistsError(msg)
+
+
 def demo(
     out: str | Path = "demo-output", *, her2st: str | None = None, quick: bool | None = None, overwrite: bool = False
 ) -> Path:
@@ -61,7 +73,8 @@ def demo(
     page, :func:`hespotex.pl.explorer` and :func:`hespotex.pl.export`). Prints a summary and where each file is.
 
     ``quick`` (default: ``HESPOTEX_QUICK=1`` in the environment) uses smaller slides and fewer epochs. A
-    non-empty ``out`` is refused unless ``overwrite=True``.
+    folder an earlier demo wrote is reused (its results replaced); any other non-empty ``out`` is refused
+    unless ``overwrite=True``.
     """
     import pandas as pd
 
@@ -71,10 +84,9 @@ def demo(
     if quick is None:
         quick = os.environ.get("HESPOTEX_QUICK") == "1"
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        msg = f"{str(out)!r} already holds results; pass --overwrite to replace them, or --out another folder."
-        raise FileExistsError(msg)
+    check_demo_folder(out, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
+    _ownership.mark(out, "demo")  # a later demo may replace what this one writes
     t0 = time.perf_counter()
     _quiet_third_party_imports()
     train_samples, (test_name, test), panel, input_size = _samples(her2st, quick=quick)

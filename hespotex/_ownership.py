@@ -23,8 +23,8 @@ from typing import Any
 #: Name of the marker file hespotex writes into every folder it creates as a whole.
 MARKER = ".hespotex.json"
 #: Kinds of folders: a saved model, a streamed prediction store, the output folder of a cohort, a data set
-#: that :mod:`hespotex.datasets` wrote (e.g. a Visium HD fixture).
-KINDS = ("model", "store", "cohort", "dataset")
+#: that :mod:`hespotex.datasets` wrote (e.g. a Visium HD fixture), the output folder of `hespotex demo`.
+KINDS = ("model", "store", "cohort", "dataset", "demo")
 
 
 def _version() -> str:

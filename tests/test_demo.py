@@ -111,3 +111,25 @@ def test_demo_html_draws_in_a_browser(demo_run, browser, artifacts):
     finally:
         context.close()
     assert not errors
+
+
+def test_a_second_demo_reuses_its_own_folder_and_refuses_others(tmp_path):
+    """`make demo` twice works: the folder an earlier demo marked is reused; a user's folder is refused."""
+    from hespotex import _ownership
+    from hespotex._demo import check_demo_folder
+
+    ours = tmp_path / "demo-output"
+    ours.mkdir()
+    (ours / "metrics.csv").write_text("old")
+    with pytest.raises(FileExistsError, match="did not write"):
+        check_demo_folder(ours, overwrite=False)
+    _ownership.mark(ours, "demo")
+    check_demo_folder(ours, overwrite=False)  # an earlier demo's folder: no error
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        check_demo_folder(user, overwrite=False)
+    check_demo_folder(user, overwrite=True)
+    check_demo_folder(tmp_path / "new", overwrite=False)
+    assert (user / "notes.txt").read_text() == "keep"

@@ -250,7 +250,7 @@ def test_save_over_an_existing_folder_needs_overwrite(model, tmp_path):
         model.save(path)
     assert (path / "note.txt").exists() and (path / "setup.json").read_text() == before
     model.save(path, overwrite=True)
-    assert sorted(p.name for p in path.iterdir()) == [".hespotex.json", "model.safetensors", "setup.json"]
+    assert sorted(p.name for p in path.iterdir()) == [".hespotex.json", "README.md", "model.safetensors", "setup.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no old copy or temporary folder left
     hx.tl.HESpotEx.load(path)
 
