@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from hespotex._compat import renamed_arguments
 from hespotex._sample import as_sample_dict, get_table
 from hespotex.pp._genes import select_genes, shared_genes
 from hespotex.tl.evaluation._evaluate import rank_genes
@@ -57,12 +58,13 @@ def fold_genes(
     if len(base) >= n_top_genes:
         return base[:n_top_genes]
     ranked = select_genes(
-        list(train_tables), n_top=min(len(present), n_top_genes + len(base)), flavor=flavor, key_added=None
+        list(train_tables), n_top_genes=min(len(present), n_top_genes + len(base)), flavor=flavor, key_added=None
     )
     extra = [g for g in ranked if g in present and g not in set(base)]
     return base + extra[: n_top_genes - len(base)]
 
 
+@renamed_arguments("tl.cross_validate")
 def cross_validate(
     samples: Any,
     *,
@@ -81,7 +83,7 @@ def cross_validate(
     smooth_neighbors: int = 6,
     seed: int = 0,
     device: str | None = "auto",
-    embedding_key: str = EMBEDDING_KEY,
+    use_rep: str = EMBEDDING_KEY,
     target_sum: float = 1e4,
     target_norm: str = "library_modelled",
     baseline_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
@@ -117,7 +119,7 @@ def cross_validate(
         Named gene lists to flag in the result (column ``in_<name>``), e.g. a published 785-gene panel.
     k
         Size of the top-HVG/HEG sets ranked on the training fold (columns ``in_hvg``, ``in_heg``).
-    config, validation, seed, device, embedding_key, target_sum, target_norm
+    config, validation, seed, device, use_rep, target_sum, target_norm
         As in :func:`hespotex.tl.train` (``validation`` applies inside each training fold). The
         baselines are fitted to the same targets as the model, and the truth of the scores is
         normalised the same way.
@@ -143,7 +145,7 @@ def cross_validate(
     named = as_sample_dict(samples)
     names = list(named)
     for s in named.values():
-        ensure_embeddings(s, embedding_key=embedding_key)
+        ensure_embeddings(s, embedding_key=use_rep)
     tables = {n: get_table(s) for n, s in named.items()}
     groups = {n: str(groups[n]) if groups else n for n in names}
     specs = _method_specs(methods, config)
@@ -172,7 +174,7 @@ def cross_validate(
         )
         ranks = rank_genes({n: tables[n] for n in train_names}, fold_gene_list, k=k, target_sum=target_sum)
         hvg, heg = set(ranks["hvg"]), set(ranks["heg"])
-        norm = {"embedding_key": embedding_key, "target_sum": target_sum, "target_norm": target_norm}
+        norm = {"embedding_key": use_rep, "target_sum": target_sum, "target_norm": target_norm}
         train_data = {n: graph_data(tables[n], n, genes=fold_gene_list, **norm) for n in train_names}
         test_data = {n: graph_data(tables[n], n, genes=fold_gene_list, **norm) for n in test_names}
         held, _ = split_validation(train_names, validation, seed=seed)
@@ -186,7 +188,7 @@ def cross_validate(
                     validation=validation,
                     seed=seed,
                     device=device,
-                    embedding_key=embedding_key,
+                    use_rep=use_rep,
                     target_sum=target_sum,
                     target_norm=target_norm,
                 )
@@ -201,7 +203,7 @@ def cross_validate(
                     {n: tables[n] for n in test_names},
                     test_data,
                     fold_gene_list,
-                    embedding_key=embedding_key,
+                    embedding_key=use_rep,
                     kwargs=kw,
                 )
             elif tune_baselines and kind in DEFAULT_GRIDS:
