@@ -245,7 +245,7 @@ def test_streamed_prediction_matches_in_memory(trained, tmp_path):
 
 def test_consistency_of_two_sections(trained):
     df = hx.tl.consistency(
-        {"a": trained["a"], "b": trained["b"]}, measured="X", statistics=("mean", "morans_i"), n_neighbors=8
+        {"a": trained["a"], "b": trained["b"]}, truth="X", statistics=("mean", "morans_i"), n_neighbors=8
     )
     assert set(df.statistic) == {"mean", "morans_i"}
     row = df[df.statistic == "mean"].iloc[0]

@@ -96,7 +96,7 @@ def _source(sample: Any, name: str, what: str, section: str) -> tuple[AnnData, s
         try:
             found = resolve_prediction(sample, name)
         except KeyError as err:
-            msg = f"Section {section!r}: {err.args[0]}"
+            msg = f"Section {section!r}: found no predicted expression. {err.args[0]}"
             raise KeyError(msg) from None
         return found.table, found.layer
     tables = _tables(sample)
