@@ -31,6 +31,7 @@ RENAMED_ARGUMENTS: dict[str, dict[str, str]] = {
     "tl.consistency": {"layer": "key", "measured": "truth"},
     "tl.diagnostic_patches": {"n": "n_patches"},
     "pp.select_genes": {"n_top": "n_top_genes"},
+    "pp.tile": {"table_key": "key_added"},
     "pl.spatial": {"table_key": "key", "measured": "truth"},
     "pl.explorer": {"table_key": "key", "measured": "truth"},
     "pl.Explorer": {"table_key": "key", "measured": "truth"},
@@ -40,7 +41,6 @@ RENAMED_ARGUMENTS: dict[str, dict[str, str]] = {
 
 #: Arguments that became keyword-only: ``{"module.function": (names, in their old positional order)}``.
 OLD_POSITIONALS: dict[str, tuple[str, ...]] = {
-    "pp.log_normalize": ("genes",),
     "io.read_visium_hd": ("bin_size",),
 }
 
