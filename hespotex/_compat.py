@@ -68,9 +68,7 @@ def renamed_arguments(name: str) -> Callable[[F], F]:
                 if old not in kwargs:
                     continue
                 if new in kwargs:
-                    msg = (
-                        f"hx.{name}() got both `{old}` (its old name) and `{new}`; pass only `{new}=`."
-                    )
+                    msg = f"hx.{name}() got both `{old}` (its old name) and `{new}`; pass only `{new}=`."
                     raise TypeError(msg)
                 warnings.warn(
                     f"hx.{name}: the argument `{old}` is renamed `{new}`; `{old}` is removed in hespotex "

@@ -21,8 +21,8 @@ from hespotex.pl._utils import (
     overview_image,
     predicted_values,
     resolve_measured,
-    with_truth,
     robust_limits,
+    with_truth,
 )
 
 if TYPE_CHECKING:

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from hespotex._compat import renamed_arguments
+from hespotex._constants import DIAGNOSTIC_KEY, EMBED_RECORD_KEY, PREDICTION_KEY
 from hespotex._sample import get_sample_info, get_table, spot_centres
 from hespotex.tl.explanation._diagnostic_scores import (
     IMAGE_REP,
@@ -37,8 +39,6 @@ from hespotex.tl.explanation._diagnostic_scores import (
     rank_patches,
     zscore,
 )
-from hespotex._compat import renamed_arguments
-from hespotex._constants import DIAGNOSTIC_KEY, EMBED_RECORD_KEY, PREDICTION_KEY
 from hespotex.tl.prediction._tables import resolve_prediction, spot_tables
 
 if TYPE_CHECKING:
