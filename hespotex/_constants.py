@@ -16,6 +16,14 @@ SAMPLE_KEY = "hespotex_sample"
 EMBEDDING_KEY = "X_hespotex_image"
 #: ``uns`` entry recording how each embedding was made (``uns[EMBED_RECORD_KEY][use_rep]``).
 EMBED_RECORD_KEY = "hespotex_embed"
+#: ``uns`` entry recording how ``hx.pp.normalize`` normalised a table.
+NORMALIZE_KEY = "hespotex_normalize"
+#: ``attrs`` of the tissue shapes written by ``hx.pp.detect_tissue``.
+TISSUE_ATTRS_KEY = "hespotex_tissue"
+#: ``uns`` entry recording the pseudo-spot layout of ``hx.pp.tile``.
+TILE_KEY = "hespotex_tile"
+#: SpatialData ``attrs`` entry describing a whole-slide image (``hx.io.read_wsi``).
+SLIDE_KEY = "hespotex_slide"
 #: ``uns`` entry with the genes selected by ``hx.pp.select_genes``.
 GENES_KEY = "hespotex_genes"
 #: Raw counts layer read by normalisation and gene selection.

@@ -12,6 +12,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from hespotex._compat import renamed_arguments
+from hespotex._constants import GENES_KEY
 from hespotex._sample import as_sample_dict, get_table
 from hespotex.pp._normalize import is_integer_valued, log_expression
 
@@ -98,7 +99,7 @@ def select_genes(
     flavor: Literal["seurat_v3", "mean"] = "seurat_v3",
     genes: Sequence[str] | None = None,
     counts_layer: str = "counts",
-    key_added: str | None = "hespotex_genes",
+    key_added: str | None = GENES_KEY,
     overwrite: bool = False,
 ) -> list[str]:
     """Select the genes a model predicts, fitted on the given (training) samples only.

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from hespotex._compat import renamed_arguments
+from hespotex._constants import TILE_KEY
 from hespotex._sample import SAMPLE_KEY, TABLE_KEY
 
 if TYPE_CHECKING:
@@ -22,7 +23,6 @@ logger = logging.getLogger("hespotex")
 
 __all__ = ["tile"]
 
-TILE_KEY = "hespotex_tile"
 _MAX_RASTER_PIXELS = 40_000_000
 _MPP_RATIO_WARN = 2.0  # warn when the slide's µm/px differs from the training data's by more than this factor
 

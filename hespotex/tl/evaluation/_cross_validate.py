@@ -137,6 +137,9 @@ def cross_validate(
     ``method``, ``gene``, ``pearson``, ``pvalue``, ``mse``, ``mean_true``, ``var_true``,
     ``n_spots``, ``truth_constant``, ``prediction_constant``, ``in_hvg``, ``in_heg``, ``in_<panel>``,
     ``fit_seconds`` (see :func:`hespotex.tl.evaluation._metrics.gene_scores`). Summarise with :func:`summarize_cv`.
+
+    Writes to the samples only what embedding writes when they lack ``obsm[use_rep]`` (that entry and
+    its record ``uns["hespotex_embed"][use_rep]``, see :func:`hespotex.pp.embed`); nothing else.
     """
     from hespotex.pp._graph import knn_graph
     from hespotex.tl.evaluation._baselines import make_baseline, smooth
@@ -331,6 +334,8 @@ def summarize_cv(table: pd.DataFrame, *, panels: Sequence[str] = ("hvg", "heg"),
     ``pearson_all``, ``fit_seconds``, ``pearson_<panel>``, ``n_genes``, ``n_truth_constant``, and in
     the mean rows ``n_folds`` (folds with a finite ``pearson_all``) and ``missing_folds``
     (comma-separated; ``""`` when none).
+
+    Writes nothing; ``table`` is not changed.
     """
     out = []
     for (fold, method), part in table.groupby(["fold", "method"], sort=False):

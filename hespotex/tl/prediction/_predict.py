@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from hespotex._compat import renamed_arguments
+from hespotex._constants import PREDICTION_KEY
 from hespotex._sample import SAMPLE_KEY, get_table
 from hespotex.io._inputs import accepts_anndata
 from hespotex.pp._targets import target_expression
@@ -28,7 +29,7 @@ def predict(
     data: Any,
     model: HESpotEx | str,
     *,
-    key_added: str = "hespotex",
+    key_added: str = PREDICTION_KEY,
     use_rep: str = EMBEDDING_KEY,
     overwrite: bool = False,
     device: str | None = "auto",
