@@ -271,7 +271,7 @@ def test_signature_audit(name, fn):
     assert {p.name for p in params} & BANNED == set(), name
     if name.split(".")[0] in ("pp", "tl", "pl") and positional:  # data first
         assert positional[0].name in {"data", "sdata", "adata", "samples", "paths", "result", "obj", "pred",
-                                      "encoder", "name", "table", "model"}, name  # fmt: skip
+                                      "encoder", "name", "table", "model", "path"}, name  # fmt: skip
     for p in params:
         if p.name in ("copy", "overwrite", "inplace"):
             assert p.annotation in ("bool", bool) and p.default is False, f"{name}: {p}"
