@@ -98,6 +98,8 @@ def _evaluate(ctx, **kw):
 
 def _consistency(ctx, **kw):
     t = ctx["sdata"].tables["table"]
+    if "measured" not in kw and "truth" not in kw:
+        kw["truth"] = None  # these tables have no layers["measured"]
     return hx.tl.consistency({"x": t, "y": ctx["second"]}, statistics=["mean", "morans_i"], **kw)
 
 
