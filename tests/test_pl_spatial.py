@@ -181,8 +181,10 @@ def test_bad_input(trained_synthetic, sample, table):
         hx.pl.spatial(trained_synthetic["train"][0], "g0")
     with pytest.raises(KeyError, match="nope"):
         hx.pl.spatial(sample, table.var_names[0], key="nope")
-    with pytest.raises(ValueError, match="measured"):
+    with pytest.raises(KeyError, match=r"measured expression in layers\['yes'\]"):  # truth may name a layer
         hx.pl.spatial(sample, table.var_names[0], truth="yes")
+    with pytest.raises(ValueError, match="truth"):
+        hx.pl.spatial(sample, table.var_names[0], truth=3)
     with pytest.raises(ValueError, match="rasterize"):
         hx.pl.spatial(sample, table.var_names[0], rasterize="sometimes")
 
