@@ -174,6 +174,14 @@ def test_gene_selector_changes_the_plotted_data(sample):
         column._cleanup(root)
 
 
+def test_truth_names_a_layer(sample, table):
+    genes = list(table.var_names[:2])
+    col = hx.pl.spatial(sample, genes, truth="expected", image=False)  # any layer of the prediction's table
+    assert col.view.columns == ["predicted", "measured"]
+    np.testing.assert_allclose(col.view.frame(genes[1])["measured"], np.asarray(table.layers["expected"])[:, 1])
+    assert hx.pl.spatial(sample, genes, truth=None, image=False).view.columns == ["predicted"]
+
+
 def test_bad_input(trained_synthetic, sample, table):
     with pytest.raises(KeyError, match="not predicted"):
         hx.pl.spatial(sample, "NOT_A_GENE")
