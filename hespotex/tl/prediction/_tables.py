@@ -141,7 +141,10 @@ def resolve_prediction(data: Any, key: str = PREDICTION_KEY, *, layer: str | Non
     if isinstance(data, AnnData):
         tables: list[tuple[str | None, AnnData]] = [(None, data)]
     elif hasattr(data, "tables"):
-        tables = [(name, t) for name, t in spot_tables(data, same_spots=False, prefer=key)]
+        try:
+            tables = [(name, t) for name, t in spot_tables(data, same_spots=False, prefer=key)]
+        except KeyError:  # no spot table "table" among several (e.g. a store of predictions only)
+            tables = sorted(((str(n), t) for n, t in data.tables.items()), key=lambda item: item[0] != key)
         names = {id(t): n for n, t in data.tables.items()}  # real names (the spot table may not be "table")
         tables = [(names.get(id(t), n), t) for n, t in tables]
     else:
