@@ -109,6 +109,8 @@ def _diagnostic(ctx, **kw):
 
 
 def _select_genes(ctx, **kw):
+    if "n_top" not in kw and "n_top_genes" not in kw:
+        kw["n_top_genes"] = 20  # the comparison run (the default, 2000, exceeds the 40 genes)
     return hx.pp.select_genes([copy.deepcopy(t) for t in ctx["tables"][:2]], flavor="mean", key_added=None, **kw)
 
 

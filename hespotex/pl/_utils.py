@@ -64,7 +64,8 @@ def get_predictions(
     data
         A sample (SpatialData) or a prediction table (AnnData).
     key
-        The prediction: its record ``uns[key]``, a bare ``layers[key]``, or a table of the SpatialData.
+        The prediction: its record ``uns[key]``, a bare ``layers[key]``, or a table of the SpatialData; for the
+        default key with nothing stored under it, the first recorded prediction.
     layer
         Another layer of that table to show instead (``f"{key}_spread"``, a baseline).
     table_key
@@ -82,7 +83,7 @@ def get_predictions(
             msg = f"Expected a table {table_key!r} in the SpatialData, found tables {list(data.tables)}."
             raise KeyError(msg)
         source = data.tables[table_key]
-    found = resolve_prediction(source, key, layer=layer)
+    found = resolve_prediction(source, key, layer=layer, any_recorded=True)
     params = found.params
     if layer is not None:  # a layer with a record of its own (another prediction) keeps its record
         params = dict(prediction_records(found.table).get(layer, params))

@@ -127,14 +127,17 @@ class Resolved:
     table_key: str | None = None  # the SpatialData table name; None for an AnnData given directly
 
 
-def resolve_prediction(data: Any, key: str = PREDICTION_KEY, *, layer: str | None = None) -> Resolved:
+def resolve_prediction(
+    data: Any, key: str = PREDICTION_KEY, *, layer: str | None = None, any_recorded: bool = False
+) -> Resolved:
     """The prediction ``hx.tl.predict(..., key_added=key)`` wrote, wherever it is: the one lookup every reader uses.
 
     ``data`` is a SpatialData (its spot table first, then its other tables, ``tables[key]`` right after it) or
     a table (AnnData). In each table, ``key`` names the record ``uns[key]["params"]`` with its layer, or a
     bare ``layers[key]`` (a baseline, the spread); ``key`` may also name a table of the SpatialData (then its
-    recorded prediction). ``layer`` overrides the layer read from that table (e.g. ``f"{key}_spread"``). For
-    the default key, a table holding any one recorded prediction is accepted (the first).
+    recorded prediction). ``layer`` overrides the layer read from that table (e.g. ``f"{key}_spread"``).
+    ``any_recorded`` (the views of ``hx.pl``): for the default key, when nothing is stored under it, the first
+    recorded prediction is shown instead; the tools never guess (they write results named after ``key``).
     """
     from anndata import AnnData
 
@@ -174,7 +177,7 @@ def resolve_prediction(data: Any, key: str = PREDICTION_KEY, *, layer: str | Non
             hit = pick(name, table, find_prediction(table, layer))
             if hit is not None:
                 return hit
-    if key == PREDICTION_KEY:  # the default: any recorded prediction
+    if any_recorded and key == PREDICTION_KEY:  # views only: any recorded prediction
         for name, table in tables:
             hit = pick(name, table, find_prediction(table, layer))
             if hit is not None:
