@@ -331,7 +331,7 @@ def test_non_default_key_chain(trained_synthetic, tmp_path):
         scores = hx.tl.evaluate(sdata, key="foo", truth=truth, k=5)
         assert "foo_evaluation" in out.uns and out.uns["foo_evaluation"]["params"]["layer"] == "foo"
         pred = np.asarray(out.layers["foo"])
-        ref = hx.tl.evaluate(copy.deepcopy(out), key="foo", truth=truth, k=5)
+        ref = hx.tl.evaluate(copy.deepcopy(out), key="foo", truth=truth, k=5, key_added="ref")  # the table alone
         pd.testing.assert_frame_equal(scores, ref)
         assert np.isfinite(scores["pearson"]).all() and pred.shape == out.shape
         # evaluate refuses to replace its stored results
