@@ -59,7 +59,7 @@ def run_fold(
             n_top_genes=genes,
             include_genes=panel,
             panels={"785": panel},
-            embedding_key=key,
+            use_rep=key,
             seed=0,
             tune_baselines=tune,
             target_norm=target_norm,

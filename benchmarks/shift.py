@@ -318,7 +318,7 @@ def run_task(
         members = {}
         for held in train_names if what == "hespotex" else [single]:
             members[held] = hx.tl.train(
-                train, genes=genes, validation=[held], seed=seed, target_norm=target_norm, embedding_key="X", device="cpu",
+                train, genes=genes, validation=[held], seed=seed, target_norm=target_norm, use_rep="X", device="cpu",
                 stain_augment=stain_augment,
             )  # fmt: skip
         fit_s = time.perf_counter() - t0

@@ -7,7 +7,7 @@ Space Ranger writes (``hx.datasets.write_visium_hd``: 10x HDF5 matrices, ``tissu
 scale factors, hires/lowres PNGs; 8 and 16 µm bins). Then, each in a fresh subprocess whose own peak
 RSS (``os.wait4`` ru_maxrss) is reported:
 
-- **read**: ``hx.io.read_visium_hd(folder, 8)`` (spatialdata-io reads the matrix and positions and
+- **read**: ``hx.io.read_visium_hd(folder, bin_size=8)`` (spatialdata-io reads the matrix and positions and
   builds the squares; the TIFF is opened lazily);
 - **graph**: read, then ``hx.pp.spatial_graph(sdata, n_neighbors=8)`` (scipy KD-tree, O(N·k)); the time
   of the graph alone is reported;
@@ -104,7 +104,7 @@ def train_model(work: Path) -> Path:
 
     fixture = work / "fixture" / "outs"
     hx.datasets.synthetic_visium_hd(fixture, 2000, N_GENES, seed=1, microns_per_pixel=MPP, depth=400.0, overwrite=True)
-    sdata = hx.io.read_visium_hd(fixture, 8)
+    sdata = hx.io.read_visium_hd(fixture, bin_size=8)
     hx.pp.embed(sdata, encoder="efficientnet_lite0.imagenet", input_size=INPUT_SIZE, patch_um=2 * BIN_UM)
     small = {"ae_epochs": 20, "ae_hidden_dim": 64, "latent_dim": 16, "projection_hidden_dim": 64, "head_hidden_dim": 64}
     config = ModelConfig.preset("hespotex", epochs=40, lr=3e-3, patience=None, decoder_neighbors=8, **small)
@@ -126,7 +126,7 @@ def child(spec: dict) -> dict:
     hx.settings.progress = False
     out: dict = {}
     t = time.perf_counter()
-    sdata = hx.io.read_visium_hd(spec["folder"], 8)
+    sdata = hx.io.read_visium_hd(spec["folder"], bin_size=8)
     out["read_s"] = time.perf_counter() - t
     out["n_bins"] = int(sdata.tables["table"].n_obs)
     if spec["arm"] == "graph":

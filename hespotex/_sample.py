@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hespotex._constants import SAMPLE_KEY, TABLE_KEY
+
 if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
 
-SAMPLE_KEY = "hespotex_sample"
-TABLE_KEY = "table"
 
 
 @dataclass(frozen=True)

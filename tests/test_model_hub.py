@@ -323,8 +323,8 @@ def test_tile_explain_and_cli_take_a_hub_id(hub_cache, model, sections, tmp_path
     np.testing.assert_array_equal(*tiled.values())
     assert len(tiled["hf-hub:o/n"]) > 0
     genes = model.genes[:2]
-    via_hub = hx.tl.explain(sections["t"], "hf-hub:o/n", genes=genes, pixels=False, n_top=2, n_steps=4, device="cpu")
-    direct = hx.tl.explain(sections["t"], model, genes=genes, pixels=False, n_top=2, n_steps=4, device="cpu")
+    via_hub = hx.tl.explain(sections["t"], "hf-hub:o/n", genes=genes, pixels=False, n_spots=2, n_steps=4, device="cpu")
+    direct = hx.tl.explain(sections["t"], model, genes=genes, pixels=False, n_spots=2, n_steps=4, device="cpu")
     assert via_hub.spots == direct.spots
     np.testing.assert_allclose(via_hub.score, direct.score, rtol=1e-6)
     assert main(["predict", "--model", "hf-hub:o/n", "--out", str(tmp_path / "out"), str(wsi)]) == 0

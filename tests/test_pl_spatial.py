@@ -136,8 +136,8 @@ def test_measured_only_when_available(table):
     layout = hx.pl.spatial(no_counts, table.var_names[0])
     assert len(_bokeh_figures(layout)) == 1
     with pytest.raises(ValueError, match="no measured expression"):
-        hx.pl.spatial(no_counts, table.var_names[0], measured=True)
-    assert len(_bokeh_figures(hx.pl.spatial(table, table.var_names[0], measured=False))) == 1
+        hx.pl.spatial(no_counts, table.var_names[0], truth=True)
+    assert len(_bokeh_figures(hx.pl.spatial(table, table.var_names[0], truth=False))) == 1
     # a stored measured layer is used as is
     with_layer = no_counts.copy()
     with_layer.layers["measured"] = np.full(with_layer.shape, 2.0, dtype=np.float32)
@@ -174,15 +174,25 @@ def test_gene_selector_changes_the_plotted_data(sample):
         column._cleanup(root)
 
 
+def test_truth_names_a_layer(sample, table):
+    genes = list(table.var_names[:2])
+    col = hx.pl.spatial(sample, genes, truth="expected", image=False)  # any layer of the prediction's table
+    assert col.view.columns == ["predicted", "measured"]
+    np.testing.assert_allclose(col.view.frame(genes[1])["measured"], np.asarray(table.layers["expected"])[:, 1])
+    assert hx.pl.spatial(sample, genes, truth=None, image=False).view.columns == ["predicted"]
+
+
 def test_bad_input(trained_synthetic, sample, table):
     with pytest.raises(KeyError, match="not predicted"):
         hx.pl.spatial(sample, "NOT_A_GENE")
     with pytest.raises(KeyError, match=r"hx\.tl\.predict"):
         hx.pl.spatial(trained_synthetic["train"][0], "g0")
     with pytest.raises(KeyError, match="nope"):
-        hx.pl.spatial(sample, table.var_names[0], table_key="nope")
-    with pytest.raises(ValueError, match="measured"):
-        hx.pl.spatial(sample, table.var_names[0], measured="yes")
+        hx.pl.spatial(sample, table.var_names[0], key="nope")
+    with pytest.raises(KeyError, match=r"measured expression in layers\['yes'\]"):  # truth may name a layer
+        hx.pl.spatial(sample, table.var_names[0], truth="yes")
+    with pytest.raises(ValueError, match="truth"):
+        hx.pl.spatial(sample, table.var_names[0], truth=3)
     with pytest.raises(ValueError, match="rasterize"):
         hx.pl.spatial(sample, table.var_names[0], rasterize="sometimes")
 

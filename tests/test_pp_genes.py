@@ -56,7 +56,7 @@ def test_normalize_refuses_non_counts():
 def test_seurat_v3_finds_planted_variable_genes_on_training_samples_only():
     train = [_planted(0, "A"), _planted(1, "B")]
     test = _planted(2, "C")
-    genes = hx.pp.select_genes(train, n_top=5)
+    genes = hx.pp.select_genes(train, n_top_genes=5)
     assert set(genes) == {f"g{i}" for i in range(5)}
     for s in train:
         record = s["table"].uns["hespotex_genes"]
@@ -67,7 +67,7 @@ def test_seurat_v3_finds_planted_variable_genes_on_training_samples_only():
 
 def test_mean_flavor_and_given_list():
     train = [_planted(0, "A")]
-    genes = hx.pp.select_genes(train, n_top=5, flavor="mean")
+    genes = hx.pp.select_genes(train, n_top_genes=5, flavor="mean")
     assert set(genes) == {f"g{i}" for i in range(5, 10)}
     with pytest.raises(ValueError, match="overwrite=True"):
         hx.pp.select_genes(train, genes=["g1", "g2"])
@@ -75,11 +75,11 @@ def test_mean_flavor_and_given_list():
     with pytest.raises(ValueError, match="absent from at least one sample"):
         hx.pp.select_genes(train, genes=["g1", "NOPE"], overwrite=True)
     with pytest.raises(ValueError, match="share only 300"):
-        hx.pp.select_genes(train, n_top=301, overwrite=True)
+        hx.pp.select_genes(train, n_top_genes=301, overwrite=True)
 
 
 def test_selection_is_restricted_to_shared_genes():
     a, b = _planted(0, "A"), _planted(1, "B")
     b["table"].var_names = [f"x{i}" if i < 5 else f"g{i}" for i in range(300)]
-    genes = hx.pp.select_genes([a, b], n_top=10, flavor="mean")
+    genes = hx.pp.select_genes([a, b], n_top_genes=10, flavor="mean")
     assert not {f"g{i}" for i in range(5)} & set(genes)

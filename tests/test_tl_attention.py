@@ -21,7 +21,7 @@ def table(trained_synthetic):
 
 def test_summaries_match_direct_computation(table):
     out = hx.tl.attention(table, top_k=3, copy=True)
-    assert "hespotex_attention_self" not in table.obs  # copy=True leaves the input alone
+    assert "hespotex_attention_stats_self" not in table.obs  # copy=True leaves the input alone
     att = table.obsp["hespotex_attention"].toarray()
     n = table.n_obs
     assert np.allclose(att.sum(axis=1), 1.0, atol=1e-5)
@@ -29,24 +29,25 @@ def test_summaries_match_direct_computation(table):
         row = att[i]
         nz = np.flatnonzero(row)
         p = row[nz]
-        assert out.obs["hespotex_attention_entropy"].iloc[i] == pytest.approx(-(p * np.log(p)).sum(), abs=1e-6)
-        assert out.obs["hespotex_attention_self"].iloc[i] == pytest.approx(row[i], abs=1e-7)
-        assert out.obs["hespotex_attention_neighbours"].iloc[i] == pytest.approx(1 - row[i], abs=1e-6)
+        assert out.obs["hespotex_attention_stats_entropy"].iloc[i] == pytest.approx(-(p * np.log(p)).sum(), abs=1e-6)
+        assert out.obs["hespotex_attention_stats_self"].iloc[i] == pytest.approx(row[i], abs=1e-7)
+        assert out.obs["hespotex_attention_stats_neighbours"].iloc[i] == pytest.approx(1 - row[i], abs=1e-6)
         neigh = nz[nz != i]
-        assert out.obs["hespotex_attention_degree"].iloc[i] == len(neigh)
-        assert out.obs["hespotex_attention_entropy_normalised"].iloc[i] == pytest.approx(
+        assert out.obs["hespotex_attention_stats_degree"].iloc[i] == len(neigh)
+        assert out.obs["hespotex_attention_stats_entropy_normalised"].iloc[i] == pytest.approx(
             -(p * np.log(p)).sum() / np.log(len(neigh) + 1), abs=1e-6
         )
         strongest = neigh[np.argsort(-row[neigh], kind="stable")][:3]
-        idx = out.obsm["hespotex_attention_top_index"][i]
+        idx = out.obsm["hespotex_attention_stats_top_index"][i]
         assert list(idx[: len(strongest)]) == list(strongest)
         assert i not in idx  # the spot itself is never listed among its neighbours
-        assert np.allclose(out.obsm["hespotex_attention_top_weight"][i][: len(strongest)], row[strongest])
+        assert np.allclose(out.obsm["hespotex_attention_stats_top_weight"][i][: len(strongest)], row[strongest])
     # self and neighbour weights are different things: swapping them would break the checks above,
     # and on this model the self weight is not one half everywhere
-    assert np.abs(out.obs["hespotex_attention_self"] - 0.5).max() > 0.1
-    assert out.uns["hespotex_attention_summary"]["params"] == {
-        "key": "hespotex_attention", "top_k": 3, "key_added": "hespotex_attention", "n_spots": n,
+    assert np.abs(out.obs["hespotex_attention_stats_self"] - 0.5).max() > 0.1
+    assert out.uns["hespotex_attention_stats_summary"]["params"] == {
+        "key": "hespotex", "attention_key": "hespotex_attention", "top_k": 3, "key_added": "hespotex_attention_stats",
+        "n_spots": n,
     }  # fmt: skip
 
 
@@ -73,8 +74,8 @@ def test_spatialdata_input_finds_the_table(trained_synthetic):
     sdata = trained_synthetic["test"]
     out = hx.tl.attention(sdata, copy=True)
     assert out is not sdata.tables["table"]
-    assert "hespotex_attention_entropy" in out.obs
-    assert "hespotex_attention_entropy" not in sdata.tables["table"].obs
+    assert "hespotex_attention_stats_entropy" in out.obs
+    assert "hespotex_attention_stats_entropy" not in sdata.tables["table"].obs
 
 
 def test_paper_preset_predictions_have_no_attention(table):
@@ -88,7 +89,7 @@ def test_paper_preset_predictions_have_no_attention(table):
 
 
 def test_bad_inputs(table):
-    with pytest.raises(KeyError, match="obsp"):
+    with pytest.raises(KeyError, match=r"no prediction 'nope'.*obsp"):
         hx.tl.attention(table, key="nope")
     bad = copy.deepcopy(table)
     bad.obsp["hespotex_attention"] = bad.obsp["hespotex_attention"] * 2.0
@@ -98,7 +99,7 @@ def test_bad_inputs(table):
     with pytest.raises(ValueError, match="sum to 1"):
         hx.tl.attention(bad)
     bare = copy.deepcopy(table)
-    del bare.uns["hespotex"]
+    del bare.uns["hespotex"], bare.layers["hespotex"]  # no prediction "hespotex" at all
     with pytest.raises(KeyError, match=r"hx\.tl\.predict"):
         hx.tl.attention(bare)
     with pytest.raises(ValueError, match="top_k"):

@@ -66,14 +66,14 @@ def test_slide_embedded_with_another_encoder_is_refused(pair, genes, model):
     with pytest.raises(
         ValueError, match=r"trained on embeddings of 'efficientnet_lite0.imagenet'.*'resnet18'.*Re-embed it"
     ):
-        hx.tl.predict(table, model, embedding_key="X_resnet", device="cpu")
+        hx.tl.predict(table, model, use_rep="X_resnet", device="cpu")
     assert "hespotex" not in table.layers and "X_hespotex" not in table.obsm
 
 
 def test_slide_embedded_with_another_patch_size_is_refused(pair, genes, model):
     table = _table(pair, 1, genes)
     with pytest.raises(ValueError, match=r"at 55.0 µm patches; this slide's were made .* at 60.0 µm"):
-        hx.tl.predict(table, model, embedding_key="X_small", device="cpu")
+        hx.tl.predict(table, model, use_rep="X_small", device="cpu")
     assert "hespotex" not in table.layers
 
 

@@ -143,7 +143,7 @@ def test_inputs(serial, sample_factory):
         t = s.tables["table"]
         t.layers["pred"] = log_expression(t, None)
     hx.pp.spatial_graph(samples[0])
-    df = hx.tl.consistency(samples, layer="pred", measured="X")
+    df = hx.tl.consistency(samples, key="pred", truth="X")
     assert set(df.section_a) == {"r0"} and set(df.section_b) == {"r1"}
     assert df["predicted"].to_numpy() == pytest.approx(df["measured"].to_numpy(), nan_ok=True)
     assert df.attrs["params"]["graphs"] == {
@@ -151,7 +151,7 @@ def test_inputs(serial, sample_factory):
         "r1": "6-nearest-neighbour graph of the spot centres",
     }
     only = hx.tl.consistency(
-        serial, measured=None, genes=["gene_0000", "gene_0001", "gene_0002", "gene_0003"], statistics=["mean"]
+        serial, truth=None, genes=["gene_0000", "gene_0001", "gene_0002", "gene_0003"], statistics=["mean"]
     )
     assert only["measured"].isna().all() and only["predicted"].notna().all() and (only["n"] == 4).all()
 
@@ -160,9 +160,9 @@ def test_bad_input(serial):
     with pytest.raises(ValueError, match="two or more"):
         hx.tl.consistency({"s1": serial["s1"]})
     with pytest.raises(KeyError, match="layers\\['nope'\\]"):
-        hx.tl.consistency(serial, layer="nope")
+        hx.tl.consistency(serial, key="nope")
     with pytest.raises(KeyError, match="predicted expression"):
-        hx.tl.consistency({"a": serial["s1"], "b": serial["s2"].copy()}, layer="hespotex2")
+        hx.tl.consistency({"a": serial["s1"], "b": serial["s2"].copy()}, key="hespotex2")
     with pytest.raises(ValueError, match="statistics among"):
         hx.tl.consistency(serial, statistics=["variance"])
     with pytest.raises(KeyError, match="lacks 1 of the requested genes"):
@@ -200,7 +200,7 @@ def test_her2st_serial_sections(shared_data):
         conn, _ = knn_graph(spot_centres_um(t), 6)
         sub.layers["smoothed"] = smooth(sub.layers["measured"], conn)
         subset[name] = sub
-    df = hx.tl.consistency(subset, layer="smoothed", measured="measured", n_domains=4)
+    df = hx.tl.consistency(subset, key="smoothed", truth="measured", n_domains=4)
     assert len(df) == 3 * 10
     mean = df[df.statistic == "mean"]
     assert (mean[["predicted", "measured"]] > 0.9).all().all()

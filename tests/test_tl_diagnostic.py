@@ -82,7 +82,7 @@ def sample(planted):
 
 
 def test_label_ranking_returns_the_planted_spots_not_the_decoys(sample, planted):
-    res = hx.tl.diagnostic_patches(sample, by="tissue", groups="motif", n=N_PLANTED)
+    res = hx.tl.diagnostic_patches(sample, by="tissue", groups="motif", n_patches=N_PLANTED)
     assert isinstance(res, hx.tl.DiagnosticPatches)
     t = res.table
     assert set(t.index) == planted["planted"]  # exactly the planted spots; decoys carry the label but not the motif
@@ -102,7 +102,7 @@ def test_label_ranking_returns_the_planted_spots_not_the_decoys(sample, planted)
 
 
 def test_every_label_is_a_group(sample, planted):
-    res = hx.tl.diagnostic_patches(sample, by="tissue", n=10)
+    res = hx.tl.diagnostic_patches(sample, by="tissue", n_patches=10)
     t = res.table
     assert list(t["group"].cat.categories) == ["motif", "other"]
     assert (t.groupby("group", observed=True).size() == 10).all()
@@ -112,7 +112,7 @@ def test_every_label_is_a_group(sample, planted):
 
 
 def test_images_are_the_encoder_crops(sample, planted):
-    res = hx.tl.diagnostic_patches(sample, by="tissue", groups="motif", n=N_PLANTED)
+    res = hx.tl.diagnostic_patches(sample, by="tissue", groups="motif", n_patches=N_PLANTED)
     record = sample.tables["table"].uns["hespotex_embed"]["X_hespotex_image"]
     assert res.params["patch_um"] == record["patch_um"] and res.params["size"] == record["input_size"] == INPUT_SIZE
     expected = extract_patches(sample, patch_um=record["patch_um"], size=INPUT_SIZE, spots=list(res.table.index))
@@ -122,7 +122,7 @@ def test_images_are_the_encoder_crops(sample, planted):
     blue = (np.abs(centre - np.array(BLUE)).sum(axis=-1) < 60).mean(axis=1)
     assert (blue > 0.2).all()  # the motif is in the middle of every crop
     other = hx.tl.diagnostic_patches(
-        sample, by="tissue", groups="motif", n=2, size=32, patch_um=80.0, key_added="small"
+        sample, by="tissue", groups="motif", n_patches=2, size=32, patch_um=80.0, key_added="small"
     )
     assert other.images.shape == (2, 32, 32, 3)
     np.testing.assert_array_equal(
@@ -131,7 +131,7 @@ def test_images_are_the_encoder_crops(sample, planted):
 
 
 def test_gene_programme_ranking(sample, planted):
-    res = hx.tl.diagnostic_patches(sample, by=PROGRAMME, n=N_PLANTED)
+    res = hx.tl.diagnostic_patches(sample, by=PROGRAMME, n_patches=N_PLANTED)
     assert set(res.table.index) == planted["planted"] and set(res.table["group"]) == {"high"}
     table = sample.tables["table"]
     assert res.params["layer"] == "X" and res.params["genes"] == PROGRAMME and res.params["genes_missing"] == []
@@ -143,11 +143,11 @@ def test_gene_programme_ranking(sample, planted):
     np.testing.assert_allclose(table.obs["diagnostic_patches_score"], expected, rtol=1e-6, atol=1e-9)
     # a negative signature: its "low" end is the programme's high end
     low = hx.tl.diagnostic_patches(
-        sample, by=dict.fromkeys(PROGRAMME, -2.0), groups="low", n=N_PLANTED, key_added="neg"
+        sample, by=dict.fromkeys(PROGRAMME, -2.0), groups="low", n_patches=N_PLANTED, key_added="neg"
     )
     assert set(low.table.index) == planted["planted"]
     np.testing.assert_allclose(table.obs["neg_score"], -expected, rtol=1e-6, atol=1e-9)
-    both = hx.tl.diagnostic_patches(sample, by="prog_0", groups=["high", "low"], n=5, key_added="one")
+    both = hx.tl.diagnostic_patches(sample, by="prog_0", groups=["high", "low"], n_patches=5, key_added="one")
     assert list(both.table["group"]) == ["high"] * 5 + ["low"] * 5
     assert set(both.table.index[:5]) <= planted["planted"] and not set(both.table.index[5:]) & planted["planted"]
     assert both.table["score"].iloc[:5].min() > both.table["score"].iloc[5:].max()
@@ -159,16 +159,16 @@ def test_prediction_layer_is_the_default(sample, planted):
     pred = np.where(shifted[:, None], 5.0, 0.0) + np.linspace(0, 0.1, table.n_vars)[None, :]
     table.layers["hespotex"] = pred.astype(np.float32)
     table.uns["hespotex"] = {"params": {"layer": "hespotex"}}
-    res = hx.tl.diagnostic_patches(sample, by=PROGRAMME, n=N_PLANTED)
+    res = hx.tl.diagnostic_patches(sample, by=PROGRAMME, n_patches=N_PLANTED)
     assert res.params["layer"] == "hespotex"
     assert set(res.table.index) == set(table.obs_names[shifted])
-    measured = hx.tl.diagnostic_patches(sample, by=PROGRAMME, n=N_PLANTED, layer="X", key_added="measured")
+    measured = hx.tl.diagnostic_patches(sample, by=PROGRAMME, n_patches=N_PLANTED, layer="X", key_added="measured")
     assert measured.params["layer"] == "X" and set(measured.table.index) == planted["planted"]
 
 
 def test_reproducible_and_ties_follow_table_order(sample):
-    a = hx.tl.diagnostic_patches(sample, by="tissue", n=8, key_added="a")
-    b = hx.tl.diagnostic_patches(sample, by="tissue", n=8, key_added="b")
+    a = hx.tl.diagnostic_patches(sample, by="tissue", n_patches=8, key_added="a")
+    b = hx.tl.diagnostic_patches(sample, by="tissue", n_patches=8, key_added="b")
     pd.testing.assert_frame_equal(a.table, b.table)
     np.testing.assert_array_equal(a.images, b.images)
     obs = sample.tables["table"].obs
@@ -178,18 +178,18 @@ def test_reproducible_and_ties_follow_table_order(sample):
     values[[40, 7, 99, 3]] = 2.0
     values[[120, 60]] = 1.0
     obs["level"] = values
-    ties = hx.tl.diagnostic_patches(sample, by="level", n=6, key_added="ties")
+    ties = hx.tl.diagnostic_patches(sample, by="level", n_patches=6, key_added="ties")
     assert list(ties.table.index) == list(obs.index[[3, 7, 40, 99, 60, 120]])
     assert ties.params["mode"] == "score"
 
 
 def test_overwrite_guard(sample):
-    hx.tl.diagnostic_patches(sample, by="prog_1", n=3)
+    hx.tl.diagnostic_patches(sample, by="prog_1", n_patches=3)
     first = sample.tables["table"].obs["diagnostic_patches_score"].copy()
     with pytest.raises(ValueError, match="overwrite=True"):
-        hx.tl.diagnostic_patches(sample, by="prog_2", n=3)
+        hx.tl.diagnostic_patches(sample, by="prog_2", n_patches=3)
     pd.testing.assert_series_equal(sample.tables["table"].obs["diagnostic_patches_score"], first)
-    hx.tl.diagnostic_patches(sample, by="prog_2", n=3, overwrite=True)
+    hx.tl.diagnostic_patches(sample, by="prog_2", n_patches=3, overwrite=True)
     assert not np.allclose(sample.tables["table"].obs["diagnostic_patches_score"], first)
 
 
@@ -200,9 +200,9 @@ def test_bad_input(sample):
     with pytest.raises(KeyError, match="None of the 2 signature genes"):
         hx.tl.diagnostic_patches(sample, by=["NOPE1", "NOPE2"])
     with pytest.raises(ValueError, match="only 150 spots"):
-        hx.tl.diagnostic_patches(sample, by="tissue", n=151)
+        hx.tl.diagnostic_patches(sample, by="tissue", n_patches=151)
     with pytest.raises(ValueError, match="positive number"):
-        hx.tl.diagnostic_patches(sample, by="tissue", n=0)
+        hx.tl.diagnostic_patches(sample, by="tissue", n_patches=0)
     with pytest.raises(KeyError, match="layers\\['nope'\\]"):
         hx.tl.diagnostic_patches(sample, by=PROGRAMME, layer="nope")
     with pytest.raises(ValueError, match="groups among"):
@@ -238,7 +238,7 @@ def test_saliency_of_a_programme(trained_synthetic):
     src = trained_synthetic["test"]
     sdata = SpatialData(images=dict(src.images), shapes=dict(src.shapes), tables={"table": src.tables["table"].copy()})
     genes = list(trained_synthetic["model"].genes[:3])
-    res = hx.tl.diagnostic_patches(sdata, by=genes, n=2, model=trained_synthetic["model"], saliency=True)
+    res = hx.tl.diagnostic_patches(sdata, by=genes, n_patches=2, model=trained_synthetic["model"], saliency=True)
     assert res.saliency is not None and res.saliency.dtype == np.float32
     assert res.saliency.shape == res.images.shape[:3]
     assert (res.saliency >= 0).all() and (res.saliency <= 1).all() and res.saliency.max() > 0
@@ -251,7 +251,7 @@ def test_her2_programme_on_her2st(shared_data, artifacts):
     scores and their crops are tissue, not glass."""
     sdata = hx.datasets.her2st(shared_data / "her2st", sections=["C3"])["C3"]
     her2 = ["ERBB2", "GRB7", "STARD3", "PGAP3", "MIEN1"]
-    res = hx.tl.diagnostic_patches(sdata, by=her2, n=8, size=128)
+    res = hx.tl.diagnostic_patches(sdata, by=her2, n_patches=8, size=128)
     table = sdata.tables["table"]
     score = table.obs["diagnostic_patches_score"]
     assert len(res.table) == 8 and res.params["genes"] == her2 and res.params["layer"] == "X"

@@ -30,7 +30,7 @@ SIGNATURE = {"gene_0019": 2.0, "gene_0032": 1.0, "gene_0007": -1.0}
 def explained(trained_synthetic):
     """Pixel (blur baseline) and neighbour attributions of GENE at the five spots where it is predicted highest."""
     return hx.tl.explain(
-        trained_synthetic["test"], trained_synthetic["model"], genes=GENE, n_top=5, baseline="blur", n_steps=64
+        trained_synthetic["test"], trained_synthetic["model"], genes=GENE, n_spots=5, baseline="blur", n_steps=64
     )
 
 

@@ -70,8 +70,8 @@ def trained(folders):
     """A small model trained on section A's 8 µm bins; section B read, embedded and predicted in memory."""
     from hespotex.models import ModelConfig
 
-    a = hx.io.read_visium_hd(folders["hd_a"][0], 8)
-    b = hx.io.read_visium_hd(folders["hd_b"][0], 8)
+    a = hx.io.read_visium_hd(folders["hd_a"][0], bin_size=8)
+    b = hx.io.read_visium_hd(folders["hd_b"][0], bin_size=8)
     for s in (a, b):
         hx.pp.embed(s, encoder=ENCODER, input_size=INPUT_SIZE)
     small = {"ae_epochs": 20, "ae_hidden_dim": 64, "latent_dim": 16, "projection_hidden_dim": 64, "head_hidden_dim": 64}
@@ -88,7 +88,7 @@ def trained(folders):
 
 def test_read_8um_matches_the_files(folders):
     folder, truth = folders["hd_a"]
-    sdata = hx.io.read_visium_hd(folder, 8)
+    sdata = hx.io.read_visium_hd(folder, bin_size=8)
     table = sdata.tables["table"]
     from hespotex._sample import get_sample_info
 
@@ -138,8 +138,8 @@ def test_read_8um_matches_the_files(folders):
 
 def test_read_16um_sums_the_8um_bins(folders):
     folder, _ = folders["hd_a"]
-    s8 = hx.io.read_visium_hd(folder, 8).tables["table"]
-    sdata = hx.io.read_visium_hd(folder, 16)
+    s8 = hx.io.read_visium_hd(folder, bin_size=8).tables["table"]
+    sdata = hx.io.read_visium_hd(folder, bin_size=16)
     t16 = sdata.tables["table"]
     from hespotex._sample import get_sample_info
 
@@ -164,7 +164,7 @@ def test_read_without_fullres_uses_the_hires_image(folders, tmp_path):
     folder, truth = folders["hd_a"]
     copy_dir = tmp_path / "outs"
     shutil.copytree(folder, copy_dir, ignore=shutil.ignore_patterns("microscope_image"))
-    sdata = hx.io.read_visium_hd(copy_dir, 8, dataset_id="nofull")
+    sdata = hx.io.read_visium_hd(copy_dir, bin_size=8, dataset_id="nofull")
     from hespotex._sample import get_sample_info
     from hespotex.io._visium import image_extent
 
@@ -174,7 +174,7 @@ def test_read_without_fullres_uses_the_hires_image(folders, tmp_path):
     h, w = image_extent(sdata.images[info.image_key], "nofull")
     assert abs(h - full_h) <= 2 and abs(w - full_w) <= 2  # the hires PNG mapped back onto full-res pixels
     # patches cut from the hires image look like the full-resolution ones (same place, lower resolution)
-    full = hx.io.read_visium_hd(folder, 8)
+    full = hx.io.read_visium_hd(folder, bin_size=8)
     a = hx.pp.extract_patches(full, size=16, spots=np.arange(20)).astype(float)
     b = hx.pp.extract_patches(sdata, size=16, spots=np.arange(20)).astype(float)
     far = hx.pp.extract_patches(sdata, size=16, spots=np.arange(1000, 1020)).astype(float)
@@ -184,9 +184,9 @@ def test_read_without_fullres_uses_the_hires_image(folders, tmp_path):
 def test_read_bad_input(folders, tmp_path):
     folder, _ = folders["hd_a"]
     with pytest.raises(ValueError, match=r"one of the bin sizes .*\[8, 16\].*found 2"):
-        hx.io.read_visium_hd(folder, 2)
+        hx.io.read_visium_hd(folder, bin_size=2)
     with pytest.raises(FileNotFoundError, match="Visium HD"):
-        hx.io.read_visium_hd(tmp_path / "missing", 8)
+        hx.io.read_visium_hd(tmp_path / "missing", bin_size=8)
     # scale factors that disagree with the positions: a wrong microns_per_pixel (consistent with the bin size)
     bad = tmp_path / "bad"
     shutil.copytree(folder, bad)
@@ -196,7 +196,7 @@ def test_read_bad_input(folders, tmp_path):
     sf["spot_diameter_fullres"] = 8.0 / 0.25
     sf_file.write_text(json.dumps(sf))
     with pytest.raises(ValueError, match=r"bins are 8\.00 px apart.*expected 8 µm"):
-        hx.io.read_visium_hd(bad, 8)
+        hx.io.read_visium_hd(bad, bin_size=8)
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -245,7 +245,7 @@ def test_streamed_prediction_matches_in_memory(trained, tmp_path):
 
 def test_consistency_of_two_sections(trained):
     df = hx.tl.consistency(
-        {"a": trained["a"], "b": trained["b"]}, measured="X", statistics=("mean", "morans_i"), n_neighbors=8
+        {"a": trained["a"], "b": trained["b"]}, truth="X", statistics=("mean", "morans_i"), n_neighbors=8
     )
     assert set(df.statistic) == {"mean", "morans_i"}
     row = df[df.statistic == "mean"].iloc[0]
@@ -309,4 +309,4 @@ def test_writer_replaces_only_its_own_folder(tmp_path):
     with pytest.raises(FileExistsError, match="overwrite=True"):
         hx.datasets.synthetic_visium_hd(out, **kw)
     hx.datasets.synthetic_visium_hd(out, overwrite=True, **kw)
-    assert hx.io.read_visium_hd(out, 8).tables["table"].n_obs == 64
+    assert hx.io.read_visium_hd(out, bin_size=8).tables["table"].n_obs == 64

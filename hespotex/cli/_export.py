@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from hespotex._constants import PREDICTION_KEY
 from hespotex.cli._common import positive_float, positive_int
 
 EXPORT_HELP = """Write predicted expression in the formats pathologists' viewers open.
@@ -85,7 +86,7 @@ def add_export_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p_export.add_argument("--out", required=True, metavar="PATH", help="output file (a folder with --per-gene)")
     p_export.add_argument("--genes", nargs="+", metavar="GENE", help="genes to export (default: all; png: required)")
-    p_export.add_argument("--key", default="hespotex", help="prediction table and layer (default: hespotex)")
+    p_export.add_argument("--key", default=PREDICTION_KEY, help=f"prediction key (default: {PREDICTION_KEY})")
     p_export.add_argument(
         "--shape", default="circle", choices=["circle", "square"], help="spot footprint (default: circle)"
     )

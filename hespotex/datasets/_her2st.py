@@ -42,6 +42,8 @@ def her2st_path(path: str | Path | None = None) -> Path:
     ------
     FileNotFoundError
         When no such folder exists; the message says where to get the data.
+
+    Writes nothing.
     """
     tried: list[Path] = []
     if path is not None:
@@ -66,7 +68,10 @@ def her2st_path(path: str | Path | None = None) -> Path:
 
 
 def her2st_sections(path: str | Path | None = None) -> list[str]:
-    """Section ids with a count table, a spot table and an image in the her2st folder (e.g. C2-C6)."""
+    """Section ids with a count table, a spot table and an image in the her2st folder (e.g. C2-C6).
+
+    Reads the folder listing; writes nothing.
+    """
     root = her2st_path(path)
     found = []
     for counts in sorted((root / "counts").glob("*.tsv.gz")):
@@ -95,6 +100,8 @@ def her2st(path: str | Path | None = None, *, sections: Sequence[str] | None = N
     -------
     ``{section id: sample}``. Each table also holds ``uns["hespotex_dataset"]`` (name, section,
     citation, source, licence note).
+
+    Reads the her2st folder; writes nothing there.
     """
     root = her2st_path(path)
     available = her2st_sections(root)
@@ -131,7 +138,10 @@ def her2st(path: str | Path | None = None, *, sections: Sequence[str] | None = N
 
 
 def her2st_genes(path: str | Path | None = None) -> list[str]:
-    """The 785-gene panel that HisToGene, Hist2ST and THItoGene report on (``genes_785.txt``, one per line)."""
+    """The 785-gene panel that HisToGene, Hist2ST and THItoGene report on (``genes_785.txt``, one per line).
+
+    Reads ``genes_785.txt`` of the her2st folder; writes nothing.
+    """
     file = her2st_path(path) / GENE_PANEL_FILE
     if not file.is_file():
         msg = f"Expected the gene panel {GENE_PANEL_FILE!r} in {str(file.parent)!r}, found no such file."

@@ -41,6 +41,8 @@ def mouse_brain_crop() -> SpatialData:
     A sample with image ``mouse_brain_image``, circles ``mouse_brain_spots`` and table ``"table"``
     (``X`` log-normalised, the original ``obs``/``var``/``obsm``/``obsp``/``uns``, and
     ``uns["hespotex_dataset"]`` naming the source and licence).
+
+    Reads the crop shipped with the package; writes nothing.
     """
     import anndata as ad
 

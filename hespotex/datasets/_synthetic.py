@@ -151,6 +151,8 @@ def synthetic(
       and the program weights, biases, centring and scaling: with ``varm["synthetic_loadings"]`` and
       ``var["baseline_mean"]``, the whole law (``uns["synthetic"]["description"]`` spells it out);
     - ``uns["hespotex_sample"]``: the sample info.
+
+    Builds a new sample in memory; writes nothing else.
     """
     from hespotex.io._build import build_sample
 

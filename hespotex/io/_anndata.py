@@ -98,6 +98,8 @@ def from_anndata(
     (CSR ``float32``), ``obs``, ``var``, ``obsm``, ``obsp``, ``varm``, ``layers`` and ``uns`` of
     ``adata``, plus ``obsm["spatial"]`` (the centres), ``obs["region"]`` / ``obs["spot_id"]``
     and ``uns["hespotex_sample"]``.
+
+    Reads ``adata`` and ``image``; writes nothing to them (the sample holds copies).
     """
     sample_id = check_sample_id(sample_id)
     if (spot_diameter_um is None) == (spot_diameter_px is None):

@@ -148,6 +148,8 @@ def build_sample(
     A :class:`spatialdata.SpatialData` whose table holds ``X`` (CSR ``float32``),
     ``obsm["spatial"]``, ``obs["region"]`` / ``obs["spot_id"]`` linking to the shapes, and
     ``uns["hespotex_sample"]`` (:class:`~hespotex._sample.SampleInfo`).
+
+    Reads only its arguments; writes nothing else (no file).
     """
     from anndata import AnnData
     from spatialdata import SpatialData

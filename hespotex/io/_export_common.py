@@ -18,11 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from hespotex.tl.prediction._tables import recorded_params
+from hespotex._constants import PREDICTION_KEY
+from hespotex.tl.prediction._tables import recorded_params, resolve_prediction
 
 logger = logging.getLogger("hespotex")
 
-DEFAULT_KEY = "hespotex"
+DEFAULT_KEY = PREDICTION_KEY
 ROWS_PER_READ = 16_384  # spots read from the layer at a time
 
 
@@ -147,9 +148,11 @@ def _open_table(path: Path, key: str):
 
 
 def open_prediction(data: Any, *, key: str = DEFAULT_KEY, layer: str | None = None) -> Prediction:
-    """Open a prediction: a zarr store path, a SpatialData holding table ``key``, or the AnnData table itself.
+    """Open a prediction: a zarr store path (its table ``key``), or a SpatialData / AnnData holding the prediction
+    ``key`` (found through :func:`hespotex.tl.prediction._tables.resolve_prediction`: the spot table's layer and
+    record, or the table ``key`` that ``hx.tl.predict`` writes when the genes differ).
 
-    Reads everything but the predicted values, which stay lazy. ``layer`` defaults to ``key``.
+    Reads everything but the predicted values, which stay lazy. ``layer`` defaults to the recorded layer of ``key``.
     """
     from anndata import AnnData
 
@@ -164,19 +167,18 @@ def open_prediction(data: Any, *, key: str = DEFAULT_KEY, layer: str | None = No
             raise FileNotFoundError(msg)
         table = _open_table(store, key)
         slide = dict(_root_attrs(store).get("hespotex_slide", {}) or {})
-    elif isinstance(data, AnnData):
-        table = data
-    elif hasattr(data, "tables"):
-        if key not in data.tables:
-            msg = f"The SpatialData has no prediction table {key!r} (tables: {list(data.tables)}). Pass its table as `key`."
-            raise KeyError(msg)
-        table = data.tables[key]
-        slide = dict(dict(getattr(data, "attrs", {}) or {}).get("hespotex_slide", {}) or {})
-        if getattr(data, "path", None) is not None:
-            store = Path(data.path)
+    elif isinstance(data, AnnData) or hasattr(data, "tables"):
+        # the one lookup: layer + record of `key` in the spot table, or the table `key` (genes differ, streamed)
+        found = resolve_prediction(data, key, layer=layer)
+        table, layer = found.table, found.layer
+        params = dict(found.params)
     else:
         msg = f"Expected a prediction zarr store path, a SpatialData or an AnnData, found {type(data).__name__}."
         raise TypeError(msg)
+    if hasattr(data, "tables"):
+        slide = dict(dict(getattr(data, "attrs", {}) or {}).get("hespotex_slide", {}) or {})
+        if getattr(data, "path", None) is not None:
+            store = Path(data.path)
     layer = layer or key
     if layer not in table.layers:
         msg = f"The table has no layer {layer!r} of predictions (layers: {list(table.layers)}). Pass the layer as `layer`."
@@ -189,7 +191,8 @@ def open_prediction(data: Any, *, key: str = DEFAULT_KEY, layer: str | None = No
         )
         raise KeyError(msg)
     centres = np.asarray(table.obsm["spatial"], dtype=np.float64)[:, :2]
-    params = dict(recorded_params(table, key) or {})
+    if isinstance(data, (str, Path)):
+        params = dict(recorded_params(table, key) or {})
     return Prediction(
         values=table.layers[layer],
         genes=[str(g) for g in table.var_names],

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from hespotex._compat import old_positionals
 from hespotex._sample import SAMPLE_KEY, TABLE_KEY, SampleInfo
 from hespotex.io._build import check_expression, check_scale, check_spots_in_image
 from hespotex.io._visium import spot_centres
@@ -71,10 +72,11 @@ def _find_fullres(path: Path, given: str | Path | None) -> Path | None:
     return files[0] if files else None
 
 
+@old_positionals("io.read_visium_hd")
 def read_visium_hd(
     path: str | Path,
-    bin_size: int = 8,
     *,
+    bin_size: int = 8,
     dataset_id: str | None = None,
     fullres_image: str | Path | None = None,
     filtered_counts: bool = True,

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hespotex._constants import SLIDE_KEY
 from hespotex.io._anndata import check_sample_id, sample_id_from_path
 from hespotex.io._decode import decode_array, decode_levels, decode_pil, tiff_file_format
 from hespotex.io._image import as_rgb_hwc
@@ -38,7 +39,6 @@ logger = logging.getLogger("hespotex")
 __all__ = ["SLIDE_KEY", "read_wsi", "slide_info"]
 
 #: ``sdata.attrs`` key of the slide record written by :func:`read_wsi`.
-SLIDE_KEY = "hespotex_slide"
 _TIFF_SUFFIXES = (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".btf", ".svs", ".ndpi", ".scn", ".bif", ".qptiff")
 _RASTER_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -281,6 +281,8 @@ def read_wsi(
     Raises ``FileNotFoundError`` for a missing file, ``ImportError`` naming the extra to install when
     a format needs a missing reader, and ``ValueError`` for a truncated, damaged or non-image file, an
     unsupported layout, or unknown microns per pixel.
+
+    Reads the file lazily; writes nothing.
     """
     from spatialdata import SpatialData
 

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import scipy.sparse as sp
 
+from hespotex._compat import renamed_arguments
+from hespotex._constants import PREDICTION_KEY
 from hespotex._sample import get_sample_info
 from hespotex.pl._utils import Predictions, crop_image, get_predictions
 
@@ -89,13 +91,13 @@ def attention_edges(
     return df.sort_values("weight", ascending=False, kind="stable").reset_index(drop=True)
 
 
+@renamed_arguments("pl.attention")
 def attention(
     data: Any,
     spot: str | int,
     *,
-    key: str | None = None,
+    key: str = PREDICTION_KEY,
     layer: str | None = None,
-    table_key: str | None = None,
     direction: Literal["in", "out"] = "in",
     image: bool = True,
     cmap: str = "magma",
@@ -114,9 +116,11 @@ def attention(
     spot
         The selected spot: an obs name or an integer position.
     key
-        ``obsp`` key of the attention weights; default: ``uns[layer]["params"]["attention_key"]``.
-    layer, table_key
-        Which predictions (see :func:`hespotex.pl.spatial`).
+        The prediction whose attention is shown: the ``key_added`` given to :func:`hespotex.tl.predict`
+        (its ``obsp[f"{key}_attention"]``, as its record names it; formerly ``table_key``). An ``obsp`` key
+        naming the matrix itself is still read (what ``key`` meant before 0.2).
+    layer
+        Another layer of that prediction's table (see :func:`hespotex.pl.spatial`).
     direction
         ``"in"``: the neighbours the spot attends to (weights of its row, summing to 1 with the self
         loop); ``"out"``: the spots that attend to it.
@@ -143,8 +147,13 @@ def attention(
     from hespotex.pl._spatial import import_holoviews, rgb_element
 
     hv = import_holoviews()
-    pred = get_predictions(data, layer=layer, table_key=table_key)
-    edges = attention_edges(pred, spot, key=key, direction=direction)
+    try:
+        pred, obsp_key = get_predictions(data, key=key, layer=layer), None
+    except KeyError:  # before 0.2 `key` named the obsp matrix: read it from the default prediction's table
+        pred, obsp_key = get_predictions(data, layer=layer), key
+        if key not in pred.table.obsp:
+            raise
+    edges = attention_edges(pred, spot, key=obsp_key, direction=direction)
     name = str(pred.table.obs_names[spot_index(pred, spot)])
     try:
         diameter = get_sample_info(pred.table).spot_diameter_px

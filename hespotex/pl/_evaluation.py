@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from hespotex._compat import renamed_arguments
+from hespotex._constants import PREDICTION_KEY, evaluation_key
 from hespotex.pl._export import hv_backends
 
 logger = logging.getLogger("hespotex")
@@ -42,30 +44,26 @@ def _input_kind(data: Any) -> str:
     raise TypeError(msg)
 
 
-def _prediction_table(data: Any, layer: str, table_key: str | None):
-    from hespotex._sample import get_table
+def _prediction_table(data: Any, key: str, layer: str | None):
+    """The table, layer and record of the prediction ``key`` (the one lookup of :mod:`hespotex.tl.prediction._tables`)."""
+    from hespotex.tl.prediction._tables import resolve_prediction
 
-    if table_key is None and hasattr(data, "tables") and layer in data.tables:
-        table_key = layer  # `hx.tl.predict` stores a new table under its key when the genes differ
-    table = get_table(data, table_key)
-    if layer not in table.layers:
-        msg = f"Expected predictions in layers[{layer!r}], found layers {list(table.layers)}. Run `hx.tl.predict` first or pass `layer=`."
-        raise KeyError(msg)
-    return table
+    found = resolve_prediction(data, key, layer=layer)
+    return found.table, found.layer, found.params
 
 
-def measured_expression(table: Any, *, layer: str = "hespotex", truth: Any = None) -> np.ndarray:
+def measured_expression(table: Any, *, params: dict[str, Any] | None = None, truth: Any = None) -> np.ndarray:
     """Measured expression of the predicted spots and genes, normalised like the predictions.
 
     ``truth``: ``None`` uses ``layers["measured"]`` when present, else the table's own counts (``X`` or
     ``layers["counts"]``) log-normalised with the prediction's ``target_sum``; a string names a layer
-    already normalised; a sample or AnnData is matched by ``obs_names`` and normalised the same way.
+    already normalised; a sample or AnnData is matched by ``obs_names`` and normalised the same way
+    (``target_sum`` / ``target_norm`` of the prediction's record ``params``).
     """
     from hespotex._sample import get_table
     from hespotex.pp._targets import target_expression
-    from hespotex.tl.prediction._tables import recorded_params
 
-    params = recorded_params(table, layer) or {}
+    params = params or {}
     target_sum = float(params.get("target_sum", 1e4))
     target_norm = str(params.get("target_norm", "library_all"))
     genes = list(table.var_names)
@@ -91,14 +89,15 @@ def measured_expression(table: Any, *, layer: str = "hespotex", truth: Any = Non
         raise ValueError(msg) from err
 
 
+@renamed_arguments("pl.evaluation")
 def evaluation(
     data: Any,
     *,
     kind: str | Sequence[str] | None = None,
     genes: Sequence[str] | None = None,
-    layer: str = "hespotex",
+    key: str = PREDICTION_KEY,
+    layer: str | None = None,
     truth: Any = None,
-    table_key: str | None = None,
     cv: pd.DataFrame | None = None,
     gene_set: str = "all",
     n_genes: int = 4,
@@ -114,7 +113,7 @@ def evaluation(
     data
         One of
 
-        - predictions: an AnnData (or SpatialData) with ``layers[layer]`` (:func:`hespotex.tl.predict`)
+        - predictions: an AnnData (or SpatialData) with the prediction ``key`` (:func:`hespotex.tl.predict`)
           and the measured expression of the same spots (see ``truth``): all three views are possible
           (``folds`` with ``cv``);
         - the per-gene table of :func:`hespotex.tl.evaluate` (index or column ``gene``, column ``pearson``;
@@ -129,16 +128,17 @@ def evaluation(
         Default: every view the inputs support. A view the inputs cannot support is an error.
     genes
         Genes of the scatter view; default the ``n_genes`` genes best predicted.
+    key
+        The prediction (predictions input): the ``key_added`` given to :func:`hespotex.tl.predict`, found in
+        whichever table holds it (formerly ``table_key`` / ``layer``); the stored
+        ``uns[f"{key}_evaluation"]["per_gene"]`` of :func:`hespotex.tl.evaluate` ``(key=key)`` is used for the
+        distribution when present, else the scores are computed.
     layer
-        Prediction layer (predictions input); the stored ``uns[f"{layer}_evaluation"]["per_gene"]`` of
-        :func:`hespotex.tl.evaluate` is used for the distribution when present, else the scores are computed.
+        Another layer of that prediction's table to score instead (``f"{key}_spread"``, a baseline).
     truth
         Measured expression: ``None`` for ``layers["measured"]`` when present, else the table's own counts
         normalised like the predictions (log1p of counts per ``target_sum`` of the prediction); a layer name;
         or a sample / AnnData with the measured counts of the same spots (matched by ``obs_names``).
-    table_key
-        Table of a SpatialData; default the table named ``layer`` when present (``hx.tl.predict`` stores one
-        when the genes differ), else ``"table"``.
     cv
         A table of :func:`hespotex.tl.cross_validate` or :func:`hespotex.tl.summarize_cv` for the ``folds``
         view beside views of predictions.
@@ -185,11 +185,12 @@ def evaluation(
     if source == "table":
         from hespotex.tl.evaluation._metrics import gene_scores
 
-        table = _prediction_table(data, layer, table_key)
-        pred = np.asarray(table.layers[layer], dtype=np.float32)
-        scores = table.uns.get(f"{layer}_evaluation", {}).get("per_gene")
+        table, layer_read, params = _prediction_table(data, key, layer)
+        pred = np.asarray(table.layers[layer_read], dtype=np.float32)
+        stored = table.uns.get(evaluation_key(key if layer is None else layer))
+        scores = stored.get("per_gene") if isinstance(stored, dict) else None
         if "scatter" in kinds or scores is None:
-            y = measured_expression(table, layer=layer, truth=truth)
+            y = measured_expression(table, params=params, truth=truth)
             computed = gene_scores(y, pred, list(table.var_names))
         if scores is None:
             scores = computed
@@ -207,7 +208,7 @@ def evaluation(
                     pred,
                     y,
                     computed,
-                    layer=layer,
+                    layer=layer_read,
                     genes=genes,
                     n_genes=n_genes,
                     max_points=max_points,

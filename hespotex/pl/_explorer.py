@@ -16,6 +16,8 @@ from typing import Any, Literal
 import param
 from panel.viewable import Viewer
 
+from hespotex._compat import renamed_arguments
+from hespotex._constants import PREDICTION_KEY
 from hespotex.pl._spatial import RASTERIZE_THRESHOLD, SpatialView, import_holoviews
 from hespotex.pl._utils import Predictions, check_genes, get_predictions
 from hespotex.tl.prediction._tables import prediction_records
@@ -47,16 +49,17 @@ class Explorer(Viewer):
 
     state = param.ClassSelector(class_=ExplorerState, doc="Parameters every view follows.")
 
+    @renamed_arguments("pl.Explorer")
     def __init__(
         self,
         sdata: Any,
         *,
         genes: Sequence[str] | None = None,
         gene: str | None = None,
+        key: str = PREDICTION_KEY,
         layer: str | None = None,
-        table_key: str | None = None,
         spot: str | None = None,
-        measured: bool | Literal["auto"] = "auto",
+        truth: bool | str | None = "auto",
         rasterize: bool | Literal["auto"] = "auto",
         threshold: int = RASTERIZE_THRESHOLD,
         cmap: str = "viridis",
@@ -66,7 +69,7 @@ class Explorer(Viewer):
         evaluation: Any = None,
         title: str | None = None,
     ) -> None:
-        pred = get_predictions(sdata, layer=layer, table_key=table_key)
+        pred = get_predictions(sdata, key=key, layer=layer)
         gene_list = check_genes(pred, genes)
         if gene is not None:
             check_genes(pred, [gene])
@@ -80,10 +83,11 @@ class Explorer(Viewer):
         super().__init__(state=state)
         self._data = sdata
         self._table_key = pred.table_key
+        self._key = key
         self._preds: dict[str, Predictions] = {pred.layer: pred}
         self._views: dict[str, SpatialView] = {}
         self._view_kwargs = {
-            "measured": measured,
+            "truth": truth,
             "rasterize": rasterize,
             "threshold": threshold,
             "cmap": cmap,
@@ -144,7 +148,7 @@ class Explorer(Viewer):
         """The predictions of the current layer."""
         layer = self.state.layer
         if layer not in self._preds:
-            self._preds[layer] = get_predictions(self._data, layer=layer, table_key=self._table_key)
+            self._preds[layer] = get_predictions(self._data, key=self._key, layer=layer, table_key=self._table_key)
         return self._preds[layer]
 
     @property
@@ -193,8 +197,8 @@ class Explorer(Viewer):
         return attention(
             self._data,
             self.state.spot,
+            key=self._key,
             layer=self.state.layer,
-            table_key=self._table_key,
             direction=self.state.direction,
             width=self._attention_width,
         )
@@ -338,13 +342,14 @@ def _prediction_layers(pred: Predictions) -> list[str]:
     return layers
 
 
+@renamed_arguments("pl.explorer")
 def explorer(
     sdata: Any,
     *,
     genes: Sequence[str] | None = None,
     gene: str | None = None,
+    key: str = PREDICTION_KEY,
     layer: str | None = None,
-    table_key: str | None = None,
     spot: str | None = None,
     patches: Any = None,
     evaluation: Any = None,
@@ -364,8 +369,9 @@ def explorer(
         Genes offered by the selector; default: every predicted gene.
     gene
         Gene shown first; default: the first of ``genes``.
-    layer, table_key
-        Which predictions (see :func:`hespotex.pl.spatial`).
+    key, layer
+        Which predictions: the ``key_added`` given to :func:`hespotex.tl.predict`, and optionally another
+        layer of its table (see :func:`hespotex.pl.spatial`; ``key`` was ``table_key``).
     spot
         Spot selected at start.
     patches
@@ -373,7 +379,7 @@ def explorer(
     evaluation
         Evaluation results (as ``hx.pl.evaluation`` takes them): adds an evaluation tab.
     **kwargs
-        ``measured``, ``rasterize``, ``threshold``, ``cmap``, ``width``, ``attention_width``, ``title``.
+        ``truth`` (formerly ``measured``, see :func:`hespotex.pl.spatial`), ``rasterize``, ``threshold``, ``cmap``, ``width``, ``attention_width``, ``title``.
 
     Returns
     -------
@@ -383,8 +389,8 @@ def explorer(
         sdata,
         genes=genes,
         gene=gene,
+        key=key,
         layer=layer,
-        table_key=table_key,
         spot=spot,
         patches=patches,
         evaluation=evaluation,

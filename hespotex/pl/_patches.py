@@ -106,7 +106,7 @@ def diagnostic_patches(
         msg = f"Expected `ncols` >= 1, found {ncols}."
         raise ValueError(msg)
     if len(table) == 0:
-        msg = "The result holds no patches; nothing to show. Check the `by=` and `n=` of `hx.tl.diagnostic_patches`."
+        msg = "The result holds no patches; nothing to show. Check the `by=` and `n_patches=` of `hx.tl.diagnostic_patches`."
         raise ValueError(msg)
     show_saliency = saliency and sal is not None
     if saliency and sal is None:

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from hespotex._compat import renamed_arguments
+from hespotex._constants import PREDICTION_KEY
 from hespotex._sample import get_sample_info
 from hespotex.pl._utils import (
     MAX_IMAGE_PX,
@@ -20,6 +22,7 @@ from hespotex.pl._utils import (
     predicted_values,
     resolve_measured,
     robust_limits,
+    with_truth,
 )
 
 if TYPE_CHECKING:
@@ -64,7 +67,7 @@ class SpatialView:
         data: Any,
         pred: Predictions,
         *,
-        measured: bool | Literal["auto"] = "auto",
+        truth: bool | str | None = "auto",
         image: bool = True,
         rasterize: bool | Literal["auto"] = "auto",
         threshold: int = RASTERIZE_THRESHOLD,
@@ -76,6 +79,7 @@ class SpatialView:
     ) -> None:
         from scipy.spatial import cKDTree
 
+        pred = with_truth(pred, truth)
         self.pred = pred
         table = pred.table
         if "spatial" not in table.obsm:
@@ -84,7 +88,7 @@ class SpatialView:
         self.xy = np.asarray(table.obsm["spatial"], dtype=np.float64)[:, :2]
         self.spots = np.asarray(table.obs_names.astype(str))
         self.n = len(self.spots)
-        self.show_measured = resolve_measured(pred, measured)
+        self.show_measured = resolve_measured(pred, truth)
         if rasterize == "auto":
             rasterize = self.n > threshold
         if not isinstance(rasterize, bool):
@@ -286,13 +290,14 @@ def _gene_state(genes: Sequence[str]):
     return GeneState()
 
 
+@renamed_arguments("pl.spatial")
 def spatial(
     data: Any,
     genes: str | Sequence[str] | None = None,
     *,
+    key: str = PREDICTION_KEY,
     layer: str | None = None,
-    measured: bool | Literal["auto"] = "auto",
-    table_key: str | None = None,
+    truth: bool | str | None = "auto",
     image: bool = True,
     rasterize: bool | Literal["auto"] = "auto",
     threshold: int = RASTERIZE_THRESHOLD,
@@ -315,13 +320,16 @@ def spatial(
         A sample (SpatialData) after ``hx.tl.predict``, or its prediction table (AnnData; no image then).
     genes
         One gene or several (a gene selector appears); ``None``: every predicted gene.
+    key
+        The prediction shown: the ``key_added`` given to :func:`hespotex.tl.predict` (found in whichever
+        table holds it; formerly ``table_key``, which a table name still works as).
     layer
-        Prediction layer; default: the one ``hx.tl.predict`` recorded (``uns["hespotex"]["params"]["layer"]``).
-    measured
-        Show the measured expression beside the prediction: ``"auto"`` when available
-        (``layers["measured"]``, or counts in ``X`` normalised with the predictions' ``target_sum``).
-    table_key
-        Table of the SpatialData holding the predictions; default: ``"table"``, else ``"hespotex"``.
+        Another layer of that prediction's table to show instead (``f"{key}_spread"``, a baseline);
+        default: the layer ``hx.tl.predict`` recorded for ``key``.
+    truth
+        Measured expression shown beside the prediction: ``"auto"`` when available
+        (``layers["measured"]``, or counts in ``X`` normalised with the predictions' ``target_sum``),
+        ``True`` (required), ``False`` / ``None`` (never) or a layer name. Formerly ``measured``.
     image
         Draw the H&E image (a pyramid level of at most ``max_image_px`` pixels on its longest side).
     rasterize
@@ -350,12 +358,12 @@ def spatial(
     selector (``pn.widgets.Select``) above a ``pn.pane.HoloViews`` of those panels.
     Reads the prediction table; writes nothing.
     """
-    pred = get_predictions(data, layer=layer, table_key=table_key)
+    pred = get_predictions(data, key=key, layer=layer)
     genes = check_genes(pred, genes)
     view = SpatialView(
         data,
         pred,
-        measured=measured,
+        truth=truth,
         image=image,
         rasterize=rasterize,
         threshold=threshold,

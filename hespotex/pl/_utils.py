@@ -10,20 +10,20 @@ import logging
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scipy.sparse as sp
 
-from hespotex._sample import SAMPLE_KEY, TABLE_KEY, get_sample_info
-from hespotex.tl.prediction._tables import PREDICTION_KEY, find_prediction
+from hespotex._constants import MEASURED_LAYER, PREDICTION_KEY, SAMPLE_KEY, attention_key
+from hespotex._sample import get_sample_info
+from hespotex.tl.prediction._tables import prediction_records, resolve_prediction
 
 if TYPE_CHECKING:
     from anndata import AnnData
 
 logger = logging.getLogger("hespotex")
 
-MEASURED_LAYER = "measured"
 # sdata -> {(image key, max_px): (element, display image)}
 _DISPLAY_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 MAX_IMAGE_PX = 1200  # longest side of the background image drawn under the spots (frames are ~300-500 px)
@@ -37,6 +37,8 @@ class Predictions:
     layer: str
     params: dict[str, Any]
     table_key: str | None = None
+    key: str = PREDICTION_KEY
+    truth_layer: str = MEASURED_LAYER  # the layer of measured expression shown beside the predictions
 
     @property
     def sample_id(self) -> str:
@@ -45,22 +47,29 @@ class Predictions:
     @property
     def attention_key(self) -> str | None:
         key = self.params.get("attention_key")
-        return str(key) if key else None
+        if key:
+            return str(key)
+        default = attention_key(self.key)
+        return default if default in self.table.obsp else None
 
 
-def get_predictions(data: Any, *, layer: str | None = None, table_key: str | None = None) -> Predictions:
-    """Find the table holding predictions and its prediction layer.
+def get_predictions(
+    data: Any, *, key: str = PREDICTION_KEY, layer: str | None = None, table_key: str | None = None
+) -> Predictions:
+    """Find the prediction ``key`` (what ``hx.tl.predict(key_added=key)`` wrote) through the one lookup,
+    :func:`hespotex.tl.prediction._tables.resolve_prediction`.
 
     Parameters
     ----------
     data
         A sample (SpatialData) or a prediction table (AnnData).
+    key
+        The prediction: its record ``uns[key]``, a bare ``layers[key]``, or a table of the SpatialData; for the
+        default key with nothing stored under it, the first recorded prediction.
     layer
-        Prediction layer; by default the one ``hx.tl.predict`` recorded (``uns[key]["params"]["layer"]``),
-        ``"hespotex"`` first.
+        Another layer of that table to show instead (``f"{key}_spread"``, a baseline).
     table_key
-        Table of a SpatialData to read; by default the sample's ``"table"`` when it holds predictions,
-        else ``tables["hespotex"]``, else any table with predictions.
+        Only this table of the SpatialData (used by the explorer to stay on one table).
 
     Returns
     -------
@@ -68,30 +77,23 @@ def get_predictions(data: Any, *, layer: str | None = None, table_key: str | Non
     """
     from anndata import AnnData
 
-    if isinstance(data, AnnData):
-        candidates = {None: data}
-    elif hasattr(data, "tables"):
-        tables = data.tables
-        if table_key is not None:
-            if table_key not in tables:
-                msg = f"Expected a table {table_key!r} in the SpatialData, found tables {list(tables)}."
-                raise KeyError(msg)
-            candidates = {table_key: tables[table_key]}
-        else:
-            order = [k for k in (TABLE_KEY, layer or PREDICTION_KEY) if k in tables]
-            order += [k for k in tables if k not in order]
-            candidates = {k: tables[k] for k in order}
-    else:
-        msg = f"Expected a SpatialData sample or an AnnData table, found {type(data).__name__}."
-        raise TypeError(msg)
-    for key, table in candidates.items():
-        found = find_prediction(table, layer)
-        if found is not None:
-            return Predictions(table=table, layer=found[0], params=found[1], table_key=key)
-    what = f"layers[{layer!r}]" if layer else "a prediction layer (uns[key]['params']['layer'])"
-    where = "the table" if None in candidates else f"tables {list(candidates)}"
-    msg = f"Expected {what} in {where}; found none. Run `hx.tl.predict(sdata, model)` first, or pass `layer=`/`table_key=`."
-    raise KeyError(msg)
+    source = data
+    if table_key is not None and not isinstance(data, AnnData) and hasattr(data, "tables"):
+        if table_key not in data.tables:
+            msg = f"Expected a table {table_key!r} in the SpatialData, found tables {list(data.tables)}."
+            raise KeyError(msg)
+        source = data.tables[table_key]
+    found = resolve_prediction(source, key, layer=layer, any_recorded=True)
+    params = found.params
+    if layer is not None:  # a layer with a record of its own (another prediction) keeps its record
+        params = dict(prediction_records(found.table).get(layer, params))
+    return Predictions(
+        table=found.table,
+        layer=found.layer,
+        params=params,
+        table_key=table_key if table_key is not None else found.table_key,
+        key=key,
+    )
 
 
 def check_genes(pred: Predictions, genes: str | Sequence[str] | None) -> list[str]:
@@ -128,7 +130,7 @@ def predicted_values(pred: Predictions, gene: str) -> np.ndarray:
 def has_measured(pred: Predictions) -> bool:
     """Whether measured expression of the predicted genes is available (``layers["measured"]`` or counts in ``X``)."""
     table = pred.table
-    if MEASURED_LAYER in table.layers:
+    if pred.truth_layer in table.layers:
         return True
     x = table.X
     if x is None or 0 in x.shape:
@@ -145,10 +147,10 @@ def measured_values(pred: Predictions, gene: str) -> np.ndarray:
     from hespotex.pp._targets import target_expression
 
     table = pred.table
-    if MEASURED_LAYER in table.layers:
-        return _column(table.layers[MEASURED_LAYER], int(table.var_names.get_loc(gene)))
+    if pred.truth_layer in table.layers:
+        return _column(table.layers[pred.truth_layer], int(table.var_names.get_loc(gene)))
     if not has_measured(pred):
-        msg = "This table has no measured expression (no layers['measured'] and no counts in X); pass `measured=False`."
+        msg = "This table has no measured expression (no layers['measured'] and no counts in X); pass `truth=False`."
         raise ValueError(msg)
     target_sum = float(pred.params.get("target_sum", 1e4))
     target_norm = str(pred.params.get("target_norm", "library_all"))
@@ -158,17 +160,34 @@ def measured_values(pred: Predictions, gene: str) -> np.ndarray:
     return target_expression(table, [gene], target_norm=target_norm, target_sum=target_sum).ravel()
 
 
-def resolve_measured(pred: Predictions, measured: bool | Literal["auto"]) -> bool:
-    """Whether to show measured expression: ``"auto"`` when available; ``True`` insists on it."""
-    if measured == "auto":
+def resolve_measured(pred: Predictions, truth: bool | str | None) -> bool:
+    """Whether to show measured expression: ``"auto"`` when available; ``True`` insists on it; a layer name
+    (see :func:`with_truth`) is shown; ``False`` / ``None`` never."""
+    if truth is None:
+        return False
+    if truth == "auto":
         return has_measured(pred)
-    if measured is True and not has_measured(pred):
-        msg = "`measured=True` but the table has no measured expression (no layers['measured'], no counts in X); use measured='auto'."
+    if isinstance(truth, str):
+        if truth not in pred.table.layers:
+            msg = f"Expected measured expression in layers[{truth!r}], found layers {list(pred.table.layers)}; pass `truth=` 'auto', True, False or an existing layer."
+            raise KeyError(msg)
+        return True
+    if truth is True and not has_measured(pred):
+        msg = "`truth=True` but the table has no measured expression (no layers['measured'], no counts in X); use truth='auto'."
         raise ValueError(msg)
-    if not isinstance(measured, bool):
-        msg = f"Expected `measured` to be True, False or 'auto'; found {measured!r}."
+    if not isinstance(truth, bool):
+        msg = f"Expected `truth` to be True, False, 'auto' or a layer name; found {truth!r}."
         raise ValueError(msg)
-    return measured
+    return truth
+
+
+def with_truth(pred: Predictions, truth: Any) -> Predictions:
+    """``pred`` reading its measured expression from the layer ``truth`` when it names one (not ``"auto"``)."""
+    from dataclasses import replace
+
+    if isinstance(truth, str) and truth != "auto":
+        return replace(pred, truth_layer=truth)
+    return pred
 
 
 def robust_limits(*arrays: np.ndarray, quantiles: tuple[float, float] = (0.01, 0.99)) -> tuple[float, float]:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hespotex._constants import EMBED_RECORD_KEY, EMBEDDING_KEY
 from hespotex._sample import get_table
 from hespotex._settings import resolve_device, settings
 from hespotex.io._inputs import accepts_anndata
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("hespotex")
 
-EMBED_KEY = "hespotex_embed"
+EMBED_KEY = EMBED_RECORD_KEY
 
 
 def image_fingerprint(plan: PatchPlan) -> str:
@@ -159,7 +160,7 @@ def embed(
     cache: bool = True,
     seed: int = 0,
     device: str | None = None,
-    key_added: str = "X_hespotex_image",
+    key_added: str = EMBEDDING_KEY,
     overwrite: bool = False,
     tta: bool = False,
     stain_augment: int = 0,

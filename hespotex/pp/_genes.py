@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from hespotex._compat import renamed_arguments
+from hespotex._constants import GENES_KEY
 from hespotex._sample import as_sample_dict, get_table
 from hespotex.pp._normalize import is_integer_valued, log_expression
 
@@ -89,14 +91,15 @@ def _counts(adata: AnnData, layer: str):
     raise ValueError(msg)
 
 
+@renamed_arguments("pp.select_genes")
 def select_genes(
     samples,
     *,
-    n_top: int | None = 2000,
+    n_top_genes: int | None = 2000,
     flavor: Literal["seurat_v3", "mean"] = "seurat_v3",
     genes: Sequence[str] | None = None,
     counts_layer: str = "counts",
-    key_added: str | None = "hespotex_genes",
+    key_added: str | None = GENES_KEY,
     overwrite: bool = False,
 ) -> list[str]:
     """Select the genes a model predicts, fitted on the given (training) samples only.
@@ -109,7 +112,7 @@ def select_genes(
     ----------
     samples
         Training samples (SpatialData or AnnData, one, a list or a dict).
-    n_top
+    n_top_genes
         Number of genes to keep (ignored with ``genes=``).
     flavor
         Ranking, see above.
@@ -125,7 +128,7 @@ def select_genes(
     Returns
     -------
     The selected genes, ranked. Writes to each sample's table ``var[key_added]`` (bool) and
-    ``uns[key_added]`` (``genes``, ``flavor``, ``n_top``, ``fitted_on``, ``hash``).
+    ``uns[key_added]`` (``genes``, ``flavor``, ``n_top`` (the number kept), ``fitted_on``, ``hash``).
     """
     named = as_sample_dict(samples)
     tables = [get_table(s) for s in named.values()]
@@ -151,11 +154,11 @@ def select_genes(
         check_samples(tables, names, genes, counts_layer=counts_layer)
         selected, flavor_used = genes, "given"
     else:
-        if n_top is None or n_top < 1:
-            msg = f"Expected `n_top` >= 1, found {n_top}."
+        if n_top_genes is None or n_top_genes < 1:
+            msg = f"Expected `n_top_genes` >= 1, found {n_top_genes}."
             raise ValueError(msg)
-        if n_top > len(common):
-            msg = f"Asked for {n_top} genes but the samples share only {len(common)}; lower `n_top`."
+        if n_top_genes > len(common):
+            msg = f"Asked for {n_top_genes} genes but the samples share only {len(common)}; lower `n_top_genes`."
             raise ValueError(msg)
         seurat = flavor == "seurat_v3"
         check_samples(
@@ -163,13 +166,13 @@ def select_genes(
             min_spots=2 if seurat else 1, min_varying_genes=_LOESS_MIN_GENES if seurat else 0,
         )  # fmt: skip
         if seurat:
-            selected = _seurat_v3(tables, names, common, n_top, counts_layer)
+            selected = _seurat_v3(tables, names, common, n_top_genes, counts_layer)
         elif flavor == "mean":
             means = np.zeros(len(common))
             for t in tables:
                 x = log_expression(t, common, counts_layer=counts_layer, dense=False)
                 means += np.asarray(x.mean(axis=0)).ravel() * t.n_obs
-            order = np.argsort(-means, kind="stable")[:n_top]
+            order = np.argsort(-means, kind="stable")[:n_top_genes]
             selected = list(common[order])
         else:
             msg = f"Unknown flavor {flavor!r}; expected 'seurat_v3' or 'mean', or pass `genes=`."

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import scipy.sparse as sp
 
+from hespotex._constants import NORMALIZE_KEY
 from hespotex._sample import get_table
 
 if TYPE_CHECKING:
@@ -17,7 +18,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("hespotex")
 
-NORMALIZE_KEY = "hespotex_normalize"
 
 
 def is_log_normalized(adata: AnnData) -> bool:

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
+from hespotex._compat import renamed_arguments
+from hespotex._constants import TILE_KEY
 from hespotex._sample import SAMPLE_KEY, TABLE_KEY
 
 if TYPE_CHECKING:
@@ -21,7 +23,6 @@ logger = logging.getLogger("hespotex")
 
 __all__ = ["tile"]
 
-TILE_KEY = "hespotex_tile"
 _MAX_RASTER_PIXELS = 40_000_000
 _MPP_RATIO_WARN = 2.0  # warn when the slide's µm/px differs from the training data's by more than this factor
 
@@ -193,6 +194,7 @@ def _check_scale(mpp: float, diameter_um: float, record: dict[str, Any], sid: st
         )
 
 
+@renamed_arguments("pp.tile")
 def tile(
     sdata: SpatialData,
     *,
@@ -202,7 +204,7 @@ def tile(
     layout: Literal["hex", "grid"] = "hex",
     tissue_key: str | None = None,
     min_tissue_fraction: float = 0.5,
-    table_key: str = TABLE_KEY,
+    key_added: str = TABLE_KEY,
     overwrite: bool = False,
 ) -> AnnData:
     """Lay pseudo-spots over the tissue of a slide, with a table ready for :func:`hespotex.tl.predict`.
@@ -232,10 +234,10 @@ def tile(
         :func:`hespotex.pp.detect_tissue` with its defaults when absent (and stored there).
     min_tissue_fraction
         Smallest fraction of a spot's disc on tissue for the spot to be kept, in ``[0, 1]``.
-    table_key
-        Key of the new table (:func:`hespotex.tl.predict` reads ``"table"``).
+    key_added
+        Key of the new table (:func:`hespotex.tl.predict` reads ``"table"``; formerly ``table_key``).
     overwrite
-        Replace existing spots ``{sample_id}_spots`` and table ``table_key``; tables annotating the
+        Replace existing spots ``{sample_id}_spots`` and table ``key_added``; tables annotating the
         old spots (e.g. earlier predictions) are removed with them (a warning names them).
 
     Returns
@@ -244,7 +246,7 @@ def tile(
 
     - ``sdata.shapes[f"{sample_id}_spots"]``: circles (radius = half the spot diameter, full-resolution px)
       in the coordinate system ``sample_id``;
-    - ``sdata.tables[table_key]``: zero genes; ``obs_names`` ``f"{sample_id}_{i}"``; ``obs["array_row"]``,
+    - ``sdata.tables[key_added]``: zero genes; ``obs_names`` ``f"{sample_id}_{i}"``; ``obs["array_row"]``,
       ``obs["array_col"]`` (lattice indices), ``obs["tissue_fraction"]``; ``obs["region"]`` /
       ``obs["spot_id"]`` linking to the circles (spatialdata region / instance keys);
       ``obsm["spatial"]`` (x = column, y = row, full-resolution px); ``uns["hespotex_sample"]`` (sample
@@ -267,8 +269,8 @@ def tile(
     slide, levels = tissue_levels(sdata)
     sid, cs, mpp = slide["sample_id"], slide["coordinate_system"], float(slide["microns_per_pixel"])
     shapes_key = f"{sid}_spots"
-    taken = [f"shapes {shapes_key!r}"] * (shapes_key in sdata.shapes) + [f"table {table_key!r}"] * (
-        table_key in sdata.tables
+    taken = [f"shapes {shapes_key!r}"] * (shapes_key in sdata.shapes) + [f"table {key_added!r}"] * (
+        key_added in sdata.tables
     )
     if taken and not overwrite:
         msg = f"The SpatialData already has {' and '.join(taken)}; pass `overwrite=True` to replace them (and tables annotating the old spots)."
@@ -323,8 +325,8 @@ def tile(
     table = built.tables[TABLE_KEY]
     table.uns[SAMPLE_KEY]["image_key"] = slide["image_key"]
     table.uns[SAMPLE_KEY]["coordinate_system"] = cs
-    if table_key != TABLE_KEY:
-        table.uns[SAMPLE_KEY]["table_key"] = table_key
+    if key_added != TABLE_KEY:
+        table.uns[SAMPLE_KEY]["table_key"] = key_added
     table.uns[TILE_KEY] = {
         "spot_diameter_um": diameter_um,
         "spacing_um": spacing,
@@ -335,9 +337,9 @@ def tile(
         "n_tiles": n,
     }
     if overwrite:
-        _drop_old(sdata, shapes_key, table_key)
+        _drop_old(sdata, shapes_key, key_added)
     sdata.shapes[shapes_key] = built.shapes[shapes_key]
-    sdata.tables[table_key] = table
+    sdata.tables[key_added] = table
     logger.info(
         "tile %s: %d pseudo-spots of %g µm, %g µm apart (%s), on tissue %r.",
         sid,

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from hespotex._constants import TISSUE_ATTRS_KEY
 from hespotex._sample import SampleInfo
 from hespotex.io._wsi import slide_info
 from hespotex.pp._patches import ImageLevel, image_levels
@@ -20,7 +21,6 @@ logger = logging.getLogger("hespotex")
 
 __all__ = ["detect_tissue", "tissue_levels"]
 
-TISSUE_ATTRS_KEY = "hespotex_tissue"
 #: Microns per pixel the mask is computed at by default: the level nearest this range.
 TARGET_MPP = (8.0, 16.0)
 #: Lowest threshold accepted, per channel: glass with JPEG noise stays below it, stained tissue above.

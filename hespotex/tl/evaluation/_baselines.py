@@ -71,6 +71,8 @@ def smooth(pred: Any, connectivities: Any, *, self_weight: float | None = None) 
     Returns
     -------
     Dense smoothed predictions, same shape as ``pred`` (``float32`` for ``float32`` input, else ``float64``).
+
+    Writes nothing; inputs are not changed.
     """
     squeeze = False
     if not sparse.issparse(pred):
@@ -125,7 +127,10 @@ BASELINES: dict[str, type[Baseline]] = {
 
 
 def make_baseline(name: str, **kwargs: Any) -> Baseline:
-    """Construct a baseline by name: ``"ridge"``, ``"mlp"`` or ``"retrieval"``; ``kwargs`` go to its class."""
+    """Construct a baseline by name: ``"ridge"``, ``"mlp"`` or ``"retrieval"``; ``kwargs`` go to its class.
+
+    Writes nothing.
+    """
     key = str(name).lower()
     if key not in BASELINES:
         msg = f"Unknown baseline {name!r}; choose one of {sorted(BASELINES)}."

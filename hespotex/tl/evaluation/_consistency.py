@@ -18,7 +18,10 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from hespotex._compat import renamed_arguments
+from hespotex._constants import MEASURED_LAYER, PREDICTION_KEY
 from hespotex._sample import as_sample_dict, get_table
+from hespotex.tl.prediction._tables import resolve_prediction
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -88,18 +91,25 @@ def _tables(sample: Any) -> list[AnnData]:
     return out
 
 
-def _source(sample: Any, name: str, what: str, section: str) -> AnnData:
+def _source(sample: Any, name: str, what: str, section: str) -> tuple[AnnData, str]:
+    if what == "predicted":
+        try:
+            found = resolve_prediction(sample, name)
+        except KeyError as err:
+            msg = f"Section {section!r}: found no predicted expression. {err.args[0]}"
+            raise KeyError(msg) from None
+        return found.table, found.layer
     tables = _tables(sample)
     if name == MEASURED_X:
-        return tables[0]
+        return tables[0], name
     for t in tables:
         if name in t.layers:
-            return t
+            return t, name
     found = sorted({k for t in tables for k in t.layers})
     hint = (
         "Run `hx.tl.predict` first."
         if what == "predicted"
-        else f"Pass `measured={MEASURED_X!r}` for the table's measured counts."
+        else f"Pass `truth={MEASURED_X!r}` for the table's measured counts."
     )
     msg = f"Section {section!r}: expected the {what} expression in layers[{name!r}], found layers {found}. {hint}"
     raise KeyError(msg)
@@ -177,11 +187,12 @@ def _js(p: np.ndarray, q: np.ndarray) -> float:
 # the tool
 
 
+@renamed_arguments("tl.consistency")
 def consistency(
     samples: Any,
     *,
-    layer: str = "hespotex",
-    measured: str | None = "measured",
+    key: str = PREDICTION_KEY,
+    truth: str | bool | None = MEASURED_LAYER,
     genes: Sequence[str] | None = None,
     n_domains: int = 5,
     statistics: Sequence[str] = STATISTICS,
@@ -191,7 +202,7 @@ def consistency(
     """Agreement of expression statistics between serial sections, predicted beside measured.
 
     For every section and gene three statistics are computed, on the predicted expression
-    (``layer``) and, separately, on the measured expression (``measured``):
+    (``key``) and, separately, on the measured expression (``truth``):
 
     - ``"mean"``: the gene's mean over the section's spots;
     - ``"morans_i"``: the gene's Moran's I (spatial autocorrelation, :func:`morans_i`) on the
@@ -214,13 +225,16 @@ def consistency(
     samples
         Two or more sections: a dict ``{name: sample}`` or a list (names from
         ``uns["hespotex_sample"]["sample_id"]``); each a SpatialData (its tables are searched for the
-        layers, e.g. ``tables["hespotex"]`` written by :func:`hespotex.tl.predict`) or an AnnData.
-    layer
-        Layer of predicted expression.
-    measured
+        prediction, e.g. ``tables["hespotex"]`` written by :func:`hespotex.tl.predict`) or an AnnData.
+    key
+        The prediction to read: the ``key_added`` given to :func:`hespotex.tl.predict` (its recorded layer,
+        in whichever table of the section holds it), or the name of another layer (a baseline).
+        Formerly ``layer``.
+    truth
         Layer of measured log-normalised expression (``"measured"``, written by
         :func:`hespotex.tl.predict`), ``"X"`` for the log-normalised counts of the spot table
-        (log1p CP10k, library over all genes), or ``None`` to report predictions only.
+        (log1p CP10k, library over all genes), or ``None`` / ``False`` to report predictions only.
+        Formerly ``measured``.
     genes
         Genes to compare; default those present in every section (in both layers).
     n_domains
@@ -236,7 +250,7 @@ def consistency(
     -------
     A tidy :class:`pandas.DataFrame`, one row per statistic and pair of sections, with columns
     ``statistic``, ``measure`` (``"pearson"`` or ``"js_distance"``), ``section_a``, ``section_b``,
-    ``predicted``, ``measured`` (NaN without ``measured``) and ``n`` (genes compared, or domains).
+    ``predicted``, ``measured`` (NaN without ``truth``) and ``n`` (genes compared, or domains).
     ``attrs["per_section"]`` holds the statistics themselves (columns ``statistic``, ``section``,
     ``feature`` (gene or domain), ``predicted``, ``measured``) and ``attrs["params"]`` every parameter
     and where each section's data and graph came from. Writes nothing.
@@ -253,8 +267,12 @@ def consistency(
     if isinstance(n_domains, bool) or int(n_domains) < 2:
         msg = f"Expected `n_domains` of at least 2, found {n_domains!r}."
         raise ValueError(msg)
-    kinds = {"predicted": layer} if measured is None else {"predicted": layer, "measured": measured}
-    sources = {name: {kind: _source(s, lay, kind, name) for kind, lay in kinds.items()} for name, s in sections.items()}
+    if truth is True:
+        truth = MEASURED_LAYER
+    measured = None if truth is None or truth is False else str(truth)
+    kinds = {"predicted": key} if measured is None else {"predicted": key, "measured": measured}
+    found = {name: {kind: _source(s, lay, kind, name) for kind, lay in kinds.items()} for name, s in sections.items()}
+    sources = {name: {kind: t for kind, (t, _) in src.items()} for name, src in found.items()}
     available = [set(t.var_names) for src in sources.values() for t in src.values()]
     first = next(iter(sources.values()))["predicted"]
     if genes is None:
@@ -278,7 +296,7 @@ def consistency(
     graphs, graph_info = {}, {}
     for name, src in sources.items():
         for kind, table in src.items():
-            values[kind][name] = _values(table, kinds[kind], genes)
+            values[kind][name] = _values(table, found[name][kind][1], genes)
         if "morans_i" in statistics:
             graphs[name], graph_info[name] = _graph(src["predicted"], n_neighbors)
 
@@ -327,8 +345,9 @@ def consistency(
     out["n"] = out["n"].astype(np.int64)
     out.attrs["per_section"] = pd.concat(per_section, ignore_index=True)
     out.attrs["params"] = {
-        "layer": layer,
-        "measured": measured,
+        "key": key,
+        "layers": {name: src["predicted"][1] for name, src in found.items()},
+        "truth": measured,
         "genes": list(genes),
         "n_domains": int(n_domains),
         "statistics": statistics,

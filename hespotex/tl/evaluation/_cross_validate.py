@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from hespotex._compat import renamed_arguments
 from hespotex._sample import as_sample_dict, get_table
 from hespotex.pp._genes import select_genes, shared_genes
 from hespotex.tl.evaluation._evaluate import rank_genes
@@ -57,12 +58,13 @@ def fold_genes(
     if len(base) >= n_top_genes:
         return base[:n_top_genes]
     ranked = select_genes(
-        list(train_tables), n_top=min(len(present), n_top_genes + len(base)), flavor=flavor, key_added=None
+        list(train_tables), n_top_genes=min(len(present), n_top_genes + len(base)), flavor=flavor, key_added=None
     )
     extra = [g for g in ranked if g in present and g not in set(base)]
     return base + extra[: n_top_genes - len(base)]
 
 
+@renamed_arguments("tl.cross_validate")
 def cross_validate(
     samples: Any,
     *,
@@ -81,7 +83,7 @@ def cross_validate(
     smooth_neighbors: int = 6,
     seed: int = 0,
     device: str | None = "auto",
-    embedding_key: str = EMBEDDING_KEY,
+    use_rep: str = EMBEDDING_KEY,
     target_sum: float = 1e4,
     target_norm: str = "library_modelled",
     baseline_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
@@ -117,7 +119,7 @@ def cross_validate(
         Named gene lists to flag in the result (column ``in_<name>``), e.g. a published 785-gene panel.
     k
         Size of the top-HVG/HEG sets ranked on the training fold (columns ``in_hvg``, ``in_heg``).
-    config, validation, seed, device, embedding_key, target_sum, target_norm
+    config, validation, seed, device, use_rep, target_sum, target_norm
         As in :func:`hespotex.tl.train` (``validation`` applies inside each training fold). The
         baselines are fitted to the same targets as the model, and the truth of the scores is
         normalised the same way.
@@ -135,6 +137,9 @@ def cross_validate(
     ``method``, ``gene``, ``pearson``, ``pvalue``, ``mse``, ``mean_true``, ``var_true``,
     ``n_spots``, ``truth_constant``, ``prediction_constant``, ``in_hvg``, ``in_heg``, ``in_<panel>``,
     ``fit_seconds`` (see :func:`hespotex.tl.evaluation._metrics.gene_scores`). Summarise with :func:`summarize_cv`.
+
+    Writes to the samples only what embedding writes when they lack ``obsm[use_rep]`` (that entry and
+    its record ``uns["hespotex_embed"][use_rep]``, see :func:`hespotex.pp.embed`); nothing else.
     """
     from hespotex.pp._graph import knn_graph
     from hespotex.tl.evaluation._baselines import make_baseline, smooth
@@ -143,7 +148,7 @@ def cross_validate(
     named = as_sample_dict(samples)
     names = list(named)
     for s in named.values():
-        ensure_embeddings(s, embedding_key=embedding_key)
+        ensure_embeddings(s, embedding_key=use_rep)
     tables = {n: get_table(s) for n, s in named.items()}
     groups = {n: str(groups[n]) if groups else n for n in names}
     specs = _method_specs(methods, config)
@@ -172,7 +177,7 @@ def cross_validate(
         )
         ranks = rank_genes({n: tables[n] for n in train_names}, fold_gene_list, k=k, target_sum=target_sum)
         hvg, heg = set(ranks["hvg"]), set(ranks["heg"])
-        norm = {"embedding_key": embedding_key, "target_sum": target_sum, "target_norm": target_norm}
+        norm = {"embedding_key": use_rep, "target_sum": target_sum, "target_norm": target_norm}
         train_data = {n: graph_data(tables[n], n, genes=fold_gene_list, **norm) for n in train_names}
         test_data = {n: graph_data(tables[n], n, genes=fold_gene_list, **norm) for n in test_names}
         held, _ = split_validation(train_names, validation, seed=seed)
@@ -186,7 +191,7 @@ def cross_validate(
                     validation=validation,
                     seed=seed,
                     device=device,
-                    embedding_key=embedding_key,
+                    use_rep=use_rep,
                     target_sum=target_sum,
                     target_norm=target_norm,
                 )
@@ -201,7 +206,7 @@ def cross_validate(
                     {n: tables[n] for n in test_names},
                     test_data,
                     fold_gene_list,
-                    embedding_key=embedding_key,
+                    embedding_key=use_rep,
                     kwargs=kw,
                 )
             elif tune_baselines and kind in DEFAULT_GRIDS:
@@ -329,6 +334,8 @@ def summarize_cv(table: pd.DataFrame, *, panels: Sequence[str] = ("hvg", "heg"),
     ``pearson_all``, ``fit_seconds``, ``pearson_<panel>``, ``n_genes``, ``n_truth_constant``, and in
     the mean rows ``n_folds`` (folds with a finite ``pearson_all``) and ``missing_folds``
     (comma-separated; ``""`` when none).
+
+    Writes nothing; ``table`` is not changed.
     """
     out = []
     for (fold, method), part in table.groupby(["fold", "method"], sort=False):

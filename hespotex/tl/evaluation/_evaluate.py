@@ -9,11 +9,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from hespotex._compat import renamed_arguments
+from hespotex._constants import MEASURED_LAYER, PREDICTION_KEY, evaluation_key
 from hespotex._sample import as_sample_dict, get_table
 from hespotex.pp._normalize import log_expression
 from hespotex.pp._targets import target_expression
 from hespotex.tl.evaluation._metrics import gene_scores, summarize, top_genes
-from hespotex.tl.prediction._tables import recorded_params
+from hespotex.tl.prediction._tables import resolve_prediction
 
 logger = logging.getLogger("hespotex")
 
@@ -29,24 +31,29 @@ def rank_genes(reference: Any, genes: Sequence[str], *, k: int = 50, target_sum:
     }
 
 
+@renamed_arguments("tl.evaluate")
 def evaluate(
     adata: Any,
     *,
-    layer: str = "hespotex",
-    truth: Any = "measured",
+    key: str = PREDICTION_KEY,
+    truth: Any = MEASURED_LAYER,
     reference: Any = None,
     k: int = 50,
     groups: str | None = None,
     key_added: str | None = None,
+    overwrite: bool = False,
 ) -> pd.DataFrame:
     """Score predictions gene by gene against the measured expression of the same spots.
 
     Parameters
     ----------
     adata
-        The table holding predictions in ``layers[layer]`` (what :func:`hespotex.tl.predict` returns).
-    layer
-        Prediction layer.
+        The predicted sample (SpatialData) or the table holding the predictions (what
+        :func:`hespotex.tl.predict` returns).
+    key
+        The prediction to score: the ``key_added`` given to :func:`hespotex.tl.predict` (its recorded layer,
+        in whichever table holds it), or the name of another layer (a baseline's, ``f"{key}_spread"``).
+        Formerly ``layer``.
     truth
         A layer of ``adata`` with log-normalised measured expression (``"measured"``, written by
         :func:`~hespotex.tl.predict`), or a sample/AnnData with the measured counts of the same
@@ -60,13 +67,16 @@ def evaluate(
     groups
         ``obs`` column splitting spots into samples: scores per sample plus ``"pooled"``.
     key_added
-        ``uns`` key of the results (default ``f"{layer}_evaluation"``).
+        ``uns`` key of the results (default ``f"{key}_evaluation"``).
+    overwrite
+        Replace results already stored under ``key_added`` (refused otherwise).
 
     Returns
     -------
     Per-gene scores (``pearson``, ``pvalue``, ``mse``, ``mean_true``, ``var_true``, ``n_spots``,
     ``truth_constant``, ``prediction_constant``; with ``groups`` a tidy table with a ``sample``
-    column). Writes ``uns[key_added]`` with ``per_gene`` (that table), ``summary`` (mean Pearson over
+    column). Reads the prediction ``key`` and ``layers[truth]`` (or the ``truth`` sample). Writes
+    ``uns[key_added]`` of the prediction table with ``per_gene`` (that table), ``summary`` (mean Pearson over
     all / top-``k`` HVG / top-``k`` HEG genes, MSE, number of genes with significantly positive
     correlation, see :func:`hespotex.tl.evaluation._metrics.summarize`) and ``params``.
 
@@ -74,12 +84,15 @@ def evaluate(
     expression is constant on these spots has no defined correlation and is counted apart
     (``n_truth_constant``), not averaged. Non-finite predictions are refused.
     """
-    table = get_table(adata)
-    if layer not in table.layers:
+    found = resolve_prediction(adata, key)
+    table, layer = found.table, found.layer
+    key_added = key_added or evaluation_key(key)
+    if key_added in table.uns and not overwrite:
         msg = (
-            f"Expected predictions in layers[{layer!r}], found layers {list(table.layers)}. Run `hx.tl.predict` first."
+            f"uns[{key_added!r}] already holds evaluation results; pass `overwrite=True` to replace them, "
+            "or another `key_added`."
         )
-        raise KeyError(msg)
+        raise ValueError(msg)
     genes = list(table.var_names)
     pred = np.asarray(table.layers[layer], dtype=np.float32)
     if not np.isfinite(pred).all():
@@ -89,7 +102,7 @@ def evaluate(
             f"{int(bad.any(axis=0).sum())} genes; they cannot be scored. Predict again with `hx.tl.predict(..., overwrite=True)`."
         )
         raise ValueError(msg)
-    params = recorded_params(table, layer) or {}
+    params = found.params
     target_sum = float(params.get("target_sum", 1e4))
     target_norm = str(params.get("target_norm", "library_all"))
     if isinstance(truth, str):
@@ -119,7 +132,6 @@ def evaluate(
         ranks = rank_genes(reference, genes, k=k, target_sum=target_sum)
     group_values = None if groups is None else table.obs[groups].astype(str).to_numpy()
     scores = gene_scores(y, pred, genes, groups=group_values)
-    key_added = key_added or f"{layer}_evaluation"
     if groups is None:
         summary = summarize(scores, hvg=ranks["hvg"], heg=ranks["heg"])
     else:
@@ -131,6 +143,7 @@ def evaluate(
         "per_gene": scores.reset_index() if groups is None else scores,
         "summary": summary,
         "params": {
+            "key": key,
             "layer": layer,
             "truth": truth if isinstance(truth, str) else "table",
             "k": k,

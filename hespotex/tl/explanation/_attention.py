@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import scipy.sparse as sp
 
-from hespotex.tl.prediction._tables import PREDICTION_KEY, recorded_params, spot_tables
+from hespotex._constants import PREDICTION_KEY, attention_key, attention_stats_key
+from hespotex.tl.prediction._tables import resolve_attention, resolve_prediction, spot_tables
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -26,42 +27,35 @@ __all__ = ["attention"]
 ROW_SUM_TOL = 1e-3
 
 
-def _attention_table(data: Any, key: str | None) -> tuple[AnnData, str]:
-    """The table holding the attention and the ``obsp`` key (resolved from the prediction record when ``key`` is None)."""
-    # predict() may store a table of its own when the genes differ
-    tables = [t for _, t in spot_tables(data, same_spots=False, prefer=PREDICTION_KEY)]
-    if key is not None:
+def _attention_table(data: Any, key: str) -> tuple[AnnData, str]:
+    """The table holding the attention of the prediction ``key`` and its ``obsp`` key."""
+    try:
+        found = resolve_prediction(data, key)
+    except KeyError:
+        # an obsp key given directly (before 0.2 `key` named the attention matrix): still read it
+        tables = [t for _, t in spot_tables(data, same_spots=False, prefer=key)]
         for table in tables:
             if key in table.obsp:
                 return table, key
-        found = sorted({k for t in tables for k in t.obsp})
+        found_keys = sorted({k for t in tables for k in t.obsp})
         msg = (
-            f"Expected attention weights in obsp[{key!r}], found obsp keys {found}. Predict with an attention "
-            "decoder first (`hx.tl.predict(sdata, model)` with a model of the 'hespotex' preset), or pass the right `key`."
+            f"Found no prediction {key!r} (uns[{key!r}]['params']) nor obsp[{key!r}] (obsp keys: {found_keys}). "
+            "Pass `key=` as given to `hx.tl.predict(..., key_added=...)`, or predict first."
         )
+        raise KeyError(msg) from None
+    att = resolve_attention(found)
+    if att is None:
+        conv = (found.params.get("config") or {}).get("decoder_conv", "unknown")
+        msg = (
+            f"The prediction {key!r} carries no attention weights: the model's graph decoder is {conv!r} (the 'paper' "
+            "preset uses SAGE, which has no attention). Train with the 'hespotex' preset (GATv2 attention, "
+            f"`hx.tl.train(..., config='hespotex')`) and predict again to get obsp[{attention_key(key)!r}]."
+        )
+        raise ValueError(msg)
+    if att not in found.table.obsp:
+        msg = f"uns[{key!r}]['params'] names obsp[{att!r}] but the table has no such entry; predict again."
         raise KeyError(msg)
-    for table in tables:
-        params = recorded_params(table)
-        if params is None:
-            continue
-        att = params.get("attention_key")
-        if att is None:
-            conv = (params.get("config") or {}).get("decoder_conv", "unknown")
-            msg = (
-                f"These predictions carry no attention weights: the model's graph decoder is {conv!r} (the 'paper' "
-                "preset uses SAGE, which has no attention). Train with the 'hespotex' preset (GATv2 attention, "
-                "`hx.tl.train(..., config='hespotex')`) and predict again to get obsp['hespotex_attention']."
-            )
-            raise ValueError(msg)
-        if att in table.obsp:
-            return table, str(att)
-        msg = f"uns[{PREDICTION_KEY!r}]['params'] names obsp[{att!r}] but the table has no such entry; predict again or pass `key`."
-        raise KeyError(msg)
-    msg = (
-        f"Found no predictions (uns[{PREDICTION_KEY!r}]['params']) to take the attention key from. Run "
-        "`hx.tl.predict(sdata, model)` first, or pass `key=` naming the obsp attention matrix."
-    )
-    raise KeyError(msg)
+    return found.table, att
 
 
 def _checked_matrix(table: AnnData, key: str) -> sp.csr_matrix:
@@ -124,15 +118,16 @@ def summarise(mat: sp.csr_matrix, top_k: int) -> dict[str, np.ndarray]:
 def attention(
     data: Any,
     *,
-    key: str | None = None,
+    key: str = PREDICTION_KEY,
     top_k: int = 3,
-    key_added: str = "hespotex_attention",
+    key_added: str | None = None,
     copy: bool = False,
     overwrite: bool = False,
 ) -> AnnData | None:
     """Summarise the stored decoder attention of every spot.
 
-    Reads the sparse attention matrix ``obsp[key]`` written by :func:`hespotex.tl.predict` (row ``i``:
+    Reads the sparse attention matrix ``obsp[f"{key}_attention"]`` written by
+    :func:`hespotex.tl.predict` ``(key_added=key)`` (the one its record names; row ``i``:
     the weights with which the spot itself, through its self loop, and its graph neighbours shaped
     the prediction at spot ``i``; every row sums to 1).
 
@@ -142,12 +137,14 @@ def attention(
         A SpatialData sample (the table holding the attention is found among its tables) or its
         table (AnnData).
     key
-        ``obsp`` key of the attention. Default: the one recorded by the last prediction,
-        ``uns["hespotex"]["params"]["attention_key"]``.
+        The prediction whose attention is read: the ``key_added`` given to :func:`hespotex.tl.predict`
+        (found in whichever table holds it). An ``obsp`` key naming the matrix itself is still read
+        (what ``key`` meant before 0.2).
     top_k
         Number of strongest neighbours (self excluded) to record per spot.
     key_added
-        Prefix of the keys written.
+        Prefix of the keys written; default ``f"{key}_attention_stats"`` (never the ``obsp`` key of the
+        attention itself, ``f"{key}_attention"``).
     copy
         Return a copy of the table with the summaries instead of writing to it.
     overwrite
@@ -166,7 +163,8 @@ def attention(
     - ``obsm[f"{key_added}_top_index"]``: ``(n_spots, top_k)`` int64 positions (rows of the table) of the
       strongest neighbours, strongest first, ``-1`` where a spot has fewer than ``top_k`` neighbours;
     - ``obsm[f"{key_added}_top_weight"]``: their weights (0 for padding);
-    - ``uns[f"{key_added}_summary"]["params"]``: ``key``, ``top_k``, ``key_added`` and the number of spots.
+    - ``uns[f"{key_added}_summary"]["params"]``: ``key``, ``attention_key`` (the ``obsp`` key read),
+      ``top_k``, ``key_added`` and the number of spots.
 
     Raises
     ------
@@ -179,10 +177,11 @@ def attention(
     if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 0:
         msg = f"Expected `top_k` to be a non-negative integer, found {top_k!r}."
         raise ValueError(msg)
-    table, key = _attention_table(data, key)
-    mat = _checked_matrix(table, key)
+    key_added = key_added or attention_stats_key(key)
+    table, att = _attention_table(data, key)
+    mat = _checked_matrix(table, att)
     if mat.shape != (table.n_obs, table.n_obs):
-        msg = f"Expected obsp[{key!r}] of shape ({table.n_obs}, {table.n_obs}), found {mat.shape}."
+        msg = f"Expected obsp[{att!r}] of shape ({table.n_obs}, {table.n_obs}), found {mat.shape}."
         raise ValueError(msg)
     stats = summarise(mat, int(top_k))
     obs_keys = [f"{key_added}_{s}" for s in ("entropy", "entropy_normalised", "self", "neighbours", "degree")]
@@ -200,11 +199,11 @@ def attention(
     target.obsm[f"{key_added}_top_index"] = stats["top_index"]
     target.obsm[f"{key_added}_top_weight"] = stats["top_weight"]
     target.uns[uns_key] = {
-        "params": {"key": key, "top_k": int(top_k), "key_added": key_added, "n_spots": int(table.n_obs)}
+        "params": {"key": key, "attention_key": att, "top_k": int(top_k), "key_added": key_added, "n_spots": int(table.n_obs)}
     }
     logger.info(
         "Summarised obsp[%r] at %d spots: mean weight on self %.3f, mean normalised entropy %.3f.",
-        key,
+        att,
         table.n_obs,
         float(np.mean(stats["self"])),
         float(np.nanmean(stats["entropy_normalised"]))

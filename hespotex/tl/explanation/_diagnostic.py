@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from hespotex._compat import renamed_arguments
+from hespotex._constants import DIAGNOSTIC_KEY, EMBED_RECORD_KEY, PREDICTION_KEY
 from hespotex._sample import get_sample_info, get_table, spot_centres
 from hespotex.tl.explanation._diagnostic_scores import (
     IMAGE_REP,
@@ -37,7 +39,7 @@ from hespotex.tl.explanation._diagnostic_scores import (
     rank_patches,
     zscore,
 )
-from hespotex.tl.prediction._tables import PREDICTION_KEY, recorded_params, spot_tables
+from hespotex.tl.prediction._tables import resolve_prediction, spot_tables
 
 if TYPE_CHECKING:
     pass
@@ -46,7 +48,6 @@ logger = logging.getLogger("hespotex")
 
 __all__ = ["DiagnosticPatches", "diagnostic_patches"]
 
-EMBED_KEY = "hespotex_embed"
 SIGNATURE_GROUPS = ("high", "low")
 MARKER_GENES = 10  # genes in the signature explained for a label (saliency of label patches)
 
@@ -87,11 +88,13 @@ class DiagnosticPatches:
 # the tool
 
 
+@renamed_arguments("tl.diagnostic_patches")
 def diagnostic_patches(
     data: Any,
     *,
     by: str | Sequence[str] | Mapping[str, float],
-    n: int = 16,
+    n_patches: int = 16,
+    key: str = PREDICTION_KEY,
     layer: str | None = None,
     groups: str | Sequence[str] | None = None,
     model: Any = None,
@@ -99,7 +102,7 @@ def diagnostic_patches(
     patch_um: float | None = None,
     size: int | None = None,
     use_rep: str | None = None,
-    key_added: str = "diagnostic_patches",
+    key_added: str = DIAGNOSTIC_KEY,
     overwrite: bool = False,
     seed: int = 0,
 ) -> DiagnosticPatches:
@@ -125,13 +128,15 @@ def diagnostic_patches(
           ``sum(weight * z) / sum(|weight|)`` with ``z`` each gene's expression z-scored over the
           spots of the section (genes constant over the section contribute 0). Genes absent from
           the expression are left out with a warning; all absent is an error.
-    n
-        Patches per group.
+    n_patches
+        Patches per group (formerly ``n``).
+    key
+        The prediction read (for a gene programme, saliency markers, the latent ``obsm[f"X_{key}"]`` and
+        the patch geometry): the ``key_added`` given to :func:`hespotex.tl.predict`.
     layer
-        Expression for a gene programme: ``None`` uses the prediction layer recorded in
-        ``uns["hespotex"]["params"]["layer"]`` when there is one, else the log-normalised measured
-        expression (log1p CP10k, library over all genes); ``"X"`` forces the measured expression;
-        any other name is a layer.
+        Expression for a gene programme: ``None`` uses the prediction ``key`` when the sample holds it
+        (its recorded layer), else the log-normalised measured expression (log1p CP10k, library over all
+        genes); ``"X"`` forces the measured expression; any other name is a layer.
     groups
         Which groups to return: labels of the ``by`` column (default all, in category order), or
         ``"high"`` / ``"low"`` for a programme or a numeric column (default ``"high"``).
@@ -148,7 +153,7 @@ def diagnostic_patches(
         the spot diameter and 224 px).
     use_rep
         ``obsm`` features of the label classifier (default ``"X_hespotex_image"``, else the latent
-        ``"X_hespotex"``).
+        ``obsm[f"X_{key}"]`` of the prediction).
     key_added
         Prefix of the ``obs`` columns and the ``uns`` key.
     overwrite
@@ -176,11 +181,12 @@ def diagnostic_patches(
         if taken:
             msg = f"{', '.join(taken)} already exist(s); pass `overwrite=True` to replace them, or another `key_added`."
             raise ValueError(msg)
+    n = n_patches
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        msg = f"Expected `n` a positive number of patches per group, found {n!r}."
+        msg = f"Expected `n_patches` a positive number of patches per group, found {n!r}."
         raise ValueError(msg)
     if n > table.n_obs:
-        msg = f"Asked for {n} patches per group but the section has only {table.n_obs} spots; lower `n`."
+        msg = f"Asked for {n} patches per group but the section has only {table.n_obs} spots; lower `n_patches`."
         raise ValueError(msg)
     info = get_sample_info(data)
     if info.image_key is None or info.image_key not in getattr(data, "images", {}):
@@ -199,7 +205,7 @@ def diagnostic_patches(
     groups_list = as_groups(groups)
 
     # 1. scores and the candidate spots of each group
-    params: dict[str, Any] = {"n": int(n), "seed": int(seed), "sample_id": info.sample_id, "saliency": bool(saliency)}
+    params: dict[str, Any] = {"n_patches": int(n), "key": key, "seed": int(seed), "sample_id": info.sample_id, "saliency": bool(saliency)}
     label_col = None
     if isinstance(by, str):
         for _, t in spot_tables(data):
@@ -217,7 +223,7 @@ def diagnostic_patches(
         labels = label_col.astype("category") if not isinstance(label_col.dtype, pd.CategoricalDtype) else label_col
         counts = labels.value_counts(sort=False)
         present = [str(c) for c in labels.cat.categories if counts.get(c, 0) > 0]
-        features, rep = find_rep(data, use_rep)
+        features, rep = find_rep(data, use_rep, key)
         if len(features) != table.n_obs:
             msg = f"obsm[{rep!r}] has {len(features)} rows, expected one per spot ({table.n_obs})."
             raise ValueError(msg)
@@ -246,7 +252,7 @@ def diagnostic_patches(
                 msg = f"`by={by!r}` is neither an obs column ({found}) nor a gene of the sample. Pass an obs column of labels or gene symbols."
                 raise KeyError(msg)
             sig = parse_signature(by)
-            x, genes, source = programme_expression(data, list(sig), layer)
+            x, genes, source = programme_expression(data, list(sig), layer, key)
             w = np.array([sig[g] for g in genes])
             scores = zscore(x) @ w / np.abs(w).sum()
             constant = [g for g, s in zip(genes, x.std(axis=0), strict=True) if s == 0]
@@ -278,7 +284,7 @@ def diagnostic_patches(
     for g in candidates:
         picked = rank_patches(scores, candidates[g], n, descending=descending[g])
         if len(picked) < n:
-            logger.warning("Group %r has %d scored spots, fewer than n=%d; returning them all.", g, len(picked), n)
+            logger.warning("Group %r has %d scored spots, fewer than n_patches=%d; returning them all.", g, len(picked), n)
         rows += [(g, r + 1, int(i)) for r, i in enumerate(picked)]
     if not rows:
         msg = "No spot could be scored (all scores are NaN); check the labels or the expression."
@@ -298,8 +304,11 @@ def diagnostic_patches(
     )
 
     # 3. crops (the encoder's geometry) and saliency
-    embed_rec = table.uns.get(EMBED_KEY, {}).get(IMAGE_REP, {})
-    pred_rec = next(((recorded_params(t) or {}) for _, t in spot_tables(data) if PREDICTION_KEY in t.uns), {})
+    embed_rec = table.uns.get(EMBED_RECORD_KEY, {}).get(IMAGE_REP, {})
+    try:
+        pred_rec = resolve_prediction(data, key).params
+    except KeyError:
+        pred_rec = {}
     patch_um = float(
         patch_um
         if patch_um is not None
@@ -310,7 +319,7 @@ def diagnostic_patches(
     sal = None
     if saliency:
         sal = _saliency(
-            data, model, result, candidates=candidates, signatures=signatures, layer=layer, size=size, params=params
+            data, model, result, candidates=candidates, signatures=signatures, layer=layer, key=key, size=size, params=params
         )
     params.update({"groups": list(candidates), "patch_um": patch_um, "size": size, "key_added": key_added})
 
@@ -353,6 +362,7 @@ def _saliency(
     candidates: dict[str, np.ndarray],
     signatures: dict[str, dict[str, float]],
     layer: str | None,
+    key: str,
     size: int,
     params: dict[str, Any],
 ) -> np.ndarray:
@@ -361,7 +371,7 @@ def _saliency(
 
     if not signatures:  # labels: explain each label's marker genes (from the model's genes)
         genes = list(model.genes)
-        x, genes, _ = programme_expression(data, genes, layer)
+        x, genes, _ = programme_expression(data, genes, layer, key)
         z = zscore(x)
         for g, mask in candidates.items():
             diff = z[mask].mean(axis=0) - z[~mask].mean(axis=0)

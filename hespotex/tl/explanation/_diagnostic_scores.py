@@ -11,15 +11,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from hespotex.tl.prediction._tables import recorded_params, spot_tables
+from hespotex._constants import EMBEDDING_KEY, PREDICTION_KEY
+from hespotex.tl.prediction._tables import resolve_prediction, spot_tables
 
 if TYPE_CHECKING:
     from anndata import AnnData
 
 logger = logging.getLogger("hespotex")
 
-IMAGE_REP = "X_hespotex_image"
-LATENT_REP = "X_hespotex"
+IMAGE_REP = EMBEDDING_KEY
 MEASURED = "X"  # layer name meaning "log-normalised measured expression of the table"
 MAX_FOLDS = 5
 MAX_COMPONENTS = 16
@@ -30,18 +30,22 @@ def _dense(x: Any) -> np.ndarray:
 
 
 def programme_expression(
-    data: Any, genes: list[str], layer: str | None
+    data: Any, genes: list[str], layer: str | None, key: str = PREDICTION_KEY
 ) -> tuple[np.ndarray, list[str], dict[str, Any]]:
-    """Expression ``(n_spots, n_present)`` of ``genes`` from ``layer``, the genes found, and where it came from."""
+    """Expression ``(n_spots, n_present)`` of ``genes`` from ``layer`` (``None``: the prediction ``key`` when the
+    sample holds it, else the measured expression), the genes found, and where it came from."""
     from hespotex.pp._normalize import log_expression
 
     tables = spot_tables(data)
     source: tuple[str, AnnData, str] | None = None
     if layer is None:
-        for name, t in tables:
-            recorded = (recorded_params(t) or {}).get("layer")
-            if recorded is not None and recorded in t.layers:
-                source = (name, t, str(recorded))
+        try:
+            found = resolve_prediction(data, key)
+        except KeyError:
+            found = None
+        for name, t in tables:  # the prediction, if it is of the same spots
+            if found is not None and t is found.table:
+                source = (name, t, found.layer)
                 break
         if source is None:
             source = (tables[0][0], tables[0][1], MEASURED)
@@ -156,9 +160,9 @@ def label_scores(features: np.ndarray, labels: pd.Series, seed: int) -> tuple[np
     return scores, info
 
 
-def find_rep(data: Any, use_rep: str | None) -> tuple[np.ndarray, str]:
+def find_rep(data: Any, use_rep: str | None, key: str = PREDICTION_KEY) -> tuple[np.ndarray, str]:
     tables = spot_tables(data)
-    wanted = [use_rep] if use_rep is not None else [IMAGE_REP, LATENT_REP]
+    wanted = [use_rep] if use_rep is not None else [IMAGE_REP, f"X_{key}"]  # embeddings, else the latent of `key`
     for key in wanted:
         for _, t in tables:
             if key in t.obsm:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from hespotex._compat import renamed_arguments
 from hespotex._sample import get_table
 from hespotex._settings import resolve_device
 from hespotex.tl.explanation._attributions import (
@@ -228,6 +229,7 @@ def patch_saliency(
     return res["patches"], normalise_per_patch(res["saliency"])
 
 
+@renamed_arguments("tl.explain")
 def explain(
     data: Any,
     model: HESpotEx | str,
@@ -235,13 +237,13 @@ def explain(
     genes: str | Sequence[str] | None = None,
     signature: Sequence[str] | Mapping[str, float] | None = None,
     spots: Any = None,
-    n_top: int = 3,
+    n_spots: int = 3,
     pixels: bool | None = None,
     neighbours: bool = True,
     n_steps: int = 32,
     internal_batch_size: int | None = 16,
     baseline: str = "white",
-    embedding_key: str = EMBEDDING_KEY,
+    use_rep: str = EMBEDDING_KEY,
     device: str | None = "cpu",
 ) -> Explanation:
     """Attribute a predicted gene or gene programme at some spots to the image patch and to neighbouring spots.
@@ -261,16 +263,16 @@ def explain(
     ----------
     data
         A SpatialData sample with its image and embeddings (pixels and neighbours) or its table
-        (AnnData with ``obsm[embedding_key]`` and ``obsm["spatial"]``: neighbours only).
+        (AnnData with ``obsm[use_rep]`` and ``obsm["spatial"]``: neighbours only).
     model
         A trained :class:`HESpotEx` or the folder of a saved one.
     genes, signature
         The score: one gene or a list (mean), or a list / dict gene -> weight (weighted mean, weights
         normalised to ``sum |w| = 1``; negative weights allowed). Pass exactly one.
     spots
-        ``obs_names`` (or integer positions) of the spots to explain; default: the ``n_top`` spots with
+        ``obs_names`` (or integer positions) of the spots to explain; default: the ``n_spots`` spots with
         the highest score.
-    n_top
+    n_spots
         Number of spots explained when ``spots`` is not given.
     pixels
         Attribute to pixels; default: when ``data`` has its image. ``True`` without an image is an error.
@@ -282,7 +284,7 @@ def explain(
         Integration steps per forward pass (bounds memory; ``None``: all at once).
     baseline
         Pixel baseline: ``"white"`` (glass, default), ``"black"`` or ``"blur"``.
-    embedding_key
+    use_rep
         ``obsm`` key of the slide's image embeddings.
     device
         Torch device.
@@ -294,8 +296,8 @@ def explain(
     """
     check_baseline(baseline)
     check_steps(n_steps, internal_batch_size)
-    if not isinstance(n_top, (int, np.integer)) or n_top < 1:
-        msg = f"Expected `n_top` to be a positive integer, found {n_top!r}."
+    if not isinstance(n_spots, (int, np.integer)) or n_spots < 1:
+        msg = f"Expected `n_spots` to be a positive integer, found {n_spots!r}."
         raise ValueError(msg)
     has_image = has_slide_image(data)
     if pixels is None:
@@ -314,12 +316,12 @@ def explain(
     if not pixels and not neighbours:
         msg = "Nothing to explain: `pixels` and `neighbours` are both off."
         raise ValueError(msg)
-    model, table, names, weights, scorer = _prepare(data, model, genes, signature, embedding_key, device)
+    model, table, names, weights, scorer = _prepare(data, model, genes, signature, use_rep, device)
     positions = None if spots is None else spot_positions(table, spots)
     with frozen_modules(model.module_, device=scorer.device):
         all_scores = scorer.predict_all()
         if positions is None:
-            positions = np.argsort(-all_scores, kind="stable")[: min(int(n_top), table.n_obs)]
+            positions = np.argsort(-all_scores, kind="stable")[: min(int(n_spots), table.n_obs)]
         result = Explanation(
             spots=[str(s) for s in table.obs_names[positions]],
             genes=names,
@@ -328,7 +330,7 @@ def explain(
         )
         if pixels:
             enc = load_model_encoder(model)
-            plan = patch_plan(data, table, model, enc, embedding_key)
+            plan = patch_plan(data, table, model, enc, use_rep)
             with frozen_modules(enc.model, device=scorer.device):
                 res = pixel_attributions(
                     scorer,
@@ -338,7 +340,7 @@ def explain(
                     n_steps=n_steps,
                     internal_batch_size=internal_batch_size,
                     baseline=baseline,
-                    embedding_key=embedding_key,
+                    embedding_key=use_rep,
                 )
             for k, v in res.items():
                 setattr(result, k, v)
@@ -361,7 +363,7 @@ def explain(
         "encoder_id": emb.get("encoder_id"),
         "patch_um": emb.get("patch_um"),
         "input_size": emb.get("input_size"),
-        "embedding_key": embedding_key,
+        "use_rep": use_rep,
         "n_hops": scorer.hops,
         "decoder_neighbors": int(model.config.decoder_neighbors),
     }

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from hespotex._constants import EMBED_RECORD_KEY
 from hespotex._sample import get_sample_info
 from hespotex.tl.model._model import HESpotEx
 
@@ -26,7 +27,6 @@ logger = logging.getLogger("hespotex")
 BASELINES = ("white", "black", "blur")
 
 
-EMBED_RECORD_KEY = "hespotex_embed"
 
 
 def resolve_score(model: HESpotEx, genes: Any, signature: Any) -> tuple[list[str], np.ndarray]:

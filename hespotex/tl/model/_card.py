@@ -248,6 +248,8 @@ def model_card(model: Any) -> Any:
     -------
     A :class:`huggingface_hub.ModelCard`: front matter (``library_name: hespotex``, tags, and a ``hespotex``
     record of genes, encoder, patch size, normalisations, training data and validation scores) and the text.
+
+    Reads the model; writes nothing (``model.save`` writes the card as ``README.md``).
     """
     from huggingface_hub import ModelCard, ModelCardData
 

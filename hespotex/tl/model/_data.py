@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import scipy.sparse as sp
 
+from hespotex._constants import EMBEDDING_KEY
 from hespotex._sample import SAMPLE_KEY, spot_centres
 from hespotex.pp._graph import knn_graph
 from hespotex.pp._targets import target_expression
@@ -23,7 +24,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("hespotex")
 
-EMBEDDING_KEY = "X_hespotex_image"
 
 
 def embeddings(adata: AnnData, key: str = EMBEDDING_KEY) -> np.ndarray:

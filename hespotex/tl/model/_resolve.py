@@ -177,5 +177,8 @@ def as_model(model: Any) -> Any:
 def load_model(path: Any) -> HESpotEx | HESpotExEnsemble:
     """Load a model: a saved folder (an ensemble when it holds ``ensemble.json``, else a :class:`HESpotEx`),
     a Hugging Face Hub id ``"hf-hub:owner/name[@revision]"``, or a model object (returned as is); see
-    :func:`as_model`."""
+    :func:`as_model`.
+
+    Reads the folder (or the Hub cache, downloading when online); writes nothing but the Hub's cache.
+    """
     return as_model(path)

@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from hespotex._compat import renamed_arguments
+from hespotex._constants import PREDICTION_KEY
 from hespotex._sample import SAMPLE_KEY, get_table
 from hespotex.io._inputs import accepts_anndata
 from hespotex.pp._targets import target_expression
@@ -21,13 +23,14 @@ from hespotex.tl.training._train import ensure_embeddings
 logger = logging.getLogger("hespotex")
 
 
-@accepts_anndata(reads="embedding_key")
+@renamed_arguments("tl.predict")
+@accepts_anndata(reads="use_rep")
 def predict(
     data: Any,
     model: HESpotEx | str,
     *,
-    key_added: str = "hespotex",
-    embedding_key: str = EMBEDDING_KEY,
+    key_added: str = PREDICTION_KEY,
+    use_rep: str = EMBEDDING_KEY,
     overwrite: bool = False,
     device: str | None = "auto",
     max_nodes: int = 50_000,
@@ -51,7 +54,7 @@ def predict(
     Parameters
     ----------
     data
-        A SpatialData sample; or an AnnData: one carrying embeddings in ``obsm[embedding_key]`` and
+        A SpatialData sample; or an AnnData: one carrying embeddings in ``obsm[use_rep]`` and
         ``obsm["spatial"]`` (used as is), or one in the scanpy / squidpy Visium or HEST convention (image
         and scale factors in ``uns["spatial"][library_id]``, ``obsm["spatial"]`` in full-resolution
         pixels; embedded on the fly through :func:`hespotex.io.from_scanpy`, highest resolution first). An
@@ -62,7 +65,7 @@ def predict(
         :func:`hespotex.tl.load_model`).
     key_added
         Name of the prediction layer, and prefix of the other keys.
-    embedding_key
+    use_rep
         ``obsm`` key of the image embeddings.
     overwrite
         Replace earlier predictions stored under the same keys.
@@ -107,11 +110,11 @@ def predict(
     and ``"source"`` (where the image is). The source table is not modified (embeddings computed
     while streaming are not stored in its ``obsm``).
 
-    Embedding on the fly (in memory, no ``obsm[embedding_key]`` yet) also writes to the table (the
+    Embedding on the fly (in memory, no ``obsm[use_rep]`` yet) also writes to the table (the
     sample's, or the AnnData passed), with the model's encoder and patch size (see :func:`hespotex.pp.embed`):
 
-    - ``obsm[embedding_key]``: the image embeddings, spots × encoder features (float32);
-    - ``uns["hespotex_embed"][embedding_key]``: their record (encoder, encoder id, patch size in µm,
+    - ``obsm[use_rep]``: the image embeddings, spots × encoder features (float32);
+    - ``uns["hespotex_embed"][use_rep]``: their record (encoder, encoder id, patch size in µm,
       µm/px seen, input size, pyramid level, cache key, registry entry, TTA).
 
     For an AnnData in the scanpy convention the prediction runs on a sample built from it and every
@@ -136,7 +139,7 @@ def predict(
             model,
             out=out,
             key_added=key_added,
-            embedding_key=embedding_key,
+            embedding_key=use_rep,
             overwrite=overwrite,
             device=device,
             chunk_size=chunk_size,
@@ -145,7 +148,7 @@ def predict(
     embed_params = model.embedding
     record = ensure_embeddings(
         data,
-        embedding_key=embedding_key,
+        embedding_key=use_rep,
         encoder=embed_params.get("encoder"),
         weights=embed_params.get("weights"),
         patch_um=embed_params.get("patch_um"),
@@ -155,7 +158,7 @@ def predict(
     )
     check_embedding(model, record)
     sample = graph_data(
-        table, str(table.uns.get(SAMPLE_KEY, {}).get("sample_id", "slide")), genes=None, embedding_key=embedding_key
+        table, str(table.uns.get(SAMPLE_KEY, {}).get("sample_id", "slide")), genes=None, embedding_key=use_rep
     )
     min_spots = model.config.decoder_neighbors + 1
     if sample.n < min_spots and model.module_.decoder is not None:

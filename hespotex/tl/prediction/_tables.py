@@ -3,8 +3,10 @@ every reader (attention, diagnostic patches, evaluation, plots) finds the predic
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from hespotex._constants import PREDICTION_KEY, attention_key
 from hespotex._sample import get_table
 from hespotex.pp._targets import TARGET_NORMS
 
@@ -13,7 +15,7 @@ if TYPE_CHECKING:
 
     from hespotex.tl.model._model import HESpotEx
 
-PREDICTION_KEY = "hespotex"  # default key_added of hx.tl.predict: layer, table and uns entry
+__all__ = ["PREDICTION_KEY", "Resolved", "find_prediction", "resolve_attention", "resolve_prediction"]
 
 
 def prediction_params(
@@ -41,7 +43,7 @@ def prediction_params(
         "versions": setup["versions"],
         "layer": key_added,
         "latent_key": f"X_{key_added}",
-        "attention_key": f"{key_added}_attention" if attention else None,
+        "attention_key": attention_key(key_added) if attention else None,
     }
 
 
@@ -112,3 +114,88 @@ def spot_tables(data: Any, *, same_spots: bool = True, prefer: str | None = None
             if all(t is not u for _, u in out):
                 out.append((name, t))
     return out
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A prediction found by :func:`resolve_prediction`: its table, layer, record and where the table is."""
+
+    table: AnnData
+    layer: str
+    params: dict[str, Any]
+    key: str
+    table_key: str | None = None  # the SpatialData table name; None for an AnnData given directly
+
+
+def resolve_prediction(
+    data: Any, key: str = PREDICTION_KEY, *, layer: str | None = None, any_recorded: bool = False
+) -> Resolved:
+    """The prediction ``hx.tl.predict(..., key_added=key)`` wrote, wherever it is: the one lookup every reader uses.
+
+    ``data`` is a SpatialData (its spot table first, then its other tables, ``tables[key]`` right after it) or
+    a table (AnnData). In each table, ``key`` names the record ``uns[key]["params"]`` with its layer, or a
+    bare ``layers[key]`` (a baseline, the spread); ``key`` may also name a table of the SpatialData (then its
+    recorded prediction). ``layer`` overrides the layer read from that table (e.g. ``f"{key}_spread"``).
+    ``any_recorded`` (the views of ``hx.pl``): for the default key, when nothing is stored under it, the first
+    recorded prediction is shown instead; the tools never guess (they write results named after ``key``).
+    """
+    from anndata import AnnData
+
+    if isinstance(data, AnnData):
+        tables: list[tuple[str | None, AnnData]] = [(None, data)]
+    elif hasattr(data, "tables"):
+        try:
+            tables = [(name, t) for name, t in spot_tables(data, same_spots=False, prefer=key)]
+        except KeyError:  # no spot table "table" among several (e.g. a store of predictions only)
+            tables = sorted(((str(n), t) for n, t in data.tables.items()), key=lambda item: item[0] != key)
+        names = {id(t): n for n, t in data.tables.items()}  # real names (the spot table may not be "table")
+        tables = [(names.get(id(t), n), t) for n, t in tables]
+    else:
+        msg = f"Expected a SpatialData sample or an AnnData table holding predictions, found {type(data).__name__}."
+        raise TypeError(msg)
+
+    def pick(name: str | None, table: AnnData, found: tuple[str, dict[str, Any]] | None) -> Resolved | None:
+        if found is None:
+            return None
+        name_layer, params = found
+        if layer is not None:
+            if layer not in table.layers:
+                return None
+            name_layer = layer
+        return Resolved(table=table, layer=name_layer, params=params, key=key, table_key=name)
+
+    for name, table in tables:  # the record uns[key] (or a bare layer named key)
+        params = recorded_params(table, key)
+        if params is not None and str(params.get("layer", key)) in table.layers:
+            hit = pick(name, table, (str(params.get("layer", key)), dict(params)))
+        else:
+            hit = pick(name, table, find_prediction(table, key))
+        if hit is not None:
+            return hit
+    for name, table in tables:  # key names a table of the SpatialData
+        if name is not None and name == key:
+            hit = pick(name, table, find_prediction(table, layer))
+            if hit is not None:
+                return hit
+    if any_recorded and key == PREDICTION_KEY:  # views only: any recorded prediction
+        for name, table in tables:
+            hit = pick(name, table, find_prediction(table, layer))
+            if hit is not None:
+                return hit
+    where = "the table" if tables[0][0] is None else f"tables {[n for n, _ in tables]}"
+    what = f"layers[{layer!r}] of " if layer is not None else ""
+    found = sorted({str(k) for _, t in tables for k in prediction_records(t)})
+    msg = (
+        f"Expected {what}the prediction {key!r} (uns[{key!r}]['params'] with its layer, or layers[{key!r}]) in {where}; "
+        f"found predictions {found}. Pass `key=` as given to `hx.tl.predict(..., key_added=...)`, or predict first."
+    )
+    raise KeyError(msg)
+
+
+def resolve_attention(found: Resolved) -> str | None:
+    """``obsp`` key of the decoder attention of a resolved prediction (its record, else ``f"{key}_attention"``)."""
+    att = found.params.get("attention_key")
+    if att:
+        return str(att)
+    default = attention_key(found.key)
+    return default if default in found.table.obsp else None

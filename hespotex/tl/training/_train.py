@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from hespotex._compat import renamed_arguments
 from hespotex._sample import as_sample_dict, get_table
 from hespotex.pp._embed import EMBED_KEY
 from hespotex.tl.model._data import EMBEDDING_KEY, GraphData, graph_data, spatial_block_mask
@@ -142,6 +143,7 @@ def split_validation(names: list[str], validation: Any, *, seed: int) -> tuple[l
     return held, None
 
 
+@renamed_arguments("tl.train")
 def train(
     samples: Any,
     *,
@@ -155,7 +157,7 @@ def train(
     validation: Any = "auto",
     seed: int = 0,
     device: str | None = "auto",
-    embedding_key: str = EMBEDDING_KEY,
+    use_rep: str = EMBEDDING_KEY,
     target_sum: float = 1e4,
     target_norm: str = "library_modelled",
     embedding_norm: str = "training",
@@ -176,7 +178,7 @@ def train(
     ----------
     samples
         A SpatialData sample, a list or ``{name: sample}`` mapping of them, or AnnData tables that
-        already carry embeddings in ``obsm[embedding_key]``. Samples without embeddings are
+        already carry embeddings in ``obsm[use_rep]``. Samples without embeddings are
         embedded with ``encoder`` first (written to their ``obsm``; see :func:`hespotex.pp.embed`).
     genes
         Genes to predict; by default the ``n_top_genes`` chosen by ``flavor`` on these samples
@@ -196,7 +198,7 @@ def train(
         Seed of initialisation, batching and the validation choice.
     device
         ``"auto"`` (CUDA when present, else CPU), ``"cpu"``, ``"cuda"``...
-    embedding_key
+    use_rep
         ``obsm`` key of the image embeddings.
     target_sum
         Counts per spot after library scaling (``target_norm`` ``"library_*"``).
@@ -237,7 +239,7 @@ def train(
         spread as ``layers[f"{key_added}_spread"]``. ``validation`` must stay ``"auto"``.
     stain_augment
         Train on stain-augmented views: every training spot, each epoch, is seen through one
-        embedding drawn among its clean one and its views ``obsm[f"{embedding_key}_stain_views"]``
+        embedding drawn among its clean one and its views ``obsm[f"{use_rep}_stain_views"]``
         (made once by :func:`hespotex.pp.embed` ``(..., stain_augment=4)``; samples embedded here
         get 4 views). Early stopping scores clean embeddings; prediction is unchanged. Recorded as
         ``model.stain_augment`` (and in ``setup.json``).
@@ -246,7 +248,7 @@ def train(
     -------
     The trained :class:`HESpotEx`; ``model.train_strategy_`` records the strategy, world size,
     backend and, for ``"ddp"``, each rank's shard of the first epoch and a fingerprint of its final
-    weights (identical on all ranks). Samples gain ``obsm[embedding_key]`` if they lacked it;
+    weights (identical on all ranks). Samples gain ``obsm[use_rep]`` if they lacked it;
     nothing else in them changes.
     """
     from hespotex.models._net import resolve_config
@@ -265,7 +267,7 @@ def train(
             raise ValueError(msg)
         return train_ensemble(
             samples, fit=train, genes=genes, n_top_genes=n_top_genes, flavor=flavor, encoder=encoder, weights=weights, patch_um=patch_um,
-            config=config, seed=seed, device=device, embedding_key=embedding_key, target_sum=target_sum, target_norm=target_norm,
+            config=config, seed=seed, device=device, use_rep=use_rep, target_sum=target_sum, target_norm=target_norm,
             embedding_norm=embedding_norm, max_nodes=max_nodes, strategy=strategy, n_processes=n_processes, backend=backend,
             stain_augment=stain_augment,
         )  # fmt: skip
@@ -275,7 +277,7 @@ def train(
     names = list(named)
     records = {
         n: ensure_embeddings(
-            s, embedding_key=embedding_key, encoder=encoder, weights=weights, patch_um=patch_um,
+            s, embedding_key=use_rep, encoder=encoder, weights=weights, patch_um=patch_um,
             stain_augment=DEFAULT_STAIN_VIEWS if stain_augment else 0,
         )
         for n, s in named.items()
@@ -298,18 +300,18 @@ def train(
     held, fraction = split_validation(names, validation, seed=seed)
     fit_names = [n for n in names if n not in held]
     if genes is None:
-        genes = select_genes([tables[n] for n in names], n_top=n_top_genes, flavor=flavor, key_added=None)
+        genes = select_genes([tables[n] for n in names], n_top_genes=n_top_genes, flavor=flavor, key_added=None)
         selection = {"flavor": flavor, "n_top": n_top_genes, "fitted_on": names}
     else:
         genes = select_genes([tables[n] for n in names], genes=genes, key_added=None)
         selection = {"flavor": "given", "n_top": len(genes), "fitted_on": names}
     data = {
         n: graph_data(
-            tables[n], n, genes=genes, embedding_key=embedding_key, target_sum=target_sum, target_norm=target_norm
+            tables[n], n, genes=genes, embedding_key=use_rep, target_sum=target_sum, target_norm=target_norm
         )
         for n in names
     }
-    stain = stain_views(tables, records, embedding_key) if stain_augment else None
+    stain = stain_views(tables, records, use_rep) if stain_augment else None
     if stain is not None:
         for n, d in data.items():
             d.views = np.asarray(tables[n].obsm[stain["key"]], dtype=np.float32)
