@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from hespotex.tl.prediction._tables import recorded_params
+from hespotex.tl.prediction._tables import prediction_table, recorded_params
 
 logger = logging.getLogger("hespotex")
 
@@ -147,7 +147,8 @@ def _open_table(path: Path, key: str):
 
 
 def open_prediction(data: Any, *, key: str = DEFAULT_KEY, layer: str | None = None) -> Prediction:
-    """Open a prediction: a zarr store path, a SpatialData holding table ``key``, or the AnnData table itself.
+    """Open a prediction: a zarr store path, a SpatialData holding table ``key``, or an AnnData holding it (in
+    ``layers[layer]``, or as the ``obsm[layer]`` DataFrame ``hx.tl.predict`` writes when the genes differ).
 
     Reads everything but the predicted values, which stay lazy. ``layer`` defaults to ``key``.
     """
@@ -167,10 +168,15 @@ def open_prediction(data: Any, *, key: str = DEFAULT_KEY, layer: str | None = No
     elif isinstance(data, AnnData):
         table = data
     elif hasattr(data, "tables"):
-        if key not in data.tables:
+        from hespotex._sample import get_table
+
+        if key in data.tables:
+            table = data.tables[key]
+        elif prediction_table(get_table(data), layer or key) is not None:  # predicted into the spot table itself
+            table = get_table(data)
+        else:
             msg = f"The SpatialData has no prediction table {key!r} (tables: {list(data.tables)}). Pass its table as `key`."
             raise KeyError(msg)
-        table = data.tables[key]
         slide = dict(dict(getattr(data, "attrs", {}) or {}).get("hespotex_slide", {}) or {})
         if getattr(data, "path", None) is not None:
             store = Path(data.path)
@@ -178,10 +184,13 @@ def open_prediction(data: Any, *, key: str = DEFAULT_KEY, layer: str | None = No
         msg = f"Expected a prediction zarr store path, a SpatialData or an AnnData, found {type(data).__name__}."
         raise TypeError(msg)
     layer = layer or key
+    found = prediction_table(table, layer)
+    if found is not None:  # an obsm DataFrame prediction (other genes than the table's) by gene name
+        table = found[0]
     if layer not in table.layers:
         msg = f"The table has no layer {layer!r} of predictions (layers: {list(table.layers)}). Pass the layer as `layer`."
         raise KeyError(msg)
-    info = table.uns.get(SAMPLE_KEY)
+    info = table.uns.get(SAMPLE_KEY) or (recorded_params(table, layer) or {}).get("sample")
     if info is None or "spatial" not in table.obsm:
         msg = (
             f"The table lacks spot centres (obsm['spatial']) or uns[{SAMPLE_KEY!r}] (µm per pixel, spot diameter); "

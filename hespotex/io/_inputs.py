@@ -6,8 +6,10 @@ Both take a SpatialData sample. An AnnData is accepted too:
 - one in the scanpy / squidpy Visium or HEST convention (an image in ``uns["spatial"]``, or a
   full-resolution ``image=`` argument) becomes a sample with :func:`hespotex.io.from_scanpy`; the
   function runs on that sample and everything it wrote to the sample's table (``obsm``, ``layers``,
-  ``obsp``, ``uns`` entries, new or replaced, and deletions) is written back to the AnnData the user
-  passed, which is returned where the function returns that table;
+  ``obsp``, ``uns`` entries, new or replaced, and deletions; new or replaced ``var`` columns) is
+  written back to the AnnData the user passed, which is returned where the function returns that
+  table; a function with a ``copy`` argument given ``copy=True`` writes into a copy of that AnnData
+  instead and returns the copy (the AnnData passed is left untouched);
 - any other AnnData gets an error naming the three ways to supply an image.
 
 :func:`accepts_anndata` wraps the function; it reads its ``data``, ``image``, ``microns_per_pixel`` and
@@ -91,13 +93,21 @@ def accepts_anndata(*, reads: str | None = None) -> Callable:
             sample = from_scanpy(data, keep_uns_images=False, **given)
             table = sample.tables["table"]
             before = {name: _snapshot(getattr(table, name)) for name in ("obsm", "layers", "obsp", "uns")}
+            var_before = table.var.copy()
+            copy = bool(bound.arguments.get("copy", False))
+            if copy:
+                data = data.copy()
+                bound.arguments["copy"] = False
             bound.arguments["data"] = sample
             for k in given:
                 bound.arguments[k] = None
             result = func(*bound.args, **bound.kwargs)
             for name in ("obsm", "layers", "obsp", "uns"):
                 _write_back(getattr(table, name), getattr(data, name), before[name], nested=name == "uns")
-            return data if result is table else result
+            for column in table.var.columns:  # new or replaced var columns (e.g. predict's mask of predicted genes)
+                if column not in var_before or not table.var[column].equals(var_before[column]):
+                    data.var[column] = table.var[column].reindex(data.var_names).to_numpy()
+            return data if copy or result is table else result
 
         return wrapper
 

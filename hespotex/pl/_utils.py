@@ -16,7 +16,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from hespotex._sample import SAMPLE_KEY, TABLE_KEY, get_sample_info
-from hespotex.tl.prediction._tables import PREDICTION_KEY, find_prediction
+from hespotex.tl.prediction._tables import PREDICTION_KEY, prediction_table
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -85,9 +85,9 @@ def get_predictions(data: Any, *, layer: str | None = None, table_key: str | Non
         msg = f"Expected a SpatialData sample or an AnnData table, found {type(data).__name__}."
         raise TypeError(msg)
     for key, table in candidates.items():
-        found = find_prediction(table, layer)
+        found = prediction_table(table, layer)  # an obsm DataFrame prediction is read as a table of its genes
         if found is not None:
-            return Predictions(table=table, layer=found[0], params=found[1], table_key=key)
+            return Predictions(table=found[0], layer=found[1], params=found[2], table_key=key)
     what = f"layers[{layer!r}]" if layer else "a prediction layer (uns[key]['params']['layer'])"
     where = "the table" if None in candidates else f"tables {list(candidates)}"
     msg = f"Expected {what} in {where}; found none. Run `hx.tl.predict(sdata, model)` first, or pass `layer=`/`table_key=`."

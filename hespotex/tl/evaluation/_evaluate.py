@@ -13,7 +13,7 @@ from hespotex._sample import as_sample_dict, get_table
 from hespotex.pp._normalize import log_expression
 from hespotex.pp._targets import target_expression
 from hespotex.tl.evaluation._metrics import gene_scores, summarize, top_genes
-from hespotex.tl.prediction._tables import recorded_params
+from hespotex.tl.prediction._tables import prediction_table, recorded_params
 
 logger = logging.getLogger("hespotex")
 
@@ -44,7 +44,10 @@ def evaluate(
     Parameters
     ----------
     adata
-        The table holding predictions in ``layers[layer]`` (what :func:`hespotex.tl.predict` returns).
+        The table holding predictions in ``layers[layer]`` (what :func:`hespotex.tl.predict` returns), or the
+        AnnData / SpatialData passed to ``predict`` when the prediction is its ``obsm[layer]`` DataFrame
+        (other genes than the model's, see "Where the predictions go" in :func:`hespotex.tl.predict`):
+        then its model genes are scored, against ``obsm[f"{layer}_measured"]`` for ``truth="measured"``.
     layer
         Prediction layer.
     truth
@@ -75,6 +78,10 @@ def evaluate(
     (``n_truth_constant``), not averaged. Non-finite predictions are refused.
     """
     table = get_table(adata)
+    source = table  # where the results are written
+    found = prediction_table(table, layer)
+    if found is not None:  # a prediction stored as an obsm DataFrame (other genes) is read as a table of its genes
+        table = found[0]
     if layer not in table.layers:
         msg = (
             f"Expected predictions in layers[{layer!r}], found layers {list(table.layers)}. Run `hx.tl.predict` first."
@@ -127,7 +134,7 @@ def evaluate(
             name: summarize(part.set_index("gene").drop(columns="sample"), hvg=ranks["hvg"], heg=ranks["heg"])
             for name, part in scores.groupby("sample", sort=False)
         }
-    table.uns[key_added] = {
+    source.uns[key_added] = {
         "per_gene": scores.reset_index() if groups is None else scores,
         "summary": summary,
         "params": {

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from hespotex.tl.prediction._tables import recorded_params, spot_tables
+from hespotex.tl.prediction._tables import PREDICTION_KEY, prediction_table, recorded_params, spot_tables
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -39,9 +39,13 @@ def programme_expression(
     source: tuple[str, AnnData, str] | None = None
     if layer is None:
         for name, t in tables:
-            recorded = (recorded_params(t) or {}).get("layer")
-            if recorded is not None and recorded in t.layers:
-                source = (name, t, str(recorded))
+            recorded = recorded_params(t) or {}
+            found = prediction_table(t, PREDICTION_KEY) if recorded.get("obsm") is not None else None
+            if found is not None:  # predictions over other genes: the obsm DataFrame, by the model's genes
+                source = (name, found[0], found[1])
+                break
+            if recorded.get("layer") is not None and recorded["layer"] in t.layers:
+                source = (name, t, str(recorded["layer"]))
                 break
         if source is None:
             source = (tables[0][0], tables[0][1], MEASURED)
@@ -49,6 +53,10 @@ def programme_expression(
         source = (tables[0][0], tables[0][1], MEASURED)
     else:
         for name, t in tables:
+            found = prediction_table(t, layer) if (recorded_params(t, layer) or {}).get("obsm") is not None else None
+            if found is not None:
+                source = (name, found[0], found[1])
+                break
             if layer in t.layers:
                 source = (name, t, layer)
                 break
