@@ -54,7 +54,7 @@ def _user_table(section: ad.AnnData, genes: list[str], *, embeddings: bool) -> a
     x = _counts(section, genes)
     table = ad.AnnData(
         X=x,
-        obs=section.obs[["region", "spot_id"]].copy(),
+        obs=section.obs[["region", "spot_id"] if embeddings else ["array_row", "array_col"]].copy(),
         var=pd.DataFrame({"note": [f"n{i}" for i in range(len(genes))]}, index=pd.Index(genes)),
         obsm={"spatial": np.asarray(section.obsm["spatial"]).copy()},
         layers={"counts": x.copy()},
