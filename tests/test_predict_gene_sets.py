@@ -226,6 +226,13 @@ def test_predictions_kept_in_the_object_passed(kind, case, trained_synthetic, tm
         want = [np.corrcoef(expected[g], truth[:, i])[0, 1] for i, g in enumerate(genes)]
         np.testing.assert_allclose(scores.loc[genes, "pearson"], want, rtol=1e-4, atol=1e-6)
         assert f"{KEY}_evaluation" in table.uns
+        import holoviews as hv
+
+        view = hx.pl.evaluation(data, kind="scatter", genes=[genes[2]], **({"truth": data} if same else {}))
+        (scatter,) = view.traverse(lambda x: x, [hv.Scatter])
+        rows = pd.Index(table.obs_names).get_indexer(scatter.dimension_values("spot"))
+        np.testing.assert_allclose(scatter.dimension_values("predicted"), expected[genes[2]].to_numpy()[rows], rtol=1e-5)
+        np.testing.assert_allclose(scatter.dimension_values("measured"), truth[rows, 2], rtol=1e-5, atol=1e-6)
     from hespotex.pl._spatial import import_holoviews
 
     hv = import_holoviews()

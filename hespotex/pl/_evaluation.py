@@ -47,7 +47,12 @@ def _prediction_table(data: Any, layer: str, table_key: str | None):
 
     if table_key is None and hasattr(data, "tables") and layer in data.tables:
         table_key = layer  # `hx.tl.predict` stores a new table under its key when the genes differ
+    from hespotex.tl.prediction._tables import prediction_table
+
     table = get_table(data, table_key)
+    found = prediction_table(table, layer)
+    if found is not None:  # an obsm DataFrame prediction (other genes than the table's) is read by the model's genes
+        table = found[0]
     if layer not in table.layers:
         msg = f"Expected predictions in layers[{layer!r}], found layers {list(table.layers)}. Run `hx.tl.predict` first or pass `layer=`."
         raise KeyError(msg)

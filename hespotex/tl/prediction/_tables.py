@@ -132,6 +132,9 @@ def frame_view(table: AnnData, name: str, params: dict[str, Any]) -> AnnData:
     sample = table.uns.get(SAMPLE_KEY) or params.get("sample")
     if sample:
         view.uns[SAMPLE_KEY] = dict(sample)
+    for key, value in table.uns.items():  # records of this prediction (e.g. hx.tl.evaluate's) come along
+        if key != name and isinstance(value, dict) and (value.get("params") or {}).get("layer") == name:
+            view.uns[key] = value
     spread = {"spread_layer": f"{name}_spread"} if f"{name}_spread" in view.layers else {}
     view.uns[name] = {"params": {**params, "layer": name, "obsm": None, **spread}}
     return view
