@@ -258,3 +258,15 @@ def test_key_added_naming_the_spot_table_is_refused(trained_synthetic):
     with pytest.raises(ValueError, match="names the sample's spot table"):
         hx.tl.predict(data, trained_synthetic["model"], device="cpu", key_added="table", overwrite=True)
     assert list(data.tables) == ["table"]
+
+
+def test_streamed_prediction_is_referenced_by_the_object_passed_or_its_copy(trained_synthetic, tmp_path):
+    model = trained_synthetic["model"]
+    data, _ = _make("spatialdata", "partial", trained_synthetic)
+    memory = hx.tl.predict(data, model, device="cpu", copy=True).tables[KEY]
+    new = hx.tl.predict(data, model, device="cpu", out=tmp_path / "a.zarr", copy=True)
+    assert list(data.tables) == ["table"] and KEY not in data.tables["table"].obsm  # the object passed: untouched
+    np.testing.assert_allclose(np.asarray(new.tables[KEY].layers[KEY]), memory.layers[KEY], rtol=1e-4, atol=1e-5)
+    streamed = hx.tl.predict(data, model, device="cpu", out=tmp_path / "b.zarr")
+    assert data.tables[KEY] is streamed  # the SpatialData passed references the streamed table
+    np.testing.assert_allclose(np.asarray(streamed.layers[KEY]), memory.layers[KEY], rtol=1e-4, atol=1e-5)

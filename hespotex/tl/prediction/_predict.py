@@ -89,7 +89,9 @@ def predict(
     copy
         Leave ``data`` untouched and return a new object holding everything listed below: a copy of the
         AnnData, or a new SpatialData (sharing the image and shape elements, which predict never
-        changes, and holding copies of the tables), like scanpy's ``copy``.
+        changes, and holding copies of the tables), like scanpy's ``copy``. With ``out`` the store is
+        written all the same (it is what ``out`` asks for): a SpatialData's copy gets
+        ``tables[key_added]``; an AnnData, never modified by streaming, gets the streamed table returned.
 
     Returns
     -------
