@@ -175,7 +175,9 @@ def test_predictions_kept_in_the_object_passed(kind, case, trained_synthetic, tm
     assert copied_table is not table
 
     ret = hx.tl.predict(data, model, device="cpu", **extra)
-    expected = _expected(table, model, trained_synthetic["test"].tables["table"].uns[SAMPLE_KEY])  # from the embeddings the table now holds (made on the fly for scanpy)
+    expected = _expected(
+        table, model, trained_synthetic["test"].tables["table"].uns[SAMPLE_KEY]
+    )  # from the embeddings the table now holds (made on the fly for scanpy)
     found = _predictions_in(table, genes)
     np.testing.assert_allclose(found[genes], expected[genes], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(_predictions_in(copied_table, genes)[genes], expected[genes], rtol=1e-5, atol=1e-6)
@@ -231,7 +233,9 @@ def test_predictions_kept_in_the_object_passed(kind, case, trained_synthetic, tm
         view = hx.pl.evaluation(data, kind="scatter", genes=[genes[2]], **({"truth": data} if same else {}))
         (scatter,) = view.traverse(lambda x: x, [hv.Scatter])
         rows = pd.Index(table.obs_names).get_indexer(scatter.dimension_values("spot"))
-        np.testing.assert_allclose(scatter.dimension_values("predicted"), expected[genes[2]].to_numpy()[rows], rtol=1e-5)
+        np.testing.assert_allclose(
+            scatter.dimension_values("predicted"), expected[genes[2]].to_numpy()[rows], rtol=1e-5
+        )
         np.testing.assert_allclose(scatter.dimension_values("measured"), truth[rows, 2], rtol=1e-5, atol=1e-6)
     from hespotex.pl._spatial import import_holoviews
 

@@ -93,7 +93,9 @@ def write_frame(
     genes = [str(g) for g in genes]
     index = table.obs_names.copy()
     columns = pd.Index(genes)
-    table.obsm[key_added] = pd.DataFrame(np.asarray(result["expression"], dtype=np.float32), index=index, columns=columns)
+    table.obsm[key_added] = pd.DataFrame(
+        np.asarray(result["expression"], dtype=np.float32), index=index, columns=columns
+    )
     pos = pd.Index(genes).get_indexer(table.var_names)
     predicted = pos >= 0
     layer = None
@@ -109,7 +111,9 @@ def write_frame(
     spread_key = spread_layer = None
     if result.get("spread") is not None:
         spread_key = f"{key_added}_spread"
-        table.obsm[spread_key] = pd.DataFrame(np.asarray(result["spread"], dtype=np.float32), index=index, columns=columns)
+        table.obsm[spread_key] = pd.DataFrame(
+            np.asarray(result["spread"], dtype=np.float32), index=index, columns=columns
+        )
         if layer is not None:
             spread_layer = spread_key
             values = np.full((table.n_obs, table.n_vars), np.nan, dtype=np.float32)
