@@ -274,3 +274,32 @@ def test_streamed_prediction_is_referenced_by_the_object_passed_or_its_copy(trai
     streamed = hx.tl.predict(data, model, device="cpu", out=tmp_path / "b.zarr")
     assert data.tables[KEY] is streamed  # the SpatialData passed references the streamed table
     np.testing.assert_allclose(np.asarray(streamed.layers[KEY]), memory.layers[KEY], rtol=1e-4, atol=1e-5)
+
+
+def test_ensemble_spread_is_kept_beside_the_prediction(trained_synthetic):
+    import torch
+
+    model = trained_synthetic["model"]
+    other = hx.tl.HESpotEx.load(trained_synthetic["model_dir"])
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a second, different member: the spread is not zero
+        for p in other.module_.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    ens = hx.tl.HESpotExEnsemble([model, other])
+    genes = list(ens.genes)
+    data, _ = _make("anndata", "partial", trained_synthetic)
+    ref, _ = _make("anndata", "identical", trained_synthetic)
+    hx.tl.predict(ref, ens, device="cpu")
+    spread = pd.DataFrame(ref.layers[f"{KEY}_spread"], columns=ref.var_names)[genes]
+    assert (spread.to_numpy() > 0).any()
+    hx.tl.predict(data, ens, device="cpu")
+    np.testing.assert_allclose(data.obsm[KEY][genes], pd.DataFrame(ref.layers[KEY], columns=genes), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(data.obsm[f"{KEY}_spread"][genes], spread, rtol=1e-5, atol=1e-6)
+    layer = pd.DataFrame(data.layers[f"{KEY}_spread"], columns=data.var_names)
+    shared = [g for g in data.var_names if g in genes]
+    np.testing.assert_allclose(layer[shared], spread[shared], rtol=1e-5, atol=1e-6)
+    assert np.isnan(layer[EXTRA].to_numpy()).all()
+    record = data.uns[KEY]["params"]
+    assert record["spread_key"] == f"{KEY}_spread" and record["ensemble_members"] == 2
+    with pytest.raises(ValueError, match=r"layers\['hespotex_spread'\]|obsm\['hespotex_spread'\]"):
+        hx.tl.predict(data, ens, device="cpu")
