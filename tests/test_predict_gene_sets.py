@@ -293,7 +293,9 @@ def test_ensemble_spread_is_kept_beside_the_prediction(trained_synthetic):
     spread = pd.DataFrame(ref.layers[f"{KEY}_spread"], columns=ref.var_names)[genes]
     assert (spread.to_numpy() > 0).any()
     hx.tl.predict(data, ens, device="cpu")
-    np.testing.assert_allclose(data.obsm[KEY][genes], pd.DataFrame(ref.layers[KEY], columns=genes), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        data.obsm[KEY][genes], pd.DataFrame(ref.layers[KEY], columns=genes), rtol=1e-5, atol=1e-6
+    )
     np.testing.assert_allclose(data.obsm[f"{KEY}_spread"][genes], spread, rtol=1e-5, atol=1e-6)
     layer = pd.DataFrame(data.layers[f"{KEY}_spread"], columns=data.var_names)
     shared = [g for g in data.var_names if g in genes]
