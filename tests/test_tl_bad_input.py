@@ -153,7 +153,7 @@ def test_existing_layer_needs_overwrite(pair, genes, model):
     assert out is table
     first = table.layers["hespotex"].copy()
     table.layers["hespotex"][:] = -1.0  # mark the stored layer: a refused call must leave it alone
-    with pytest.raises(ValueError, match=r"layers\['hespotex'\] already exists; pass `overwrite=True`"):
+    with pytest.raises(ValueError, match=r"layers\['hespotex'\] already exists \(and obsm\['X_hespotex'\].*\); pass `overwrite=True`"):
         hx.tl.predict(table, model, device="cpu")
     assert (table.layers["hespotex"] == -1.0).all()
     hx.tl.predict(table, model, device="cpu", overwrite=True)
@@ -172,7 +172,8 @@ def test_existing_table_of_a_spatialdata_needs_overwrite(model):
     second = hx.tl.predict(sdata, model, device="cpu", overwrite=True)
     assert sdata.tables["hespotex"] is second and second is not first
     np.testing.assert_array_equal(second.layers["hespotex"], first.layers["hespotex"])
-    assert "hespotex" not in sdata.tables["table"].layers
+    # the spot table holds the same prediction (obsm DataFrame), replaced too
+    np.testing.assert_allclose(sdata.tables["table"].obsm["hespotex"].to_numpy(), second.layers["hespotex"], rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- model folders

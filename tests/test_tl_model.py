@@ -191,8 +191,9 @@ def test_other_genes_go_to_a_new_table_of_the_spatialdata(model30):
     # the new table annotates the same spot circles as the source table
     assert out.uns["spatialdata_attrs"]["region"] == source.uns["spatialdata_attrs"]["region"]
     assert out.uns["hespotex_sample"]["sample_id"] == "fresh"
-    # the source table gained only the embeddings, made as the model's were
-    assert "hespotex" not in source.layers and "X_hespotex" not in source.obsm
+    # the source table holds the same prediction too (obsm DataFrame over the model's genes; see predict's
+    # "Where the predictions go"), and the embeddings, made as the model's were
+    np.testing.assert_allclose(source.obsm["hespotex"][model30.genes].to_numpy(), out.layers["hespotex"], rtol=1e-6)
     record = source.uns["hespotex_embed"][EMBEDDING_KEY]
     assert record["encoder_id"] == model30.embedding["encoder_id"] and record["input_size"] == INPUT_SIZE
 
@@ -203,7 +204,10 @@ def test_anndata_without_some_model_genes_gets_a_table_without_measured(sections
     out = hx.tl.predict(partial, model30, device="cpu")
     assert out is not partial and list(out.var_names) == model30.genes
     assert "measured" not in out.layers and "hespotex" in out.layers
-    assert "hespotex" not in partial.layers
+    # the AnnData passed keeps the prediction: the obsm DataFrame, and a layer over its own (predicted) genes
+    np.testing.assert_allclose(partial.obsm["hespotex"][model30.genes].to_numpy(), out.layers["hespotex"], rtol=1e-6)
+    assert int(partial.var["hespotex_predicted"].sum()) == len(model30.genes) - 1
+    assert "hespotex_measured" not in partial.obsm
 
 
 # ---------------------------------------------------------------------------------------------- persistence

@@ -183,7 +183,7 @@ def open_prediction(data: Any, *, key: str = DEFAULT_KEY, layer: str | None = No
     if layer not in table.layers:
         msg = f"The table has no layer {layer!r} of predictions (layers: {list(table.layers)}). Pass the layer as `layer`."
         raise KeyError(msg)
-    info = table.uns.get(SAMPLE_KEY)
+    info = table.uns.get(SAMPLE_KEY) or (recorded_params(table, layer) or {}).get("sample")
     if info is None or "spatial" not in table.obsm:
         msg = (
             f"The table lacks spot centres (obsm['spatial']) or uns[{SAMPLE_KEY!r}] (µm per pixel, spot diameter); "

@@ -6,8 +6,11 @@ Both take a SpatialData sample. An AnnData is accepted too:
 - one in the scanpy / squidpy Visium or HEST convention (an image in ``uns["spatial"]``, or a
   full-resolution ``image=`` argument) becomes a sample with :func:`hespotex.io.from_scanpy`; the
   function runs on that sample and everything it wrote to the sample's table (``obsm``, ``layers``,
-  ``obsp``, ``uns`` entries, new or replaced, and deletions) is written back to the AnnData the user
-  passed, which is returned where the function returns that table;
+  ``obsp``, ``uns`` entries, new or replaced, and deletions; new or replaced ``var`` columns) is
+  written back to the AnnData the user passed, which is returned where the function returns that
+  table; a function with a ``copy`` argument given ``copy=True`` writes into a copy of that AnnData
+  instead and returns the copy (the AnnData passed is left untouched), or, when it wrote nothing to
+  the table (e.g. a streamed prediction, which lives in its store), its own result;
 - any other AnnData gets an error naming the three ways to supply an image.
 
 :func:`accepts_anndata` wraps the function; it reads its ``data``, ``image``, ``microns_per_pixel`` and
@@ -38,24 +41,34 @@ def _snapshot(mapping: Mapping) -> dict[str, Any]:
     return {k: (_snapshot(v), id(v)) if isinstance(v, Mapping) else id(v) for k, v in mapping.items()}
 
 
-def _write_back(source: Mapping, target: Any, before: dict[str, Any], *, nested: bool) -> None:
-    """Copy the entries of ``source`` that are new or replaced since ``before`` into ``target``; mirror deletions."""
+def _write_back(source: Mapping, target: Any, before: dict[str, Any], *, nested: bool) -> int:
+    """Copy the entries of ``source`` that are new or replaced since ``before`` into ``target``; mirror deletions.
+
+    Returns the number of entries written or deleted."""
+    changed = 0
     for key in [k for k in before if k not in source]:
         if key in target:
             del target[key]
+            changed += 1
     for key, value in source.items():
         old = before.get(key)
         if old is None:
             target[key] = value
+            changed += 1
         elif nested and isinstance(value, Mapping) and isinstance(old, tuple):
             if not isinstance(target.get(key), Mapping):
                 target[key] = value
+                changed += 1
                 continue
             sub = target[key] if isinstance(target[key], dict) else dict(target[key])
-            _write_back(value, sub, old[0], nested=True)
-            target[key] = sub
+            n = _write_back(value, sub, old[0], nested=True)
+            if n:
+                target[key] = sub
+                changed += n
         elif (old[1] if isinstance(old, tuple) else old) != id(value):
             target[key] = value
+            changed += 1
+    return changed
 
 
 def accepts_anndata(*, reads: str | None = None) -> Callable:
@@ -91,12 +104,24 @@ def accepts_anndata(*, reads: str | None = None) -> Callable:
             sample = from_scanpy(data, keep_uns_images=False, **given)
             table = sample.tables["table"]
             before = {name: _snapshot(getattr(table, name)) for name in ("obsm", "layers", "obsp", "uns")}
+            var_before = table.var.copy()
+            copy = bool(bound.arguments.get("copy", False))
+            if copy:
+                data = data.copy()
+                bound.arguments["copy"] = False
             bound.arguments["data"] = sample
             for k in given:
                 bound.arguments[k] = None
             result = func(*bound.args, **bound.kwargs)
+            changed = 0
             for name in ("obsm", "layers", "obsp", "uns"):
-                _write_back(getattr(table, name), getattr(data, name), before[name], nested=name == "uns")
+                changed += _write_back(getattr(table, name), getattr(data, name), before[name], nested=name == "uns")
+            for column in table.var.columns:  # new or replaced var columns (e.g. predict's mask of predicted genes)
+                if column not in var_before or not table.var[column].equals(var_before[column]):
+                    data.var[column] = table.var[column].reindex(data.var_names).to_numpy()
+                    changed += 1
+            if copy and (changed or result is table):
+                return data
             return data if result is table else result
 
         return wrapper

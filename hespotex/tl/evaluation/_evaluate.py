@@ -86,8 +86,9 @@ def evaluate(
     """
     found = resolve_prediction(adata, key)
     table, layer = found.table, found.layer
+    source = found.target  # where the results are written (``table`` may be a view of an obsm DataFrame)
     key_added = key_added or evaluation_key(key)
-    if key_added in table.uns and not overwrite:
+    if key_added in source.uns and not overwrite:
         msg = (
             f"uns[{key_added!r}] already holds evaluation results; pass `overwrite=True` to replace them, "
             "or another `key_added`."
@@ -139,7 +140,7 @@ def evaluate(
             name: summarize(part.set_index("gene").drop(columns="sample"), hvg=ranks["hvg"], heg=ranks["heg"])
             for name, part in scores.groupby("sample", sort=False)
         }
-    table.uns[key_added] = {
+    source.uns[key_added] = {
         "per_gene": scores.reset_index() if groups is None else scores,
         "summary": summary,
         "params": {

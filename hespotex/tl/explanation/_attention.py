@@ -52,10 +52,10 @@ def _attention_table(data: Any, key: str) -> tuple[AnnData, str]:
             f"`hx.tl.train(..., config='hespotex')`) and predict again to get obsp[{attention_key(key)!r}]."
         )
         raise ValueError(msg)
-    if att not in found.table.obsp:
+    if att not in found.target.obsp:
         msg = f"uns[{key!r}]['params'] names obsp[{att!r}] but the table has no such entry; predict again."
         raise KeyError(msg)
-    return found.table, att
+    return found.target, att
 
 
 def _checked_matrix(table: AnnData, key: str) -> sp.csr_matrix:

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from hespotex._constants import EMBEDDING_KEY, PREDICTION_KEY
-from hespotex.tl.prediction._tables import resolve_prediction, spot_tables
+from hespotex.tl.prediction._tables import prediction_table, recorded_params, resolve_prediction, spot_tables
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -44,8 +44,8 @@ def programme_expression(
         except KeyError:
             found = None
         for name, t in tables:  # the prediction, if it is of the same spots
-            if found is not None and t is found.table:
-                source = (name, t, found.layer)
+            if found is not None and t is found.target:  # found.table: a view when stored as an obsm DataFrame
+                source = (name, found.table, found.layer)
                 break
         if source is None:
             source = (tables[0][0], tables[0][1], MEASURED)
@@ -53,6 +53,10 @@ def programme_expression(
         source = (tables[0][0], tables[0][1], MEASURED)
     else:
         for name, t in tables:
+            found = prediction_table(t, layer) if (recorded_params(t, layer) or {}).get("obsm") is not None else None
+            if found is not None:
+                source = (name, found[0], found[1])
+                break
             if layer in t.layers:
                 source = (name, t, layer)
                 break

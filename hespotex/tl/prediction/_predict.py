@@ -17,6 +17,7 @@ from hespotex.pp._targets import target_expression
 from hespotex.tl.model._data import EMBEDDING_KEY, graph_data
 from hespotex.tl.model._model import HESpotEx
 from hespotex.tl.prediction._checks import check_embedding, check_finite_predictions
+from hespotex.tl.prediction._placement import check_free, clear, copy_data, same_genes, spot_keys, write_frame
 from hespotex.tl.prediction._tables import prediction_params
 from hespotex.tl.training._train import ensure_embeddings
 
@@ -39,6 +40,7 @@ def predict(
     image: Any = None,
     microns_per_pixel: float | None = None,
     library_id: str | None = None,
+    copy: bool = False,
 ):
     """Predict the expression of the model's genes at every spot (or tile) from the H&E image.
 
@@ -87,28 +89,75 @@ def predict(
         H&E image (path or array) in the pixels of ``obsm["spatial"]``, its µm per pixel when
         ``spot_diameter_fullres`` cannot give it, and the ``uns["spatial"]`` library to read.
 
+    copy
+        Leave ``data`` untouched and return a new object holding everything listed below: a copy of the
+        AnnData, or a new SpatialData (sharing the image and shape elements, which predict never
+        changes, and holding copies of the tables), like scanpy's ``copy``. With ``out`` the store is
+        written all the same (it is what ``out`` asks for): a SpatialData's copy gets
+        ``tables[key_added]``; an AnnData, never modified by streaming, gets the streamed table returned.
+
     Returns
     -------
-    The AnnData holding the predictions. When the table's genes are exactly the model's genes it is
-    the table itself; otherwise (an image-only slide, or other genes) it is a new table of the same
-    spots with the model's genes, stored as ``sdata.tables[key_added]`` for a SpatialData. Written:
+    ``copy=False``: the AnnData holding the predictions in ``layers[key_added]`` over the model's genes
+    (the table itself when its genes are the model's, else a new table of the same spots and the
+    model's genes, see below), as before. ``copy=True``: the new AnnData / SpatialData.
 
-    - ``layers[key_added]``: predicted log1p(counts per ``target_sum``), spots × genes;
-    - ``layers["measured"]`` (new table only, when the source table measured every predicted gene):
-      the same normalisation of the measured counts, for evaluation and side-by-side views;
+    Where the predictions go
+    ------------------------
+    Whatever the gene sets, the object passed (or, with ``copy=True``, the one returned) holds the
+    predictions after the call, and nothing it had under these keys is replaced without
+    ``overwrite=True`` (every key is checked before anything is computed).
+
+    *The table's genes are the model's* (the same set, in any order): the table gets
+
+    - ``layers[key_added]``: predicted log1p(counts per ``target_sum``), spots × genes, in the table's
+      gene order;
     - ``layers[f"{key_added}_spread"]`` (ensembles only): the members' standard deviation per spot and
       gene, an uncertainty that ranks absolute errors (see ``benchmarks/results/shift.md``);
     - ``obsm[f"X_{key_added}"]``: the latent ``ẑ`` of each spot (an ensemble's first member);
     - ``obsp[f"{key_added}_attention"]``: decoder attention (rows = target spot) when the model has it;
     - ``uns[key_added]["params"]``: model id (weights fingerprint), genes hash, encoder, patch size in µm,
-      seed, configuration, versions, and what the values are: ``"target_norm"`` (the model's target
-      normalisation, see :mod:`hespotex.pp._targets`) with ``"target"`` describing it in words.
+      seed, configuration, versions, the keys above, and what the values are: ``"target_norm"`` (the
+      model's target normalisation, see :mod:`hespotex.pp._targets`) with ``"target"`` in words.
 
-    Streaming (``out``) always writes a new table ``key_added`` (no ``layers["measured"]``), whose
-    ``layers[key_added]`` is read lazily (dask) from the store; it is returned and put in
-    ``sdata.tables[key_added]``. ``uns[key_added]["params"]`` adds ``"stream"`` (store, chunk size)
-    and ``"source"`` (where the image is). The source table is not modified (embeddings computed
-    while streaming are not stored in its ``obsm``).
+    *Other genes* (model genes a subset or a superset of the table's, a partial overlap, no shared
+    gene, or an image-only table without genes): the spot table (the AnnData passed, or the
+    SpatialData's spot table) gets
+
+    - ``obsm[key_added]``: the full prediction, a :class:`pandas.DataFrame` spots × model genes (index
+      ``obs_names``, columns the model's genes), the scverse convention for per-spot tables (as
+      cell2location and tangram store theirs): ``adata.obsm["hespotex"]["ERBB2"]``;
+    - ``layers[key_added]``: the same values over the table's own genes, ``NaN`` for the table genes the
+      model does not predict, and ``var[f"{key_added}_predicted"]`` marking the predicted ones; written
+      only when at least one table gene is predicted. A layer keeps ``scanpy``'s ``layer=`` arguments
+      working by gene name (``sc.pl.spatial(adata, color="ERBB2", layer="hespotex")``; ``NaN`` is
+      drawn as missing, never as a fake zero); ``adata[:, adata.var["hespotex_predicted"]]`` selects
+      the predicted genes;
+    - ``obsm[f"{key_added}_measured"]`` (when the table measured every model gene): the measured
+      counts normalised like the predictions (DataFrame, same columns), for evaluation;
+    - ``obsm[f"{key_added}_spread"]`` and ``layers[f"{key_added}_spread"]`` (ensembles only), laid out
+      like the prediction;
+    - ``obsm[f"X_{key_added}"]`` and ``obsp[f"{key_added}_attention"]`` as above;
+    - ``uns[key_added]["params"]``: the record above, plus where everything is (``"obsm"``, ``"layer"``
+      (``None`` when not written), ``"predicted_mask"``, ``"measured_key"``, ``"spread_key"``,
+      ``"table"``: the SpatialData table holding the same prediction, ``"sample"``).
+
+    The returned table (``copy=False``) is a new AnnData of the same spots and the model's genes with
+    ``layers[key_added]``, ``layers["measured"]`` (when the source table measured every predicted
+    gene), the spread, latent, attention and record; for a SpatialData it is also stored as
+    ``sdata.tables[key_added]`` (as before), so the spot table and that table agree.
+
+    All readers (:func:`~hespotex.tl.evaluate`, :func:`~hespotex.tl.attention`,
+    :func:`~hespotex.tl.diagnostic_patches`, ``hx.pl.spatial`` / ``explorer`` / ``evaluation`` and the
+    ``hx.io.write_*`` exporters) find a prediction stored either way, by gene name.
+
+    *Streaming* (``out``) always writes a new table ``key_added`` to the store (no
+    ``layers["measured"]``), whose ``layers[key_added]`` is read lazily (dask) from the store; it is
+    returned and put in ``sdata.tables[key_added]``. ``uns[key_added]["params"]`` adds ``"stream"``
+    (store, chunk size) and ``"source"`` (where the image is). The spot table is not modified
+    (embeddings computed while streaming are not stored in its ``obsm``). Streaming needs a
+    SpatialData: an AnnData in the scanpy convention is streamed from a sample built from it (``out``
+    must then be a path) and is not modified; the prediction is the store and the returned table.
 
     Embedding on the fly (in memory, no ``obsm[use_rep]`` yet) also writes to the table (the
     sample's, or the AnnData passed), with the model's encoder and patch size (see :func:`hespotex.pp.embed`):
@@ -118,8 +167,8 @@ def predict(
       µm/px seen, input size, pyramid level, cache key, registry entry, TTA).
 
     For an AnnData in the scanpy convention the prediction runs on a sample built from it and every
-    entry listed here is written back to the AnnData passed; when its genes are the model's it is the
-    AnnData returned.
+    entry listed here (``obsm``, ``layers``, ``obsp``, ``uns``, the ``var`` mask) is written back to the
+    AnnData passed; when its genes are the model's it is the AnnData returned.
     """
     from hespotex.tl.model._resolve import as_model
 
@@ -131,10 +180,12 @@ def predict(
             "or stream each member (`model.members[i]`) on its own."
         )
         raise NotImplementedError(msg)
+    if copy:
+        data = copy_data(data)
     if out is not None:
         from hespotex.tl.prediction._stream import predict_streaming
 
-        return predict_streaming(
+        result = predict_streaming(
             data,
             model,
             out=out,
@@ -144,7 +195,18 @@ def predict(
             device=device,
             chunk_size=chunk_size,
         )
+        return data if copy else result
     table = get_table(data)
+    same = same_genes(table, model.genes)
+    keys = spot_keys(table, model.genes, key_added=key_added, ensemble=hasattr(model, "members"))
+    if not same and hasattr(data, "tables"):
+        if key_added in data.tables and data.tables[key_added] is table:
+            msg = f"key_added={key_added!r} names the sample's spot table; choose another `key_added`."
+            raise ValueError(msg)
+        if key_added in data.tables and not overwrite:
+            msg = f"The SpatialData already has a table {key_added!r}; pass `overwrite=True` to replace it, or another `key_added`."
+            raise ValueError(msg)
+    check_free(table, keys, overwrite=overwrite)
     embed_params = model.embedding
     record = ensure_embeddings(
         data,
@@ -164,43 +226,50 @@ def predict(
     if sample.n < min_spots and model.module_.decoder is not None:
         msg = f"The slide has {sample.n} spots; the model's {model.config.decoder_neighbors}-neighbour graph needs at least {min_spots}."
         raise ValueError(msg)
-    out = model.predict_graph(sample, device=device, max_nodes=max_nodes)
-    check_finite_predictions(out["expression"], out["latent"])
-    target = _target_table(data, table, model, key_added=key_added, overwrite=overwrite)
+    result = model.predict_graph(sample, device=device, max_nodes=max_nodes)
+    check_finite_predictions(result["expression"], result["latent"])
+    params = prediction_params(model, embed_params, key_added=key_added, attention=result["attention"] is not None)
+    if SAMPLE_KEY in table.uns:  # for readers of an AnnData holding no sample record of its own (scanpy input)
+        params["sample"] = dict(table.uns[SAMPLE_KEY])
+    if result.get("spread") is not None:  # an ensemble: the members' standard deviation, per spot and gene
+        params.update(spread_layer=f"{key_added}_spread", ensemble_members=len(model.members))
+    if overwrite:
+        clear(table, keys)
+    if same:
+        target = _write_layers(table, model, result, key_added=key_added, params=params)
+    else:
+        measured = None
+        if table.n_vars and set(model.genes) <= set(table.var_names):
+            measured = target_expression(table, model.genes, target_norm=model.target_norm, target_sum=model.target_sum)
+        target = _new_table(table, model, measured)
+        _write_layers(target, model, result, key_added=key_added, params=params)
+        table_key = key_added if hasattr(data, "tables") else None
+        write_frame(
+            table, model.genes, result, key_added=key_added, params=params, measured=measured, table_key=table_key
+        )
+        if hasattr(data, "tables"):
+            _store_table(data, target, key_added=key_added, overwrite=overwrite)
+    logger.info("Predicted %d genes at %d spots (key_added=%r).", len(model.genes), sample.n, key_added)
+    return data if copy else target
+
+
+def _write_layers(target, model: HESpotEx, result: dict[str, Any], *, key_added: str, params: dict[str, Any]):
+    """The prediction as a layer of ``target``, whose genes are the model's (in any order)."""
     order = pd.Index(model.genes).get_indexer(target.var_names)
-    target.layers[key_added] = out["expression"][:, order]
-    target.obsm[f"X_{key_added}"] = out["latent"]
-    spread_key = None
-    if out.get("spread") is not None:  # an ensemble: the members' standard deviation, per spot and gene
-        spread_key = f"{key_added}_spread"
-        if spread_key in target.layers and not overwrite:
-            msg = f"layers[{spread_key!r}] already exists; pass `overwrite=True` to replace it, or another `key_added`."
-            raise ValueError(msg)
-        target.layers[spread_key] = out["spread"][:, order]
-    if out["attention"] is not None:
-        target.obsp[f"{key_added}_attention"] = out["attention"]
-    target.uns[key_added] = {
-        "params": prediction_params(model, embed_params, key_added=key_added, attention=out["attention"] is not None)
-    }
-    if spread_key is not None:
-        target.uns[key_added]["params"].update(spread_layer=spread_key, ensemble_members=len(model.members))
-    if target is not table and hasattr(data, "tables"):
-        _store_table(data, target, key_added=key_added, overwrite=overwrite)
-    logger.info("Predicted %d genes at %d spots into layers[%r].", len(model.genes), sample.n, key_added)
+    target.layers[key_added] = result["expression"][:, order]
+    target.obsm[f"X_{key_added}"] = result["latent"]
+    if result.get("spread") is not None:
+        target.layers[f"{key_added}_spread"] = result["spread"][:, order]
+    if result["attention"] is not None:
+        target.obsp[f"{key_added}_attention"] = result["attention"]
+    target.uns[key_added] = {"params": dict(params)}
     return target
 
 
-def _target_table(data: Any, table, model: HESpotEx, *, key_added: str, overwrite: bool):
+def _new_table(table, model: HESpotEx, measured: np.ndarray | None):
+    """A table of the same spots and the model's genes (what predict returns when the genes differ)."""
     from anndata import AnnData
 
-    if set(table.var_names) == set(model.genes):
-        if key_added in table.layers and not overwrite:
-            msg = f"layers[{key_added!r}] already exists; pass `overwrite=True` to replace it, or another `key_added`."
-            raise ValueError(msg)
-        return table
-    if hasattr(data, "tables") and key_added in data.tables and not overwrite:
-        msg = f"The SpatialData already has a table {key_added!r}; pass `overwrite=True` to replace it, or another `key_added`."
-        raise ValueError(msg)
     keep = [c for c in ("region", "spot_id") if c in table.obs]
     new = AnnData(obs=table.obs[keep].copy(), var=pd.DataFrame(index=pd.Index(model.genes, name=None)))
     new.obsm["spatial"] = np.asarray(table.obsm["spatial"]).copy()
@@ -208,10 +277,8 @@ def _target_table(data: Any, table, model: HESpotEx, *, key_added: str, overwrit
         new.uns[SAMPLE_KEY] = dict(table.uns[SAMPLE_KEY])
     if "spatialdata_attrs" in table.uns:
         new.uns["spatialdata_attrs"] = dict(table.uns["spatialdata_attrs"])
-    if table.n_vars and set(model.genes) <= set(table.var_names):
-        new.layers["measured"] = target_expression(
-            table, model.genes, target_norm=model.target_norm, target_sum=model.target_sum
-        )
+    if measured is not None:
+        new.layers["measured"] = measured
     return new
 
 

@@ -55,26 +55,37 @@ def recorded_params(table: AnnData, key: str = PREDICTION_KEY) -> dict[str, Any]
 
 
 def prediction_records(table: AnnData) -> dict[str, dict[str, Any]]:
-    """Every prediction recorded in ``table``: its layer name -> the parameters recorded with it.
+    """Every prediction recorded in ``table``: its name -> the parameters recorded with it.
 
     A prediction is an ``uns`` entry with a ``params`` dict whose ``layer`` (default: the entry's key)
-    is a layer of the table, whatever ``key_added`` it was written under.
+    is a layer of the table, or whose ``obsm`` names an ``obsm`` DataFrame of the table (spots x the
+    model's genes, written by ``hx.tl.predict`` when the table's genes are not the model's), whatever
+    ``key_added`` it was written under.
     """
     records: dict[str, dict[str, Any]] = {}
     for key, value in table.uns.items():
         params = value.get("params") if isinstance(value, dict) else None
-        name = str(params.get("layer", key)) if isinstance(params, dict) else None
+        if not isinstance(params, dict):
+            continue
+        frame = params.get("obsm")
+        if frame is not None and frame in table.obsm:
+            name = str(params.get("layer") or frame)
+        else:
+            name = str(params.get("layer") or key)
+            if name not in table.layers:
+                continue
         # the record hx.tl.predict wrote (uns key = layer) wins over others naming the layer (e.g. evaluate's)
-        if name in table.layers and (name not in records or key == name):
+        if name not in records or key == name:
             records[name] = params
     return records
 
 
 def find_prediction(table: AnnData, layer: str | None = None) -> tuple[str, dict[str, Any]] | None:
-    """The prediction layer of ``table`` and a copy of the parameters recorded for it, or ``None``.
+    """The prediction of ``table`` (its name) and a copy of the parameters recorded for it, or ``None``.
 
-    ``layer`` given: that layer (with its record when there is one). ``None``: the prediction under
-    :data:`PREDICTION_KEY`, else the first recorded one, else a bare ``layers[PREDICTION_KEY]``.
+    ``layer`` given: that prediction or layer (with its record when there is one). ``None``: the
+    prediction under :data:`PREDICTION_KEY`, else the first recorded one, else a bare
+    ``layers[PREDICTION_KEY]``. Read the values with :func:`prediction_table`.
     """
     records = {name: dict(params) for name, params in prediction_records(table).items()}
     if layer is not None:
@@ -91,6 +102,61 @@ def find_prediction(table: AnnData, layer: str | None = None) -> tuple[str, dict
     if PREDICTION_KEY in table.layers:
         return PREDICTION_KEY, {"layer": PREDICTION_KEY}
     return None
+
+
+def frame_view(table: AnnData, name: str, params: dict[str, Any]) -> AnnData:
+    """The prediction stored as ``obsm[params["obsm"]]`` (spots x model genes) as a table of the same spots
+    and the model's genes, like the one ``hx.tl.predict`` returns: ``layers[name]``, ``layers["measured"]``
+    and ``layers[f"{name}_spread"]`` when recorded, the spot centres, latent, attention and records.
+
+    A new AnnData holding copies of the values; writing to it leaves ``table`` unchanged.
+    """
+    import numpy as np
+    import pandas as pd
+    from anndata import AnnData
+
+    from hespotex._sample import SAMPLE_KEY
+
+    frame = table.obsm[params["obsm"]]
+    genes = pd.Index([str(g) for g in frame.columns])
+    view = AnnData(obs=table.obs.copy(), var=pd.DataFrame(index=genes))
+    view.layers[name] = np.asarray(frame, dtype=np.float32)
+    for kind, layer in (("measured_key", "measured"), ("spread_key", f"{name}_spread")):
+        key = params.get(kind)
+        if key is not None and key in table.obsm:
+            view.layers[layer] = np.asarray(table.obsm[key].loc[:, genes], dtype=np.float32)
+    for key in ("spatial", params.get("latent_key")):
+        if key is not None and key in table.obsm:
+            view.obsm[key] = np.asarray(table.obsm[key])
+    att = params.get("attention_key")
+    if att is not None and att in table.obsp:
+        view.obsp[att] = table.obsp[att]
+    sample = table.uns.get(SAMPLE_KEY) or params.get("sample")
+    if sample:
+        view.uns[SAMPLE_KEY] = dict(sample)
+    for key, value in table.uns.items():  # records of this prediction (e.g. hx.tl.evaluate's) come along
+        if key != name and isinstance(value, dict) and (value.get("params") or {}).get("layer") == name:
+            view.uns[key] = value
+    spread = {"spread_layer": f"{name}_spread"} if f"{name}_spread" in view.layers else {}
+    view.uns[name] = {"params": {**params, "layer": name, "obsm": None, **spread}}
+    return view
+
+
+def prediction_table(table: AnnData, layer: str | None = None) -> tuple[AnnData, str, dict[str, Any]] | None:
+    """Where to read a prediction of ``table`` by gene name: ``(t, name, params)`` with the values in
+    ``t.layers[name]`` and ``t.var_names`` the predicted genes, or ``None`` when ``table`` holds none.
+
+    ``t`` is ``table`` itself for a layer over its own genes, or :func:`frame_view` for a prediction
+    stored as an ``obsm`` DataFrame (the table's genes were not the model's); ``layer`` and the default
+    are as in :func:`find_prediction`.
+    """
+    found = find_prediction(table, layer)
+    if found is None:
+        return None
+    name, params = found
+    if params.get("obsm") is not None and params["obsm"] in table.obsm:
+        return frame_view(table, name, params), name, params
+    return table, name, params
 
 
 def spot_tables(data: Any, *, same_spots: bool = True, prefer: str | None = None) -> list[tuple[str, AnnData]]:
@@ -125,6 +191,12 @@ class Resolved:
     params: dict[str, Any]
     key: str
     table_key: str | None = None  # the SpatialData table name; None for an AnnData given directly
+    source: AnnData | None = None  # the stored table results are written to (``table`` may be a frame view)
+
+    @property
+    def target(self) -> AnnData:
+        """The table a reader writes its results into: the stored table, never a temporary view."""
+        return self.source if self.source is not None else self.table
 
 
 def resolve_prediction(
@@ -158,11 +230,16 @@ def resolve_prediction(
         if found is None:
             return None
         name_layer, params = found
+        source = table
+        frame = params.get("obsm")
+        if frame is not None and frame in table.obsm:  # other genes than the table's: the obsm DataFrame, by gene
+            table = frame_view(table, name_layer, params)
+            params = dict(table.uns[name_layer]["params"])
         if layer is not None:
             if layer not in table.layers:
                 return None
             name_layer = layer
-        return Resolved(table=table, layer=name_layer, params=params, key=key, table_key=name)
+        return Resolved(table=table, layer=name_layer, params=params, key=key, table_key=name, source=source)
 
     for name, table in tables:  # the record uns[key] (or a bare layer named key)
         params = recorded_params(table, key)
