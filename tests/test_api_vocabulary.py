@@ -313,7 +313,9 @@ def test_non_default_key_chain(trained_synthetic, tmp_path):
         warnings.simplefilter("error", FutureWarning)
         out = hx.tl.predict(sdata, model, key_added="foo", device="cpu")
         assert sdata.tables["foo"] is out and "foo" in out.layers and "foo_attention" in out.obsp
-        assert "foo" not in sdata.tables["table"].layers
+        spots = sdata.tables["table"]  # the spot table holds them too, by the model's genes (obsm DataFrame)
+        assert list(spots.obsm["foo"].columns) == list(out.var_names)
+        np.testing.assert_allclose(spots.obsm["foo"].to_numpy(), np.asarray(out.layers["foo"]), rtol=1e-6)
         # nothing is found under the default key
         with pytest.raises(KeyError, match="'hespotex'"):
             hx.tl.evaluate(sdata)

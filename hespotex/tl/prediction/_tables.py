@@ -207,7 +207,9 @@ def resolve_prediction(
     ``data`` is a SpatialData (its spot table first, then its other tables, ``tables[key]`` right after it) or
     a table (AnnData). In each table, ``key`` names the record ``uns[key]["params"]`` with its layer, or a
     bare ``layers[key]`` (a baseline, the spread); ``key`` may also name a table of the SpatialData (then its
-    recorded prediction). ``layer`` overrides the layer read from that table (e.g. ``f"{key}_spread"``).
+    recorded prediction). ``layer`` overrides the layer read from that table (e.g. ``f"{key}_spread"``). A
+    prediction over other genes than the spot table's is read from ``tables[key]`` when the SpatialData has it,
+    else from the spot table's ``obsm[key]`` DataFrame (as a view; ``Resolved.target`` is the stored table).
     ``any_recorded`` (the views of ``hx.pl``): for the default key, when nothing is stored under it, the first
     recorded prediction is shown instead; the tools never guess (they write results named after ``key``).
     """
@@ -241,14 +243,19 @@ def resolve_prediction(
             name_layer = layer
         return Resolved(table=table, layer=name_layer, params=params, key=key, table_key=name, source=source)
 
+    framed = None  # a prediction held as an obsm DataFrame: used when no table holds it as a layer of its genes
     for name, table in tables:  # the record uns[key] (or a bare layer named key)
         params = recorded_params(table, key)
         if params is not None and str(params.get("layer", key)) in table.layers:
             hit = pick(name, table, (str(params.get("layer", key)), dict(params)))
         else:
             hit = pick(name, table, find_prediction(table, key))
-        if hit is not None:
+        if hit is not None and hit.source is not hit.table:
+            framed = framed or hit
+        elif hit is not None:
             return hit
+    if framed is not None:
+        return framed
     for name, table in tables:  # key names a table of the SpatialData
         if name is not None and name == key:
             hit = pick(name, table, find_prediction(table, layer))
