@@ -56,9 +56,6 @@ MB = 1024.0  # kB per MB
 # machine, load and memory helpers
 
 
-
-
-
 def _machine() -> str:
     import torch
 
@@ -176,7 +173,6 @@ def candidate_resize(sdata, enc, batch_size: int) -> float:
 
 # --------------------------------------------------------------------------------------------------
 # main
-
 
 
 def bench_pair(sdata, ename: str, *, repeats: int, batch_size: int) -> dict:

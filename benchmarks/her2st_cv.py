@@ -33,7 +33,14 @@ ENCODERS = {"random": ("efficientnet_lite0", "X_random"), "imagenet": ("efficien
 
 
 def run_fold(
-    fold: str, data: str | None, encoders: list[str], methods: list, genes: int, out: str, tune: bool = True, target_norm: str = "library_all"
+    fold: str,
+    data: str | None,
+    encoders: list[str],
+    methods: list,
+    genes: int,
+    out: str,
+    tune: bool = True,
+    target_norm: str = "library_all",
 ) -> pd.DataFrame:
     """One held-out section, every encoder and method (runs inside a dask worker).
 
@@ -78,10 +85,16 @@ def main() -> None:
     parser.add_argument("--genes", type=int, default=5457)
     parser.add_argument("--encoders", nargs="+", default=list(ENCODERS))
     parser.add_argument("--methods", nargs="+", default=["hespotex:paper", "hespotex", "ridge", "mlp", "retrieval"])
-    parser.add_argument("--ablations", action="store_true", help="also run hespotex without graph decoder / alignment / autoencoder")
+    parser.add_argument(
+        "--ablations", action="store_true", help="also run hespotex without graph decoder / alignment / autoencoder"
+    )
     parser.add_argument("--workers", type=int, default=2, help="dask worker processes (one fold each at a time)")
     parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--no-tune", action="store_true", help="baselines at their fixed defaults instead of α / k tuned on the training sections")
+    parser.add_argument(
+        "--no-tune",
+        action="store_true",
+        help="baselines at their fixed defaults instead of α / k tuned on the training sections",
+    )
     parser.add_argument("--target-norm", default="library_all", help="targets of every method (hespotex.pp._targets)")
     args = parser.parse_args()
     hx.settings.progress = False
@@ -105,10 +118,21 @@ def main() -> None:
     from dask.distributed import Client, LocalCluster
 
     t_cv = time.perf_counter()
-    with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
         futures = client.map(
-            run_fold, sorted(sections), data=args.data, encoders=args.encoders, methods=methods, genes=args.genes, out=args.out,
-            tune=not args.no_tune, target_norm=args.target_norm, pure=False
+            run_fold,
+            sorted(sections),
+            data=args.data,
+            encoders=args.encoders,
+            methods=methods,
+            genes=args.genes,
+            out=args.out,
+            tune=not args.no_tune,
+            target_norm=args.target_norm,
+            pure=False,
         )
         tables = client.gather(futures)
     t_cv = time.perf_counter() - t_cv
@@ -139,7 +163,9 @@ def main() -> None:
         "",
         "## Mean over the five folds (mean per-gene Pearson)",
         "",
-        mean.rename(columns={"pearson_hvg": "top50_hvg", "pearson_785": "panel_785", "pearson_all": f"all_{args.genes}"})
+        mean.rename(
+            columns={"pearson_hvg": "top50_hvg", "pearson_785": "panel_785", "pearson_all": f"all_{args.genes}"}
+        )
         .round(4)
         .to_markdown(index=False),
         "",

@@ -247,6 +247,7 @@ def _fmt(v) -> str:
 def _table(header: list[str], rows: list[list]) -> str:
     return markdown_table(header, rows, fmt=_fmt)
 
+
 def _secs(t: float) -> str:
     return f"{t:.1f}" if t >= 10 else f"{t:.2f}"
 
@@ -258,6 +259,7 @@ def _gb(mb: float) -> str:
 def _other_load() -> str:
     procs = competing()
     return f"yes ({len(procs)} process(es): her2st_cv)" if procs else "no"
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -122,7 +122,9 @@ def embed_one(sid: str, condition: str, patch_um: float, tta: bool, data: str | 
 
     t0 = time.perf_counter()
     sdata = load_section(sid, condition, data, work)
-    with dask.config.set(scheduler="synchronous"):  # inside a dask worker: do not send image reads to the (busy) cluster
+    with dask.config.set(
+        scheduler="synchronous"
+    ):  # inside a dask worker: do not send image reads to the (busy) cluster
         hx.pp.embed(sdata, encoder=ENCODER, patch_um=patch_um, tta=tta, key_added="X", cache=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npy")
@@ -171,7 +173,10 @@ def embed_views(sid: str, patch_um: float, data: str | None, work: str) -> str:
 def run_parallel(fn, tasks: list[dict], workers: int) -> list:
     from dask.distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
         futures = [client.submit(fn, **t, pure=False) for t in tasks]
         return client.gather(futures)
 
@@ -205,7 +210,13 @@ def tables(data: str | None) -> dict:
 
         root = her2st_path(data)
         for sid in her2st_sections(data):
-            sdata = read_st(root / "counts" / f"{sid}.tsv.gz", root / "spots" / f"{sid}_selection.tsv", None, sample_id=sid, join="inner")
+            sdata = read_st(
+                root / "counts" / f"{sid}.tsv.gz",
+                root / "spots" / f"{sid}_selection.tsv",
+                None,
+                sample_id=sid,
+                join="inner",
+            )
             _TABLES[sid] = sdata.tables["table"]
     return _TABLES
 
@@ -245,7 +256,9 @@ def slide_standardised(emb: np.ndarray, model) -> np.ndarray:
     """Per-slide standardisation: the slide's own mean and (floored) scale replace the training ones."""
     from hespotex.tl.model._data import embedding_scale
 
-    return ((emb - emb.mean(axis=0)) / embedding_scale(emb) * model.embedding_scale_ + model.embedding_mean_).astype(np.float32)
+    return ((emb - emb.mean(axis=0)) / embedding_scale(emb) * model.embedding_scale_ + model.embedding_mean_).astype(
+        np.float32
+    )
 
 
 def score_rows(pred: np.ndarray, truth: dict[str, np.ndarray], hvg: np.ndarray, **labels) -> list[dict]:
@@ -261,7 +274,15 @@ def score_rows(pred: np.ndarray, truth: dict[str, np.ndarray], hvg: np.ndarray, 
 
 
 def run_task(
-    fold: str, seed: int, target_norm: str, patch_um: float, tta: bool, what: str, data: str | None, work: str, stain_augment: bool = False
+    fold: str,
+    seed: int,
+    target_norm: str,
+    patch_um: float,
+    tta: bool,
+    what: str,
+    data: str | None,
+    work: str,
+    stain_augment: bool = False,
 ) -> str:
     """One held-out section, one seed and setting: hespotex members (``what="hespotex"``) or tuned baselines."""
     import hespotex as hx
@@ -290,7 +311,14 @@ def run_task(
     for n in train_names:
         t = all_tables[n].copy()
         t.obsm["X"] = np.load(embedding_path(work, n, "clean", patch_um, tta))
-        t.uns[EMBED_KEY] = {"X": {"encoder": ENCODER, "encoder_id": ENCODER, "patch_um": patch_um, **({"tta": "dihedral8"} if tta else {})}}
+        t.uns[EMBED_KEY] = {
+            "X": {
+                "encoder": ENCODER,
+                "encoder_id": ENCODER,
+                "patch_um": patch_um,
+                **({"tta": "dihedral8"} if tta else {}),
+            }
+        }
         if stain_augment:
             from hespotex.pp._stain_augment import stain_record
 
@@ -311,7 +339,13 @@ def run_task(
         emb = np.load(embedding_path(work, fold, cond, patch_um, tta))
         target = normalize_counts(counts, idx, target_norm=target_norm)
         conditions[cond] = (emb, xy, truths(counts, idx), target)
-    labels = {"fold": fold, "target_norm": target_norm, "patch_um": patch_um, "tta": tta, "stain_augment": stain_augment}
+    labels = {
+        "fold": fold,
+        "target_norm": target_norm,
+        "patch_um": patch_um,
+        "tta": tta,
+        "stain_augment": stain_augment,
+    }
     rows = []
     if what in ("hespotex", "single"):
         single = split_validation(train_names, "auto", seed=seed)[0][0]
@@ -325,7 +359,9 @@ def run_task(
         for cond, (emb, xy, truth, target) in conditions.items():
             for std_label, transform in (("", None), ("+slidestd", slide_standardised)):
                 preds = {
-                    h: m.predict_graph(GraphData(fold, emb if transform is None else transform(emb, m), xy), device="cpu")["expression"]
+                    h: m.predict_graph(
+                        GraphData(fold, emb if transform is None else transform(emb, m), xy), device="cpu"
+                    )["expression"]
                     for h, m in members.items()
                 }
                 stack = np.stack(list(preds.values()))
@@ -340,7 +376,15 @@ def run_task(
 
                     spread = stack.std(axis=0)
                     rho = spearmanr(spread.ravel(), np.abs(ens - target).ravel()).statistic
-                    rows.append({**lab, "method": "hespotex-ens", "truth": target_norm, "genes": "spread_spearman", "pearson": float(rho)})
+                    rows.append(
+                        {
+                            **lab,
+                            "method": "hespotex-ens",
+                            "truth": target_norm,
+                            "genes": "spread_spearman",
+                            "pearson": float(rho),
+                        }
+                    )
     else:
         fit = {n: graph_data(train[n], n, genes=genes, embedding_key="X", target_norm=target_norm) for n in train_names}
         inner = {n: (d.emb, d.expr, d.coords_um) for n, d in fit.items()}
@@ -365,7 +409,11 @@ def run_task(
 
 GRIDS = {
     # option selection (fewer seeds): targets x patch scale, without / with TTA
-    "select": [{"target_norm": t, "patch_um": p, "tta": False} for t in ("library_all", "library_modelled") for p in (100.0, 200.0)],
+    "select": [
+        {"target_norm": t, "patch_um": p, "tta": False}
+        for t in ("library_all", "library_modelled")
+        for p in (100.0, 200.0)
+    ],
     "tta": [{"target_norm": "library_modelled", "patch_um": 100.0, "tta": True}],
     "log1p": [{"target_norm": "log1p_counts", "patch_um": 100.0, "tta": False}],
 }
@@ -397,8 +445,13 @@ def load_rows(work: Path) -> pd.DataFrame:
         rows["stain_augment"] = False
     rows["stain_augment"] = rows["stain_augment"].eq(True)  # rows from before the option (NaN): none
     aug = rows["stain_augment"] & rows["method"].str.startswith("hespotex")
-    rows.loc[aug, "method"] = rows.loc[aug, "method"].str.replace("hespotex-ens", "hespotex-ens+stainaug").where(
-        rows.loc[aug, "method"].str.startswith("hespotex-ens"), rows.loc[aug, "method"].str.replace("hespotex", "hespotex+stainaug", n=1)
+    rows.loc[aug, "method"] = (
+        rows.loc[aug, "method"]
+        .str.replace("hespotex-ens", "hespotex-ens+stainaug")
+        .where(
+            rows.loc[aug, "method"].str.startswith("hespotex-ens"),
+            rows.loc[aug, "method"].str.replace("hespotex", "hespotex+stainaug", n=1),
+        )
     )  # shown beside the same setting's other variants
     return rows
 
@@ -408,7 +461,10 @@ def seed_summary(rows: pd.DataFrame) -> pd.DataFrame:
     keys = ["target_norm", "patch_um", "tta", "stain_augment", "method", "condition", "truth", "genes"]
     per_seed = rows.groupby([*keys, "seed"], dropna=False)["pearson"].agg(["mean", "count"]).reset_index()
     out = per_seed.groupby(keys, dropna=False).agg(
-        pearson=("mean", "mean"), spread=("mean", lambda v: float(v.max() - v.min())), seeds=("mean", "size"), folds=("count", "min")
+        pearson=("mean", "mean"),
+        spread=("mean", lambda v: float(v.max() - v.min())),
+        seeds=("mean", "size"),
+        folds=("count", "min"),
     )
     return out.reset_index()
 
@@ -425,7 +481,9 @@ def cmd_report(args) -> None:
     summ = seed_summary(rows[rows["genes"] != "spread_spearman"])
     n_folds = rows["fold"].nunique()
     partial = summ[summ["folds"] < n_folds][["target_norm", "patch_um", "condition"]].drop_duplicates()
-    summ = summ[summ["folds"] == n_folds]  # only what every fold has (e.g. not the restained 200 µm patches of one section)
+    summ = summ[
+        summ["folds"] == n_folds
+    ]  # only what every fold has (e.g. not the restained 200 µm patches of one section)
     summ["setting"] = summ.apply(setting_name, axis=1)
     cmd = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
     lines = [
@@ -451,7 +509,9 @@ def cmd_report(args) -> None:
         "",
     ]
     # 1. option selection: every setting, mean over the three truths, per condition and gene set
-    sel = summ.groupby(["setting", "method", "condition", "genes"])["pearson"].mean().unstack(["condition"]).reset_index()
+    sel = (
+        summ.groupby(["setting", "method", "condition", "genes"])["pearson"].mean().unstack(["condition"]).reset_index()
+    )
     sel = sel[["setting", "method", "genes", *[c for c in CONDITIONS if c in sel]]]
     if len(partial):
         lines += ["Left out of the tables (not embedded for every section, to fit the compute): "
@@ -485,12 +545,26 @@ def cmd_report(args) -> None:
         t = sp.groupby(["setting", "condition"])["pearson"].agg(["mean", "min", "max"]).reset_index()
         lines += ["## Ensemble spread vs absolute error (Spearman over spots x genes, per slide; mean / min / max over folds and seeds)", "",
                   t.round(3).to_markdown(index=False), ""]  # fmt: skip
-    chosen = rows[rows["method"].str.startswith(("ridge", "retrieval"))].groupby(["target_norm", "patch_um", "method"])["chosen"].agg(
-        lambda v: ", ".join(sorted(set(v)))
+    chosen = (
+        rows[rows["method"].str.startswith(("ridge", "retrieval"))]
+        .groupby(["target_norm", "patch_um", "method"])["chosen"]
+        .agg(lambda v: ", ".join(sorted(set(v))))
     )
-    lines += ["## Tuned baseline hyper-parameters (chosen per fold)", "", chosen.reset_index().to_markdown(index=False), ""]
-    fit = rows[rows["method"] == "hespotex"].groupby(["target_norm", "patch_um", "tta", "members"])["fit_seconds"].mean()
-    lines += ["## Time per hespotex fold task (training of 1 or 4 members, 1 torch thread), seconds", "", fit.round(1).reset_index().to_markdown(index=False), ""]
+    lines += [
+        "## Tuned baseline hyper-parameters (chosen per fold)",
+        "",
+        chosen.reset_index().to_markdown(index=False),
+        "",
+    ]
+    fit = (
+        rows[rows["method"] == "hespotex"].groupby(["target_norm", "patch_um", "tta", "members"])["fit_seconds"].mean()
+    )
+    lines += [
+        "## Time per hespotex fold task (training of 1 or 4 members, 1 torch thread), seconds",
+        "",
+        fit.round(1).reset_index().to_markdown(index=False),
+        "",
+    ]
     write_report("\n".join(lines), args.out)
 
 
@@ -567,11 +641,17 @@ def main() -> None:
     parser.add_argument("--grid", default="select")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--folds", nargs="+", default=None, help="run: only these held-out sections (default: all)")
-    parser.add_argument("--what", default="hespotex", choices=["hespotex", "single"], help="run: 4-member ensembles or single models")
+    parser.add_argument(
+        "--what", default="hespotex", choices=["hespotex", "single"], help="run: 4-member ensembles or single models"
+    )
     parser.add_argument("--final", nargs="*", default=None, help="report: settings shown in full against the baselines")
     parser.add_argument("--setting", default=None, help="one setting as a dict literal instead of --grid")
     parser.add_argument("--out", default="benchmarks/results/shift.md")
-    parser.add_argument("--stain-views", action="store_true", help=f"embed: the {STAIN_VIEWS} stain-augmented views of the clean sections")
+    parser.add_argument(
+        "--stain-views",
+        action="store_true",
+        help=f"embed: the {STAIN_VIEWS} stain-augmented views of the clean sections",
+    )
     args = parser.parse_args()
     args.tta = [bool(t) for t in args.tta]
     {"embed": cmd_embed, "run": cmd_run, "report": cmd_report, "stain-report": cmd_stain_report}[args.stage](args)

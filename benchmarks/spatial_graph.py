@@ -44,9 +44,6 @@ PITCH_UM = 100.0
 MB = 1024.0  # kB per MB
 
 
-
-
-
 def hex_coords_um(n: int, seed: int = 0) -> np.ndarray:
     """``n`` jittered hexagonal-grid spot centres in µm (x, y), roughly square."""
     rng = np.random.default_rng(seed)
@@ -178,7 +175,6 @@ def run_child(kind: str, spec: dict) -> dict:
 
 # --------------------------------------------------------------------------------------------------
 # main
-
 
 
 def main() -> None:

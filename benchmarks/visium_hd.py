@@ -58,7 +58,9 @@ def slide_folder(work: Path, n: int) -> tuple[Path, dict]:
     t = time.perf_counter()
     tif = work / f"hd_{n}" / "slide.ome.tif"
     tif.parent.mkdir(parents=True, exist_ok=True)
-    hx.datasets.synthetic_wsi(tif, width=side_px, height=side_px, microns_per_pixel=MPP, seed=7, n_blobs=6, overwrite=True)
+    hx.datasets.synthetic_wsi(
+        tif, width=side_px, height=side_px, microns_per_pixel=MPP, seed=7, n_blobs=6, overwrite=True
+    )
     t_tif = time.perf_counter() - t
     r, c = np.divmod(np.arange(side_bins * side_bins)[:n], side_bins)
     rng = np.random.default_rng(0)
@@ -192,7 +194,12 @@ def main() -> None:
                 model_dir = train_model(work)
                 t_model = time.perf_counter() - t
             pred = run_child(
-                {"arm": "predict", "folder": str(folder), "model": str(model_dir), "out": str(work / f"hd_{n}" / "pred.zarr")}
+                {
+                    "arm": "predict",
+                    "folder": str(folder),
+                    "model": str(model_dir),
+                    "out": str(work / f"hd_{n}" / "pred.zarr"),
+                }
             )
         rows.append(
             [
@@ -206,7 +213,9 @@ def main() -> None:
                 "not run" if pred is None else f"{pred['predict_s']:.0f}",
                 "not run" if pred is None else f"{read['n_bins'] / pred['predict_s']:.0f}",
                 "not run" if pred is None else f"**{pred['peak_mb']:.0f}**",
-                "not run" if pred is None else f"{pred['layer_shape'][0]:,} x {pred['layer_shape'][1]} ({'finite' if pred['finite'] else 'NaN!'})",
+                "not run"
+                if pred is None
+                else f"{pred['layer_shape'][0]:,} x {pred['layer_shape'][1]} ({'finite' if pred['finite'] else 'NaN!'})",
             ]
         )
         notes.append(

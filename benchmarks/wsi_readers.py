@@ -155,7 +155,9 @@ def main() -> None:
     if not (wsi / "tcga-cr-7395.svs").is_file():
         sys.exit(f"The real slides are not in {wsi}: pass --data or set HESPOTEX_DATA.")
     slides = [(wsi / "tcga-cr-7395.svs", 0.5, "real Aperio SVS, JPEG 2000 tiles, 2 levels, no µm/px (0.5 given)")]
-    slides.append((wsi / "cmu-1-small-region.svs", None, "real Aperio SVS, JPEG tiles, 1 level + label/macro/thumbnail"))
+    slides.append(
+        (wsi / "cmu-1-small-region.svs", None, "real Aperio SVS, JPEG tiles, 1 level + label/macro/thumbnail")
+    )
     if args.synthetic_side:
         work = Path(args.workdir)
         work.mkdir(parents=True, exist_ok=True)

@@ -103,7 +103,9 @@ def demo(
     hx.io.write_zarr(test, out / "prediction.zarr", overwrite=True)
 
     best = list(scores["pearson"].dropna().nlargest(N_SHOWN).index)
-    png = hx.io.write_png(out / "prediction.zarr", out / "prediction.png", genes=best, slide=out / "prediction.zarr", overwrite=True)
+    png = hx.io.write_png(
+        out / "prediction.zarr", out / "prediction.png", genes=best, slide=out / "prediction.zarr", overwrite=True
+    )
     if importlib.util.find_spec("panel") is None:
         html = None
         logger.warning("No explorer.html: the explorer needs Panel (pip install 'hespotex[interactive]').")

@@ -63,7 +63,12 @@ def mark(folder: str | Path, kind: str) -> None:
     if kind not in KINDS:
         msg = f"Expected a folder kind among {KINDS}, found {kind!r}."
         raise ValueError(msg)
-    record = {"written_by": "hespotex", "kind": kind, "hespotex": _version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    record = {
+        "written_by": "hespotex",
+        "kind": kind,
+        "hespotex": _version(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     write_text_atomic(Path(folder) / MARKER, json.dumps(record, indent=1) + "\n")
 
 
@@ -136,7 +141,9 @@ def check_replaceable(
     raise FileExistsError(msg)
 
 
-def remove(path: str | Path, kind: str, *, what: str, option: str = "`overwrite=True`", legacy: Iterable[str] = ()) -> None:
+def remove(
+    path: str | Path, kind: str, *, what: str, option: str = "`overwrite=True`", legacy: Iterable[str] = ()
+) -> None:
     """Delete the folder ``path`` after :func:`check_replaceable` allowed it (nothing there: nothing done)."""
     path = Path(path)
     check_replaceable(path, kind, what=what, option=option, legacy=legacy)

@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 
-
 @dataclass(frozen=True)
 class SampleInfo:
     """Physical scale and element keys of one sample.

@@ -119,19 +119,41 @@ def trained_synthetic(tmp_path_factory):
     torch.set_num_threads(1)
     hx.settings.cachedir, hx.settings.progress = tmp_path_factory.getbasetemp() / "hespotex-cache", False
     encoder, input_size = "efficientnet_lite0.imagenet", 64
-    small = {"ae_epochs": 20, "ae_hidden_dim": 64, "latent_dim": 16, "projection_hidden_dim": 64, "head_hidden_dim": 64, "decoder_heads": 2}
+    small = {
+        "ae_epochs": 20,
+        "ae_hidden_dim": 64,
+        "latent_dim": 16,
+        "projection_hidden_dim": 64,
+        "head_hidden_dim": 64,
+        "decoder_heads": 2,
+    }
     config = ModelConfig.preset("hespotex", epochs=40, lr=3e-3, patience=None, **small)
     sections = {}
     for name, seed, n in (("a", 1, 250), ("b", 2, 250), ("t", 3, 200)):
-        sdata = hx.datasets.synthetic(n_spots=n, n_genes=40, seed=seed, program_seed=0, microns_per_pixel=1.0, sample_id=f"syn_{name}")
+        sdata = hx.datasets.synthetic(
+            n_spots=n, n_genes=40, seed=seed, program_seed=0, microns_per_pixel=1.0, sample_id=f"syn_{name}"
+        )
         hx.pp.embed(sdata, encoder=encoder, input_size=input_size)
         sections[name] = sdata
-    model = hx.tl.train([sections["a"], sections["b"]], config=config, genes=list(sections["a"].tables["table"].var_names), seed=0, device="cpu")
+    model = hx.tl.train(
+        [sections["a"], sections["b"]],
+        config=config,
+        genes=list(sections["a"].tables["table"].var_names),
+        seed=0,
+        device="cpu",
+    )
     hx.tl.predict(sections["t"], model, device="cpu")
     model_dir = model.save(tmp_path_factory.mktemp("model") / "model")
     torch.set_num_threads(n_threads)
     hx.settings.cachedir, hx.settings.progress = saved
-    return {"model": model, "model_dir": model_dir, "train": [sections["a"], sections["b"]], "test": sections["t"], "encoder": encoder, "input_size": input_size}
+    return {
+        "model": model,
+        "model_dir": model_dir,
+        "train": [sections["a"], sections["b"]],
+        "test": sections["t"],
+        "encoder": encoder,
+        "input_size": input_size,
+    }
 
 
 CHROMIUM = "/usr/bin/chromium"
@@ -146,7 +168,9 @@ ARTIFACTS = REPO / "test-artifacts"
 def browser():
     """Debian's Chromium driven by Playwright (never ``playwright install``); tests marked ``browser`` use it."""
     if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: install it with `apt-get install -y chromium chromium-driver` (.ci/run does).")
+        pytest.fail(
+            f"{CHROMIUM} is missing: install it with `apt-get install -y chromium chromium-driver` (.ci/run does)."
+        )
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:

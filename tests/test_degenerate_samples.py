@@ -21,7 +21,14 @@ from hespotex.models import ModelConfig
 from hespotex.tl.model._data import EMBEDDING_KEY
 
 TINY = ModelConfig.preset(
-    "hespotex", epochs=1, ae_epochs=1, ae_hidden_dim=16, latent_dim=8, projection_hidden_dim=16, head_hidden_dim=16, decoder_heads=2
+    "hespotex",
+    epochs=1,
+    ae_epochs=1,
+    ae_hidden_dim=16,
+    latent_dim=8,
+    projection_hidden_dim=16,
+    head_hidden_dim=16,
+    decoder_heads=2,
 )
 
 
@@ -50,7 +57,9 @@ def _sample(name: str, n_spots: int, *, seed: int = 0, zero: bool = False, n_var
 
 CASES = {
     "all-zero sample": (
-        lambda: hx.pp.select_genes({"a": _sample("a", 80), "b": _sample("b", 60, seed=1, zero=True)}, n_top=10, key_added=None),
+        lambda: hx.pp.select_genes(
+            {"a": _sample("a", 80), "b": _sample("b", 60, seed=1, zero=True)}, n_top=10, key_added=None
+        ),
         "Sample 'b' has no counts: all 60 spots are zero in the 40 genes used for gene selection",
     ),
     "one-spot sample": (
@@ -62,25 +71,34 @@ CASES = {
         "Sample 'a' has no counts: all 80 spots are zero",
     ),
     "three genes vary": (
-        lambda: hx.pp.select_genes({"a": _sample("a", 80), "b": _sample("b", 30, seed=1, n_varying=3)}, n_top=10, key_added=None),
+        lambda: hx.pp.select_genes(
+            {"a": _sample("a", 80), "b": _sample("b", 30, seed=1, n_varying=3)}, n_top=10, key_added=None
+        ),
         "Sample 'b' has only 3 genes that vary across its 30 spots; seurat_v3 gene selection fits a mean-variance "
         "curve per sample and needs at least 14",
     ),
     "train: one-spot sample": (
-        lambda: hx.tl.train({"a": _sample("a", 80), "b": _sample("b", 1, seed=1)}, n_top_genes=10, config=TINY, device="cpu"),
+        lambda: hx.tl.train(
+            {"a": _sample("a", 80), "b": _sample("b", 1, seed=1)}, n_top_genes=10, config=TINY, device="cpu"
+        ),
         "Sample 'b' has 1 spots, too few for the 8-neighbour graphs",
     ),
     "cross_validate: all-zero sample": (
         lambda: hx.tl.cross_validate(
             {"a": _sample("a", 80), "b": _sample("b", 80, seed=1), "c": _sample("c", 60, seed=2, zero=True)},
-            methods=("ridge",), n_top_genes=10, device="cpu",
+            methods=("ridge",),
+            n_top_genes=10,
+            device="cpu",
         ),
         "Sample 'c' has no counts: all 60 spots are zero in the 40 genes used for cross-validation",
     ),
     "cross_validate: too few spots": (
         lambda: hx.tl.cross_validate(
             {"a": _sample("a", 80), "b": _sample("b", 80, seed=1), "c": _sample("c", 5, seed=2)},
-            methods=("hespotex", "ridge"), config=TINY, n_top_genes=10, device="cpu",
+            methods=("hespotex", "ridge"),
+            config=TINY,
+            n_top_genes=10,
+            device="cpu",
         ),
         "Sample 'c' has 5 spots; cross-validation (the 8-neighbour spatial graphs) needs at least 9 per sample",
     ),

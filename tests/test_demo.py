@@ -54,7 +54,9 @@ def test_demo_is_quiet_and_says_where_its_outputs_are(demo_run):
 def test_demo_results_are_a_trained_model_on_an_unseen_slide(demo_run):
     out = demo_run["out"]
     metrics = pd.read_csv(out / "metrics.csv")
-    assert metrics["pearson_mean"].iat[0] > 0.1  # synthetic expression follows the image; a model that learnt nothing scores ~0
+    assert (
+        metrics["pearson_mean"].iat[0] > 0.1
+    )  # synthetic expression follows the image; a model that learnt nothing scores ~0
     pred = hx.io.read_zarr(out / "prediction.zarr")["hespotex"]
     assert pred.layers["hespotex"].shape == (pred.n_obs, 100) and "measured" in pred.layers
     model = hx.tl.HESpotEx.load(out / "model")

@@ -53,7 +53,13 @@ def _private(parts: list[str]) -> bool:
 
 def test_the_checker_finds_private_uses():
     code = "from hespotex.pp._normalize import log_expression\nimport hespotex.tl._model\nhx.pp._genes.f()\nfrom hespotex.pp import _x\n"
-    assert set(private_uses(code)) == {"hespotex.pp._normalize.log_expression", "hespotex.tl._model", "hx.pp._genes", "hx.pp._genes.f", "hespotex.pp._x"}
+    assert set(private_uses(code)) == {
+        "hespotex.pp._normalize.log_expression",
+        "hespotex.tl._model",
+        "hx.pp._genes",
+        "hx.pp._genes.f",
+        "hespotex.pp._x",
+    }
     assert private_uses("import hespotex as hx\nhx.pp.log_normalize(a, g)\nhx.__version__\nx._private") == []
 
 

@@ -57,7 +57,17 @@ def test_list_encoders_shows_every_zoo_entry_beside_the_builtin():
     zoo = df[df["source"] == "lazyslide-models"].set_index("name")
     assert sorted(zoo.index) == sorted(ZOO)
     # the encoders the field uses are all there
-    assert {"uni", "uni2", "conch", "virchow2", "h-optimus-0", "h-optimus-1", "gigapath", "phikonv2", "ctranspath"} <= set(zoo.index)
+    assert {
+        "uni",
+        "uni2",
+        "conch",
+        "virchow2",
+        "h-optimus-0",
+        "h-optimus-1",
+        "gigapath",
+        "phikonv2",
+        "ctranspath",
+    } <= set(zoo.index)
     for key in ZOO:
         cls = lazyslide_models.MODEL_REGISTRY[key]
         width = zoo.loc[key, "output_width"]
@@ -219,7 +229,9 @@ def test_embed_cuts_at_native_mpp_and_predict_refuses_other_embeddings(flash_che
         hx.pp.embed(s, encoder="gigapath-flash", weights=path)
     record = samples[0].tables["table"].uns["hespotex_embed"]["X_hespotex_image"]
     assert record["patch_um"] == pytest.approx(224 * 0.5) and record["mpp"] == pytest.approx(0.5)
-    assert record["encoder_entry"]["name"] == "gigapath-flash" and record["encoder_entry"]["source"] == "lazyslide-models"
+    assert (
+        record["encoder_entry"]["name"] == "gigapath-flash" and record["encoder_entry"]["source"] == "lazyslide-models"
+    )
     assert samples[0].tables["table"].obsm["X_hespotex_image"].shape == (30, 384)
 
     from hespotex.models import ModelConfig
@@ -236,10 +248,14 @@ def test_embed_cuts_at_native_mpp_and_predict_refuses_other_embeddings(flash_che
     # a new slide without embeddings is embedded with the model's zoo encoder and predicted
     fresh = make_sample(n_spots=30, seed=2, sample_id="S2")
     hx.tl.predict(fresh, loaded, device="cpu")
-    assert fresh.tables["table"].uns["hespotex_embed"]["X_hespotex_image"]["encoder_id"] == model.embedding["encoder_id"]
+    assert (
+        fresh.tables["table"].uns["hespotex_embed"]["X_hespotex_image"]["encoder_id"] == model.embedding["encoder_id"]
+    )
 
     # a slide embedded with another encoder is refused, naming both entries
     other = make_sample(n_spots=30, seed=3, sample_id="S3")
     hx.pp.embed(other, encoder="efficientnet_lite0.imagenet", patch_um=112.0, input_size=64)
-    with pytest.raises(ValueError, match=r"'gigapath-flash' of lazyslide-models .* at 0.5 µm/px, this slide's 'efficientnet"):
+    with pytest.raises(
+        ValueError, match=r"'gigapath-flash' of lazyslide-models .* at 0.5 µm/px, this slide's 'efficientnet"
+    ):
         hx.tl.predict(other, loaded, device="cpu")

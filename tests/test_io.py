@@ -565,6 +565,24 @@ def test_build_sample_refuses_nan_centres_and_reserved_columns():
     obs = pd.DataFrame(index=["a", "b"])
     var = pd.DataFrame(index=["g"])
     with pytest.raises(ValueError, match="NaN or infinite"):
-        build_sample(None, np.array([[1.0, 2.0], [np.nan, 3.0]]), np.ones((2, 1)), obs=obs, var=var, sample_id="S", microns_per_pixel=1.0, spot_diameter_um=55.0)
+        build_sample(
+            None,
+            np.array([[1.0, 2.0], [np.nan, 3.0]]),
+            np.ones((2, 1)),
+            obs=obs,
+            var=var,
+            sample_id="S",
+            microns_per_pixel=1.0,
+            spot_diameter_um=55.0,
+        )
     with pytest.raises(ValueError, match="rename them first"):
-        build_sample(None, np.ones((2, 2)), np.ones((2, 1)), obs=obs.assign(region=["x", "y"]), var=var, sample_id="S", microns_per_pixel=1.0, spot_diameter_um=55.0)
+        build_sample(
+            None,
+            np.ones((2, 2)),
+            np.ones((2, 1)),
+            obs=obs.assign(region=["x", "y"]),
+            var=var,
+            sample_id="S",
+            microns_per_pixel=1.0,
+            spot_diameter_um=55.0,
+        )

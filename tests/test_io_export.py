@@ -29,7 +29,9 @@ def predicted(tmp_path_factory, trained_synthetic):
     )
     model = str(trained_synthetic["model_dir"])
     assert main(["--no-progress", "tile", "--out", str(root / "small.zarr"), "--model", model, str(slide)]) == 0
-    assert main(["--no-progress", "predict", "--model", model, "--out", str(root / "pred"), str(root / "small.zarr")]) == 0
+    assert (
+        main(["--no-progress", "predict", "--model", model, "--out", str(root / "pred"), str(root / "small.zarr")]) == 0
+    )
     store = root / "pred" / "small.zarr"
     table = spatialdata.read_zarr(store).tables["hespotex"]
     return {
@@ -55,7 +57,9 @@ def test_geojson_spots_are_qupath_detections_with_the_predictions(predicted, tmp
     import shapely.geometry
 
     genes = predicted["genes"][:3]
-    out = hx.io.write_geojson(predicted["store"], tmp_path / "spots.geojson", genes=genes, shape=shape, classification="hespotex")
+    out = hx.io.write_geojson(
+        predicted["store"], tmp_path / "spots.geojson", genes=genes, shape=shape, classification="hespotex"
+    )
     collection = json.loads(out.read_text())
     assert collection["type"] == "FeatureCollection"
     features = collection["features"]
@@ -122,7 +126,9 @@ def test_ome_tiff_heatmap_is_aligned_to_the_slide(predicted, tmp_path):
         for k in (0, 1):  # values under the spot centres, read pixel by pixel
             arr = store[str(k)]
             px = np.floor(xy / 2**k).astype(int)
-            got = np.stack([arr.get_coordinate_selection((np.full(len(px), c), px[:, 1], px[:, 0])) for c in range(2)], 1)
+            got = np.stack(
+                [arr.get_coordinate_selection((np.full(len(px), c), px[:, 1], px[:, 0])) for c in range(2)], 1
+            )
             np.testing.assert_array_equal(got, values.astype(np.float32))
         # a pixel half a radius from a centre still holds that spot's value; one far from every spot is NaN
         arr0 = store["0"]
@@ -139,11 +145,15 @@ def test_ome_tiff_uint16_records_its_scale_and_downsample(predicted, tmp_path):
     import tifffile
 
     gene = predicted["genes"][4]
-    out = hx.io.write_ome_tiff(predicted["store"], tmp_path / "g.ome.tif", genes=gene, dtype="uint16", downsample=4, tile=128)
+    out = hx.io.write_ome_tiff(
+        predicted["store"], tmp_path / "g.ome.tif", genes=gene, dtype="uint16", downsample=4, tile=128
+    )
     truth = predicted["values"][:, 4]
     with tifffile.TiffFile(out) as tif:
         level0 = tif.series[0].levels[0]
-        assert level0.shape[-2:] == (-(-HEIGHT // 4), -(-WIDTH // 4)) and level0.dtype == np.uint16  # one channel: squeezed
+        assert (
+            level0.shape[-2:] == (-(-HEIGHT // 4), -(-WIDTH // 4)) and level0.dtype == np.uint16
+        )  # one channel: squeezed
         root, pixels, ns = _ome_pixels(tif)
         assert float(pixels.get("PhysicalSizeX")) == pytest.approx(4 * MPP)
         scale = {m.get("K"): m.text for m in root.iter(f"{{{ns['ome']}}}M")}
@@ -157,7 +167,9 @@ def test_ome_tiff_uint16_records_its_scale_and_downsample(predicted, tmp_path):
 
 def test_ome_tiff_bad_input(predicted, tmp_path):
     with pytest.raises(ValueError, match="outside the slide"):
-        hx.io.write_ome_tiff(predicted["store"], tmp_path / "a.ome.tif", genes=predicted["genes"][:1], image_shape=(100, 100))
+        hx.io.write_ome_tiff(
+            predicted["store"], tmp_path / "a.ome.tif", genes=predicted["genes"][:1], image_shape=(100, 100)
+        )
     with pytest.raises(ValueError, match="dtype"):
         hx.io.write_ome_tiff(predicted["store"], tmp_path / "a.ome.tif", dtype="int8")
     with pytest.raises(ValueError, match="downsample"):
@@ -203,7 +215,19 @@ def test_export_command(predicted, tmp_path, capsys):
     assert main(["export", store, "--genes", *genes, "--format", "geojson", "--out", str(out)]) == 2  # exists
     assert main(["export", store, "--genes", "NOT_A_GENE", "--format", "csv", "--out", str(tmp_path / "x.csv")]) == 1
     heat = tmp_path / "heat"
-    args = ["export", store, "--genes", *genes, "--format", "ome-tiff", "--per-gene", "--downsample", "8", "--out", str(heat)]
+    args = [
+        "export",
+        store,
+        "--genes",
+        *genes,
+        "--format",
+        "ome-tiff",
+        "--per-gene",
+        "--downsample",
+        "8",
+        "--out",
+        str(heat),
+    ]
     assert main(args) == 0
     for g in genes:
         with tifffile.TiffFile(heat / f"{g}.ome.tif") as tif:

@@ -23,7 +23,9 @@ logging.getLogger("hespotex").info("hidden message")
 
 def _run(mode: str) -> list[str]:
     env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
-    res = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, env=env, check=True, cwd=REPO)
+    res = subprocess.run(
+        [sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, env=env, check=True, cwd=REPO
+    )
     return (res.stdout + res.stderr).splitlines()
 
 

@@ -23,7 +23,10 @@ def _pair(n_spots: int = 200, n_genes: int = 60, seed: int = 0) -> tuple[np.ndar
 
 
 def _table(truth: np.ndarray, pred: np.ndarray) -> ad.AnnData:
-    table = ad.AnnData(obs=pd.DataFrame(index=[f"s{i}" for i in range(len(truth))]), var=pd.DataFrame(index=[f"g{j}" for j in range(truth.shape[1])]))
+    table = ad.AnnData(
+        obs=pd.DataFrame(index=[f"s{i}" for i in range(len(truth))]),
+        var=pd.DataFrame(index=[f"g{j}" for j in range(truth.shape[1])]),
+    )
     table.layers["measured"] = truth.astype(np.float32)
     table.layers["hespotex"] = pred.astype(np.float32)
     return table
@@ -89,7 +92,9 @@ def test_evaluate_refuses_non_finite_predictions():
     truth, pred = _pair(n_genes=10)
     pred[3, 2] = np.inf
     table = _table(truth, pred)
-    with pytest.raises(ValueError, match=r"layers\['hespotex'\] holds NaN or infinite predictions at 1 spots in 1 genes"):
+    with pytest.raises(
+        ValueError, match=r"layers\['hespotex'\] holds NaN or infinite predictions at 1 spots in 1 genes"
+    ):
         hx.tl.evaluate(table)
     assert "hespotex_evaluation" not in table.uns
 

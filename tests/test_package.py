@@ -25,7 +25,9 @@ def test_import_does_not_load_heavy_libraries():
 
 
 def test_cli_help_and_bad_output_dir(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "hespotex.cli", "demo", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "hespotex.cli", "demo", "--help"], capture_output=True, text=True, check=True
+    )
     assert "--her2st" in out.stdout and "did not train on" in out.stdout
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file").write_text("user data")

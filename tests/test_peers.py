@@ -95,9 +95,13 @@ def test_stpath_is_scored_beside_hespotex_on_the_same_folds(sample_factory, stpa
 
     # the same numbers as STPath run directly on the held-out sample
     table = samples["S2"].tables["table"]
-    data = graph_data(table, "S2", genes=GENES, embedding_key=EMBEDDING_KEY, target_norm="library_modelled")  # as cross_validate
+    data = graph_data(
+        table, "S2", genes=GENES, embedding_key=EMBEDDING_KEY, target_norm="library_modelled"
+    )  # as cross_validate
     direct = STPath(genes=IN_VOCAB, **stpath_files).predict(data.emb, coords=data.coords_um)
-    truth = np.asarray(data.expr[:, : len(IN_VOCAB)].toarray() if hasattr(data.expr, "toarray") else data.expr[:, : len(IN_VOCAB)])
+    truth = np.asarray(
+        data.expr[:, : len(IN_VOCAB)].toarray() if hasattr(data.expr, "toarray") else data.expr[:, : len(IN_VOCAB)]
+    )
     varies = [j for j in range(len(IN_VOCAB)) if truth[:, j].std() > 0]
     assert len(varies) >= 10
     for j in varies:
@@ -111,7 +115,9 @@ def test_stpath_refuses_features_of_another_encoder(sample_factory, stpath_files
     for sdata in samples.values():
         hx.pp.embed(sdata, encoder="efficientnet_lite0.imagenet", input_size=32)
     with pytest.raises(ValueError, match=r"STPath predicts from 'gigapath' features.*encoder='gigapath'"):
-        hx.tl.cross_validate(samples, methods=("stpath",), genes=GENES, smoothed=False, baseline_kwargs={"stpath": stpath_files})
+        hx.tl.cross_validate(
+            samples, methods=("stpath",), genes=GENES, smoothed=False, baseline_kwargs={"stpath": stpath_files}
+        )
 
 
 def test_stpath_without_its_files_says_how_to_get_them(sample_factory):

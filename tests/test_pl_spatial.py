@@ -141,7 +141,9 @@ def test_measured_only_when_available(table):
     # a stored measured layer is used as is
     with_layer = no_counts.copy()
     with_layer.layers["measured"] = np.full(with_layer.shape, 2.0, dtype=np.float32)
-    pts = hx.pl.spatial(with_layer, table.var_names[0]).traverse(lambda x: x, [hx.pl._spatial.import_holoviews().Points])
+    pts = hx.pl.spatial(with_layer, table.var_names[0]).traverse(
+        lambda x: x, [hx.pl._spatial.import_holoviews().Points]
+    )
     assert np.all(pts[1].dframe()["measured"] == 2.0)
 
 

@@ -48,7 +48,9 @@ def test_scaled_image_element_gives_the_same_patch(sample_factory):
     from spatialdata.transformations import Scale
 
     yy, xx = np.mgrid[0:600, 0:600]
-    img = np.stack([128 + 100 * np.sin(xx / 25.0), 128 + 100 * np.cos(yy / 30.0), 128 + 60 * np.sin((xx + yy) / 40.0)], axis=-1)
+    img = np.stack(
+        [128 + 100 * np.sin(xx / 25.0), 128 + 100 * np.cos(yy / 30.0), 128 + 60 * np.sin((xx + yy) / 40.0)], axis=-1
+    )
     img = img.round().astype(np.uint8)
     rng = np.random.default_rng(0)
     sdata = hx.io.build_sample(
@@ -58,7 +60,9 @@ def test_scaled_image_element_gives_the_same_patch(sample_factory):
     )  # fmt: skip
     small = img.reshape(300, 2, 300, 2, 3).mean(axis=(1, 3)).round().astype(np.uint8)
     info = dict(sdata["table"].uns["hespotex_sample"])
-    sdata.images["half"] = Image2DModel.parse(small, dims=("y", "x", "c"), transformations={info["coordinate_system"]: Scale([2.0, 2.0], axes=("y", "x"))})
+    sdata.images["half"] = Image2DModel.parse(
+        small, dims=("y", "x", "c"), transformations={info["coordinate_system"]: Scale([2.0, 2.0], axes=("y", "x"))}
+    )
     full = hx.pp.extract_patches(sdata, patch_um=60.0, size=60)
     sdata["table"].uns["hespotex_sample"]["image_key"] = "half"
     half = hx.pp.extract_patches(sdata, patch_um=60.0, size=60)

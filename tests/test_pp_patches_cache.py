@@ -13,7 +13,13 @@ from hespotex.pp._patches import ChunkCache, plan_patches, read_crops
 def tiled(tmp_path_factory):
     """A pyramidal JPEG-tiled slide (256 px tiles) covered with pseudo-spots."""
     path = hx.datasets.synthetic_wsi(
-        tmp_path_factory.mktemp("wsi") / "s.ome.tif", width=1800, height=1400, n_blobs=5, microns_per_pixel=1.0, tile=256, seed=3
+        tmp_path_factory.mktemp("wsi") / "s.ome.tif",
+        width=1800,
+        height=1400,
+        n_blobs=5,
+        microns_per_pixel=1.0,
+        tile=256,
+        seed=3,
     )
     sdata = hx.io.read_wsi(path)
     hx.pp.detect_tissue(sdata)

@@ -11,7 +11,14 @@ from hespotex.pp._stain_augment import jitter_params, sample_views, stain_jitter
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 
-SMALL = {"ae_epochs": 2, "ae_hidden_dim": 16, "latent_dim": 8, "projection_hidden_dim": 16, "head_hidden_dim": 16, "decoder_heads": 1}
+SMALL = {
+    "ae_epochs": 2,
+    "ae_hidden_dim": 16,
+    "latent_dim": 8,
+    "projection_hidden_dim": 16,
+    "head_hidden_dim": 16,
+    "decoder_heads": 1,
+}
 ENC = "efficientnet_lite0.imagenet"
 
 
@@ -20,7 +27,10 @@ def _he_patches(n: int = 6, size: int = 24) -> np.ndarray:
     from skimage.color import hed2rgb
 
     rng = np.random.default_rng(0)
-    hed = np.stack([rng.uniform(0.02, 0.12, (n, size, size)), rng.uniform(0.02, 0.1, (n, size, size)), np.zeros((n, size, size))], -1)
+    hed = np.stack(
+        [rng.uniform(0.02, 0.12, (n, size, size)), rng.uniform(0.02, 0.1, (n, size, size)), np.zeros((n, size, size))],
+        -1,
+    )
     return np.moveaxis(hed2rgb(hed), -1, 1).astype(np.float32)
 
 
@@ -52,7 +62,9 @@ def test_embed_stain_augment_stores_and_caches_views(sample_factory):
     table = sdata.tables["table"]
     views = table.obsm[views_key("aug")]
     assert views.shape == (10, 3, table.obsm["aug"].shape[1])
-    np.testing.assert_allclose(table.obsm["aug"], table.obsm["plain"], rtol=1e-5, atol=1e-6)  # the clean embedding is unchanged
+    np.testing.assert_allclose(
+        table.obsm["aug"], table.obsm["plain"], rtol=1e-5, atol=1e-6
+    )  # the clean embedding is unchanged
     for v in range(3):
         assert not np.allclose(views[:, v], table.obsm["plain"], atol=1e-3)
     assert not np.allclose(views[:, 0], views[:, 1], atol=1e-3)
@@ -92,7 +104,9 @@ def test_sample_views_draws_among_clean_and_views():
 def _sections():
     sections = {}
     for name, seed in (("a", 1), ("b", 2), ("t", 3)):
-        sdata = hx.datasets.synthetic(n_spots=60, n_genes=10, seed=seed, program_seed=0, microns_per_pixel=1.0, sample_id=f"s{name}")
+        sdata = hx.datasets.synthetic(
+            n_spots=60, n_genes=10, seed=seed, program_seed=0, microns_per_pixel=1.0, sample_id=f"s{name}"
+        )
         hx.pp.embed(sdata, encoder=ENC, input_size=32, stain_augment=2)
         sections[name] = sdata
     return sections
@@ -133,7 +147,9 @@ def test_train_stain_augment_uses_views_is_recorded_and_predicts_on_clean(tmp_pa
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert np.isfinite(a).all()
     # an ensemble records it too
-    ens = hx.tl.train(list(sections.values()), stain_augment=True, ensemble=True, **{k: v for k, v in kw.items() if k != "validation"})
+    ens = hx.tl.train(
+        list(sections.values()), stain_augment=True, ensemble=True, **{k: v for k, v in kw.items() if k != "validation"}
+    )
     assert ens.stain_augment["n_views"] == 2 and all(m.stain_augment for m in ens.members)
     # samples without views: a clear error
     for s in train:

@@ -25,20 +25,31 @@ from hespotex.tl.model._data import EMBEDDING_KEY, GraphData
 pytestmark = pytest.mark.usefixtures("single_threaded")
 SOURCE = Path(hx.__file__).resolve().parents[1]  # the hespotex under test, for subprocesses
 TINY = ModelConfig.preset(
-    "hespotex", epochs=2, ae_epochs=2, ae_hidden_dim=32, latent_dim=16, projection_hidden_dim=32, head_hidden_dim=32, decoder_heads=2
+    "hespotex",
+    epochs=2,
+    ae_epochs=2,
+    ae_hidden_dim=32,
+    latent_dim=16,
+    projection_hidden_dim=32,
+    head_hidden_dim=32,
+    decoder_heads=2,
 )
 
 
 @pytest.fixture(scope="module")
 def section():
-    sdata = hx.datasets.synthetic(n_spots=120, n_genes=30, seed=31, program_seed=0, microns_per_pixel=1.0, sample_id="s31")
+    sdata = hx.datasets.synthetic(
+        n_spots=120, n_genes=30, seed=31, program_seed=0, microns_per_pixel=1.0, sample_id="s31"
+    )
     hx.pp.embed(sdata, encoder="efficientnet_lite0.imagenet", input_size=64)
     return sdata
 
 
 @pytest.fixture(scope="module")
 def model(section):
-    return hx.tl.train(section, config=TINY, validation=None, seed=0, device="cpu", genes=list(section.tables["table"].var_names))
+    return hx.tl.train(
+        section, config=TINY, validation=None, seed=0, device="cpu", genes=list(section.tables["table"].var_names)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +65,11 @@ def folder(saved, tmp_path):
 
 def _graph(section) -> GraphData:
     table = section.tables["table"]
-    return GraphData("s31", np.asarray(table.obsm[EMBEDDING_KEY], dtype=np.float32), np.asarray(table.obsm["spatial"], dtype=np.float64))
+    return GraphData(
+        "s31",
+        np.asarray(table.obsm[EMBEDDING_KEY], dtype=np.float32),
+        np.asarray(table.obsm["spatial"], dtype=np.float64),
+    )
 
 
 def _edit_setup(folder: Path, change) -> None:
@@ -112,7 +127,11 @@ def test_truncating_the_file_does_not_crash_a_loaded_model(folder, section, tmp_
         print("same predictions", float(m.embedding_scale_.sum()) > 0)
         """
     )
-    env = {**os.environ, "PYTHONPATH": f"{SOURCE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{SOURCE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "OMP_NUM_THREADS": "1",
+    }
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
     assert "same predictions True" in proc.stdout
@@ -126,13 +145,19 @@ def test_edited_gene_names_are_refused(folder, model):
         setup["genes"][0] = "ERBB2"
 
     _edit_setup(folder, rename)
-    with pytest.raises(ValueError, match=r"30 gene names do not match the gene_hash .*predictions would be labelled with the wrong genes"):
+    with pytest.raises(
+        ValueError,
+        match=r"30 gene names do not match the gene_hash .*predictions would be labelled with the wrong genes",
+    ):
         hx.tl.HESpotEx.load(folder)
 
 
 def test_missing_embedding_dim_is_a_clear_error(folder):
     _edit_setup(folder, lambda s: s.pop("embedding_dim"))
-    with pytest.raises(ValueError, match=r"cannot be read by this hespotex \(embedding_dim\).*lacks 'embedding_dim' \(the width of the image embeddings\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"cannot be read by this hespotex \(embedding_dim\).*lacks 'embedding_dim' \(the width of the image embeddings\)",
+    ):
         hx.tl.HESpotEx.load(folder)
 
 
@@ -145,10 +170,18 @@ def test_missing_embedding_dim_is_a_clear_error(folder):
         ("embedding_dim", True, r"'embedding_dim' should be the width of the image embeddings, found True \(bool\)"),
         ("genes", "ABC", r"'genes' should be a list of gene names, found 'ABC'"),
         ("history", {"a": 1}, r"'history' should be a list of per-epoch records"),
-        ("spot_geometry", {"spot_diameter_um": -55.0}, r"'spot_geometry' should be positive, finite µm values \(found spot_diameter_um=-55.0\)"),
+        (
+            "spot_geometry",
+            {"spot_diameter_um": -55.0},
+            r"'spot_geometry' should be positive, finite µm values \(found spot_diameter_um=-55.0\)",
+        ),
         ("config.lr", "fast", r"config field 'lr' should be float, found 'fast' \(str\)"),
         ("config.decoder_stacked", 1, r"config field 'decoder_stacked' should be bool, found 1 \(int\)"),
-        ("embedding.patch_um", "big", r"'embedding' should be an object whose patch_um is a positive, finite number \(found 'big'\)"),
+        (
+            "embedding.patch_um",
+            "big",
+            r"'embedding' should be an object whose patch_um is a positive, finite number \(found 'big'\)",
+        ),
         ("surprise", 1, r"setup.json has fields this hespotex does not know, \['surprise'\]"),
     ],
 )
@@ -184,7 +217,11 @@ def _peak_rss_mb_of_load(folder: Path, edit: dict) -> tuple[str, float]:
         print("GROWTH", (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
         """
     )
-    env = {**os.environ, "PYTHONPATH": f"{SOURCE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{SOURCE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "OMP_NUM_THREADS": "1",
+    }
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if line.startswith(("ERROR", "GROWTH")))
     assert proc.returncode == 0 and "GROWTH" in lines, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
@@ -203,8 +240,16 @@ def test_absurd_hidden_sizes_fail_fast_without_allocating(folder, size):
 @pytest.mark.parametrize(
     ("tensor", "value", "match"),
     [
-        ("net.direct_head.4.bias", np.nan, r"1 weight tensors hold NaN or infinite values \(\['net.direct_head.4.bias'\]\)"),
-        ("net.projection.net.0.weight", np.inf, r"1 weight tensors hold NaN or infinite values \(\['net.projection.net.0.weight'\]\)"),
+        (
+            "net.direct_head.4.bias",
+            np.nan,
+            r"1 weight tensors hold NaN or infinite values \(\['net.direct_head.4.bias'\]\)",
+        ),
+        (
+            "net.projection.net.0.weight",
+            np.inf,
+            r"1 weight tensors hold NaN or infinite values \(\['net.projection.net.0.weight'\]\)",
+        ),
         ("setup.embedding_mean", np.nan, r"NaN or infinite values \(\['setup.embedding_mean'\]\)"),
         ("setup.embedding_scale", 0.0, r"embedding scale has 1 zero or negative values"),
         ("setup.embedding_scale", np.inf, r"NaN or infinite values \(\['setup.embedding_scale'\]\)"),
@@ -225,7 +270,9 @@ def test_weights_listed_in_the_header_but_not_in_the_file_are_refused(folder):
     """A header that claims more bytes than the file holds is refused before the data is read."""
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-4])
-    with pytest.raises(ValueError, match=r"model.safetensors is corrupt \(\d+ bytes described, \d+ found: truncated or padded\)"):
+    with pytest.raises(
+        ValueError, match=r"model.safetensors is corrupt \(\d+ bytes described, \d+ found: truncated or padded\)"
+    ):
         hx.tl.HESpotEx.load(folder)
 
 
@@ -241,7 +288,9 @@ def test_predict_refuses_to_store_non_finite_predictions(section, model):
         broken.module_.direct_head[-1].bias.fill_(3e38)
         broken.module_.decoder.gene_head[-1].bias.fill_(3e38)
     table = section.tables["table"][:, model.genes].copy()
-    with pytest.raises(ValueError, match=r"predictions are NaN or infinite at 120 spots \(30 genes\), e.g. spot 0; nothing was stored"):
+    with pytest.raises(
+        ValueError, match=r"predictions are NaN or infinite at 120 spots \(30 genes\), e.g. spot 0; nothing was stored"
+    ):
         hx.tl.predict(table, broken, device="cpu")
     assert "hespotex" not in table.layers
     assert "X_hespotex" not in table.obsm

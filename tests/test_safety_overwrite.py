@@ -62,7 +62,9 @@ def _modes(root):
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_predict_never_deletes_a_folder_it_did_not_write(trained_synthetic, tmp_path, overwrite):
     folder = _user_folder(tmp_path / "my_folder")
-    with pytest.raises(FileExistsError, match=r"did not write \(no \.hespotex\.json marker\): 2 entries: figures/, thesis\.docx"):
+    with pytest.raises(
+        FileExistsError, match=r"did not write \(no \.hespotex\.json marker\): 2 entries: figures/, thesis\.docx"
+    ):
         hx.tl.predict(_slide(1, "s1"), trained_synthetic["model"], device="cpu", out=folder, overwrite=overwrite)
     assert _intact(folder)
 

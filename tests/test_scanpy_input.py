@@ -90,7 +90,10 @@ def test_from_scanpy_picks_hires_maps_coordinates_and_warns(outs, reference, cap
     ref_table = get_table(reference["hires"])
     idx = _shared(adata, ref_table)
     assert (idx >= 0).sum() >= 50
-    mine, ref = plan_patches(sample, patch_um=55.0, out_px=64), plan_patches(reference["hires"], patch_um=55.0, out_px=64)
+    mine, ref = (
+        plan_patches(sample, patch_um=55.0, out_px=64),
+        plan_patches(reference["hires"], patch_um=55.0, out_px=64),
+    )
     spots = np.flatnonzero(idx >= 0)[[0, 7, 21, 40]]
     a, b = mine.read(spots), ref.read(idx[spots])
     np.testing.assert_array_equal(a, b)
@@ -134,7 +137,11 @@ def test_full_res_image_frame_is_checked(outs):
         hx.io.from_scanpy(adata, image=half)
     sample = hx.io.from_scanpy(adata, image=outs / "fullres.png")
     info = get_sample_info(sample)
-    assert info.image_key == "custom_image" and sample.images["custom_image"]["scale0"]["image"].shape == (3, 3333, 3333)
+    assert info.image_key == "custom_image" and sample.images["custom_image"]["scale0"]["image"].shape == (
+        3,
+        3333,
+        3333,
+    )
 
 
 def test_predict_scanpy_anndata_equals_spatialdata_path(outs, reference, trained_synthetic):
@@ -253,7 +260,9 @@ def test_hest_anndata_keeps_uns_images_and_predicts(her2st_c2, tmp_path, trained
     img = Image.open(image_path).convert("RGB")
     s = 1000 / max(img.size)
     thumb = np.asarray(img.resize((round(img.width * s), round(img.height * s))))
-    hest = ad.AnnData(X=table.X.copy(), obs=pd.DataFrame(index=table.obs_names), var=pd.DataFrame(index=table.var_names))
+    hest = ad.AnnData(
+        X=table.X.copy(), obs=pd.DataFrame(index=table.obs_names), var=pd.DataFrame(index=table.var_names)
+    )
     hest.obsm["spatial"] = np.asarray(table.obsm["spatial"]).copy()
     hest.uns["spatial"] = {
         "ST": {

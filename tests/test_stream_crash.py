@@ -170,7 +170,9 @@ def test_crash_inside_the_table_write_resumes_to_the_uninterrupted_result(
             raise Crash("killed while writing the table's layers")
         return real(group, key, elem, *args, **kwargs)
 
-    monkeypatch.setattr(io_table, "write_adata", lambda group, name, table, *a, **k: _partial_write(group, name, table, write_elem))
+    monkeypatch.setattr(
+        io_table, "write_adata", lambda group, name, table, *a, **k: _partial_write(group, name, table, write_elem)
+    )
     with pytest.raises(Crash):
         hx.tl.predict(copy.deepcopy(slide), trained_synthetic["model"], device="cpu", out=out, chunk_size=CHUNK)
     monkeypatch.undo()
@@ -204,7 +206,9 @@ def test_expression_deleted_before_its_done_markers_is_computed_again(
     _same(table, uninterrupted[0])
 
 
-def test_a_block_whose_results_are_gone_is_predicted_again(slide, trained_synthetic, uninterrupted, before_commit, tmp_path):
+def test_a_block_whose_results_are_gone_is_predicted_again(
+    slide, trained_synthetic, uninterrupted, before_commit, tmp_path
+):
     import zarr
 
     out = tmp_path / "blocks.zarr"
@@ -308,7 +312,9 @@ def test_a_marker_beside_an_unfinished_store_does_not_count(tiles, trained_synth
     out = tmp_path / "out"
     shutil.copytree(done, out)
     assert _cohort.read_marker(out, "crashy") is not None
-    group = zarr.open_group(out / "crashy.zarr", mode="r+", use_consolidated=False)[_stream_store.PROGRESS_GROUP]["hespotex"]
+    group = zarr.open_group(out / "crashy.zarr", mode="r+", use_consolidated=False)[_stream_store.PROGRESS_GROUP][
+        "hespotex"
+    ]
     group.attrs["complete"] = False  # e.g. the store was replaced by an interrupted run after the marker was written
     assert _cohort.read_marker(out, "crashy") is None
     record = _cohort.run_slide(tiles, trained_synthetic["model_dir"], out=out)

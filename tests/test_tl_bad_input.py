@@ -153,7 +153,9 @@ def test_existing_layer_needs_overwrite(pair, genes, model):
     assert out is table
     first = table.layers["hespotex"].copy()
     table.layers["hespotex"][:] = -1.0  # mark the stored layer: a refused call must leave it alone
-    with pytest.raises(ValueError, match=r"layers\['hespotex'\] already exists \(and obsm\['X_hespotex'\].*\); pass `overwrite=True`"):
+    with pytest.raises(
+        ValueError, match=r"layers\['hespotex'\] already exists \(and obsm\['X_hespotex'\].*\); pass `overwrite=True`"
+    ):
         hx.tl.predict(table, model, device="cpu")
     assert (table.layers["hespotex"] == -1.0).all()
     hx.tl.predict(table, model, device="cpu", overwrite=True)

@@ -11,7 +11,14 @@ from hespotex.models import ModelConfig
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 
-SMALL = {"ae_epochs": 5, "ae_hidden_dim": 32, "latent_dim": 8, "projection_hidden_dim": 32, "head_hidden_dim": 32, "decoder_heads": 2}
+SMALL = {
+    "ae_epochs": 5,
+    "ae_hidden_dim": 32,
+    "latent_dim": 8,
+    "projection_hidden_dim": 32,
+    "head_hidden_dim": 32,
+    "decoder_heads": 2,
+}
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +26,9 @@ def sections():
     hx.settings.progress = False
     out = {}
     for name, seed in (("a", 1), ("b", 2), ("c", 4), ("t", 3)):
-        sdata = hx.datasets.synthetic(n_spots=70, n_genes=10, seed=seed, program_seed=0, microns_per_pixel=1.0, sample_id=f"s{name}")
+        sdata = hx.datasets.synthetic(
+            n_spots=70, n_genes=10, seed=seed, program_seed=0, microns_per_pixel=1.0, sample_id=f"s{name}"
+        )
         hx.pp.embed(sdata, encoder="efficientnet_lite0.imagenet", input_size=32)
         out[name] = sdata
     return out
@@ -29,14 +38,24 @@ def test_ensemble_trains_saves_loads_and_predicts_with_spread(sections, tmp_path
     train = [sections[n] for n in "abc"]
     config = ModelConfig.preset("hespotex", epochs=4, patience=None, **SMALL)
     genes = list(sections["a"].tables["table"].var_names)
-    ens = hx.tl.train(train, genes=genes, config=config, ensemble=True, target_norm="library_modelled", embedding_norm="slide", device="cpu")
+    ens = hx.tl.train(
+        train,
+        genes=genes,
+        config=config,
+        ensemble=True,
+        target_norm="library_modelled",
+        embedding_norm="slide",
+        device="cpu",
+    )
     assert isinstance(ens, hx.tl.HESpotExEnsemble) and len(ens.members) == 3
     assert sorted(m.validation_["samples"][0] for m in ens.members) == ["sa", "sb", "sc"]  # every sample held out once
     folder = ens.save(tmp_path / "ens")
     with pytest.raises(FileExistsError):
         ens.save(folder)
     assert ens.save(folder, overwrite=True) == folder  # its own folder (marker) is replaced...
-    assert _ownership.owned(folder, "model") and sorted(p.name for p in tmp_path.iterdir()) == ["ens"]  # no temporary left
+    assert _ownership.owned(folder, "model") and sorted(p.name for p in tmp_path.iterdir()) == [
+        "ens"
+    ]  # no temporary left
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep")
@@ -53,7 +72,12 @@ def test_ensemble_trains_saves_loads_and_predicts_with_spread(sections, tmp_path
     assert params["spread_layer"] == "hespotex_spread" and params["ensemble_members"] == 3
     assert params["target_norm"] == "library_modelled"
     # the prediction is the members' mean and the spread their standard deviation
-    members = np.stack([np.asarray(hx.tl.predict(sections["t"].tables["table"].copy(), m, device="cpu").layers["hespotex"]) for m in loaded.members])
+    members = np.stack(
+        [
+            np.asarray(hx.tl.predict(sections["t"].tables["table"].copy(), m, device="cpu").layers["hespotex"])
+            for m in loaded.members
+        ]
+    )
     np.testing.assert_allclose(out.layers["hespotex"], members.mean(0), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out.layers["hespotex_spread"], members.std(0), rtol=1e-4, atol=1e-5)
     assert (np.asarray(out.layers["hespotex_spread"]) > 0).any()

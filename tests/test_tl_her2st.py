@@ -84,7 +84,9 @@ def test_predictions_are_stored_in_a_new_table(sections, panel, predicted):
     assert pred.shape == (source.n_obs, N_PANEL) and np.isfinite(pred).all()
     # the measured layer is normalised like the model's targets (default: library over the modelled panel)
     assert predicted.uns["hespotex"]["params"]["target_norm"] == "library_modelled"
-    np.testing.assert_allclose(predicted.layers["measured"], target_expression(source, panel, target_norm="library_modelled"), rtol=1e-6)
+    np.testing.assert_allclose(
+        predicted.layers["measured"], target_expression(source, panel, target_norm="library_modelled"), rtol=1e-6
+    )
     att = predicted.obsp["hespotex_attention"]
     assert sp.issparse(att)
     np.testing.assert_allclose(np.asarray(att.sum(axis=1)).ravel(), 1.0, atol=1e-4)

@@ -54,7 +54,11 @@ class Counter:
         self.patches = 0
         self.calls: dict[str, int] = {"embed": 0, "block": 0, "rows": 0}
         self.stop_after: dict[str, int] = {}
-        real_encode, real_embed, real_block = _embed.encode_patches, _stream_stages._embed_chunk, _stream_stages._save_block
+        real_encode, real_embed, real_block = (
+            _embed.encode_patches,
+            _stream_stages._embed_chunk,
+            _stream_stages._save_block,
+        )
         real_heads = _stream_stages.gene_heads
 
         def encode(plan, *args, **kwargs):
@@ -209,7 +213,9 @@ def test_overwrite_replaces_finished_predictions_of_the_same_slide(reference, st
     sdata = copy.deepcopy(reference[0])
     table = hx.tl.predict(sdata, trained_synthetic["model"], device="cpu", out=out, overwrite=True)
     np.testing.assert_allclose(_layer(table), _layer(reference[1]), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(_layer(hx.io.read_zarr(out).tables["hespotex"]), _layer(reference[1]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        _layer(hx.io.read_zarr(out).tables["hespotex"]), _layer(reference[1]), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_store_of_another_model_is_refused(slide, streamed, trained_synthetic, tmp_path):

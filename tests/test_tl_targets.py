@@ -11,7 +11,14 @@ from hespotex.pp._targets import normalize_counts, target_expression
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 
-SMALL = {"ae_epochs": 5, "ae_hidden_dim": 32, "latent_dim": 8, "projection_hidden_dim": 32, "head_hidden_dim": 32, "decoder_heads": 2}
+SMALL = {
+    "ae_epochs": 5,
+    "ae_hidden_dim": 32,
+    "latent_dim": 8,
+    "projection_hidden_dim": 32,
+    "head_hidden_dim": 32,
+    "decoder_heads": 2,
+}
 
 
 def test_target_norms_follow_their_definitions(sample_factory):
@@ -23,7 +30,9 @@ def test_target_norms_follow_their_definitions(sample_factory):
     raw = target_expression(table, genes, target_norm="log1p_counts")
     sub = counts[:, :5]
     with np.errstate(invalid="ignore", divide="ignore"):
-        np.testing.assert_allclose(lib_all, np.log1p(np.nan_to_num(sub / counts.sum(1, keepdims=True) * 1e4)), rtol=1e-5)
+        np.testing.assert_allclose(
+            lib_all, np.log1p(np.nan_to_num(sub / counts.sum(1, keepdims=True) * 1e4)), rtol=1e-5
+        )
         np.testing.assert_allclose(lib_mod, np.log1p(np.nan_to_num(sub / sub.sum(1, keepdims=True) * 1e4)), rtol=1e-5)
     np.testing.assert_allclose(raw, np.log1p(sub), rtol=1e-6)
     assert not np.allclose(lib_all, lib_mod)
@@ -42,12 +51,16 @@ def test_target_norm_needs_raw_counts(sample_factory):
 def test_saved_model_records_and_reapplies_target_norm(tmp_path):
     sections = {}
     for name, seed in (("a", 1), ("b", 2), ("t", 3)):
-        sdata = hx.datasets.synthetic(n_spots=80, n_genes=15, seed=seed, program_seed=0, microns_per_pixel=1.0, sample_id=f"s{name}")
+        sdata = hx.datasets.synthetic(
+            n_spots=80, n_genes=15, seed=seed, program_seed=0, microns_per_pixel=1.0, sample_id=f"s{name}"
+        )
         hx.pp.embed(sdata, encoder="efficientnet_lite0.imagenet", input_size=32)
         sections[name] = sdata
     genes = list(sections["a"].tables["table"].var_names[:10])  # a subset: the two libraries differ
     config = ModelConfig.preset("hespotex", epochs=3, patience=None, **SMALL)
-    model = hx.tl.train([sections["a"], sections["b"]], genes=genes, config=config, target_norm="library_modelled", device="cpu")
+    model = hx.tl.train(
+        [sections["a"], sections["b"]], genes=genes, config=config, target_norm="library_modelled", device="cpu"
+    )
     assert model.target_norm == "library_modelled"
     loaded = hx.tl.HESpotEx.load(model.save(tmp_path / "m"))
     assert loaded.target_norm == "library_modelled"
@@ -102,7 +115,9 @@ def test_tta_embeddings_average_the_eight_views(sample_factory):
 def test_slide_embedding_norm_is_recorded_and_reapplied(tmp_path):
     sections = {}
     for name, seed in (("a", 1), ("b", 2), ("t", 3)):
-        sdata = hx.datasets.synthetic(n_spots=80, n_genes=12, seed=seed, program_seed=0, microns_per_pixel=1.0, sample_id=f"s{name}")
+        sdata = hx.datasets.synthetic(
+            n_spots=80, n_genes=12, seed=seed, program_seed=0, microns_per_pixel=1.0, sample_id=f"s{name}"
+        )
         hx.pp.embed(sdata, encoder="efficientnet_lite0.imagenet", input_size=32)
         sections[name] = sdata
     config = ModelConfig.preset("hespotex", epochs=3, patience=None, **SMALL)

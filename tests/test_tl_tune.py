@@ -57,7 +57,9 @@ def test_cross_validate_tunes_baselines_on_the_training_folds():
     hx.settings.progress = False
     samples = {}
     for name, seed in (("a", 1), ("b", 2), ("c", 3)):
-        sdata = hx.datasets.synthetic(n_spots=60, n_genes=8, seed=seed, program_seed=0, microns_per_pixel=1.0, sample_id=name)
+        sdata = hx.datasets.synthetic(
+            n_spots=60, n_genes=8, seed=seed, program_seed=0, microns_per_pixel=1.0, sample_id=name
+        )
         hx.pp.embed(sdata, encoder="efficientnet_lite0.imagenet", input_size=32)
         samples[name] = sdata.tables["table"]
     genes = list(samples["a"].var_names)

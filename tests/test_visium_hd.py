@@ -29,7 +29,9 @@ ENCODER, INPUT_SIZE = "efficientnet_lite0.imagenet", 32
 
 
 def _positions(folder, bin_size):
-    return pd.read_parquet(folder / "binned_outputs" / f"square_{bin_size:03d}um" / "spatial" / "tissue_positions.parquet")
+    return pd.read_parquet(
+        folder / "binned_outputs" / f"square_{bin_size:03d}um" / "spatial" / "tissue_positions.parquet"
+    )
 
 
 def _h5_counts(folder, bin_size):
@@ -103,7 +105,14 @@ def test_read_8um_matches_the_files(folders):
     # ... and they are the synthetic tissue's bin centres (same grid cell -> same centre)
     t = truth.tables["table"]
     key = pd.Index(
-        [f"{r}_{c}" for r, c in zip(t.obs["array_row"] - t.obs["array_row"].min(), t.obs["array_col"] - t.obs["array_col"].min(), strict=True)]
+        [
+            f"{r}_{c}"
+            for r, c in zip(
+                t.obs["array_row"] - t.obs["array_row"].min(),
+                t.obs["array_col"] - t.obs["array_col"].min(),
+                strict=True,
+            )
+        ]
     )
     order = key.get_indexer([f"{r}_{c}" for r, c in zip(table.obs["array_row"], table.obs["array_col"], strict=True)])
     assert (order >= 0).all() and table.n_obs == t.n_obs == N_BINS
@@ -208,7 +217,9 @@ def test_train_and_predict_on_8um_bins(trained, folders):
     assert "hespotex" in pred.layers and pred.layers["hespotex"].shape == (N_BINS, N_GENES)
     assert pred.obsm["X_hespotex"].shape[0] == N_BINS
     params = pred.uns["hespotex"]["params"]
-    assert params["patch_um"] == pytest.approx(8.0)  # the bin side, as the spot diameter for any spot (default_patch_um)
+    assert params["patch_um"] == pytest.approx(
+        8.0
+    )  # the bin side, as the spot diameter for any spot (default_patch_um)
     # the held-out section B: image-driven genes are predicted, genes without image signal are not
     from hespotex.pp._normalize import log_expression
 

@@ -134,7 +134,9 @@ def test_scale_from_objective_magnification(wsi_dir, tmp_path, caplog, reader):
         pytest.importorskip("openslide")
     no_mpp = _copy_with_description(wsi_dir / CMU, tmp_path / "cmu20.svs", lambda d: d.replace("|MPP = 0.4990", ""))
     mag40 = _copy_with_description(
-        wsi_dir / CMU, tmp_path / "cmu40.svs", lambda d: d.replace("|MPP = 0.4990", "").replace("AppMag = 20", "AppMag = 40")
+        wsi_dir / CMU,
+        tmp_path / "cmu40.svs",
+        lambda d: d.replace("|MPP = 0.4990", "").replace("AppMag = 20", "AppMag = 40"),
     )
     with caplog.at_level(logging.WARNING, logger="hespotex"):
         caplog.clear()
@@ -177,7 +179,9 @@ def test_associated_images_are_skipped_never_tissue(wsi_dir, openslide):
     size_px = patch_um / 0.499
     plan = plan_patches(sdata, patch_um=patch_um, out_px=int(size_px) + 1)  # asks for full resolution
     assert plan.level.level == 0
-    inside = np.flatnonzero((plan.x0 >= 0) & (plan.y0 >= 0) & (plan.x0 + plan.size <= 2220) & (plan.y0 + plan.size <= 2967))
+    inside = np.flatnonzero(
+        (plan.x0 >= 0) & (plan.y0 >= 0) & (plan.x0 + plan.size <= 2220) & (plan.y0 + plan.size <= 2967)
+    )
     assert len(inside) > 20
     crops = plan.read(inside[:12])
     for crop, i in zip(crops, inside[:12], strict=True):
@@ -195,7 +199,9 @@ def test_vendor_suffix_is_read_through_openslide(wsi_dir, tmp_path):
     sdata = hx.io.read_wsi(renamed)
     slide = sdata.attrs["hespotex_slide"]
     assert slide["reader"] == "openslide" and slide["sample_id"] == "scan"
-    assert np.array_equal(_level0(sdata, ((0, 300), (0, 300))), _level0(hx.io.read_wsi(wsi_dir / CMU), ((0, 300), (0, 300))))
+    assert np.array_equal(
+        _level0(sdata, ((0, 300), (0, 300))), _level0(hx.io.read_wsi(wsi_dir / CMU), ((0, 300), (0, 300)))
+    )
     bad = tmp_path / "notes.mrxs"
     bad.write_text("not a slide\n")
     with pytest.raises(ValueError, match=r"Could not read notes\.mrxs with 'openslide'.*damaged"):
@@ -229,7 +235,19 @@ def test_broken_svs_clear_error_in_python_and_cli(wsi_dir, tmp_path, trained_syn
             hx.io.read_wsi(wsi_dir / BROKEN, reader="openslide")
     out = tmp_path / "t.zarr"
     with caplog.at_level(logging.ERROR, logger="hespotex"):
-        rc = main(["--no-progress", "tile", "--spot-diameter", "55", "--spacing", "100", "--out", str(out), str(wsi_dir / BROKEN)])
+        rc = main(
+            [
+                "--no-progress",
+                "tile",
+                "--spot-diameter",
+                "55",
+                "--spacing",
+                "100",
+                "--out",
+                str(out),
+                str(wsi_dir / BROKEN),
+            ]
+        )
     assert rc == 1 and "broken.svs is not a TIFF file" in caplog.text and not out.exists()
     model = str(trained_synthetic["model_dir"])
     rc = main(["--no-progress", "predict", "--model", model, "--out", str(tmp_path / "p"), str(wsi_dir / BROKEN)])
@@ -264,8 +282,12 @@ def test_real_slide_tile_then_predict(wsi_dir, tmp_path, trained_synthetic, name
     xy = np.asarray(table.obsm["spatial"])
     assert 20 < table.n_obs < 2000
     assert (xy >= 0).all() and (xy[:, 0] < width).all() and (xy[:, 1] < height).all()
-    assert slide["path"] == str((wsi_dir / name).resolve()) and slide["microns_per_pixel"] == pytest.approx(float(mpp or 0.499))
-    assert table.uns["hespotex_sample"]["spot_diameter_um"] == pytest.approx(trained_synthetic["model"].spot_geometry["spot_diameter_um"])
+    assert slide["path"] == str((wsi_dir / name).resolve()) and slide["microns_per_pixel"] == pytest.approx(
+        float(mpp or 0.499)
+    )
+    assert table.uns["hespotex_sample"]["spot_diameter_um"] == pytest.approx(
+        trained_synthetic["model"].spot_geometry["spot_diameter_um"]
+    )
 
     out = tmp_path / "pred"
     assert main(["--no-progress", "predict", "--model", model, "--out", str(out), str(tiles)]) == 0
@@ -284,7 +306,10 @@ def test_real_slide_tile_then_predict(wsi_dir, tmp_path, trained_synthetic, name
 
     store, genes = out / f"{stem}.tiles.zarr", list(pred.var_names[:2])
     geojson, heat = tmp_path / f"{stem}.geojson", tmp_path / f"{stem}.ome.tif"
-    assert main(["--no-progress", "export", str(store), "--format", "geojson", "--genes", *genes, "--out", str(geojson)]) == 0
+    assert (
+        main(["--no-progress", "export", str(store), "--format", "geojson", "--genes", *genes, "--out", str(geojson)])
+        == 0
+    )
     features = json.loads(geojson.read_text())["features"]
     assert len(features) == pred.n_obs
     centroids = np.array([shapely.geometry.shape(f["geometry"]).centroid.coords[0] for f in features])

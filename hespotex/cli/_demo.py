@@ -28,6 +28,8 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p_demo.add_argument("--her2st", metavar="PATH", help="folder of the public her2st data (images/, counts/, spots/)")
     p_demo.add_argument("--out", default="demo-output", help="output folder (default: demo-output)")
-    p_demo.add_argument("--quick", action="store_true", help="smaller synthetic slides and fewer epochs (also HESPOTEX_QUICK=1)")
+    p_demo.add_argument(
+        "--quick", action="store_true", help="smaller synthetic slides and fewer epochs (also HESPOTEX_QUICK=1)"
+    )
     p_demo.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     return p_demo

@@ -229,7 +229,9 @@ def write_visium_hd(
         group = np.c_[rows // f, cols // f]
         uniq, inverse = np.unique(group, axis=0, return_inverse=True)
         inverse = inverse.ravel()
-        agg = sp.csr_matrix((np.ones(len(rows), dtype=np.float32), (inverse, np.arange(len(rows)))), shape=(len(uniq), len(rows)))
+        agg = sp.csr_matrix(
+            (np.ones(len(rows), dtype=np.float32), (inverse, np.arange(len(rows)))), shape=(len(uniq), len(rows))
+        )
         binned = (agg @ counts).tocsr()
         r, c = uniq[:, 0], uniq[:, 1]
         barcodes = [f"s_{b:03d}um_{ri:05d}_{ci:05d}-1" for ri, ci in zip(r, c, strict=True)]
@@ -247,7 +249,9 @@ def write_visium_hd(
             }
         )
         positions.to_parquet(folder / "spatial" / "tissue_positions.parquet", index=False)
-        (folder / "spatial" / "scalefactors_json.json").write_text(json.dumps(_scalefactors(b, mpp, s_hi, s_lo), indent=2))
+        (folder / "spatial" / "scalefactors_json.json").write_text(
+            json.dumps(_scalefactors(b, mpp, s_hi, s_lo), indent=2)
+        )
         logger.info("write_visium_hd: %d bins of %d µm in %s.", len(uniq), b, folder)
     return path
 

@@ -19,7 +19,9 @@ MPP_RANGE = (0.05, 50.0)  # microns per pixel
 SPOT_DIAMETER_UM_RANGE = (0.5, 1000.0)
 
 
-def check_scale(microns_per_pixel: float | None, spot_diameter_um: float | None, *, image_shape: tuple[int, int] | None = None) -> None:
+def check_scale(
+    microns_per_pixel: float | None, spot_diameter_um: float | None, *, image_shape: tuple[int, int] | None = None
+) -> None:
     """Raise a ``ValueError`` when microns per pixel or the spot diameter is missing or absurd."""
     if microns_per_pixel is None:
         msg = (
@@ -56,7 +58,10 @@ def check_expression(x: Any, obs_names: pd.Index, var_names: pd.Index, *, counts
     if len(obs_names) == 0:
         msg = "The section is empty: no spots in the count table (after matching to the spot table)."
         raise ValueError(msg)
-    for what, names, fix in (("barcodes/spot ids", obs_names, "obs_names_make_unique()"), ("genes", var_names, "var_names_make_unique()")):
+    for what, names, fix in (
+        ("barcodes/spot ids", obs_names, "obs_names_make_unique()"),
+        ("genes", var_names, "var_names_make_unique()"),
+    ):
         dup = names[names.duplicated()]
         if len(dup):
             msg = f"Expected unique {what}, found {len(dup)} duplicated, e.g. {list(dup[:5])}. Deduplicate them (AnnData.{fix}) first."
@@ -165,7 +170,9 @@ def build_sample(
         raise ValueError(msg)
     taken = [c for c in ("region", "spot_id") if c in obs.columns]
     if taken:
-        msg = f"obs already has column(s) {taken}, which hespotex uses to link the table to its spots; rename them first."
+        msg = (
+            f"obs already has column(s) {taken}, which hespotex uses to link the table to its spots; rename them first."
+        )
         raise ValueError(msg)
     x = check_expression(expression, pd.Index(obs.index.astype(str)), pd.Index(var.index.astype(str)), counts=counts)
     cs = str(sample_id)
@@ -175,7 +182,9 @@ def build_sample(
     if image is not None:
         rgb = as_rgb_hwc(image)
         image_shape = tuple(int(s) for s in rgb.shape[:2])
-        radius = float(spot_diameter_um) / float(microns_per_pixel) / 2.0 if microns_per_pixel and spot_diameter_um else None
+        radius = (
+            float(spot_diameter_um) / float(microns_per_pixel) / 2.0 if microns_per_pixel and spot_diameter_um else None
+        )
         check_spots_in_image(centres_xy, image_shape, spot_ids=pd.Index(obs.index), radius_px=radius)
         images[image_key] = Image2DModel.parse(
             rgb,
@@ -209,5 +218,7 @@ def build_sample(
     table.uns[SAMPLE_KEY] = info.to_dict()
     table = TableModel.parse(table, region=shapes_key, region_key="region", instance_key="spot_id")
     radius = np.full(n, info.spot_diameter_px / 2.0)
-    shapes = ShapesModel.parse(centres_xy, geometry=0, radius=radius, index=np.arange(n), transformations={cs: Identity()})
+    shapes = ShapesModel.parse(
+        centres_xy, geometry=0, radius=radius, index=np.arange(n), transformations={cs: Identity()}
+    )
     return SpatialData(images=images, shapes={shapes_key: shapes}, tables={TABLE_KEY: table})

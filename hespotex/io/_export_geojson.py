@@ -123,7 +123,9 @@ def write_geojson(
         fh.write(text[:-1] + ', "features": [\n')  # the features stream in after the header
         for start, block in pred.row_blocks(columns):
             stop = start + len(block)
-            rings = np.round(spot_polygons(pred.centres[start:stop], size_px, shape=shape, n_vertices=n_vertices), decimals)
+            rings = np.round(
+                spot_polygons(pred.centres[start:stop], size_px, shape=shape, n_vertices=n_vertices), decimals
+            )
             lines = []
             for i in range(len(block)):
                 spot = str(pred.spot_ids[start + i])

@@ -86,7 +86,9 @@ class SpotRaster:
         return out
 
 
-def pyramid_shapes(height: int, width: int, *, downsample: int, tile: int, levels: int | None) -> list[tuple[int, int, int]]:
+def pyramid_shapes(
+    height: int, width: int, *, downsample: int, tile: int, levels: int | None
+) -> list[tuple[int, int, int]]:
     """``(height, width, scale)`` of every level: the full-resolution size divided by ``downsample``, then
     halved until the level fits in one tile (or ``levels`` levels)."""
     out = []
@@ -110,7 +112,9 @@ def _encode_values(values: np.ndarray, dtype: str) -> tuple[np.ndarray, dict[str
     span = np.where(hi > lo, hi - lo, 1.0)
     scale = span / (_U16_MAX - 1)
     stored = np.rint((values - lo) / scale) + 1
-    table = np.vstack([np.clip(np.nan_to_num(stored, nan=0), 0, _U16_MAX).astype(np.uint16), np.zeros((1, g), np.uint16)])
+    table = np.vstack(
+        [np.clip(np.nan_to_num(stored, nan=0), 0, _U16_MAX).astype(np.uint16), np.zeros((1, g), np.uint16)]
+    )
     return table, {i: float(v) for i, v in enumerate(lo)}, {i: float(v) for i, v in enumerate(scale)}
 
 
@@ -195,7 +199,12 @@ def write_ome_tiff(
     names, columns = pred.gene_index(genes)
     size_px = footprint_px(pred, shape=shape, size_um=size_um)
     height, width = pred.extent(image_shape)
-    outside = (pred.centres[:, 0] < 0) | (pred.centres[:, 1] < 0) | (pred.centres[:, 0] >= width) | (pred.centres[:, 1] >= height)
+    outside = (
+        (pred.centres[:, 0] < 0)
+        | (pred.centres[:, 1] < 0)
+        | (pred.centres[:, 0] >= width)
+        | (pred.centres[:, 1] >= height)
+    )
     if outside.any():
         msg = (
             f"{int(outside.sum())} spot centres lie outside the slide's {width} x {height} px; the prediction does "
@@ -240,7 +249,10 @@ def write_ome_tiff(
         "Channel": {"Name": names},
     }
     if dtype == "uint16":
-        scale_map = {"Namespace": SCALE_NAMESPACE, "formula": "value = offset + (stored - 1) * scale; stored 0 = no spot"}
+        scale_map = {
+            "Namespace": SCALE_NAMESPACE,
+            "formula": "value = offset + (stored - 1) * scale; stored 0 = no spot",
+        }
         for c, g in enumerate(names):
             scale_map[f"{g} offset"] = repr(offsets[c])
             scale_map[f"{g} scale"] = repr(scales[c])
@@ -258,7 +270,9 @@ def write_ome_tiff(
         with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tif:
             for i, (h, w, scale) in enumerate(shapes):
                 px_um = mpp * scale
-                extra = {"subifds": len(shapes) - 1, "metadata": meta} if i == 0 else {"subfiletype": 1, "metadata": None}
+                extra = (
+                    {"subifds": len(shapes) - 1, "metadata": meta} if i == 0 else {"subfiletype": 1, "metadata": None}
+                )
                 tif.write(
                     tiles(h, w, scale),
                     shape=(len(names), h, w),

@@ -170,7 +170,9 @@ def write_png(
     if thumb is not None:
         extent_w, extent_h = thumb.shape[1] * factor, thumb.shape[0] * factor
     else:
-        extent_w, extent_h = (float(xy[:, 0].max() + diameter), float(xy[:, 1].max() + diameter)) if len(xy) else (1.0, 1.0)
+        extent_w, extent_h = (
+            (float(xy[:, 0].max() + diameter), float(xy[:, 1].max() + diameter)) if len(xy) else (1.0, 1.0)
+        )
     ncols = ncols or min(4, len(names))
     nrows = -(-len(names) // ncols)
     aspect = extent_h / max(extent_w, 1e-9)

@@ -80,7 +80,7 @@ def spatial_library(adata: AnnData, library_id: str | None = None) -> tuple[str 
 def _scalefactors(entry: Mapping) -> dict[str, float]:
     raw = entry.get("scalefactors")
     out = {}
-    for k, v in (raw.items() if isinstance(raw, Mapping) else ()):
+    for k, v in raw.items() if isinstance(raw, Mapping) else ():
         value = np.asarray(v)
         if value.size == 1 and value.dtype.kind in "iuf" and np.isfinite(value):
             out[str(k)] = float(value)
@@ -96,7 +96,7 @@ def downscaled_images(entry: Mapping) -> list[tuple[str, Any, float]]:
     images = entry.get("images")
     factors = _scalefactors(entry)
     out = []
-    for name, array in (images.items() if isinstance(images, Mapping) else ()):
+    for name, array in images.items() if isinstance(images, Mapping) else ():
         scalef = factors.get(f"tissue_{name}_scalef", factors.get(str(name)))
         if scalef is None or scalef <= 0:
             logger.warning("uns['spatial'] image %r has no scale factor 'tissue_%s_scalef'; not used.", name, name)
@@ -192,7 +192,9 @@ def _check_frame(image: Any, downscaled: list[tuple[str, Any, float]]) -> None:
     # Space Ranger pads the downscaled copy of a non-square image to a square: only a side that is not padded
     # (the longer one) must match; the other may be shorter than implied
     longer = int(np.argmax(shape))
-    if abs(shape[longer] - expected[longer]) > tol[longer] or any(s > e + t for s, e, t in zip(shape, expected, tol, strict=True)):
+    if abs(shape[longer] - expected[longer]) > tol[longer] or any(
+        s > e + t for s, e, t in zip(shape, expected, tol, strict=True)
+    ):
         msg = (
             f"The `image` is {shape[1]} x {shape[0]} px, but uns['spatial'] image {name!r} "
             f"({array.shape[1]} x {array.shape[0]} px at tissue_{name}_scalef = {scalef:g}) implies a full-resolution "

@@ -142,7 +142,11 @@ def read_visium_hd(
     bin_size = int(bin_size)
     counts_file = "filtered_feature_bc_matrix.h5" if filtered_counts else "raw_feature_bc_matrix.h5"
     spatial = folders[bin_size] / "spatial"
-    for needed in (folders[bin_size] / counts_file, spatial / "tissue_positions.parquet", spatial / "scalefactors_json.json"):
+    for needed in (
+        folders[bin_size] / counts_file,
+        spatial / "tissue_positions.parquet",
+        spatial / "scalefactors_json.json",
+    ):
         if not needed.is_file():
             msg = f"Expected {str(needed)!r} in the Visium HD output (Space Ranger >= 3.0 layout), found no such file."
             raise FileNotFoundError(msg)

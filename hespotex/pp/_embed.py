@@ -60,7 +60,12 @@ def image_fingerprint(plan: PatchPlan) -> str:
 def cache_key(plan: PatchPlan, encoder: Encoder, *, tta: bool = False, stain: dict | None = None) -> str:
     """Cache key of an embedding: image pixels, spot crops (centres and geometry), encoder, test-time
     augmentation and stain-augmented views (their number, seed and ranges)."""
-    parts = {"image": image_fingerprint(plan), "patches": plan.fingerprint(), "encoder": encoder.encoder_id, "version": 1}
+    parts = {
+        "image": image_fingerprint(plan),
+        "patches": plan.fingerprint(),
+        "encoder": encoder.encoder_id,
+        "version": 1,
+    }
     if tta:
         parts["tta"] = "dihedral8"
     if stain:
@@ -129,14 +134,19 @@ def encode_patches(
     def load(idx: np.ndarray):
         """Read, resize and normalise one batch (in the loader thread; the main thread only runs the encoder)."""
         x = resize_batch(plan.read(idx), encoder.input_size)
-        aug = [torch.from_numpy(stain_jitter(x.numpy(), params, v, idx)).sub_(mean).div_(std) for v in range(stain_views)]
+        aug = [
+            torch.from_numpy(stain_jitter(x.numpy(), params, v, idx)).sub_(mean).div_(std) for v in range(stain_views)
+        ]
         return idx, x.sub_(mean).div_(std), aug
 
     def run(x):
         return sum(model(v).float() for v in dihedral_views(x)) / 8.0 if tta else model(x)
 
     # one torch thread for the loader, so it does not fight the encoder's threads for the cores
-    with ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads, initargs=(1,)) as pool, torch.inference_mode():
+    with (
+        ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads, initargs=(1,)) as pool,
+        torch.inference_mode(),
+    ):
         pending = pool.submit(load, batches[0]) if batches else None
         for b in tqdm(range(len(batches)), desc="embedding patches", unit="batch", disable=not settings.progress):
             idx, x, aug = pending.result()

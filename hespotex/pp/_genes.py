@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("hespotex")
 
 
-
 def gene_hash(genes: Sequence[str]) -> str:
     """A short, order-sensitive fingerprint of a gene list (recorded with models and predictions)."""
     return hashlib.sha256("\n".join(genes).encode()).hexdigest()[:16]
@@ -178,7 +177,13 @@ def select_genes(
             msg = f"Unknown flavor {flavor!r}; expected 'seurat_v3' or 'mean', or pass `genes=`."
             raise ValueError(msg)
         flavor_used = flavor
-    record = {"genes": list(selected), "flavor": flavor_used, "n_top": len(selected), "fitted_on": names, "hash": gene_hash(selected)}
+    record = {
+        "genes": list(selected),
+        "flavor": flavor_used,
+        "n_top": len(selected),
+        "fitted_on": names,
+        "hash": gene_hash(selected),
+    }
     chosen = set(selected)
     for t in tables if key_added is not None else ():
         t.var[key_added] = [g in chosen for g in t.var_names]
@@ -194,11 +199,19 @@ def _seurat_v3(tables: list[AnnData], names: list[str], common: pd.Index, n_top:
     parts = []
     for t, name in zip(tables, names, strict=True):
         x = _counts(t, counts_layer)[:, t.var_names.get_indexer(common)]
-        parts.append(ad.AnnData(X=sp.csr_matrix(x, dtype=np.float32), obs=pd.DataFrame({"sample": name}, index=t.obs_names.astype(str)), var=pd.DataFrame(index=common)))
+        parts.append(
+            ad.AnnData(
+                X=sp.csr_matrix(x, dtype=np.float32),
+                obs=pd.DataFrame({"sample": name}, index=t.obs_names.astype(str)),
+                var=pd.DataFrame(index=common),
+            )
+        )
     joint = ad.concat(parts, index_unique="-") if len(parts) > 1 else parts[0]
     batch_key = "sample" if len(parts) > 1 else None
     try:
-        hvg = sc.pp.highly_variable_genes(joint, flavor="seurat_v3", n_top_genes=n_top, batch_key=batch_key, inplace=False)
+        hvg = sc.pp.highly_variable_genes(
+            joint, flavor="seurat_v3", n_top_genes=n_top, batch_key=batch_key, inplace=False
+        )
     except ValueError as err:  # skmisc's loess cannot fit a sample's mean-variance curve
         smallest = min(zip(tables, names, strict=True), key=lambda tn: tn[0].n_obs)[1]
         msg = (

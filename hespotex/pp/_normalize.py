@@ -19,13 +19,19 @@ if TYPE_CHECKING:
 logger = logging.getLogger("hespotex")
 
 
-
 def is_log_normalized(adata: AnnData) -> bool:
     """Whether ``X`` holds log-normalised values (scanpy's ``uns["log1p"]`` marker)."""
     return "log1p" in adata.uns
 
 
-def log_expression(adata: AnnData, genes: Sequence[str] | None, *, target_sum: float = 1e4, counts_layer: str = "counts", dense: bool = True):
+def log_expression(
+    adata: AnnData,
+    genes: Sequence[str] | None,
+    *,
+    target_sum: float = 1e4,
+    counts_layer: str = "counts",
+    dense: bool = True,
+):
     """Log-normalised expression ``(n_spots, len(genes))`` float32 (dense or CSR), library over all genes.
 
     Uses ``X`` when it is already log-normalised (``uns["log1p"]``), else normalises the raw
@@ -164,5 +170,7 @@ def normalize(
     adata.obs["total_counts"] = totals
     sc.pp.normalize_total(adata, target_sum=target_sum)
     sc.pp.log1p(adata)
-    adata.uns[NORMALIZE_KEY] = {"params": {"target_sum": float(target_sum), "library": "all genes", "counts_layer": counts_layer}}
+    adata.uns[NORMALIZE_KEY] = {
+        "params": {"target_sum": float(target_sum), "library": "all genes", "counts_layer": counts_layer}
+    }
     return adata if copy else None

@@ -77,7 +77,9 @@ def image_levels(sdata: SpatialData, info: SampleInfo | None = None) -> list[Ima
     sx, sy = 1.0 / matrix[0, 0], 1.0 / matrix[1, 1]
     ox, oy = -matrix[0, 2] * sx, -matrix[1, 2] * sy
     if hasattr(element, "children") and len(element.children):  # multiscale DataTree
-        arrays = [element[name]["image"] for name in sorted(element.children, key=lambda n: int(n.removeprefix("scale")))]
+        arrays = [
+            element[name]["image"] for name in sorted(element.children, key=lambda n: int(n.removeprefix("scale")))
+        ]
     else:
         arrays = [element]
     base_h, base_w = int(arrays[0].sizes["y"]), int(arrays[0].sizes["x"])

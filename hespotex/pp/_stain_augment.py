@@ -65,7 +65,12 @@ def stain_jitter(x: np.ndarray, params: dict[str, np.ndarray], view: int, spots:
 
 def stain_record(n_views: int, seed: int) -> dict[str, Any]:
     """What the embedding record says about the views (also part of their cache key)."""
-    return {"n_views": int(n_views), "seed": int(seed), "method": "hed_jitter", "ranges": {k: list(v) for k, v in STAIN_JITTER.items()}}
+    return {
+        "n_views": int(n_views),
+        "seed": int(seed),
+        "method": "hed_jitter",
+        "ranges": {k: list(v) for k, v in STAIN_JITTER.items()},
+    }
 
 
 def sample_views(emb: np.ndarray, views: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -199,7 +199,13 @@ def attention(
     target.obsm[f"{key_added}_top_index"] = stats["top_index"]
     target.obsm[f"{key_added}_top_weight"] = stats["top_weight"]
     target.uns[uns_key] = {
-        "params": {"key": key, "attention_key": att, "top_k": int(top_k), "key_added": key_added, "n_spots": int(table.n_obs)}
+        "params": {
+            "key": key,
+            "attention_key": att,
+            "top_k": int(top_k),
+            "key_added": key_added,
+            "n_spots": int(table.n_obs),
+        }
     }
     logger.info(
         "Summarised obsp[%r] at %d spots: mean weight on self %.3f, mean normalised entropy %.3f.",

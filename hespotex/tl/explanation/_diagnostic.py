@@ -205,7 +205,13 @@ def diagnostic_patches(
     groups_list = as_groups(groups)
 
     # 1. scores and the candidate spots of each group
-    params: dict[str, Any] = {"n_patches": int(n), "key": key, "seed": int(seed), "sample_id": info.sample_id, "saliency": bool(saliency)}
+    params: dict[str, Any] = {
+        "n_patches": int(n),
+        "key": key,
+        "seed": int(seed),
+        "sample_id": info.sample_id,
+        "saliency": bool(saliency),
+    }
     label_col = None
     if isinstance(by, str):
         for _, t in spot_tables(data):
@@ -284,7 +290,9 @@ def diagnostic_patches(
     for g in candidates:
         picked = rank_patches(scores, candidates[g], n, descending=descending[g])
         if len(picked) < n:
-            logger.warning("Group %r has %d scored spots, fewer than n_patches=%d; returning them all.", g, len(picked), n)
+            logger.warning(
+                "Group %r has %d scored spots, fewer than n_patches=%d; returning them all.", g, len(picked), n
+            )
         rows += [(g, r + 1, int(i)) for r, i in enumerate(picked)]
     if not rows:
         msg = "No spot could be scored (all scores are NaN); check the labels or the expression."
@@ -319,7 +327,15 @@ def diagnostic_patches(
     sal = None
     if saliency:
         sal = _saliency(
-            data, model, result, candidates=candidates, signatures=signatures, layer=layer, key=key, size=size, params=params
+            data,
+            model,
+            result,
+            candidates=candidates,
+            signatures=signatures,
+            layer=layer,
+            key=key,
+            size=size,
+            params=params,
         )
     params.update({"groups": list(candidates), "patch_um": patch_um, "size": size, "key_added": key_added})
 

@@ -27,8 +27,6 @@ logger = logging.getLogger("hespotex")
 BASELINES = ("white", "black", "blur")
 
 
-
-
 def resolve_score(model: HESpotEx, genes: Any, signature: Any) -> tuple[list[str], np.ndarray]:
     """Genes and weights (``sum |w| = 1``) of the score from ``genes`` or ``signature``."""
     if (genes is None) == (signature is None):

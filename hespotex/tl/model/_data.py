@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("hespotex")
 
 
-
 def embeddings(adata: AnnData, key: str = EMBEDDING_KEY) -> np.ndarray:
     """Embeddings ``obsm[key]`` as float32, checked for NaN."""
     if key not in adata.obsm:

@@ -406,7 +406,11 @@ class HESpotEx:
         self._check_trained()
         h = hashlib.sha256(
             json.dumps(
-                {k: v for k, v in self.setup_dict().items() if k not in ("history", "versions", "train_strategy", "training_data")},
+                {
+                    k: v
+                    for k, v in self.setup_dict().items()
+                    if k not in ("history", "versions", "train_strategy", "training_data")
+                },
                 sort_keys=True,
                 default=json_default,
             ).encode()
@@ -434,4 +438,3 @@ def training_data(
         row = out.setdefault(str(s.name), {"train_spots": 0, "validation_spots": 0})
         row["validation_spots"] += int(np.count_nonzero(mask))
     return out
-

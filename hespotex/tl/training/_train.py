@@ -306,9 +306,7 @@ def train(
         genes = select_genes([tables[n] for n in names], genes=genes, key_added=None)
         selection = {"flavor": "given", "n_top": len(genes), "fitted_on": names}
     data = {
-        n: graph_data(
-            tables[n], n, genes=genes, embedding_key=use_rep, target_sum=target_sum, target_norm=target_norm
-        )
+        n: graph_data(tables[n], n, genes=genes, embedding_key=use_rep, target_sum=target_sum, target_norm=target_norm)
         for n in names
     }
     stain = stain_views(tables, records, use_rep) if stain_augment else None
