@@ -93,7 +93,10 @@ def test_predictions_are_stored_in_a_new_table(sections, panel, predicted):
     params = predicted.uns["hespotex"]["params"]
     assert params["encoder"] == "efficientnet_lite0.imagenet"
     assert params["patch_um"] == pytest.approx(100.0)  # the 100 µm legacy-ST spot
+    # the spot table (15,842 measured genes) holds them too, by the model's genes: an obsm DataFrame, no layer
     assert "hespotex" not in source.layers and EMBEDDING_KEY in source.obsm
+    np.testing.assert_allclose(source.obsm["hespotex"][panel].to_numpy(), pred, rtol=1e-6)
+    assert int(source.var["hespotex_predicted"].sum()) == N_PANEL
 
 
 def test_predictions_correlate_with_the_measured_expression(sections, panel, predicted):

@@ -86,8 +86,8 @@ def write_frame(
 ) -> dict[str, Any]:
     """Write a prediction over other genes than the table's into the spot table; returns its record.
 
-    ``obsm[key_added]`` (DataFrame spots x model genes), ``layers[key_added]`` over the table's genes
-    (NaN where a gene is not predicted; only when at least one is), ``var[f"{key_added}_predicted"]``,
+    ``obsm[key_added]`` (DataFrame spots x model genes), ``layers[key_added]`` over the table's genes (only
+    when the model predicts every one of them), ``var[f"{key_added}_predicted"]``,
     and the latent, attention, spread and measured entries (see the predict docstring).
     """
     genes = [str(g) for g in genes]
@@ -98,13 +98,11 @@ def write_frame(
     )
     pos = pd.Index(genes).get_indexer(table.var_names)
     predicted = pos >= 0
+    table.var[f"{key_added}_predicted"] = predicted
     layer = None
-    if predicted.any():
+    if table.n_vars and predicted.all():  # every table gene predicted: a layer without gaps
         layer = key_added
-        values = np.full((table.n_obs, table.n_vars), np.nan, dtype=np.float32)
-        values[:, predicted] = np.asarray(result["expression"], dtype=np.float32)[:, pos[predicted]]
-        table.layers[layer] = values
-        table.var[f"{key_added}_predicted"] = predicted
+        table.layers[layer] = np.asarray(result["expression"], dtype=np.float32)[:, pos]
     table.obsm[f"X_{key_added}"] = np.asarray(result["latent"])
     if result.get("attention") is not None:
         table.obsp[f"{key_added}_attention"] = result["attention"]
@@ -116,9 +114,7 @@ def write_frame(
         )
         if layer is not None:
             spread_layer = spread_key
-            values = np.full((table.n_obs, table.n_vars), np.nan, dtype=np.float32)
-            values[:, predicted] = np.asarray(result["spread"], dtype=np.float32)[:, pos[predicted]]
-            table.layers[spread_layer] = values
+            table.layers[spread_layer] = np.asarray(result["spread"], dtype=np.float32)[:, pos]
     measured_key = None
     if measured is not None:
         measured_key = f"{key_added}_measured"
@@ -127,7 +123,7 @@ def write_frame(
         **params,
         "layer": layer,
         "obsm": key_added,
-        "predicted_mask": f"{key_added}_predicted" if layer is not None else None,
+        "predicted_mask": f"{key_added}_predicted",
         "n_predicted_in_layer": int(predicted.sum()),
         "measured_key": measured_key,
         "spread_key": spread_key,
