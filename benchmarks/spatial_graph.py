@@ -254,7 +254,8 @@ def main() -> None:
         f"- Machine: {platform.machine()}, {os.cpu_count()} cores; numpy {np.__version__}, scipy {scipy.__version__}, "
         f"scikit-learn {sklearn.__version__}, Python {platform.python_version()}; cKDTree.query(workers=-1) and "
         "NearestNeighbors(n_jobs=-1) both use every core.",
-        f"- os.getloadavg() at start: {', '.join(f'{v:.2f}' for v in load_start)}; at end: {', '.join(f'{v:.2f}' for v in load_end)}",
+        f"- os.getloadavg() at start: {', '.join(f'{v:.2f}' for v in load_start)}; at end: "
+        f"{', '.join(f'{v:.2f}' for v in load_end)}",
         f"- Load above the {os.cpu_count()} cores means other jobs shared the machine: absolute times are inflated."
         if max(load_start[0], load_end[0]) > (os.cpu_count() or 1)
         else "- The machine was otherwise quiet (1-min load below the core count).",

@@ -268,8 +268,10 @@ def main() -> None:
         }  # fmt: skip
         details.append(row)
         log(
-            f"{name}: {n} tiles, tile {tile['wall']:.0f} s, predict {pred['wall']:.0f} s ({marker['seconds']:.0f} s work, "
-            f"{emb_s:.0f} s embedding) / {pred['peak_mb']:.0f} MB, embedding {emb_rate:.0f} tiles/s vs bare {raw_rate:.0f}"
+            f"{name}: {n} tiles, tile {tile['wall']:.0f} s, predict {pred['wall']:.0f} s "
+            f"({marker['seconds']:.0f} s work, "
+            f"{emb_s:.0f} s embedding) / {pred['peak_mb']:.0f} MB, embedding {emb_rate:.0f} tiles/s vs bare "
+            f"{raw_rate:.0f}"
         )
         rows.append(
             [f"{target:,}", f"{n:,}", row["slide"], f"{tile['wall']:.0f}",
@@ -287,7 +289,8 @@ def main() -> None:
               "ratio CPU time", "load avg before / after"]  # fmt: skip
     d0 = details[0] if details else {}
     notes = [
-        f"- Command: `{command}` (whole run {wall / 60:.1f} min wall, of which training the model {train_s:.0f} s{' (reused from the work folder)' if train_s < 1 else ''})",
+        f"- Command: `{command}` (whole run {wall / 60:.1f} min wall, of which training the model "
+        f"{train_s:.0f} s{' (reused from the work folder)' if train_s < 1 else ''})",
         f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU, torch {torch.__version__} with "
         f"{torch.get_num_threads()} threads in both arms, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; "
         f"Python {platform.python_version()}. Load average at start {', '.join(f'{v:.1f}' for v in load_start)}, "
@@ -300,12 +303,15 @@ def main() -> None:
         "- Another benchmark (her2st_cv) was running at the same time."
         if (competing_start or competing_end)
         else "- No her2st_cv benchmark ran at the same time.",
-        f"- Slides: `hx.datasets.synthetic_wsi` at {args.mpp:g} µm/px, seed {SEED}, {N_BLOBS} tissue pieces, JPEG tiles of 512 px, "
+        f"- Slides: `hx.datasets.synthetic_wsi` at {args.mpp:g} µm/px, seed {SEED}, {N_BLOBS} tissue pieces, "
+        "JPEG tiles of 512 px, "
         f"pyramid down to one tile; side chosen from the tissue fraction of a {CALIBRATION_SIDE} px calibration slide "
-        f"({per_px * 1e6:.0f} expected tiles per megapixel). Written once and kept in the work folder (writing time not in the table: "
+        f"({per_px * 1e6:.0f} expected tiles per megapixel). Written once and kept in the work folder (writing "
+        "time not in the table: "
         + ", ".join(f"{r['write_s']:.0f} s" if r["write_s"] >= 1 else "reused" for r in details)
         + ").",
-        f'- Model: "hespotex" preset with small layers (latent 32, hidden 128), 50 genes, trained on two synthetic sections '
+        '- Model: "hespotex" preset with small layers (latent 32, hidden 128), 50 genes, trained on two '
+        "synthetic sections "
         f"at {args.mpp:g} µm/px (55 µm spots 100 µm apart; so 100 µm hexagonal pseudo-spots); encoder {ENCODER} "
         f"at {INPUT_SIZE} px input, patches {d0.get('geometry', '?')}.",
         "- tile / predict: `python -m hespotex.cli tile|predict` in a subprocess each; wall includes interpreter "
@@ -314,11 +320,13 @@ def main() -> None:
         "'embedding s' is the embedding phase as predict logs it (every tile read, cut, resized, normalised and "
         "through the encoder); the fixed per-slide cost is the rest: 'work - embedding' (opening the slide and the "
         "model, image fingerprint, graph, gene heads, writing the table) and 'start-up' (interpreter and imports).",
-        f"- Bare forward: `encoder.model(x)` on pre-made inputs of the first {args.raw_tiles} tiles (spatial order) of the "
+        f"- Bare forward: `encoder.model(x)` on pre-made inputs of the first {args.raw_tiles} tiles (spatial "
+        "order) of the "
         f"same slide, batch {args.batch_size}, in this process, once before and once after the predict subprocess "
         "(seconds: " + "; ".join(f"{r['raw_s'][0]:.1f} / {r['raw_s'][1]:.1f}" for r in details) + "). "
         "ratio embedding = tiles / embedding seconds / bare forward tiles/s (the goal); ratio whole work = predict "
-        "tiles/s over its work time / bare forward tiles/s; (wall) with the subprocess's wall. 'ratio CPU time': predict tiles per CPU second of the whole "
+        "tiles/s over its work time / bare forward tiles/s; (wall) with the subprocess's wall. 'ratio CPU "
+        "time': predict tiles per CPU second of the whole "
         "subprocess (os.wait4 user+system, start-up and imports included) / bare forward tiles per CPU second of this "
         "process; less sensitive than wall time to other jobs on the machine.",
         "- Goals (issues #5, #12): peak resident memory under 4 GB at 100k tiles; predict >= 0.9 x the bare encoder "

@@ -115,7 +115,8 @@ def test_explorer_renders_spots_and_title(page, server, artifacts):
     page.goto(URL + "/")
     _wait_plots(
         page,
-        "(plots, n) => plots.filter(p => p.finished && p.glyphs.some(g => g[0] === 'Scatter' && g[1] === n)).length === 2",
+        "(plots, n) => plots.filter(p => p.finished && p.glyphs.some(g => g[0] === 'Scatter' && g[1] === "
+        "n)).length === 2",
         n,
     )
     assert page.title() == "hespotex explorer: syn_t"
@@ -180,7 +181,8 @@ def test_spatial_and_attention_pages(browser, server, artifacts):
         pg.goto(URL + "/spatial")
         _wait_plots(
             pg,
-            "(plots, n) => plots.filter(p => p.finished && p.glyphs.some(g => g[0] === 'Scatter' && g[1] === n)).length === 2",
+            "(plots, n) => plots.filter(p => p.finished && p.glyphs.some(g => g[0] === 'Scatter' && g[1] === "
+            "n)).length === 2",
             table.n_obs,
         )
         assert pg.locator("select").count() == 1

@@ -41,7 +41,10 @@ def _method_specs(methods: Sequence[Any], config: Any) -> list[tuple[str, str, A
         elif m in BASELINE_METHODS or m in PEER_METHODS:
             specs.append((m, m, None))
         else:
-            msg = f"Unknown method {m!r}; expected 'hespotex', 'hespotex:<preset>', a (label, ModelConfig) pair, or one of {BASELINE_METHODS + PEER_METHODS}."
+            msg = (
+                f"Unknown method {m!r}; expected 'hespotex', 'hespotex:<preset>', a (label, ModelConfig) pair, or "
+                f"one of {BASELINE_METHODS + PEER_METHODS}."
+            )
             raise ValueError(msg)
     return specs
 

@@ -209,7 +209,8 @@ def _check_marker(done: Mapping[str, Any], *, name: str, path: Path, model_id: s
     if source and Path(source) != path.resolve():
         msg = (
             f"{str(out / name) + '.zarr'!r} already holds the results of another slide ({source}), not of "
-            f"{str(path)!r} (both are named {name!r}). Pass `overwrite=True` (--overwrite) to replace them, or another `out`."
+            f"{str(path)!r} (both are named {name!r}). Pass `overwrite=True` (--overwrite) to replace them, or "
+            "another `out`."
         )
         raise FileExistsError(msg)
     if done.get("model_id") != model_id:
@@ -288,7 +289,10 @@ def _model_folder(model: Any, out: Path) -> tuple[Path, Any]:
 
     model = model_folder(model) if isinstance(model, str | Path) else model  # a folder or "hf-hub:owner/name"
     if hasattr(model, "members") or (isinstance(model, str | Path) and (Path(model) / "ensemble.json").is_file()):
-        msg = "Cohort prediction streams each slide, which ensembles do not support yet; pass one HESpotEx (e.g. `model.members[0]`)."
+        msg = (
+            "Cohort prediction streams each slide, which ensembles do not support yet; pass one HESpotEx (e.g. "
+            "`model.members[0]`)."
+        )
         raise NotImplementedError(msg)
     if isinstance(model, HESpotEx):
         folder = out / ".model"

@@ -270,7 +270,8 @@ def resolve_prediction(
     what = f"layers[{layer!r}] of " if layer is not None else ""
     found = sorted({str(k) for _, t in tables for k in prediction_records(t)})
     msg = (
-        f"Expected {what}the prediction {key!r} (uns[{key!r}]['params'] with its layer, or layers[{key!r}]) in {where}; "
+        f"Expected {what}the prediction {key!r} (uns[{key!r}]['params'] with its layer, or layers[{key!r}]) in "
+        f"{where}; "
         f"found predictions {found}. Pass `key=` as given to `hx.tl.predict(..., key_added=...)`, or predict first."
     )
     raise KeyError(msg)

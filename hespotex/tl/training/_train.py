@@ -82,7 +82,10 @@ def stain_views(tables: dict[str, Any], records: dict[str, dict[str, Any]], embe
         raise KeyError(msg)
     counts = {n: t.obsm[key].shape[1] if np.ndim(t.obsm[key]) == 3 else None for n, t in tables.items()}
     if len(set(counts.values())) != 1 or None in counts.values():
-        msg = f"Expected obsm[{key!r}] of shape (n_spots, n_views, dim) with the same n_views in every sample, found {counts}."
+        msg = (
+            f"Expected obsm[{key!r}] of shape (n_spots, n_views, dim) with the same n_views in every sample, found "
+            f"{counts}."
+        )
         raise ValueError(msg)
     first = next(iter(records.values())).get("stain_augment") or {
         "n_views": next(iter(counts.values())),
@@ -263,7 +266,10 @@ def train(
         from hespotex.tl.model._ensemble import train_ensemble
 
         if not (isinstance(validation, str) and validation == "auto"):
-            msg = f"ensemble=True holds out each sample in turn for early stopping; leave validation='auto' (found {validation!r})."
+            msg = (
+                "ensemble=True holds out each sample in turn for early stopping; leave validation='auto' (found "
+                f"{validation!r})."
+            )
             raise ValueError(msg)
         return train_ensemble(
             samples, fit=train, genes=genes, n_top_genes=n_top_genes, flavor=flavor, encoder=encoder, weights=weights, patch_um=patch_um,
@@ -286,8 +292,10 @@ def train(
     for n, r in records.items():
         if not same_embedding(first, r):
             msg = (
-                f"Samples were embedded differently: {names[0]!r} with {first.get('encoder_id')} at {first.get('patch_um')} µm, "
-                f"{n!r} with {r.get('encoder_id')} at {r.get('patch_um')} µm. Re-embed them with one encoder and patch size."
+                f"Samples were embedded differently: {names[0]!r} with {first.get('encoder_id')} at "
+                f"{first.get('patch_um')} µm, "
+                f"{n!r} with {r.get('encoder_id')} at {r.get('patch_um')} µm. Re-embed them with one encoder "
+                "and patch size."
             )
             raise ValueError(msg)
     tables = {n: get_table(s) for n, s in named.items()}
@@ -295,7 +303,10 @@ def train(
     k = max(cfg.ae_neighbors, cfg.decoder_neighbors)
     for n, t in tables.items():  # before gene selection: scanpy's seurat_v3 crashes on tiny samples
         if t.n_obs < k + 1:
-            msg = f"Sample {n!r} has {t.n_obs} spots, too few for the {k}-neighbour graphs. Drop it or lower the config's neighbours."
+            msg = (
+                f"Sample {n!r} has {t.n_obs} spots, too few for the {k}-neighbour graphs. Drop it or lower the "
+                "config's neighbours."
+            )
             raise ValueError(msg)
     held, fraction = split_validation(names, validation, seed=seed)
     fit_names = [n for n in names if n not in held]
