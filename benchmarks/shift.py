@@ -528,7 +528,8 @@ def cmd_report(args) -> None:
     sel = sel[["setting", "method", "genes", *[c for c in CONDITIONS if c in sel]]]
     if len(partial):
         lines += ["Left out of the tables (not embedded for every section, to fit the compute): "
-                  + ", ".join(f"{r.condition} at {r.patch_um:g} µm ({r.target_norm})" for r in partial.itertuples()) + ".", ""]  # fmt: skip
+                  + ", ".join(f"{r.condition} at {r.patch_um:g} µm ({r.target_norm})"
+                              for r in partial.itertuples()) + ".", ""]  # fmt: skip
     lines += ["## Every setting and method (mean over the three truths; seed 0 and any further seeds averaged)", "",
               sel.sort_values(["genes", "setting", "method"]).round(4).to_markdown(index=False), ""]  # fmt: skip
     # 2. per setting: hespotex variants vs the strongest tuned baseline, per condition x truth x gene set
@@ -606,7 +607,8 @@ def cmd_stain_report(args) -> None:
     b = base.groupby([*keys, "method"])["pearson"].mean().unstack("method")
     h["best baseline"] = b.max(axis=1)
     order = ["hespotex", "hespotex+stainaug", "hespotex+slidestd", "hespotex+stainaug+slidestd",
-             "hespotex-ens", "hespotex-ens+stainaug", "hespotex-ens+slidestd", "hespotex-ens+stainaug+slidestd", "best baseline"]  # fmt: skip
+             "hespotex-ens", "hespotex-ens+stainaug", "hespotex-ens+slidestd", "hespotex-ens+stainaug+slidestd",
+             "best baseline"]  # fmt: skip
     h = h[[c for c in order if c in h]]
     summary = h.groupby(["condition", "genes"]).mean()  # mean over the three truths
     for m in ("hespotex", "hespotex-ens"):

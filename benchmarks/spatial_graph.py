@@ -230,12 +230,14 @@ def main() -> None:
              + f" (max dist diff {max(s['max_distance_diff_um'] for s in t['same'].values()):.1e} µm)"]
         )  # fmt: skip
     header = ["spots", "edges (mean degree)", "spatial_graph s", "knn_graph s",
-              "sklearn s, all (kneighbors_graph only)", "sklearn all / knn_graph", "sklearn kneighbors_graph only / knn_graph",
+              "sklearn s, all (kneighbors_graph only)", "sklearn all / knn_graph",
+              "sklearn kneighbors_graph only / knn_graph",
               "spatial_graph / knn_graph", "spatial_graph peak RSS MB (+ over baseline)", "same graph"]  # fmt: skip
     main_table = markdown_table(header, rows)
 
     mem_rows = [
-        [f"{n:,}", arm, f"{m['before_kb'] / MB:.0f}", f"{m['process_peak_kb'] / MB:.0f}", f"{m['arm_peak_kb'] / MB:.0f}",
+        [f"{n:,}", arm, f"{m['before_kb'] / MB:.0f}", f"{m['process_peak_kb'] / MB:.0f}",
+         f"{m['arm_peak_kb'] / MB:.0f}",
          f"{(m['arm_peak_kb'] - m['before_kb']) / MB:.0f}", f"{m['wall']:.2f}"]
         for (n, arm), m in memory.items()
     ]  # fmt: skip

@@ -20,7 +20,8 @@ The bare encoder forward is measured side by side in this process, on the same t
 slide: the first ``--raw-tiles`` tiles are cut, resized and normalised beforehand (``plan_patches``
 as ``hx.pp.embed`` does), then only ``encoder.model(x)`` is timed, in batches of ``--batch-size``,
 once before and once after the pipeline (the mean rate of the two is used). ratio = pipeline tiles/s
-/ bare forward tiles/s, over the embedding phase (goal >= 0.9) and over the whole command; the forward of a CNN costs the same on any tile, so a subset
+/ bare forward tiles/s, over the embedding phase (goal >= 0.9) and over the whole command; the forward of a CNN costs
+the same on any tile, so a subset
 of tiles measures its rate.
 
 The model is small and quick to train: the "hespotex" preset with small layers, trained on two
@@ -131,7 +132,8 @@ def tissue_tiles_per_px(model_dir: Path, workdir: Path, mpp: float, env: dict[st
     tiles = workdir / "calibration.tiles.zarr"
     shutil.rmtree(tiles, ignore_errors=True)
     run_measured(
-        [sys.executable, "-m", "hespotex.cli", "--no-progress", "tile", "--model", str(model_dir), "--out", str(tiles), str(slide)],
+        [sys.executable, "-m", "hespotex.cli", "--no-progress", "tile", "--model", str(model_dir), "--out", str(tiles),
+         str(slide)],
         env=env, log_file=workdir / "calibration.log",
     )  # fmt: skip
     return spatialdata.read_zarr(tiles).tables["table"].n_obs / CALIBRATION_SIDE**2
@@ -236,7 +238,8 @@ def main() -> None:
             shutil.rmtree(p, ignore_errors=True)
         log(f"{name}: hespotex tile")
         tile = run_measured(
-            [sys.executable, "-m", "hespotex.cli", "--no-progress", "tile", "--model", str(model_dir), "--out", str(tiles), str(slide)],
+            [sys.executable, "-m", "hespotex.cli", "--no-progress", "tile", "--model", str(model_dir), "--out",
+             str(tiles), str(slide)],
             env=env, log_file=workdir / f"{name}.tile.log",
         )  # fmt: skip
         enc, xs, n_raw, geometry = premade_inputs(tiles, model_dir, args.raw_tiles, args.batch_size)
@@ -245,7 +248,8 @@ def main() -> None:
         log(f"{name}: hespotex predict")
         load_before = os.getloadavg()[0]
         pred = run_measured(
-            [sys.executable, "-m", "hespotex.cli", "--no-progress", "predict", "--model", str(model_dir), "--out", str(preds), str(tiles)],
+            [sys.executable, "-m", "hespotex.cli", "--no-progress", "predict", "--model", str(model_dir), "--out",
+             str(preds), str(tiles)],
             env=env, log_file=workdir / f"{name}.predict.log",
         )  # fmt: skip
         log(f"{name}: bare forward, after")
@@ -260,8 +264,10 @@ def main() -> None:
         work_rate, wall_rate, emb_rate = n / marker["seconds"], n / pred["wall"], n_emb / emb_s
         fixed_work, startup = marker["seconds"] - emb_s, pred["wall"] - marker["seconds"]
         row = {
-            "target": target, "tiles": n, "slide": f"{side} x {side} px ({side * side / 1e9:.2f} Gpx, {made_t['file_mb']:.0f} MB)",
-            "tile_s": tile["wall"], "tile_mb": tile["peak_mb"], "predict_wall": pred["wall"], "predict_work": marker["seconds"],
+            "target": target, "tiles": n,
+            "slide": f"{side} x {side} px ({side * side / 1e9:.2f} Gpx, {made_t['file_mb']:.0f} MB)",
+            "tile_s": tile["wall"], "tile_mb": tile["peak_mb"], "predict_wall": pred["wall"],
+            "predict_work": marker["seconds"],
             "predict_mb": pred["peak_mb"], "work_rate": work_rate, "wall_rate": wall_rate, "raw_rate": raw_rate,
             "raw_s": (raw_before[0], raw_after[0]), "n_raw": n_raw, "geometry": geometry, "write_s": made_t["write_s"],
             "emb_s": emb_s, "emb_rate": emb_rate, "load": (load_before, os.getloadavg()[0]),

@@ -40,7 +40,7 @@ POINT_JS = """([title, x, y]) => {
   const v = [...Bokeh.index.query(v => v.model && v.model.title && v.model.title.text === title && v.frame !== undefined)][0];
   const rect = v.canvas.el.getBoundingClientRect();
   return [rect.left + v.frame.x_scale.compute(x), rect.top + v.frame.y_scale.compute(y)];
-}"""
+}"""  # noqa: E501
 
 
 def _wait_port(port: int, timeout: float = 60.0) -> None:

@@ -46,7 +46,8 @@ def _input_kind(data: Any) -> str:
 
 
 def _prediction_table(data: Any, key: str, layer: str | None):
-    """The table, layer and record of the prediction ``key`` (the one lookup of :mod:`hespotex.tl.prediction._tables`)."""
+    """The table, layer and record of the prediction ``key`` (the one lookup of
+    :mod:`hespotex.tl.prediction._tables`)."""
     from hespotex.tl.prediction._tables import resolve_prediction
 
     found = resolve_prediction(data, key, layer=layer)

@@ -79,7 +79,8 @@ class HESpotExEnsemble:
 
     # shared settings, read from the first member
     def __getattr__(self, name: str) -> Any:
-        if name in {"genes", "embedding", "config", "target_sum", "target_norm", "embedding_norm", "stain_augment", "spot_geometry",
+        if name in {"genes", "embedding", "config", "target_sum", "target_norm", "embedding_norm", "stain_augment",
+                    "spot_geometry",
                     "gene_selection", "module_", "embedding_mean_", "embedding_scale_", "train_strategy_"}:  # fmt: skip
             return getattr(self.__dict__["members"][0], name)
         raise AttributeError(name)

@@ -146,7 +146,8 @@ def run_slide(
     The unit of work of :func:`predict_slides` (one Dask task) and of ``hespotex predict`` with one
     slide. Returns a record with the columns of :data:`COLUMNS`. Errors are caught and returned as
     ``status="failed"`` (message and traceback, also written to ``out/<name>.error.txt``); with
-    ``raise_errors=True`` they are written there and raised. A finished slide (marker present) is skipped unless ``overwrite=True``.
+    ``raise_errors=True`` they are written there and raised. A finished slide (marker present) is skipped unless
+    ``overwrite=True``.
     """
     import hespotex as hx
 
@@ -394,7 +395,8 @@ def predict_slides(
             records[name] = _failed(name, path, out, err)
             continue
         records[name] = {**dict.fromkeys(COLUMNS), "slide": name, "path": str(path), "status": "skipped",
-                         "n_tiles": done.get("n_tiles"), "seconds": 0.0, "output": str(output_paths(out, name)["zarr"])}  # fmt: skip
+                         "n_tiles": done.get("n_tiles"), "seconds": 0.0,
+                         "output": str(output_paths(out, name)["zarr"])}  # fmt: skip
     if records:
         n_skipped = sum(r["status"] == "skipped" for r in records.values())
         logger.info("%d of %d slides already finished in %s: skipped.", n_skipped, len(named), out)
@@ -425,7 +427,8 @@ def predict_slides(
 
 def _failed(name: str, path: Path, out: Path, err: BaseException) -> dict[str, Any]:
     return {**dict.fromkeys(COLUMNS), "slide": name, "path": str(path), "status": "failed", "seconds": 0.0,
-            "output": str(output_paths(out, name)["zarr"]), "error": error_message(err), "traceback": traceback_summary(err)}  # fmt: skip
+            "output": str(output_paths(out, name)["zarr"]), "error": error_message(err),
+            "traceback": traceback_summary(err)}  # fmt: skip
 
 
 def _run_on_dask(
@@ -458,7 +461,8 @@ def _run_on_dask(
     settings = {"cachedir": str(hx.settings.cachedir), "device": hx.settings.device}
     try:
         futures = {
-            client.submit(_run_slide_task, str(path.absolute()), str(model_dir.absolute()), str(out.absolute()), name, options, settings, key=f"hespotex-slide-{name}-{os.urandom(4).hex()}", pure=False): name
+            client.submit(_run_slide_task, str(path.absolute()), str(model_dir.absolute()), str(out.absolute()), name,
+                          options, settings, key=f"hespotex-slide-{name}-{os.urandom(4).hex()}", pure=False): name
             for name, path in todo.items()
         }  # fmt: skip
         bar = tqdm(total=len(futures), desc="slides", unit="slide", disable=not progress)

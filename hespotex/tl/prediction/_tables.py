@@ -21,7 +21,8 @@ __all__ = ["PREDICTION_KEY", "Resolved", "find_prediction", "resolve_attention",
 def prediction_params(
     model: HESpotEx, embed_params: dict[str, Any], *, key_added: str, attention: bool
 ) -> dict[str, Any]:
-    """``uns[key_added]["params"]`` of a prediction: model id, genes hash, encoder, patch size, seed, config, versions, keys."""
+    """``uns[key_added]["params"]`` of a prediction: model id, genes hash, encoder, patch size, seed, config, versions,
+    keys."""
     setup = model.setup_dict()
     return {
         "model_id": model.model_id,

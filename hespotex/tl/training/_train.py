@@ -69,7 +69,8 @@ DEFAULT_STAIN_VIEWS = 4
 
 
 def stain_views(tables: dict[str, Any], records: dict[str, dict[str, Any]], embedding_key: str) -> dict[str, Any]:
-    """Check every training table has stain-augmented views of its embeddings; return their record (with the obsm key)."""
+    """Check every training table has stain-augmented views of its embeddings; return their record (with the obsm
+    key)."""
     from hespotex.pp._stain_augment import views_key
 
     key = views_key(embedding_key)
@@ -210,7 +211,8 @@ def train(
         every prediction's ``uns``): ``"library_modelled"`` (default), log1p(counts per
         ``target_sum``) with the library over the modelled ``genes`` only, which transfers best to
         shallow sections of new patients (``benchmarks/results/shift.md``); ``"library_all"``, the
-        library over all genes of the table; ``"log1p_counts"``, log1p of raw counts (HEST-Benchmark). See :mod:`hespotex.pp._targets`.
+        library over all genes of the table; ``"log1p_counts"``, log1p of raw counts (HEST-Benchmark). See
+        :mod:`hespotex.pp._targets`.
     embedding_norm
         Standardisation of a new slide's embeddings at prediction: ``"training"`` (the training
         spots' statistics) or ``"slide"`` (the slide's own, from its image only; more robust to stain
@@ -272,9 +274,11 @@ def train(
             )
             raise ValueError(msg)
         return train_ensemble(
-            samples, fit=train, genes=genes, n_top_genes=n_top_genes, flavor=flavor, encoder=encoder, weights=weights, patch_um=patch_um,
+            samples, fit=train, genes=genes, n_top_genes=n_top_genes, flavor=flavor, encoder=encoder, weights=weights,
+            patch_um=patch_um,
             config=config, seed=seed, device=device, use_rep=use_rep, target_sum=target_sum, target_norm=target_norm,
-            embedding_norm=embedding_norm, max_nodes=max_nodes, strategy=strategy, n_processes=n_processes, backend=backend,
+            embedding_norm=embedding_norm, max_nodes=max_nodes, strategy=strategy, n_processes=n_processes,
+            backend=backend,
             stain_augment=stain_augment,
         )  # fmt: skip
     check_embedding_norm(embedding_norm)
@@ -335,14 +339,16 @@ def train(
             val_parts.append((data[n], mask))
     val_parts += [(data[n], np.ones(data[n].n, dtype=bool)) for n in held]
     model = HESpotEx(
-        genes, embedding=first, config=cfg.replace(seed=seed), target_sum=target_sum, target_norm=target_norm, gene_selection=selection,
+        genes, embedding=first, config=cfg.replace(seed=seed), target_sum=target_sum, target_norm=target_norm,
+        gene_selection=selection,
         spot_geometry=spot_geometry(list(tables.values())), embedding_norm=embedding_norm, stain_augment=stain,
     )  # fmt: skip
     model.train_samples_ = fit_names
     model.validation_ = {"samples": held, "block_fraction": fraction, "metric": "mean per-gene Pearson"}
     logger.info(
         "Training HESpotEx on %d spots of %s (%d genes); validation: %s.",
-        sum(p.n for p in train_parts), fit_names, len(genes), held or (f"{fraction:.0%} spatial block" if fraction else "none"),
+        sum(p.n for p in train_parts), fit_names, len(genes),
+        held or (f"{fraction:.0%} spatial block" if fraction else "none"),
     )  # fmt: skip
     return model.fit(
         train_parts, validation=val_parts, device=device, max_nodes=max_nodes, seed=seed,
