@@ -326,7 +326,8 @@ def main() -> None:
         "- Check: pipeline and raw outputs agree, max |diff| "
         + ", ".join(f"{r['max_diff']:.1e} ({d} / {e})" for (d, e), r in results.items()),
         "- Peak memory: VmHWM of this process (what resource.getrusage ru_maxrss reports), reset to the current RSS "
-        f"through /proc/self/clear_refs before each arm ({'works here' if can_reset else 'NOT permitted here: peaks are process-wide'}); "
+        "through /proc/self/clear_refs before each arm "
+        f"({'works here' if can_reset else 'NOT permitted here: peaks are process-wide'}); "
         "shown: peak during the arm, and (+) its increase over the RSS at the arm's start, max over repeats. "
         "The absolute peak includes the loaded sample (the her2st JPEG and its pyramid) and, in both arms, the "
         f"pre-made tensors of the raw arm ({r0['premade_mb']:.0f} MB for {r0['n']} patches), which exist "

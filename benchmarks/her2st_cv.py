@@ -154,8 +154,10 @@ def main() -> None:
         "# her2st leave-one-section-out (C2-C6)",
         "",
         f"Command: `{cmd}`  ",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch threads {__import__('torch').get_num_threads()}; "
-        f"whole run {wall / 60:.1f} min wall, of which embeddings {t_embed / 60:.1f} min and cross-validation {t_cv / 60:.1f} min "
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch threads "
+        f"{__import__('torch').get_num_threads()}; "
+        f"whole run {wall / 60:.1f} min wall, of which embeddings {t_embed / 60:.1f} min and cross-validation "
+        f"{t_cv / 60:.1f} min "
         f"({args.workers} dask worker processes, 1 torch thread each). Load average at start: {load_start}.  ",
         f"Genes per fold: {args.genes} (785-gene panel + top seurat_v3 genes of the training fold). "
         "Truth: log1p(counts per 10,000), library over all genes. Top-50 HVG ranked on the training fold. "

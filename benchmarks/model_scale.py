@@ -211,7 +211,8 @@ def worker(job: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------------- driver side
 def run_job(job: dict, timeout: float, threads: int | None = None) -> dict:
-    """Run ``job`` in a fresh interpreter (``threads`` intra-op threads); returns its result dict (or an error record)."""
+    """Run ``job`` in a fresh interpreter (``threads`` intra-op threads); returns its result dict (or an error
+    record)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))

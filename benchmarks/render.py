@@ -245,7 +245,8 @@ def main() -> None:
         f"- Machine: {platform.machine()}, {os.cpu_count()} cores, no GPU; {chromium} headless (`--disable-gpu`), "
         f"Playwright; panel {panel.__version__}, holoviews {holoviews.__version__}, bokeh {bokeh.__version__}, "
         f"datashader {datashader.__version__}, Python {platform.python_version()}.",
-        f"- os.getloadavg() at start: {', '.join(f'{v:.2f}' for v in load0)}; at end: {', '.join(f'{v:.2f}' for v in load1)}"
+        f"- os.getloadavg() at start: {', '.join(f'{v:.2f}' for v in load0)}; at end: "
+        f"{', '.join(f'{v:.2f}' for v in load1)}"
         + (
             " (above the core count: other jobs shared the machine, absolute times are inflated)."
             if max(load0[0], load1[0]) > (os.cpu_count() or 1)
@@ -254,14 +255,19 @@ def main() -> None:
         f"- Other long benchmark running: {'yes' if other0 or other1 else 'no'}.",
         f"- Repeats: {args.repeats} page loads per (size, view) after the first, each in a new browser context; "
         "one fresh server process per (size, view).",
-        "- Time to first render: `performance.now()` (ms from navigation start) at the first animation frame in which both "
+        "- Time to first render: `performance.now()` (ms from navigation start) at the first animation frame "
+        "in which both "
         "spatial plots (predicted, measured) are finished drawing (Bokeh `PlotView.has_finished()`) and hold the spots "
-        "(Scatter with every spot, or a rasterised Image with a non-empty pixel). It includes the server building the view "
+        "(Scatter with every spot, or a rasterised Image with a non-empty pixel). It includes the server "
+        "building the view "
         "for that session (column 'server-side build').",
-        "- 'first load after server start' pays one-off costs (numba compiling datashader's kernels at 100k, first Bokeh "
+        "- 'first load after server start' pays one-off costs (numba compiling datashader's kernels at 100k, "
+        "first Bokeh "
         "document, imports on first use); a long-running server or notebook kernel pays them once.",
-        f"- Data: hexagonal grid (100 µm pitch, 55 µm spots), {IMAGE_PX} x {IMAGE_PX} px image, {N_GENES} genes; explorer "
-        "shows all 20 genes in its selector, hx.pl.spatial 5. Rasterised above 20,000 spots (datashader mean per pixel, "
+        f"- Data: hexagonal grid (100 µm pitch, 55 µm spots), {IMAGE_PX} x {IMAGE_PX} px image, {N_GENES} "
+        "genes; explorer "
+        "shows all 20 genes in its selector, hx.pl.spatial 5. Rasterised above 20,000 spots (datashader mean "
+        "per pixel, "
         "`first` selector for the hover, dynspread).",
     ]
     text = "# Time to first render of hx.pl.spatial and hx.pl.explorer (Panel server, Chromium)\n\n"

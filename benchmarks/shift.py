@@ -489,22 +489,35 @@ def cmd_report(args) -> None:
     lines = [
         "# Shift benchmark: her2st C2-C6, held-out section as is and under emulated patient shifts",
         "",
-        "Commands that made these tables (2-core machine shared with other jobs; 2 dask worker processes, 1 torch thread each):  ",
+        "Commands that made these tables (2-core machine shared with other jobs; 2 dask worker processes, 1 "
+        "torch thread each):  ",
         "`python benchmarks/shift.py embed` (clean, restained, rescaled at 100 µm; clean at 200 µm);  ",
-        "`python benchmarks/shift.py run --grid select --what single --seeds 0` (option selection, single models, 13.6 min);  ",
-        "`python benchmarks/shift.py run --setting \"{'target_norm': 'library_modelled', 'patch_um': 100.0, 'tta': False}\" "
+        "`python benchmarks/shift.py run --grid select --what single --seeds 0` (option selection, single "
+        "models, 13.6 min);  ",
+        "`python benchmarks/shift.py run --setting \"{'target_norm': 'library_modelled', 'patch_um': 100.0, "
+        "'tta': False}\" "
         "--what hespotex --seeds 0 1 2` (4-member ensembles, 3 seeds, 26.1 min);  ",
         f"`{cmd}`.  ",
-        "Modelled genes: the 785-gene panel (those present in every section). Encoder: ImageNet EfficientNet-Lite0 (offline weights), "
-        "frozen. Leave-one-section-out over C2-C6 (5 folds). Shifts of the held-out section: `thinned` (binomial thinning to ~650 "
-        "counts per spot; truth from the thinned counts), `restained` (HED gain/shift, Gaussian blur 1.5 px, JPEG q40, re-embedded), "
-        "`rescaled` (µm/px 10 % too large, re-embedded). Truths: `lib_all` log1p CP10k library over all genes, `lib_scored` library "
-        "over the modelled genes, `log1p_raw` log1p(raw counts) (HEST-Benchmark). Scores: mean per-gene Pearson over the top-50 HVG "
-        "(ranked on the training sections) and over all modelled genes, mean over the 5 folds; `±` is the spread (max - min) of the "
-        "seed means. hespotex = one model (validation section chosen by the seed, as `hx.tl.train` does); hespotex-ens = the mean of "
-        "4 members, one per held-out validation section; `+slidestd` = embeddings standardised per slide at prediction time. "
-        "Baselines (ridge: standardise, PCA 256, ridge; retrieval: k nearest training spots, cosine) with α / k chosen by "
-        "leave-one-training-section-out on the training sections, fitted to the same targets as hespotex, raw and smoothed "
+        "Modelled genes: the 785-gene panel (those present in every section). Encoder: ImageNet "
+        "EfficientNet-Lite0 (offline weights), "
+        "frozen. Leave-one-section-out over C2-C6 (5 folds). Shifts of the held-out section: `thinned` "
+        "(binomial thinning to ~650 "
+        "counts per spot; truth from the thinned counts), `restained` (HED gain/shift, Gaussian blur 1.5 px, "
+        "JPEG q40, re-embedded), "
+        "`rescaled` (µm/px 10 % too large, re-embedded). Truths: `lib_all` log1p CP10k library over all genes, "
+        "`lib_scored` library "
+        "over the modelled genes, `log1p_raw` log1p(raw counts) (HEST-Benchmark). Scores: mean per-gene "
+        "Pearson over the top-50 HVG "
+        "(ranked on the training sections) and over all modelled genes, mean over the 5 folds; `±` is the "
+        "spread (max - min) of the "
+        "seed means. hespotex = one model (validation section chosen by the seed, as `hx.tl.train` does); "
+        "hespotex-ens = the mean of "
+        "4 members, one per held-out validation section; `+slidestd` = embeddings standardised per slide at "
+        "prediction time. "
+        "Baselines (ridge: standardise, PCA 256, ridge; retrieval: k nearest training spots, cosine) with α / "
+        "k chosen by "
+        "leave-one-training-section-out on the training sections, fitted to the same targets as hespotex, raw "
+        "and smoothed "
         "(6 nearest spots); they are deterministic (no seed spread).",
         "",
     ]
@@ -515,7 +528,8 @@ def cmd_report(args) -> None:
     sel = sel[["setting", "method", "genes", *[c for c in CONDITIONS if c in sel]]]
     if len(partial):
         lines += ["Left out of the tables (not embedded for every section, to fit the compute): "
-                  + ", ".join(f"{r.condition} at {r.patch_um:g} µm ({r.target_norm})" for r in partial.itertuples()) + ".", ""]  # fmt: skip
+                  + ", ".join(f"{r.condition} at {r.patch_um:g} µm ({r.target_norm})"
+                              for r in partial.itertuples()) + ".", ""]  # fmt: skip
     lines += ["## Every setting and method (mean over the three truths; seed 0 and any further seeds averaged)", "",
               sel.sort_values(["genes", "setting", "method"]).round(4).to_markdown(index=False), ""]  # fmt: skip
     # 2. per setting: hespotex variants vs the strongest tuned baseline, per condition x truth x gene set
@@ -543,7 +557,8 @@ def cmd_report(args) -> None:
     if len(sp):
         sp["setting"] = sp.apply(setting_name, axis=1)
         t = sp.groupby(["setting", "condition"])["pearson"].agg(["mean", "min", "max"]).reset_index()
-        lines += ["## Ensemble spread vs absolute error (Spearman over spots x genes, per slide; mean / min / max over folds and seeds)", "",
+        lines += ["## Ensemble spread vs absolute error (Spearman over spots x genes, per slide; mean / min / max over "
+            "folds and seeds)", "",
                   t.round(3).to_markdown(index=False), ""]  # fmt: skip
     chosen = (
         rows[rows["method"].str.startswith(("ridge", "retrieval"))]
@@ -592,7 +607,8 @@ def cmd_stain_report(args) -> None:
     b = base.groupby([*keys, "method"])["pearson"].mean().unstack("method")
     h["best baseline"] = b.max(axis=1)
     order = ["hespotex", "hespotex+stainaug", "hespotex+slidestd", "hespotex+stainaug+slidestd",
-             "hespotex-ens", "hespotex-ens+stainaug", "hespotex-ens+slidestd", "hespotex-ens+stainaug+slidestd", "best baseline"]  # fmt: skip
+             "hespotex-ens", "hespotex-ens+stainaug", "hespotex-ens+slidestd", "hespotex-ens+stainaug+slidestd",
+             "best baseline"]  # fmt: skip
     h = h[[c for c in order if c in h]]
     summary = h.groupby(["condition", "genes"]).mean()  # mean over the three truths
     for m in ("hespotex", "hespotex-ens"):
@@ -604,17 +620,24 @@ def cmd_stain_report(args) -> None:
     lines = [
         STAIN_SECTION,
         "",
-        "Commands: `python benchmarks/shift.py embed --stain-views --patch 100` (4 stain-augmented views of every clean section with "
+        "Commands: `python benchmarks/shift.py embed --stain-views --patch 100` (4 stain-augmented views of "
+            "every clean section with "
         "`hx.pp.embed(..., stain_augment=4)`, 17.8 min);  ",
-        "`python benchmarks/shift.py run --setting \"{'target_norm': 'library_modelled', 'patch_um': 100.0, 'tta': False, "
-        "'stain_augment': True}\" --what hespotex --seeds 0` (4-member ensembles trained with `hx.tl.train(..., stain_augment=True)`);  ",
+        "`python benchmarks/shift.py run --setting \"{'target_norm': 'library_modelled', 'patch_um': 100.0, "
+            "'tta': False, "
+        "'stain_augment': True}\" --what hespotex --seeds 0` (4-member ensembles trained with "
+            "`hx.tl.train(..., stain_augment=True)`);  ",
         f"`{cmd}`.  ",
         f"Setting library_modelled, 100 µm. Seeds {', '.join(map(str, aug_seeds))} for single models, "
-        f"{', '.join(map(str, sorted(ens_seeds)))} for ensembles; folds {', '.join(folds)}; every method here restricted to these "
+        f"{', '.join(map(str, sorted(ens_seeds)))} for ensembles; folds {', '.join(folds)}; every method here "
+            "restricted to these "
         "seeds and folds (so the plain hespotex figures are those of the same seeds, not the 3-seed means above). "
-        "`+stainaug`: trained with one embedding per spot and epoch drawn among the clean one and 4 views re-stained in HED space "
-        "(gain 0.7-1.3, shift ±0.04 per stain, brightness ±0.08, contrast 0.85-1.15); prediction on clean embeddings. The "
-        "`restained` condition is the held-out section's own image re-stained by a different perturbation (HED gain 0.75-1.25, "
+        "`+stainaug`: trained with one embedding per spot and epoch drawn among the clean one and 4 views "
+            "re-stained in HED space "
+        "(gain 0.7-1.3, shift ±0.04 per stain, brightness ±0.08, contrast 0.85-1.15); prediction on clean "
+            "embeddings. The "
+        "`restained` condition is the held-out section's own image re-stained by a different perturbation (HED "
+            "gain 0.75-1.25, "
         "shift ±0.03, blur, JPEG q40).",
         "",
         "### Mean over the three truths", "",

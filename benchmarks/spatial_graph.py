@@ -230,12 +230,14 @@ def main() -> None:
              + f" (max dist diff {max(s['max_distance_diff_um'] for s in t['same'].values()):.1e} µm)"]
         )  # fmt: skip
     header = ["spots", "edges (mean degree)", "spatial_graph s", "knn_graph s",
-              "sklearn s, all (kneighbors_graph only)", "sklearn all / knn_graph", "sklearn kneighbors_graph only / knn_graph",
+              "sklearn s, all (kneighbors_graph only)", "sklearn all / knn_graph",
+              "sklearn kneighbors_graph only / knn_graph",
               "spatial_graph / knn_graph", "spatial_graph peak RSS MB (+ over baseline)", "same graph"]  # fmt: skip
     main_table = markdown_table(header, rows)
 
     mem_rows = [
-        [f"{n:,}", arm, f"{m['before_kb'] / MB:.0f}", f"{m['process_peak_kb'] / MB:.0f}", f"{m['arm_peak_kb'] / MB:.0f}",
+        [f"{n:,}", arm, f"{m['before_kb'] / MB:.0f}", f"{m['process_peak_kb'] / MB:.0f}",
+         f"{m['arm_peak_kb'] / MB:.0f}",
          f"{(m['arm_peak_kb'] - m['before_kb']) / MB:.0f}", f"{m['wall']:.2f}"]
         for (n, arm), m in memory.items()
     ]  # fmt: skip
@@ -254,7 +256,8 @@ def main() -> None:
         f"- Machine: {platform.machine()}, {os.cpu_count()} cores; numpy {np.__version__}, scipy {scipy.__version__}, "
         f"scikit-learn {sklearn.__version__}, Python {platform.python_version()}; cKDTree.query(workers=-1) and "
         "NearestNeighbors(n_jobs=-1) both use every core.",
-        f"- os.getloadavg() at start: {', '.join(f'{v:.2f}' for v in load_start)}; at end: {', '.join(f'{v:.2f}' for v in load_end)}",
+        f"- os.getloadavg() at start: {', '.join(f'{v:.2f}' for v in load_start)}; at end: "
+        f"{', '.join(f'{v:.2f}' for v in load_end)}",
         f"- Load above the {os.cpu_count()} cores means other jobs shared the machine: absolute times are inflated."
         if max(load_start[0], load_end[0]) > (os.cpu_count() or 1)
         else "- The machine was otherwise quiet (1-min load below the core count).",

@@ -204,7 +204,8 @@ def main() -> None:
         rows.append(
             [
                 f"{read['n_bins']:,}",
-                f"{meta['side_px']} x {meta['side_px']} px ({meta['side_px'] ** 2 / 1e9:.2f} Gpx, {meta['tif_mb']:.0f} MB)",
+                f"{meta['side_px']} x {meta['side_px']} px ({meta['side_px'] ** 2 / 1e9:.2f} Gpx, "
+                f"{meta['tif_mb']:.0f} MB)",
                 f"{read['read_s']:.1f}",
                 f"**{read['peak_mb']:.0f}**",
                 f"{graph['graph_s']:.2f} ({graph['edges'] / read['n_bins']:.2f})",
@@ -215,11 +216,13 @@ def main() -> None:
                 "not run" if pred is None else f"**{pred['peak_mb']:.0f}**",
                 "not run"
                 if pred is None
-                else f"{pred['layer_shape'][0]:,} x {pred['layer_shape'][1]} ({'finite' if pred['finite'] else 'NaN!'})",
+                else f"{pred['layer_shape'][0]:,} x {pred['layer_shape'][1]} "
+                f"({'finite' if pred['finite'] else 'NaN!'})",
             ]
         )
         notes.append(
-            f"- {n:,} bins: folder written in {meta['write_tif_s']:.0f} s (slide) + {meta['write_folder_s']:.0f} s (Space Ranger files), "
+            f"- {n:,} bins: folder written in {meta['write_tif_s']:.0f} s (slide) + "
+            f"{meta['write_folder_s']:.0f} s (Space Ranger files), "
             f"or reused; child walls: read {read['wall_s']:.0f} s, graph {graph['wall_s']:.0f} s"
             + ("" if pred is None else f", predict {pred['wall_s']:.0f} s (CPU {pred['cpu_s']:.0f} s)")
         )
@@ -242,18 +245,25 @@ def report(rows: list, notes: list, args: argparse.Namespace, t_all: float, t_mo
             "## Notes",
             "",
             f"- Command: `{shlex.join(['python', 'benchmarks/visium_hd.py', *sys.argv[1:]])}` "
-            f"(whole run {(time.perf_counter() - t_all) / 60:.1f} min wall, of which training the model {t_model:.0f} s)",
+            f"(whole run {(time.perf_counter() - t_all) / 60:.1f} min wall, of which training the model "
+            f"{t_model:.0f} s)",
             f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU; Python {platform.python_version()}. "
-            f"Load average at start {load0[0]:.1f}, {load0[1]:.1f}, {load0[2]:.1f}; at end {load1[0]:.1f}, {load1[1]:.1f}, {load1[2]:.1f}"
+            f"Load average at start {load0[0]:.1f}, {load0[1]:.1f}, {load0[2]:.1f}; at end {load1[0]:.1f}, "
+            f"{load1[1]:.1f}, {load1[2]:.1f}"
             " (above the core count: other jobs shared the machine and inflate the times, not the memory).",
             f"- Other benchmark running at the same time: {others or 'none'}.",
-            "- Each column is a fresh subprocess; peak RSS is its own ru_maxrss (os.wait4), interpreter and imports included. "
+            "- Each column is a fresh subprocess; peak RSS is its own ru_maxrss (os.wait4), interpreter and "
+            "imports included. "
             "'predict' includes reading the folder (its peak covers both).",
-            f"- Slides: `hx.datasets.synthetic_wsi` at {MPP} µm/px (JPEG tiles, pyramid), a square grid of 8 µm bins over it "
-            f"(tissue and glass alike), Poisson(0.3) counts of {N_GENES} genes; written by `hx.datasets.write_visium_hd` "
+            f"- Slides: `hx.datasets.synthetic_wsi` at {MPP} µm/px (JPEG tiles, pyramid), a square grid of 8 "
+            "µm bins over it "
+            f"(tissue and glass alike), Poisson(0.3) counts of {N_GENES} genes; written by "
+            "`hx.datasets.write_visium_hd` "
             "(the full-resolution TIFF linked as microscope_image/).",
-            f"- Model: small 'hespotex' preset (latent 16), decoder graph 8-NN, {N_GENES} genes, trained on a 2,000-bin "
-            f"`hx.datasets.synthetic_visium_hd` section; encoder efficientnet_lite0.imagenet, 16 µm patches at {INPUT_SIZE} px "
+            f"- Model: small 'hespotex' preset (latent 16), decoder graph 8-NN, {N_GENES} genes, trained on a "
+            "2,000-bin "
+            "`hx.datasets.synthetic_visium_hd` section; encoder efficientnet_lite0.imagenet, 16 µm patches at "
+            f"{INPUT_SIZE} px "
             f"(their native 0.5 µm/px); streaming chunk {CHUNK:,} bins.",
             *notes,
         ]

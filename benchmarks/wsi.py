@@ -20,7 +20,8 @@ The bare encoder forward is measured side by side in this process, on the same t
 slide: the first ``--raw-tiles`` tiles are cut, resized and normalised beforehand (``plan_patches``
 as ``hx.pp.embed`` does), then only ``encoder.model(x)`` is timed, in batches of ``--batch-size``,
 once before and once after the pipeline (the mean rate of the two is used). ratio = pipeline tiles/s
-/ bare forward tiles/s, over the embedding phase (goal >= 0.9) and over the whole command; the forward of a CNN costs the same on any tile, so a subset
+/ bare forward tiles/s, over the embedding phase (goal >= 0.9) and over the whole command; the forward of a CNN costs
+the same on any tile, so a subset
 of tiles measures its rate.
 
 The model is small and quick to train: the "hespotex" preset with small layers, trained on two
@@ -131,7 +132,8 @@ def tissue_tiles_per_px(model_dir: Path, workdir: Path, mpp: float, env: dict[st
     tiles = workdir / "calibration.tiles.zarr"
     shutil.rmtree(tiles, ignore_errors=True)
     run_measured(
-        [sys.executable, "-m", "hespotex.cli", "--no-progress", "tile", "--model", str(model_dir), "--out", str(tiles), str(slide)],
+        [sys.executable, "-m", "hespotex.cli", "--no-progress", "tile", "--model", str(model_dir), "--out", str(tiles),
+         str(slide)],
         env=env, log_file=workdir / "calibration.log",
     )  # fmt: skip
     return spatialdata.read_zarr(tiles).tables["table"].n_obs / CALIBRATION_SIDE**2
@@ -236,7 +238,8 @@ def main() -> None:
             shutil.rmtree(p, ignore_errors=True)
         log(f"{name}: hespotex tile")
         tile = run_measured(
-            [sys.executable, "-m", "hespotex.cli", "--no-progress", "tile", "--model", str(model_dir), "--out", str(tiles), str(slide)],
+            [sys.executable, "-m", "hespotex.cli", "--no-progress", "tile", "--model", str(model_dir), "--out",
+             str(tiles), str(slide)],
             env=env, log_file=workdir / f"{name}.tile.log",
         )  # fmt: skip
         enc, xs, n_raw, geometry = premade_inputs(tiles, model_dir, args.raw_tiles, args.batch_size)
@@ -245,7 +248,8 @@ def main() -> None:
         log(f"{name}: hespotex predict")
         load_before = os.getloadavg()[0]
         pred = run_measured(
-            [sys.executable, "-m", "hespotex.cli", "--no-progress", "predict", "--model", str(model_dir), "--out", str(preds), str(tiles)],
+            [sys.executable, "-m", "hespotex.cli", "--no-progress", "predict", "--model", str(model_dir), "--out",
+             str(preds), str(tiles)],
             env=env, log_file=workdir / f"{name}.predict.log",
         )  # fmt: skip
         log(f"{name}: bare forward, after")
@@ -260,16 +264,20 @@ def main() -> None:
         work_rate, wall_rate, emb_rate = n / marker["seconds"], n / pred["wall"], n_emb / emb_s
         fixed_work, startup = marker["seconds"] - emb_s, pred["wall"] - marker["seconds"]
         row = {
-            "target": target, "tiles": n, "slide": f"{side} x {side} px ({side * side / 1e9:.2f} Gpx, {made_t['file_mb']:.0f} MB)",
-            "tile_s": tile["wall"], "tile_mb": tile["peak_mb"], "predict_wall": pred["wall"], "predict_work": marker["seconds"],
+            "target": target, "tiles": n,
+            "slide": f"{side} x {side} px ({side * side / 1e9:.2f} Gpx, {made_t['file_mb']:.0f} MB)",
+            "tile_s": tile["wall"], "tile_mb": tile["peak_mb"], "predict_wall": pred["wall"],
+            "predict_work": marker["seconds"],
             "predict_mb": pred["peak_mb"], "work_rate": work_rate, "wall_rate": wall_rate, "raw_rate": raw_rate,
             "raw_s": (raw_before[0], raw_after[0]), "n_raw": n_raw, "geometry": geometry, "write_s": made_t["write_s"],
             "emb_s": emb_s, "emb_rate": emb_rate, "load": (load_before, os.getloadavg()[0]),
         }  # fmt: skip
         details.append(row)
         log(
-            f"{name}: {n} tiles, tile {tile['wall']:.0f} s, predict {pred['wall']:.0f} s ({marker['seconds']:.0f} s work, "
-            f"{emb_s:.0f} s embedding) / {pred['peak_mb']:.0f} MB, embedding {emb_rate:.0f} tiles/s vs bare {raw_rate:.0f}"
+            f"{name}: {n} tiles, tile {tile['wall']:.0f} s, predict {pred['wall']:.0f} s "
+            f"({marker['seconds']:.0f} s work, "
+            f"{emb_s:.0f} s embedding) / {pred['peak_mb']:.0f} MB, embedding {emb_rate:.0f} tiles/s vs bare "
+            f"{raw_rate:.0f}"
         )
         rows.append(
             [f"{target:,}", f"{n:,}", row["slide"], f"{tile['wall']:.0f}",
@@ -287,7 +295,8 @@ def main() -> None:
               "ratio CPU time", "load avg before / after"]  # fmt: skip
     d0 = details[0] if details else {}
     notes = [
-        f"- Command: `{command}` (whole run {wall / 60:.1f} min wall, of which training the model {train_s:.0f} s{' (reused from the work folder)' if train_s < 1 else ''})",
+        f"- Command: `{command}` (whole run {wall / 60:.1f} min wall, of which training the model "
+        f"{train_s:.0f} s{' (reused from the work folder)' if train_s < 1 else ''})",
         f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU, torch {torch.__version__} with "
         f"{torch.get_num_threads()} threads in both arms, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; "
         f"Python {platform.python_version()}. Load average at start {', '.join(f'{v:.1f}' for v in load_start)}, "
@@ -300,12 +309,15 @@ def main() -> None:
         "- Another benchmark (her2st_cv) was running at the same time."
         if (competing_start or competing_end)
         else "- No her2st_cv benchmark ran at the same time.",
-        f"- Slides: `hx.datasets.synthetic_wsi` at {args.mpp:g} µm/px, seed {SEED}, {N_BLOBS} tissue pieces, JPEG tiles of 512 px, "
+        f"- Slides: `hx.datasets.synthetic_wsi` at {args.mpp:g} µm/px, seed {SEED}, {N_BLOBS} tissue pieces, "
+        "JPEG tiles of 512 px, "
         f"pyramid down to one tile; side chosen from the tissue fraction of a {CALIBRATION_SIDE} px calibration slide "
-        f"({per_px * 1e6:.0f} expected tiles per megapixel). Written once and kept in the work folder (writing time not in the table: "
+        f"({per_px * 1e6:.0f} expected tiles per megapixel). Written once and kept in the work folder (writing "
+        "time not in the table: "
         + ", ".join(f"{r['write_s']:.0f} s" if r["write_s"] >= 1 else "reused" for r in details)
         + ").",
-        f'- Model: "hespotex" preset with small layers (latent 32, hidden 128), 50 genes, trained on two synthetic sections '
+        '- Model: "hespotex" preset with small layers (latent 32, hidden 128), 50 genes, trained on two '
+        "synthetic sections "
         f"at {args.mpp:g} µm/px (55 µm spots 100 µm apart; so 100 µm hexagonal pseudo-spots); encoder {ENCODER} "
         f"at {INPUT_SIZE} px input, patches {d0.get('geometry', '?')}.",
         "- tile / predict: `python -m hespotex.cli tile|predict` in a subprocess each; wall includes interpreter "
@@ -314,11 +326,13 @@ def main() -> None:
         "'embedding s' is the embedding phase as predict logs it (every tile read, cut, resized, normalised and "
         "through the encoder); the fixed per-slide cost is the rest: 'work - embedding' (opening the slide and the "
         "model, image fingerprint, graph, gene heads, writing the table) and 'start-up' (interpreter and imports).",
-        f"- Bare forward: `encoder.model(x)` on pre-made inputs of the first {args.raw_tiles} tiles (spatial order) of the "
+        f"- Bare forward: `encoder.model(x)` on pre-made inputs of the first {args.raw_tiles} tiles (spatial "
+        "order) of the "
         f"same slide, batch {args.batch_size}, in this process, once before and once after the predict subprocess "
         "(seconds: " + "; ".join(f"{r['raw_s'][0]:.1f} / {r['raw_s'][1]:.1f}" for r in details) + "). "
         "ratio embedding = tiles / embedding seconds / bare forward tiles/s (the goal); ratio whole work = predict "
-        "tiles/s over its work time / bare forward tiles/s; (wall) with the subprocess's wall. 'ratio CPU time': predict tiles per CPU second of the whole "
+        "tiles/s over its work time / bare forward tiles/s; (wall) with the subprocess's wall. 'ratio CPU "
+        "time': predict tiles per CPU second of the whole "
         "subprocess (os.wait4 user+system, start-up and imports included) / bare forward tiles per CPU second of this "
         "process; less sensitive than wall time to other jobs on the machine.",
         "- Goals (issues #5, #12): peak resident memory under 4 GB at 100k tiles; predict >= 0.9 x the bare encoder "

@@ -194,7 +194,8 @@ def main() -> None:
             r0 = runs[0]
             d = agree.get((path.name, reader))
             rows.append([
-                path.name, reader, r0["levels"], f"{med('import_s'):.2f}", f"{med('open_s'):.3f}", f"{med('tissue_s'):.2f}",
+                path.name, reader, r0["levels"], f"{med('import_s'):.2f}", f"{med('open_s'):.3f}",
+                f"{med('tissue_s'):.2f}",
                 r0["n_tiles"], f"{med('patches_s'):.2f} ({r0['n_tiles'] / med('patches_s'):.0f})",
                 f"{med('full_s'):.2f} ({r0['mpx'] / med('full_s'):.1f})",
                 f"{med('peak_pipeline_mb'):.0f} / {med('peak_full_mb'):.0f}",

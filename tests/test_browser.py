@@ -40,7 +40,7 @@ POINT_JS = """([title, x, y]) => {
   const v = [...Bokeh.index.query(v => v.model && v.model.title && v.model.title.text === title && v.frame !== undefined)][0];
   const rect = v.canvas.el.getBoundingClientRect();
   return [rect.left + v.frame.x_scale.compute(x), rect.top + v.frame.y_scale.compute(y)];
-}"""
+}"""  # noqa: E501
 
 
 def _wait_port(port: int, timeout: float = 60.0) -> None:
@@ -115,7 +115,8 @@ def test_explorer_renders_spots_and_title(page, server, artifacts):
     page.goto(URL + "/")
     _wait_plots(
         page,
-        "(plots, n) => plots.filter(p => p.finished && p.glyphs.some(g => g[0] === 'Scatter' && g[1] === n)).length === 2",
+        "(plots, n) => plots.filter(p => p.finished && p.glyphs.some(g => g[0] === 'Scatter' && g[1] === "
+        "n)).length === 2",
         n,
     )
     assert page.title() == "hespotex explorer: syn_t"
@@ -180,7 +181,8 @@ def test_spatial_and_attention_pages(browser, server, artifacts):
         pg.goto(URL + "/spatial")
         _wait_plots(
             pg,
-            "(plots, n) => plots.filter(p => p.finished && p.glyphs.some(g => g[0] === 'Scatter' && g[1] === n)).length === 2",
+            "(plots, n) => plots.filter(p => p.finished && p.glyphs.some(g => g[0] === 'Scatter' && g[1] === "
+            "n)).length === 2",
             table.n_obs,
         )
         assert pg.locator("select").count() == 1

@@ -95,8 +95,9 @@ def test_train_saves_a_model_from_zarr_samples(tmp_path):
         samples.append(str(tmp_path / f"s{i}.zarr"))
     genes = [g for g in hx.io.read_zarr(samples[0]).tables["table"].var_names[:12]]
     (tmp_path / "genes.txt").write_text("# panel\n" + "\n".join(genes) + "\n")
-    args = ["train", "--out", str(tmp_path / "model"), "--genes", str(tmp_path / "genes.txt"), "--encoder", "resnet18", "--input-size", "32",
-            "--epochs", "2", "--set", "ae_epochs=2", "--set", "latent_dim=8", "--validation", "none", *samples]  # fmt: skip
+    args = ["train", "--out", str(tmp_path / "model"), "--genes", str(tmp_path / "genes.txt"), "--encoder", "resnet18",
+            "--input-size", "32", "--epochs", "2", "--set", "ae_epochs=2", "--set", "latent_dim=8",
+            "--validation", "none", *samples]  # fmt: skip
     assert main(args) == 0
     model = hx.tl.HESpotEx.load(tmp_path / "model")
     assert list(model.genes) == genes and model.config.latent_dim == 8 and sorted(model.train_samples_) == ["s0", "s1"]

@@ -22,7 +22,8 @@ def slides(tmp_path_factory):
     """Three small pyramidal OME-TIFFs and one truncated copy (the header survives, the pixels do not)."""
     folder = tmp_path_factory.mktemp("slides")
     good = [
-        hx.datasets.synthetic_wsi(folder / f"slide_{i}.ome.tif", width=SIZE[0], height=SIZE[1], microns_per_pixel=MPP, tile=256, seed=i, n_blobs=6)
+        hx.datasets.synthetic_wsi(folder / f"slide_{i}.ome.tif", width=SIZE[0], height=SIZE[1], microns_per_pixel=MPP,
+                                  tile=256, seed=i, n_blobs=6)
         for i in range(3)
     ]  # fmt: skip
     data = good[0].read_bytes()

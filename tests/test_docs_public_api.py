@@ -52,7 +52,10 @@ def _private(parts: list[str]) -> bool:
 
 
 def test_the_checker_finds_private_uses():
-    code = "from hespotex.pp._normalize import log_expression\nimport hespotex.tl._model\nhx.pp._genes.f()\nfrom hespotex.pp import _x\n"
+    code = (
+        "from hespotex.pp._normalize import log_expression\nimport hespotex.tl._model\nhx.pp._genes.f()\nfrom "
+        "hespotex.pp import _x\n"
+    )
     assert set(private_uses(code)) == {
         "hespotex.pp._normalize.log_expression",
         "hespotex.tl._model",

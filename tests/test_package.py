@@ -19,7 +19,10 @@ def test_namespaces():
 
 
 def test_import_does_not_load_heavy_libraries():
-    code = "import sys, hespotex; print(sorted(m for m in ('torch', 'timm', 'torch_geometric', 'panel', 'spatialdata') if m in sys.modules))"
+    code = (
+        "import sys, hespotex; print(sorted(m for m in ('torch', 'timm', 'torch_geometric', 'panel', "
+        "'spatialdata') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

@@ -98,7 +98,7 @@ def open_offline(browser, path, screenshot):
     try:
         page.goto(path.resolve().as_uri())
         count = """() => { let n = 0; const walk = (root) => root.querySelectorAll('*').forEach((el) => {
-            if (el.tagName === 'CANVAS' && el.width > 0) n++; if (el.shadowRoot) walk(el.shadowRoot); }); walk(document); return n; }"""
+            if (el.tagName === 'CANVAS' && el.width > 0) n++; if (el.shadowRoot) walk(el.shadowRoot); }); walk(document); return n; }"""  # noqa: E501
         page.wait_for_function(f"({count})() > 0", timeout=30_000)
         page.wait_for_timeout(500)
         n = page.evaluate(count)

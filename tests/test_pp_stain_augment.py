@@ -1,4 +1,5 @@
-"""Stain augmentation of training patches: views embedded once and cached, one drawn per spot per epoch, recorded in the model."""
+"""Stain augmentation of training patches: views embedded once and cached, one drawn per spot per epoch, recorded in
+the model."""
 
 from __future__ import annotations
 
@@ -124,7 +125,8 @@ def test_train_stain_augment_uses_views_is_recorded_and_predicts_on_clean(tmp_pa
     assert aug.stain_augment["n_views"] == 2 and aug.stain_augment["key"] == views_key("X_hespotex_image")
     assert plain.stain_augment is None
     # the sampler draws from the views: with views equal to the clean embeddings training is exactly the plain one
-    same = [s for s in (hx.datasets.synthetic(n_spots=60, n_genes=10, seed=seed, program_seed=0, microns_per_pixel=1.0, sample_id=f"s{n}")
+    same = [s for s in (hx.datasets.synthetic(n_spots=60, n_genes=10, seed=seed, program_seed=0, microns_per_pixel=1.0,
+                                              sample_id=f"s{n}")
                         for n, seed in (("a", 1), ("b", 2)))]  # fmt: skip
     for s, src in zip(same, train, strict=True):
         t, st = s.tables["table"], src.tables["table"]

@@ -1,4 +1,5 @@
-"""hx.tl.predict keeps its results in the object passed, whatever the table's genes (predict's "Where the predictions go").
+"""hx.tl.predict keeps its results in the object passed, whatever the table's genes (predict's "Where the predictions
+go").
 
 Every gene-set case (the model's genes identical to the table's, reordered, a subset or a superset of them, a
 partial overlap, no shared gene, an image-only table) for an AnnData carrying embeddings, a SpatialData and a

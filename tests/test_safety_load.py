@@ -156,7 +156,8 @@ def test_missing_embedding_dim_is_a_clear_error(folder):
     _edit_setup(folder, lambda s: s.pop("embedding_dim"))
     with pytest.raises(
         ValueError,
-        match=r"cannot be read by this hespotex \(embedding_dim\).*lacks 'embedding_dim' \(the width of the image embeddings\)",
+        match=r"cannot be read by this hespotex \(embedding_dim\).*lacks 'embedding_dim' \(the width of the image "
+        r"embeddings\)",
     ):
         hx.tl.HESpotEx.load(folder)
 

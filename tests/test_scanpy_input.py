@@ -1,4 +1,5 @@
-"""AnnData in the scanpy / squidpy Visium convention (and HEST's) through hx.io.from_scanpy, hx.pp.embed and hx.tl.predict.
+"""AnnData in the scanpy / squidpy Visium convention (and HEST's) through hx.io.from_scanpy, hx.pp.embed and
+hx.tl.predict.
 
 The Space Ranger fixture's hires PNG is blank, so a copy of the ``outs`` folder gets real tissue: a her2st H&E
 resized to the full-resolution frame (positions and spot diameter divided by ``SHRINK`` so that frame stays small),
@@ -202,7 +203,8 @@ def her2st_c2(shared_data):
 
 
 def _as_scanpy(sdata, image_path, *, hires_side=2000):
-    """The section as scanpy's convention holds it: hires/lowres float copies in uns['spatial'], centres in full-res px."""
+    """The section as scanpy's convention holds it: hires/lowres float copies in uns['spatial'], centres in full-res
+    px."""
     from PIL import Image
 
     table = get_table(sdata)

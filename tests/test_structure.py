@@ -173,7 +173,9 @@ def test_checks_find_what_they_should(tmp_path):
     pkg = _write(
         tmp_path,
         {
-            "__init__.py": "from pkg._lazy import attach\n__getattr__, __dir__, __all__ = attach(__name__, {'f': 'a._f'})\n",
+            "__init__.py": (
+                "from pkg._lazy import attach\n__getattr__, __dir__, __all__ = attach(__name__, {'f': 'a._f'})\n"
+            ),
             "_lazy.py": "def attach(name, exports):\n    return None, None, []\n",
             "a/__init__.py": "",
             # a cycle hidden in a function, one through a relative import, one only under TYPE_CHECKING

@@ -147,7 +147,8 @@ def test_neighbour_attribution(explained, rescore, trained_synthetic):
 
 
 def test_top_attributed_neighbour_matters_more(explained, rescore, trained_synthetic):
-    """Moving the top-attributed neighbour's embedding to the training mean changes the target more than moving the least one."""
+    """Moving the top-attributed neighbour's embedding to the training mean changes the target more than moving the
+    least one."""
     table = trained_synthetic["test"].tables["table"]
     mean = trained_synthetic["model"].embedding_mean_
     big, small = [], []

@@ -27,7 +27,10 @@ def output_problem(path: Path, flag: str, *, kind: str, beside: bool = False) ->
     if not parent.is_dir():
         return f"{flag} {str(path)!r} is inside {str(parent)!r}, which is a file, not a folder. Choose another path."
     if not os.access(parent, os.W_OK | os.X_OK):
-        return f"{flag} {str(path)!r}: cannot write to {str(parent)!r} (permission denied or a read-only file system). Choose a folder you can write to."
+        return (
+            f"{flag} {str(path)!r}: cannot write to {str(parent)!r} (permission denied or a read-only file "
+            "system). Choose a folder you can write to."
+        )
     return None
 
 

@@ -33,8 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``hespotex`` and its subcommands."""
     parser = argparse.ArgumentParser(
         prog="hespotex",
-        description="Spot-level gene expression from H&E histology (HESpotEx). Run `hespotex COMMAND --help` for each command.",
-        epilog="exit codes: 0 success, 1 an error (predict: some slides failed), 2 bad usage, a missing input or a refused overwrite",
+        description="Spot-level gene expression from H&E histology (HESpotEx). Run `hespotex COMMAND --help` for each "
+        "command.",
+        epilog="exit codes: 0 success, 1 an error (predict: some slides failed), 2 bad usage, a missing input or a "
+        "refused overwrite",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug messages and full tracebacks on errors")

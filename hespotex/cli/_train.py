@@ -190,7 +190,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
         "--set",
         action="append",
         metavar="KEY=VALUE",
-        help="override a model setting, e.g. --set ae_epochs=200 --set lr=0.003 (repeatable; see hx.models.ModelConfig)",
+        help="override a model setting, e.g. --set ae_epochs=200 --set lr=0.003 (repeatable; see "
+        "hx.models.ModelConfig)",
     )
     p_train.add_argument(
         "--validation", default="auto", metavar="auto|none|FRACTION", help="early stopping split (default: auto)"

@@ -106,7 +106,10 @@ def her2st(path: str | Path | None = None, *, sections: Sequence[str] | None = N
     root = her2st_path(path)
     available = her2st_sections(root)
     if not available:
-        msg = f"Found no complete her2st section (counts/ID.tsv.gz + spots/ID_selection.tsv + images/ID.jpg) in {str(root)!r}."
+        msg = (
+            "Found no complete her2st section (counts/ID.tsv.gz + spots/ID_selection.tsv + images/ID.jpg) in "
+            f"{str(root)!r}."
+        )
         raise FileNotFoundError(msg)
     wanted = (
         list(available)

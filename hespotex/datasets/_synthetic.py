@@ -16,7 +16,8 @@ expression can be shared between sections that differ in everything else:
    density (:data:`FEATURES`). They are stored in ``obsm["synthetic_features"]``.
 3. **Expression** (``program_seed``). ``n_programs`` gene programs are mildly non-linear functions
    (softplus of a linear combination, standardised) of the standardised features; each
-   image-driven gene loads on one or two programs. Its log mean is a gene baseline plus the program signal, smoothed over
+   image-driven gene loads on one or two programs. Its log mean is a gene baseline plus the program signal, smoothed
+   over
    neighbouring spots (``smoothing``), plus spatially smooth noise that no image shows (``noise``),
    times a per-spot library size; counts are negative binomial (Poisson with ``dispersion=0``).
    A fraction ``1 - image_driven_fraction`` of genes carries no image signal at all

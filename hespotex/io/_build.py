@@ -64,18 +64,27 @@ def check_expression(x: Any, obs_names: pd.Index, var_names: pd.Index, *, counts
     ):
         dup = names[names.duplicated()]
         if len(dup):
-            msg = f"Expected unique {what}, found {len(dup)} duplicated, e.g. {list(dup[:5])}. Deduplicate them (AnnData.{fix}) first."
+            msg = (
+                f"Expected unique {what}, found {len(dup)} duplicated, e.g. {list(dup[:5])}. Deduplicate them "
+                f"(AnnData.{fix}) first."
+            )
             raise ValueError(msg)
     mat = sp.csr_matrix(x, dtype=np.float32) if not sp.issparse(x) else sp.csr_matrix(x).astype(np.float32)
     data = mat.data
     if not np.isfinite(data).all():
-        msg = f"The expression table holds {int((~np.isfinite(data)).sum())} NaN or infinite values; expected finite numbers. Fill or drop them first."
+        msg = (
+            f"The expression table holds {int((~np.isfinite(data)).sum())} NaN or infinite values; expected finite "
+            "numbers. Fill or drop them first."
+        )
         raise ValueError(msg)
     if (data < 0).any():
         msg = f"The expression table holds {int((data < 0).sum())} negative values; expected counts (>= 0)."
         raise ValueError(msg)
     if counts and not np.allclose(data, np.round(data)):
-        msg = "Expected raw integer counts, found non-integer values. If the table is already normalised, pass `counts=False`."
+        msg = (
+            "Expected raw integer counts, found non-integer values. If the table is already normalised, pass "
+            "`counts=False`."
+        )
         raise ValueError(msg)
     return mat
 
@@ -166,7 +175,10 @@ def build_sample(
         msg = f"Expected spot centres of shape ({len(obs)}, 2), found {centres_xy.shape}."
         raise ValueError(msg)
     if not np.isfinite(centres_xy).all():
-        msg = f"{int((~np.isfinite(centres_xy)).any(axis=1).sum())} spot centres are NaN or infinite; drop those spots first."
+        msg = (
+            f"{int((~np.isfinite(centres_xy)).any(axis=1).sum())} spot centres are NaN or infinite; drop those "
+            "spots first."
+        )
         raise ValueError(msg)
     taken = [c for c in ("region", "spot_id") if c in obs.columns]
     if taken:

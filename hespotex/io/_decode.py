@@ -106,10 +106,16 @@ def tiff_format(page: Any) -> PixelFormat:
             raise ValueError(msg)
         colour = "cmyk"
     if colour is None:
-        msg = f"Expected an RGB, grey, palette or CMYK TIFF, found Photometric {getattr(photometric, 'name', photometric)}; convert it to RGB."
+        msg = (
+            "Expected an RGB, grey, palette or CMYK TIFF, found Photometric "
+            f"{getattr(photometric, 'name', photometric)}; convert it to RGB."
+        )
         raise ValueError(msg)
     if photometric == PHOTOMETRIC.YCBCR and page.compression not in (6, 7, 33007, 34892):  # JPEG flavours
-        msg = f"The TIFF holds YCbCr pixels without JPEG compression ({page.compression!r}), which are not converted to RGB; convert it to RGB."
+        msg = (
+            f"The TIFF holds YCbCr pixels without JPEG compression ({page.compression!r}), which are not converted "
+            "to RGB; convert it to RGB."
+        )
         raise ValueError(msg)
     palette = None
     if colour == "palette":
@@ -280,7 +286,10 @@ def _colour(fmt: PixelFormat, channels: int, name: str) -> str:
     if fmt.colour == "auto":
         model = {1: "grey", 2: "grey", 3: "rgb", 4: "rgb"}.get(channels)
         if model is None:
-            msg = f"Expected an RGB {name} with 3 channels (or 1 grey, 2 grey + alpha, 4 RGBA), found {channels} channels."
+            msg = (
+                f"Expected an RGB {name} with 3 channels (or 1 grey, 2 grey + alpha, 4 RGBA), found {channels} "
+                "channels."
+            )
             raise ValueError(msg)
         n = n_colour[model]
     else:

@@ -60,7 +60,10 @@ class Prediction:
         missing = [g for g in genes if g not in pos]
         if missing:
             shown = ", ".join(self.genes[:10]) + (" ..." if len(self.genes) > 10 else "")
-            msg = f"The prediction has no genes {missing} ({len(self.genes)} predicted genes: {shown}). Pick predicted genes."
+            msg = (
+                f"The prediction has no genes {missing} ({len(self.genes)} predicted genes: {shown}). Pick "
+                "predicted genes."
+            )
             raise KeyError(msg)
         dupes = sorted({g for g in genes if genes.count(g) > 1})
         if dupes:
@@ -181,7 +184,10 @@ def open_prediction(data: Any, *, key: str = DEFAULT_KEY, layer: str | None = No
             store = Path(data.path)
     layer = layer or key
     if layer not in table.layers:
-        msg = f"The table has no layer {layer!r} of predictions (layers: {list(table.layers)}). Pass the layer as `layer`."
+        msg = (
+            f"The table has no layer {layer!r} of predictions (layers: {list(table.layers)}). Pass the layer as "
+            "`layer`."
+        )
         raise KeyError(msg)
     info = table.uns.get(SAMPLE_KEY) or (recorded_params(table, layer) or {}).get("sample")
     if info is None or "spatial" not in table.obsm:

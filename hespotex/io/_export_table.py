@@ -1,4 +1,5 @@
-"""``hx.io.write_csv`` and ``hx.io.write_png``: predicted expression as a table, and an overview figure over the tissue."""
+"""``hx.io.write_csv`` and ``hx.io.write_png``: predicted expression as a table, and an overview figure over the
+tissue."""
 
 from __future__ import annotations
 

@@ -47,7 +47,8 @@ NO_IMAGE_HELP = (
 
 
 def spatial_library(adata: AnnData, library_id: str | None = None) -> tuple[str | None, dict[str, Any]]:
-    """``(library_id, uns["spatial"][library_id])`` of a scanpy-style AnnData; ``(None, {})`` without ``uns["spatial"]``.
+    """``(library_id, uns["spatial"][library_id])`` of a scanpy-style AnnData; ``(None, {})`` without
+    ``uns["spatial"]``.
 
     With several libraries, ``library_id`` must name one, and the AnnData must hold only its spots
     (checked on ``obs["library_id"]`` when present).

@@ -270,14 +270,20 @@ def _prepare_spots(spot_table: pd.DataFrame) -> pd.DataFrame:
     for col in ("x", "y"):
         values = pd.to_numeric(spot_table[col], errors="coerce").to_numpy(float)
         if not np.isfinite(values).all() or not np.array_equal(values, np.round(values)):
-            msg = f"Expected integer array coordinates in spot table column {col!r}, found {spot_table[col].head().tolist()}."
+            msg = (
+                f"Expected integer array coordinates in spot table column {col!r}, found "
+                f"{spot_table[col].head().tolist()}."
+            )
             raise ValueError(msg)
         spot_table[col] = values.astype(int)
     for col in ("pixel_x", "pixel_y"):
         spot_table[col] = pd.to_numeric(spot_table[col], errors="coerce").astype(float)
         bad = ~np.isfinite(spot_table[col].to_numpy())
         if bad.any():
-            msg = f"Expected numeric pixel coordinates in spot table column {col!r}, found {int(bad.sum())} missing or non-numeric."
+            msg = (
+                f"Expected numeric pixel coordinates in spot table column {col!r}, found {int(bad.sum())} missing "
+                "or non-numeric."
+            )
             raise ValueError(msg)
     spot_table.index = pd.Index(spot_table["x"].astype(str) + "x" + spot_table["y"].astype(str))
     _check_unique(spot_table.index, "spot ids", "the spot table ('{x}x{y}' from columns x, y)")
@@ -287,5 +293,8 @@ def _prepare_spots(spot_table: pd.DataFrame) -> pd.DataFrame:
 def _check_unique(names: pd.Index, what: str, where: str) -> None:
     dup = names[names.duplicated()]
     if len(dup):
-        msg = f"Expected unique {what} in {where}, found {len(dup)} duplicated, e.g. {list(dup[:5])}. Deduplicate them first."
+        msg = (
+            f"Expected unique {what} in {where}, found {len(dup)} duplicated, e.g. {list(dup[:5])}. Deduplicate "
+            "them first."
+        )
         raise ValueError(msg)

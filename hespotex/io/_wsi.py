@@ -105,7 +105,10 @@ def _open_tiff(path: Path, chunks: Any) -> OpenedSlide:
     try:
         tif = tifffile.TiffFile(path)
     except (tifffile.TiffFileError, ValueError, OSError, IndexError, KeyError, struct.error) as err:
-        msg = f"Could not read {path.name} as a TIFF ({type(err).__name__}: {err}). Expected a (pyramidal) TIFF, OME-TIFF or SVS slide."
+        msg = (
+            f"Could not read {path.name} as a TIFF ({type(err).__name__}: {err}). Expected a (pyramidal) TIFF, "
+            "OME-TIFF or SVS slide."
+        )
         raise ValueError(msg) from err
     try:
         if not tif.series:
@@ -304,7 +307,10 @@ def read_wsi(
         name = choose_reader(path, reader, is_tiff=is_tiff)
         wants_tiff = name == "tifffile" or (name == "raster" and path.name.lower().endswith(_TIFF_SUFFIXES))
         if wants_tiff and not is_tiff:
-            msg = f"{path.name} is not a TIFF file (its first bytes are {head!r}); the file is damaged or has the wrong suffix."
+            msg = (
+                f"{path.name} is not a TIFF file (its first bytes are {head!r}); the file is damaged or has the "
+                "wrong suffix."
+            )
             raise ValueError(msg)
         if name == "tifffile":
             opened = _open_tiff(path, chunks)
@@ -385,7 +391,10 @@ def slide_info(sdata: SpatialData) -> dict[str, Any]:
     if record:
         out = dict(record)
         if out.get("image_key") not in sdata.images:
-            msg = f"attrs[{SLIDE_KEY!r}] names the image {out.get('image_key')!r}, which this SpatialData lacks (images: {list(sdata.images)})."
+            msg = (
+                f"attrs[{SLIDE_KEY!r}] names the image {out.get('image_key')!r}, which this SpatialData lacks "
+                f"(images: {list(sdata.images)})."
+            )
             raise KeyError(msg)
         return out
     from hespotex._sample import get_sample_info

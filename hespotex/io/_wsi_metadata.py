@@ -119,7 +119,8 @@ def resolve_mpp(given: float | None, found: float | None, source: str | None, pa
     if found is None:
         msg = (
             f"{path.name} records no microns per pixel (no OME PhysicalSizeX, Aperio MPP, TIFF resolution tags "
-            "in inches or centimetres, or objective magnification). Pass `microns_per_pixel=` (about 0.25 for a 40x scan, 0.5 for 20x; "
+            "in inches or centimetres, or objective magnification). Pass `microns_per_pixel=` (about 0.25 for "
+            "a 40x scan, 0.5 for 20x; "
             "the scanner's record or the slide's scale bar tells)."
         )
         raise ValueError(msg)

@@ -1,7 +1,8 @@
 """Whole-slide formats through the scverse WSI stack, reader choice, and scale from the objective magnification.
 
 ``hx.io.read_wsi`` reads TIFF, OME-TIFF and Aperio SVS with ``tifffile`` (as fast as the others
-and the one that finds OME-TIFF pyramids, see ``benchmarks/results/wsi_readers.md``). Vendor formats (Hamamatsu NDPI / VMS / VMU, 3DHISTECH MRXS,
+and the one that finds OME-TIFF pyramids, see ``benchmarks/results/wsi_readers.md``). Vendor formats (Hamamatsu NDPI /
+VMS / VMU, 3DHISTECH MRXS,
 Leica SCN, Ventana BIF, Philips TIFF, DICOM, Zeiss CZI, ...) are read through ``wsidata`` (the I/O
 layer of LazySlide) over OpenSlide (``openslide-bin``) or tiffslide: this module turns a
 :class:`wsidata.WSIData`, or a file it opens, into the stored pyramid levels ``read_wsi`` builds its
@@ -158,7 +159,8 @@ def _tile_chunks(reader: Any) -> tuple[int, int]:
 
 
 def tiff_magnification(tif: Any) -> float | None:
-    """Objective magnification a TIFF records: Aperio ``AppMag``, OME ``NominalMagnification``, NDPI ``Magnification``."""
+    """Objective magnification a TIFF records: Aperio ``AppMag``, OME ``NominalMagnification``, NDPI
+    ``Magnification``."""
     page = tif.pages.first
     description = page.description or ""
     match = re.search(r"\|\s*AppMag\s*=\s*([0-9.]+)", description)

@@ -29,13 +29,18 @@ def attention_matrix(pred: Predictions, key: str | None = None) -> sp.csr_matrix
         conv = config.get("decoder_conv") if isinstance(config, dict) else None
         which = f" (decoder_conv={conv!r})" if conv else ""
         msg = (
-            f"These predictions{which} have no attention weights: uns[{pred.layer!r}]['params']['attention_key'] is None, "
-            "which is the case for models whose graph decoder has no attention (the 'paper' preset, SAGE convolutions). "
+            f"These predictions{which} have no attention weights: "
+            f"uns[{pred.layer!r}]['params']['attention_key'] is None, "
+            "which is the case for models whose graph decoder has no attention (the 'paper' preset, SAGE "
+            "convolutions). "
             "Train with the 'hespotex' preset (GATv2 decoder) and predict again to see attention."
         )
         raise ValueError(msg)
     if key not in table.obsp:
-        msg = f"Expected attention weights in obsp[{key!r}]; found obsp keys {list(table.obsp)}. Run `hx.tl.predict` with a model that has attention."
+        msg = (
+            f"Expected attention weights in obsp[{key!r}]; found obsp keys {list(table.obsp)}. Run `hx.tl.predict` "
+            "with a model that has attention."
+        )
         raise KeyError(msg)
     return sp.csr_matrix(table.obsp[key])
 

@@ -32,7 +32,8 @@ def _input_kind(data: Any) -> str:
             return "scores"
         msg = (
             "Expected a per-gene table of `hx.tl.evaluate` (column 'pearson'), a table of `hx.tl.cross_validate` "
-            f"(columns {sorted(_CV_COLUMNS)}) or of `summarize_cv` (columns {sorted(_SUMMARY_COLUMNS)}); found columns {list(data.columns)}."
+            f"(columns {sorted(_CV_COLUMNS)}) or of `summarize_cv` (columns {sorted(_SUMMARY_COLUMNS)}); found "
+            f"columns {list(data.columns)}."
         )
         raise ValueError(msg)
     if hasattr(data, "layers") or hasattr(data, "tables"):
@@ -45,7 +46,8 @@ def _input_kind(data: Any) -> str:
 
 
 def _prediction_table(data: Any, key: str, layer: str | None):
-    """The table, layer and record of the prediction ``key`` (the one lookup of :mod:`hespotex.tl.prediction._tables`)."""
+    """The table, layer and record of the prediction ``key`` (the one lookup of
+    :mod:`hespotex.tl.prediction._tables`)."""
     from hespotex.tl.prediction._tables import resolve_prediction
 
     found = resolve_prediction(data, key, layer=layer)
@@ -71,21 +73,30 @@ def measured_expression(table: Any, *, params: dict[str, Any] | None = None, tru
         truth = "measured" if "measured" in table.layers else table
     if isinstance(truth, str):
         if truth not in table.layers:
-            msg = f"Expected measured expression in layers[{truth!r}], found layers {list(table.layers)}. Pass `truth=` the measured sample."
+            msg = (
+                f"Expected measured expression in layers[{truth!r}], found layers {list(table.layers)}. Pass "
+                "`truth=` the measured sample."
+            )
             raise KeyError(msg)
         y = table.layers[truth]
         return np.asarray(y.toarray() if hasattr(y, "toarray") else y, dtype=np.float32)
     measured = get_table(truth)
     missing = table.obs_names.difference(measured.obs_names)
     if len(missing):
-        msg = f"{len(missing)} predicted spots are absent from the truth table, e.g. {list(missing[:3])}; expected the same spots."
+        msg = (
+            f"{len(missing)} predicted spots are absent from the truth table, e.g. {list(missing[:3])}; expected "
+            "the same spots."
+        )
         raise KeyError(msg)
     if measured is not table:
         measured = measured[table.obs_names]
     try:
         return target_expression(measured, genes, target_norm=target_norm, target_sum=target_sum)
     except (KeyError, ValueError) as err:
-        msg = f"Found no measured expression for the predictions: no layers['measured'] and the table's counts cannot be used ({err}). Pass `truth=`."
+        msg = (
+            "Found no measured expression for the predictions: no layers['measured'] and the table's counts "
+            f"cannot be used ({err}). Pass `truth=`."
+        )
         raise ValueError(msg) from err
 
 
@@ -179,7 +190,10 @@ def evaluation(
             msg = f"Unknown view {k!r}; expected some of {list(KINDS)}."
             raise ValueError(msg)
         if k not in supported:
-            msg = f"The {k!r} view needs {_NEEDS[k]}; the input (a {source.replace('_', ' ')} table) supports {supported}."
+            msg = (
+                f"The {k!r} view needs {_NEEDS[k]}; the input (a {source.replace('_', ' ')} table) supports "
+                f"{supported}."
+            )
             raise ValueError(msg)
     table = pred = y = scores = computed = None
     if source == "table":
@@ -302,7 +316,10 @@ def fold_means(cv: pd.DataFrame, *, gene_set: str = "all") -> pd.DataFrame:
     if set(cv.columns) >= _SUMMARY_COLUMNS and "gene" not in cv:
         col = f"pearson_{gene_set}"
         if col not in cv:
-            msg = f"Expected a column {col!r} for gene_set={gene_set!r}; found {[c for c in cv.columns if c.startswith('pearson_')]}."
+            msg = (
+                f"Expected a column {col!r} for gene_set={gene_set!r}; found "
+                f"{[c for c in cv.columns if c.startswith('pearson_')]}."
+            )
             raise ValueError(msg)
         out = cv.loc[cv["fold"].astype(str) != "mean", ["fold", "method", col]].rename(columns={col: "pearson"})
     else:
@@ -310,7 +327,10 @@ def fold_means(cv: pd.DataFrame, *, gene_set: str = "all") -> pd.DataFrame:
         if gene_set != "all":
             flag = f"in_{gene_set}"
             if flag not in cv:
-                msg = f"Expected a column {flag!r} for gene_set={gene_set!r}; found {[c for c in cv.columns if c.startswith('in_')]}."
+                msg = (
+                    f"Expected a column {flag!r} for gene_set={gene_set!r}; found "
+                    f"{[c for c in cv.columns if c.startswith('in_')]}."
+                )
                 raise ValueError(msg)
             part = cv[cv[flag].astype(bool)]
         out = part.groupby(["fold", "method"], sort=False)["pearson"].mean().reset_index()

@@ -379,7 +379,8 @@ def explorer(
     evaluation
         Evaluation results (as ``hx.pl.evaluation`` takes them): adds an evaluation tab.
     **kwargs
-        ``truth`` (formerly ``measured``, see :func:`hespotex.pl.spatial`), ``rasterize``, ``threshold``, ``cmap``, ``width``, ``attention_width``, ``title``.
+        ``truth`` (formerly ``measured``, see :func:`hespotex.pl.spatial`), ``rasterize``, ``threshold``, ``cmap``,
+        ``width``, ``attention_width``, ``title``.
 
     Returns
     -------

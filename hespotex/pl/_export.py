@@ -91,7 +91,10 @@ def export(
     path = Path(path)
     fmt = (fmt or path.suffix.lstrip(".")).lower()
     if fmt not in FORMATS:
-        msg = f"Cannot export to {path.name!r} (format {fmt!r}); expected a path ending in one of {[f'.{f}' for f in FORMATS]} or `fmt=` one of {list(FORMATS)}."
+        msg = (
+            f"Cannot export to {path.name!r} (format {fmt!r}); expected a path ending in one of "
+            f"{[f'.{f}' for f in FORMATS]} or `fmt=` one of {list(FORMATS)}."
+        )
         raise ValueError(msg)
     if path.exists() and not overwrite:
         msg = f"{path} already exists; pass `overwrite=True` to replace it, or choose another path."
@@ -177,7 +180,10 @@ def holoviews_content(obj: Any):
     viewable = obj if isinstance(obj, pn.viewable.Viewable) else pn.panel(obj)
     parts = [pane.object for pane in viewable.select(pn.pane.HoloViews) if pane.object is not None]
     if not parts:
-        msg = f"Found no HoloViews content in the {type(obj).__name__} to draw as a static figure; export it to '.html' instead."
+        msg = (
+            f"Found no HoloViews content in the {type(obj).__name__} to draw as a static figure; export it to "
+            "'.html' instead."
+        )
         raise ValueError(msg)
     if len(parts) == 1:
         return parts[0]

@@ -23,7 +23,10 @@ def _check_result(result: Any) -> tuple[pd.DataFrame, np.ndarray, np.ndarray | N
         raise TypeError(msg)
     table, images, sal = result.table, np.asarray(result.images), result.saliency
     if not isinstance(table, pd.DataFrame) or "score" not in table:
-        msg = f"Expected `result.table` to be a DataFrame with a 'score' column, found {type(table).__name__} with columns {list(getattr(table, 'columns', []))}."
+        msg = (
+            f"Expected `result.table` to be a DataFrame with a 'score' column, found {type(table).__name__} with "
+            f"columns {list(getattr(table, 'columns', []))}."
+        )
         raise ValueError(msg)
     if images.ndim != 4 or images.shape[-1] != 3 or len(images) != len(table):
         msg = f"Expected `result.images` of shape (n_patches={len(table)}, height, width, 3), found {images.shape}."
@@ -31,7 +34,10 @@ def _check_result(result: Any) -> tuple[pd.DataFrame, np.ndarray, np.ndarray | N
     if sal is not None:
         sal = np.asarray(sal)
         if sal.shape != images.shape[:3]:
-            msg = f"Expected `result.saliency` of shape {images.shape[:3]} (one map per patch) or None, found {sal.shape}."
+            msg = (
+                f"Expected `result.saliency` of shape {images.shape[:3]} (one map per patch) or None, found "
+                f"{sal.shape}."
+            )
             raise ValueError(msg)
     return table, images, sal
 
@@ -106,7 +112,10 @@ def diagnostic_patches(
         msg = f"Expected `ncols` >= 1, found {ncols}."
         raise ValueError(msg)
     if len(table) == 0:
-        msg = "The result holds no patches; nothing to show. Check the `by=` and `n_patches=` of `hx.tl.diagnostic_patches`."
+        msg = (
+            "The result holds no patches; nothing to show. Check the `by=` and `n_patches=` of "
+            "`hx.tl.diagnostic_patches`."
+        )
         raise ValueError(msg)
     show_saliency = saliency and sal is not None
     if saliency and sal is None:

@@ -83,7 +83,10 @@ class SpatialView:
         self.pred = pred
         table = pred.table
         if "spatial" not in table.obsm:
-            msg = "Expected spot centres in obsm['spatial'] of the prediction table; found none. Build samples with an `hx.io` reader."
+            msg = (
+                "Expected spot centres in obsm['spatial'] of the prediction table; found none. Build samples with "
+                "an `hx.io` reader."
+            )
             raise KeyError(msg)
         self.xy = np.asarray(table.obsm["spatial"], dtype=np.float64)[:, :2]
         self.spots = np.asarray(table.obs_names.astype(str))

@@ -169,11 +169,17 @@ def resolve_measured(pred: Predictions, truth: bool | str | None) -> bool:
         return has_measured(pred)
     if isinstance(truth, str):
         if truth not in pred.table.layers:
-            msg = f"Expected measured expression in layers[{truth!r}], found layers {list(pred.table.layers)}; pass `truth=` 'auto', True, False or an existing layer."
+            msg = (
+                f"Expected measured expression in layers[{truth!r}], found layers {list(pred.table.layers)}; pass "
+                "`truth=` 'auto', True, False or an existing layer."
+            )
             raise KeyError(msg)
         return True
     if truth is True and not has_measured(pred):
-        msg = "`truth=True` but the table has no measured expression (no layers['measured'], no counts in X); use truth='auto'."
+        msg = (
+            "`truth=True` but the table has no measured expression (no layers['measured'], no counts in X); use "
+            "truth='auto'."
+        )
         raise ValueError(msg)
     if not isinstance(truth, bool):
         msg = f"Expected `truth` to be True, False, 'auto' or a layer name; found {truth!r}."

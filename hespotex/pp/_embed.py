@@ -273,7 +273,10 @@ def embed(
             logger.info("obsm[%r] already holds these embeddings; nothing to do.", key_added)
             return
         if not overwrite:
-            msg = f"obsm[{key_added!r}] already holds other embeddings; pass `overwrite=True` to replace them, or another `key_added`."
+            msg = (
+                f"obsm[{key_added!r}] already holds other embeddings; pass `overwrite=True` to replace them, or "
+                "another `key_added`."
+            )
             raise ValueError(msg)
     path = _cache_path(key)
     views_path = path.with_name(f"{key}_stain_views.npy")

@@ -242,7 +242,8 @@ def _check_arch(name: str) -> str:
     else:
         msg = (
             f"Unknown encoder {name!r}: not a timm architecture nor {EFFICIENTNET_LITE0_IMAGENET!r}.{hint} "
-            f"List the architectures with timm.list_models() (e.g. timm.list_models('*{arch.rsplit('/', 1)[-1][:6]}*'))."
+            "List the architectures with timm.list_models() (e.g. "
+            f"timm.list_models('*{arch.rsplit('/', 1)[-1][:6]}*'))."
         )
     raise ValueError(msg)
 

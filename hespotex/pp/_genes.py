@@ -66,7 +66,8 @@ def check_samples(
         x = sp.csr_matrix(x[:, idx[idx >= 0]])
         if x.nnz == 0 or not np.any(x.data):
             msg = (
-                f"Sample {name!r} has no counts: all {t.n_obs} spots are zero in the {len(genes)} genes used for {purpose}. "
+                f"Sample {name!r} has no counts: all {t.n_obs} spots are zero in the {len(genes)} genes used "
+                f"for {purpose}. "
                 "Drop the sample, or check its counts (an empty or misread matrix)."
             )
             raise ValueError(msg)
@@ -86,7 +87,10 @@ def _counts(adata: AnnData, layer: str):
         return adata.layers[layer]
     if is_integer_valued(adata.X):
         return adata.X
-    msg = f"flavor='seurat_v3' needs raw counts in layers[{layer!r}] or X; found neither. Use flavor='mean' on log-normalised data."
+    msg = (
+        f"flavor='seurat_v3' needs raw counts in layers[{layer!r}] or X; found neither. Use flavor='mean' on "
+        "log-normalised data."
+    )
     raise ValueError(msg)
 
 
@@ -138,7 +142,10 @@ def select_genes(
     names = list(named)
     common = shared_genes(tables)
     if len(common) == 0:
-        msg = f"The samples share no genes ({[t.n_vars for t in tables]} genes each); check that they use the same gene symbols."
+        msg = (
+            f"The samples share no genes ({[t.n_vars for t in tables]} genes each); check that they use the same "
+            "gene symbols."
+        )
         raise ValueError(msg)
     if genes is not None:
         genes = [str(g) for g in genes]
@@ -148,7 +155,10 @@ def select_genes(
             raise ValueError(msg)
         missing = [g for g in genes if g not in set(common)]
         if missing:
-            msg = f"{len(missing)} of {len(genes)} given genes are absent from at least one sample, e.g. {missing[:5]}. Drop them or use other samples."
+            msg = (
+                f"{len(missing)} of {len(genes)} given genes are absent from at least one sample, e.g. "
+                f"{missing[:5]}. Drop them or use other samples."
+            )
             raise ValueError(msg)
         check_samples(tables, names, genes, counts_layer=counts_layer)
         selected, flavor_used = genes, "given"
@@ -216,7 +226,8 @@ def _seurat_v3(tables: list[AnnData], names: list[str], common: pd.Index, n_top:
         smallest = min(zip(tables, names, strict=True), key=lambda tn: tn[0].n_obs)[1]
         msg = (
             f"seurat_v3 gene selection could not fit the mean-variance curve of a sample ({err}); the smallest "
-            f"sample is {smallest!r}. Drop samples with few spots or little expression, use flavor='mean', or pass `genes=`."
+            f"sample is {smallest!r}. Drop samples with few spots or little expression, use flavor='mean', or "
+            "pass `genes=`."
         )
         raise ValueError(msg) from err
     hvg.index = common

@@ -33,7 +33,10 @@ def knn_graph(
     tree = cKDTree(coords)
     if n_neighbors is not None:
         if n_neighbors < 1 or n < n_neighbors + 1:
-            msg = f"A {n_neighbors}-nearest-neighbour graph needs at least {n_neighbors + 1} spots, found {n}. Lower `n_neighbors`."
+            msg = (
+                f"A {n_neighbors}-nearest-neighbour graph needs at least {n_neighbors + 1} spots, found {n}. Lower "
+                "`n_neighbors`."
+            )
             raise ValueError(msg)
         dist, idx = tree.query(coords, k=n_neighbors + 1, workers=-1)
         not_self = idx != np.arange(n)[:, None]
@@ -108,7 +111,10 @@ def spatial_graph(
     elif radius_um is None:
         coords, unit = np.asarray(adata.obsm["spatial"], dtype=np.float64)[:, :2], "coordinate units"
     else:
-        msg = f"`radius_um` needs the microns per pixel stored in uns[{SAMPLE_KEY!r}]; build the sample with an `hx.io` reader."
+        msg = (
+            f"`radius_um` needs the microns per pixel stored in uns[{SAMPLE_KEY!r}]; build the sample with an "
+            "`hx.io` reader."
+        )
         raise KeyError(msg)
     conn, dist = knn_graph(coords, n_neighbors, radius=radius_um, symmetric=symmetric)
     adata.obsp[conn_key] = conn

@@ -51,7 +51,10 @@ def log_expression(
     counts = sp.csr_matrix(adata.layers.get(counts_layer, adata.X), dtype=np.float64)
     data = counts.data
     if data.size and (data.min() < 0 or not np.allclose(data, np.round(data))):
-        msg = "Expected raw counts or log-normalised X (uns['log1p']); found neither. Run `hx.pp.normalize` on raw counts."
+        msg = (
+            "Expected raw counts or log-normalised X (uns['log1p']); found neither. Run `hx.pp.normalize` on raw "
+            "counts."
+        )
         raise ValueError(msg)
     totals = np.asarray(counts.sum(axis=1)).ravel()
     scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
@@ -149,13 +152,19 @@ def normalize(
             )
             raise ValueError(msg)
         if counts_layer not in adata.layers:
-            msg = f"Cannot renormalise: the raw counts are not in layers[{counts_layer!r}]; found layers {list(adata.layers)}."
+            msg = (
+                f"Cannot renormalise: the raw counts are not in layers[{counts_layer!r}]; found layers "
+                f"{list(adata.layers)}."
+            )
             raise ValueError(msg)
         adata.X = adata.layers[counts_layer].copy()
         adata.uns.pop("log1p", None)
     else:
         if counts_layer in adata.layers and not overwrite:
-            msg = f"layers[{counts_layer!r}] already exists; pass `overwrite=True` to replace it with X, or another `counts_layer`."
+            msg = (
+                f"layers[{counts_layer!r}] already exists; pass `overwrite=True` to replace it with X, or another "
+                "`counts_layer`."
+            )
             raise ValueError(msg)
         if not is_integer_valued(adata.X):
             msg = (

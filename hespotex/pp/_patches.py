@@ -71,7 +71,10 @@ def image_levels(sdata: SpatialData, info: SampleInfo | None = None) -> list[Ima
     transform = get_transformation(element, to_coordinate_system=info.coordinate_system)
     matrix = np.asarray(transform.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), dtype=float)
     if abs(matrix[0, 1]) > 1e-9 or abs(matrix[1, 0]) > 1e-9:
-        msg = f"The image {key!r} is rotated or sheared relative to {info.coordinate_system!r}; only scale and translation are supported."
+        msg = (
+            f"The image {key!r} is rotated or sheared relative to {info.coordinate_system!r}; only scale and "
+            "translation are supported."
+        )
         raise ValueError(msg)
     # element pixel -> cs:  cs = m00 * px + m02;  inverse: px = (cs - m02) / m00
     sx, sy = 1.0 / matrix[0, 0], 1.0 / matrix[1, 1]

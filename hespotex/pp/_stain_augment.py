@@ -77,7 +77,10 @@ def sample_views(emb: np.ndarray, views: np.ndarray, rng: np.random.Generator) -
     """One embedding per spot, drawn uniformly among the clean one (``emb``, ``(n, dim)``) and its
     ``views`` (``(n, n_views, dim)``): what a training epoch sees with ``stain_augment=True``."""
     if views.shape[0] != emb.shape[0] or views.shape[2] != emb.shape[1]:
-        msg = f"Expected stain views of shape ({emb.shape[0]}, n_views, {emb.shape[1]}) for embeddings {emb.shape}, found {views.shape}."
+        msg = (
+            f"Expected stain views of shape ({emb.shape[0]}, n_views, {emb.shape[1]}) for embeddings {emb.shape}, "
+            f"found {views.shape}."
+        )
         raise ValueError(msg)
     choice = rng.integers(0, views.shape[1] + 1, size=emb.shape[0])
     out = emb.copy()

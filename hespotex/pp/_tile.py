@@ -169,7 +169,8 @@ def _check_scale(mpp: float, diameter_um: float, record: dict[str, Any], sid: st
         ratio = mpp / float(trained)
         if ratio > _MPP_RATIO_WARN or ratio < 1 / _MPP_RATIO_WARN:
             logger.warning(
-                "tile %s: the slide has %.3g µm/px, the model's training slides %.3g µm/px (%.1fx). Patches are still cut "
+                "tile %s: the slide has %.3g µm/px, the model's training slides %.3g µm/px (%.1fx). Patches "
+                "are still cut "
                 "at the trained size in µm and resampled to the encoder input, but predictions may suffer from the "
                 "change in resolution.",
                 sid,
@@ -273,7 +274,10 @@ def tile(
         key_added in sdata.tables
     )
     if taken and not overwrite:
-        msg = f"The SpatialData already has {' and '.join(taken)}; pass `overwrite=True` to replace them (and tables annotating the old spots)."
+        msg = (
+            f"The SpatialData already has {' and '.join(taken)}; pass `overwrite=True` to replace them (and tables "
+            "annotating the old spots)."
+        )
         raise ValueError(msg)
     _check_scale(mpp, diameter_um, record, sid)
     tissue_key = tissue_key or f"{sid}_tissue"
@@ -285,7 +289,10 @@ def tile(
         g for geom in tissue.geometry for g in getattr(geom, "geoms", [geom]) if g.geom_type == "Polygon" and g.area > 0
     ]
     if not polygons:
-        msg = f"The tissue shapes {tissue_key!r} hold no polygons; run hx.pp.detect_tissue(sdata, overwrite=True) or pass another `tissue_key`."
+        msg = (
+            f"The tissue shapes {tissue_key!r} hold no polygons; run hx.pp.detect_tissue(sdata, overwrite=True) or "
+            "pass another `tissue_key`."
+        )
         raise ValueError(msg)
     _check_tissue_transform(tissue, cs, tissue_key)
     diameter_px, spacing_px = diameter_um / mpp, spacing / mpp
@@ -361,7 +368,10 @@ def _check_tissue_transform(tissue: Any, cs: str, key: str) -> None:
         raise ValueError(msg)
     matrix = np.asarray(transforms[cs].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")))
     if not np.allclose(matrix, np.eye(3)):
-        msg = f"The tissue shapes {key!r} must be in full-resolution pixels of {cs!r} (identity transformation); found {matrix.tolist()}."
+        msg = (
+            f"The tissue shapes {key!r} must be in full-resolution pixels of {cs!r} (identity transformation); "
+            f"found {matrix.tolist()}."
+        )
         raise ValueError(msg)
 
 

@@ -207,7 +207,10 @@ def detect_tissue(
     sid, cs, mpp = slide["sample_id"], slide["coordinate_system"], float(slide["microns_per_pixel"])
     key = key_added or f"{sid}_tissue"
     if key in sdata.shapes and not overwrite:
-        msg = f"The SpatialData already has shapes {key!r}; pass `overwrite=True` to replace them, or another `key_added`."
+        msg = (
+            f"The SpatialData already has shapes {key!r}; pass `overwrite=True` to replace them, or another "
+            "`key_added`."
+        )
         raise ValueError(msg)
     if level is None:
         chosen = _pick_level(levels, mpp)

@@ -285,7 +285,10 @@ def consistency(
         for name, src in sources.items():
             missing = [g for t in src.values() for g in genes if g not in t.var_names]
             if missing:
-                msg = f"Section {name!r} lacks {len(set(missing))} of the requested genes, e.g. {sorted(set(missing))[:5]}."
+                msg = (
+                    f"Section {name!r} lacks {len(set(missing))} of the requested genes, e.g. "
+                    f"{sorted(set(missing))[:5]}."
+                )
                 raise KeyError(msg)
     total = sum(src["predicted"].n_obs for src in sources.values())
     if "domains" in statistics and n_domains > total:

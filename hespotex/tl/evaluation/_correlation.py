@@ -111,7 +111,8 @@ def pearson_per_gene(y_true: Any, y_pred: Any) -> np.ndarray:
     ``float64`` array of length ``n_genes``: the correlation across spots of each gene. A gene whose
     prediction is exactly constant (or holds NaN or infinite values) scores ``0``: it says nothing about
     where the gene is expressed. A gene exactly constant in the truth gets ``NaN`` (undefined, as
-    :func:`scipy.stats.pearsonr`), whatever the prediction. Values are clipped to ``[-1, 1]``. Neither input is modified; sparse inputs are densified one block
+    :func:`scipy.stats.pearsonr`), whatever the prediction. Values are clipped to ``[-1, 1]``. Neither input is
+    modified; sparse inputs are densified one block
     of genes at a time, so memory stays bounded.
     """
     return per_gene_stats(y_true, y_pred)["pearson"]

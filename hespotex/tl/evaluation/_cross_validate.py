@@ -41,7 +41,10 @@ def _method_specs(methods: Sequence[Any], config: Any) -> list[tuple[str, str, A
         elif m in BASELINE_METHODS or m in PEER_METHODS:
             specs.append((m, m, None))
         else:
-            msg = f"Unknown method {m!r}; expected 'hespotex', 'hespotex:<preset>', a (label, ModelConfig) pair, or one of {BASELINE_METHODS + PEER_METHODS}."
+            msg = (
+                f"Unknown method {m!r}; expected 'hespotex', 'hespotex:<preset>', a (label, ModelConfig) pair, or "
+                f"one of {BASELINE_METHODS + PEER_METHODS}."
+            )
             raise ValueError(msg)
     return specs
 
@@ -278,7 +281,8 @@ def _check_cv_samples(tables: Mapping[str, Any], specs, *, genes, smooth_neighbo
 
 
 def _tuned_variants(kind, label, train_data, test_data, *, smoothed, k, seed, kwargs):
-    """Raw (and smoothed) predictions of a baseline tuned by leave-one-training-section-out, each variant tuned for itself."""
+    """Raw (and smoothed) predictions of a baseline tuned by leave-one-training-section-out, each variant tuned for
+    itself."""
     from hespotex.pp._graph import knn_graph
     from hespotex.tl.evaluation._baselines import smooth
 
@@ -369,7 +373,9 @@ def summarize_cv(table: pd.DataFrame, *, panels: Sequence[str] = ("hvg", "heg"),
             if bad:
                 logger.warning(
                     "summarize_cv: %s of method %r is missing or NaN in fold(s) %s; its mean over folds is %s.",
-                    c, method, bad, f"taken over the other {len(folds) - len(bad)} folds" if skipna else "NaN (pass skipna=True to average the others)",
+                    c, method, bad,
+                    f"taken over the other {len(folds) - len(bad)} folds"
+                    if skipna else "NaN (pass skipna=True to average the others)",
                 )  # fmt: skip
         row["fit_seconds"] = part["fit_seconds"].mean()
         row["n_genes"] = part["n_genes"].mean()

@@ -100,7 +100,8 @@ def evaluate(
         bad = ~np.isfinite(pred)
         msg = (
             f"layers[{layer!r}] holds NaN or infinite predictions at {int(bad.any(axis=1).sum())} spots in "
-            f"{int(bad.any(axis=0).sum())} genes; they cannot be scored. Predict again with `hx.tl.predict(..., overwrite=True)`."
+            f"{int(bad.any(axis=0).sum())} genes; they cannot be scored. Predict again with "
+            "`hx.tl.predict(..., overwrite=True)`."
         )
         raise ValueError(msg)
     params = found.params
@@ -108,7 +109,10 @@ def evaluate(
     target_norm = str(params.get("target_norm", "library_all"))
     if isinstance(truth, str):
         if truth not in table.layers:
-            msg = f"Expected measured expression in layers[{truth!r}], found layers {list(table.layers)}. Pass `truth=` the measured sample."
+            msg = (
+                f"Expected measured expression in layers[{truth!r}], found layers {list(table.layers)}. Pass "
+                "`truth=` the measured sample."
+            )
             raise KeyError(msg)
         y = table.layers[truth]
         y = np.asarray(y.toarray() if hasattr(y, "toarray") else y, dtype=np.float32)
@@ -116,12 +120,16 @@ def evaluate(
         measured = get_table(truth)
         missing = table.obs_names.difference(measured.obs_names)
         if len(missing):
-            msg = f"{len(missing)} predicted spots are absent from the truth table, e.g. {list(missing[:3])}; expected the same spots."
+            msg = (
+                f"{len(missing)} predicted spots are absent from the truth table, e.g. {list(missing[:3])}; "
+                "expected the same spots."
+            )
             raise KeyError(msg)
         y = target_expression(measured[table.obs_names], genes, target_norm=target_norm, target_sum=target_sum)
     if reference is None:
         logger.info(
-            "Ranking top-%d genes on the evaluated spots themselves (pass `reference=` training samples for benchmarks).",
+            "Ranking top-%d genes on the evaluated spots themselves (pass `reference=` training samples for "
+            "benchmarks).",
             k,
         )
         yk = min(k, len(genes))

@@ -64,14 +64,18 @@ def _checked_matrix(table: AnnData, key: str) -> sp.csr_matrix:
     mat.sum_duplicates()
     mat.sort_indices()
     if not np.isfinite(mat.data).all() or (mat.data < 0).any():
-        msg = f"obsp[{key!r}] holds negative, NaN or infinite weights; expected attention weights in [0, 1]. Predict again."
+        msg = (
+            f"obsp[{key!r}] holds negative, NaN or infinite weights; expected attention weights in [0, 1]. Predict "
+            "again."
+        )
         raise ValueError(msg)
     sums = np.asarray(mat.sum(axis=1)).ravel()
     bad = np.abs(sums - 1.0) > ROW_SUM_TOL
     if bad.any():
         msg = (
             f"Expected every row of obsp[{key!r}] (a target spot) to sum to 1, as hx.tl.predict writes the attention; "
-            f"found {int(bad.sum())} of {len(sums)} rows that do not (row sums from {sums.min():.4g} to {sums.max():.4g}). "
+            f"found {int(bad.sum())} of {len(sums)} rows that do not (row sums from {sums.min():.4g} to "
+            f"{sums.max():.4g}). "
             "Is this an attention matrix (and not, e.g., spatial connectivities or a transposed matrix)?"
         )
         raise ValueError(msg)

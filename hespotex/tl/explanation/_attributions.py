@@ -70,7 +70,8 @@ class Scorer:
         )
         if sample.emb.shape[1] != len(model.embedding_mean_):
             msg = (
-                f"Expected embeddings of width {len(model.embedding_mean_)} (encoder {model.embedding.get('encoder')!r}) in "
+                f"Expected embeddings of width {len(model.embedding_mean_)} (encoder "
+                f"{model.embedding.get('encoder')!r}) in "
                 f"obsm[{embedding_key!r}], found {sample.emb.shape[1]}. Predict the slide with this model first."
             )
             raise ValueError(msg)

@@ -255,7 +255,10 @@ def diagnostic_patches(
         else:
             if isinstance(by, str) and not any(by in t.var_names for _, t in spot_tables(data)):
                 found = list(table.obs.columns)
-                msg = f"`by={by!r}` is neither an obs column ({found}) nor a gene of the sample. Pass an obs column of labels or gene symbols."
+                msg = (
+                    f"`by={by!r}` is neither an obs column ({found}) nor a gene of the sample. Pass an obs column "
+                    "of labels or gene symbols."
+                )
                 raise KeyError(msg)
             sig = parse_signature(by)
             x, genes, source = programme_expression(data, list(sig), layer, key)

@@ -64,7 +64,8 @@ def programme_expression(
             found = sorted({k for _, t in tables for k in t.layers})
             msg = (
                 f"Expected expression in layers[{layer!r}], found layers {found}. Pass `layer=None` (predictions "
-                f"when present, else measured expression), {MEASURED!r} (log-normalised measured expression) or an existing layer."
+                f"when present, else measured expression), {MEASURED!r} (log-normalised measured expression) "
+                "or an existing layer."
             )
             raise KeyError(msg)
     name, table, lay = source
@@ -140,7 +141,10 @@ def label_scores(features: np.ndarray, labels: pd.Series, seed: int) -> tuple[np
     x = features[known]
     classes, counts = np.unique(y, return_counts=True)
     if len(classes) < 2:
-        msg = f"A classifier needs at least two labels with two or more spots each, found {dict(zip(classes, counts, strict=True))}."
+        msg = (
+            "A classifier needs at least two labels with two or more spots each, found "
+            f"{dict(zip(classes, counts, strict=True))}."
+        )
         raise ValueError(msg)
     n_splits = int(min(MAX_FOLDS, counts.min()))
     folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
@@ -172,7 +176,10 @@ def find_rep(data: Any, use_rep: str | None, key: str = PREDICTION_KEY) -> tuple
             if key in t.obsm:
                 x = np.asarray(t.obsm[key], dtype=np.float64)
                 if x.ndim != 2 or not np.isfinite(x).all():
-                    msg = f"Expected finite spot features in obsm[{key!r}] (n_spots x n_features), found shape {x.shape} or non-finite values."
+                    msg = (
+                        f"Expected finite spot features in obsm[{key!r}] (n_spots x n_features), found shape "
+                        f"{x.shape} or non-finite values."
+                    )
                     raise ValueError(msg)
                 return x, key
     found = sorted({k for _, t in tables for k in t.obsm})

@@ -30,7 +30,10 @@ BASELINES = ("white", "black", "blur")
 def resolve_score(model: HESpotEx, genes: Any, signature: Any) -> tuple[list[str], np.ndarray]:
     """Genes and weights (``sum |w| = 1``) of the score from ``genes`` or ``signature``."""
     if (genes is None) == (signature is None):
-        msg = "Pass exactly one of `genes` (a gene or list of genes) and `signature` (a list of genes or a dict gene -> weight)."
+        msg = (
+            "Pass exactly one of `genes` (a gene or list of genes) and `signature` (a list of genes or a dict gene "
+            "-> weight)."
+        )
         raise ValueError(msg)
     spec = genes if genes is not None else signature
     if isinstance(spec, str):
@@ -125,7 +128,10 @@ def load_model_encoder(model: HESpotEx) -> Encoder:
     rec = model.embedding
     name = rec.get("encoder")
     if name in (None, "unknown"):
-        msg = "The model has no record of its image encoder, so the pixels cannot be attributed. Explain the neighbours only (`pixels=False`)."
+        msg = (
+            "The model has no record of its image encoder, so the pixels cannot be attributed. Explain the "
+            "neighbours only (`pixels=False`)."
+        )
         raise ValueError(msg)
     # the same arguments ensure_embeddings/predict hand to hx.pp.embed
     enc = load_encoder(name, weights=rec.get("weights"), seed=int(rec.get("seed", 0)), input_size=rec.get("input_size"))
@@ -149,14 +155,18 @@ def patch_plan(data: Any, table: AnnData, model: HESpotEx, enc: Encoder, embeddi
     if record is not None:
         if record.get("encoder_id") != enc.encoder_id or not np.isclose(record.get("patch_um", np.nan), plan.patch_um):
             msg = (
-                f"obsm[{embedding_key!r}] was made with {record.get('encoder_id')!r} at {record.get('patch_um')} µm, the model "
-                f"uses {enc.encoder_id!r} at {plan.patch_um} µm. Re-embed the slide with the model's encoder (hx.tl.predict does)."
+                f"obsm[{embedding_key!r}] was made with {record.get('encoder_id')!r} at "
+                f"{record.get('patch_um')} µm, the model "
+                f"uses {enc.encoder_id!r} at {plan.patch_um} µm. Re-embed the slide with the model's encoder "
+                "(hx.tl.predict does)."
             )
             raise ValueError(msg)
         if record.get("crop_px", plan.size) != plan.size or record.get("level", plan.level.level) != plan.level.level:
             msg = (
-                f"The slide's embeddings were cut as {record.get('crop_px')} px crops from pyramid level {record.get('level')}; "
-                f"the image now gives {plan.size} px crops from level {plan.level.level}. The image changed since it was "
+                f"The slide's embeddings were cut as {record.get('crop_px')} px crops from pyramid level "
+                f"{record.get('level')}; "
+                f"the image now gives {plan.size} px crops from level {plan.level.level}. The image changed "
+                "since it was "
                 "embedded: embed it again (hx.pp.embed(..., overwrite=True)) and predict again."
             )
             raise ValueError(msg)

@@ -28,12 +28,18 @@ logger = logging.getLogger("hespotex")
 def embeddings(adata: AnnData, key: str = EMBEDDING_KEY) -> np.ndarray:
     """Embeddings ``obsm[key]`` as float32, checked for NaN."""
     if key not in adata.obsm:
-        msg = f"Expected image embeddings in obsm[{key!r}], found none. Run `hx.pp.embed(sdata)` on the sample with its image first."
+        msg = (
+            f"Expected image embeddings in obsm[{key!r}], found none. Run `hx.pp.embed(sdata)` on the sample with "
+            "its image first."
+        )
         raise KeyError(msg)
     emb = np.asarray(adata.obsm[key], dtype=np.float32)
     if not np.isfinite(emb).all():
         bad = int((~np.isfinite(emb)).any(axis=1).sum())
-        msg = f"obsm[{key!r}] holds NaN or infinite values in {bad} spots; recompute the embeddings (hx.pp.embed(..., overwrite=True))."
+        msg = (
+            f"obsm[{key!r}] holds NaN or infinite values in {bad} spots; recompute the embeddings "
+            "(hx.pp.embed(..., overwrite=True))."
+        )
         raise ValueError(msg)
     return emb
 

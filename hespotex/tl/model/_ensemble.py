@@ -72,11 +72,15 @@ class HESpotExEnsemble:
         self.members = members
 
     def __repr__(self) -> str:
-        return f"HESpotExEnsemble({len(self.members)} members, {len(self.genes)} genes, encoder={self.embedding.get('encoder')!r})"
+        return (
+            f"HESpotExEnsemble({len(self.members)} members, {len(self.genes)} genes, "
+            f"encoder={self.embedding.get('encoder')!r})"
+        )
 
     # shared settings, read from the first member
     def __getattr__(self, name: str) -> Any:
-        if name in {"genes", "embedding", "config", "target_sum", "target_norm", "embedding_norm", "stain_augment", "spot_geometry",
+        if name in {"genes", "embedding", "config", "target_sum", "target_norm", "embedding_norm", "stain_augment",
+                    "spot_geometry",
                     "gene_selection", "module_", "embedding_mean_", "embedding_scale_", "train_strategy_"}:  # fmt: skip
             return getattr(self.__dict__["members"][0], name)
         raise AttributeError(name)
@@ -194,7 +198,10 @@ class HESpotExEnsemble:
             or record.get("format") != "hespotex-ensemble"
             or record.get("format_version") != ENSEMBLE_FORMAT
         ):
-            msg = f"Unsupported ensemble record in {str(path / ENSEMBLE_FILE)!r}; this hespotex reads format {ENSEMBLE_FORMAT}."
+            msg = (
+                f"Unsupported ensemble record in {str(path / ENSEMBLE_FILE)!r}; this hespotex reads format "
+                f"{ENSEMBLE_FORMAT}."
+            )
             raise ValueError(msg)
         members = record.get("members")
         if not isinstance(members, list) or not all(
@@ -212,7 +219,10 @@ def train_ensemble(samples: Any, *, fit: Any, seed: int = 0, **kwargs: Any) -> H
 
     named = as_sample_dict(samples)
     if len(named) < 3:
-        msg = f"An ensemble holds out one whole sample per member and needs at least 3 samples; found {len(named)}. Use ensemble=False."
+        msg = (
+            f"An ensemble holds out one whole sample per member and needs at least 3 samples; found {len(named)}. "
+            "Use ensemble=False."
+        )
         raise ValueError(msg)
     kwargs.pop("validation", None)
     members = [fit(named, validation=[name], seed=seed, ensemble=False, **kwargs) for name in named]

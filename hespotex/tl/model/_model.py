@@ -94,7 +94,10 @@ class HESpotEx:
 
         genes = [str(g) for g in genes]
         if not genes or len(set(genes)) != len(genes):
-            msg = f"Expected a non-empty list of unique genes, found {len(genes)} genes with {len(genes) - len(set(genes))} duplicates."
+            msg = (
+                f"Expected a non-empty list of unique genes, found {len(genes)} genes with "
+                f"{len(genes) - len(set(genes))} duplicates."
+            )
             raise ValueError(msg)
         self.genes = genes
         self.embedding = dict(embedding)
@@ -245,7 +248,8 @@ class HESpotEx:
         self._check_trained()
         if sample.emb.shape[1] != len(self.embedding_mean_):
             msg = (
-                f"Expected embeddings of width {len(self.embedding_mean_)} (encoder {self.embedding.get('encoder')!r}), "
+                f"Expected embeddings of width {len(self.embedding_mean_)} (encoder "
+                f"{self.embedding.get('encoder')!r}), "
                 f"found {sample.emb.shape[1]}. Embed the slide with the model's encoder."
             )
             raise ValueError(msg)
@@ -362,7 +366,10 @@ class HESpotEx:
         path = Path(path)
         missing = [f for f in (WEIGHTS_FILE, SETUP_FILE) if not (path / f).is_file()]
         if missing:
-            msg = f"{str(path)!r} is not a complete hespotex model folder: missing {missing}. Save it again with `model.save(path)`."
+            msg = (
+                f"{str(path)!r} is not a complete hespotex model folder: missing {missing}. Save it again with "
+                "`model.save(path)`."
+            )
             raise FileNotFoundError(msg)
         setup, tensors = load_checked(path, WEIGHTS_FILE, SETUP_FILE)
         model = cls(
@@ -386,7 +393,10 @@ class HESpotEx:
         try:
             net.load_state_dict(state, strict=True)
         except RuntimeError as err:
-            msg = f"The weights in {str(path)!r} do not fit the model its setup describes ({str(err)[:300]}); the folder is corrupt or partial."
+            msg = (
+                f"The weights in {str(path)!r} do not fit the model its setup describes ({str(err)[:300]}); the "
+                "folder is corrupt or partial."
+            )
             raise ValueError(msg) from err
         net.eval()
         model.module_ = net

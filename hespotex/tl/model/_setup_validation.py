@@ -179,17 +179,24 @@ def validate_setup(setup: Any, path: Path) -> None:
     from hespotex.models import ModelConfig
 
     if not isinstance(setup, dict):
-        msg = f"The model folder {str(path)!r} is corrupt (setup.json holds a JSON {type(setup).__name__}, not an object); save the model again."
+        msg = (
+            f"The model folder {str(path)!r} is corrupt (setup.json holds a JSON {type(setup).__name__}, not an "
+            "object); save the model again."
+        )
         raise ModelFolderError(msg)
     if setup.get("format_version") != FORMAT_VERSION:
-        msg = f"Unsupported model format {setup.get('format_version')!r} in {str(path)!r}; this hespotex reads format {FORMAT_VERSION}."
+        msg = (
+            f"Unsupported model format {setup.get('format_version')!r} in {str(path)!r}; this hespotex reads "
+            f"format {FORMAT_VERSION}."
+        )
         raise ModelFolderError(msg)
     for name, field in SETUP_FIELDS.items():
         if name not in setup:
             if field.required:
                 msg = (
                     f"The model folder {str(path)!r} cannot be read by this hespotex ({name}); it is partial, or was "
-                    f"written by another version or tool: setup.json lacks {name!r} ({field.what}). Save the model again."
+                    f"written by another version or tool: setup.json lacks {name!r} ({field.what}). Save the "
+                    "model again."
                 )
                 raise ModelFolderError(msg)
             continue
@@ -200,26 +207,31 @@ def validate_setup(setup: Any, path: Path) -> None:
         if problem is not None:
             raise _refuse(
                 path,
-                f"setup.json's {name!r} should be {problem}, found {_short(value)}. The file was edited or damaged; save the model again.",
+                f"setup.json's {name!r} should be {problem}, found {_short(value)}. The file was edited or "
+                "damaged; save the model again.",
             )
     unknown = sorted(set(setup) - set(SETUP_FIELDS))
     if unknown:
         raise _refuse(
             path,
-            f"setup.json has fields this hespotex does not know, {unknown}: it was written by a newer version or another tool. Upgrade hespotex.",
+            f"setup.json has fields this hespotex does not know, {unknown}: it was written by a newer version "
+            "or another tool. Upgrade hespotex.",
         )
     if gene_hash(setup["genes"]) != setup["gene_hash"]:
         raise _refuse(
             path,
-            f"its {len(setup['genes'])} gene names do not match the gene_hash {setup['gene_hash']!r} recorded with them "
-            "(setup.json was edited?), so predictions would be labelled with the wrong genes. Restore the original setup.json.",
+            f"its {len(setup['genes'])} gene names do not match the gene_hash {setup['gene_hash']!r} recorded "
+            "with them "
+            "(setup.json was edited?), so predictions would be labelled with the wrong genes. Restore the "
+            "original setup.json.",
         )
     types = _config_types()
     for key, value in setup["config"].items():
         if key not in types:
             raise _refuse(
                 path,
-                f"its config has the unknown field {key!r}; known fields are {sorted(types)}. It was written by another version.",
+                f"its config has the unknown field {key!r}; known fields are {sorted(types)}. It was written "
+                "by another version.",
             )
         accepted, what = types[key]
         if not _is_type(value, accepted) or (_number(value) and not math.isfinite(value)):
@@ -243,16 +255,25 @@ def read_header(file: Path) -> tuple[dict[str, Any], int]:
         head = fh.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else -1
         if n < 2 or n > min(MAX_HEADER_BYTES, size - 8):
-            msg = f"The model folder {str(file.parent)!r} is corrupt ({file.name} has no valid safetensors header); save the model again."
+            msg = (
+                f"The model folder {str(file.parent)!r} is corrupt ({file.name} has no valid safetensors header); "
+                "save the model again."
+            )
             raise ModelFolderError(msg)
         raw = fh.read(n)
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        msg = f"The model folder {str(file.parent)!r} is corrupt ({file.name}'s header is not JSON: {err}); save the model again."
+        msg = (
+            f"The model folder {str(file.parent)!r} is corrupt ({file.name}'s header is not JSON: {err}); save the "
+            "model again."
+        )
         raise ModelFolderError(msg) from err
     if not isinstance(header, dict):
-        msg = f"The model folder {str(file.parent)!r} is corrupt ({file.name}'s header is not an object); save the model again."
+        msg = (
+            f"The model folder {str(file.parent)!r} is corrupt ({file.name}'s header is not an object); save the "
+            "model again."
+        )
         raise ModelFolderError(msg)
     return header, 8 + n
 
@@ -291,7 +312,8 @@ def check_header(header: dict[str, Any], data_start: int, file: Path, setup: dic
     if isinstance(meta, dict) and "gene_hash" in meta and meta["gene_hash"] != setup["gene_hash"]:
         raise _refuse(
             path,
-            f"the weights were saved for the gene list {meta['gene_hash']!r}, setup.json describes {setup['gene_hash']!r}. Restore the original setup.json.",
+            f"the weights were saved for the gene list {meta['gene_hash']!r}, setup.json describes "
+            f"{setup['gene_hash']!r}. Restore the original setup.json.",
         )
     found = {k: v for k, v in header.items() if k != "__metadata__"}
     expected = expected_tensors(setup)
@@ -302,7 +324,8 @@ def check_header(header: dict[str, Any], data_start: int, file: Path, setup: dic
         got = (entry.get("dtype"), tuple(entry.get("shape", ()))) if isinstance(entry, dict) else (None, None)
         if got != expected[k]:
             problems.append(
-                f"{k} is {got[0]} {list(got[1] or [])} in the weights, {expected[k][0]} {list(expected[k][1])} in setup.json"
+                f"{k} is {got[0]} {list(got[1] or [])} in the weights, {expected[k][0]} {list(expected[k][1])} "
+                "in setup.json"
             )
     if problems:
         msg = (
@@ -321,7 +344,8 @@ def check_header(header: dict[str, Any], data_start: int, file: Path, setup: dic
     if data_start + end != file.stat().st_size:
         raise _refuse(
             path,
-            f"{file.name} is corrupt ({data_start + end} bytes described, {file.stat().st_size} found: truncated or padded); save the model again.",
+            f"{file.name} is corrupt ({data_start + end} bytes described, {file.stat().st_size} found: "
+            "truncated or padded); save the model again.",
         )
 
 
@@ -346,13 +370,15 @@ def read_weights(file: Path) -> dict[str, Any]:
     if bad:
         raise _refuse(
             path,
-            f"{len(bad)} weight tensors hold NaN or infinite values ({bad[:5]}); every prediction would be NaN. Retrain or restore the model.",
+            f"{len(bad)} weight tensors hold NaN or infinite values ({bad[:5]}); every prediction would be "
+            "NaN. Retrain or restore the model.",
         )
     scale = tensors["setup.embedding_scale"].numpy()
     if not (scale > 0).all():
         raise _refuse(
             path,
-            f"its embedding scale has {int((scale <= 0).sum())} zero or negative values; standardised embeddings would be infinite. Retrain or restore the model.",
+            f"its embedding scale has {int((scale <= 0).sum())} zero or negative values; standardised "
+            "embeddings would be infinite. Retrain or restore the model.",
         )
     return tensors
 

@@ -37,7 +37,8 @@ def check_embedding(model: HESpotEx, record: dict[str, Any]) -> None:
             + f"The model was trained on embeddings of {expected.get('encoder')!r} ({expected.get('encoder_id')}) at "
             f"{expected.get('patch_um')} µm patches; this slide's were made with {record.get('encoder')!r} "
             f"({record.get('encoder_id')}) at {record.get('patch_um')} µm. Re-embed it: "
-            f"hx.pp.embed(sdata, encoder={expected.get('encoder')!r}, patch_um={expected.get('patch_um')}, key_added=..., overwrite=True)."
+            f"hx.pp.embed(sdata, encoder={expected.get('encoder')!r}, patch_um={expected.get('patch_um')}, "
+            "key_added=..., overwrite=True)."
         )
         raise ValueError(msg)
 
@@ -52,7 +53,8 @@ def check_finite_predictions(expression: np.ndarray, latent: np.ndarray | None =
         n_genes = int((~np.isfinite(expression)).any(axis=0).sum())
         first = first_spot + int(np.flatnonzero(bad_rows)[0])
         msg = (
-            f"The model's predictions are NaN or infinite at {int(bad_rows.sum())} spots ({n_genes} genes), e.g. spot {first}; "
+            f"The model's predictions are NaN or infinite at {int(bad_rows.sum())} spots ({n_genes} genes), "
+            f"e.g. spot {first}; "
             "nothing was stored. The weights overflow on these embeddings: check the embeddings (encoder, image) "
             "or retrain the model."
         )

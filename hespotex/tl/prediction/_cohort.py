@@ -146,7 +146,8 @@ def run_slide(
     The unit of work of :func:`predict_slides` (one Dask task) and of ``hespotex predict`` with one
     slide. Returns a record with the columns of :data:`COLUMNS`. Errors are caught and returned as
     ``status="failed"`` (message and traceback, also written to ``out/<name>.error.txt``); with
-    ``raise_errors=True`` they are written there and raised. A finished slide (marker present) is skipped unless ``overwrite=True``.
+    ``raise_errors=True`` they are written there and raised. A finished slide (marker present) is skipped unless
+    ``overwrite=True``.
     """
     import hespotex as hx
 
@@ -209,7 +210,8 @@ def _check_marker(done: Mapping[str, Any], *, name: str, path: Path, model_id: s
     if source and Path(source) != path.resolve():
         msg = (
             f"{str(out / name) + '.zarr'!r} already holds the results of another slide ({source}), not of "
-            f"{str(path)!r} (both are named {name!r}). Pass `overwrite=True` (--overwrite) to replace them, or another `out`."
+            f"{str(path)!r} (both are named {name!r}). Pass `overwrite=True` (--overwrite) to replace them, or "
+            "another `out`."
         )
         raise FileExistsError(msg)
     if done.get("model_id") != model_id:
@@ -288,7 +290,10 @@ def _model_folder(model: Any, out: Path) -> tuple[Path, Any]:
 
     model = model_folder(model) if isinstance(model, str | Path) else model  # a folder or "hf-hub:owner/name"
     if hasattr(model, "members") or (isinstance(model, str | Path) and (Path(model) / "ensemble.json").is_file()):
-        msg = "Cohort prediction streams each slide, which ensembles do not support yet; pass one HESpotEx (e.g. `model.members[0]`)."
+        msg = (
+            "Cohort prediction streams each slide, which ensembles do not support yet; pass one HESpotEx (e.g. "
+            "`model.members[0]`)."
+        )
         raise NotImplementedError(msg)
     if isinstance(model, HESpotEx):
         folder = out / ".model"
@@ -390,7 +395,8 @@ def predict_slides(
             records[name] = _failed(name, path, out, err)
             continue
         records[name] = {**dict.fromkeys(COLUMNS), "slide": name, "path": str(path), "status": "skipped",
-                         "n_tiles": done.get("n_tiles"), "seconds": 0.0, "output": str(output_paths(out, name)["zarr"])}  # fmt: skip
+                         "n_tiles": done.get("n_tiles"), "seconds": 0.0,
+                         "output": str(output_paths(out, name)["zarr"])}  # fmt: skip
     if records:
         n_skipped = sum(r["status"] == "skipped" for r in records.values())
         logger.info("%d of %d slides already finished in %s: skipped.", n_skipped, len(named), out)
@@ -421,7 +427,8 @@ def predict_slides(
 
 def _failed(name: str, path: Path, out: Path, err: BaseException) -> dict[str, Any]:
     return {**dict.fromkeys(COLUMNS), "slide": name, "path": str(path), "status": "failed", "seconds": 0.0,
-            "output": str(output_paths(out, name)["zarr"]), "error": error_message(err), "traceback": traceback_summary(err)}  # fmt: skip
+            "output": str(output_paths(out, name)["zarr"]), "error": error_message(err),
+            "traceback": traceback_summary(err)}  # fmt: skip
 
 
 def _run_on_dask(
@@ -454,7 +461,8 @@ def _run_on_dask(
     settings = {"cachedir": str(hx.settings.cachedir), "device": hx.settings.device}
     try:
         futures = {
-            client.submit(_run_slide_task, str(path.absolute()), str(model_dir.absolute()), str(out.absolute()), name, options, settings, key=f"hespotex-slide-{name}-{os.urandom(4).hex()}", pure=False): name
+            client.submit(_run_slide_task, str(path.absolute()), str(model_dir.absolute()), str(out.absolute()), name,
+                          options, settings, key=f"hespotex-slide-{name}-{os.urandom(4).hex()}", pure=False): name
             for name, path in todo.items()
         }  # fmt: skip
         bar = tqdm(total=len(futures), desc="slides", unit="slide", disable=not progress)

@@ -88,7 +88,10 @@ def unlink_record(path: Path) -> None:
     except (OSError, ValueError):
         record = None
     if not (isinstance(record, dict) and "slide" in record and "model_id" in record):
-        msg = f"{str(path)!r} is not a completion marker written by hespotex; it is never deleted. Move it away, or choose another `out`."
+        msg = (
+            f"{str(path)!r} is not a completion marker written by hespotex; it is never deleted. Move it away, or "
+            "choose another `out`."
+        )
         raise FileExistsError(msg)
     path.unlink()
 

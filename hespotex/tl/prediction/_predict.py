@@ -204,7 +204,10 @@ def predict(
             msg = f"key_added={key_added!r} names the sample's spot table; choose another `key_added`."
             raise ValueError(msg)
         if key_added in data.tables and not overwrite:
-            msg = f"The SpatialData already has a table {key_added!r}; pass `overwrite=True` to replace it, or another `key_added`."
+            msg = (
+                f"The SpatialData already has a table {key_added!r}; pass `overwrite=True` to replace it, or "
+                "another `key_added`."
+            )
             raise ValueError(msg)
     check_free(table, keys, overwrite=overwrite)
     embed_params = model.embedding
@@ -224,7 +227,10 @@ def predict(
     )
     min_spots = model.config.decoder_neighbors + 1
     if sample.n < min_spots and model.module_.decoder is not None:
-        msg = f"The slide has {sample.n} spots; the model's {model.config.decoder_neighbors}-neighbour graph needs at least {min_spots}."
+        msg = (
+            f"The slide has {sample.n} spots; the model's {model.config.decoder_neighbors}-neighbour graph needs "
+            f"at least {min_spots}."
+        )
         raise ValueError(msg)
     result = model.predict_graph(sample, device=device, max_nodes=max_nodes)
     check_finite_predictions(result["expression"], result["latent"])

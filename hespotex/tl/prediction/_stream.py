@@ -122,7 +122,10 @@ def predict_streaming(
     from hespotex.tl.prediction._tables import prediction_params
 
     if isinstance(sdata, AnnData) or not hasattr(sdata, "tables"):
-        msg = f"Streaming prediction (`out=`) writes a SpatialData zarr and needs the SpatialData sample, found {type(sdata).__name__}."
+        msg = (
+            "Streaming prediction (`out=`) writes a SpatialData zarr and needs the SpatialData sample, found "
+            f"{type(sdata).__name__}."
+        )
         raise TypeError(msg)
     table = get_table(sdata)
     info = get_sample_info(sdata)
@@ -135,11 +138,17 @@ def predict_streaming(
         and not overwrite
         and not ours(sdata.tables[key_added], key_added, model.model_id, path)
     ):
-        msg = f"The SpatialData already has a table {key_added!r}; pass `overwrite=True` to replace it, or another `key_added`."
+        msg = (
+            f"The SpatialData already has a table {key_added!r}; pass `overwrite=True` to replace it, or another "
+            "`key_added`."
+        )
         raise ValueError(msg)
     n = int(table.n_obs)
     if n < model.config.decoder_neighbors + 1 and model.module_.decoder is not None:
-        msg = f"The slide has {n} spots; the model's {model.config.decoder_neighbors}-neighbour graph needs at least {model.config.decoder_neighbors + 1}."
+        msg = (
+            f"The slide has {n} spots; the model's {model.config.decoder_neighbors}-neighbour graph needs at least "
+            f"{model.config.decoder_neighbors + 1}."
+        )
         raise ValueError(msg)
     chunk_size = int(chunk_size) if chunk_size is not None else DEFAULT_CHUNK_SIZE
     if chunk_size < 1:
@@ -161,7 +170,10 @@ def predict_streaming(
         out_px = encoder.input_size if encoder is not None else int(embed_params.get("input_size") or 224)
         plan = plan_patches(sdata, patch_um=embed_params.get("patch_um"), out_px=out_px)
     elif not stored_emb:
-        msg = f"This sample has neither image embeddings in obsm[{embedding_key!r}] nor its image to compute them. Read the sample with its image."
+        msg = (
+            f"This sample has neither image embeddings in obsm[{embedding_key!r}] nor its image to compute them. "
+            "Read the sample with its image."
+        )
         raise KeyError(msg)
     if stored_emb:
         from hespotex.tl.training._train import ensure_embeddings

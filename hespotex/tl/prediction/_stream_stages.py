@@ -105,7 +105,10 @@ def embed_stage(
         group.create_array("order", data=np.asarray(plan.order, dtype=np.int64), chunks=(max(n, 1),))
     order = np.asarray(group["order"][:])
     if not np.array_equal(order, plan.order):
-        msg = "The stored reading order of this slide's patches differs from the current one; pass `overwrite=True` to start over."
+        msg = (
+            "The stored reading order of this slide's patches differs from the current one; pass `overwrite=True` "
+            "to start over."
+        )
         raise ValueError(msg)
     emb = _array(group, "embeddings", (n, encoder.num_features), (rows, encoder.num_features), done="embeddings_done")
     n_steps = -(-n // step)

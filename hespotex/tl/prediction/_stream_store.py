@@ -66,11 +66,15 @@ def _check_existing(group: Any, path: Path, *, key: str, slide: dict[str, Any], 
     stored = dict(group.attrs)
     if stored.get("slide") != slide:
         return (
-            f"{str(path)!r} already holds streamed predictions {key!r} of another slide ({_describe(stored.get('slide', {}))}; "
+            f"{str(path)!r} already holds streamed predictions {key!r} of another slide "
+            f"({_describe(stored.get('slide', {}))}; "
             f"this slide: {_describe(slide)})"
         )
     if stored.get("model_id") != model_id:
-        return f"{str(path)!r} already holds streamed predictions {key!r} of another model ({stored.get('model_id')}; this model: {model_id})"
+        return (
+            f"{str(path)!r} already holds streamed predictions {key!r} of another model ({stored.get('model_id')}; "
+            f"this model: {model_id})"
+        )
     return None
 
 
@@ -133,7 +137,10 @@ def open_store(
         if overwrite:
             del progress[key]
     elif "tables" in root and key in root["tables"] and not overwrite:
-        msg = f"{str(path)!r} already holds a table {key!r} that this streamed prediction did not write. Pass `overwrite=True` to replace it, or another `key_added`."
+        msg = (
+            f"{str(path)!r} already holds a table {key!r} that this streamed prediction did not write. Pass "
+            "`overwrite=True` to replace it, or another `key_added`."
+        )
         raise FileExistsError(msg)
     if existing:  # checked above that nothing of `key` is refused: now add this slide's spots
         _add_spots(sdata, path, key=key, overwrite=overwrite)
@@ -173,7 +180,10 @@ def _add_spots(sdata: SpatialData, path: Path, *, key: str, overwrite: bool) -> 
             )
             raise FileExistsError(msg)
         if not overwrite:
-            msg = f"{str(path)!r} holds other spots named {name!r} (another slide). Pass `overwrite=True` to replace them, or another `out`."
+            msg = (
+                f"{str(path)!r} holds other spots named {name!r} (another slide). Pass `overwrite=True` to replace "
+                "them, or another `out`."
+            )
             raise FileExistsError(msg)
         store.delete_element_from_disk(name)
         del store.shapes[name]

@@ -21,7 +21,8 @@ __all__ = ["PREDICTION_KEY", "Resolved", "find_prediction", "resolve_attention",
 def prediction_params(
     model: HESpotEx, embed_params: dict[str, Any], *, key_added: str, attention: bool
 ) -> dict[str, Any]:
-    """``uns[key_added]["params"]`` of a prediction: model id, genes hash, encoder, patch size, seed, config, versions, keys."""
+    """``uns[key_added]["params"]`` of a prediction: model id, genes hash, encoder, patch size, seed, config, versions,
+    keys."""
     setup = model.setup_dict()
     return {
         "model_id": model.model_id,
@@ -270,7 +271,8 @@ def resolve_prediction(
     what = f"layers[{layer!r}] of " if layer is not None else ""
     found = sorted({str(k) for _, t in tables for k in prediction_records(t)})
     msg = (
-        f"Expected {what}the prediction {key!r} (uns[{key!r}]['params'] with its layer, or layers[{key!r}]) in {where}; "
+        f"Expected {what}the prediction {key!r} (uns[{key!r}]['params'] with its layer, or layers[{key!r}]) in "
+        f"{where}; "
         f"found predictions {found}. Pass `key=` as given to `hx.tl.predict(..., key_added=...)`, or predict first."
     )
     raise KeyError(msg)

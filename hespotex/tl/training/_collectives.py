@@ -59,7 +59,10 @@ class Context:
         short = int(fp[:15], 16)
         got = self.all_gather(short)
         if len(set(got)) != 1:
-            msg = f"DDP ranks hold different {what} (state fingerprints {got}); every rank must build the model from the same seed."
+            msg = (
+                f"DDP ranks hold different {what} (state fingerprints {got}); every rank must build the model from "
+                "the same seed."
+            )
             raise RuntimeError(msg)
         return fp
 

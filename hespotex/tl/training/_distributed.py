@@ -64,7 +64,10 @@ def check_strategy(strategy: Any, n_processes: Any, backend: Any) -> None:
         msg = f"Expected strategy to be one of {list(STRATEGIES)}, found {strategy!r}."
         raise ValueError(msg)
     if isinstance(n_processes, bool) or not isinstance(n_processes, int | np.integer) or n_processes < 1:
-        msg = f"Expected n_processes to be a positive integer (processes of data-parallel training), found {n_processes!r}."
+        msg = (
+            "Expected n_processes to be a positive integer (processes of data-parallel training), found "
+            f"{n_processes!r}."
+        )
         raise ValueError(msg)
     if backend is not None and backend not in BACKENDS:
         msg = f"Expected backend to be None (gloo on CPU, nccl on CUDA) or one of {list(BACKENDS)}, found {backend!r}."
@@ -81,7 +84,10 @@ def _resolve_backend(device, backend: str | None, world_size: int) -> str:
     import torch.distributed as dist
 
     if device.type not in ("cpu", "cuda"):
-        msg = f"Data-parallel training runs on CPU (gloo) or CUDA (nccl), not on {device.type!r}; pass device='cpu' or 'cuda'."
+        msg = (
+            f"Data-parallel training runs on CPU (gloo) or CUDA (nccl), not on {device.type!r}; pass device='cpu' "
+            "or 'cuda'."
+        )
         raise ValueError(msg)
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     if backend == "nccl":
@@ -279,7 +285,10 @@ def fit_distributed(
     finally:
         shutil.rmtree(outdir, ignore_errors=True)
     if state_fingerprint(model.module_) != ranks[0]["weights_sha256"]:
-        msg = "The weights read back from the DDP workers differ from those they trained; the temporary folder was altered."
+        msg = (
+            "The weights read back from the DDP workers differ from those they trained; the temporary folder was "
+            "altered."
+        )
         raise RuntimeError(msg)
     record = {"strategy": "ddp", "world_size": n_processes, "backend": backend, "launcher": "spawn", "ranks": ranks}
     return history, record

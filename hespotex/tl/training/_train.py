@@ -69,7 +69,8 @@ DEFAULT_STAIN_VIEWS = 4
 
 
 def stain_views(tables: dict[str, Any], records: dict[str, dict[str, Any]], embedding_key: str) -> dict[str, Any]:
-    """Check every training table has stain-augmented views of its embeddings; return their record (with the obsm key)."""
+    """Check every training table has stain-augmented views of its embeddings; return their record (with the obsm
+    key)."""
     from hespotex.pp._stain_augment import views_key
 
     key = views_key(embedding_key)
@@ -82,7 +83,10 @@ def stain_views(tables: dict[str, Any], records: dict[str, dict[str, Any]], embe
         raise KeyError(msg)
     counts = {n: t.obsm[key].shape[1] if np.ndim(t.obsm[key]) == 3 else None for n, t in tables.items()}
     if len(set(counts.values())) != 1 or None in counts.values():
-        msg = f"Expected obsm[{key!r}] of shape (n_spots, n_views, dim) with the same n_views in every sample, found {counts}."
+        msg = (
+            f"Expected obsm[{key!r}] of shape (n_spots, n_views, dim) with the same n_views in every sample, found "
+            f"{counts}."
+        )
         raise ValueError(msg)
     first = next(iter(records.values())).get("stain_augment") or {
         "n_views": next(iter(counts.values())),
@@ -207,7 +211,8 @@ def train(
         every prediction's ``uns``): ``"library_modelled"`` (default), log1p(counts per
         ``target_sum``) with the library over the modelled ``genes`` only, which transfers best to
         shallow sections of new patients (``benchmarks/results/shift.md``); ``"library_all"``, the
-        library over all genes of the table; ``"log1p_counts"``, log1p of raw counts (HEST-Benchmark). See :mod:`hespotex.pp._targets`.
+        library over all genes of the table; ``"log1p_counts"``, log1p of raw counts (HEST-Benchmark). See
+        :mod:`hespotex.pp._targets`.
     embedding_norm
         Standardisation of a new slide's embeddings at prediction: ``"training"`` (the training
         spots' statistics) or ``"slide"`` (the slide's own, from its image only; more robust to stain
@@ -263,12 +268,17 @@ def train(
         from hespotex.tl.model._ensemble import train_ensemble
 
         if not (isinstance(validation, str) and validation == "auto"):
-            msg = f"ensemble=True holds out each sample in turn for early stopping; leave validation='auto' (found {validation!r})."
+            msg = (
+                "ensemble=True holds out each sample in turn for early stopping; leave validation='auto' (found "
+                f"{validation!r})."
+            )
             raise ValueError(msg)
         return train_ensemble(
-            samples, fit=train, genes=genes, n_top_genes=n_top_genes, flavor=flavor, encoder=encoder, weights=weights, patch_um=patch_um,
+            samples, fit=train, genes=genes, n_top_genes=n_top_genes, flavor=flavor, encoder=encoder, weights=weights,
+            patch_um=patch_um,
             config=config, seed=seed, device=device, use_rep=use_rep, target_sum=target_sum, target_norm=target_norm,
-            embedding_norm=embedding_norm, max_nodes=max_nodes, strategy=strategy, n_processes=n_processes, backend=backend,
+            embedding_norm=embedding_norm, max_nodes=max_nodes, strategy=strategy, n_processes=n_processes,
+            backend=backend,
             stain_augment=stain_augment,
         )  # fmt: skip
     check_embedding_norm(embedding_norm)
@@ -286,8 +296,10 @@ def train(
     for n, r in records.items():
         if not same_embedding(first, r):
             msg = (
-                f"Samples were embedded differently: {names[0]!r} with {first.get('encoder_id')} at {first.get('patch_um')} µm, "
-                f"{n!r} with {r.get('encoder_id')} at {r.get('patch_um')} µm. Re-embed them with one encoder and patch size."
+                f"Samples were embedded differently: {names[0]!r} with {first.get('encoder_id')} at "
+                f"{first.get('patch_um')} µm, "
+                f"{n!r} with {r.get('encoder_id')} at {r.get('patch_um')} µm. Re-embed them with one encoder "
+                "and patch size."
             )
             raise ValueError(msg)
     tables = {n: get_table(s) for n, s in named.items()}
@@ -295,7 +307,10 @@ def train(
     k = max(cfg.ae_neighbors, cfg.decoder_neighbors)
     for n, t in tables.items():  # before gene selection: scanpy's seurat_v3 crashes on tiny samples
         if t.n_obs < k + 1:
-            msg = f"Sample {n!r} has {t.n_obs} spots, too few for the {k}-neighbour graphs. Drop it or lower the config's neighbours."
+            msg = (
+                f"Sample {n!r} has {t.n_obs} spots, too few for the {k}-neighbour graphs. Drop it or lower the "
+                "config's neighbours."
+            )
             raise ValueError(msg)
     held, fraction = split_validation(names, validation, seed=seed)
     fit_names = [n for n in names if n not in held]
@@ -324,14 +339,16 @@ def train(
             val_parts.append((data[n], mask))
     val_parts += [(data[n], np.ones(data[n].n, dtype=bool)) for n in held]
     model = HESpotEx(
-        genes, embedding=first, config=cfg.replace(seed=seed), target_sum=target_sum, target_norm=target_norm, gene_selection=selection,
+        genes, embedding=first, config=cfg.replace(seed=seed), target_sum=target_sum, target_norm=target_norm,
+        gene_selection=selection,
         spot_geometry=spot_geometry(list(tables.values())), embedding_norm=embedding_norm, stain_augment=stain,
     )  # fmt: skip
     model.train_samples_ = fit_names
     model.validation_ = {"samples": held, "block_fraction": fraction, "metric": "mean per-gene Pearson"}
     logger.info(
         "Training HESpotEx on %d spots of %s (%d genes); validation: %s.",
-        sum(p.n for p in train_parts), fit_names, len(genes), held or (f"{fraction:.0%} spatial block" if fraction else "none"),
+        sum(p.n for p in train_parts), fit_names, len(genes),
+        held or (f"{fraction:.0%} spatial block" if fraction else "none"),
     )  # fmt: skip
     return model.fit(
         train_parts, validation=val_parts, device=device, max_nodes=max_nodes, seed=seed,

@@ -273,7 +273,8 @@ def fit_net(
             batches, mine = epoch_batches(blocks, rng, max_nodes, distributed)
             if trace is not None and epoch == 0:
                 trace["joint"] = {
-                    "blocks": mine.tolist(), "spots": int(sum(len(blocks[i].emb) for i in mine)), "steps_per_epoch": len(batches)
+                    "blocks": mine.tolist(), "spots": int(sum(len(blocks[i].emb) for i in mine)),
+                    "steps_per_epoch": len(batches)
                 }  # fmt: skip
             for batch in batches:
                 x, emb, e_ae, e_dec = batch.to(device)

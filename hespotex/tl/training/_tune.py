@@ -33,7 +33,8 @@ def _score(y: np.ndarray, pred: np.ndarray) -> float:
 
 
 def _ridge_path(X, y, Xh, alphas, *, n_components: int | None, seed: int):
-    """Predictions of :class:`~hespotex.tl.evaluation._baselines.RidgeBaseline` for every α (exact ridge on the PCA scores).
+    """Predictions of :class:`~hespotex.tl.evaluation._baselines.RidgeBaseline` for every α (exact ridge on the PCA
+    scores).
 
     The same standardisation and PCA as the baseline; the ridge with intercept is solved in closed
     form from one SVD of the centred scores, so a grid of α costs one fit.
