@@ -10,7 +10,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from hespotex._sample import SAMPLE_KEY, TABLE_KEY, SampleInfo
-from hespotex.io._image import as_rgb_hwc, pyramid_scale_factors
+from hespotex.io._image import as_rgb_hwc, rgb_image_element
 
 logger = logging.getLogger("hespotex")
 
@@ -167,7 +167,7 @@ def build_sample(
     """
     from anndata import AnnData
     from spatialdata import SpatialData
-    from spatialdata.models import Image2DModel, ShapesModel, TableModel
+    from spatialdata.models import ShapesModel, TableModel
     from spatialdata.transformations import Identity
 
     centres_xy = np.asarray(centres_xy, dtype=np.float64)
@@ -198,14 +198,7 @@ def build_sample(
             float(spot_diameter_um) / float(microns_per_pixel) / 2.0 if microns_per_pixel and spot_diameter_um else None
         )
         check_spots_in_image(centres_xy, image_shape, spot_ids=pd.Index(obs.index), radius_px=radius)
-        images[image_key] = Image2DModel.parse(
-            rgb,
-            dims=("y", "x", "c"),
-            c_coords=["r", "g", "b"],
-            scale_factors=pyramid_scale_factors(*image_shape) or None,
-            chunks=(3, 2048, 2048),
-            transformations={cs: Identity()},
-        )
+        images[image_key] = rgb_image_element(rgb, {cs: Identity()})
     check_scale(microns_per_pixel, spot_diameter_um, image_shape=image_shape)
     info = SampleInfo(
         sample_id=cs,

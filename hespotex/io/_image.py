@@ -51,3 +51,19 @@ def pyramid_scale_factors(height: int, width: int, *, min_side: int = 1024) -> l
         factors.append(2)
         side //= 2
     return factors
+
+
+def rgb_image_element(rgb: Any, transformations: dict[str, Any]) -> Any:
+    """An RGB ``uint8`` ``(y, x, c)`` array as a SpatialData image element: a multiscale pyramid (factors of 2
+    down to ~1024 px, :func:`pyramid_scale_factors`) chunked by 2048 px, with ``transformations``."""
+    from spatialdata.models import Image2DModel
+
+    h, w = (int(s) for s in rgb.shape[:2])
+    return Image2DModel.parse(
+        rgb,
+        dims=("y", "x", "c"),
+        c_coords=["r", "g", "b"],
+        scale_factors=pyramid_scale_factors(h, w) or None,
+        chunks=(3, 2048, 2048),
+        transformations=transformations,
+    )

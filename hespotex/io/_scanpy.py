@@ -314,18 +314,9 @@ def from_scanpy(
 
 def _scaled_element(array: Any, scalef: float, cs: str, *, name: str) -> Any:
     """A downscaled image as an RGB ``uint8`` element mapped to the full-resolution frame ``cs`` by ``1 / scalef``."""
-    from spatialdata.models import Image2DModel
     from spatialdata.transformations import Scale
 
-    from hespotex.io._image import as_rgb_hwc, pyramid_scale_factors
+    from hespotex.io._image import as_rgb_hwc, rgb_image_element
 
     rgb = as_rgb_hwc(np.asarray(array), name=name)
-    h, w = (int(s) for s in rgb.shape[:2])
-    return Image2DModel.parse(
-        rgb,
-        dims=("y", "x", "c"),
-        c_coords=["r", "g", "b"],
-        scale_factors=pyramid_scale_factors(h, w) or None,
-        chunks=(3, 2048, 2048),
-        transformations={cs: Scale([1.0 / scalef, 1.0 / scalef], axes=("x", "y"))},
-    )
+    return rgb_image_element(rgb, {cs: Scale([1.0 / scalef, 1.0 / scalef], axes=("x", "y"))})

@@ -25,7 +25,7 @@ import pandas as pd
 from hespotex._sample import SAMPLE_KEY, TABLE_KEY, SampleInfo
 from hespotex.io._build import check_expression, check_scale, check_spots_in_image
 from hespotex.io._decode import read_image
-from hespotex.io._image import as_rgb_hwc, pyramid_scale_factors
+from hespotex.io._image import as_rgb_hwc, rgb_image_element
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -251,7 +251,6 @@ def read_visium(
 def as_rgb_image_element(element: Any, *, name: str = "image") -> Any:
     """Re-parse an image element as RGB ``uint8`` (alpha dropped, grayscale repeated), keeping its transformations."""
     from spatialdata import get_pyramid_levels
-    from spatialdata.models import Image2DModel
     from spatialdata.transformations import get_transformation
     from xarray import DataArray
 
@@ -262,32 +261,15 @@ def as_rgb_image_element(element: Any, *, name: str = "image") -> Any:
         msg = f"Expected a 2D image element with dims ('c', 'y', 'x'), found {dims} for {name!r}."
         raise ValueError(msg)
     rgb = as_rgb_hwc(level0.data.transpose(1, 2, 0), name=name)
-    h, w = (int(s) for s in rgb.shape[:2])
-    return Image2DModel.parse(
-        rgb,
-        dims=("y", "x", "c"),
-        c_coords=["r", "g", "b"],
-        scale_factors=pyramid_scale_factors(h, w) or None,
-        chunks=(3, 2048, 2048),
-        transformations=transformations,
-    )
+    return rgb_image_element(rgb, transformations)
 
 
 def _fullres_element(path: Path, cs: str) -> Any:
     """The full-resolution image as an RGB ``uint8`` multiscale element mapped to ``cs`` by the identity."""
-    from spatialdata.models import Image2DModel
     from spatialdata.transformations import Identity
 
     rgb = read_image(path, name=f"full-resolution image {path.name}")
-    h, w = (int(s) for s in rgb.shape[:2])
-    return Image2DModel.parse(
-        rgb,
-        dims=("y", "x", "c"),
-        c_coords=["r", "g", "b"],
-        scale_factors=pyramid_scale_factors(h, w) or None,
-        chunks=(3, 2048, 2048),
-        transformations={cs: Identity()},
-    )
+    return rgb_image_element(rgb, {cs: Identity()})
 
 
 def image_extent(element: Any, coordinate_system: str) -> tuple[int, int]:

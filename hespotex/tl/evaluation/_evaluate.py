@@ -13,8 +13,8 @@ from hespotex._compat import renamed_arguments
 from hespotex._constants import MEASURED_LAYER, PREDICTION_KEY, evaluation_key
 from hespotex._sample import as_sample_dict, get_table
 from hespotex.pp._normalize import log_expression
-from hespotex.pp._targets import target_expression
 from hespotex.tl.evaluation._metrics import gene_scores, summarize, top_genes
+from hespotex.tl.evaluation._truth import measured_expression
 from hespotex.tl.prediction._tables import resolve_prediction
 
 logger = logging.getLogger("hespotex")
@@ -106,26 +106,7 @@ def evaluate(
         raise ValueError(msg)
     params = found.params
     target_sum = float(params.get("target_sum", 1e4))
-    target_norm = str(params.get("target_norm", "library_all"))
-    if isinstance(truth, str):
-        if truth not in table.layers:
-            msg = (
-                f"Expected measured expression in layers[{truth!r}], found layers {list(table.layers)}. Pass "
-                "`truth=` the measured sample."
-            )
-            raise KeyError(msg)
-        y = table.layers[truth]
-        y = np.asarray(y.toarray() if hasattr(y, "toarray") else y, dtype=np.float32)
-    else:
-        measured = get_table(truth)
-        missing = table.obs_names.difference(measured.obs_names)
-        if len(missing):
-            msg = (
-                f"{len(missing)} predicted spots are absent from the truth table, e.g. {list(missing[:3])}; "
-                "expected the same spots."
-            )
-            raise KeyError(msg)
-        y = target_expression(measured[table.obs_names], genes, target_norm=target_norm, target_sum=target_sum)
+    y = measured_expression(table, params=params, truth=truth)
     if reference is None:
         logger.info(
             "Ranking top-%d genes on the evaluated spots themselves (pass `reference=` training samples for "
