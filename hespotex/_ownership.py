@@ -16,7 +16,8 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -188,3 +189,30 @@ def commit_dir(tmp: str | Path, path: str | Path) -> Path:
     else:
         os.replace(tmp, path)
     return path
+
+
+@contextmanager
+def replacing_dir(
+    path: str | Path, kind: str, *, what: str, overwrite: bool, legacy: Iterable[str] = ()
+) -> Iterator[Path]:
+    """Write a folder of ``kind`` at ``path`` crash-safely: yield an empty temporary sibling to fill, then mark it
+    and move it into place with :func:`commit_dir`.
+
+    An existing ``path`` is replaced only with ``overwrite`` and only when hespotex wrote it
+    (:func:`check_replaceable`: a file, a user's or another tool's folder is refused whatever ``overwrite``
+    says). An error while filling leaves ``path`` as it was and removes the temporary folder.
+    """
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        check_replaceable(path, kind, what=what, legacy=legacy)
+        if not overwrite:
+            msg = f"{str(path)!r} already exists; pass `overwrite=True` to replace it, or choose another path."
+            raise FileExistsError(msg)
+    tmp = make_dir(temp_sibling(path))  # unique to this call; the user's umask
+    try:
+        yield tmp
+        mark(tmp, kind)
+        commit_dir(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -321,3 +321,9 @@ def test_writer_replaces_only_its_own_folder(tmp_path):
         hx.datasets.synthetic_visium_hd(out, **kw)
     hx.datasets.synthetic_visium_hd(out, overwrite=True, **kw)
     assert hx.io.read_visium_hd(out, bin_size=8).tables["table"].n_obs == 64
+    # bad input with overwrite=True: refused before anything is touched, the earlier folder intact
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.raises(ValueError, match="multiples of 8"):
+        hx.datasets.synthetic_visium_hd(out, overwrite=True, bin_sizes=(12,), **kw)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left

@@ -168,13 +168,6 @@ def write_visium_hd(
     from hespotex import _ownership
 
     path = Path(path)
-    if path.exists() or path.is_symlink():
-        # only a folder this function wrote (its marker) is replaced; anything else is refused
-        _ownership.check_replaceable(path, "dataset", what="Visium HD folder written by hespotex")
-        if not overwrite:
-            msg = f"{str(path)!r} already exists. Pass `overwrite=True` to replace it, or choose another path."
-            raise FileExistsError(msg)
-        _ownership.remove(path, "dataset", what="Visium HD folder written by hespotex")
     mpp = float(microns_per_pixel)
     counts = sp.csr_matrix(counts)
     rows, cols = np.asarray(array_row, dtype=np.int64), np.asarray(array_col, dtype=np.int64)
@@ -191,68 +184,72 @@ def write_visium_hd(
     if bad:
         msg = f"Expected bin sizes that are multiples of {BASE_BIN_UM} µm, found {bad}."
         raise ValueError(msg)
-    path.mkdir(parents=True)
-    _ownership.mark(path, "dataset")
-    (path / "spatial").mkdir()
-    hires, s_hi = _downsample(image, hires_px)
-    lowres, s_lo = _downsample(hires, lowres_px)
-    s_lo *= s_hi
-    Image.fromarray(hires).save(path / "spatial" / "tissue_hires_image.png")
-    Image.fromarray(lowres).save(path / "spatial" / "tissue_lowres_image.png")
-    (path / "spatial" / "scalefactors_json.json").write_text(json.dumps(_scalefactors(2.0, mpp, s_hi, s_lo), indent=2))
-    if fullres_image is not False:
-        (path / "microscope_image").mkdir()
-        target = path / "microscope_image" / "tissue.ome.tif"
-        if fullres_image is True:
-            _write_tiff(target, image, mpp)
-        else:
-            target.symlink_to(Path(fullres_image).resolve())
-    hd_layout = {"file_format": "1.0", "transform": [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]}
-    identity = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
-    metadata = {
-        "hd_layout_json": json.dumps(hd_layout),
-        "transform_matrices": {
-            k: identity
-            for k in (
-                "cytassist_colrow_to_spot_colrow",
-                "spot_colrow_to_cytassist_colrow",
-                "microscope_colrow_to_spot_colrow",
-                "spot_colrow_to_microscope_colrow",
+    # only a folder this function wrote (its marker) is replaced, and only once everything is written
+    with _ownership.replacing_dir(
+        path, "dataset", what="Visium HD folder written by hespotex", overwrite=overwrite
+    ) as out:
+        (out / "spatial").mkdir()
+        hires, s_hi = _downsample(image, hires_px)
+        lowres, s_lo = _downsample(hires, lowres_px)
+        s_lo *= s_hi
+        Image.fromarray(hires).save(out / "spatial" / "tissue_hires_image.png")
+        Image.fromarray(lowres).save(out / "spatial" / "tissue_lowres_image.png")
+        (out / "spatial" / "scalefactors_json.json").write_text(
+            json.dumps(_scalefactors(2.0, mpp, s_hi, s_lo), indent=2)
+        )
+        if fullres_image is not False:
+            (out / "microscope_image").mkdir()
+            target = out / "microscope_image" / "tissue.ome.tif"
+            if fullres_image is True:
+                _write_tiff(target, image, mpp)
+            else:
+                target.symlink_to(Path(fullres_image).resolve())
+        hd_layout = {"file_format": "1.0", "transform": [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]}
+        identity = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+        metadata = {
+            "hd_layout_json": json.dumps(hd_layout),
+            "transform_matrices": {
+                k: identity
+                for k in (
+                    "cytassist_colrow_to_spot_colrow",
+                    "spot_colrow_to_cytassist_colrow",
+                    "microscope_colrow_to_spot_colrow",
+                    "spot_colrow_to_microscope_colrow",
+                )
+            },
+            "hespotex_note": "written by hespotex.datasets.write_visium_hd: metadata only, no UMI image",
+        }
+        with h5py.File(out / FEATURE_SLICE_FILE, "w") as f:
+            f.attrs["metadata_json"] = json.dumps(metadata)
+        for b in sorted({int(b) for b in bin_sizes}):
+            f = b // BASE_BIN_UM
+            group = np.c_[rows // f, cols // f]
+            uniq, inverse = np.unique(group, axis=0, return_inverse=True)
+            inverse = inverse.ravel()
+            agg = sp.csr_matrix(
+                (np.ones(len(rows), dtype=np.float32), (inverse, np.arange(len(rows)))), shape=(len(uniq), len(rows))
             )
-        },
-        "hespotex_note": "written by hespotex.datasets.write_visium_hd: metadata only, no UMI image",
-    }
-    with h5py.File(path / FEATURE_SLICE_FILE, "w") as f:
-        f.attrs["metadata_json"] = json.dumps(metadata)
-    for b in sorted({int(b) for b in bin_sizes}):
-        f = b // BASE_BIN_UM
-        group = np.c_[rows // f, cols // f]
-        uniq, inverse = np.unique(group, axis=0, return_inverse=True)
-        inverse = inverse.ravel()
-        agg = sp.csr_matrix(
-            (np.ones(len(rows), dtype=np.float32), (inverse, np.arange(len(rows)))), shape=(len(uniq), len(rows))
-        )
-        binned = (agg @ counts).tocsr()
-        r, c = uniq[:, 0], uniq[:, 1]
-        barcodes = [f"s_{b:03d}um_{ri:05d}_{ci:05d}-1" for ri, ci in zip(r, c, strict=True)]
-        folder = path / "binned_outputs" / f"square_{b:03d}um"
-        (folder / "spatial").mkdir(parents=True)
-        _write_10x_h5(folder / "filtered_feature_bc_matrix.h5", binned, barcodes, genes)
-        positions = pd.DataFrame(
-            {
-                "barcode": barcodes,
-                "in_tissue": np.ones(len(uniq), dtype=np.int32),
-                "array_row": r.astype(np.int32),
-                "array_col": c.astype(np.int32),
-                "pxl_row_in_fullres": origin_px[1] + (r + 0.5) * b / mpp,
-                "pxl_col_in_fullres": origin_px[0] + (c + 0.5) * b / mpp,
-            }
-        )
-        positions.to_parquet(folder / "spatial" / "tissue_positions.parquet", index=False)
-        (folder / "spatial" / "scalefactors_json.json").write_text(
-            json.dumps(_scalefactors(b, mpp, s_hi, s_lo), indent=2)
-        )
-        logger.info("write_visium_hd: %d bins of %d µm in %s.", len(uniq), b, folder)
+            binned = (agg @ counts).tocsr()
+            r, c = uniq[:, 0], uniq[:, 1]
+            barcodes = [f"s_{b:03d}um_{ri:05d}_{ci:05d}-1" for ri, ci in zip(r, c, strict=True)]
+            folder = out / "binned_outputs" / f"square_{b:03d}um"
+            (folder / "spatial").mkdir(parents=True)
+            _write_10x_h5(folder / "filtered_feature_bc_matrix.h5", binned, barcodes, genes)
+            positions = pd.DataFrame(
+                {
+                    "barcode": barcodes,
+                    "in_tissue": np.ones(len(uniq), dtype=np.int32),
+                    "array_row": r.astype(np.int32),
+                    "array_col": c.astype(np.int32),
+                    "pxl_row_in_fullres": origin_px[1] + (r + 0.5) * b / mpp,
+                    "pxl_col_in_fullres": origin_px[0] + (c + 0.5) * b / mpp,
+                }
+            )
+            positions.to_parquet(folder / "spatial" / "tissue_positions.parquet", index=False)
+            (folder / "spatial" / "scalefactors_json.json").write_text(
+                json.dumps(_scalefactors(b, mpp, s_hi, s_lo), indent=2)
+            )
+            logger.info("write_visium_hd: %d bins of %d µm in %s.", len(uniq), b, path / folder.relative_to(out))
     return path
 
 

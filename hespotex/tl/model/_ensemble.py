@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -156,14 +155,7 @@ class HESpotExEnsemble:
         from hespotex.tl.model._card import write_card
 
         path = Path(path)
-        if path.exists() or path.is_symlink():
-            # a file, a user's folder or another tool's is refused whatever `overwrite` says
-            _ownership.check_replaceable(path, "model", what="hespotex model folder")
-            if not overwrite:
-                msg = f"{str(path)!r} already exists; pass `overwrite=True` to replace it, or choose another folder."
-                raise FileExistsError(msg)
-        tmp = _ownership.make_dir(_ownership.temp_sibling(path))  # unique to this call; the user's umask
-        try:
+        with _ownership.replacing_dir(path, "model", what="hespotex model folder", overwrite=overwrite) as tmp:
             names = []
             for i, m in enumerate(self.members):
                 names.append(f"member_{i}")
@@ -176,11 +168,6 @@ class HESpotExEnsemble:
             }
             _ownership.write_text_atomic(tmp / ENSEMBLE_FILE, json.dumps(record, indent=1))
             write_card(self, tmp, previous=path if path.is_dir() else None)  # README.md; a user-edited one is kept
-            _ownership.mark(tmp, "model")
-            _ownership.commit_dir(tmp, path)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         logger.info("Saved %r to %s.", self, path)
         return path
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -323,14 +322,9 @@ class HESpotEx:
 
         self._check_trained()
         path = Path(path)
-        if path.exists() or path.is_symlink():
-            # a file, a user's folder or another tool's is refused whatever `overwrite` says
-            _ownership.check_replaceable(path, "model", what="hespotex model folder", legacy=(WEIGHTS_FILE, SETUP_FILE))
-            if not overwrite:
-                msg = f"{str(path)!r} already exists; pass `overwrite=True` to replace it, or choose another folder."
-                raise FileExistsError(msg)
-        tmp = _ownership.make_dir(_ownership.temp_sibling(path))  # unique to this call; the user's umask
-        try:
+        with _ownership.replacing_dir(
+            path, "model", what="hespotex model folder", overwrite=overwrite, legacy=(WEIGHTS_FILE, SETUP_FILE)
+        ) as tmp:
             import torch
 
             tensors = {f"net.{k}": v.detach().cpu().contiguous() for k, v in self.module_.state_dict().items()}
@@ -342,11 +336,6 @@ class HESpotEx:
             os.chmod(tmp / WEIGHTS_FILE, 0o666 & ~_ownership.umask())  # safetensors writes 0600: the user's umask
             (tmp / SETUP_FILE).write_text(json.dumps(self.setup_dict(), indent=1, default=json_default))
             write_card(self, tmp, previous=path if path.is_dir() else None)  # README.md; a user-edited one is kept
-            _ownership.mark(tmp, "model")
-            _ownership.commit_dir(tmp, path)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         logger.info("Saved %r to %s.", self, path)
         return path
 
