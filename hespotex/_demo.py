@@ -85,8 +85,10 @@ def demo(
         quick = os.environ.get("HESPOTEX_QUICK") == "1"
     out = Path(out)
     check_demo_folder(out, overwrite=overwrite)
+    fresh = not out.exists() or not any(out.iterdir())
     out.mkdir(parents=True, exist_ok=True)
-    _ownership.mark(out, "demo")  # a later demo may replace what this one writes
+    if fresh:  # a later demo may replace what this one writes; a user's folder (--overwrite) is never marked
+        _ownership.mark(out, "demo")
     t0 = time.perf_counter()
     _quiet_third_party_imports()
     train_samples, (test_name, test), panel, input_size = _samples(her2st, quick=quick)
