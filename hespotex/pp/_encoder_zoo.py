@@ -6,9 +6,12 @@ and hub id. hespotex does not copy any of that: a zoo name passed as ``encoder``
 (:func:`hespotex.pp.embed`, :func:`hespotex.tl.train`, ``predict``) builds the model with the zoo's
 own constructor and runs the zoo's own ``encode_image``; the preprocessing (input size, mean, std)
 is read from the zoo's transform. What hespotex adds is the scale: the zoo does not record the
-µm/px a model was trained at, so :data:`NATIVE_MPP` does (20×, 0.5 µm/px, for the histology
-encoders whose cards state it; the same 20× assumed for the others, marked as such), and
-:func:`hespotex.pp.embed` cuts patches at that scale unless told otherwise.
+µm/px a model was trained at, so :data:`hespotex.pp._encoder_zoo_scale.NATIVE_SCALE` does, with its
+source (model card or paper; 20x assumed, and marked so, where none was found), and
+:func:`hespotex.pp.embed` cuts patches at that scale unless told otherwise. Entries whose transform
+resizes and then centre-crops (Prov-GigaPath: Resize 256 -> CenterCrop 224) get the whole recipe:
+the patch is cut at the resize size and the network sees its centre crop (see
+:mod:`hespotex.pp._encoder_zoo_load`).
 
 Weights:
 
@@ -29,24 +32,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hespotex.pp._encoder_zoo_scale import native_scale
+
 if TYPE_CHECKING:
     import pandas as pd
 
 ZOO_SOURCE = "lazyslide-models"
 #: prefix that names a zoo entry explicitly (``"lazyslide:uni"``); bare zoo names work too.
 ZOO_PREFIX = "lazyslide:"
-
-#: Native scale (µm/px, magnification) of zoo encoders as their model cards state it. Entries not
-#: listed are assumed to be 20× (0.5 µm/px), the scale nearly all histology encoders are trained at;
-#: :func:`list_encoders` marks which is which.
-NATIVE_MPP: dict[str, tuple[float, str]] = {
-    **dict.fromkeys(("uni", "uni2", "conch", "conch-madeleine", "titan", "conch_v1.5"), (0.5, "20x")),
-    **dict.fromkeys(("virchow", "virchow2", "crisp"), (0.5, "20x")),
-    **dict.fromkeys(("h-optimus-0", "h-optimus-1", "h0-mini"), (0.5, "20x")),
-    **dict.fromkeys(("gigapath", "gigapath-flash"), (0.5, "20x")),
-    **dict.fromkeys(("phikon", "phikonv2"), (0.5, "20x")),
-}
-DEFAULT_MPP: tuple[float, str] = (0.5, "20x")
 
 _TASKS = ("vision", "multimodal")
 
@@ -66,6 +59,8 @@ class ZooEntry:
     native_mpp: float
     magnification: str
     mpp_source: str
+    mpp_assumed: bool
+    tile_px: int | None
     licence: str | None
     commercial: bool | None
     hub_id: str | None
@@ -120,16 +115,18 @@ def zoo_entries() -> dict[str, ZooEntry]:
     entries = {}
     for key, cls in zoo_registry().items():
         tasks = cls.task if isinstance(cls.task, list) else [cls.task]
-        mpp, mag = NATIVE_MPP.get(key, DEFAULT_MPP)
+        scale = native_scale(key)
         licence = cls.license if not isinstance(cls.license, list) else "; ".join(cls.license)
         entries[key] = ZooEntry(
             name=key,
             class_name=cls.__name__,
             task="; ".join(t.value for t in tasks),
             output_width=cls.encode_dim,
-            native_mpp=mpp,
-            magnification=mag,
-            mpp_source="model card" if key in NATIVE_MPP else "assumed (20x)",
+            native_mpp=scale.mpp,
+            magnification=scale.magnification,
+            mpp_source=scale.label,
+            mpp_assumed=scale.assumed,
+            tile_px=scale.tile_px,
             licence=licence,
             commercial=cls.commercial,
             hub_id=_hub_id(cls),
@@ -191,7 +188,9 @@ def list_encoders(*, timm: str | None = None) -> pd.DataFrame:
     -------
     A DataFrame with columns ``name`` (what to pass as ``encoder``), ``source`` (``"hespotex"``,
     ``"lazyslide-models"`` or ``"timm"``), ``task``, ``output_width``, ``native_mpp`` and
-    ``magnification`` (the scale patches are cut at by default), ``mpp_source``, ``licence``,
+    ``magnification`` (the scale the model was trained at, which patches are cut at by default),
+    ``mpp_source`` (the model card or paper that states it, or ``"assumed ..."``), ``mpp_assumed``,
+    ``tile_px`` (the published tile side, when the source names one), ``licence``,
     ``commercial``, ``hub_id``, ``gated`` and ``weights_offline`` (the weights are on this machine:
     packaged, or in the huggingface_hub cache). Nothing is downloaded or written.
     """
@@ -208,6 +207,8 @@ def list_encoders(*, timm: str | None = None) -> pd.DataFrame:
             "native_mpp": None,
             "magnification": None,
             "mpp_source": "ImageNet photos (patch size set by patch_um)",
+            "mpp_assumed": False,
+            "tile_px": None,
             "licence": "Apache-2.0",
             "commercial": True,
             "hub_id": None,
@@ -237,7 +238,9 @@ def list_encoders(*, timm: str | None = None) -> pd.DataFrame:
                     "weights_offline": weights_cached(hub),
                 }
             )
-    return pd.DataFrame(rows, columns=list(rows[0])).reset_index(drop=True)
+    df = pd.DataFrame(rows, columns=list(rows[0])).reset_index(drop=True)
+    df["tile_px"] = df["tile_px"].astype("Int64")
+    return df
 
 
 def zoo_entry(name: str) -> ZooEntry:

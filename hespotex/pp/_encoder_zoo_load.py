@@ -3,6 +3,14 @@
 The registry side (which zoo entries embed tiles, their scale and licence) lives in
 :mod:`hespotex.pp._encoder_zoo`; this module builds an entry with the zoo's own constructor and wraps
 it as a hespotex :class:`~hespotex.pp._encoder_base.Encoder` (:func:`load_zoo_encoder`).
+
+Centre crops. An entry whose transform is ``Resize(R) -> CenterCrop(C)`` with ``C < R`` (Prov-GigaPath
+and GigaPath-Flash: 256 -> 224, crop_pct 0.875; ``lunit-dino-s8-moozy``: 248 -> 224) is reproduced as
+its pipeline runs it: the Encoder's ``input_size`` is ``R``, so :func:`hespotex.pp.embed` cuts the
+patch (the tile the authors cut: ``R`` px at the native µm/px by default) and resizes it to ``R``, and
+the module takes the central ``C`` px with torchvision's own ``center_crop`` before the network. The
+network thus sees what the published pipeline shows it: the centre ``C/R`` of the tile, at the tile's
+µm/px. The embedding record keeps ``resize`` and ``center_crop``.
 """
 
 from __future__ import annotations
@@ -39,14 +47,19 @@ def _module_class() -> type:
         the batch as uint8 RGB and do their own resizing and normalisation.
         """
 
-        def __init__(self, zoo_model: Any, *, raw_input: bool) -> None:
+        def __init__(self, zoo_model: Any, *, raw_input: bool, center_crop: int | None = None) -> None:
             super().__init__()
             self.zoo_model = zoo_model
             self.raw_input = raw_input
+            self.center_crop = center_crop
             if isinstance(zoo_model.model, torch.nn.Module):
                 self.net = zoo_model.model  # registered, so .to(), .eval() and parameters() reach it
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.center_crop is not None:  # the entry's CenterCrop, after hespotex resized to its Resize size
+                from torchvision.transforms.v2.functional import center_crop
+
+                x = center_crop(x, [self.center_crop, self.center_crop])
             if self.raw_input:
                 x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
             out = self.zoo_model.encode_image(x)
@@ -266,8 +279,16 @@ def load_zoo_encoder(
     else:  # a zoo model already built (tests, random weights)
         zoo_model, fingerprint = _zoo_model, f"params-{state_fingerprint(_zoo_model.model)}"
     spec = _transform_spec(zoo_model)
-    module = _module_class()(zoo_model, raw_input=spec["raw_input"])
-    size = check_input_size(input_size) if input_size is not None else spec["input_size"]
+    resize = spec.get("resize", spec["input_size"])
+    crop = spec["input_size"] if resize > spec["input_size"] else None
+    size = check_input_size(input_size) if input_size is not None else resize
+    if crop is not None and size < crop:
+        msg = (
+            f"{entry.name!r} resizes patches to {resize} px and centre-crops {crop} px for its network; "
+            f"`input_size` (the side patches are resized to before that crop) must be at least {crop}, found {size}."
+        )
+        raise ValueError(msg)
+    module = _module_class()(zoo_model, raw_input=spec["raw_input"], center_crop=crop)
     enc = wrap_encoder(
         module,
         name=entry.name,
@@ -283,4 +304,21 @@ def load_zoo_encoder(
         logger.warning(
             "%s outputs %d features; the zoo registers %d.", entry.name, enc.num_features, entry.output_width
         )
-    return replace(enc, entry={**entry.record(), **({"weights": str(weights)} if weights is not None else {})})
+    record = {**entry.record(), **_scale_record(entry, resize=resize, crop=crop)}
+    return replace(enc, entry={**record, **({"weights": str(weights)} if weights is not None else {})})
+
+
+def _scale_record(entry: ZooEntry, *, resize: int, crop: int | None) -> dict[str, Any]:
+    """µm/px at the Encoder's input and the crop recipe, for the embedding record.
+
+    ``native_mpp`` becomes the µm/px of the image the zoo transform resizes to (what
+    :func:`hespotex.pp.embed` cuts at): the published tile mpp, rescaled when the source names a tile
+    of another size than ``resize`` (MADELEINE: 256 px at 1 µm/px resized to 224 -> 1.143 µm/px).
+    """
+    out: dict[str, Any] = {"mpp_assumed": entry.mpp_assumed, "resize": resize}
+    if crop is not None:
+        out["center_crop"] = crop
+    if entry.tile_px is not None and entry.tile_px != resize:
+        input_mpp = entry.native_mpp * entry.tile_px / resize
+        out.update(tile_px=entry.tile_px, tile_mpp=entry.native_mpp, native_mpp=input_mpp)
+    return out
