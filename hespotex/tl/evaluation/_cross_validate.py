@@ -110,8 +110,9 @@ def cross_validate(
         ``"hespotex"`` (with ``config``), ``"hespotex:<preset>"``, ``(label, ModelConfig)`` pairs
         (ablations), and the baselines ``"ridge"`` (HEST-Benchmark), ``"mlp"`` (ST-Net style head),
         ``"retrieval"`` (BLEEP-style nearest neighbours) on the same genes and embeddings, and the
-        pretrained peer ``"stpath"`` (needs ``"gigapath"`` embeddings and STPath's weights; see
-        :mod:`hespotex.tl.evaluation._peers`).
+        pretrained peers ``"stpath"`` (needs ``"gigapath"`` embeddings and STPath's weights) and
+        ``"deepspotm"`` (DeepSpot-M on the samples' H&E tiles; package ``deepspotm`` and its weights);
+        see :mod:`hespotex.tl.evaluation._peers`.
     smoothed
         Also score every baseline after spatial smoothing over ``smooth_neighbors`` nearest spots
         (method ``"<name>+smooth"``).
@@ -211,6 +212,7 @@ def cross_validate(
                     fold_gene_list,
                     embedding_key=use_rep,
                     kwargs=kw,
+                    samples={n: named[n] for n in test_names},
                 )
             elif tune_baselines and kind in DEFAULT_GRIDS:
                 variants, chosen = _tuned_variants(

@@ -14,6 +14,9 @@ beside HESpotEx and the baselines exactly as they are.
   ``organ_type``, ``tech_type``, ``max_spots``). Genes outside its vocabulary are predicted as
   ``NaN`` (so their Pearson is ``NaN``). Its output is on its own log1p scale: compare Pearson,
   not MSE.
+- ``"deepspotm"``: DeepSpot-M (Nonchev et al., medRxiv 2026) from its own package ``deepspotm``:
+  predicts from each held-out spot's H&E tile (the samples must hold their image), not from the
+  embeddings; see :mod:`hespotex.tl.evaluation._peer_deepspotm`.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from hespotex.pp._embed import EMBED_KEY
 
 logger = logging.getLogger("hespotex")
 
-PEER_METHODS = ("stpath",)
+PEER_METHODS = ("stpath", "deepspotm")
 
 
 def _check_features(tables: Mapping[str, Any], embedding_key: str, *, peer: str, encoder: str) -> None:
@@ -72,8 +75,13 @@ def peer_predictions(
     *,
     embedding_key: str,
     kwargs: Mapping[str, Any],
+    samples: Mapping[str, Any] | None = None,
 ) -> dict[str, np.ndarray]:
     """Predictions ``(n_spots, n_genes)`` of a pretrained peer for every test sample of a fold."""
+    if kind == "deepspotm":
+        from hespotex.tl.evaluation._peer_deepspotm import deepspotm_predictions
+
+        return deepspotm_predictions(samples or {}, list(genes), kwargs=kwargs)
     if kind != "stpath":
         msg = f"Unknown peer {kind!r}; the peers are {PEER_METHODS}."
         raise ValueError(msg)
