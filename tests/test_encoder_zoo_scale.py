@@ -50,8 +50,9 @@ def test_every_entry_has_a_scale_with_a_source_or_is_marked_assumed():
     assert "huggingface.co/bioptimus/H-optimus-0" in zoo.loc["h-optimus-0", "mpp_source"]
     assert "s41586-024-07441-w" in zoo.loc["gigapath", "mpp_source"] and zoo.loc["gigapath", "tile_px"] == 256
     assert zoo.loc["conch-madeleine", "native_mpp"] == 1.0 and zoo.loc["conch-madeleine", "magnification"] == "10x"
-    assert zoo.loc["uni2", "mpp_assumed"] and not zoo.loc["uni", "mpp_assumed"]
-    assert (~zoo["mpp_assumed"]).sum() == sum(s.source is not None for s in NATIVE_SCALE.values()) >= 9
+    assert zoo.loc["uni2", "mpp_assumed"] and not zoo.loc[["uni", "phikonv2"], "mpp_assumed"].any()
+    assert zoo.loc["gpfm", "mpp_assumed"] and "native resolution" in zoo.loc["gpfm", "mpp_source"]  # why assumed
+    assert (~zoo["mpp_assumed"]).sum() == sum(s.source is not None for s in NATIVE_SCALE.values()) >= 10
 
 
 @pytest.mark.parametrize(("name", "resize", "crop"), [("gigapath-flash", 256, 224), ("uni", 224, None)])

@@ -27,6 +27,7 @@ class NativeScale:
     magnification: str
     source: str | None  # None: nothing published was found; the scale is assumed
     tile_px: int | None = None
+    note: str | None = None  # why an assumed scale is assumed, when known
 
     @property
     def assumed(self) -> bool:
@@ -35,7 +36,9 @@ class NativeScale:
     @property
     def label(self) -> str:
         """``mpp_source`` as :func:`hespotex.pp.list_encoders` shows it."""
-        return self.source if self.source is not None else f"assumed ({self.magnification}; no published scale found)"
+        if self.source is not None:
+            return self.source
+        return f"assumed ({self.magnification}; {self.note or 'no published scale found'})"
 
 
 _ASSUMED = NativeScale(0.5, "20x", None)
@@ -44,8 +47,8 @@ _WSISTREAM = "https://ramonkaspar.github.io/wsistream/recipes/"
 #: Entries for which no published training scale was found (model cards and papers surveyed for
 #: hespotex's issue #12): assumed 20x.
 _NO_PUBLISHED_SCALE = (
-    "uni2", "conch", "titan", "conch_v1.5", "h-optimus-1", "h0-mini", "gigapath-flash", "phikonv2",
-    "ctranspath", "crisp", "crown", "chief", "gpfm", "genbio-pathfm", "hibou-b", "hibou-l", "lunit-bt",
+    "uni2", "conch", "titan", "conch_v1.5", "h-optimus-1", "h0-mini", "gigapath-flash",
+    "ctranspath", "crisp", "crown", "chief", "genbio-pathfm", "hibou-b", "hibou-l", "lunit-bt",
     "lunit-mocov2", "lunit-swav", "lunit-dino-s8", "lunit-dino-s16", "mstar", "open-midnight",
     "path_orchestra", "rudolfv2-s", "rudolfv2-b", "rudolfv2", "mascaret", "phaet", "musk", "plip",
     "biomedclip", "conceptclip", "keep", "medsiglip", "omiclip", "quiltnet-b32", "quiltnet-b16",
@@ -60,7 +63,10 @@ NATIVE_SCALE: dict[str, NativeScale] = {
         0.5, "20x", "model card https://huggingface.co/bioptimus/H-optimus-0: '224x224 images extracted at 0.5 µm/px'"
     ),
     "uni": NativeScale(
-        0.5, "20x", f"Chen et al., Nat Med 2024 (https://doi.org/10.1038/s41591-024-02857-3): 20x tiles; {_WSISTREAM}"
+        0.5,
+        "20x",
+        "Chen et al., Nat Med 2024 (https://doi.org/10.1038/s41591-024-02857-3): 256/512 px at 0.5 µm/px; "
+        f"{_WSISTREAM}uni/",
     ),
     "gigapath": NativeScale(
         0.5,
@@ -70,7 +76,14 @@ NATIVE_SCALE: dict[str, NativeScale] = {
         tile_px=256,
     ),
     "phikon": NativeScale(
-        0.5, "20x", f"Filiot et al. 2023 (https://doi.org/10.1101/2023.07.21.23292757): 224 px, 20x; {_WSISTREAM}"
+        0.5,
+        "20x",
+        f"Filiot et al. 2023 (https://doi.org/10.1101/2023.07.21.23292757): 224 px, 20x; {_WSISTREAM}phikon/",
+    ),
+    "phikonv2": NativeScale(
+        0.5,
+        "20x",
+        f"Filiot et al. 2024 (https://arxiv.org/abs/2409.09173): 224 px tiles at 0.5 µm/px; {_WSISTREAM}phikon/",
     ),
     "virchow": NativeScale(
         0.5, "20x", "Vorontsov et al., Nat Med 2024 (https://doi.org/10.1038/s41591-024-03141-0): 224 px tiles at 20x"
@@ -98,6 +111,12 @@ NATIVE_SCALE: dict[str, NativeScale] = {
     ),
     # --- nothing published found in this survey: assumed 20x (0.5 µm/px)
     **dict.fromkeys(_NO_PUBLISHED_SCALE, _ASSUMED),
+    "gpfm": NativeScale(
+        0.5,
+        "20x",
+        None,
+        note=f"trained on 512 px patches at each slide's native resolution, no fixed scale: {_WSISTREAM}gpfm/",
+    ),
 }
 
 
