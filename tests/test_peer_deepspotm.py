@@ -150,3 +150,34 @@ def test_deepspotm_without_its_files_or_image_says_what_to_do(sample_factory, tm
         run({"model": str(tmp_path / "partial")})
     with pytest.raises(ValueError, match=r"Unknown DeepSpot-M options \['epochs'\]"):
         run({"epochs": 3})
+
+
+def test_released_midnight_backbone_is_refused_where_deepspotm_cannot_adapt_it(sample_factory, tmp_path):
+    """deepspotm 1.0 targets LoRA at 'query'/'key'/'value'; transformers 5's Dinov2 (Midnight) has none of them."""
+    import importlib.resources
+
+    import transformers
+    from transformers import AutoConfig, AutoModel
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("transformers < 5: the released backbone builds")
+    with importlib.resources.path("deepspotm.assets", "midnight_config.json") as path:
+        config = AutoConfig.from_pretrained(str(path))
+    with torch.device("meta"):  # the released 1.1 B-parameter backbone, shapes only
+        backbone = AutoModel.from_config(config)
+    names = {name.rsplit(".", 1)[-1] for name, _ in backbone.named_modules()}
+    assert {"q_proj", "k_proj", "v_proj"} <= names and not {"query", "key", "value"} & names
+
+    folder = tmp_path / "release"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"encoder_model": "MidnightEncoder"}))
+    (folder / "model.safetensors").write_bytes(b"")
+    (folder / "tokens.csv").write_text("token,token_type,token_id\nEPCAM,gene,0\n")
+    with pytest.raises(RuntimeError, match=r"transformers<5' deepspotm"):
+        hx.tl.cross_validate(
+            _samples(sample_factory, n=2),
+            methods=("deepspotm",),
+            genes=GENES,
+            smoothed=False,
+            baseline_kwargs={"deepspotm": {"model": str(folder)}},
+        )

@@ -4,7 +4,9 @@ DeepSpot-M (Nonchev et al., medRxiv 2026, https://www.medrxiv.org/content/10.648
 predicts transcriptome-wide expression from one 224 px H&E tile at 20x (0.5 µm/px) with a LoRA-adapted
 Midnight backbone and a cross-attention gene decoder. The PyPI package ``deepspotm`` builds it
 (``pip install 'hespotex[deepspotm]'``; code PolyForm Noncommercial 1.0.0, weights CC-BY-NC-SA-4.0,
-https://huggingface.co/ratschlab/DeepSpotM): hespotex does not copy its architecture.
+https://huggingface.co/ratschlab/DeepSpotM): hespotex does not copy its architecture. The released
+model needs ``transformers<5``: ``deepspotm`` 1.0 targets LoRA at Midnight's ``query``/``key``/``value``
+modules, which transformers 5 renamed (:func:`check_backbone_support` says so before building).
 
 For each held-out spot hespotex cuts the 112 µm patch (224 px at 0.5 µm/px) centred on it, hands it
 to DeepSpot-M's own image processor and predicts the fold's genes that are in the model's panel
@@ -19,6 +21,7 @@ Options (``baseline_kwargs={"deepspotm": {...}}``): ``model`` (hub id, default
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -49,12 +52,18 @@ def load_deepspotm(model: str | Path = DEEPSPOTM_REPO, *, source: str | None = N
         if absent:
             msg = f"DeepSpot-M folder {local} lacks {absent}; it needs config.json, model.safetensors and tokens.csv."
             raise FileNotFoundError(msg)
+        check_backbone_support(json.loads((local / "config.json").read_text()).get("encoder_model", "MidnightEncoder"))
         where = str(local)
     elif where.startswith((".", "/", "~")) or where.count("/") != 1:
         msg = f"DeepSpot-M weights {where!r}: no such folder, and not a hub id like {DEEPSPOTM_REPO!r}."
         raise FileNotFoundError(msg)
     try:
         return DeepSpotM.from_pretrained(where, source=source, device=device)
+    except ValueError as err:  # peft: the LoRA target modules are not in the backbone
+        if "not found in the base model" not in str(err):
+            raise
+        check_backbone_support("MidnightEncoder")
+        raise
     except OSError as err:  # hub: offline without the cache, gated or missing repository
         msg = (
             f"DeepSpot-M's files are not on this machine ({type(err).__name__}: {str(err)[:160]}). Where there is "
@@ -63,6 +72,32 @@ def load_deepspotm(model: str | Path = DEEPSPOTM_REPO, *, source: str | None = N
             "the downloaded folder: baseline_kwargs={'deepspotm': {'model': '/path/to/DeepSpotM'}}."
         )
         raise FileNotFoundError(msg) from err
+
+
+def check_backbone_support(encoder_model: str) -> None:
+    """Refuse, before building it, the released Midnight backbone where ``deepspotm`` cannot adapt it.
+
+    ``deepspotm`` 1.0 puts LoRA on Midnight's (a transformers Dinov2) ``query``/``key``/``value``
+    modules, the names of transformers < 5; transformers 5 names them ``q_proj``/``k_proj``/``v_proj``,
+    so peft finds no target and the released checkpoint's keys would not match either.
+    """
+    if encoder_model != "MidnightEncoder":
+        return
+    import transformers
+    from deepspotm.image_encoder import MidnightEncoder
+
+    major = int(transformers.__version__.split(".")[0])
+    if major >= 5 and set(MidnightEncoder.LORA_TARGET_MODULES) >= {"query", "key", "value"}:
+        import deepspotm
+
+        msg = (
+            f"DeepSpot-M's released model (deepspotm {getattr(deepspotm, '__version__', '1.x')}) adapts its Midnight "
+            "backbone with LoRA on the modules 'query', 'key', 'value' of transformers < 5; this environment has "
+            f"transformers {transformers.__version__}, whose Dinov2 names them q_proj/k_proj/v_proj, so the model "
+            "cannot be built and its checkpoint would not load. Run the DeepSpot-M peer in an environment with "
+            "`pip install 'transformers<5' deepspotm`."
+        )
+        raise RuntimeError(msg)
 
 
 def deepspotm_predictions(
