@@ -155,3 +155,27 @@ def test_centre_crop_entry_sees_what_torchvision_pipeline_makes_of_the_same_slid
     uncropped = torch.stack([normalize(to_tensor(r.resize((224, 224), Image.Resampling.BICUBIC))) for r in regions])
     diff, control = (ours - theirs).abs().mean().item(), (uncropped - theirs).abs().mean().item()
     assert diff < 0.05 and diff < control / 4, (diff, control)
+
+
+def test_embed_cuts_at_the_tables_scale(sample_factory, tmp_path, monkeypatch):
+    """The default patch is the table's µm/px times the encoder input: change the row, the cut follows."""
+    from hespotex.pp import _encoder_zoo_scale
+    from hespotex.pp._encoder_zoo_scale import NativeScale
+
+    zoo_model, _ = _random_zoo_model("gigapath-flash", seed=2)
+    ckpt = tmp_path / "pytorch_model.bin"
+    torch.save(zoo_model.model.state_dict(), ckpt)
+    cuts = {}
+    for mpp in (0.5, 0.25):
+        row = NativeScale(mpp, "test", f"https://example.org/card-{mpp}")
+        monkeypatch.setitem(_encoder_zoo_scale.NATIVE_SCALE, "gigapath-flash", row)
+        sdata = sample_factory(n_spots=12, seed=0, sample_id="S0")
+        hx.pp.embed(sdata, encoder="gigapath-flash", weights=ckpt)
+        record = sdata.tables["table"].uns["hespotex_embed"]["X_hespotex_image"]
+        assert record["encoder_entry"]["native_mpp"] == mpp and not record["encoder_entry"]["mpp_assumed"]
+        assert record["patch_um"] == pytest.approx(256 * mpp) and record["mpp"] == pytest.approx(mpp)
+        cuts[mpp] = record["crop_px"]
+    assert cuts == {0.5: 256, 0.25: 128}  # the synthetic slide is 0.5 µm/px
+    assert (
+        hx.pp.list_encoders().set_index("name").loc["gigapath-flash", "mpp_source"] == "https://example.org/card-0.25"
+    )
