@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hespotex-installed
+TEST_STAMP := $(VENV)/.hespotex-test-extras
 PYTEST_ARGS ?=
 
 .PHONY: install browser demo test lint format bench clean
@@ -20,6 +21,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The tests also exercise the DeepSpot-M peer with its own package (PolyForm Noncommercial code, kept out of `all`).
+$(TEST_STAMP): $(STAMP)
+	@if $(PYTHON) -m uv --version >/dev/null 2>&1; then \
+		$(PYTHON) -m uv pip install --python $(PY) --compile-bytecode -e ".[all,deepspotm]"; \
+	else \
+		$(PY) -m pip install -e ".[all,deepspotm]"; \
+	fi
+	@touch $(TEST_STAMP)
+
 demo: install
 	$(VENV)/bin/hespotex demo
 
@@ -32,7 +42,7 @@ browser:
 	} || { echo "make test: could not install Chromium (run 'apt-get install -y chromium chromium-driver' as root), needed by the browser tests" >&2; exit 1; }
 
 # Tests, then the tutorials and notebooks executed top to bottom on small settings (HESPOTEX_QUICK=1).
-test: install browser
+test: $(TEST_STAMP) browser
 	HF_HUB_OFFLINE=1 HESPOTEX_QUICK=1 $(PY) -m pytest --nbmake --nbmake-timeout=1200 $(PYTEST_ARGS)
 
 lint: install
