@@ -150,7 +150,6 @@ def split_validation(names: list[str], validation: Any, *, seed: int) -> tuple[l
     return held, None
 
 
-@renamed_arguments("tl.train")
 def resolve_ensemble(ensemble: Any, samples: Any, validation: Any) -> bool:
     """Whether :func:`train` trains an ensemble: ``"auto"`` means 3 or more samples with ``validation="auto"``."""
     if isinstance(ensemble, str) and ensemble == "auto":
@@ -162,6 +161,7 @@ def resolve_ensemble(ensemble: Any, samples: Any, validation: Any) -> bool:
     return bool(ensemble)
 
 
+@renamed_arguments("tl.train")
 def train(
     samples: Any,
     *,
