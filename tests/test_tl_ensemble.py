@@ -48,6 +48,8 @@ def test_ensemble_trains_saves_loads_and_predicts_with_spread(sections, tmp_path
     )
     assert isinstance(ens, hx.tl.HESpotExEnsemble) and len(ens.members) == 3
     assert sorted(m.validation_["samples"][0] for m in ens.members) == ["sa", "sb", "sc"]  # every sample held out once
+    assert sorted(ens.validation_["samples"]) == ["sa", "sb", "sc"]  # read as a single model's are
+    assert [h["member"] for h in ens.history_] == [k for k, m in enumerate(ens.members) for _ in m.history_]
     folder = ens.save(tmp_path / "ens")
     with pytest.raises(FileExistsError):
         ens.save(folder)

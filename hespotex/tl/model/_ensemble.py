@@ -94,7 +94,15 @@ class HESpotExEnsemble:
 
     @property
     def validation_(self) -> dict[str, Any]:
-        return {"members": [m.validation_ for m in self.members]}
+        """``"samples"``: the samples held out for early stopping by any member (each by one); ``"members"``: each
+        member's own record."""
+        held = [s for m in self.members for s in m.validation_.get("samples", [])]
+        return {"samples": held, "members": [m.validation_ for m in self.members]}
+
+    @property
+    def history_(self) -> list[dict[str, Any]]:
+        """Every member's training history, one row per member and epoch (``"member"``: its position)."""
+        return [{"member": k, **h} for k, m in enumerate(self.members) for h in (m.history_ or [])]
 
     def _check_trained(self) -> None:
         for m in self.members:
