@@ -251,12 +251,12 @@ class SpatialView:
         return self.decorate(layer, f"{gene} — {which}")
 
     def layout(self, gene: str, clim: tuple[float, float] | None = None) -> hv.Layout:
-        """Predicted and (when available) measured and spread panels side by side, pan and zoom linked."""
+        """Predicted and (when available) measured panels side by side (the spread below), pan and zoom linked."""
         hv = import_holoviews()
         return (
             hv.Layout([self.panel(gene, which, clim) for which in self.columns])
             .opts(backend="bokeh", shared_axes=True)
-            .cols(max(2, len(self.columns)))
+            .cols(2)
         )
 
     def dynamic_layout(self, state: Any) -> hv.Layout:
@@ -277,7 +277,7 @@ class SpatialView:
                 dmap = self.rasterize(dmap, which).apply.opts(clim=_bound_limits(self, state, which), backend="bokeh")
             composed = self.decorate(bg * dmap if bg is not None else dmap)
             panels.append(composed.apply.opts(title=_bound_title(state, which), backend="bokeh"))
-        return hv.Layout(panels).opts(backend="bokeh", shared_axes=True).cols(max(2, len(self.columns)))
+        return hv.Layout(panels).opts(backend="bokeh", shared_axes=True).cols(2)
 
 
 def spread_layer(pred: Any, spread: bool | str) -> str | None:
