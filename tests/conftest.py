@@ -156,6 +156,39 @@ def trained_synthetic(tmp_path_factory):
     }
 
 
+@pytest.fixture(scope="session")
+def trained_ensemble(tmp_path_factory):
+    """A small 3-member HESpotExEnsemble (one member per held-out section) and a test section (session-wide,
+    read-only: copy what you change). Keys: ``model``, ``model_dir`` (saved folder), ``train`` (three
+    SpatialData), ``test`` (an embedded SpatialData, not predicted), ``input_size``."""
+    import torch
+
+    import hespotex as hx
+    from hespotex.models import ModelConfig
+
+    n_threads, saved = torch.get_num_threads(), (hx.settings.cachedir, hx.settings.progress)
+    torch.set_num_threads(1)
+    hx.settings.cachedir, hx.settings.progress = tmp_path_factory.getbasetemp() / "hespotex-cache", False
+    small = {"ae_epochs": 5, "ae_hidden_dim": 32, "latent_dim": 8, "projection_hidden_dim": 32,
+             "head_hidden_dim": 32, "decoder_heads": 2}  # fmt: skip
+    config = ModelConfig.preset("hespotex", epochs=6, lr=3e-3, patience=None, **small)
+    sections = {}
+    for name, seed in (("a", 1), ("b", 2), ("c", 4), ("t", 3)):
+        sdata = hx.datasets.synthetic(
+            n_spots=90, n_genes=12, seed=seed, program_seed=0, microns_per_pixel=1.0, sample_id=f"ens_{name}"
+        )
+        hx.pp.embed(sdata, encoder="efficientnet_lite0.imagenet", input_size=32)
+        sections[name] = sdata
+    train = [sections[n] for n in "abc"]
+    model = hx.tl.train(
+        train, config=config, genes=list(sections["a"].tables["table"].var_names), ensemble=True, device="cpu"
+    )
+    model_dir = model.save(tmp_path_factory.mktemp("ensemble") / "ensemble")
+    torch.set_num_threads(n_threads)
+    hx.settings.cachedir, hx.settings.progress = saved
+    return {"model": model, "model_dir": model_dir, "train": train, "test": sections["t"], "input_size": 32}
+
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

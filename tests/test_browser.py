@@ -59,8 +59,19 @@ def sample(trained_synthetic):
 
 
 @pytest.fixture(scope="module")
-def server(sample):
-    """The explorer, hx.pl.spatial and hx.pl.attention served by Panel in a thread (a fresh app per page load)."""
+def ensemble_sample(trained_ensemble):
+    """A section predicted by an ensemble: its table has the spread layer."""
+    import copy
+
+    sdata = copy.deepcopy(trained_ensemble["test"])
+    hx.tl.predict(sdata, trained_ensemble["model"], device="cpu")
+    return sdata
+
+
+@pytest.fixture(scope="module")
+def server(sample, ensemble_sample):
+    """The explorer, hx.pl.spatial and hx.pl.attention served by Panel in a thread (a fresh app per page load);
+    ``/ensemble``: the explorer of an ensemble's prediction (spread map)."""
     import panel as pn
 
     table = sample.tables["table"]
@@ -69,8 +80,10 @@ def server(sample):
         "/": lambda: hx.pl.explorer(sample, genes=genes).__panel__(),
         "/spatial": lambda: hx.pl.spatial(sample, genes),
         "/attention": lambda: pn.pane.HoloViews(hx.pl.attention(sample, table.obs_names[50]), backend="bokeh"),
+        "/ensemble": lambda: hx.pl.explorer(ensemble_sample).__panel__(),
     }
-    titles = {"/": "hespotex explorer: syn_t", "/spatial": "hx.pl.spatial", "/attention": "hx.pl.attention"}
+    titles = {"/": "hespotex explorer: syn_t", "/spatial": "hx.pl.spatial", "/attention": "hx.pl.attention",
+              "/ensemble": "hespotex explorer: ens_t"}  # fmt: skip
     thread = pn.serve(
         routes,
         port=PORT,
@@ -83,7 +96,7 @@ def server(sample):
     )
     try:
         _wait_port(PORT)
-        yield {"genes": genes, "table": table}
+        yield {"genes": genes, "table": table, "ensemble_table": ensemble_sample.tables["table"]}
     finally:
         thread.stop()
 
@@ -193,5 +206,44 @@ def test_spatial_and_attention_pages(browser, server, artifacts):
         glyphs = {g[0] for p in _plots(pg) for g in p["glyphs"]}
         assert {"ImageRGBA", "Segment", "Scatter"} <= glyphs
         pg.screenshot(path=artifacts / "attention_view.png", full_page=True)
+    finally:
+        context.close()
+
+
+def test_explorer_renders_the_ensemble_spread(browser, server, artifacts):
+    table = server["ensemble_table"]
+    gene = table.var_names[0]
+    context = browser.new_context(viewport={"width": 1400, "height": 900}, device_scale_factor=1)
+    try:
+        pg = context.new_page()
+        errors: list[str] = []
+        pg.on("pageerror", lambda err: errors.append(str(err)))
+        pg.goto(URL + "/ensemble")
+        _wait_plots(
+            pg,
+            "(plots, n) => plots.filter(p => p.finished && p.glyphs.some(g => g[0] === 'Scatter' && g[1] === "
+            "n)).length === 3",
+            table.n_obs,
+        )
+        titles = sorted(p["title"] for p in _plots(pg))
+        assert titles == [f"{gene} — measured", f"{gene} — predicted", f"{gene} — spread"]
+        # the spread map is drawn (not blank): its frame holds more than one colour
+        shot = pg.screenshot(clip=_clip(pg, f"{gene} — spread"))
+        from io import BytesIO
+
+        from PIL import Image
+
+        pixels = np.asarray(Image.open(BytesIO(shot)).convert("RGB")).reshape(-1, 3)
+        assert len(np.unique(pixels, axis=0)) > 20
+        # tapping a spot on the spread map selects it, and the summary gives its spread
+        i = 30
+        x, y = (float(v) for v in np.asarray(table.obsm["spatial"])[i, :2])
+        px, py = pg.evaluate(POINT_JS, [f"{gene} — spread", x, y])
+        pg.mouse.click(px, py)
+        spread = float(np.asarray(table.layers["hespotex_spread"])[i, 0])
+        summary = pg.locator("p", has_text="Selected spot:").filter(has_text=f"spread {gene}: {spread:.3f}")
+        summary.first.wait_for(timeout=TIMEOUT_MS)
+        pg.screenshot(path=artifacts / "explorer_spread.png", full_page=True)
+        assert not errors
     finally:
         context.close()

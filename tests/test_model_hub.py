@@ -65,7 +65,7 @@ def model(sections):
 
 @pytest.fixture(scope="module")
 def other(sections):
-    return _train(sections, "abc", seed=1)  # three samples: one whole sample held out
+    return _train(sections, "abc", seed=1, ensemble=False)  # three samples, one model: one whole sample held out
 
 
 @pytest.fixture(scope="module")

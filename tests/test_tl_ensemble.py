@@ -38,17 +38,18 @@ def test_ensemble_trains_saves_loads_and_predicts_with_spread(sections, tmp_path
     train = [sections[n] for n in "abc"]
     config = ModelConfig.preset("hespotex", epochs=4, patience=None, **SMALL)
     genes = list(sections["a"].tables["table"].var_names)
-    ens = hx.tl.train(
+    ens = hx.tl.train(  # the default (ensemble="auto") with 3 samples: an ensemble
         train,
         genes=genes,
         config=config,
-        ensemble=True,
         target_norm="library_modelled",
         embedding_norm="slide",
         device="cpu",
     )
     assert isinstance(ens, hx.tl.HESpotExEnsemble) and len(ens.members) == 3
     assert sorted(m.validation_["samples"][0] for m in ens.members) == ["sa", "sb", "sc"]  # every sample held out once
+    assert sorted(ens.validation_["samples"]) == ["sa", "sb", "sc"]  # read as a single model's are
+    assert [h["member"] for h in ens.history_] == [k for k, m in enumerate(ens.members) for _ in m.history_]
     folder = ens.save(tmp_path / "ens")
     with pytest.raises(FileExistsError):
         ens.save(folder)
@@ -84,8 +85,7 @@ def test_ensemble_trains_saves_loads_and_predicts_with_spread(sections, tmp_path
     # decoder attention is the members' mean: rows still sum to 1
     att = out.obsp["hespotex_attention"]
     np.testing.assert_allclose(np.asarray(att.sum(axis=1)).ravel(), 1.0, rtol=1e-4)
-    with pytest.raises(NotImplementedError, match="Streaming"):
-        hx.tl.predict(sections["t"], loaded, out=tmp_path / "s.zarr", device="cpu")
+    # streaming, cohort, explain: tests/test_ensemble_one_model.py
 
 
 def test_ensemble_bad_input(sections):
@@ -96,3 +96,21 @@ def test_ensemble_bad_input(sections):
         hx.tl.train([sections[n] for n in "abc"], config=config, ensemble=True, validation=["sa"], device="cpu")
     with pytest.raises(ValueError, match="at least 2 trained members"):
         hx.tl.HESpotExEnsemble([])
+
+
+def test_ensemble_auto_default(sections):
+    from hespotex.tl.training._train import resolve_ensemble
+
+    config = ModelConfig.preset("hespotex", epochs=2, patience=None, **SMALL)
+    genes = list(sections["a"].tables["table"].var_names)
+    single = hx.tl.train([sections["a"], sections["b"]], genes=genes, config=config, device="cpu")
+    assert isinstance(single, hx.tl.HESpotEx)  # 2 samples: one model (spatial blocks for early stopping)
+    three = [sections[n] for n in "abc"]
+    assert resolve_ensemble("auto", three, "auto") is True
+    assert resolve_ensemble("auto", three, ["sa"]) is False  # a validation chosen by the user: one model
+    assert resolve_ensemble("auto", three, None) is False
+    assert resolve_ensemble(False, three, "auto") is False and resolve_ensemble(True, three, "auto") is True
+    explicit = hx.tl.train(three, genes=genes, config=config, validation=["sa"], device="cpu")
+    assert isinstance(explicit, hx.tl.HESpotEx) and explicit.validation_["samples"] == ["sa"]
+    with pytest.raises(ValueError, match="'auto', True or False"):
+        hx.tl.train(three, genes=genes, config=config, ensemble="yes", device="cpu")

@@ -276,7 +276,7 @@ def test_one_sample_holds_out_a_spatial_block(sections, genes, caplog):
 
 
 def test_three_samples_hold_out_one_whole_sample(sections, genes):
-    m = hx.tl.train(list(sections.values()), genes=genes, config=TINY, seed=0, device="cpu")
+    m = hx.tl.train(list(sections.values()), genes=genes, config=TINY, seed=0, device="cpu", ensemble=False)
     names = {"syn_a": "A", "syn_b": "B", "syn_t": "T"}
     held = m.validation_["samples"]
     assert len(held) == 1 and m.validation_["block_fraction"] is None
@@ -284,7 +284,9 @@ def test_three_samples_hold_out_one_whole_sample(sections, genes):
     train_emb = np.concatenate([_emb(_table(sections, names[n])) for n in m.train_samples_])
     np.testing.assert_allclose(m.embedding_mean_, train_emb.mean(axis=0), rtol=1e-4, atol=1e-5)
     # the choice is seeded
-    again = hx.tl.train(list(sections.values()), genes=genes, config=TINY.replace(epochs=1), seed=0, device="cpu")
+    again = hx.tl.train(
+        list(sections.values()), genes=genes, config=TINY.replace(epochs=1), seed=0, device="cpu", ensemble=False
+    )
     assert again.validation_["samples"] == held
 
 

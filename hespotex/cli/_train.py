@@ -16,6 +16,9 @@ SAMPLEs are SpatialData zarr stores written by hespotex (hx.io.write_zarr) or 10
 her2st data set. Each sample's H&E patches are embedded with the frozen --encoder (cached under
 ~/.cache/hespotex), then the model learns the expression of --genes genes from them. The saved
 folder (model.safetensors + setup.json) is what `hespotex predict --model` and hx.tl.HESpotEx.load read.
+With 3 or more samples an ensemble is trained by default (--ensemble): one member per sample held out
+for early stopping, saved as one folder (ensemble.json + member_*/) that `hespotex predict --model` and
+hx.tl.load_model read; its predictions add the members' spread (layer 'hespotex_spread').
 """
 TRAIN_EPILOG = """examples:
   hespotex train --out my-model sampleA.zarr sampleB.zarr
@@ -133,6 +136,7 @@ def train_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         n_top_genes=n_top,
         config=config,
         validation=validation,
+        ensemble={"auto": "auto", "yes": True, "no": False}[args.ensemble],
         seed=args.seed,
         device=args.device or "auto",
     )
@@ -196,6 +200,11 @@ def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     p_train.add_argument(
         "--validation", default="auto", metavar="auto|none|FRACTION", help="early stopping split (default: auto)"
     )
+    p_train.add_argument(
+        "--ensemble", choices=["auto", "yes", "no"], default="auto",
+        help="one model per sample held out for early stopping, averaged, saved as one folder (default auto: "
+        "with 3 or more samples and --validation auto)",
+    )  # fmt: skip
     p_train.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p_train.add_argument("--device", metavar="NAME", help="torch device (default: auto)")
     p_train.add_argument(

@@ -68,6 +68,7 @@ class Explorer(Viewer):
         patches: Any = None,
         evaluation: Any = None,
         title: str | None = None,
+        spread: bool | Literal["auto"] = "auto",
     ) -> None:
         pred = get_predictions(sdata, key=key, layer=layer)
         gene_list = check_genes(pred, genes)
@@ -92,6 +93,7 @@ class Explorer(Viewer):
             "threshold": threshold,
             "cmap": cmap,
             "width": width,
+            "spread": spread,
         }
         self._attention_width = attention_width
         self._patches, self._evaluation = patches, evaluation
@@ -355,7 +357,8 @@ def explorer(
     evaluation: Any = None,
     **kwargs: Any,
 ) -> Explorer:
-    """An interactive explorer of a predicted sample: expression maps, attention, gallery, evaluation.
+    """An interactive explorer of a predicted sample: expression maps (and the ensemble's uncertainty), attention,
+    gallery, evaluation.
 
     Tapping a spot on the maps selects it; the attention panel then shows the neighbours its
     prediction attends to. Display it in Jupyter, serve it with ``panel serve`` (``.servable()``)
@@ -380,7 +383,10 @@ def explorer(
         Evaluation results (as ``hx.pl.evaluation`` takes them): adds an evaluation tab.
     **kwargs
         ``truth`` (formerly ``measured``, see :func:`hespotex.pl.spatial`), ``rasterize``, ``threshold``, ``cmap``,
-        ``width``, ``attention_width``, ``title``.
+        ``width``, ``attention_width``, ``title``, ``spread``: for an ensemble's prediction (which has
+        ``layers[f"{key}_spread"]``, recorded as ``uns[key]["params"]["spread_layer"]``) a third map linked to
+        the others shows the members' standard deviation of the gene per spot, and the selected spot's summary
+        and the hover give it (``"auto"``, default; ``False`` hides it, ``True`` requires it).
 
     Returns
     -------

@@ -16,6 +16,7 @@ from hespotex.pl._utils import (
     DisplayImage,
     Predictions,
     check_genes,
+    column_values,
     get_predictions,
     measured_values,
     overview_image,
@@ -76,11 +77,13 @@ class SpatialView:
         alpha: float = 0.85,
         width: int = 420,
         max_image_px: int = MAX_IMAGE_PX,
+        spread: bool | Literal["auto"] = "auto",
     ) -> None:
         from scipy.spatial import cKDTree
 
         pred = with_truth(pred, truth)
         self.pred = pred
+        self.spread_layer = spread_layer(pred, spread)
         table = pred.table
         if "spatial" not in table.obsm:
             msg = (
@@ -124,8 +127,15 @@ class SpatialView:
 
     @property
     def columns(self) -> list[str]:
-        """Which panels are drawn: ``["predicted"]`` or ``["predicted", "measured"]``."""
-        return ["predicted", "measured"] if self.show_measured else ["predicted"]
+        """Which panels are drawn: ``"predicted"``, then ``"measured"`` and ``"spread"`` when shown."""
+        return [
+            "predicted", *(["measured"] if self.show_measured else []), *(["spread"] if self.spread_layer else [])
+        ]  # fmt: skip
+
+    @property
+    def expression_columns(self) -> list[str]:
+        """The panels of expression values (one colour scale); the spread (a standard deviation) has its own."""
+        return [c for c in self.columns if c != "spread"]
 
     def frame(self, gene: str) -> pd.DataFrame:
         """Spot table of one gene: ``x``, ``y``, ``spot``, ``predicted`` and (when shown) ``measured``."""
@@ -137,15 +147,22 @@ class SpatialView:
             df["predicted"] = predicted_values(self.pred, gene)
             if self.show_measured:
                 df["measured"] = measured_values(self.pred, gene)
+            if self.spread_layer:
+                df["spread"] = column_values(self.pred, self.spread_layer, gene)
             self._cache = {gene: df}  # one gene at a time: a 100k-spot slide with thousands of genes stays small
         return self._cache[gene]
 
-    def limits(self, gene: str, clim: tuple[float, float] | None = None) -> tuple[float, float]:
-        """Colour limits shared by the predicted and measured panels (1st-99th percentile of both unless given)."""
+    def limits(
+        self, gene: str, clim: tuple[float, float] | None = None, which: str = "predicted"
+    ) -> tuple[float, float]:
+        """Colour limits shared by the predicted and measured panels (1st-99th percentile of both unless given);
+        the spread panel's own (0 to its 99th percentile; ``clim`` is for expression)."""
+        df = self.frame(gene)
+        if which == "spread":
+            return 0.0, robust_limits(df["spread"].to_numpy())[1]
         if clim is not None:
             return float(clim[0]), float(clim[1])
-        df = self.frame(gene)
-        return robust_limits(*(df[c].to_numpy() for c in self.columns))
+        return robust_limits(*(df[c].to_numpy() for c in self.expression_columns))
 
     def nearest(self, x: float, y: float, *, max_distance: float | None = None) -> str | None:
         """Id of the spot nearest to ``(x, y)``, ``None`` when farther than ``max_distance`` (a spot diameter)."""
@@ -169,7 +186,7 @@ class SpatialView:
             backend="bokeh",
             color=which,
             cmap=self.cmap,
-            clim=self.limits(gene, clim),
+            clim=self.limits(gene, clim, which),
             size=self.size,
             marker=self.marker,
             alpha=self.alpha,
@@ -198,7 +215,7 @@ class SpatialView:
             "clipping_colors": {"NaN": (0, 0, 0, 0)},
         }
         if gene is not None:
-            opts["clim"] = self.limits(gene, clim)
+            opts["clim"] = self.limits(gene, clim, which)
         return img.opts(backend="bokeh", **opts)
 
     def background(self) -> hv.RGB | None:
@@ -234,7 +251,7 @@ class SpatialView:
         return self.decorate(layer, f"{gene} — {which}")
 
     def layout(self, gene: str, clim: tuple[float, float] | None = None) -> hv.Layout:
-        """Predicted and (when available) measured panels side by side, pan and zoom linked."""
+        """Predicted and (when available) measured panels side by side (the spread below), pan and zoom linked."""
         hv = import_holoviews()
         return (
             hv.Layout([self.panel(gene, which, clim) for which in self.columns])
@@ -257,18 +274,36 @@ class SpatialView:
             dmap = hv.DynamicMap(callback, streams=[stream])
             self.dynamic_panels[which] = dmap
             if self.rasterized:
-                dmap = self.rasterize(dmap, which).apply.opts(clim=_bound_limits(self, state), backend="bokeh")
+                dmap = self.rasterize(dmap, which).apply.opts(clim=_bound_limits(self, state, which), backend="bokeh")
             composed = self.decorate(bg * dmap if bg is not None else dmap)
             panels.append(composed.apply.opts(title=_bound_title(state, which), backend="bokeh"))
         return hv.Layout(panels).opts(backend="bokeh", shared_axes=True).cols(2)
 
 
-def _bound_limits(view: SpatialView, state: Any):
+def spread_layer(pred: Any, spread: bool | str) -> str | None:
+    """The layer of the ensemble spread shown beside ``pred`` (``params["spread_layer"]``, written by
+    :func:`hespotex.tl.predict` for an ensemble), or ``None``: ``spread="auto"`` shows it when there is one,
+    ``True`` requires it, ``False`` never shows it."""
+    if spread not in (True, False, "auto"):
+        msg = f"Expected `spread` to be True, False or 'auto'; found {spread!r}."
+        raise ValueError(msg)
+    name = pred.params.get("spread_layer")
+    found = bool(name) and name != pred.layer and name in pred.table.layers
+    if spread is True and not found:
+        msg = (
+            f"spread=True, but the prediction {pred.key!r} has no spread layer (layers[{f'{pred.key}_spread'!r}]): "
+            "only an ensemble (hx.tl.train(..., ensemble=True)) predicts one. Pass spread='auto' or False."
+        )
+        raise ValueError(msg)
+    return str(name) if found and spread else None
+
+
+def _bound_limits(view: SpatialView, state: Any, which: str = "predicted"):
     import param
 
     @param.depends(state.param.gene, state.param.clim)
     def clim(*_: Any) -> tuple[float, float]:
-        return view.limits(state.gene, state.clim)
+        return view.limits(state.gene, state.clim, which)
 
     return clim
 
@@ -310,8 +345,10 @@ def spatial(
     alpha: float = 0.85,
     width: int = 420,
     max_image_px: int = MAX_IMAGE_PX,
+    spread: bool | Literal["auto"] = "auto",
 ):
-    """Predicted expression over the H&E image, beside the measured expression when there is one.
+    """Predicted expression over the H&E image, beside the measured expression when there is one
+    and the ensemble's spread when the prediction has one.
 
     Builds a view and returns it; nothing is displayed or computed beyond the data the view needs.
     Display it in Jupyter (after ``hv.extension("bokeh")`` or ``pn.extension()``), serve it with
@@ -353,11 +390,16 @@ def spatial(
         Width of each panel's frame in pixels (height follows the tissue's aspect).
     max_image_px
         Longest side of the background image.
+    spread
+        A third linked panel "spread": the ensemble members' standard deviation per spot (the layer
+        ``uns[key]["params"]["spread_layer"]``, ``layers[f"{key}_spread"]``, written by :func:`hespotex.tl.predict`
+        for a :class:`~hespotex.tl.HESpotExEnsemble`), on its own colour scale from 0. ``"auto"``: when the
+        prediction has one; ``True``: required; ``False``: never.
 
     Returns
     -------
-    One gene: an ``hv.Layout`` of the predicted and measured panels (shared axes, so pan and zoom are
-    linked; hover shows the spot id and both values). Several genes: a ``pn.Column`` of a gene
+    One gene: an ``hv.Layout`` of the predicted, measured and spread panels that apply (shared axes, so pan
+    and zoom are linked; hover shows the spot id and every value). Several genes: a ``pn.Column`` of a gene
     selector (``pn.widgets.Select``) above a ``pn.pane.HoloViews`` of those panels.
     Reads the prediction table; writes nothing.
     """
@@ -375,6 +417,7 @@ def spatial(
         alpha=alpha,
         width=width,
         max_image_px=max_image_px,
+        spread=spread,
     )
     if len(genes) == 1:
         return view.layout(genes[0], clim)

@@ -127,6 +127,11 @@ def predicted_values(pred: Predictions, gene: str) -> np.ndarray:
     return _column(pred.table.layers[pred.layer], int(pred.table.var_names.get_loc(gene)))
 
 
+def column_values(pred: Predictions, layer: str, gene: str) -> np.ndarray:
+    """Values of one gene at every spot in another layer of the prediction's table (e.g. its spread)."""
+    return _column(pred.table.layers[layer], int(pred.table.var_names.get_loc(gene)))
+
+
 def has_measured(pred: Predictions) -> bool:
     """Whether measured expression of the predicted genes is available (``layers["measured"]`` or counts in ``X``)."""
     table = pred.table

@@ -35,6 +35,13 @@ def _model_record(model: Any) -> tuple[dict[str, float], dict[str, Any], str]:
         model = model_folder(model)  # the Hub snapshot in the local cache (downloaded when online)
     if isinstance(model, (str, Path)):
         setup_path = Path(model) / "setup.json"
+        if not setup_path.is_file() and (Path(model) / "ensemble.json").is_file():  # an ensemble: its first member
+            try:
+                first = json.loads((Path(model) / "ensemble.json").read_text())["members"][0]
+            except (json.JSONDecodeError, KeyError, IndexError, TypeError) as err:
+                msg = f"The ensemble folder {str(model)!r} is corrupt ({err!r}); save the ensemble again."
+                raise ValueError(msg) from err
+            setup_path = Path(model) / str(first) / "setup.json"
         if not setup_path.is_file():
             msg = f"Expected a saved hespotex model folder at {str(model)!r} (with setup.json), found none."
             raise FileNotFoundError(msg)

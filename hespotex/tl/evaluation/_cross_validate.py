@@ -91,6 +91,7 @@ def cross_validate(
     target_norm: str = "library_modelled",
     baseline_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
     tune_baselines: bool = False,
+    ensemble: Any = "auto",
 ) -> pd.DataFrame:
     """Leave-one-sample-out (or leave-one-group-out) evaluation of HESpotEx and baselines.
 
@@ -123,8 +124,9 @@ def cross_validate(
         Named gene lists to flag in the result (column ``in_<name>``), e.g. a published 785-gene panel.
     k
         Size of the top-HVG/HEG sets ranked on the training fold (columns ``in_hvg``, ``in_heg``).
-    config, validation, seed, device, use_rep, target_sum, target_norm
-        As in :func:`hespotex.tl.train` (``validation`` applies inside each training fold). The
+    config, validation, seed, device, use_rep, target_sum, target_norm, ensemble
+        As in :func:`hespotex.tl.train` (``validation`` and ``ensemble`` apply inside each training fold:
+        by default a fold with 3 or more training samples trains an ensemble, as ``train`` does). The
         baselines are fitted to the same targets as the model, and the truth of the scores is
         normalised the same way.
     baseline_kwargs
@@ -198,6 +200,7 @@ def cross_validate(
                     use_rep=use_rep,
                     target_sum=target_sum,
                     target_norm=target_norm,
+                    ensemble=ensemble,
                 )
                 preds = {
                     n: model.predict_graph(GraphData(n, d.emb, d.coords_um), device=device)["expression"]

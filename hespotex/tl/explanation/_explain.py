@@ -138,13 +138,12 @@ def _prepare(data: Any, model: HESpotEx | str, genes: Any, signature: Any, embed
     from hespotex.tl.prediction._checks import check_embedding
 
     model = as_model(model)  # a model, a saved folder or "hf-hub:owner/name"
-    if hasattr(model, "members"):
-        msg = "`explain` takes one HESpotEx; for an ensemble, explain a member (`model.members[i]`)."
-        raise NotImplementedError(msg)
-    if not isinstance(model, HESpotEx):
-        model = HESpotEx.load(model)
     model._check_trained()
     table = get_table(data)
+    if hasattr(model, "members"):  # an ensemble: its members' mean, attributed as one model
+        from hespotex.tl.explanation._ensemble_scoring import EnsembleScoring
+
+        model = EnsembleScoring(model, table, embedding_key)
     names, weights = resolve_score(model, genes, signature)
     record = table.uns.get(EMBED_RECORD_KEY, {}).get(embedding_key)
     if record is not None:
@@ -179,7 +178,8 @@ def patch_saliency(
         A SpatialData sample with its H&E image and embeddings (``obsm[embedding_key]``, e.g. after
         :func:`hespotex.tl.predict`).
     model
-        A trained :class:`HESpotEx` or the folder of a saved one.
+        A trained :class:`HESpotEx` or :class:`~hespotex.tl.HESpotExEnsemble` (its members' mean, see
+        :func:`explain`), or the folder of a saved one.
     spots
         ``obs_names`` (or integer positions) of the spots.
     genes, signature
@@ -265,10 +265,11 @@ def explain(
         A SpatialData sample with its image and embeddings (pixels and neighbours) or its table
         (AnnData with ``obsm[use_rep]`` and ``obsm["spatial"]``: neighbours only).
     model
-        A trained :class:`HESpotEx` or the folder of a saved one.
-    genes, signature
-        The score: one gene or a list (mean), or a list / dict gene -> weight (weighted mean, weights
-        normalised to ``sum |w| = 1``; negative weights allowed). Pass exactly one.
+        A trained :class:`HESpotEx` or :class:`~hespotex.tl.HESpotExEnsemble`, or the folder of a saved one.
+        An ensemble is explained as one model: the score is the members' mean (as :func:`~hespotex.tl.predict`
+        gives), attributed through one module averaging the members (integrated gradients are linear, so this
+        equals the mean of the members' attributions with the same baselines and steps); the neighbour baseline
+        is then the ensemble's mean training embedding (the mean of its members').
     spots
         ``obs_names`` (or integer positions) of the spots to explain; default: the ``n_spots`` spots with
         the highest score.

@@ -94,7 +94,15 @@ class HESpotExEnsemble:
 
     @property
     def validation_(self) -> dict[str, Any]:
-        return {"members": [m.validation_ for m in self.members]}
+        """``"samples"``: the samples held out for early stopping by any member (each by one); ``"members"``: each
+        member's own record."""
+        held = [s for m in self.members for s in m.validation_.get("samples", [])]
+        return {"samples": held, "members": [m.validation_ for m in self.members]}
+
+    @property
+    def history_(self) -> list[dict[str, Any]]:
+        """Every member's training history, one row per member and epoch (``"member"``: its position)."""
+        return [{"member": k, **h} for k, m in enumerate(self.members) for h in (m.history_ or [])]
 
     def _check_trained(self) -> None:
         for m in self.members:
@@ -102,15 +110,23 @@ class HESpotExEnsemble:
 
     def predict_graph(
         self, sample, *, device: str | None = "auto", max_nodes: int = 50_000, blocks=None, on_block=None
-    ) -> dict[str, Any]:
+    ) -> dict[str, Any] | None:
         """The members' mean expression, their spread (per-spot, per-gene standard deviation),
-        the first member's latent and the mean decoder attention (see :meth:`HESpotEx.predict_graph`)."""
+        the first member's latent and the mean decoder attention (see :meth:`HESpotEx.predict_graph`).
+
+        With ``on_block`` (streaming), each member runs the ``blocks`` in turn and hands every block over as
+        ``on_block(i, core, result)`` with ``result["member"]`` the member's position; the per-block results
+        are a member's own (latent and decoder features feed that member's gene heads only), so they are not
+        averaged here: :mod:`hespotex.tl.prediction._stream_ensemble` combines the members' expression rows.
+        Returns ``None`` then."""
         if on_block is not None:
-            msg = (
-                "Streaming prediction (`out=`) of an ensemble is not supported yet; predict in memory, or stream "
-                "each member (`model.members[i]`) on its own."
-            )
-            raise NotImplementedError(msg)
+            for k, member in enumerate(self.members):
+
+                def hand_over(i: int, core: np.ndarray, result: dict[str, Any], k: int = k) -> None:
+                    on_block(i, core, {**result, "member": k})
+
+                member.predict_graph(sample, device=device, max_nodes=max_nodes, blocks=blocks, on_block=hand_over)
+            return None
         outs = [m.predict_graph(sample, device=device, max_nodes=max_nodes, blocks=blocks) for m in self.members]
         stack = np.stack([o["expression"] for o in outs])
         attention = None

@@ -36,9 +36,17 @@ def check_embedding(model: HESpotEx, record: dict[str, Any]) -> None:
             (f"The model's encoder is {entries[0]}, this slide's {entries[1]}. " if entries[0] != entries[1] else "")
             + f"The model was trained on embeddings of {expected.get('encoder')!r} ({expected.get('encoder_id')}) at "
             f"{expected.get('patch_um')} µm patches; this slide's were made with {record.get('encoder')!r} "
-            f"({record.get('encoder_id')}) at {record.get('patch_um')} µm. Re-embed it: "
+            f"({record.get('encoder_id')}) at {record.get('patch_um')} µm"
+            + (
+                f"; test-time augmentation (tta): the model's {expected.get('tta')!r}, this slide's "
+                f"{record.get('tta')!r}"
+                if expected.get("tta") != record.get("tta")
+                else ""
+            )
+            + ". Re-embed it: "
             f"hx.pp.embed(sdata, encoder={expected.get('encoder')!r}, patch_um={expected.get('patch_um')}, "
-            "key_added=..., overwrite=True)."
+            + ("tta=True, " if expected.get("tta") else "")
+            + "key_added=..., overwrite=True)."
         )
         raise ValueError(msg)
 

@@ -52,12 +52,15 @@ _MODELS: dict[tuple[str, float], Any] = {}  # per-process cache: a worker loads 
 
 
 def _load_model(model_dir: str):
-    from hespotex.tl.model._model import HESpotEx
+    from hespotex.tl.model._ensemble import ENSEMBLE_FILE
+    from hespotex.tl.model._resolve import load_folder
 
-    key = (str(Path(model_dir).resolve()), (Path(model_dir) / "setup.json").stat().st_mtime)
+    record = Path(model_dir) / ENSEMBLE_FILE  # an ensemble folder, else one model's
+    record = record if record.is_file() else Path(model_dir) / "setup.json"
+    key = (str(Path(model_dir).resolve()), record.stat().st_mtime)
     if key not in _MODELS:
         _MODELS.clear()
-        _MODELS[key] = HESpotEx.load(model_dir)
+        _MODELS[key] = load_folder(model_dir)
     return _MODELS[key]
 
 
@@ -285,27 +288,22 @@ def _check_paths(paths: Iterable[str | Path]) -> dict[str, Path]:
 
 def _model_folder(model: Any, out: Path) -> tuple[Path, Any]:
     """The model as a folder every worker can read (a model object is saved under ``out/.model``)."""
+    from hespotex.tl.model._ensemble import HESpotExEnsemble
     from hespotex.tl.model._model import HESpotEx
-    from hespotex.tl.model._resolve import model_folder
+    from hespotex.tl.model._resolve import load_folder, model_folder
 
     model = model_folder(model) if isinstance(model, str | Path) else model  # a folder or "hf-hub:owner/name"
-    if hasattr(model, "members") or (isinstance(model, str | Path) and (Path(model) / "ensemble.json").is_file()):
-        msg = (
-            "Cohort prediction streams each slide, which ensembles do not support yet; pass one HESpotEx (e.g. "
-            "`model.members[0]`)."
-        )
-        raise NotImplementedError(msg)
-    if isinstance(model, HESpotEx):
+    if isinstance(model, HESpotEx | HESpotExEnsemble):  # an ensemble too: one folder, streamed as one model
         folder = out / ".model"
         if folder.exists():
             try:
-                if HESpotEx.load(folder).model_id == model.model_id:
+                if load_folder(folder).model_id == model.model_id:
                     return folder, model
             except (FileNotFoundError, ValueError):
                 pass
         return model.save(folder, overwrite=True), model
     folder = Path(model)
-    return folder, HESpotEx.load(folder)
+    return folder, load_folder(folder)
 
 
 def predict_slides(
@@ -336,8 +334,9 @@ def predict_slides(
         ``hespotex tile``. Each slide's outputs are named after its file name without extension,
         so file names must be distinct.
     model
-        The folder of a saved :class:`~hespotex.tl.HESpotEx` (workers load it themselves; no model
-        object is pickled), or a trained model, which is then saved to ``out/.model`` first.
+        The folder of a saved :class:`~hespotex.tl.HESpotEx` or :class:`~hespotex.tl.HESpotExEnsemble`
+        (workers load it themselves; no model object is pickled), or a trained model, which is then saved
+        to ``out/.model`` first. An ensemble writes its mean and spread, as :func:`hespotex.tl.predict`.
     out
         Output folder, created if needed. On a multi-machine cluster it must be shared storage.
     client

@@ -152,7 +152,8 @@ def predict(
     ``hx.io.write_*`` exporters) find a prediction stored either way, by gene name.
 
     *Streaming* (``out``) always writes a new table ``key_added`` to the store (no
-    ``layers["measured"]``), whose ``layers[key_added]`` is read lazily (dask) from the store; it is
+    ``layers["measured"]``), whose ``layers[key_added]`` (and, for an ensemble, ``layers[f"{key_added}_spread"]``,
+    the same values as in memory) is read lazily (dask) from the store; it is
     returned and put in ``sdata.tables[key_added]``. ``uns[key_added]["params"]`` adds ``"stream"``
     (store, chunk size) and ``"source"`` (where the image is). The spot table is not modified
     (embeddings computed while streaming are not stored in its ``obsm``). Streaming needs a
@@ -174,12 +175,6 @@ def predict(
 
     model = as_model(model)  # a model, a saved folder or "hf-hub:owner/name"
     model._check_trained()
-    if out is not None and hasattr(model, "members"):
-        msg = (
-            "Streaming prediction (`out=`) of an ensemble is not supported yet; predict it in memory (out=None), "
-            "or stream each member (`model.members[i]`) on its own."
-        )
-        raise NotImplementedError(msg)
     if copy:
         data = copy_data(data)
     if out is not None:

@@ -261,14 +261,22 @@ def predict_streaming(
     # 2. graph blocks
     mpp = float(info.microns_per_pixel)
     sample = GraphData(str(info.sample_id), emb, spot_centres(table) * mpp)
-    blocks = graph_stage(group, model, sample, block_size=layout["chunk_size"], device=device)
-    latent, features, attention = gather_blocks(group, n, len(blocks))
-    del sample, emb
-    # 3. expression rows in table order
-    expr = expression_stage(
-        group, model, latent, features, step=layout["expression_step"], rows=layout["expression_rows"], device=device
-    )
-    del features
+    spread = None
+    if hasattr(model, "members"):  # an ensemble: stages 2 and 3 per member, then mean and spread
+        from hespotex.tl.prediction._stream_ensemble import ensemble_stages
+
+        latent, attention, expr, spread = ensemble_stages(group, model, sample, layout=layout, device=device)
+        del sample, emb
+    else:
+        blocks = graph_stage(group, model, sample, block_size=layout["chunk_size"], device=device)
+        latent, features, attention = gather_blocks(group, n, len(blocks))
+        del sample, emb
+        # 3. expression rows in table order
+        expr = expression_stage(
+            group, model, latent, features, step=layout["expression_step"], rows=layout["expression_rows"],
+            device=device,
+        )  # fmt: skip
+        del features
     # 4. the table, written by spatialdata / anndata from the zarr rows
     from spatialdata.models import TableModel
 
@@ -279,11 +287,15 @@ def predict_streaming(
     if attention is not None:
         new.obsp[f"{key_added}_attention"] = attention
     new.layers[key_added] = da.from_zarr(expr, chunks=(layout["expression_rows"], len(model.genes)))
+    if spread is not None:
+        new.layers[f"{key_added}_spread"] = da.from_zarr(spread, chunks=(layout["expression_rows"], len(model.genes)))
     sample_info = dict(table.uns.get(SAMPLE_KEY, info.to_dict()))
     if not own:
         sample_info.pop("image_key", None)  # the image stays where it is: params["source"] says where
     new.uns[SAMPLE_KEY] = sample_info
     params = prediction_params(model, embed_params, key_added=key_added, attention=attention is not None)
+    if spread is not None:  # as in memory: the members' standard deviation, per spot and gene
+        params.update(spread_layer=f"{key_added}_spread", ensemble_members=len(model.members))
     source = {
         "path": str(sdata.path) if getattr(sdata, "path", None) is not None else None,
         "image_key": info.image_key,
