@@ -235,13 +235,25 @@ def test_train_and_predict_on_8um_bins(trained, folders):
     assert abs(np.nanmean(r0)) < 0.05
 
 
-def test_streamed_prediction_matches_in_memory(trained, tmp_path):
+def test_streamed_prediction_matches_in_memory(trained, tmp_path, monkeypatch):
     from spatialdata import read_zarr
+
+    from hespotex.pp import _embed
 
     b = copy.deepcopy(trained["b"])
     reference = np.asarray(b.tables["table"].layers["hespotex"])
+    del b.tables["table"].obsm["X_hespotex_image"]  # the stream embeds the patches itself
     out = tmp_path / "pred.zarr"
+    batches, real_encode = [], _embed.encode_patches
+
+    def encode(plan, encoder, **kwargs):
+        batches.append(kwargs["batch_size"])
+        return real_encode(plan, encoder, **kwargs)
+
+    monkeypatch.setattr(_embed, "encode_patches", encode)
     table = hx.tl.predict(b, trained["model"], device="cpu", out=out, chunk_size=700)
+    # the stream embedded its 32 px patches in batches of 256 (the in-memory reference: hx.pp.embed's 64)
+    assert batches and set(batches) == {256}
     np.testing.assert_allclose(np.asarray(table.layers["hespotex"]), reference, rtol=1e-4, atol=1e-4)
     back = read_zarr(out)
     from hespotex._sample import get_sample_info

@@ -24,6 +24,14 @@ logger = logging.getLogger("hespotex")
 BATCH_SIZE = 64  # patches per encoder forward, as hx.pp.embed
 
 
+def encoder_batch_size(encoder: Any) -> int:
+    """Patches per encoder forward: :data:`BATCH_SIZE` at 224 px inputs, more for smaller inputs (about the
+    same pixels per forward, at most 4 x :data:`BATCH_SIZE`). Small patches (16 µm Visium HD bins at 32 px)
+    spend most of a forward in per-layer overheads, which a larger batch spreads over more patches."""
+    side = max(int(getattr(encoder, "input_size", 224) or 224), 1)
+    return int(min(4 * BATCH_SIZE, max(BATCH_SIZE, BATCH_SIZE * (224 // side) ** 2)))
+
+
 class ZarrRows:
     """Rows ``(n, width)`` of a zarr array stored in another order, read by integer index (a block at a time).
 
@@ -136,7 +144,7 @@ def _embed_chunk(
     idx = plan.order[j * step : (j + 1) * step]
     sub = replace(plan, x0=plan.x0[idx], y0=plan.y0[idx], order=np.arange(len(idx)))
     with _quiet_progress():
-        feats = encode_patches(sub, encoder, batch_size=BATCH_SIZE, device=device, tta=tta)
+        feats = encode_patches(sub, encoder, batch_size=encoder_batch_size(encoder), device=device, tta=tta)
     if not np.isfinite(feats).all():
         msg = f"The encoder {encoder.name!r} produced NaN or infinite embeddings; check its weights and the image."
         raise ValueError(msg)
