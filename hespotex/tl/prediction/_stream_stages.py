@@ -117,7 +117,8 @@ def embed_stage(
     logger.info("Embedding: %d of %d chunks to compute (%d done before).", len(todo), n_steps, n_steps - len(todo))
     t0, n_done, first = time.perf_counter(), 0, {}
     for j in tqdm(todo, desc="embedding chunks", unit="chunk", disable=not settings.progress):
-        _embed_chunk(emb, done, plan, encoder, int(j), step=step, device=device, tta=tta, timings=None if first else first)
+        timings = None if first else first  # the first chunk's first batch: the embedding's start-up
+        _embed_chunk(emb, done, plan, encoder, int(j), step=step, device=device, tta=tta, timings=timings)
         n_done += len(plan.order[j * step : (j + 1) * step])
     if n_done:
         # the first batch (loader's first read, the encoder's first forward: a start-up paid once per slide)
