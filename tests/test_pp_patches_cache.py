@@ -59,3 +59,38 @@ def test_a_small_cache_evicts_and_stays_correct(tiled):
     assert small.nbytes <= 2 * 256 * 256 * 3 and small.misses > len(small.chunks)  # evicted, then decoded again
     box = small.read(100, 700, 50, 900)  # a box over several chunks, assembled
     np.testing.assert_array_equal(box, np.asarray(plan.level.array.data[:3, 100:700, 50:900]))
+
+
+def test_image_fingerprint_through_the_cache_is_the_direct_one_and_leaves_its_chunks_decoded(tiled):
+    from dataclasses import replace
+
+    from hespotex.pp._embed import image_fingerprint
+
+    plan = plan_patches(tiled, patch_um=110, out_px=64)
+    assert plan.level.level == plan.base.level and plan.cache.misses == 0
+    via_cache = image_fingerprint(plan)
+    decoded = plan.cache.misses
+    assert decoded > 0  # the windows were read through the plan's cache
+    direct = image_fingerprint(replace(plan, cache=None, memo={}))  # the dask read of the 64 windows
+    assert via_cache == direct  # same pixels, same key: embedding caches stay valid
+    cached = np.concatenate([plan.read(b) for b in plan.batches(8)])
+    np.testing.assert_array_equal(cached, np.concatenate([read_crops(plan.level, plan.x0[b], plan.y0[b], plan.size)
+                                                          for b in plan.batches(8)]))  # fmt: skip
+    changed = replace(plan, cache=None, memo={}, base=replace(plan.base, offset=(plan.base.offset[0] + 1, 0.0)))
+    assert image_fingerprint(changed) != via_cache  # and the key still tells placements apart
+
+
+def test_encode_patches_reports_its_first_batch(tiled):
+    from dataclasses import replace
+
+    from hespotex.pp import load_encoder
+    from hespotex.pp._embed import encode_patches
+
+    plan = plan_patches(tiled, patch_um=110, out_px=32)
+    idx = plan.order[:20]
+    sub = replace(plan, x0=plan.x0[idx], y0=plan.y0[idx], order=np.arange(20))
+    encoder = load_encoder("resnet18", input_size=32)
+    timings = {}
+    feats = encode_patches(sub, encoder, batch_size=8, timings=timings)
+    np.testing.assert_array_equal(feats, encode_patches(sub, encoder, batch_size=8))  # the record changes nothing
+    assert timings["first_batch_n"] == 8 and timings["first_batch_s"] > 0

@@ -34,8 +34,10 @@ def image_fingerprint(plan: PatchPlan) -> str:
     of full-resolution pixels spread over the slide.
 
     Only the windows are read (a few chunks of the base level), so the cost stays small for
-    in-memory and chunked slides alike, and no downsampled level is computed. Computed once per
-    plan (and the copies made of it with :func:`dataclasses.replace`).
+    in-memory and chunked slides alike, and no downsampled level is computed. When the plan cuts
+    its patches from the base level, the windows are read through its cache of decoded chunks
+    (the same pixels; the embedding then finds those chunks decoded). Computed once per plan (and
+    the copies made of it with :func:`dataclasses.replace`).
     """
     import dask.array as da
 
@@ -49,8 +51,12 @@ def image_fingerprint(plan: PatchPlan) -> str:
     digest = hashlib.sha256(repr((arr.shape, str(arr.dtype), base.scale, base.offset, plan.level.level)).encode())
     ys = np.linspace(0, max(h - 8, 0), 8).astype(int)
     xs = np.linspace(0, max(w - 8, 0), 8).astype(int)
-    windows = [arr[:3, y : y + 8, x : x + 8] for y in ys for x in xs]
-    stacked = da.stack(windows) if isinstance(arr, da.Array) else np.stack(windows)
+    cache = getattr(plan, "cache", None)
+    if cache is not None and cache.lazy and plan.level.level == base.level:
+        stacked = np.stack([cache.read(y, min(y + 8, h), x, min(x + 8, w)) for y in ys for x in xs])
+    else:
+        windows = [arr[:3, y : y + 8, x : x + 8] for y in ys for x in xs]
+        stacked = da.stack(windows) if isinstance(arr, da.Array) else np.stack(windows)
     digest.update(np.ascontiguousarray(np.asarray(stacked)).tobytes())
     if memo is not None:
         memo["image_fingerprint"] = digest.hexdigest()
@@ -123,6 +129,7 @@ def encode_patches(
     tta: bool = False,
     stain_views: int = 0,
     stain_seed: int = 0,
+    timings: dict | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Run ``encoder`` over every planned patch; returns ``(n_spots, num_features)`` float32.
 
@@ -131,11 +138,17 @@ def encode_patches(
     quarter turns) and the 8 embeddings are averaged (8 times the encoder work). With
     ``stain_views`` > 0 each patch is also embedded in that many stain-augmented views
     (:mod:`hespotex.pp._stain_augment`, seeded by ``stain_seed``) and ``(embeddings, views)`` is
-    returned, views ``(n_spots, stain_views, num_features)``.
+    returned, views ``(n_spots, stain_views, num_features)``. A ``timings`` dict receives
+    ``first_batch_s`` (seconds from the call to the first batch's embeddings: the loader's first read
+    and the encoder's first forward, which sets up its kernels), ``first_batch_at`` (the same moment, as
+    ``time.perf_counter()``) and ``first_batch_n`` (its patches).
     """
+    import time
+
     import torch
     from tqdm.auto import tqdm
 
+    t_start = time.perf_counter()
     dev = resolve_device(device)
     fmt = memory_format(encoder.model)
     model = encoder.model.to(dev, memory_format=fmt)
@@ -177,6 +190,9 @@ def encode_patches(
             out[idx] = run(x.to(dev, non_blocking=True)).float().cpu().numpy()
             for v, xa in enumerate(aug):
                 views_out[idx, v] = run(xa.to(dev, non_blocking=True)).float().cpu().numpy()
+            if b == 0 and timings is not None:
+                now = time.perf_counter()
+                timings.update(first_batch_s=now - t_start, first_batch_at=now, first_batch_n=len(idx))
     return out if views_out is None else (out, views_out)
 
 
