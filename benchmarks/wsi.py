@@ -165,12 +165,16 @@ def import_seconds(env: dict[str, str]) -> float:
 # the bare forward
 
 
-def premade_inputs(tiles_zarr: Path, model_dir: Path, n: int, batch_size: int):
-    """Normalised encoder inputs of the first ``n`` tiles of the slide, in batches."""
+def premade_inputs(tiles_zarr: Path, model_dir: Path, n: int, batch_size: int | None):
+    """Normalised encoder inputs of the first ``n`` tiles of the slide, in batches, in the memory layout and
+    batch size predict uses (channels-last for timm CNNs, :func:`encoder_batch_size`), so the bare arm is
+    the encoder at its best, never a slower reference than what predict runs."""
     import hespotex as hx
     from hespotex.pp import load_encoder
+    from hespotex.pp._embed import memory_format
     from hespotex.pp._patches import plan_patches, resize_batch
     from hespotex.tl.prediction._cohort import open_slide
+    from hespotex.tl.prediction._stream_stages import encoder_batch_size
 
     model = hx.tl.HESpotEx.load(model_dir)
     emb = model.embedding
@@ -178,11 +182,16 @@ def premade_inputs(tiles_zarr: Path, model_dir: Path, n: int, batch_size: int):
     sdata = open_slide(tiles_zarr)
     plan = plan_patches(sdata, patch_um=emb["patch_um"], out_px=enc.input_size)
     idx = plan.order[: min(n, len(plan.order))]
+    batch_size = batch_size or encoder_batch_size(enc)
+    fmt = memory_format(enc.model)
+    enc.model.to(memory_format=fmt)
     xs = [
-        enc.normalize(resize_batch(plan.read(idx[i : i + batch_size]), enc.input_size))
+        enc.normalize(resize_batch(plan.read(idx[i : i + batch_size]), enc.input_size)).contiguous(memory_format=fmt)
         for i in range(0, len(idx), batch_size)
     ]
-    return enc, xs, len(idx), f"{plan.patch_um:.0f} µm = {plan.size} px -> {enc.input_size} px"
+    layout = "channels-last" if str(fmt) == "torch.channels_last" else "contiguous"
+    geometry = f"{plan.patch_um:.0f} µm = {plan.size} px -> {enc.input_size} px; batch {batch_size}, {layout}"
+    return enc, xs, len(idx), geometry
 
 
 def bare_forward(enc, xs) -> tuple[float, float]:
@@ -207,7 +216,9 @@ def main() -> None:
     )
     parser.add_argument("--mpp", type=float, default=2.0, help="microns per pixel of the synthetic slides")
     parser.add_argument("--raw-tiles", type=int, default=4096, help="tiles of each slide for the bare forward arm")
-    parser.add_argument("--batch-size", type=int, default=64, help="batch size of the bare forward arm")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="batch size of the bare forward arm (default: predict's own)"
+    )
     parser.add_argument(
         "--workdir", default="/tmp/hespotex-wsi-bench", help="slides, model and outputs (kept for reruns)"
     )
@@ -358,7 +369,8 @@ def main() -> None:
         "cohort run in the same worker.",
         f"- Bare forward: `encoder.model(x)` on pre-made inputs of the first {args.raw_tiles} tiles (spatial "
         "order) of the "
-        f"same slide, batch {args.batch_size}, in this process, once before and once after the predict subprocess "
+        "same slide, with the batch size and memory layout predict uses (see the model line), in this process, "
+        "once before and once after the predict subprocess "
         "(seconds: " + "; ".join(f"{r['raw_s'][0]:.1f} / {r['raw_s'][1]:.1f}" for r in details) + "; the bare "
         "forward is timed after a warm-up batch, so it holds no start-up either). ratio steady embedding = "
         "(tiles - first batch) / steady embedding seconds / bare forward tiles/s: the throughput ratio the goal "
