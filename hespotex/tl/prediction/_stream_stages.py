@@ -95,7 +95,15 @@ def _array(
 
 
 def embed_stage(
-    group: Any, plan: Any, encoder: Any, *, step: int, rows: int, device: str | None, tta: bool = False
+    group: Any,
+    plan: Any,
+    encoder: Any,
+    *,
+    step: int,
+    rows: int,
+    device: str | None,
+    tta: bool = False,
+    stain_norm: tuple[dict, dict] | None = None,
 ) -> ZarrRows:
     """Stage 1: embeddings in reading order, ``step`` spots at a time, with done markers."""
     from tqdm.auto import tqdm
@@ -117,7 +125,7 @@ def embed_stage(
     logger.info("Embedding: %d of %d chunks to compute (%d done before).", len(todo), n_steps, n_steps - len(todo))
     t0, n_done = time.perf_counter(), 0
     for j in tqdm(todo, desc="embedding chunks", unit="chunk", disable=not settings.progress):
-        _embed_chunk(emb, done, plan, encoder, int(j), step=step, device=device, tta=tta)
+        _embed_chunk(emb, done, plan, encoder, int(j), step=step, device=device, tta=tta, stain_norm=stain_norm)
         n_done += len(plan.order[j * step : (j + 1) * step])
     if n_done:
         seconds = time.perf_counter() - t0
@@ -128,7 +136,16 @@ def embed_stage(
 
 
 def _embed_chunk(
-    emb: Any, done: Any, plan: Any, encoder: Any, j: int, *, step: int, device: str | None, tta: bool = False
+    emb: Any,
+    done: Any,
+    plan: Any,
+    encoder: Any,
+    j: int,
+    *,
+    step: int,
+    device: str | None,
+    tta: bool = False,
+    stain_norm: tuple[dict, dict] | None = None,
 ) -> None:
     """Embed reading-order rows ``[j*step, (j+1)*step)``, write them, then mark step ``j`` done."""
     from hespotex.pp._embed import encode_patches
@@ -136,7 +153,7 @@ def _embed_chunk(
     idx = plan.order[j * step : (j + 1) * step]
     sub = replace(plan, x0=plan.x0[idx], y0=plan.y0[idx], order=np.arange(len(idx)))
     with _quiet_progress():
-        feats = encode_patches(sub, encoder, batch_size=BATCH_SIZE, device=device, tta=tta)
+        feats = encode_patches(sub, encoder, batch_size=BATCH_SIZE, device=device, tta=tta, stain_norm=stain_norm)
     if not np.isfinite(feats).all():
         msg = f"The encoder {encoder.name!r} produced NaN or infinite embeddings; check its weights and the image."
         raise ValueError(msg)
