@@ -239,7 +239,8 @@ def cmd_report(args) -> None:
     rows = all_rows(work)
     folds = her2st_sections(args.data)
     mean_t, gains_t, truth_t = tables_for(rows, folds)
-    mac_folds = sorted(rows.loc[rows['stain_norm'] == 'macenko', 'fold'].unique())
+    mac_seeds = rows[rows["stain_norm"] == "macenko"].groupby("fold")["seed"].nunique()
+    mac_folds = sorted(mac_seeds.index[mac_seeds == mac_seeds.max()]) if len(mac_seeds) else []  # all its seeds
     refs = []
     for fold in folds:
         p = fold_work(work, fold) / "reference.json"

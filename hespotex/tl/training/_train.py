@@ -257,15 +257,17 @@ def train(
         get 4 views). Early stopping scores clean embeddings; prediction is unchanged. Recorded as
         ``model.stain_augment`` (and in ``setup.json``). ``None`` (default): on when every sample is
         embedded here or already carries views, off when some sample was embedded beforehand without
-        them. It makes models robust to stain shifts (``benchmarks/results/shift_stain.md``: +0.06 to
-        +0.08 mean Pearson on re-stained sections, nothing lost on clean ones) at the cost of 5 times the
-        encoder work on the training slides (once; cached with the embeddings).
+        them. It makes models robust to stain shifts (``benchmarks/results/shift_stain.md``, single
+        models, 3 seeds: +0.069 / +0.096 mean Pearson (all modelled / top-50 genes) on re-stained
+        sections, +0.006 / +0.003 on clean ones) at the cost of 5 times the encoder work on the training
+        slides (once; cached with the embeddings).
     stain_norm
         ``"macenko"``: samples embedded here are stain-normalised (:mod:`hespotex.pp._stain_norm`) to a
         reference fitted on these samples (:func:`hespotex.pp.stain_reference`); samples already
         embedded must have been normalised (they lend their reference). The reference is part of
         ``model.embedding`` (and ``setup.json``); :func:`hespotex.tl.predict` maps every new slide to it.
-        ``None``: whatever the embeddings were made with (recorded all the same).
+        ``None``: whatever the embeddings were made with (recorded all the same). Not the default: on
+        the shift benchmark it lost 0.014 / 0.021 on re-stained sections (``shift_stain.md``).
 
     Returns
     -------
