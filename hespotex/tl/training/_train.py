@@ -267,7 +267,7 @@ def train(
         embedded must have been normalised (they lend their reference). The reference is part of
         ``model.embedding`` (and ``setup.json``); :func:`hespotex.tl.predict` maps every new slide to it.
         ``None``: whatever the embeddings were made with (recorded all the same). Not the default: on
-        the shift benchmark it lost 0.014 / 0.021 on re-stained sections (``shift_stain.md``).
+        the shift benchmark it lost 0.026 / 0.031 on re-stained sections (``shift_stain.md``).
 
     Returns
     -------
