@@ -101,6 +101,7 @@ def test_train_saves_a_model_from_zarr_samples(tmp_path):
     assert main(args) == 0
     model = hx.tl.HESpotEx.load(tmp_path / "model")
     assert list(model.genes) == genes and model.config.latent_dim == 8 and sorted(model.train_samples_) == ["s0", "s1"]
+    assert model.stain_augment["n_views"] == 4  # by default trained on 4 stain-augmented views per spot
     assert main(args) == 2  # the model folder now exists
     bad = ["train", "--out", str(tmp_path / "other"), "--validation", "none", *samples]
     assert (

@@ -121,7 +121,11 @@ def test_train_stain_augment_uses_views_is_recorded_and_predicts_on_clean(tmp_pa
     config = ModelConfig.preset("hespotex", epochs=4, patience=None, **SMALL)
     kw = {"genes": list(sections["a"].tables["table"].var_names), "config": config, "device": "cpu", "validation": 0.2}
     aug = hx.tl.train(train, stain_augment=True, **kw)
-    plain = hx.tl.train(train, **kw)
+    plain = hx.tl.train(train, stain_augment=False, **kw)
+    # the default (None) trains on the views the samples carry: the same model as stain_augment=True
+    default = hx.tl.train(train, **kw)
+    assert default.stain_augment == aug.stain_augment
+    assert all(torch.equal(v, aug.module_.state_dict()[k]) for k, v in default.module_.state_dict().items())
     assert aug.stain_augment["n_views"] == 2 and aug.stain_augment["key"] == views_key("X_hespotex_image")
     assert plain.stain_augment is None
     # the sampler draws from the views: with views equal to the clean embeddings training is exactly the plain one
@@ -158,3 +162,21 @@ def test_train_stain_augment_uses_views_is_recorded_and_predicts_on_clean(tmp_pa
         del s.tables["table"].obsm[views_key("X_hespotex_image")]
     with pytest.raises(KeyError, match="stain_augment=True needs stain-augmented views"):
         hx.tl.train(train, stain_augment=True, **kw)
+
+
+def test_default_stain_augment_is_on_when_train_embeds_or_views_exist():
+    from hespotex.pp._stain_augment import default_stain_augment
+
+    def section(seed, *, views=None):
+        sdata = hx.datasets.synthetic(n_spots=20, n_genes=5, seed=seed, microns_per_pixel=1.0, sample_id=f"d{seed}")
+        table = sdata.tables["table"]
+        if views is not None:
+            table.obsm["X_hespotex_image"] = np.zeros((table.n_obs, 4), dtype=np.float32)
+            if views:
+                table.obsm[views_key("X_hespotex_image")] = np.zeros((table.n_obs, 2, 4), dtype=np.float32)
+        return sdata
+
+    assert default_stain_augment({"a": section(1), "b": section(2)}, "X_hespotex_image")  # train embeds both
+    assert default_stain_augment({"a": section(1, views=True), "b": section(2)}, "X_hespotex_image")
+    # a sample embedded beforehand without views: they cannot be made there, so clean embeddings only
+    assert not default_stain_augment({"a": section(1, views=False), "b": section(2)}, "X_hespotex_image")

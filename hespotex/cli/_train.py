@@ -125,10 +125,21 @@ def train_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         except ValueError:
             parser.error(f"--validation expects auto, none or a fraction such as 0.2, found {args.validation!r}.")
     samples = _training_samples(args)
-    for sdata in samples:
-        hx.pp.embed(
-            sdata, encoder=args.encoder, weights=args.weights, patch_um=args.patch_um, input_size=args.input_size
+    from hespotex._constants import EMBEDDING_KEY
+    from hespotex._sample import get_table
+
+    fresh = [EMBEDDING_KEY not in get_table(sdata).obsm for sdata in samples]  # views only with new embeddings
+    reference = None
+    if args.stain_norm != "none":
+        reference = hx.pp.stain_reference(
+            samples, method=args.stain_norm, patch_um=args.patch_um, input_size=args.input_size or 224
         )
+    for sdata, new in zip(samples, fresh, strict=True):
+        hx.pp.embed(
+            sdata, encoder=args.encoder, weights=args.weights, patch_um=args.patch_um, input_size=args.input_size,
+            stain_augment=args.stain_views if new else 0,
+            stain_norm=None if reference is None else args.stain_norm, stain_reference=reference,
+        )  # fmt: skip
     t0 = time.perf_counter()
     model = hx.tl.train(
         samples,
@@ -182,6 +193,20 @@ def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     )
     p_train.add_argument(
         "--input-size", type=positive_int, metavar="PX", help="encoder input size in pixels (default: the encoder's)"
+    )
+    p_train.add_argument(
+        "--stain-views",
+        type=int,
+        default=4,
+        metavar="N",
+        help="stain-augmented views per spot to train on, embedded once with samples not embedded yet (default: 4; "
+        "0: clean patches only; 5 times the encoder work with 4)",
+    )
+    p_train.add_argument(
+        "--stain-norm",
+        default="none",
+        choices=["none", "macenko"],
+        help="stain normalisation of every patch to a reference fitted on the training samples (default: none)",
     )
     p_train.add_argument(
         "--preset",

@@ -11,6 +11,7 @@ __getattr__, __dir__, __all__ = attach(
         "spatial_graph": "_graph",
         "extract_patches": "_patches",
         "embed": "_embed",
+        "stain_reference": "_stain_norm",
         "load_encoder": "_encoders",
         "list_encoders": "_encoder_zoo",
         "detect_tissue": "_tissue",

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hespotex._constants import EMBED_RECORD_KEY, EMBEDDING_KEY
+from hespotex._constants import EMBED_RECORD_KEY, EMBEDDING_KEY, SAMPLE_KEY
 from hespotex._sample import get_table
 from hespotex._settings import resolve_device, settings
 from hespotex.io._inputs import accepts_anndata
@@ -63,9 +63,12 @@ def image_fingerprint(plan: PatchPlan) -> str:
     return digest.hexdigest()
 
 
-def cache_key(plan: PatchPlan, encoder: Encoder, *, tta: bool = False, stain: dict | None = None) -> str:
+def cache_key(
+    plan: PatchPlan, encoder: Encoder, *, tta: bool = False, stain: dict | None = None, stain_norm: dict | None = None
+) -> str:
     """Cache key of an embedding: image pixels, spot crops (centres and geometry), encoder, test-time
-    augmentation and stain-augmented views (their number, seed and ranges)."""
+    augmentation, stain-augmented views (their number, seed and ranges) and stain normalisation (its
+    reference, :func:`hespotex.pp._stain_norm.stain_key`)."""
     parts = {
         "image": image_fingerprint(plan),
         "patches": plan.fingerprint(),
@@ -76,6 +79,8 @@ def cache_key(plan: PatchPlan, encoder: Encoder, *, tta: bool = False, stain: di
         parts["tta"] = "dihedral8"
     if stain:
         parts["stain_augment"] = stain
+    if stain_norm:
+        parts["stain_norm"] = stain_norm
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -130,6 +135,7 @@ def encode_patches(
     stain_views: int = 0,
     stain_seed: int = 0,
     timings: dict | None = None,
+    stain_norm: tuple[dict, dict] | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Run ``encoder`` over every planned patch; returns ``(n_spots, num_features)`` float32.
 
@@ -141,7 +147,9 @@ def encode_patches(
     returned, views ``(n_spots, stain_views, num_features)``. A ``timings`` dict receives
     ``first_batch_s`` (seconds from the call to the first batch's embeddings: the loader's first read
     and the encoder's first forward, which sets up its kernels), ``first_batch_at`` (the same moment, as
-    ``time.perf_counter()``) and ``first_batch_n`` (its patches).
+    ``time.perf_counter()``) and ``first_batch_n`` (its patches). With ``stain_norm`` = ``(slide stain, reference)``
+    every resized patch is first mapped to the reference stain
+    (:func:`hespotex.pp._stain_norm.normalize_patches`; the views are jittered from the normalised patch).
     """
     import time
 
@@ -168,6 +176,10 @@ def encode_patches(
     def load(idx: np.ndarray):
         """Read, resize and normalise one batch (in the loader thread; the main thread only runs the encoder)."""
         x = resize_batch(plan.read(idx), encoder.input_size)
+        if stain_norm is not None:
+            from hespotex.pp._stain_norm import normalize_patches
+
+            x = normalize_patches(x, *stain_norm)
         aug = [
             torch.from_numpy(stain_jitter(x.numpy(), params, v, idx)).sub_(mean).div_(std).contiguous(memory_format=fmt)
             for v in range(stain_views)
@@ -212,6 +224,8 @@ def embed(
     overwrite: bool = False,
     tta: bool = False,
     stain_augment: int = 0,
+    stain_norm: str | None = None,
+    stain_reference: dict | None = None,
     image: Any = None,
     microns_per_pixel: float | None = None,
     library_id: str | None = None,
@@ -270,6 +284,13 @@ def embed(
         in HED colour space with mild brightness/contrast changes, drawn from ``seed`` per (view,
         spot) (:mod:`hespotex.pp._stain_augment`). ``stain_augment + 1`` times the encoder work,
         once: the views are cached with the embeddings. ``obsm[key_added]`` stays the clean embedding.
+    stain_norm, stain_reference
+        ``"macenko"``: map every patch to the reference stain ``stain_reference`` before the encoder
+        (:mod:`hespotex.pp._stain_norm`). The reference is fitted on the *training* slides with
+        :func:`hespotex.pp.stain_reference` (a trained model's ``model.embedding["stain_norm"]`` holds
+        it too); this slide's own stain is estimated once from a seeded sample of its spot patches (not
+        per patch). ``None`` (default): patches as scanned. A slide whose patches hold too little tissue
+        to estimate its stain gets a ``ValueError``.
     image, microns_per_pixel, library_id
         AnnData input only (see :func:`hespotex.io.from_scanpy`): the full-resolution H&E image (path or
         array) in the pixels of ``obsm["spatial"]``, its µm per pixel when ``spot_diameter_fullres`` cannot
@@ -282,7 +303,8 @@ def embed(
     encoder, input size, pyramid level, cache key and, for zoo encoders, ``encoder_entry``: name,
     source, version, native µm/px, hub id). With ``stain_augment``, also
     ``obsm[f"{key_added}_stain_views"]`` (``n_spots x stain_augment x n_features``) and
-    ``"stain_augment"`` (views, seed, method, ranges) in the record. These are all the entries written,
+    ``"stain_augment"`` (views, seed, method, ranges) in the record. With ``stain_norm``, ``"stain_norm"``
+    (method, the reference, this slide's own stain estimate) in the record. These are all the entries written,
     to the SpatialData's table or to the AnnData passed (nothing else of it changes).
     """
     from hespotex.pp._encoders import load_encoder
@@ -304,7 +326,18 @@ def embed(
         msg = f"Expected stain_augment to be a number of views (0, 1, 2, ...), found {stain_augment!r}."
         raise ValueError(msg)
     stain = stain_record(stain_augment, seed) if stain_augment else None
-    key = cache_key(plan, enc, tta=tta, stain=stain)
+    norm_key, norm = None, None
+    if stain_norm is not None or stain_reference is not None:
+        from hespotex.pp._stain_norm import as_reference, check_stain_norm, slide_stain, stain_key
+        from hespotex.pp._stain_norm import stain_record as stain_norm_record
+
+        check_stain_norm(stain_norm)
+        if stain_norm is None:
+            msg = "stain_reference is given without stain_norm; pass stain_norm='macenko' with it, or neither."
+            raise ValueError(msg)
+        reference = as_reference(stain_reference, stain_norm)
+        norm_key = stain_key(reference)
+    key = cache_key(plan, enc, tta=tta, stain=stain, stain_norm=norm_key)
     stored = table.uns.get(EMBED_KEY, {}).get(key_added)
     if key_added in table.obsm:
         if stored is not None and stored.get("cache_key") == key:
@@ -316,6 +349,10 @@ def embed(
                 "another `key_added`."
             )
             raise ValueError(msg)
+    if norm_key is not None:  # once per slide, before any cache look-up: a blank slide is refused either way
+        sample_id = table.uns.get(SAMPLE_KEY, {}).get("sample_id", "this slide")
+        slide = slide_stain(plan, what=f"slide {sample_id!r}")
+        norm = stain_norm_record(reference, slide)
     path = _cache_path(key)
     views_path = path.with_name(f"{key}_stain_views.npy")
     feats, views = None, None
@@ -333,8 +370,9 @@ def embed(
             table.n_obs, plan.patch_um, plan.level.image_key, enc.name, plan.level.level, plan.size, enc.input_size,
         )  # fmt: skip
         feats = encode_patches(
-            plan, enc, batch_size=batch_size, device=device, tta=tta, stain_views=stain_augment, stain_seed=seed
-        )
+            plan, enc, batch_size=batch_size, device=device, tta=tta, stain_views=stain_augment, stain_seed=seed,
+            stain_norm=None if norm is None else (norm["slide"], norm["reference"]),
+        )  # fmt: skip
         if stain:
             feats, views = feats
         if not np.isfinite(feats).all() or (views is not None and not np.isfinite(views).all()):
@@ -364,5 +402,6 @@ def embed(
         "encoder_entry": dict(enc.entry) or None,
         "tta": "dihedral8" if tta else None,
         "stain_augment": stain,
+        "stain_norm": norm,
     }
     table.uns.setdefault(EMBED_KEY, {})[key_added] = {k: v for k, v in params.items() if v is not None}

@@ -87,3 +87,13 @@ def sample_views(emb: np.ndarray, views: np.ndarray, rng: np.random.Generator) -
     aug = choice > 0
     out[aug] = views[np.flatnonzero(aug), choice[aug] - 1]
     return out
+
+
+def default_stain_augment(named: dict[str, Any], embedding_key: str) -> bool:
+    """What :func:`hespotex.tl.train` ``(..., stain_augment=None)`` does: augment when every sample is either embedded
+    there (no ``obsm[embedding_key]`` yet: its views are made with it, once) or already carries stain views; train on
+    clean embeddings when some sample was embedded beforehand without views (they cannot be made afterwards)."""
+    from hespotex._sample import get_table
+
+    tables = {n: get_table(s) for n, s in named.items()}
+    return all(embedding_key not in t.obsm or views_key(embedding_key) in t.obsm for t in tables.values())

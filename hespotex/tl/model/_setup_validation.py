@@ -80,6 +80,13 @@ def _embedding(value: dict) -> str | None:
     for key in ("encoder", "encoder_id"):
         if value.get(key) is not None and not isinstance(value[key], str):
             return f"an object whose {key} is a string (found {value[key]!r})"
+    norm = value.get("stain_norm")
+    if norm is not None:
+        from hespotex.pp._stain_norm import reference_problem
+
+        problem = reference_problem(norm.get("reference")) if isinstance(norm, dict) else f"found {_short(norm)}"
+        if problem is not None:
+            return f"an object whose stain_norm holds a valid stain reference ({problem})"
     return None
 
 

@@ -30,6 +30,19 @@ def check_embedding(model: HESpotEx, record: dict[str, Any]) -> None:
     if "unknown" in (record.get("encoder_id"), expected.get("encoder_id")):
         logger.warning("Cannot check that this slide was embedded like the training slides (no encoder record).")
         return
+    if not same_embedding(expected, record) and same_embedding(
+        expected, {**record, "stain_norm": expected.get("stain_norm")}
+    ):  # only the stain normalisation differs
+        from hespotex.pp._stain_norm import stain_text
+
+        msg = (
+            f"The model was trained on embeddings made with {stain_text(expected.get('stain_norm'))}; this slide's "
+            f"were made with {stain_text(record.get('stain_norm'))}. Re-embed it as the model expects: "
+            "hx.pp.embed(sdata, stain_norm=model.embedding['stain_norm']['method'] (or None), "
+            "stain_reference=model.embedding['stain_norm'], key_added=..., overwrite=True), or delete its "
+            "embeddings and let hx.tl.predict embed it."
+        )
+        raise ValueError(msg)
     if not same_embedding(expected, record):
         entries = [entry_text(r) for r in (expected, record)]
         msg = (

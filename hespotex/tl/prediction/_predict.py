@@ -165,7 +165,9 @@ def predict(
 
     - ``obsm[use_rep]``: the image embeddings, spots × encoder features (float32);
     - ``uns["hespotex_embed"][use_rep]``: their record (encoder, encoder id, patch size in µm,
-      µm/px seen, input size, pyramid level, cache key, registry entry, TTA).
+      µm/px seen, input size, pyramid level, cache key, registry entry, TTA and, for a model trained on
+      stain-normalised embeddings, ``"stain_norm"``: the model's reference and this slide's own stain, to which
+      every patch was mapped, see :mod:`hespotex.pp._stain_norm`).
 
     For an AnnData in the scanpy convention the prediction runs on a sample built from it and every
     entry listed here (``obsm``, ``layers``, ``obsp``, ``uns``, the ``var`` mask) is written back to the
@@ -215,6 +217,8 @@ def predict(
         input_size=embed_params.get("input_size"),
         tta=bool(embed_params.get("tta")),
         encoder_seed=int(embed_params.get("seed", 0)),
+        stain_norm=(embed_params.get("stain_norm") or {}).get("method"),
+        stain_reference=embed_params.get("stain_norm"),
     )
     check_embedding(model, record)
     sample = graph_data(

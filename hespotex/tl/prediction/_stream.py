@@ -117,6 +117,7 @@ def predict_streaming(
     from hespotex.pp._embed import cache_key
     from hespotex.pp._encoders import load_encoder
     from hespotex.pp._patches import plan_patches
+    from hespotex.pp._stain_norm import stain_key, stain_norm_entry
     from hespotex.tl.model._data import embeddings
     from hespotex.tl.prediction._checks import check_embedding
     from hespotex.tl.prediction._tables import prediction_params
@@ -180,6 +181,7 @@ def predict_streaming(
 
         record = ensure_embeddings(sdata, embedding_key=embedding_key)
     else:
+        norm = stain_norm_entry(embed_params.get("stain_norm"), plan, info.sample_id)
         record = {
             "encoder": encoder.name,
             "encoder_id": encoder.encoder_id,
@@ -190,8 +192,11 @@ def predict_streaming(
             "image_key": plan.level.image_key,
             "level": plan.level.level,
             "crop_px": plan.size,
-            "cache_key": cache_key(plan, encoder, tta=bool(embed_params.get("tta"))),
+            "cache_key": cache_key(
+                plan, encoder, tta=bool(embed_params.get("tta")), stain_norm=norm and stain_key(norm["reference"])
+            ),
             **({"tta": embed_params["tta"]} if embed_params.get("tta") else {}),
+            **({"stain_norm": norm} if norm else {}),
         }
     check_embedding(model, record)
 
@@ -256,6 +261,9 @@ def predict_streaming(
             rows=layout["embedding_rows"],
             device=device,
             tta=bool(embed_params.get("tta")),
+            stain_norm=(record["stain_norm"]["slide"], record["stain_norm"]["reference"])
+            if record.get("stain_norm")
+            else None,
         )
         del encoder
     # 2. graph blocks

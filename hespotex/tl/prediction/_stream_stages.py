@@ -103,7 +103,15 @@ def _array(
 
 
 def embed_stage(
-    group: Any, plan: Any, encoder: Any, *, step: int, rows: int, device: str | None, tta: bool = False
+    group: Any,
+    plan: Any,
+    encoder: Any,
+    *,
+    step: int,
+    rows: int,
+    device: str | None,
+    tta: bool = False,
+    stain_norm: tuple[dict, dict] | None = None,
 ) -> ZarrRows:
     """Stage 1: embeddings in reading order, ``step`` spots at a time, with done markers."""
     from tqdm.auto import tqdm
@@ -126,7 +134,9 @@ def embed_stage(
     t0, n_done, first = time.perf_counter(), 0, {}
     for j in tqdm(todo, desc="embedding chunks", unit="chunk", disable=not settings.progress):
         timings = None if first else first  # the first chunk's first batch: the embedding's start-up
-        _embed_chunk(emb, done, plan, encoder, int(j), step=step, device=device, tta=tta, timings=timings)
+        _embed_chunk(
+            emb, done, plan, encoder, int(j), step=step, device=device, tta=tta, timings=timings, stain_norm=stain_norm
+        )
         n_done += len(plan.order[j * step : (j + 1) * step])
     if n_done:
         # the first batch (loader's first read, the encoder's first forward: a start-up paid once per slide)
@@ -153,6 +163,7 @@ def _embed_chunk(
     device: str | None,
     tta: bool = False,
     timings: dict | None = None,
+    stain_norm: tuple[dict, dict] | None = None,
 ) -> None:
     """Embed reading-order rows ``[j*step, (j+1)*step)``, write them, then mark step ``j`` done."""
     from hespotex.pp._embed import encode_patches
@@ -161,7 +172,13 @@ def _embed_chunk(
     sub = replace(plan, x0=plan.x0[idx], y0=plan.y0[idx], order=np.arange(len(idx)))
     with _quiet_progress():
         feats = encode_patches(
-            sub, encoder, batch_size=encoder_batch_size(encoder), device=device, tta=tta, timings=timings
+            sub,
+            encoder,
+            batch_size=encoder_batch_size(encoder),
+            device=device,
+            tta=tta,
+            timings=timings,
+            stain_norm=stain_norm,
         )
     if not np.isfinite(feats).all():
         msg = f"The encoder {encoder.name!r} produced NaN or infinite embeddings; check its weights and the image."

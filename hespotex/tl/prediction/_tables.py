@@ -37,6 +37,7 @@ def prediction_params(
         "target": TARGET_NORMS[model.target_norm],
         "embedding_norm": model.embedding_norm,
         "tta": model.embedding.get("tta"),
+        "stain_norm": (model.embedding.get("stain_norm") or {}).get("method"),  # None: patches as scanned
         "stain_augment_views": int(
             (model.stain_augment or {}).get("n_views", 0)
         ),  # 0: trained on clean embeddings only
