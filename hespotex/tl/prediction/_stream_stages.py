@@ -95,9 +95,18 @@ def _array(
 
 
 def embed_stage(
-    group: Any, plan: Any, encoder: Any, *, step: int, rows: int, device: str | None, tta: bool = False
+    group: Any,
+    plan: Any,
+    encoder: Any,
+    *,
+    step: int,
+    rows: int,
+    device: str | None,
+    tta: bool = False,
+    context: Any = None,
 ) -> ZarrRows:
-    """Stage 1: embeddings in reading order, ``step`` spots at a time, with done markers."""
+    """Stage 1: embeddings in reading order, ``step`` spots at a time, with done markers (with ``context``, the plan
+    of the same spots' context crops: two-scale embeddings, :mod:`hespotex.pp._context`)."""
     from tqdm.auto import tqdm
 
     n = len(plan.order)
@@ -110,14 +119,15 @@ def embed_stage(
             "to start over."
         )
         raise ValueError(msg)
-    emb = _array(group, "embeddings", (n, encoder.num_features), (rows, encoder.num_features), done="embeddings_done")
+    width = encoder.num_features * (1 if context is None else 2)
+    emb = _array(group, "embeddings", (n, width), (rows, width), done="embeddings_done")
     n_steps = -(-n // step)
     done = _done_array(group, "embeddings_done", n_steps)
     todo = [j for j in np.flatnonzero(~np.asarray(done[:n_steps], dtype=bool))]
     logger.info("Embedding: %d of %d chunks to compute (%d done before).", len(todo), n_steps, n_steps - len(todo))
     t0, n_done = time.perf_counter(), 0
     for j in tqdm(todo, desc="embedding chunks", unit="chunk", disable=not settings.progress):
-        _embed_chunk(emb, done, plan, encoder, int(j), step=step, device=device, tta=tta)
+        _embed_chunk(emb, done, plan, encoder, int(j), step=step, device=device, tta=tta, context=context)
         n_done += len(plan.order[j * step : (j + 1) * step])
     if n_done:
         seconds = time.perf_counter() - t0
@@ -128,15 +138,25 @@ def embed_stage(
 
 
 def _embed_chunk(
-    emb: Any, done: Any, plan: Any, encoder: Any, j: int, *, step: int, device: str | None, tta: bool = False
+    emb: Any,
+    done: Any,
+    plan: Any,
+    encoder: Any,
+    j: int,
+    *,
+    step: int,
+    device: str | None,
+    tta: bool = False,
+    context: Any = None,
 ) -> None:
     """Embed reading-order rows ``[j*step, (j+1)*step)``, write them, then mark step ``j`` done."""
-    from hespotex.pp._embed import encode_patches
+    from hespotex.pp._embed import encode_two_scales
 
     idx = plan.order[j * step : (j + 1) * step]
     sub = replace(plan, x0=plan.x0[idx], y0=plan.y0[idx], order=np.arange(len(idx)))
+    wide = None if context is None else replace(context, x0=context.x0[idx], y0=context.y0[idx], order=sub.order)
     with _quiet_progress():
-        feats = encode_patches(sub, encoder, batch_size=BATCH_SIZE, device=device, tta=tta)
+        feats = encode_two_scales(sub, wide, encoder, batch_size=BATCH_SIZE, device=device, tta=tta)
     if not np.isfinite(feats).all():
         msg = f"The encoder {encoder.name!r} produced NaN or infinite embeddings; check its weights and the image."
         raise ValueError(msg)

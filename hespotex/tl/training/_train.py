@@ -11,6 +11,7 @@ import numpy as np
 
 from hespotex._compat import renamed_arguments
 from hespotex._sample import as_sample_dict, get_table
+from hespotex.pp._context import same_context, scales_text
 from hespotex.pp._embed import EMBED_KEY
 from hespotex.tl.model._data import EMBEDDING_KEY, GraphData, graph_data, spatial_block_mask
 from hespotex.tl.model._model import HESpotEx
@@ -29,6 +30,7 @@ def ensure_embeddings(
     encoder_seed: int = 0,
     tta: bool = False,
     stain_augment: int = 0,
+    context_um: float | None = None,
 ) -> dict[str, Any]:
     """Embed ``sample`` when its table has no ``obsm[embedding_key]``; return the embedding record.
 
@@ -55,6 +57,7 @@ def ensure_embeddings(
             key_added=embedding_key,
             tta=tta,
             stain_augment=stain_augment,
+            context_um=context_um,
         )
     record = table.uns.get(EMBED_KEY, {}).get(embedding_key)
     if record is None:
@@ -100,6 +103,7 @@ def same_embedding(a: dict[str, Any], b: dict[str, Any]) -> bool:
         a.get("encoder_id") == b.get("encoder_id")
         and np.isclose(a.get("patch_um", 0.0), b.get("patch_um", 0.0))
         and a.get("tta") == b.get("tta")
+        and same_context(a, b)
     )
 
 
@@ -171,6 +175,7 @@ def train(
     backend: Literal["gloo", "nccl"] | None = None,
     ensemble: bool = False,
     stain_augment: bool = False,
+    context_um: float | None = None,
 ) -> HESpotEx:
     """Train HESpotEx on samples with spatial transcriptomics.
 
@@ -248,6 +253,11 @@ def train(
         (made once by :func:`hespotex.pp.embed` ``(..., stain_augment=4)``; samples embedded here
         get 4 views). Early stopping scores clean embeddings; prediction is unchanged. Recorded as
         ``model.stain_augment`` (and in ``setup.json``).
+    context_um
+        Samples embedded here get two-scale embeddings: the ``patch_um`` spot patch and a ``context_um``
+        context patch around it (see :func:`hespotex.pp.embed`); samples already embedded keep theirs
+        (every sample must have the same scales). The scales are recorded in ``model.embedding`` and
+        prediction re-embeds new slides with them.
 
     Returns
     -------
@@ -279,7 +289,7 @@ def train(
             config=config, seed=seed, device=device, use_rep=use_rep, target_sum=target_sum, target_norm=target_norm,
             embedding_norm=embedding_norm, max_nodes=max_nodes, strategy=strategy, n_processes=n_processes,
             backend=backend,
-            stain_augment=stain_augment,
+            stain_augment=stain_augment, context_um=context_um,
         )  # fmt: skip
     check_embedding_norm(embedding_norm)
 
@@ -288,7 +298,7 @@ def train(
     records = {
         n: ensure_embeddings(
             s, embedding_key=use_rep, encoder=encoder, weights=weights, patch_um=patch_um,
-            stain_augment=DEFAULT_STAIN_VIEWS if stain_augment else 0,
+            stain_augment=DEFAULT_STAIN_VIEWS if stain_augment else 0, context_um=context_um,
         )
         for n, s in named.items()
     }  # fmt: skip
@@ -297,9 +307,9 @@ def train(
         if not same_embedding(first, r):
             msg = (
                 f"Samples were embedded differently: {names[0]!r} with {first.get('encoder_id')} at "
-                f"{first.get('patch_um')} µm, "
-                f"{n!r} with {r.get('encoder_id')} at {r.get('patch_um')} µm. Re-embed them with one encoder "
-                "and patch size."
+                f"{scales_text(first)}, "
+                f"{n!r} with {r.get('encoder_id')} at {scales_text(r)}. Re-embed them with one encoder "
+                "and patch size (and context_um)."
             )
             raise ValueError(msg)
     tables = {n: get_table(s) for n, s in named.items()}
