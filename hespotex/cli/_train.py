@@ -124,7 +124,12 @@ def train_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     samples = _training_samples(args)
     for sdata in samples:
         hx.pp.embed(
-            sdata, encoder=args.encoder, weights=args.weights, patch_um=args.patch_um, input_size=args.input_size
+            sdata,
+            encoder=args.encoder,
+            weights=args.weights,
+            patch_um=args.patch_um,
+            input_size=args.input_size,
+            context_um=args.context_um,
         )
     t0 = time.perf_counter()
     model = hx.tl.train(
@@ -175,6 +180,12 @@ def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     )
     p_train.add_argument(
         "--patch-um", type=positive_float, metavar="UM", help="patch side in µm (default: from the spot size)"
+    )
+    p_train.add_argument(
+        "--context-um",
+        type=positive_float,
+        metavar="UM",
+        help="also embed a context patch of this side in µm around each spot (two-scale embeddings; default: none)",
     )
     p_train.add_argument(
         "--input-size", type=positive_int, metavar="PX", help="encoder input size in pixels (default: the encoder's)"
