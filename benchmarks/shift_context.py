@@ -112,107 +112,129 @@ def _seed_table(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return per_seed.groupby(keys)["pearson"].agg(mean="mean", spread=lambda v: float(v.max() - v.min()), seeds="size")
 
 
+def _paired(hes: pd.DataFrame, method: str) -> tuple[pd.DataFrame, list[str], list[int]]:
+    """The rows of ``method`` on the (fold, seed) pairs both feature sets have, restricted to the seeds that have
+    every such fold (so seeds and feature sets are compared on the same folds)."""
+    part = hes[hes["method"] == method]
+    pairs = [set(zip(g["fold"], g["seed"], strict=True)) for _, g in part.groupby("features")]
+    common = set.intersection(*pairs) if len(pairs) == 2 else set()
+    by_seed: dict[int, set] = {}
+    for fold, seed in common:
+        by_seed.setdefault(int(seed), set()).add(fold)
+    if not by_seed:
+        return part.iloc[:0], [], []
+    folds = max(by_seed.values(), key=len)
+    seeds = sorted(s for s, f in by_seed.items() if f >= folds)
+    keep = part["fold"].isin(folds) & part["seed"].isin(seeds)
+    return part[keep], sorted(folds), seeds
+
+
+def _compare(hes: pd.DataFrame, base: pd.DataFrame, method: str, keys: list[str]) -> pd.DataFrame:
+    """hespotex `method` on both feature sets vs the best tuned baseline on each, per `keys` (mean over the rest)."""
+    h = _seed_table(hes, ["features", *keys])
+    b = base.groupby(["features", "method", *keys])["pearson"].mean()
+    out = []
+    for k in h.reset_index()[keys].drop_duplicates().itertuples(index=False):
+        row = dict(zip(keys, k, strict=True))
+        mean = {}
+        for feat in ("spot", "spot+context"):
+            r = h.loc[(feat, *k)] if (feat, *k) in h.index else None
+            if r is not None:
+                mean[feat] = r["mean"]
+                row[f"{method} ({feat})"] = f"{r['mean']:.4f} ± {r['spread']:.4f}"
+            cell = b.xs(feat, level="features")
+            cell = cell[[tuple(i[1:]) == tuple(k) for i in cell.index]]
+            if len(cell):
+                best = cell.idxmax()
+                mean[f"base {feat}"] = float(cell.max())
+                row[f"best baseline ({feat})"] = f"{cell.max():.4f} {best[0]}"
+        if "spot" in mean and "spot+context" in mean:
+            row["gain (context)"] = round(mean["spot+context"] - mean["spot"], 4)
+        strongest = max(mean.get("base spot", -np.inf), mean.get("base spot+context", -np.inf))
+        for feat in ("spot", "spot+context"):
+            if feat in mean:
+                row[f"margin ({feat})"] = round(mean[feat] - strongest, 4)
+        out.append(row)
+    return pd.DataFrame(out)
+
+
 def cmd_report(args) -> None:
     from _common import write_report
 
     work = Path(args.work)
-    one = _rows(work, "spot")
-    two = _rows(context_work(work, args.context), "spot+context")
-    rows = pd.concat([one, two], ignore_index=True)
-    # hespotex single models and ensembles on the seeds both feature sets have; single rows of the "hespotex" tasks
-    # and of the "single" tasks are the same model (a seed's validation section): keep one per (fold, seed)
+    rows = pd.concat([_rows(work, "spot"), _rows(context_work(work, args.context), "spot+context")], ignore_index=True)
+    # the single model of a "hespotex" (ensemble) task and of a "single" task with the same seed is the same model
     hes = rows[rows["method"].isin(["hespotex", "hespotex-ens"])].drop_duplicates(
         ["features", "method", "fold", "seed", "condition", "truth", "genes"]
     )
-    keep = []
-    for _, grp in hes.groupby("method"):
-        seeds = set.intersection(*(set(g["seed"]) for _, g in grp.groupby("features")))
-        keep.append(grp[grp["seed"].isin(seeds)])
-    hes = pd.concat(keep)
     base = rows[rows["method"].str.startswith(("ridge", "retrieval"))]
-    folds = sorted(set(hes["fold"]) & set(base["fold"]))
-    hes, base = hes[hes["fold"].isin(folds)], base[base["fold"].isin(folds)]
-
-    def summary(keys: list[str]) -> pd.DataFrame:
-        h = _seed_table(hes, ["features", "method", *keys])
-        cells = {}
-        for (feat, method, *k), r in h.iterrows():
-            cells.setdefault(tuple(k), {})[f"{method} ({feat})"] = f"{r['mean']:.4f} ± {r['spread']:.4f} ({r['seeds']})"
-            cells[tuple(k)][f"_{method} ({feat})"] = r["mean"]
-        b = base.groupby(["features", "method", *keys])["pearson"].mean()
-        for (feat, method, *k), v in b.items():
-            cell = cells.setdefault(tuple(k), {})
-            if v > cell.get(f"_best ({feat})", -np.inf):
-                cell[f"_best ({feat})"] = v
-                cell[f"best baseline ({feat})"] = f"{v:.4f} {method}"
-        out = []
-        for k, cell in cells.items():
-            row = dict(zip(keys, k, strict=True))
-            row.update({c: v for c, v in cell.items() if not c.startswith("_")})
-            best = max(cell.get("_best (spot)", -np.inf), cell.get("_best (spot+context)", -np.inf))
-            for m in ("hespotex", "hespotex-ens"):
-                a, c = cell.get(f"_{m} (spot+context)"), cell.get(f"_{m} (spot)")
-                if a is not None and c is not None:
-                    row[f"gain {m}"] = round(a - c, 4)
-                if a is not None:
-                    row[f"margin {m} (spot+context)"] = round(a - best, 4)
-            out.append(row)
-        cols = [*keys]
-        for m in ("hespotex", "hespotex-ens"):
-            cols += [f"{m} (spot)", f"{m} (spot+context)", f"gain {m}"]
-        cols += ["best baseline (spot)", "best baseline (spot+context)", "margin hespotex (spot+context)",
-                 "margin hespotex-ens (spot+context)"]  # fmt: skip
-        df = pd.DataFrame(out)
-        return df[[c for c in cols if c in df]].sort_values(keys)
-
-    overall = summary(["genes"])
-    per_cond = summary(["condition", "genes"])
-    per_truth = summary(["condition", "truth", "genes"])
-    base_tab = base.groupby(["features", "method", "condition", "genes"])["pearson"].mean().unstack("condition")
-    base_tab = base_tab[[c for c in shift.CONDITIONS if c in base_tab]].round(4).reset_index()
-    seeds = {m: sorted(g["seed"].unique()) for m, g in hes.groupby("method")}
     cmd = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    ctx = f"{args.context:g}"
     lines = [
-        f"# Shift benchmark: two-scale embeddings (100 µm spot + {args.context:g} µm context) vs the spot patch alone",
+        f"# Shift benchmark: two-scale embeddings (100 µm spot + {ctx} µm context) vs the spot patch alone",
         "",
-        "Commands (2-core machine shared with other jobs, `nice -n 10`, 1 dask worker, 1 torch thread):  ",
+        "Commands (2-core machine shared with other jobs, load 12-15 during the runs; `nice -n 10`, 1 dask worker, "
+        "1 torch thread):  ",
         "`python benchmarks/shift.py embed --patch 200 --workers 1` (context-scale embeddings of the restained and "
         "rescaled sections; the clean ones were cached by shift.md's run);  ",
-        f"`python benchmarks/shift_context.py prepare --context {args.context:g}`;  ",
-        f"`python benchmarks/shift_context.py verify --context {args.context:g} --section C6`;  ",
-        f"`python benchmarks/shift.py run --work /tmp/hespotex_shift/context{args.context:g} --workers 1 --what "
-        "hespotex --seeds 0 --setting \"{'target_norm': 'library_modelled', 'patch_um': 100.0, 'tta': False}\"` "
-        "(tuned baselines on the concatenated features, 4-member ensembles and single models);  ",
-        f"`python benchmarks/shift.py run --work /tmp/hespotex_shift/context{args.context:g} --workers 1 --what "
-        "single --seeds 1 2 --setting ...` (single models, more seeds);  ",
+        f"`python benchmarks/shift_context.py prepare --context {ctx}`;  ",
+        f"`python benchmarks/shift_context.py verify --context {ctx} --section C6` (`hx.pp.embed(..., patch_um=100, "
+        f"context_um={ctx})` on C6 equals the benchmark's features: max |difference| 0);  ",
+        f"`python benchmarks/shift.py run --work /tmp/hespotex_shift/context{ctx} --workers 1 "
+        "--what hespotex --seeds 0 "
+        "--setting \"{'target_norm': 'library_modelled', 'patch_um': 100.0, 'tta': False}\"` (tuned baselines on the "
+        "concatenated features for every fold; the 4-member ensemble of fold C2, then stopped for time);  ",
+        f"`python benchmarks/shift.py run --work /tmp/hespotex_shift/context{ctx} --workers 1 --what single --seeds 0 "
+        "--folds C3 C4 C5 C6 --setting ...` and `... --what single --seeds 1 --setting ...` (single models);  ",
         f"`{cmd}`.",
         "",
         "Setting: targets `library_modelled`, spot patch 100 µm (the spot diameter), EfficientNet-Lite0 (ImageNet, "
-        "frozen). `(spot)`: the single-scale features of `shift.md` (1280 wide); `(spot+context)`: "
-        f"`hx.pp.embed(..., patch_um=100, context_um={args.context:g})`, the spot and context features concatenated "
-        "(2560 wide), for hespotex and for the baselines alike. hespotex = one model (validation section chosen by "
-        "the seed), hespotex-ens = mean of 4 members (one per held-out validation section). Seeds: "
-        + ", ".join(f"{m} {', '.join(map(str, s))}" for m, s in seeds.items())
-        + f" (the same seeds for both feature sets); folds {', '.join(folds)}. `±` = spread (max - min) of the seed "
-        "means, `(n)` = seeds. Baselines (ridge, retrieval; raw and 6-NN smoothed; α / k tuned by "
-        "leave-one-training-section-out) are deterministic; `best baseline` is the strongest of the four per cell, "
-        "`margin` is against the stronger of the best single-scale and best two-scale baseline.",
+        "frozen), the held-out section as is and under the emulated shifts of `shift.md`. `(spot)`: the "
+        "single-scale features of `shift.md` (1280 wide); `(spot+context)`: "
+        f"`hx.pp.embed(..., patch_um=100, context_um={ctx})`, the spot and context features concatenated (2560 "
+        "wide), for hespotex and the baselines alike. hespotex = one model (validation section chosen by the seed, "
+        "as `hx.tl.train` does), hespotex-ens = mean of 4 members (one per held-out validation section). Both "
+        "feature sets are compared on the same folds and seeds (given per table); `±` = spread (max - min) of the "
+        "seed means (0 with one seed). Baselines (ridge, retrieval; raw and 6-NN smoothed; α / k tuned by "
+        "leave-one-training-section-out, fitted to the same targets) are deterministic; `best baseline` is the "
+        "strongest of the four per cell and feature set; `margin` is against the stronger of the two.",
         "",
-        "## Mean over conditions and truths",
+    ]
+    for method in ("hespotex", "hespotex-ens"):
+        part, folds, seeds = _paired(hes, method)
+        if not folds:
+            continue
+        b = base[base["fold"].isin(folds)]
+        what = f"{method}: folds {', '.join(folds)}; seeds {', '.join(map(str, seeds))}"
+        lines += [
+            f"## {what}",
+            "",
+            "### Mean over conditions and truths",
+            "",
+            _compare(part, b, method, ["genes"]).to_markdown(index=False),
+            "",
+            "### Per condition (mean over the three truths)",
+            "",
+            _compare(part, b, method, ["condition", "genes"])
+            .sort_values(["genes", "condition"])
+            .to_markdown(index=False),
+            "",
+            "### Per condition and truth",
+            "",
+            _compare(part, b, method, ["condition", "truth", "genes"])
+            .sort_values(["genes", "condition", "truth"])
+            .to_markdown(index=False),
+            "",
+        ]
+    base_tab = base.groupby(["features", "method", "genes", "condition"])["pearson"].mean().unstack("condition")
+    base_tab = base_tab[[c for c in shift.CONDITIONS if c in base_tab]].round(4).reset_index()
+    chosen = base.groupby(["features", "method"])["chosen"].agg(lambda v: ", ".join(sorted(set(v)))).reset_index()
+    lines += [
+        "## Tuned baselines on either feature set (all folds, mean over truths)",
         "",
-        overall.to_markdown(index=False),
+        base_tab.sort_values(["genes", "method", "features"]).to_markdown(index=False),
         "",
-        "## Per condition (mean over the three truths)",
-        "",
-        per_cond.to_markdown(index=False),
-        "",
-        "## Per condition and truth",
-        "",
-        per_truth.to_markdown(index=False),
-        "",
-        "## Baselines on either feature set (mean over truths)",
-        "",
-        base_tab.to_markdown(index=False),
+        chosen.to_markdown(index=False),
         "",
     ]
     write_report("\n".join(lines), args.out)
