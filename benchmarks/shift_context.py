@@ -185,7 +185,8 @@ def cmd_report(args) -> None:
         "--setting \"{'target_norm': 'library_modelled', 'patch_um': 100.0, 'tta': False}\"` (tuned baselines on the "
         "concatenated features for every fold; the 4-member ensemble of fold C2, then stopped for time);  ",
         f"`python benchmarks/shift.py run --work /tmp/hespotex_shift/context{ctx} --workers 1 --what single --seeds 0 "
-        "--folds C3 C4 C5 C6 --setting ...`, `... --what single --seeds 1 --setting ...` and `... --seeds 2 ...` (single models);  ",
+        "--folds C3 C4 C5 C6 --setting ...`, `... --what single --seeds 1 --setting ...` and `... --seeds 2 ...` "
+        "(single models);  ",
         f"`{cmd}`.",
         "",
         "Setting: targets `library_modelled`, spot patch 100 µm (the spot diameter), EfficientNet-Lite0 (ImageNet, "
