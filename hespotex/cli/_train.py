@@ -137,7 +137,7 @@ def train_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     for sdata, new in zip(samples, fresh, strict=True):
         hx.pp.embed(
             sdata, encoder=args.encoder, weights=args.weights, patch_um=args.patch_um, input_size=args.input_size,
-            stain_augment=args.stain_views if new else 0,
+            context_um=args.context_um, stain_augment=args.stain_views if new else 0,
             stain_norm=None if reference is None else args.stain_norm, stain_reference=reference,
         )  # fmt: skip
     t0 = time.perf_counter()
@@ -190,6 +190,12 @@ def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     )
     p_train.add_argument(
         "--patch-um", type=positive_float, metavar="UM", help="patch side in µm (default: from the spot size)"
+    )
+    p_train.add_argument(
+        "--context-um",
+        type=positive_float,
+        metavar="UM",
+        help="also embed a context patch of this side in µm around each spot (two-scale embeddings; default: none)",
     )
     p_train.add_argument(
         "--input-size", type=positive_int, metavar="PX", help="encoder input size in pixels (default: the encoder's)"

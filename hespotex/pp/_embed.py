@@ -16,6 +16,7 @@ from hespotex._constants import EMBED_RECORD_KEY, EMBEDDING_KEY, SAMPLE_KEY
 from hespotex._sample import get_table
 from hespotex._settings import resolve_device, settings
 from hespotex.io._inputs import accepts_anndata
+from hespotex.pp._context import check_context_um, combined_key, context_plan, context_record
 from hespotex.pp._patches import PatchPlan, plan_patches, resize_batch
 
 if TYPE_CHECKING:
@@ -208,6 +209,66 @@ def encode_patches(
     return out if views_out is None else (out, views_out)
 
 
+def encode_two_scales(plan: PatchPlan, ctx: PatchPlan | None, encoder: Encoder, **kwargs: Any) -> Any:
+    """:func:`encode_patches` of ``plan``, with ``ctx`` its context features concatenated
+    after the spot features (and the stain-augmented views likewise, view by view: the same seeded re-staining of
+    a spot is applied at both scales)."""
+    out = encode_patches(plan, encoder, **kwargs)
+    if ctx is None:
+        return out
+    wide = encode_patches(ctx, encoder, **{**kwargs, "timings": None})  # the start-up is the spot scale's first batch
+    if isinstance(out, tuple):
+        return np.concatenate([out[0], wide[0]], axis=1), np.concatenate([out[1], wide[1]], axis=2)
+    return np.concatenate([out, wide], axis=1)
+
+
+def _scale_features(
+    plan: PatchPlan,
+    enc: Encoder,
+    key: str,
+    *,
+    n_obs: int,
+    cache: bool,
+    batch_size: int,
+    device: str | None,
+    tta: bool,
+    stain_augment: int,
+    seed: int,
+    stain_norm: tuple[dict, dict] | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The embeddings (and stain-augmented views) of one patch scale: from the disk cache under ``key`` when
+    there, else computed (and cached); ``stain_norm`` = (slide stain, reference) as :func:`encode_patches`."""
+    path = _cache_path(key)
+    views_path = path.with_name(f"{key}_stain_views.npy")
+    if cache and path.is_file() and (not stain_augment or views_path.is_file()):
+        cached = np.load(path, allow_pickle=False)
+        cached_views = np.load(views_path, allow_pickle=False) if stain_augment else None
+        if cached.shape == (n_obs, enc.num_features) and (
+            not stain_augment or cached_views.shape == (n_obs, stain_augment, enc.num_features)
+        ):
+            logger.info("Loaded %d cached embeddings from %s.", len(cached), path)
+            return cached, cached_views
+    logger.info(
+        "Embedding %d patches of %.0f µm of %r with %s (level %d, %d px crops -> %d px).",
+        n_obs, plan.patch_um, plan.level.image_key, enc.name, plan.level.level, plan.size, enc.input_size,
+    )  # fmt: skip
+    feats = encode_patches(
+        plan, enc, batch_size=batch_size, device=device, tta=tta, stain_views=stain_augment, stain_seed=seed,
+        stain_norm=stain_norm,
+    )  # fmt: skip
+    views = None
+    if stain_augment:
+        feats, views = feats
+    if not np.isfinite(feats).all() or (views is not None and not np.isfinite(views).all()):
+        msg = f"The encoder {enc.name!r} produced NaN or infinite embeddings; check its weights and the image."
+        raise ValueError(msg)
+    if cache:
+        if stain_augment:
+            _save_atomic(views_path, views)
+        _save_atomic(path, feats)
+    return feats, views
+
+
 @accepts_anndata()
 def embed(
     data: SpatialData | AnnData,
@@ -229,6 +290,7 @@ def embed(
     image: Any = None,
     microns_per_pixel: float | None = None,
     library_id: str | None = None,
+    context_um: float | None = None,
 ) -> None:
     """Embed the H&E patch under every spot with a frozen image encoder.
 
@@ -295,6 +357,12 @@ def embed(
         AnnData input only (see :func:`hespotex.io.from_scanpy`): the full-resolution H&E image (path or
         array) in the pixels of ``obsm["spatial"]``, its µm per pixel when ``spot_diameter_fullres`` cannot
         give it, and the ``uns["spatial"]`` library to read when there are several.
+    context_um
+        Two-scale embeddings (as TRIPLEX): also cut a context patch of ``context_um`` µm (wider than
+        ``patch_um``) centred on each spot, embed it with the same encoder (resized to its input) and store
+        ``[spot features, context features]`` (twice the encoder's width). Recorded as ``"context_um"``;
+        a model trained on them predicts new slides at the same two scales (:mod:`hespotex.pp._context`).
+        Each scale is cached on its own. ``None`` (default): the spot patch only.
 
     Returns
     -------
@@ -304,7 +372,9 @@ def embed(
     source, version, native µm/px, hub id). With ``stain_augment``, also
     ``obsm[f"{key_added}_stain_views"]`` (``n_spots x stain_augment x n_features``) and
     ``"stain_augment"`` (views, seed, method, ranges) in the record. With ``stain_norm``, ``"stain_norm"``
-    (method, the reference, this slide's own stain estimate) in the record. These are all the entries written,
+    (method, the reference, this slide's own stain estimate) in the record. With ``context_um``, the features
+    are ``2 x n_features`` wide (views likewise) and the record adds ``context_um``, ``context_level`` and
+    ``context_crop_px``. These are all the entries written,
     to the SpatialData's table or to the AnnData passed (nothing else of it changes).
     """
     from hespotex.pp._encoders import load_encoder
@@ -337,10 +407,14 @@ def embed(
             raise ValueError(msg)
         reference = as_reference(stain_reference, stain_norm)
         norm_key = stain_key(reference)
+    context_um = check_context_um(context_um, plan.patch_um)
+    ctx = context_plan(data, plan, context_um) if context_um is not None else None
     key = cache_key(plan, enc, tta=tta, stain=stain, stain_norm=norm_key)
+    ctx_key = cache_key(ctx, enc, tta=tta, stain=stain, stain_norm=norm_key) if ctx is not None else None
+    full_key = combined_key(key, ctx_key) if ctx is not None else key
     stored = table.uns.get(EMBED_KEY, {}).get(key_added)
     if key_added in table.obsm:
-        if stored is not None and stored.get("cache_key") == key:
+        if stored is not None and stored.get("cache_key") == full_key:
             logger.info("obsm[%r] already holds these embeddings; nothing to do.", key_added)
             return
         if not overwrite:
@@ -353,35 +427,13 @@ def embed(
         sample_id = table.uns.get(SAMPLE_KEY, {}).get("sample_id", "this slide")
         slide = slide_stain(plan, what=f"slide {sample_id!r}")
         norm = stain_norm_record(reference, slide)
-    path = _cache_path(key)
-    views_path = path.with_name(f"{key}_stain_views.npy")
-    feats, views = None, None
-    if cache and path.is_file() and (not stain or views_path.is_file()):
-        cached = np.load(path, allow_pickle=False)
-        cached_views = np.load(views_path, allow_pickle=False) if stain else None
-        if cached.shape == (table.n_obs, enc.num_features) and (
-            not stain or cached_views.shape == (table.n_obs, stain_augment, enc.num_features)
-        ):
-            feats, views = cached, cached_views
-            logger.info("Loaded %d cached embeddings from %s.", len(feats), path)
-    if feats is None:
-        logger.info(
-            "Embedding %d patches of %.0f µm of %r with %s (level %d, %d px crops -> %d px).",
-            table.n_obs, plan.patch_um, plan.level.image_key, enc.name, plan.level.level, plan.size, enc.input_size,
-        )  # fmt: skip
-        feats = encode_patches(
-            plan, enc, batch_size=batch_size, device=device, tta=tta, stain_views=stain_augment, stain_seed=seed,
-            stain_norm=None if norm is None else (norm["slide"], norm["reference"]),
-        )  # fmt: skip
-        if stain:
-            feats, views = feats
-        if not np.isfinite(feats).all() or (views is not None and not np.isfinite(views).all()):
-            msg = f"The encoder {enc.name!r} produced NaN or infinite embeddings; check its weights and the image."
-            raise ValueError(msg)
-        if cache:
-            if stain:
-                _save_atomic(views_path, views)
-            _save_atomic(path, feats)
+    pair = None if norm is None else (norm["slide"], norm["reference"])  # the context patches share the slide's stain
+    options = {"batch_size": batch_size, "device": device, "tta": tta, "stain_augment": stain_augment, "seed": seed}
+    feats, views = _scale_features(plan, enc, key, n_obs=table.n_obs, cache=cache, stain_norm=pair, **options)
+    if ctx is not None:  # the context scale, cached on its own (a single-scale embedding at context_um reuses it)
+        wide, wide_views = _scale_features(ctx, enc, ctx_key, n_obs=table.n_obs, cache=cache, stain_norm=pair, **options)
+        feats = np.concatenate([feats, wide], axis=1)
+        views = np.concatenate([views, wide_views], axis=2) if views is not None else None
     table.obsm[key_added] = feats
     if views is not None:
         table.obsm[views_key(key_added)] = views
@@ -397,8 +449,9 @@ def embed(
         "image_key": plan.level.image_key,
         "level": plan.level.level,
         "crop_px": plan.size,
-        "cache_key": key,
+        "cache_key": full_key,
         "mpp": plan.patch_um / enc.input_size,
+        **(context_record(ctx) if ctx is not None else {}),
         "encoder_entry": dict(enc.entry) or None,
         "tta": "dihedral8" if tta else None,
         "stain_augment": stain,

@@ -301,6 +301,7 @@ def explain(
         msg = f"Expected `n_spots` to be a positive integer, found {n_spots!r}."
         raise ValueError(msg)
     has_image = has_slide_image(data)
+    explicit_pixels = pixels
     if pixels is None:
         pixels = has_image
         if not has_image:
@@ -318,6 +319,9 @@ def explain(
         msg = "Nothing to explain: `pixels` and `neighbours` are both off."
         raise ValueError(msg)
     model, table, names, weights, scorer = _prepare(data, model, genes, signature, use_rep, device)
+    if pixels and explicit_pixels is None and model.embedding.get("context_um") is not None:
+        logger.info("Two-scale embeddings (context_um): explaining the neighbours only (no pixel attributions yet).")
+        pixels = False
     positions = None if spots is None else spot_positions(table, spots)
     with frozen_modules(model.module_, device=scorer.device):
         all_scores = scorer.predict_all()

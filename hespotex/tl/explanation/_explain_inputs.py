@@ -126,6 +126,13 @@ def load_model_encoder(model: HESpotEx) -> Encoder:
     from hespotex.pp._encoders import load_encoder
 
     rec = model.embedding
+    if rec.get("context_um") is not None:
+        msg = (
+            f"The model was trained on two-scale embeddings ({rec.get('patch_um')} µm spot patch and "
+            f"{rec['context_um']} µm context); pixel attributions through both patches are not supported yet. "
+            "Explain the neighbours only (`pixels=False`)."
+        )
+        raise NotImplementedError(msg)
     name = rec.get("encoder")
     if name in (None, "unknown"):
         msg = (

@@ -97,6 +97,15 @@ def _weights_source(embedding: dict[str, Any]) -> str:
     return f"the encoder's pretrained weights ({embedding.get('encoder_id')})"
 
 
+def _context_text(record: dict[str, Any]) -> str:
+    if record.get("context_um") is None:
+        return "none (the spot patch only)"
+    return (
+        f"{record['context_um']} µm patch centred on the spot, same encoder; its features follow the spot patch's "
+        "(two-scale embeddings)"
+    )
+
+
 def _record(model: Any) -> dict[str, Any]:
     """The ``hespotex`` record of the front matter."""
     from hespotex import __version__
@@ -118,6 +127,7 @@ def _record(model: Any) -> dict[str, Any]:
             "mpp", (emb.get("patch_um") or 0) / emb["input_size"] if emb.get("input_size") else None
         ),
         "tta": emb.get("tta"),
+        "context_um": emb.get("context_um"),
         "target_norm": model.target_norm,
         "target_sum": model.target_sum,
         "embedding_norm": model.embedding_norm,
@@ -220,6 +230,7 @@ def _body(model: Any, record: dict[str, Any]) -> str:
         f"- weights: {record['encoder_weights']}",
         f"- patch: {record.get('patch_um')} µm ({record.get('patch_px')} px of the scan, resized to "
         f"{record.get('encoder_input_px')} px for the encoder)",
+        f"- context: {_context_text(record)}",
         f"- test-time augmentation: {record.get('tta') or 'none'}",
         f"- embedding normalisation: `{record['embedding_norm']}` "
         f"({EMBEDDING_NORMS.get(record['embedding_norm'], '')})",

@@ -59,6 +59,7 @@ class HESpotExEnsemble:
                 and m.embedding.get("encoder_id") == first.embedding.get("encoder_id")
                 and m.embedding.get("patch_um") == first.embedding.get("patch_um")
                 and m.embedding.get("tta") == first.embedding.get("tta")
+                and m.embedding.get("context_um") == first.embedding.get("context_um")
                 and (m.target_norm, m.target_sum, m.embedding_norm)
                 == (first.target_norm, first.target_sum, first.embedding_norm)
             )

@@ -77,6 +77,11 @@ def _embedding(value: dict) -> str | None:
     patch = value.get("patch_um")
     if patch is not None and (not _number(patch) or not math.isfinite(patch) or patch <= 0):
         return f"an object whose patch_um is a positive, finite number (found {patch!r})"
+    context = value.get("context_um")
+    if context is not None and (
+        not _number(context) or not math.isfinite(context) or context <= (patch if _number(patch) else 0)
+    ):
+        return f"an object whose context_um is null or a finite number wider than patch_um (found {context!r})"
     for key in ("encoder", "encoder_id"):
         if value.get(key) is not None and not isinstance(value[key], str):
             return f"an object whose {key} is a string (found {value[key]!r})"

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hespotex.pp._context import scales_text
 from hespotex.tl.training._train import same_embedding
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ def entry_text(record: dict[str, Any]) -> str:
 
 
 def check_embedding(model: HESpotEx, record: dict[str, Any]) -> None:
-    """Refuse a slide embedded differently (encoder, patch size) from the model's training slides."""
+    """Refuse a slide embedded differently (encoder, patch size, context scale) from the model's training slides."""
     expected = model.embedding
     if "unknown" in (record.get("encoder_id"), expected.get("encoder_id")):
         logger.warning("Cannot check that this slide was embedded like the training slides (no encoder record).")
@@ -48,8 +49,8 @@ def check_embedding(model: HESpotEx, record: dict[str, Any]) -> None:
         msg = (
             (f"The model's encoder is {entries[0]}, this slide's {entries[1]}. " if entries[0] != entries[1] else "")
             + f"The model was trained on embeddings of {expected.get('encoder')!r} ({expected.get('encoder_id')}) at "
-            f"{expected.get('patch_um')} µm patches; this slide's were made with {record.get('encoder')!r} "
-            f"({record.get('encoder_id')}) at {record.get('patch_um')} µm"
+            f"{scales_text(expected)}; this slide's were made with {record.get('encoder')!r} "
+            f"({record.get('encoder_id')}) at {scales_text(record)}"
             + (
                 f"; test-time augmentation (tta): the model's {expected.get('tta')!r}, this slide's "
                 f"{record.get('tta')!r}"
@@ -58,6 +59,7 @@ def check_embedding(model: HESpotEx, record: dict[str, Any]) -> None:
             )
             + ". Re-embed it: "
             f"hx.pp.embed(sdata, encoder={expected.get('encoder')!r}, patch_um={expected.get('patch_um')}, "
+            + (f"context_um={expected['context_um']}, " if expected.get("context_um") is not None else "")
             + ("tta=True, " if expected.get("tta") else "")
             + "key_added=..., overwrite=True)."
         )

@@ -216,6 +216,7 @@ def predict(
         patch_um=embed_params.get("patch_um"),
         input_size=embed_params.get("input_size"),
         tta=bool(embed_params.get("tta")),
+        context_um=embed_params.get("context_um"),
         encoder_seed=int(embed_params.get("seed", 0)),
         stain_norm=(embed_params.get("stain_norm") or {}).get("method"),
         stain_reference=embed_params.get("stain_norm"),

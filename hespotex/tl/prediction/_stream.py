@@ -159,7 +159,7 @@ def predict_streaming(
     embed_params = model.embedding
     has_image = info.image_key is not None and info.image_key in getattr(sdata, "images", {})
     stored_emb = embedding_key in table.obsm
-    encoder = plan = None
+    encoder = plan = ctx = None
     if has_image:
         if not stored_emb:
             encoder = load_encoder(
@@ -170,6 +170,10 @@ def predict_streaming(
             )
         out_px = encoder.input_size if encoder is not None else int(embed_params.get("input_size") or 224)
         plan = plan_patches(sdata, patch_um=embed_params.get("patch_um"), out_px=out_px)
+        if embed_params.get("context_um") is not None:  # two-scale embeddings: the context crops of the same spots
+            from hespotex.pp._context import context_plan
+
+            ctx = context_plan(sdata, plan, float(embed_params["context_um"]))
     elif not stored_emb:
         msg = (
             f"This sample has neither image embeddings in obsm[{embedding_key!r}] nor its image to compute them. "
@@ -198,6 +202,13 @@ def predict_streaming(
             **({"tta": embed_params["tta"]} if embed_params.get("tta") else {}),
             **({"stain_norm": norm} if norm else {}),
         }
+        if ctx is not None:
+            from hespotex.pp._context import combined_key, context_record
+
+            tta = bool(embed_params.get("tta"))
+            record.update(
+                cache_key=combined_key(record["cache_key"], cache_key(ctx, encoder, tta=tta)), **context_record(ctx)
+            )
     check_embedding(model, record)
 
     slide = slide_identity(table, info.sample_id, plan)
@@ -264,6 +275,7 @@ def predict_streaming(
             stain_norm=(record["stain_norm"]["slide"], record["stain_norm"]["reference"])
             if record.get("stain_norm")
             else None,
+            context=ctx,
         )
         del encoder
     # 2. graph blocks

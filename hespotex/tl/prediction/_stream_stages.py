@@ -112,8 +112,10 @@ def embed_stage(
     device: str | None,
     tta: bool = False,
     stain_norm: tuple[dict, dict] | None = None,
+    context: Any = None,
 ) -> ZarrRows:
-    """Stage 1: embeddings in reading order, ``step`` spots at a time, with done markers."""
+    """Stage 1: embeddings in reading order, ``step`` spots at a time, with done markers (with ``context``, the plan
+    of the same spots' context crops: two-scale embeddings, :mod:`hespotex.pp._context`)."""
     from tqdm.auto import tqdm
 
     n = len(plan.order)
@@ -126,7 +128,8 @@ def embed_stage(
             "to start over."
         )
         raise ValueError(msg)
-    emb = _array(group, "embeddings", (n, encoder.num_features), (rows, encoder.num_features), done="embeddings_done")
+    width = encoder.num_features * (1 if context is None else 2)
+    emb = _array(group, "embeddings", (n, width), (rows, width), done="embeddings_done")
     n_steps = -(-n // step)
     done = _done_array(group, "embeddings_done", n_steps)
     todo = [j for j in np.flatnonzero(~np.asarray(done[:n_steps], dtype=bool))]
@@ -135,8 +138,9 @@ def embed_stage(
     for j in tqdm(todo, desc="embedding chunks", unit="chunk", disable=not settings.progress):
         timings = None if first else first  # the first chunk's first batch: the embedding's start-up
         _embed_chunk(
-            emb, done, plan, encoder, int(j), step=step, device=device, tta=tta, timings=timings, stain_norm=stain_norm
-        )
+            emb, done, plan, encoder, int(j), step=step, device=device, tta=tta, timings=timings,
+            stain_norm=stain_norm, context=context,
+        )  # fmt: skip
         n_done += len(plan.order[j * step : (j + 1) * step])
     if n_done:
         # the first batch (loader's first read, the encoder's first forward: a start-up paid once per slide)
@@ -164,22 +168,19 @@ def _embed_chunk(
     tta: bool = False,
     timings: dict | None = None,
     stain_norm: tuple[dict, dict] | None = None,
+    context: Any = None,
 ) -> None:
     """Embed reading-order rows ``[j*step, (j+1)*step)``, write them, then mark step ``j`` done."""
-    from hespotex.pp._embed import encode_patches
+    from hespotex.pp._embed import encode_two_scales
 
     idx = plan.order[j * step : (j + 1) * step]
     sub = replace(plan, x0=plan.x0[idx], y0=plan.y0[idx], order=np.arange(len(idx)))
+    wide = None if context is None else replace(context, x0=context.x0[idx], y0=context.y0[idx], order=sub.order)
     with _quiet_progress():
-        feats = encode_patches(
-            sub,
-            encoder,
-            batch_size=encoder_batch_size(encoder),
-            device=device,
-            tta=tta,
-            timings=timings,
+        feats = encode_two_scales(
+            sub, wide, encoder, batch_size=encoder_batch_size(encoder), device=device, tta=tta, timings=timings,
             stain_norm=stain_norm,
-        )
+        )  # fmt: skip
     if not np.isfinite(feats).all():
         msg = f"The encoder {encoder.name!r} produced NaN or infinite embeddings; check its weights and the image."
         raise ValueError(msg)

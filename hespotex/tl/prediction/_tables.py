@@ -31,6 +31,7 @@ def prediction_params(
         "encoder": embed_params.get("encoder"),
         "encoder_id": embed_params.get("encoder_id"),
         "patch_um": embed_params.get("patch_um"),
+        "context_um": embed_params.get("context_um"),  # None: single-scale embeddings
         "seed": model.config.seed,
         "target_sum": model.target_sum,
         "target_norm": model.target_norm,

@@ -11,6 +11,7 @@ import numpy as np
 
 from hespotex._compat import renamed_arguments
 from hespotex._sample import as_sample_dict, get_table
+from hespotex.pp._context import same_context, scales_text
 from hespotex.pp._embed import EMBED_KEY
 from hespotex.tl.model._data import EMBEDDING_KEY, GraphData, graph_data, spatial_block_mask
 from hespotex.tl.model._model import HESpotEx
@@ -34,6 +35,7 @@ def ensure_embeddings(
     stain_augment: int = 0,
     stain_norm: str | None = None,
     stain_reference: dict[str, Any] | None = None,
+    context_um: float | None = None,
 ) -> dict[str, Any]:
     """Embed ``sample`` when its table has no ``obsm[embedding_key]``; return the embedding record.
 
@@ -62,6 +64,7 @@ def ensure_embeddings(
             stain_augment=stain_augment,
             stain_norm=stain_norm,
             stain_reference=stain_reference,
+            context_um=context_um,
         )
     record = table.uns.get(EMBED_KEY, {}).get(embedding_key)
     if record is None:
@@ -110,6 +113,7 @@ def same_embedding(a: dict[str, Any], b: dict[str, Any]) -> bool:
         and np.isclose(a.get("patch_um", 0.0), b.get("patch_um", 0.0))
         and a.get("tta") == b.get("tta")
         and same_stain(a.get("stain_norm"), b.get("stain_norm"))
+        and same_context(a, b)
     )
 
 
@@ -193,6 +197,7 @@ def train(
     ensemble: bool | Literal["auto"] = "auto",
     stain_augment: bool | None = None,
     stain_norm: str | None = None,
+    context_um: float | None = None,
 ) -> HESpotEx | HESpotExEnsemble:
     """Train HESpotEx on samples with spatial transcriptomics.
 
@@ -286,6 +291,11 @@ def train(
         ``model.embedding`` (and ``setup.json``); :func:`hespotex.tl.predict` maps every new slide to it.
         ``None``: whatever the embeddings were made with (recorded all the same). Not the default: on
         the shift benchmark it lost 0.026 / 0.031 on re-stained sections (``shift_stain.md``).
+    context_um
+        Samples embedded here get two-scale embeddings: the ``patch_um`` spot patch and a ``context_um``
+        context patch around it (see :func:`hespotex.pp.embed`); samples already embedded keep theirs
+        (every sample must have the same scales). The scales are recorded in ``model.embedding`` and
+        prediction re-embeds new slides with them.
 
     Returns
     -------
@@ -319,7 +329,7 @@ def train(
             config=config, seed=seed, device=device, use_rep=use_rep, target_sum=target_sum, target_norm=target_norm,
             embedding_norm=embedding_norm, max_nodes=max_nodes, strategy=strategy, n_processes=n_processes,
             backend=backend,
-            stain_augment=stain_augment, stain_norm=stain_norm,
+            stain_augment=stain_augment, stain_norm=stain_norm, context_um=context_um,
         )  # fmt: skip
     check_embedding_norm(embedding_norm)
 
@@ -338,6 +348,7 @@ def train(
         n: ensure_embeddings(
             s, embedding_key=use_rep, encoder=encoder, weights=weights, patch_um=patch_um,
             stain_augment=DEFAULT_STAIN_VIEWS if stain_augment else 0, stain_norm=stain_norm, stain_reference=reference,
+            context_um=context_um,
         )
         for n, s in named.items()
     }  # fmt: skip
@@ -348,10 +359,10 @@ def train(
         if not same_embedding(first, r):
             msg = (
                 f"Samples were embedded differently: {names[0]!r} with {first.get('encoder_id')} at "
-                f"{first.get('patch_um')} µm, "
-                f"{n!r} with {r.get('encoder_id')} at {r.get('patch_um')} µm"
+                f"{scales_text(first)}, "
+                f"{n!r} with {r.get('encoder_id')} at {scales_text(r)}"
                 + "".join(f" ({stain_text(x.get('stain_norm'))})" for x in (first, r))
-                + ". Re-embed them with one encoder, patch size and stain normalisation."
+                + ". Re-embed them with one encoder, patch size (and context_um) and stain normalisation."
             )
             raise ValueError(msg)
     tables = {n: get_table(s) for n, s in named.items()}
