@@ -429,9 +429,10 @@ def embed(
         norm = stain_norm_record(reference, slide)
     pair = None if norm is None else (norm["slide"], norm["reference"])  # the context patches share the slide's stain
     options = {"batch_size": batch_size, "device": device, "tta": tta, "stain_augment": stain_augment, "seed": seed}
-    feats, views = _scale_features(plan, enc, key, n_obs=table.n_obs, cache=cache, stain_norm=pair, **options)
+    options.update(n_obs=table.n_obs, cache=cache, stain_norm=pair)
+    feats, views = _scale_features(plan, enc, key, **options)
     if ctx is not None:  # the context scale, cached on its own (a single-scale embedding at context_um reuses it)
-        wide, wide_views = _scale_features(ctx, enc, ctx_key, n_obs=table.n_obs, cache=cache, stain_norm=pair, **options)
+        wide, wide_views = _scale_features(ctx, enc, ctx_key, **options)
         feats = np.concatenate([feats, wide], axis=1)
         views = np.concatenate([views, wide_views], axis=2) if views is not None else None
     table.obsm[key_added] = feats
