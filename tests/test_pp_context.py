@@ -113,9 +113,10 @@ def test_train_records_the_context_and_predict_reapplies_it(two_scale):
     assert setup["embedding"]["context_um"] == 2 * patch and setup["embedding_dim"] == width
     loaded = hx.tl.HESpotEx.load(folder)
     assert loaded.embedding["context_um"] == 2 * patch
-    assert "context: " in (folder / "README.md").read_text() and f"{2 * patch} µm patch" in (
-        folder / "README.md"
-    ).read_text()
+    assert (
+        "context: " in (folder / "README.md").read_text()
+        and f"{2 * patch} µm patch" in (folder / "README.md").read_text()
+    )
     # in memory: the never-embedded slide is embedded at both scales, exactly as hx.pp.embed does
     slide = copy.deepcopy(sections["t"])
     table = hx.tl.predict(slide, loaded, device="cpu")
