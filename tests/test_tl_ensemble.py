@@ -65,6 +65,8 @@ def test_ensemble_trains_saves_loads_and_predicts_with_spread(sections, tmp_path
     assert (mine / "notes.txt").read_text() == "keep"
     mine.joinpath("notes.txt").unlink()
     mine.rmdir()
+    with pytest.raises(FileNotFoundError, match=r"holds an ensemble.*load_model"):
+        hx.tl.HESpotEx.load(folder)  # one model's loader names the one that reads an ensemble
     loaded = hx.tl.load_model(folder)
     assert isinstance(loaded, hx.tl.HESpotExEnsemble) and loaded.model_id == ens.model_id
     assert loaded.target_norm == "library_modelled" and loaded.embedding_norm == "slide"

@@ -354,6 +354,12 @@ class HESpotEx:
 
         path = Path(path)
         missing = [f for f in (WEIGHTS_FILE, SETUP_FILE) if not (path / f).is_file()]
+        if missing and (path / "ensemble.json").is_file():
+            msg = (
+                f"{str(path)!r} holds an ensemble of models (ensemble.json), not one model; load it with "
+                "`hx.tl.load_model(path)` (either kind) or `hx.tl.HESpotExEnsemble.load(path)`."
+            )
+            raise FileNotFoundError(msg)
         if missing:
             msg = (
                 f"{str(path)!r} is not a complete hespotex model folder: missing {missing}. Save it again with "
