@@ -114,13 +114,15 @@ def test_embed_anndata_equals_read_visium_at_same_level_and_close_at_full_res(ou
     assert adata.obsm[EMB].shape == (adata.n_obs, 1280) and EMB in adata.uns["hespotex_embed"]
     idx = _shared(adata, ref_table)
     ok = idx >= 0
-    np.testing.assert_allclose(adata.obsm[EMB][ok], ref_table.obsm[EMB][idx[ok]], atol=1e-5)
+    # same pixels: equal up to float32 rounding (channels-last kernels round by batch composition, ~1e-5 relative;
+    # other pixels would differ by ~0.1)
+    np.testing.assert_allclose(adata.obsm[EMB][ok], ref_table.obsm[EMB][idx[ok]], rtol=1e-4, atol=1e-5)
     assert np.ptp(adata.obsm[EMB][ok], axis=0).max() > 0.1  # spots differ
 
     full = _read_scanpy(outs)
     hx.pp.embed(full, image=outs / "fullres.png", encoder="efficientnet_lite0.imagenet", input_size=64)
     full_ref = get_table(reference["full"]).obsm[EMB]
-    np.testing.assert_allclose(full.obsm[EMB][ok], full_ref[idx[ok]], atol=1e-5)
+    np.testing.assert_allclose(full.obsm[EMB][ok], full_ref[idx[ok]], rtol=1e-4, atol=1e-5)
     assert full.uns["hespotex_embed"][EMB]["image_key"] == "custom_image"  # the argument won over hires
     # hires and full resolution: the same spot is closer than another spot
     h, f = adata.obsm[EMB][ok], full.obsm[EMB][ok]
