@@ -86,9 +86,9 @@ def test_streamed_ensemble_rerun_and_attention(streamed, in_memory, trained_ense
 
 
 def test_interrupted_ensemble_stream_resumes(trained_ensemble, streamed, tmp_path, monkeypatch):
-    from hespotex.tl.prediction import _stream_ensemble
+    from hespotex.tl.prediction import _stream_stages
 
-    real, calls = _stream_ensemble.expression_stage, []
+    real, calls = _stream_stages.expression_stage, []
 
     def stop_in_second_member(group, member, *args, **kwargs):
         calls.append(member)
@@ -96,11 +96,11 @@ def test_interrupted_ensemble_stream_resumes(trained_ensemble, streamed, tmp_pat
             raise KeyboardInterrupt("interrupted in member 2")
         return real(group, member, *args, **kwargs)
 
-    monkeypatch.setattr(_stream_ensemble, "expression_stage", stop_in_second_member)
+    monkeypatch.setattr(_stream_stages, "expression_stage", stop_in_second_member)
     out = tmp_path / "r.zarr"
     with pytest.raises(KeyboardInterrupt):
         hx.tl.predict(copy.deepcopy(trained_ensemble["test"]), trained_ensemble["model"], out=out, chunk_size=CHUNK)
-    monkeypatch.setattr(_stream_ensemble, "expression_stage", real)
+    monkeypatch.setattr(_stream_stages, "expression_stage", real)
     table = hx.tl.predict(
         copy.deepcopy(trained_ensemble["test"]), trained_ensemble["model"], device="cpu", out=out, chunk_size=CHUNK
     )

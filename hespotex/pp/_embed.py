@@ -85,6 +85,24 @@ def cache_key(
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
+def embedding_cache_keys(
+    plan: PatchPlan,
+    ctx: PatchPlan | None,
+    encoder: Encoder,
+    *,
+    tta: bool = False,
+    stain: dict | None = None,
+    stain_norm: dict | None = None,
+) -> tuple[str, str | None, str]:
+    """``(spot key, context key, key of the whole embedding)``: :func:`cache_key` of each scale (the context
+    key ``None`` without ``ctx``) and, with two scales, their :func:`~hespotex.pp._context.combined_key`."""
+    key = cache_key(plan, encoder, tta=tta, stain=stain, stain_norm=stain_norm)
+    if ctx is None:
+        return key, None, key
+    ctx_key = cache_key(ctx, encoder, tta=tta, stain=stain, stain_norm=stain_norm)
+    return key, ctx_key, combined_key(key, ctx_key)
+
+
 def _cache_path(key: str) -> Path:
     return Path(settings.cachedir) / "embeddings" / f"{key}.npy"
 
@@ -409,9 +427,7 @@ def embed(
         norm_key = stain_key(reference)
     context_um = check_context_um(context_um, plan.patch_um)
     ctx = context_plan(data, plan, context_um) if context_um is not None else None
-    key = cache_key(plan, enc, tta=tta, stain=stain, stain_norm=norm_key)
-    ctx_key = cache_key(ctx, enc, tta=tta, stain=stain, stain_norm=norm_key) if ctx is not None else None
-    full_key = combined_key(key, ctx_key) if ctx is not None else key
+    key, ctx_key, full_key = embedding_cache_keys(plan, ctx, enc, tta=tta, stain=stain, stain_norm=norm_key)
     stored = table.uns.get(EMBED_KEY, {}).get(key_added)
     if key_added in table.obsm:
         if stored is not None and stored.get("cache_key") == full_key:

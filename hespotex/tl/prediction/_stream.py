@@ -59,13 +59,7 @@ import numpy as np
 from hespotex._sample import SAMPLE_KEY, get_sample_info, get_table, spot_centres
 from hespotex.io._zarr import table_write_options
 from hespotex.tl.model._data import GraphData
-from hespotex.tl.prediction._stream_stages import (
-    BATCH_SIZE,
-    embed_stage,
-    expression_stage,
-    gather_blocks,
-    graph_stage,
-)
+from hespotex.tl.prediction._stream_stages import BATCH_SIZE, embed_stage, model_stages
 from hespotex.tl.prediction._stream_store import (
     attach,
     clean_progress,
@@ -114,7 +108,7 @@ def predict_streaming(
     import pandas as pd
     from anndata import AnnData
 
-    from hespotex.pp._embed import cache_key
+    from hespotex.pp._embed import embedding_cache_keys
     from hespotex.pp._encoders import load_encoder
     from hespotex.pp._patches import plan_patches
     from hespotex.pp._stain_norm import stain_key, stain_norm_entry
@@ -196,19 +190,16 @@ def predict_streaming(
             "image_key": plan.level.image_key,
             "level": plan.level.level,
             "crop_px": plan.size,
-            "cache_key": cache_key(
-                plan, encoder, tta=bool(embed_params.get("tta")), stain_norm=norm and stain_key(norm["reference"])
-            ),
+            "cache_key": embedding_cache_keys(
+                plan, ctx, encoder, tta=bool(embed_params.get("tta")), stain_norm=norm and stain_key(norm["reference"])
+            )[2],
             **({"tta": embed_params["tta"]} if embed_params.get("tta") else {}),
             **({"stain_norm": norm} if norm else {}),
         }
         if ctx is not None:
-            from hespotex.pp._context import combined_key, context_record
+            from hespotex.pp._context import context_record
 
-            tta = bool(embed_params.get("tta"))
-            record.update(
-                cache_key=combined_key(record["cache_key"], cache_key(ctx, encoder, tta=tta)), **context_record(ctx)
-            )
+            record.update(context_record(ctx))
     check_embedding(model, record)
 
     slide = slide_identity(table, info.sample_id, plan)
@@ -287,16 +278,9 @@ def predict_streaming(
 
         latent, attention, expr, spread = ensemble_stages(group, model, sample, layout=layout, device=device)
         del sample, emb
-    else:
-        blocks = graph_stage(group, model, sample, block_size=layout["chunk_size"], device=device)
-        latent, features, attention = gather_blocks(group, n, len(blocks))
+    else:  # 3. expression rows in table order
+        latent, attention, expr = model_stages(group, model, sample, layout=layout, device=device)
         del sample, emb
-        # 3. expression rows in table order
-        expr = expression_stage(
-            group, model, latent, features, step=layout["expression_step"], rows=layout["expression_rows"],
-            device=device,
-        )  # fmt: skip
-        del features
     # 4. the table, written by spatialdata / anndata from the zarr rows
     from spatialdata.models import TableModel
 

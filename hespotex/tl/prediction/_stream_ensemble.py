@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hespotex._settings import settings
-from hespotex.tl.prediction._stream_stages import expression_stage, gather_blocks, graph_stage
+from hespotex.tl.prediction._stream_stages import model_stages
 
 if TYPE_CHECKING:
     from hespotex.tl.model._data import GraphData
@@ -52,26 +52,14 @@ def ensemble_stages(
 ) -> tuple[np.ndarray, Any, Any, Any]:
     """Stages 2 and 3 for every member, then the combination: ``(latent, attention, expression, spread)``, the
     last two zarr arrays of the progress group in table order."""
-    n = int(sample.n)
     latent = attention = None
     members = []
     for k, member in enumerate(model.members):
-        sub = group.require_group(MEMBER_GROUP.format(k))
         logger.info("Ensemble member %d of %d.", k + 1, len(model.members))
-        blocks = graph_stage(sub, member, sample, block_size=layout["chunk_size"], device=device)
-        lat, features, att = gather_blocks(sub, n, len(blocks))
-        members.append(
-            expression_stage(
-                sub,
-                member,
-                lat,
-                features,
-                step=layout["expression_step"],
-                rows=layout["expression_rows"],
-                device=device,
-            )
+        lat, att, expr = model_stages(
+            group.require_group(MEMBER_GROUP.format(k)), member, sample, layout=layout, device=device
         )
-        del features
+        members.append(expr)
         if k == 0:
             latent = lat
         if att is not None:

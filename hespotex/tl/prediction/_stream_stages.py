@@ -305,3 +305,16 @@ def expression_stage(
     finally:
         net.train(was_training)
     return expr
+
+
+def model_stages(
+    group: Any, model: HESpotEx, sample: GraphData, *, layout: dict[str, Any], device: str | None
+) -> tuple[np.ndarray, Any, Any]:
+    """Stages 2 and 3 of one model into ``group``: ``(latent, attention, expression)``, the expression a zarr
+    array of the group in table order (a single model's progress group, or an ensemble member's)."""
+    blocks = graph_stage(group, model, sample, block_size=layout["chunk_size"], device=device)
+    latent, features, attention = gather_blocks(group, int(sample.n), len(blocks))
+    expr = expression_stage(
+        group, model, latent, features, step=layout["expression_step"], rows=layout["expression_rows"], device=device
+    )
+    return latent, attention, expr
