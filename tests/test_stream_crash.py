@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import hespotex as hx
-from hespotex.tl.prediction import _cohort, _stream, _stream_store
+from hespotex.tl.prediction import _cohort, _stream_stages, _stream_store
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 N_SPOTS, CHUNK = 150, 64
@@ -35,14 +35,14 @@ class CrashAt:
         import zarr
 
         self.k, self.calls, self.armed, self.depth = k, 0, False, 0
-        real_stage = _stream.expression_stage
+        real_stage = _stream_stages.expression_stage
 
         def stage(*args, **kwargs):
             out = real_stage(*args, **kwargs)
             self.armed = True
             return out
 
-        monkeypatch.setattr(_stream, "expression_stage", stage)
+        monkeypatch.setattr(_stream_stages, "expression_stage", stage)
         for owner, name in [
             (zarr.Group, "__delitem__"),
             (zarr.Group, "update_attributes"),
