@@ -7,7 +7,8 @@ and hub id. hespotex does not copy any of that: a zoo name passed as ``encoder``
 own constructor and runs the zoo's own ``encode_image``; the preprocessing (input size, mean, std)
 is read from the zoo's transform. What hespotex adds is the scale: the zoo does not record the
 µm/px a model was trained at, so :data:`hespotex.pp._encoder_zoo_scale.NATIVE_SCALE` does, with its
-source (model card or paper; 20x assumed, and marked so, where none was found), and
+source (model card, paper or the authors' repository; TRIDENT's per-encoder setting, or a fine-tune's
+base model, where the authors say nothing; 20x assumed, and marked so, where none was found), and
 :func:`hespotex.pp.embed` cuts patches at that scale unless told otherwise. Entries whose transform
 resizes and then centre-crops (Prov-GigaPath: Resize 256 -> CenterCrop 224) get the whole recipe:
 the patch is cut at the resize size and the network sees its centre crop (see
@@ -60,6 +61,7 @@ class ZooEntry:
     magnification: str
     mpp_source: str
     mpp_assumed: bool
+    mpp_evidence: str
     tile_px: int | None
     licence: str | None
     commercial: bool | None
@@ -126,6 +128,7 @@ def zoo_entries() -> dict[str, ZooEntry]:
             magnification=scale.magnification,
             mpp_source=scale.label,
             mpp_assumed=scale.assumed,
+            mpp_evidence=scale.evidence,
             tile_px=scale.tile_px,
             licence=licence,
             commercial=cls.commercial,
@@ -190,7 +193,9 @@ def list_encoders(*, timm: str | None = None) -> pd.DataFrame:
     ``"lazyslide-models"`` or ``"timm"``), ``task``, ``output_width``, ``native_mpp`` and
     ``magnification`` (the scale the model was trained at, which patches are cut at by default),
     ``mpp_source`` (the model card or paper that states it, or ``"assumed ..."``), ``mpp_assumed``,
-    ``tile_px`` (the published tile side, when the source names one), ``licence``,
+    ``mpp_evidence`` (``"publication"``: the authors state it; ``"toolkit"``: TRIDENT's per-encoder
+    setting; ``"derived"``: a fine-tune keeps its base model's; ``"assumed"``), ``tile_px`` (the
+    published tile side, when the source names one), ``licence``,
     ``commercial``, ``hub_id``, ``gated`` and ``weights_offline`` (the weights are on this machine:
     packaged, or in the huggingface_hub cache). Nothing is downloaded or written.
     """
@@ -208,6 +213,7 @@ def list_encoders(*, timm: str | None = None) -> pd.DataFrame:
             "magnification": None,
             "mpp_source": "ImageNet photos (patch size set by patch_um)",
             "mpp_assumed": False,
+            "mpp_evidence": None,
             "tile_px": None,
             "licence": "Apache-2.0",
             "commercial": True,
