@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 
 from hespotex.pp._encoder_zoo import zoo_entries  # noqa: E402
 from hespotex.pp._encoder_zoo_load import _random_zoo_model, _transform_spec, load_zoo_encoder  # noqa: E402
-from hespotex.pp._encoder_zoo_scale import NATIVE_SCALE  # noqa: E402
+from hespotex.pp._encoder_zoo_scale import NATIVE_SCALE, NativeScale  # noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("single_threaded")]
 
@@ -50,9 +50,76 @@ def test_every_entry_has_a_scale_with_a_source_or_is_marked_assumed():
     assert "huggingface.co/bioptimus/H-optimus-0" in zoo.loc["h-optimus-0", "mpp_source"]
     assert "s41586-024-07441-w" in zoo.loc["gigapath", "mpp_source"] and zoo.loc["gigapath", "tile_px"] == 256
     assert zoo.loc["conch-madeleine", "native_mpp"] == 1.0 and zoo.loc["conch-madeleine", "magnification"] == "10x"
-    assert zoo.loc["uni2", "mpp_assumed"] and not zoo.loc[["uni", "phikonv2"], "mpp_assumed"].any()
-    assert zoo.loc["gpfm", "mpp_assumed"] and "native resolution" in zoo.loc["gpfm", "mpp_source"]  # why assumed
+    assert not zoo.loc[["uni", "uni2", "phikonv2"], "mpp_assumed"].any()
     assert (~zoo["mpp_assumed"]).sum() == sum(s.source is not None for s in NATIVE_SCALE.values()) >= 10
+
+
+def test_evidence_kind_of_every_row_matches_what_its_source_is():
+    """``mpp_evidence`` says what backs a row: the authors, TRIDENT's setting, a fine-tune's base, or nothing."""
+    df = hx.pp.list_encoders().set_index("name")
+    zoo = df[df["source"] == "lazyslide-models"]
+    assert set(zoo["mpp_evidence"]) == {"publication", "toolkit", "derived", "assumed"}
+    assert (zoo["mpp_assumed"] == (zoo["mpp_evidence"] == "assumed")).all()
+    for name, row in zoo.iterrows():
+        scale = NATIVE_SCALE[name]
+        if row["mpp_evidence"] == "toolkit":  # TRIDENT's README line, its args, and its mag -> µm/px rule
+            match = re.search(
+                r"TRIDENT/blob/\w+/README\.md#L\d+\): `--patch_encoder \S+ --patch_size (\d+) --mag (\d+)`",
+                row["mpp_source"],
+            )
+            assert match, (name, row["mpp_source"])
+            assert int(match.group(1)) == scale.tile_px and 10 / int(match.group(2)) == scale.mpp, name
+        elif row["mpp_evidence"] == "derived":  # a fine-tune: the base model's row, same scale
+            base = re.search(r"row '([\w.-]+)'", row["mpp_source"]).group(1)
+            assert NATIVE_SCALE[base].evidence == "publication", name
+            assert (NATIVE_SCALE[base].mpp, NATIVE_SCALE[base].magnification) == (scale.mpp, scale.magnification)
+        elif row["mpp_evidence"] == "assumed":  # what was searched, or why there is no single scale
+            assert scale.note and scale.note in row["mpp_source"], name
+    with pytest.raises(ValueError, match="kind must be one of"):
+        NativeScale(0.5, "20x", "https://example.org", kind="hearsay")
+    # what this survey found (see the module docstring): 27 of 48 rows sourced, 21 still assumed
+    assert (zoo["mpp_evidence"] == "assumed").sum() == 21
+    assert dict(zoo.loc[["ctranspath", "chief"], "native_mpp"]) == {"ctranspath": 1.0, "chief": 1.0}  # 10x
+    assert "recommended to first try to extract features at 1.0mpp" in zoo.loc["ctranspath", "mpp_source"]
+    assert zoo.loc["gpfm", "native_mpp"] == 0.25 and zoo.loc["gpfm", "tile_px"] == 512
+    assert "512*512 (extracted from 40X)" in zoo.loc["gpfm", "mpp_source"]
+    assert zoo.loc["conch_v1.5", "tile_px"] == zoo.loc["titan", "tile_px"] == 512
+    assert zoo.loc["mascaret", "magnification"] == zoo.loc["midnight", "magnification"]
+    for mixed in ("virchow2", "midnight", "musk", "open-midnight", "mascaret"):  # one scale used, and said so
+        assert zoo.loc[mixed, "magnification"].startswith("mixed") and "used" in zoo.loc[mixed, "magnification"]
+
+
+@pytest.mark.parametrize(
+    ("name", "field_um"),
+    [
+        ("uni2", 128.0),  # 256 px at 0.5 µm/px, resized to 224
+        ("keep", 128.0),
+        ("conch", 256.0),  # 512 px at 0.5 µm/px, resized to 448
+        ("conch_v1.5", 256.0),
+        ("titan", 256.0),
+        ("gpfm", 128.0),  # 512 px at 0.25 µm/px (40x), resized to 224
+        ("chief", 256.0),  # 256 px at 1 µm/px (10x), resized to 224
+        ("ctranspath", 224.0),  # 1 µm/px at the transform's own 224 px
+        ("musk", 192.0),  # 384 px at 0.5 µm/px, the transform's own size
+        ("h-optimus-1", 112.0),
+        ("hibou-l", 112.0),
+    ],
+)
+def test_sourced_tile_sets_the_field_of_view_through_the_zoos_own_transform(name, field_um):
+    """The cut keeps the published field of view whatever size the zoo's transform resizes to (read from the zoo)."""
+    from hespotex.pp._encoder_zoo import zoo_entry
+    from hespotex.pp._encoder_zoo_load import _scale_record
+
+    if name == "uni2":  # its transform needs the built model: built offline on the meta device
+        spec = _transform_spec(_random_zoo_model(name, device="meta")[0])
+    else:  # the zoo's get_transform reads no weights
+        spec = _transform_spec(object.__new__(lazyslide_models.MODEL_REGISTRY[name]))
+    entry = zoo_entry(name)
+    record = _scale_record(entry, resize=spec["resize"], crop=None)
+    native_mpp = record.get("native_mpp", entry.native_mpp)  # µm/px of the image the transform resizes to
+    assert spec["resize"] * native_mpp == pytest.approx(field_um)
+    if entry.tile_px not in (None, spec["resize"]):
+        assert record["tile_px"] == entry.tile_px and record["tile_mpp"] == entry.native_mpp
 
 
 @pytest.mark.parametrize(("name", "resize", "crop"), [("gigapath-flash", 256, 224), ("uni", 224, None)])
