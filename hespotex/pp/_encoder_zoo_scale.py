@@ -134,7 +134,8 @@ _NO_PUBLISHED_SCALE = {
     "conceptclip": _assumed("general biomedical image-text model, no histology scale found"),
     "medsiglip": _assumed("general medical image model, no histology scale found"),
     "omiclip": _assumed(
-        "Loki/OmiCLIP pairs spatial-transcriptomics spots with image patches of the spot's size, no fixed µm/px"
+        "Loki/OmiCLIP patches follow each Visium slide's spot diameter in pixels (Loki docs, "
+        "loki.preprocess.get_spot_diameter_in_pixels), no fixed µm/px found"
     ),
 }
 
