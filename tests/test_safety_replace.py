@@ -132,3 +132,30 @@ def test_two_concurrent_writers_of_one_slide_do_not_collide(tmp_path):
     assert image.shape == (256, 192, 3) and len(np.unique(image)) == 1 and int(image.flat[0]) in (40, 200)
     assert all((lvl == image.flat[0]).all() for lvl in levels)  # every level from the same writer
     assert sorted(p.name for p in tmp_path.iterdir()) == ["slide.ome.tif"]  # no temporary file left
+
+
+# ---------------------------------------------------------------------------------------------- hx.io.write_*
+@pytest.mark.parametrize(
+    ("writer", "name", "old_temporary"),
+    [
+        ("write_csv", "pred.csv", ".pred.csv.partial.csv"),
+        ("write_png", "pred.png", ".pred.png.partial.png"),
+        ("write_geojson", "pred.geojson", ".pred.geojson.partial"),
+        ("write_ome_tiff", "pred.ome.tif", ".pred.ome.tif.partial"),
+    ],
+)
+def test_exports_write_through_a_temporary_name_unique_to_the_call(trained_synthetic, tmp_path, writer, name,
+                                                                   old_temporary):  # fmt: skip
+    """A user's file named like the fixed temporary file the writers used is neither overwritten nor deleted."""
+    mine = tmp_path / old_temporary
+    mine.write_bytes(b"a user's file")
+    sdata = trained_synthetic["test"]
+    options = {"genes": trained_synthetic["model"].genes[:2]}
+    if writer == "write_ome_tiff":  # an in-memory slide: its size is given
+        image = next(iter(sdata.images.values()))
+        image = image["scale0"].ds[next(iter(image["scale0"].ds.data_vars))] if hasattr(image, "children") else image
+        options["image_shape"] = (image.sizes["y"], image.sizes["x"])
+    out = getattr(hx.io, writer)(sdata, tmp_path / name, **options)
+    assert out == tmp_path / name and out.stat().st_size > 0
+    assert mine.read_bytes() == b"a user's file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, old_temporary])  # no temporary left
