@@ -142,6 +142,71 @@ def check_replaceable(
     raise FileExistsError(msg)
 
 
+#: Metadata files at the top of a zarr store (v3 ``zarr.json``; v2 ``.zgroup`` / ``.zarray`` / ``.zattrs`` and the
+#: consolidated ``.zmetadata``).
+ZARR_METADATA = ("zarr.json", ".zgroup", ".zarray", ".zattrs", ".zmetadata")
+
+
+def _zarr_node(path: Path) -> bool:
+    return any((path / name).is_file() for name in ("zarr.json", ".zgroup", ".zarray"))
+
+
+def check_zarr_replaceable(path: str | Path, *, what: str = "zarr store", option: str = "`overwrite=True`") -> None:
+    """Raise :class:`FileExistsError` unless ``path`` may be replaced as a zarr store (by any writer).
+
+    Replaceable: nothing there, an empty folder, or a zarr store: a folder with zarr metadata at its top
+    (``zarr.json``, ``.zgroup`` or ``.zarray``) that holds nothing else than zarr metadata, hespotex's
+    marker and zarr groups or arrays (a SpatialData store written by spatialdata, by hespotex or another
+    tool; a zarr array with its chunks). Anything else (a file, a symbolic link, a user's folder, a folder
+    with zarr metadata beside files that are not zarr's) is refused whatever ``overwrite`` says; the
+    message names what is there. Reads only.
+    """
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_symlink() or not path.is_dir():
+        kind_found = "a symbolic link" if path.is_symlink() else "a file"
+        msg = (
+            f"{str(path)!r} is {kind_found}, not a {what}; hespotex never replaces it ({option} or not). "
+            "Choose another path, or move it away yourself."
+        )
+        raise FileExistsError(msg)
+    entries = list(path.iterdir())
+    if not entries:
+        return
+    if (path / ".zarray").is_file() or _node_type(path / "zarr.json") == "array":
+        return  # a zarr array: everything beside its metadata is its chunks
+    if _zarr_node(path):
+        foreign = sorted(
+            p.name + ("/" if p.is_dir() else "")
+            for p in entries
+            if not (p.name in ZARR_METADATA or p.name in (MARKER, ".DS_Store") or (p.is_dir() and _zarr_node(p)))
+        )
+        if not foreign:
+            return
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        found = f"a zarr store that also holds {len(foreign)} {'entry' if len(foreign) == 1 else 'entries'} that "
+        found += f"zarr did not write: {shown}"
+    else:
+        found = f"a folder that is not a zarr store (no zarr.json or .zgroup at its top): {_contents(path)}"
+    msg = (
+        f"Expected a {what} (or nothing) at {str(path)!r}; found {found}. hespotex replaces nothing but a zarr "
+        f"store ({option} or not), so nothing was deleted. Choose another path, or move it away yourself."
+    )
+    raise FileExistsError(msg)
+
+
+def _node_type(path: Path) -> str | None:
+    """``node_type`` of a zarr v3 ``zarr.json`` (``"group"`` / ``"array"``), ``None`` when absent or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record.get("node_type") if isinstance(record, dict) else None
+
+
 def remove(
     path: str | Path, kind: str, *, what: str, option: str = "`overwrite=True`", legacy: Iterable[str] = ()
 ) -> None:

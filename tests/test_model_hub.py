@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from huggingface_hub import ModelCard, constants, scan_cache_dir
 from huggingface_hub.utils import filter_repo_objects
+from model_configs import SMALL
 
 import hespotex as hx
 from hespotex import _ownership
@@ -27,14 +28,6 @@ from hespotex.tl.model._resolve import HUB_FILES, as_model, model_folder
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 
-SMALL = {
-    "ae_epochs": 5,
-    "ae_hidden_dim": 32,
-    "latent_dim": 8,
-    "projection_hidden_dim": 32,
-    "head_hidden_dim": 32,
-    "decoder_heads": 2,
-}
 COMMIT_A = "a" * 39 + "1"
 COMMIT_B = "b" * 39 + "2"
 

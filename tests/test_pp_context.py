@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+from model_configs import TINY as SMALL
 
 import hespotex as hx
 from hespotex.models import ModelConfig
@@ -16,14 +17,6 @@ from hespotex.pp._stain_augment import views_key
 pytestmark = pytest.mark.usefixtures("single_threaded")
 
 ENC = "efficientnet_lite0.imagenet"
-SMALL = {
-    "ae_epochs": 2,
-    "ae_hidden_dim": 16,
-    "latent_dim": 8,
-    "projection_hidden_dim": 16,
-    "head_hidden_dim": 16,
-    "decoder_heads": 1,
-}
 
 
 def test_embed_context_is_the_concatenation_of_two_single_scale_embeddings(sample_factory, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from model_configs import TINY as SMALL
 
 import hespotex as hx
 from hespotex.models import ModelConfig
@@ -12,14 +13,6 @@ from hespotex.pp._stain_augment import jitter_params, sample_views, stain_jitter
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 
-SMALL = {
-    "ae_epochs": 2,
-    "ae_hidden_dim": 16,
-    "latent_dim": 8,
-    "projection_hidden_dim": 16,
-    "head_hidden_dim": 16,
-    "decoder_heads": 1,
-}
 ENC = "efficientnet_lite0.imagenet"
 
 

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from model_configs import TINY as SMALL
 
 import hespotex as hx
 from hespotex.models import ModelConfig
@@ -17,14 +18,6 @@ from hespotex.pp._stain_norm import fit_stain, normalize_patches
 pytestmark = pytest.mark.usefixtures("single_threaded")
 
 ENC = "efficientnet_lite0.imagenet"
-SMALL = {
-    "ae_epochs": 2,
-    "ae_hidden_dim": 16,
-    "latent_dim": 8,
-    "projection_hidden_dim": 16,
-    "head_hidden_dim": 16,
-    "decoder_heads": 1,
-}
 
 
 def _pixels(patches: np.ndarray) -> np.ndarray:

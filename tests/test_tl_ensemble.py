@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from model_configs import SMALL
 
 import hespotex as hx
 from hespotex import _ownership
 from hespotex.models import ModelConfig
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
-
-SMALL = {
-    "ae_epochs": 5,
-    "ae_hidden_dim": 32,
-    "latent_dim": 8,
-    "projection_hidden_dim": 32,
-    "head_hidden_dim": 32,
-    "decoder_heads": 2,
-}
 
 
 @pytest.fixture(scope="module")

@@ -37,6 +37,9 @@ def tile_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         parser.error(f"the slide {args.slide!r} does not exist.")
     if args.model and not args.model.startswith("hf-hub:") and not Path(args.model).is_dir():
         parser.error(f"--model {args.model!r} is not a folder; pass the folder written by `hespotex train`.")
+    from hespotex import _ownership
+
+    _ownership.check_zarr_replaceable(out, option="--overwrite")  # before the work: only a zarr store is replaced
     if out.exists() and not args.overwrite:
         msg = f"{str(out)!r} already exists; pass --overwrite to replace it, or --out another path."
         raise FileExistsError(msg)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from hespotex import _ownership
 from hespotex.datasets._synthetic_tissue import (
     DENSITY,
     EOSIN,
@@ -139,9 +141,9 @@ def write_ome_tiff(
         metadata |= {"PhysicalSizeX": float(microns_per_pixel), "PhysicalSizeXUnit": "µm"}
         metadata |= {"PhysicalSizeY": float(microns_per_pixel), "PhysicalSizeYUnit": "µm"}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
+    tmp = _ownership.temp_sibling(path)  # unique to this call: concurrent writers of one path never share it
     try:
-        with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as writer:
+        with open(tmp, "xb") as fh, tifffile.TiffWriter(fh, bigtiff=True, ome=True) as writer:
             for level, (h, w) in enumerate(shapes):
                 kwargs: dict[str, Any] = {
                     "shape": (h, w, 3),
@@ -159,7 +161,7 @@ def write_ome_tiff(
                 else:
                     kwargs |= {"subfiletype": 1, "metadata": None}
                 writer.write(level_tiles(level), **kwargs)
-        tmp.replace(path)
+        os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one
     finally:
         tmp.unlink(missing_ok=True)
     logger.info("Wrote %s: %d x %d px, %d levels.", path, width, height, len(shapes))

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from hespotex import _ownership
 from hespotex.io._export_common import DEFAULT_KEY, check_output, footprint_px, open_prediction
 
 logger = logging.getLogger("hespotex")
@@ -116,7 +117,7 @@ def write_geojson(
             "size_px": size_px,
         },
     }
-    tmp = path.with_name(f".{path.name}.partial")
+    tmp = _ownership.temp_sibling(path)  # unique to the call: never a user's file, nor another run's
     n_written = 0
     with tmp.open("w") as fh:
         text = json.dumps(header)

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from hespotex import _ownership
 from hespotex.io._export_common import DEFAULT_KEY, Prediction, check_output, footprint_px, open_prediction
 
 logger = logging.getLogger("hespotex")
@@ -265,7 +266,7 @@ def write_ome_tiff(
         "compression": compression,
         "resolutionunit": "CENTIMETER",
     }
-    tmp = path.with_name(f".{path.name}.partial")
+    tmp = _ownership.temp_sibling(path)  # unique to the call: never a user's file, nor another run's
     try:
         with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tif:
             for i, (h, w, scale) in enumerate(shapes):

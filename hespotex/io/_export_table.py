@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from hespotex import _ownership
 from hespotex.io._export_common import DEFAULT_KEY, Prediction, check_output, open_prediction
 
 logger = logging.getLogger("hespotex")
@@ -52,7 +53,7 @@ def write_csv(
     pred = open_prediction(data, key=key, layer=layer)
     names, columns = pred.gene_index(genes)
     path = check_output(path, overwrite=overwrite)
-    tmp = path.with_name(f".{path.name}.partial{''.join(path.suffixes)}")
+    tmp = _ownership.temp_sibling(path, suffix=f".partial{''.join(path.suffixes)}")  # unique to the call
     mpp = pred.microns_per_pixel
     for start, block in pred.row_blocks(columns):
         stop = start + len(block)
@@ -198,7 +199,7 @@ def write_png(
         fig.colorbar(coll, ax=ax, fraction=0.046, pad=0.02)
     fig.suptitle(f"{pred.sample_id}: predicted expression (hespotex)")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.partial.png")
+    tmp = _ownership.temp_sibling(path, suffix=".partial.png")  # unique to the call
     try:
         fig.savefig(tmp, dpi=dpi, format="png")
     finally:

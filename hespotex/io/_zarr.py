@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from hespotex import _ownership
 from hespotex._sample import get_sample_info
 
 if TYPE_CHECKING:
@@ -40,12 +41,17 @@ def write_zarr(sdata: SpatialData, path: str | Path, *, overwrite: bool = False)
 
     Writes every element of ``sdata`` (image pyramid, shapes, tables with their ``uns``, including
     ``uns["hespotex_sample"]``) to ``path``. An existing ``path`` is refused unless
-    ``overwrite=True``.
+    ``overwrite=True``, and even then replaced only when it is a zarr store (written by hespotex,
+    spatialdata or another zarr writer) or an empty folder: a file or any other folder (e.g. a project
+    folder given by mistake) is refused, its content kept.
     """
     path = Path(path)
+    _ownership.check_zarr_replaceable(path)
     if path.exists() and not overwrite:
         msg = f"{str(path)!r} already exists. Pass `overwrite=True` to replace it, or choose another path."
         raise FileExistsError(msg)
+    if path.is_dir() and not any(path.iterdir()):
+        path.rmdir()  # an empty folder (spatialdata refuses to write into it): nothing to lose
     with table_write_options():
         sdata.write(path, overwrite=overwrite)
     logger.info("Wrote the sample to %s.", path)

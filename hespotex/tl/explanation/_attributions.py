@@ -76,15 +76,22 @@ class Scorer:
             )
             raise ValueError(msg)
         self.sample = sample
-        self.std = model._standardised(sample).emb
+        # the statistics predict_graph standardises this slide with: the slide's own with embedding_norm="slide"
+        mean, scale = model.embedding_mean_, model.embedding_scale_
+        if isinstance(model, HESpotEx) and model.embedding_norm == "slide":
+            from hespotex.pp._stain import slide_statistics
+
+            mean, scale = slide_statistics(sample.emb)
+        self.std = np.subtract(sample.emb, mean, dtype=np.float32)  # the same float32 operations as predict_graph
+        self.std /= scale
         self.use_graph = self.net.decoder is not None
         cfg = self.net.config
         self.edges = sample.graph(cfg.decoder_neighbors) if self.use_graph else np.zeros((2, 0), dtype=np.int64)
         self.hops = cfg.n_hops if self.use_graph else 0
         self.gene_idx = torch.as_tensor(pd.Index(model.genes).get_indexer(genes), device=device)
         self.weights = torch.as_tensor(weights, dtype=torch.float32, device=device)
-        self.mean = torch.as_tensor(model.embedding_mean_, device=device)
-        self.scale = torch.as_tensor(model.embedding_scale_, device=device)
+        self.mean = torch.as_tensor(mean, device=device)
+        self.scale = torch.as_tensor(scale, device=device)
 
     def predict_all(self) -> np.ndarray:
         """The score at every spot from a whole-slide prediction (``(n_spots,)``)."""

@@ -105,12 +105,5 @@ class EnsembleScoring:
     def _check_trained(self) -> None:
         self.ensemble._check_trained()
 
-    def _standardised(self, s: GraphData) -> GraphData:
-        emb = np.subtract(s.emb, self.embedding_mean_, dtype=np.float32)
-        emb /= self.embedding_scale_
-        out = GraphData(s.name, emb, s.coords_um, s.expr)
-        out.edges = s.edges
-        return out
-
     def predict_graph(self, sample: GraphData, **kwargs: Any) -> dict[str, Any] | None:
         return self.ensemble.predict_graph(sample, **kwargs)

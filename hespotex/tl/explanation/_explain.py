@@ -257,7 +257,9 @@ def explain(
       neighbours' embeddings stay at their stored values. Encoder and model weights are frozen.
     - *neighbours*: with respect to the standardised embeddings of every spot within the decoder's
       ``n_hops`` of the target (the target included), from the all-zero baseline (every spot at the
-      training mean embedding), summed per source spot; compared with the decoder's attention.
+      training mean embedding; the slide's mean for a model with ``embedding_norm="slide"``, which
+      standardises each slide by its own statistics here as in :func:`~hespotex.tl.predict`), summed per
+      source spot; compared with the decoder's attention.
 
     Parameters
     ----------
@@ -363,7 +365,8 @@ def explain(
         "neighbours": bool(neighbours),
         "n_steps": int(n_steps),
         "baseline": baseline,
-        "neighbour_baseline": "training mean embedding (standardised zero)",
+        "neighbour_baseline": f"{'slide' if model.embedding_norm == 'slide' else 'training'} mean embedding "
+        "(standardised zero)",
         "encoder": emb.get("encoder"),
         "encoder_id": emb.get("encoder_id"),
         "patch_um": emb.get("patch_um"),

@@ -349,8 +349,7 @@ class HESpotEx:
         are then read fully into memory (replacing or truncating the file later does not affect the
         loaded model) and refused when any is NaN or infinite or the embedding scale is not positive.
         """
-        from hespotex.models import HESpotExNet
-        from hespotex.tl.model._setup_validation import as_array, load_checked
+        from hespotex.tl.model._setup_validation import as_array, load_checked, materialise
 
         path = Path(path)
         missing = [f for f in (WEIGHTS_FILE, SETUP_FILE) if not (path / f).is_file()]
@@ -366,7 +365,7 @@ class HESpotEx:
                 "`model.save(path)`."
             )
             raise FileNotFoundError(msg)
-        setup, tensors = load_checked(path, WEIGHTS_FILE, SETUP_FILE)
+        setup, tensors, net = load_checked(path, WEIGHTS_FILE, SETUP_FILE)  # net: checked, on the meta device
         model = cls(
             setup["genes"],
             embedding=setup["embedding"],
@@ -382,7 +381,7 @@ class HESpotEx:
         )
         model.embedding_mean_ = as_array(tensors.pop("setup.embedding_mean"))
         model.embedding_scale_ = as_array(tensors.pop("setup.embedding_scale"))
-        net = HESpotExNet(len(model.genes), setup["embedding_dim"], model.config)
+        net = materialise(net, setup)  # the network built once: for the header check, then given memory
         state = {k.removeprefix("net."): v for k, v in tensors.items() if k.startswith("net.")}
         del tensors
         try:

@@ -36,7 +36,10 @@ import numpy as np
 
 from hespotex.pp._genes import gene_hash
 
-__all__ = ["SETUP_FIELDS", "Field", "check_header", "expected_tensors", "read_header", "read_weights", "validate_setup"]
+__all__ = [
+    "SETUP_FIELDS", "Field", "check_header", "expected_tensors", "materialise", "meta_network", "read_header",
+    "read_weights", "validate_setup",
+]  # fmt: skip
 
 FORMAT_VERSION = 1  # of a saved model folder (setup.json "format_version")
 WEIGHTS_FILE = "model.safetensors"
@@ -290,12 +293,21 @@ def read_header(file: Path) -> tuple[dict[str, Any], int]:
     return header, 8 + n
 
 
-def expected_tensors(setup: dict[str, Any]) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """``{name: (safetensors dtype, shape)}`` of every tensor the model ``setup`` describes, from the
-    network built on torch's ``meta`` device (no memory is allocated, whatever the sizes)."""
+def meta_network(setup: dict[str, Any]) -> Any:
+    """The network the model ``setup`` describes, built on torch's ``meta`` device (shapes only: no memory is
+    allocated and nothing initialised, whatever the sizes)."""
     import torch
 
     from hespotex.models import HESpotExNet
+
+    with torch.device("meta"):
+        return HESpotExNet(len(setup["genes"]), setup["embedding_dim"], setup["config"])
+
+
+def expected_tensors(setup: dict[str, Any], net: Any = None) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{name: (safetensors dtype, shape)}`` of every tensor the model ``setup`` describes, from its
+    network on torch's ``meta`` device (``net``, default: :func:`meta_network`)."""
+    import torch
 
     dtypes = {
         torch.float32: "F32",
@@ -305,8 +317,7 @@ def expected_tensors(setup: dict[str, Any]) -> dict[str, tuple[str, tuple[int, .
         torch.int64: "I64",
         torch.bool: "BOOL",
     }
-    with torch.device("meta"):
-        net = HESpotExNet(len(setup["genes"]), setup["embedding_dim"], setup["config"])
+    net = meta_network(setup) if net is None else net
     out = {f"net.{k}": (dtypes.get(v.dtype, str(v.dtype)), tuple(v.shape)) for k, v in net.state_dict().items()}
     out["setup.embedding_mean"] = ("F32", (setup["embedding_dim"],))
     out["setup.embedding_scale"] = ("F32", (setup["embedding_dim"],))
@@ -316,9 +327,12 @@ def expected_tensors(setup: dict[str, Any]) -> dict[str, tuple[str, tuple[int, .
 _ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
-def check_header(header: dict[str, Any], data_start: int, file: Path, setup: dict[str, Any]) -> None:
-    """Refuse weights whose header does not list exactly the tensors (dtype and shape) the setup describes,
-    or whose byte ranges do not cover the file: nothing is read or allocated before this passes."""
+def check_header(
+    header: dict[str, Any], data_start: int, file: Path, setup: dict[str, Any], net: Any = None
+) -> None:
+    """Refuse weights whose header does not list exactly the tensors (dtype and shape) the setup describes
+    (those of ``net``, its network on the ``meta`` device, default: built here), or whose byte ranges do not
+    cover the file: nothing is read or allocated before this passes."""
     path = file.parent
     meta = header.get("__metadata__") or {}
     if isinstance(meta, dict) and "gene_hash" in meta and meta["gene_hash"] != setup["gene_hash"]:
@@ -328,7 +342,7 @@ def check_header(header: dict[str, Any], data_start: int, file: Path, setup: dic
             f"{setup['gene_hash']!r}. Restore the original setup.json.",
         )
     found = {k: v for k, v in header.items() if k != "__metadata__"}
-    expected = expected_tensors(setup)
+    expected = expected_tensors(setup, net)
     problems = [f"{k} missing" for k in expected if k not in found]
     problems += [f"unexpected {k}" for k in found if k not in expected]
     for k in (k for k in expected if k in found):
@@ -395,8 +409,10 @@ def read_weights(file: Path) -> dict[str, Any]:
     return tensors
 
 
-def load_checked(path: Path, weights_file: str, setup_file: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(setup, tensors)`` of the model folder ``path``, after every check of this module."""
+def load_checked(path: Path, weights_file: str, setup_file: str) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """``(setup, tensors, net)`` of the model folder ``path``, after every check of this module; ``net`` is the
+    network the setup describes, on torch's ``meta`` device (checked against the header, not yet allocated:
+    :func:`materialise` it)."""
     try:
         setup = json.loads((path / setup_file).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
@@ -405,9 +421,27 @@ def load_checked(path: Path, weights_file: str, setup_file: str) -> tuple[dict[s
     validate_setup(setup, path)
     file = path / weights_file
     header, start = read_header(file)
-    check_header(header, start, file, setup)
+    net = meta_network(setup)
+    check_header(header, start, file, setup, net)
     tensors = read_weights(file)
-    return setup, tensors
+    return setup, tensors, net
+
+
+def materialise(net: Any, setup: dict[str, Any]) -> Any:
+    """The ``meta`` network ``net`` given (uninitialised) CPU memory, to be filled by ``load_state_dict(strict=True)``:
+    the network is built once, and no random initialisation is spent on weights about to be replaced.
+
+    Only when every parameter and buffer of ``net`` is in its state dict (so the strict load fills all of
+    them); otherwise (a non-persistent buffer, which the weights do not hold) the network is built anew.
+    """
+    from itertools import chain
+
+    from hespotex.models import HESpotExNet
+
+    saved = set(net.state_dict())
+    if all(name in saved for name, _ in chain(net.named_parameters(), net.named_buffers())):
+        return net.to_empty(device="cpu")
+    return HESpotExNet(len(setup["genes"]), setup["embedding_dim"], setup["config"])
 
 
 def as_array(tensor: Any) -> np.ndarray:
