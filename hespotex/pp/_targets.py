@@ -64,9 +64,14 @@ def raw_counts(adata: AnnData, counts_layer: str = "counts") -> sp.csr_matrix:
 
 
 def normalize_counts(
-    counts, genes_idx: np.ndarray | None = None, *, target_norm: str = "library_all", target_sum: float = 1e4
-) -> np.ndarray:
-    """Targets ``(n_spots, n_selected)`` float32 from a raw count matrix (spots × all genes).
+    counts,
+    genes_idx: np.ndarray | None = None,
+    *,
+    target_norm: str = "library_all",
+    target_sum: float = 1e4,
+    dense: bool = True,
+) -> np.ndarray | sp.csr_matrix:
+    """Targets ``(n_spots, n_selected)`` float32 from a raw count matrix (spots × all genes); CSR with ``dense=False``.
 
     ``genes_idx`` selects the modelled genes (all when ``None``); the library of
     ``"library_all"`` is taken over every column of ``counts``.
@@ -83,7 +88,8 @@ def normalize_counts(
         out = sp.diags(scale) @ sub
     out = sp.csr_matrix(out)
     out.data = np.log1p(out.data)
-    return out.astype(np.float32).toarray()
+    out = out.astype(np.float32)
+    return out.toarray() if dense else out
 
 
 def target_expression(
@@ -93,8 +99,10 @@ def target_expression(
     target_norm: str = "library_all",
     target_sum: float = 1e4,
     counts_layer: str = "counts",
-) -> np.ndarray:
-    """The model targets of ``genes`` in ``adata``: dense float32 ``(n_spots, len(genes))``.
+    dense: bool = True,
+) -> np.ndarray | sp.csr_matrix:
+    """The model targets of ``genes`` in ``adata``: float32 ``(n_spots, len(genes))``, dense or (``dense=False``)
+    CSR with the same values.
 
     ``"library_all"`` reads a log-normalised ``X`` as it is (scanpy's ``uns["log1p"]`` marker),
     as :func:`hespotex.pp._normalize.log_expression` does; the other choices need raw counts
@@ -104,11 +112,13 @@ def target_expression(
 
     check_target_norm(target_norm)
     if target_norm == "library_all":
-        return log_expression(adata, genes, target_sum=target_sum, counts_layer=counts_layer)
+        return log_expression(adata, genes, target_sum=target_sum, counts_layer=counts_layer, dense=dense)
     genes = list(adata.var_names) if genes is None else list(genes)
     idx = adata.var_names.get_indexer(genes)
     if (idx < 0).any():
         missing = [g for g, i in zip(genes, idx, strict=True) if i < 0]
         msg = f"{len(missing)} of {len(genes)} genes are missing from this table, e.g. {missing[:5]}."
         raise KeyError(msg)
-    return normalize_counts(raw_counts(adata, counts_layer), idx, target_norm=target_norm, target_sum=target_sum)
+    return normalize_counts(
+        raw_counts(adata, counts_layer), idx, target_norm=target_norm, target_sum=target_sum, dense=dense
+    )

@@ -18,6 +18,7 @@ from hespotex._constants import EMBEDDING_KEY
 from hespotex._sample import SAMPLE_KEY, spot_centres
 from hespotex.pp._graph import knn_graph
 from hespotex.pp._targets import target_expression
+from hespotex.tl.model._lazy import LazyRows, check_finite, take
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -25,14 +26,28 @@ if TYPE_CHECKING:
 logger = logging.getLogger("hespotex")
 
 
-def embeddings(adata: AnnData, key: str = EMBEDDING_KEY) -> np.ndarray:
-    """Embeddings ``obsm[key]`` as float32, checked for NaN."""
+def embeddings(adata: AnnData, key: str = EMBEDDING_KEY, *, lazy: bool = False) -> np.ndarray | LazyRows:
+    """Embeddings ``obsm[key]`` as float32, checked for NaN.
+
+    ``lazy=True``: a :class:`~hespotex.tl.model._lazy.LazyRows` reader of ``obsm[key]`` (a zarr or dask
+    array stays on disk; it is scanned chunk by chunk for NaN and checked to be ``(n_obs, width)``).
+    """
     if key not in adata.obsm:
         msg = (
             f"Expected image embeddings in obsm[{key!r}], found none. Run `hx.pp.embed(sdata)` on the sample with "
             "its image first."
         )
         raise KeyError(msg)
+    if lazy:
+        rows = LazyRows(adata.obsm[key], name=f"obsm[{key!r}]")
+        if rows.ndim != 2 or len(rows) != adata.n_obs:
+            msg = (
+                f"Expected obsm[{key!r}] of shape (n_obs, width) = ({adata.n_obs}, width), found {rows.shape}. "
+                "Store one embedding row per spot, in the table's order."
+            )
+            raise ValueError(msg)
+        check_finite(rows, f"obsm[{key!r}]")
+        return rows
     emb = np.asarray(adata.obsm[key], dtype=np.float32)
     if not np.isfinite(emb).all():
         bad = int((~np.isfinite(emb)).any(axis=1).sum())
@@ -56,11 +71,11 @@ class GraphData:
     """One sample's arrays: embeddings, expression (when known), coordinates in µm and graphs."""
 
     name: str
-    emb: np.ndarray
+    emb: np.ndarray | LazyRows  # LazyRows: read (and standardised) block by block, see _lazy
     coords_um: np.ndarray
-    expr: np.ndarray | None = None
+    expr: np.ndarray | sp.csr_matrix | None = None  # sparse with lazy embeddings, densified per block
     edges: dict[int, np.ndarray] = field(default_factory=dict)
-    views: np.ndarray | None = None  # stain-augmented views of emb, (n, n_views, dim), for training only
+    views: np.ndarray | LazyRows | None = None  # stain-augmented views of emb, (n, n_views, dim), training only
 
     @property
     def n(self) -> int:
@@ -76,10 +91,10 @@ class GraphData:
         """The induced sample on ``mask`` (graphs rebuilt on the kept spots)."""
         return GraphData(
             name or self.name,
-            self.emb[mask],
+            take(self.emb, mask),
             self.coords_um[mask],
             None if self.expr is None else self.expr[mask],
-            views=None if self.views is None else self.views[mask],
+            views=None if self.views is None else take(self.views, mask),
         )
 
 
@@ -91,17 +106,22 @@ def graph_data(
     embedding_key: str = EMBEDDING_KEY,
     target_sum: float = 1e4,
     target_norm: str = "library_all",
+    lazy: bool = False,
 ) -> GraphData:
     """Collect a table's arrays; ``genes=None`` skips expression (prediction).
 
-    The expression is normalised as ``target_norm`` says (see :mod:`hespotex.pp._targets`).
+    The expression is normalised as ``target_norm`` says (see :mod:`hespotex.pp._targets`). ``lazy=True``:
+    the embeddings stay where ``obsm`` holds them (a :class:`~hespotex.tl.model._lazy.LazyRows` reader) and
+    the expression is kept sparse (CSR), to be densified block by block.
     """
     info = adata.uns.get(SAMPLE_KEY)
     mpp = float(info["microns_per_pixel"]) if info else 1.0
     if info is None:
         logger.warning("Table %r has no uns[%r]; treating obsm['spatial'] as microns.", name, SAMPLE_KEY)
-    expr = None if genes is None else target_expression(adata, genes, target_norm=target_norm, target_sum=target_sum)
-    return GraphData(name, embeddings(adata, embedding_key), spot_centres(adata) * mpp, expr)
+    expr = None
+    if genes is not None:
+        expr = target_expression(adata, genes, target_norm=target_norm, target_sum=target_sum, dense=not lazy)
+    return GraphData(name, embeddings(adata, embedding_key, lazy=lazy), spot_centres(adata) * mpp, expr)
 
 
 def spatial_block_mask(coords: np.ndarray, fraction: float, *, seed: int = 0) -> np.ndarray:
@@ -164,6 +184,10 @@ def embedding_scale(emb: np.ndarray, *, floor: float = 0.1) -> np.ndarray:
     Features (nearly) constant on the training patches would otherwise get a tiny scale, and any
     activity on a new slide would become a standardised value in the hundreds of thousands.
     """
-    std = emb.std(axis=0)
+    return floored_scale(emb.std(axis=0), floor=floor)
+
+
+def floored_scale(std: np.ndarray, *, floor: float = 0.1) -> np.ndarray:
+    """:func:`embedding_scale` from the per-feature standard deviation ``std``."""
     median = float(np.median(std))
     return np.maximum(std, floor * median if median > 0 else 1.0).astype(np.float32)

@@ -14,8 +14,9 @@ import numpy as np
 from hespotex._settings import resolve_device
 from hespotex.models._config import ModelConfig  # re-exported as hx.tl.ModelConfig (no torch import)
 from hespotex.pp._genes import gene_hash
-from hespotex.tl.model._data import GraphData, embedding_scale
+from hespotex.tl.model._data import GraphData, embedding_scale, floored_scale
 from hespotex.tl.model._forward import forward_blocks
+from hespotex.tl.model._lazy import LazyRows, as_rows, column_means, dense, streamed_statistics
 from hespotex.tl.model._setup_validation import FORMAT_VERSION, SETUP_FILE, WEIGHTS_FILE, json_default, versions
 
 logger = logging.getLogger("hespotex")
@@ -143,6 +144,11 @@ class HESpotEx:
         exist at inference) and the spots in ``mask`` are scored by mean per-gene Pearson.
         ``strategy="ddp"`` trains data-parallel on ``n_processes`` processes with ``backend``
         (see :func:`hespotex.tl.train`); ``train_strategy_`` records how the model was trained.
+
+        When a sample's ``emb`` is a :class:`~hespotex.tl.model._lazy.LazyRows` reader (embeddings on disk,
+        ``hx.tl.train(..., lazy=True)``), training streams: the standardisation statistics are computed chunk
+        by chunk, rows are read and standardised one block at a time, and sparse targets are densified per
+        block; the trained model equals the in-memory one up to float32 rounding of the statistics.
         """
         from hespotex.models import HESpotExNet
         from hespotex.tl.training._distributed import check_strategy
@@ -151,10 +157,15 @@ class HESpotEx:
         check_strategy(strategy, n_processes, backend)
         seed = self.config.seed if seed is None else seed
         self.training_data_ = training_data(train, validation)
-        emb = np.concatenate([s.emb for s in train])
-        self.embedding_mean_ = emb.mean(axis=0).astype(np.float32)
-        self.embedding_scale_ = embedding_scale(emb)
-        del emb  # a copy of every training embedding: do not hold it through training
+        if any(isinstance(s.emb, LazyRows) for s in train):  # on disk: statistics chunk by chunk, no copy
+            mean, std = streamed_statistics([as_rows(s.emb) for s in train])
+            self.embedding_mean_ = mean.astype(np.float32)
+            self.embedding_scale_ = floored_scale(std)
+        else:
+            emb = np.concatenate([s.emb for s in train])
+            self.embedding_mean_ = emb.mean(axis=0).astype(np.float32)
+            self.embedding_scale_ = embedding_scale(emb)
+            del emb  # a copy of every training embedding: do not hold it through training
         train = [self._standardised(s) for s in train]
         validation = [(self._standardised(s), m) for s, m in validation]
         self.module_ = HESpotExNet(len(self.genes), len(self.embedding_mean_), self.config.replace(seed=seed))
@@ -184,7 +195,7 @@ class HESpotEx:
             scores = []
             for s, mask in validation:
                 pred = forward_blocks(net, s, dev, max_nodes=max_nodes)["expression"]
-                r = pearson_per_gene(s.expr[mask], pred[mask])
+                r = pearson_per_gene(dense(s.expr[mask]), pred[mask])
                 scores.append(np.nanmean(r) if np.isfinite(r).any() else 0.0)
             return float(np.mean(scores))
 
@@ -203,11 +214,20 @@ class HESpotEx:
         import torch
 
         head = self.module_.direct_head[-1]
-        mean = np.concatenate([s.expr for s in train]).mean(axis=0)
+        if any(not isinstance(s.expr, np.ndarray) for s in train):  # sparse targets (lazy training)
+            mean = column_means([s.expr for s in train])
+        else:
+            mean = np.concatenate([s.expr for s in train]).mean(axis=0)
         with torch.no_grad():
             head.bias.copy_(torch.from_numpy(mean.astype(np.float32)))
 
     def _standardised(self, s: GraphData) -> GraphData:
+        if isinstance(s.emb, LazyRows):  # standardised as each block is read (the same float32 operations)
+            mean, scale = self.embedding_mean_, self.embedding_scale_
+            views = None if s.views is None else as_rows(s.views).standardised(mean, scale)
+            out = GraphData(s.name, s.emb.standardised(mean, scale), s.coords_um, s.expr, views=views)
+            out.edges = s.edges
+            return out
         emb = np.subtract(s.emb, self.embedding_mean_, dtype=np.float32)  # one float32 copy, scaled in place
         emb /= self.embedding_scale_
         views = None

@@ -161,6 +161,32 @@ def split_validation(names: list[str], validation: Any, *, seed: int) -> tuple[l
     return held, None
 
 
+def resolve_lazy(lazy: bool | None, tables: dict[str, Any], use_rep: str) -> bool:
+    """What :func:`train` ``(..., lazy=None)`` does: stream when some table's embeddings are not in memory."""
+    from hespotex.tl.model._lazy import is_in_memory
+
+    if lazy is None:
+        lazy = any(not is_in_memory(t.obsm[use_rep]) for t in tables.values())
+        if lazy:
+            logger.info("obsm[%r] is not in memory: training reads it block by block (lazy=True).", use_rep)
+    if not isinstance(lazy, bool | np.bool_):
+        msg = f"Expected `lazy` to be None, True or False; found {lazy!r}."
+        raise ValueError(msg)
+    return bool(lazy)
+
+
+def lazy_views(table: Any, key: str) -> Any:
+    """A :class:`~hespotex.tl.model._lazy.LazyRows` reader of the stain views ``obsm[key]``, checked."""
+    from hespotex.tl.model._lazy import LazyRows, check_finite
+
+    rows = LazyRows(table.obsm[key], name=f"obsm[{key!r}]")
+    if rows.ndim != 3 or len(rows) != table.n_obs:
+        msg = f"Expected obsm[{key!r}] of shape ({table.n_obs}, n_views, width), found {rows.shape}."
+        raise ValueError(msg)
+    check_finite(rows, f"obsm[{key!r}]")
+    return rows
+
+
 def resolve_ensemble(ensemble: Any, samples: Any, validation: Any) -> bool:
     """Whether :func:`train` trains an ensemble: ``"auto"`` means 3 or more samples with ``validation="auto"``."""
     if isinstance(ensemble, str) and ensemble == "auto":
@@ -198,6 +224,7 @@ def train(
     stain_augment: bool | None = None,
     stain_norm: str | None = None,
     context_um: float | None = None,
+    lazy: bool | None = None,
 ) -> HESpotEx | HESpotExEnsemble:
     """Train HESpotEx on samples with spatial transcriptomics.
 
@@ -296,6 +323,17 @@ def train(
         context patch around it (see :func:`hespotex.pp.embed`); samples already embedded keep theirs
         (every sample must have the same scales). The scales are recorded in ``model.embedding`` and
         prediction re-embeds new slides with them.
+    lazy
+        Train from embeddings on disk, streaming: ``obsm[use_rep]`` (and the stain views) may be a zarr
+        array or a dask array (``table.obsm[use_rep] = dask.array.from_zarr(path)``, or a table read back
+        lazily) and is never read whole. The standardisation statistics are computed chunk by chunk, each
+        spatial block's rows are read and standardised when its batch is used, and the targets are kept
+        sparse and densified per batch, so memory is bounded by ``max_nodes`` rather than the section
+        (a 600,000-bin Visium HD section trains under 4 GB, ``benchmarks/results/visium_hd_train.md``).
+        The model equals the in-memory one for the same seed up to float32 rounding of the statistics.
+        ``None`` (default): lazy when some training table's ``obsm[use_rep]`` is not an in-memory numpy
+        array (zarr, dask, ``numpy.memmap``); ``True`` also streams in-memory embeddings (no standardised
+        copy); ``False`` reads lazy embeddings into memory first.
 
     Returns
     -------
@@ -329,7 +367,7 @@ def train(
             config=config, seed=seed, device=device, use_rep=use_rep, target_sum=target_sum, target_norm=target_norm,
             embedding_norm=embedding_norm, max_nodes=max_nodes, strategy=strategy, n_processes=n_processes,
             backend=backend,
-            stain_augment=stain_augment, stain_norm=stain_norm, context_um=context_um,
+            stain_augment=stain_augment, stain_norm=stain_norm, context_um=context_um, lazy=lazy,
         )  # fmt: skip
     check_embedding_norm(embedding_norm)
 
@@ -383,14 +421,18 @@ def train(
     else:
         genes = select_genes([tables[n] for n in names], genes=genes, key_added=None)
         selection = {"flavor": "given", "n_top": len(genes), "fitted_on": names}
+    lazy = resolve_lazy(lazy, tables, use_rep)
     data = {
-        n: graph_data(tables[n], n, genes=genes, embedding_key=use_rep, target_sum=target_sum, target_norm=target_norm)
+        n: graph_data(
+            tables[n], n, genes=genes, embedding_key=use_rep, target_sum=target_sum, target_norm=target_norm, lazy=lazy
+        )
         for n in names
     }
     stain = stain_views(tables, records, use_rep) if stain_augment else None
     if stain is not None:
         for n, d in data.items():
-            d.views = np.asarray(tables[n].obsm[stain["key"]], dtype=np.float32)
+            views = tables[n].obsm[stain["key"]]
+            d.views = lazy_views(tables[n], stain["key"]) if lazy else np.asarray(views, dtype=np.float32)
     train_parts: list[GraphData] = []
     val_parts: list[tuple[GraphData, np.ndarray]] = []
     for n in fit_names:

@@ -13,6 +13,7 @@ import numpy as np
 from hespotex._settings import settings
 from hespotex.pp._stain_augment import sample_views
 from hespotex.tl.model._data import GraphData, induced_edges, spatial_blocks
+from hespotex.tl.model._lazy import dense, take
 from hespotex.tl.training._collectives import restore_grad_flags, trainable_only
 
 if TYPE_CHECKING:
@@ -23,14 +24,28 @@ logger = logging.getLogger("hespotex")
 
 @dataclass
 class Batch:
-    """A disjoint union of spatial blocks as numpy arrays (edges already offset)."""
+    """A disjoint union of spatial blocks as numpy arrays (edges already offset).
 
-    emb: np.ndarray
-    expr: np.ndarray
+    A block of a sample with lazy embeddings holds readers (``emb``, ``views``: rows on disk) and sparse
+    ``expr`` until :meth:`load` reads them for one batch.
+    """
+
+    emb: np.ndarray  # or a LazyRows reader (block of lazy embeddings)
+    expr: np.ndarray  # or CSR (lazy training): densified by load
     edges_ae: np.ndarray
     edges_dec: np.ndarray
     latent: np.ndarray | None = None  # the frozen autoencoder's z, once pre-trained
     views: np.ndarray | None = None  # stain-augmented views of emb (n, n_views, dim): one is drawn per spot per epoch
+
+    def load(self) -> Batch:
+        """This batch with its rows in memory: lazy rows read (and standardised), sparse targets densified; itself
+        when it holds numpy arrays already."""
+        if all(v is None or isinstance(v, np.ndarray) for v in (self.emb, self.expr, self.views)):
+            return self
+        return Batch(
+            dense(self.emb), dense(self.expr), self.edges_ae, self.edges_dec, self.latent,
+            None if self.views is None else dense(self.views),
+        )  # fmt: skip
 
     def to(self, device):
         import torch
@@ -49,33 +64,46 @@ class Batch:
 
 
 def make_blocks(samples: Sequence[GraphData], *, k_ae: int, k_dec: int, max_nodes: int) -> list[Batch]:
-    """Cut every sample into compact spatial blocks with their induced graphs."""
+    """Cut every sample into compact spatial blocks with their induced graphs (lazy embeddings stay readers)."""
     blocks = []
     for s in samples:
         e_ae, e_dec = s.graph(k_ae), s.graph(k_dec)
         for nodes in spatial_blocks(s.coords_um, max_nodes):
             blocks.append(
                 Batch(
-                    s.emb[nodes], s.expr[nodes], induced_edges(e_ae, nodes, s.n), induced_edges(e_dec, nodes, s.n),
-                    views=None if s.views is None else s.views[nodes],
+                    take(s.emb, nodes), s.expr[nodes], induced_edges(e_ae, nodes, s.n),
+                    induced_edges(e_dec, nodes, s.n), views=None if s.views is None else take(s.views, nodes),
                 )
             )  # fmt: skip
     return blocks
 
 
-def group_blocks(blocks: Sequence[Batch], order: np.ndarray, max_nodes: int) -> list[Batch]:
-    """Concatenate blocks (in ``order``) into batches of at most ``max_nodes`` spots."""
-    batches, current, size = [], [], 0
+class Batches(Sequence):
+    """An epoch's batches, each the union of its blocks, built when it is used (one batch in memory at a time)."""
+
+    def __init__(self, blocks: Sequence[Batch], groups: list[list[int]]) -> None:
+        self.blocks, self.groups = blocks, groups
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, i: int) -> Batch:
+        return _union([self.blocks[j].load() for j in self.groups[i]])
+
+
+def group_blocks(blocks: Sequence[Batch], order: np.ndarray, max_nodes: int) -> Batches:
+    """Concatenate blocks (in ``order``) into batches of at most ``max_nodes`` spots (built as they are used)."""
+    groups, current, size = [], [], 0
     for i in order:
-        b = blocks[i]
-        if current and size + len(b.emb) > max_nodes:
-            batches.append(_union(current))
+        n = len(blocks[i].emb)
+        if current and size + n > max_nodes:
+            groups.append(current)
             current, size = [], 0
-        current.append(b)
-        size += len(b.emb)
+        current.append(int(i))
+        size += n
     if current:
-        batches.append(_union(current))
-    return batches
+        groups.append(current)
+    return Batches(blocks, groups)
 
 
 def count_batches(sizes: Sequence[int], max_nodes: int) -> int:
@@ -105,7 +133,7 @@ def _union(parts: Sequence[Batch]) -> Batch:
 
 def epoch_batches(
     blocks: Sequence[Batch], rng: np.random.Generator, max_nodes: int, distributed: Context | None = None
-) -> tuple[list[Batch], np.ndarray]:
+) -> tuple[Batches, np.ndarray]:
     """One epoch's batches for this process and the blocks they hold.
 
     Single process: every block, in a random order, grouped into batches of at most ``max_nodes``
@@ -124,7 +152,7 @@ def epoch_batches(
         count_batches(sizes[distributed.shard(len(blocks), order, rank=r)], max_nodes)
         for r in range(distributed.world_size)
     )
-    return [batches[i % len(batches)] for i in range(steps)], mine
+    return Batches(blocks, [batches.groups[i % len(batches)] for i in range(steps)]), mine
 
 
 _AE_CACHE: dict[str, dict] = {}
@@ -150,7 +178,7 @@ def _autoencoder_key(net, blocks: Sequence[Batch], max_nodes: int, seed: int, wo
     if world_size > 1:  # data-parallel pre-training takes other steps
         h.update(f"world_size={world_size}".encode())
     for b in blocks:
-        h.update(np.ascontiguousarray(b.expr).tobytes())
+        h.update(np.ascontiguousarray(dense(b.expr)).tobytes())
         h.update(np.ascontiguousarray(b.edges_ae).tobytes())
     return h.hexdigest()
 
@@ -253,7 +281,7 @@ def fit_net(
             net.eval()
             with torch.inference_mode():
                 for b in blocks:
-                    x, _, e_ae, _ = b.to(device)
+                    x, e_ae = (torch.from_numpy(a).to(device) for a in (dense(b.expr), b.edges_ae))
                     b.latent = net.autoencoder.encode(x, e_ae)[0].float().cpu().numpy()
         # the joint stage has its own random streams, so it is the same whether or not pre-training was cached
         torch.manual_seed(seed + 1 if distributed is None else distributed.seed(seed + 1))
