@@ -271,6 +271,11 @@ def cmd_report(args) -> None:
             sel = m[m["seed"].isin(seeds)] if seeds is not None else m[~m["seed"].isin(args.screen_seeds)]
             if sel.empty:
                 continue
+            # paired: only the seeds every candidate shown here has (with all folds)
+            common = set.intersection(*(set(v) for v in sel.groupby("candidate")["seed"].unique()))
+            sel = sel[sel["seed"].isin(common)]
+            if sel.empty:
+                continue
             agg = sel.groupby(["candidate", "condition", "genes"]).agg(
                 pearson=("mean", "mean"), gain=("gain", "mean"), gain_min=("gain", "min"), gain_max=("gain", "max"),
                 seeds=("seed", "nunique"),
