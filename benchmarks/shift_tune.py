@@ -303,10 +303,12 @@ def cmd_report(args) -> None:
                 "",
             ]
             if label == "confirmation" or (label == "screening" and len(seed_list) > 1):
-                rng = agg.assign(range=agg["gain_min"].map("{:+.4f}".format) + " / "
-                                 + agg["gain_max"].map("{:+.4f}".format))
-                rng = rng.pivot_table(index="candidate", columns=["genes", "condition"], values="range",
-                                      aggfunc="first")
+                rng = agg.assign(
+                    range=agg["gain_min"].map("{:+.4f}".format) + " / " + agg["gain_max"].map("{:+.4f}".format)
+                )
+                rng = rng.pivot_table(
+                    index="candidate", columns=["genes", "condition"], values="range", aggfunc="first"
+                )
                 rng.columns = [f"{g[:5]} {c}" for g, c in rng.columns]
                 lines += ["Gain over the defaults per seed, min / max over seeds:", "",
                           rng.reset_index().to_markdown(index=False), ""]  # fmt: skip
