@@ -495,6 +495,9 @@ def cmd_report(args) -> None:
         "`python benchmarks/shift.py run --setting \"{'target_norm': 'library_modelled', 'patch_um': 100.0, "
         "'tta': False}\" "
         "--what hespotex --seeds 0 1 2` (4-member ensembles, 3 seeds, 26.1 min);  ",
+        "the same setting with `'stain_augment': True` (after `shift.py embed --stain-views --patch 100`): "
+        "`--what hespotex --seeds 0`, `--what hespotex --seeds 1 2 --workers 1` (stain-augmented ensembles: the "
+        "default of `hx.tl.train`), `--what single --seeds 1` and `--seeds 2` (stain-augmented single models);  ",
         f"`{cmd}`.  ",
         "Modelled genes: the 785-gene panel (those present in every section). Encoder: ImageNet "
         "EfficientNet-Lite0 (offline weights), "
@@ -516,7 +519,10 @@ def cmd_report(args) -> None:
         "k chosen by "
         "leave-one-training-section-out on the training sections, fitted to the same targets as hespotex, raw "
         "and smoothed "
-        "(6 nearest spots); they are deterministic (no seed spread).",
+        "(6 nearest spots); they are deterministic (no seed spread). `+stainaug` = trained on the clean embedding "
+        "and 4 stain-augmented views per spot. Companion reports: `shift_defaults.md` (the default against the "
+        "strongest tuned baseline, seed spreads), `shift_stain.md` (stain augmentation, Macenko), "
+        "`shift_context.md` (two-scale embeddings).",
         "",
     ]
     # 1. option selection: every setting, mean over the three truths, per condition and gene set
