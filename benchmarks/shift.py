@@ -457,9 +457,12 @@ def load_rows(work: Path) -> pd.DataFrame:
 
 
 def seed_summary(rows: pd.DataFrame) -> pd.DataFrame:
-    """Mean over folds per seed, then mean over seeds with the spread (max - min of the seed means)."""
+    """Mean over folds per seed, then mean over seeds with the spread (max - min of the seed means); a seed that
+    lacks some of the folds the other seeds have (a run still under way or stopped) is left out."""
     keys = ["target_norm", "patch_um", "tta", "stain_augment", "method", "condition", "truth", "genes"]
+    rows = rows.drop_duplicates([*keys, "fold", "seed"])  # a single model scored by its single and ensemble tasks
     per_seed = rows.groupby([*keys, "seed"], dropna=False)["pearson"].agg(["mean", "count"]).reset_index()
+    per_seed = per_seed[per_seed["count"] == per_seed.groupby(keys, dropna=False)["count"].transform("max")]
     out = per_seed.groupby(keys, dropna=False).agg(
         pearson=("mean", "mean"),
         spread=("mean", lambda v: float(v.max() - v.min())),

@@ -273,7 +273,9 @@ def cmd_report(args) -> None:
         "## Seed spread before and after (spread = max - min over seeds of the 5-fold mean; the same seeds for "
         "every variant)",
         "",
-        spread_table(hes, folds).to_markdown(index=False),
+        spread_table(hes, folds).to_markdown(index=False)
+        if len(seeds) > 1
+        else "The default has one seed on every fold: see the partial comparison below for its spread.",
         "",
         "## The other variants against the same baselines (mean over the three truths)",
         "",
