@@ -262,9 +262,13 @@ def cmd_report(args) -> None:
         f"Cells ahead of the strongest baseline: {int((raw['margin'] > 0).sum())} / {n_cells}; by ≥ {GOAL} on the "
         f"mean: {int((raw['margin'] >= GOAL).sum())}; by ≥ {GOAL} on the worst seed: "
         f"{int((raw['worst-seed margin'] >= GOAL).sum())}. Margin: mean {raw['margin'].mean():.4f}, min "
-        f"{raw['margin'].min():.4f}, max {raw['margin'].max():.4f}. Seed spread of the default: max "
-        f"{raw['spread'].max():.4f}, median {raw['spread'].median():.4f} (goal ≤ 0.01: "
-        f"{int((raw['spread'] <= 0.01).sum())} / {n_cells} cells).",
+        f"{raw['margin'].min():.4f}, max {raw['margin'].max():.4f}."
+        + (
+            f" Seed spread of the default: max {raw['spread'].max():.4f}, median {raw['spread'].median():.4f} (goal "
+            f"≤ 0.01: {int((raw['spread'] <= 0.01).sum())} / {n_cells} cells)."
+            if len(seeds) > 1
+            else ""
+        ),
         "",
         "## Mean over the three truths",
         "",
