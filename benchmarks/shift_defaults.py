@@ -235,7 +235,8 @@ def cmd_report(args) -> None:
         "Commands (2-core machine shared with 6 other jobs; `nice -n 10`, 1 dask worker, 1 torch thread):  ",
         "`python benchmarks/shift.py run --what hespotex --seeds 0 --setting \"{'target_norm': 'library_modelled', "
         "'patch_um': 100.0, 'tta': False, 'stain_augment': True}\"` (seed 0, shift_stain.md's run) and the same with "
-        "`--seeds 1 2 --workers 1` (this run);  ",
+        "`--seeds 1 --workers 1` (this session, split over up to 3 processes with `--folds`; seed 2 was started and "
+        "stopped for time);  ",
         "the single models and plain ensembles are shift.md's (`shift.py run --setting \"{'target_norm': "
         "'library_modelled', 'patch_um': 100.0, 'tta': False}\" --what hespotex --seeds 0 1 2`) and shift_stain.md's "
         "(`--what single --seeds 1`, `--seeds 2` with `'stain_augment': True`);  ",
