@@ -26,7 +26,7 @@ sections, fitted to the same targets as the model, raw and spatially smoothed (6
     python benchmarks/shift.py report
     python benchmarks/shift.py embed --stain-views --patch 100   # 4 stain-augmented views per clean section
     python benchmarks/shift.py run --setting "{..., 'stain_augment': True}" --what hespotex --seeds 0
-    python benchmarks/shift.py stain-report   # appends the stain-augmentation section to the report
+    python benchmarks/shift.py stain-report   # -> benchmarks/results/shift_stainaug.md (its own file)
 
 Work files (embeddings, per-task rows) go to ``--work`` (default /tmp/hespotex_shift); each task
 writes its rows when it finishes, so a rerun skips finished tasks.
@@ -457,9 +457,12 @@ def load_rows(work: Path) -> pd.DataFrame:
 
 
 def seed_summary(rows: pd.DataFrame) -> pd.DataFrame:
-    """Mean over folds per seed, then mean over seeds with the spread (max - min of the seed means)."""
+    """Mean over folds per seed, then mean over seeds with the spread (max - min of the seed means); a seed that
+    lacks some of the folds the other seeds have (a run still under way or stopped) is left out."""
     keys = ["target_norm", "patch_um", "tta", "stain_augment", "method", "condition", "truth", "genes"]
+    rows = rows.drop_duplicates([*keys, "fold", "seed"])  # a single model scored by its single and ensemble tasks
     per_seed = rows.groupby([*keys, "seed"], dropna=False)["pearson"].agg(["mean", "count"]).reset_index()
+    per_seed = per_seed[per_seed["count"] == per_seed.groupby(keys, dropna=False)["count"].transform("max")]
     out = per_seed.groupby(keys, dropna=False).agg(
         pearson=("mean", "mean"),
         spread=("mean", lambda v: float(v.max() - v.min())),
@@ -474,8 +477,6 @@ def setting_name(row) -> str:
 
 
 def cmd_report(args) -> None:
-    from _common import write_report
-
     work = Path(args.work)
     rows = load_rows(work)
     summ = seed_summary(rows[rows["genes"] != "spread_spearman"])
@@ -497,6 +498,9 @@ def cmd_report(args) -> None:
         "`python benchmarks/shift.py run --setting \"{'target_norm': 'library_modelled', 'patch_um': 100.0, "
         "'tta': False}\" "
         "--what hespotex --seeds 0 1 2` (4-member ensembles, 3 seeds, 26.1 min);  ",
+        "the same setting with `'stain_augment': True` (after `shift.py embed --stain-views --patch 100`): "
+        "`--what hespotex --seeds 0`, `--what hespotex --seeds 1 2 --workers 1` (stain-augmented ensembles: the "
+        "default of `hx.tl.train`), `--what single --seeds 1` and `--seeds 2` (stain-augmented single models);  ",
         f"`{cmd}`.  ",
         "Modelled genes: the 785-gene panel (those present in every section). Encoder: ImageNet "
         "EfficientNet-Lite0 (offline weights), "
@@ -518,7 +522,10 @@ def cmd_report(args) -> None:
         "k chosen by "
         "leave-one-training-section-out on the training sections, fitted to the same targets as hespotex, raw "
         "and smoothed "
-        "(6 nearest spots); they are deterministic (no seed spread).",
+        "(6 nearest spots); they are deterministic (no seed spread). `+stainaug` = trained on the clean embedding "
+        "and 4 stain-augmented views per spot. Companion reports: `shift_defaults.md` (the default against the "
+        "strongest tuned baseline, seed spreads), `shift_stain.md` (stain augmentation, Macenko), "
+        "`shift_context.md` (two-scale embeddings).",
         "",
     ]
     # 1. option selection: every setting, mean over the three truths, per condition and gene set
@@ -580,14 +587,28 @@ def cmd_report(args) -> None:
         fit.round(1).reset_index().to_markdown(index=False),
         "",
     ]
-    write_report("\n".join(lines), args.out)
+    write_keeping_conclusion("\n".join(lines), args.out)
 
 
-STAIN_SECTION = "## Stain augmentation of training patches"
+CONCLUSION = "## Conclusion"
+
+
+def write_keeping_conclusion(text: str, out: str) -> None:
+    """Write a generated report to ``out`` (the whole file), keeping the hand-written section that starts with
+    ``## Conclusion`` at the end of the file it replaces, if any (it is marked as written from the earlier tables)."""
+    from _common import write_report
+
+    path = Path(out)
+    old = path.read_text() if path.is_file() else ""
+    if CONCLUSION in old and CONCLUSION not in text:
+        text = text.rstrip("\n") + "\n\n" + old[old.index(CONCLUSION) :].rstrip("\n")
+    write_report(text, out)
 
 
 def cmd_stain_report(args) -> None:
-    """Append (or replace) the section comparing training with stain-augmented views to the same setting without."""
+    """Write the report comparing training with stain-augmented views to the same setting without, to its own file
+    (``--out``, by default ``benchmarks/results/shift_stainaug.md``; never appended to another report). The full
+    stain report (with Macenko) is ``benchmarks/shift_stain.py report``."""
     work = Path(args.work)
     rows = load_rows(work)
     rows = rows[(rows["target_norm"] == "library_modelled") & (rows["patch_um"] == 100.0) & ~rows["tta"].astype(bool)]
@@ -618,7 +639,7 @@ def cmd_stain_report(args) -> None:
                 summary[f"gain {m}{std}"] = summary[a] - summary[c]
     cmd = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
     lines = [
-        STAIN_SECTION,
+        "# Shift benchmark: stain augmentation of training patches (library_modelled, 100 µm)",
         "",
         "Commands: `python benchmarks/shift.py embed --stain-views --patch 100` (4 stain-augmented views of "
             "every clean section with "
@@ -640,17 +661,12 @@ def cmd_stain_report(args) -> None:
             "gain 0.75-1.25, "
         "shift ±0.03, blur, JPEG q40).",
         "",
-        "### Mean over the three truths", "",
+        "## Mean over the three truths", "",
         summary.round(4).reset_index().to_markdown(index=False), "",
-        "### Per truth", "",
+        "## Per truth", "",
         h.round(4).reset_index().to_markdown(index=False), "",
     ]  # fmt: skip
-    out = Path(args.out)
-    text = out.read_text() if out.is_file() else ""
-    if STAIN_SECTION in text:
-        text = text[: text.index(STAIN_SECTION)]
-    out.write_text(text.rstrip("\n") + "\n\n" + "\n".join(lines))
-    print("\n".join(lines))
+    write_keeping_conclusion("\n".join(lines), args.out)
 
 
 def main() -> None:
@@ -669,7 +685,9 @@ def main() -> None:
     )
     parser.add_argument("--final", nargs="*", default=None, help="report: settings shown in full against the baselines")
     parser.add_argument("--setting", default=None, help="one setting as a dict literal instead of --grid")
-    parser.add_argument("--out", default="benchmarks/results/shift.md")
+    parser.add_argument(
+        "--out", default=None, help="report: shift.md; stain-report: shift_stainaug.md (under benchmarks/results)"
+    )
     parser.add_argument(
         "--stain-views",
         action="store_true",
@@ -677,6 +695,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     args.tta = [bool(t) for t in args.tta]
+    if args.out is None:
+        args.out = f"benchmarks/results/{'shift_stainaug' if args.stage == 'stain-report' else 'shift'}.md"
     {"embed": cmd_embed, "run": cmd_run, "report": cmd_report, "stain-report": cmd_stain_report}[args.stage](args)
 
 

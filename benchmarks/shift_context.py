@@ -21,6 +21,12 @@ single-scale work files are never touched, and ``shift.py run`` trains and score
     python benchmarks/shift.py run --work /tmp/hespotex_shift/context200 --workers 1 --what single --seeds 1 2 \\
         --setting "{'target_norm': 'library_modelled', 'patch_um': 100.0, 'tta': False}"
     python benchmarks/shift_context.py report --context 200 --out benchmarks/results/shift_context.md
+
+With the stain-augmented views of the clean sections at both scales (``shift.py embed --stain-views --patch 100``
+and ``--patch 200``), ``prepare`` also writes their two-scale views (view by view, as ``hx.pp.embed(...,
+context_um=C, stain_augment=4)`` does), so ``shift.py run --work .../context200 --setting "{..., 'stain_augment':
+True}"`` trains the two-scale + stain augmentation + ensemble candidate; ``benchmarks/shift_defaults.py report``
+compares it with the default. This report covers the runs without stain augmentation.
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ def cmd_prepare(args) -> None:
 
     work = Path(args.work)
     out = context_work(work, args.context)
-    n = 0
+    n = n_views = 0
     for sid in her2st_sections(args.data):
         for cond in ("clean", "restained", "rescaled"):
             spot = shift.embedding_path(work, sid, cond, SPOT_UM, False)
@@ -73,7 +79,28 @@ def cmd_prepare(args) -> None:
             seconds = sum(float(p.with_suffix(".seconds").read_text()) for p in (spot, wide))
             target.with_suffix(".seconds").write_text(f"{seconds:.1f}")
             n += 1
-    print(f"{n} two-scale embeddings in {out / 'emb'}")
+        n_views += prepare_views(work, out, sid, args.context)
+    print(f"{n} two-scale embeddings and {n_views} two-scale stain views in {out / 'emb'}")
+
+
+def prepare_views(work: Path, out: Path, sid: str, context: float) -> int:
+    """Concatenate the stain-augmented views of the clean section at both scales, view by view (what
+    ``hx.pp.embed(..., patch_um=100, context_um=C, stain_augment=4)`` computes: the same seeded re-staining of a
+    spot at both scales); 0 when either scale's views are missing (``shift.py embed --stain-views --patch P``)."""
+    spot, wide = shift.views_path(work, sid, SPOT_UM), shift.views_path(work, sid, context)
+    target = shift.views_path(out, sid, SPOT_UM)  # shift.run_task(..., stain_augment=True) reads this name
+    if not (spot.is_file() and wide.is_file()):
+        return 0
+    a, b = np.load(spot), np.load(wide)
+    if a.shape[:2] != b.shape[:2]:
+        msg = f"{sid}: stain views {a.shape} at {SPOT_UM:g} µm but {b.shape} at {context:g} µm (spots x views x dim)."
+        raise ValueError(msg)
+    tmp = target.with_suffix(".tmp.npy")
+    np.save(tmp, np.concatenate([a, b], axis=2))
+    os.replace(tmp, target)
+    seconds = sum(float(p.with_suffix(".seconds").read_text()) for p in (spot, wide))
+    target.with_suffix(".seconds").write_text(f"{seconds:.1f}")
+    return 1
 
 
 def cmd_verify(args) -> None:
