@@ -69,15 +69,18 @@ CANDIDATES: dict[str, dict] = {
     "patience20": {"epochs": 100, "patience": 20},
     "ep100": {"epochs": 100},
     "mse0": {"mse_weight": 0.0, "gene_pearson_weight": 1.0},
+    # ``hx.tl.train`` options rather than ModelConfig fields (mini-batches: several optimiser steps per epoch)
+    "mb512": {"max_nodes": 512},
+    "mb256": {"max_nodes": 256},
 }
+TRAIN_OPTIONS = ("max_nodes",)
 
 
 def candidate_config(name: str):
+    """The candidate's ModelConfig and its ``hx.tl.train`` options (``TRAIN_OPTIONS``)."""
     from hespotex.models import ModelConfig
 
-    if name in CANDIDATES:
-        return ModelConfig().replace(**CANDIDATES[name])
-    parts = [p for p in name.split("+") if p]  # combinations, e.g. "drop03+wd1e-1"
+    parts = [name] if name in CANDIDATES else [p for p in name.split("+") if p]  # combinations: "drop03+mb256"
     unknown = [p for p in parts if p not in CANDIDATES]
     if unknown or not parts:
         msg = f"Unknown candidate(s) {unknown or name!r}; known: {sorted(CANDIDATES)} (combine with '+')."
@@ -85,7 +88,8 @@ def candidate_config(name: str):
     changes: dict = {}
     for p in parts:
         changes.update(CANDIDATES[p])
-    return ModelConfig().replace(**changes)
+    options = {k: changes.pop(k) for k in TRAIN_OPTIONS if k in changes}
+    return ModelConfig().replace(**changes), options
 
 
 def _load_ae_cache(work: Path) -> None:
@@ -129,7 +133,7 @@ def run_task(fold: str, seed: int, candidate: str, what: str, data: str | None, 
         return str(done)
     hx.settings.progress = False
     hx.settings.num_threads = 1
-    config = candidate_config(candidate)
+    config, options = candidate_config(candidate)
     _load_ae_cache(work)
     t0 = time.perf_counter()
     all_tables = tables(data)
@@ -159,7 +163,7 @@ def run_task(fold: str, seed: int, candidate: str, what: str, data: str | None, 
     for held in train_names if what == "ens" else [single]:
         members[held] = hx.tl.train(
             train, genes=genes, validation=[held], seed=seed, target_norm=TARGET_NORM, use_rep="X", device="cpu",
-            stain_augment=True, config=config, ensemble=False,
+            stain_augment=True, config=config, ensemble=False, **options,
         )  # fmt: skip
     fit_s = time.perf_counter() - t0
     _save_ae_cache(work)
