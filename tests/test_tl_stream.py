@@ -49,7 +49,7 @@ class Counter:
     """Counts patches the encoder embeds (wrapping the real encode_patches) and can interrupt a stage."""
 
     def __init__(self, monkeypatch):
-        from hespotex.pp import _embed
+        from hespotex.pp import _encode as _embed  # the encoder loop (hx.pp.embed and the stream)
 
         self.patches = 0
         self.calls: dict[str, int] = {"embed": 0, "block": 0, "rows": 0}

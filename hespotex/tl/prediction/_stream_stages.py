@@ -171,7 +171,7 @@ def _embed_chunk(
     context: Any = None,
 ) -> None:
     """Embed reading-order rows ``[j*step, (j+1)*step)``, write them, then mark step ``j`` done."""
-    from hespotex.pp._embed import encode_two_scales
+    from hespotex.pp._encode import encode_two_scales
 
     idx = plan.order[j * step : (j + 1) * step]
     sub = replace(plan, x0=plan.x0[idx], y0=plan.y0[idx], order=np.arange(len(idx)))
