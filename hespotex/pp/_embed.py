@@ -189,6 +189,7 @@ def embed(
     microns_per_pixel: float | None = None,
     library_id: str | None = None,
     context_um: float | None = None,
+    out: str | Path | None = None,
 ) -> None:
     """Embed the H&E patch under every spot with a frozen image encoder.
 
@@ -261,6 +262,14 @@ def embed(
         ``[spot features, context features]`` (twice the encoder's width). Recorded as ``"context_um"``;
         a model trained on them predicts new slides at the same two scales (:mod:`hespotex.pp._context`).
         Each scale is cached on its own. ``None`` (default): the spot patch only.
+    out
+        A zarr store to write the embeddings into, chunk by chunk as they are encoded (never the whole array in
+        memory: for Visium HD 8 µm bins, 600k+ per slide); ``obsm[key_added]`` is then a lazy
+        ``dask.array.from_zarr`` array over it, which :func:`hespotex.tl.train` streams (``lazy=None``). The store
+        (:mod:`hespotex.pp._embed_store`) holds the embedding record in its attributes; a rerun with the same record
+        reuses it, or resumes it where an interrupted run stopped. A store of other embeddings (or a zarr store
+        hx.pp.embed did not write) is replaced only with ``overwrite=True``; a folder that is not a zarr store never.
+        The disk cache (``cache``) is not used. ``stain_augment`` views need the in-memory path (``out=None``).
 
     Returns
     -------
@@ -273,11 +282,14 @@ def embed(
     (method, the reference, this slide's own stain estimate) in the record. With ``context_um``, the features
     are ``2 x n_features`` wide (views likewise) and the record adds ``context_um``, ``context_level`` and
     ``context_crop_px``. These are all the entries written,
-    to the SpatialData's table or to the AnnData passed (nothing else of it changes).
+    to the SpatialData's table or to the AnnData passed (nothing else of it changes). With ``out``, also the store.
     """
     from hespotex.pp._encoders import load_encoder
 
     table = get_table(data)
+    if out is not None and stain_augment:
+        msg = "stain_augment views are embedded in memory only; embed them without `out`, or pass stain_augment=0."
+        raise ValueError(msg)
     enc = load_encoder(encoder, weights=weights, seed=seed, input_size=input_size)
     native_mpp = enc.entry.get("native_mpp")
     if patch_um is None and native_mpp is not None:
@@ -310,7 +322,7 @@ def embed(
     key, ctx_key, full_key = embedding_cache_keys(plan, ctx, enc, tta=tta, stain=stain, stain_norm=norm_key)
     stored = table.uns.get(EMBED_KEY, {}).get(key_added)
     if key_added in table.obsm:
-        if stored is not None and stored.get("cache_key") == full_key:
+        if stored is not None and stored.get("cache_key") == full_key and out is None:
             logger.info("obsm[%r] already holds these embeddings; nothing to do.", key_added)
             return
         if not overwrite:
@@ -324,6 +336,18 @@ def embed(
         slide = slide_stain(plan, what=f"slide {sample_id!r}")
         norm = stain_norm_record(reference, slide)
     pair = None if norm is None else (norm["slide"], norm["reference"])  # the context patches share the slide's stain
+    record = _record(enc, plan, ctx, weights=weights, seed=seed, key=full_key, tta=tta, stain=stain, norm=norm)
+    if out is not None:
+        from hespotex.pp._embed_store import embed_to_store
+
+        if views_key(key_added) in table.obsm:
+            del table.obsm[views_key(key_added)]  # views of the embeddings replaced
+        own = getattr(data, "path", None)
+        embed_to_store(
+            table, out, plan, ctx, enc, record=record, key_added=key_added, overwrite=overwrite, device=device,
+            tta=tta, stain_norm=pair, own_store=own,
+        )  # fmt: skip
+        return
     options = {"batch_size": batch_size, "device": device, "tta": tta, "stain_augment": stain_augment, "seed": seed}
     options.update(n_obs=table.n_obs, cache=cache, stain_norm=pair)
     feats, views = _scale_features(plan, enc, key, **options)
@@ -336,6 +360,14 @@ def embed(
         table.obsm[views_key(key_added)] = views
     elif views_key(key_added) in table.obsm:
         del table.obsm[views_key(key_added)]  # views of the embeddings just replaced
+    table.uns.setdefault(EMBED_KEY, {})[key_added] = record
+
+
+def _record(
+    enc: Encoder, plan: PatchPlan, ctx: PatchPlan | None, *, weights: Any, seed: int, key: str, tta: bool,
+    stain: dict | None, norm: dict | None,
+) -> dict[str, Any]:
+    """The embedding record of ``uns["hespotex_embed"][key_added]`` (and of an ``out`` store's attributes)."""
     params = {
         "encoder": enc.name,
         "encoder_id": enc.encoder_id,
@@ -346,7 +378,7 @@ def embed(
         "image_key": plan.level.image_key,
         "level": plan.level.level,
         "crop_px": plan.size,
-        "cache_key": full_key,
+        "cache_key": key,
         "mpp": plan.patch_um / enc.input_size,
         **(context_record(ctx) if ctx is not None else {}),
         "encoder_entry": dict(enc.entry) or None,
@@ -354,4 +386,4 @@ def embed(
         "stain_augment": stain,
         "stain_norm": norm,
     }
-    table.uns.setdefault(EMBED_KEY, {})[key_added] = {k: v for k, v in params.items() if v is not None}
+    return {k: v for k, v in params.items() if v is not None}
