@@ -6,7 +6,7 @@ The store is a zarr group that hespotex owns (:mod:`hespotex._ownership` marker 
 - ``embeddings``: ``n_spots x n_features`` float32, rows in the table's order, chunks of :data:`CHUNK_ROWS` rows;
 - ``embeddings_done``: one done marker per step of rows (a step is written whole, then marked), and ``order``:
   the rows' order (the table's), as the streamed prediction's embedding stage writes them
-  (:func:`hespotex.tl.prediction._stream_stages.embed_stage`, shared with it);
+  (:func:`hespotex.pp._embed_chunks.embed_stage`, shared with it);
 - attributes ``hespotex_embed``: the embedding record that ``uns["hespotex_embed"][key_added]`` receives (cache key,
   encoder, µm/px, ...), ``n_obs`` and ``complete``.
 
@@ -117,7 +117,7 @@ def embed_to_store(
     import dask.array as da
 
     from hespotex._constants import EMBED_RECORD_KEY
-    from hespotex.tl.prediction._stream_stages import embed_stage
+    from hespotex.pp._embed_chunks import embed_stage
 
     path = Path(out)
     n = table.n_obs
