@@ -89,8 +89,8 @@ def _open_store(path: Path, record: dict[str, Any], *, n: int, overwrite: bool, 
             raise FileExistsError(msg)
         shutil.rmtree(path)
     _ownership.make_dir(path)
+    _ownership.mark(path, "embeddings")  # first: a store interrupted before its record is ours, replaced freely
     root = zarr.open_group(path, mode="a", zarr_format=3)
-    _ownership.mark(path, "embeddings")
     root.attrs.update({RECORD_ATTR: jsonable(record), "n_obs": int(n), "complete": False})
     return root
 
