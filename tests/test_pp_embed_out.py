@@ -137,6 +137,12 @@ def test_refusals(sample, tmp_path, small_steps):
     with pytest.raises(FileExistsError, match="not a zarr store"):
         hx.pp.embed(copy.deepcopy(sample[0]), out=user, overwrite=True, **EMBED)
     assert (user / "notes.txt").read_text() == "mine"
+    # the sample's own SpatialData store: never the embeddings' store
+    own = copy.deepcopy(sample[0])
+    own.write(tmp_path / "sample.zarr")
+    with pytest.raises(ValueError, match="is the sample's own SpatialData store"):
+        hx.pp.embed(own, out=tmp_path / "sample.zarr", overwrite=True, **EMBED)
+    assert (tmp_path / "sample.zarr" / "tables").is_dir()
     with pytest.raises(ValueError, match="stain_augment views are embedded in memory only"):
         hx.pp.embed(copy.deepcopy(sample[0]), out=tmp_path / "v.zarr", stain_augment=1, **EMBED)
     assert not (tmp_path / "v.zarr").exists()
