@@ -185,3 +185,20 @@ def test_train_on_out_embeddings_streams_and_equals_in_memory(sample, tmp_path, 
     state, state0 = model.module_.state_dict(), ref.module_.state_dict()
     for k in state0:
         np.testing.assert_allclose(state[k].numpy(), state0[k].numpy(), rtol=1e-3, atol=2e-4, err_msg=k)
+
+
+def test_out_with_context_and_tta_equals_in_memory(sample, tmp_path, small_steps):
+    """Two-scale (context_um) test-time-augmented embeddings go through the store too: the same numbers and record."""
+    options = {**EMBED, "context_um": 80.0, "tta": True}
+    ref = copy.deepcopy(sample[0])
+    hx.pp.embed(ref, cache=False, **options)
+    sdata = copy.deepcopy(sample[0])
+    hx.pp.embed(sdata, out=tmp_path / "two.zarr", **options)
+    table, ref_table = sdata.tables["table"], ref.tables["table"]
+    assert table.obsm["X_hespotex_image"].shape == (N_SPOTS, 2 * 512)
+    np.testing.assert_allclose(
+        np.asarray(table.obsm["X_hespotex_image"]), ref_table.obsm["X_hespotex_image"], rtol=1e-5, atol=1e-5
+    )
+    record = table.uns["hespotex_embed"]["X_hespotex_image"]
+    assert record == ref_table.uns["hespotex_embed"]["X_hespotex_image"]
+    assert record["tta"] == "dihedral8" and record["context_um"] == 80.0
