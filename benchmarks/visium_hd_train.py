@@ -1,7 +1,10 @@
 """Peak memory of ``hx.tl.train`` on one Visium HD section of ``n`` 8 µm bins (the folders of
 ``benchmarks/visium_hd.py``, built by that script), phase by phase: read, embeddings, training; embeddings
 in memory (``obsm`` a numpy array) and on disk (``lazy``: ``obsm`` a ``dask.array.from_zarr`` of a zarr store,
-read block by block, see ``hx.tl.train(..., lazy=...)``), side by side.
+read block by block, see ``hx.tl.train(..., lazy=...)``), side by side. The ``embed`` arm makes the lazy embeddings
+with hespotex itself: ``hx.pp.embed(..., out=store)`` (EfficientNet-Lite0 at 32 px over 16 µm patches, as
+``benchmarks/visium_hd.py``) writes them chunk by chunk into a zarr store and ``obsm`` becomes a dask array over it,
+then training streams them (its embed phase is timed and its peak measured like the others).
 
 The embeddings are random ``n x 1280`` float32 (what ``hx.pp.embed`` with EfficientNet-Lite0 writes:
 their values do not change the memory of training, and embedding 600k bins again would take ~20 min of
@@ -13,6 +16,8 @@ phase it reports the RSS and the phase's own peak (VmHWM, reset before the phase
 
     python benchmarks/visium_hd_train.py [--sizes 100000 600000] [--arms memory lazy] [--memory-max 100000]
         [--work /tmp/hespotex-bench-hd] [--store /tmp/hespotex-bench-hd-train]
+    python benchmarks/visium_hd_train.py --sizes 10000 --arms embed lazy \
+        --out benchmarks/results/visium_hd_embed_train.md
 """
 
 from __future__ import annotations
@@ -78,7 +83,15 @@ def child(arm: str, n: int, work: Path, store: Path) -> dict:
     table = sdata.tables["table"]
     out.update(n_obs=table.n_obs, read_s=time.perf_counter() - t, rss_read=rss_mb(), peak_read=hwm_mb())
     reset_peak_rss()
-    if arm == "memory":
+    if arm == "embed":  # hespotex's own embeddings, streamed into a zarr store (a fresh one each run)
+        t = time.perf_counter()
+        hx.pp.embed(
+            sdata, encoder="efficientnet_lite0.imagenet", input_size=32, patch_um=16.0,
+            out=store / f"embedded_{n}.zarr", overwrite=True,
+        )  # fmt: skip
+        out["embed_s"] = time.perf_counter() - t
+        emb_width = table.obsm["X_hespotex_image"].shape[1]
+    elif arm == "memory":
         emb = np.random.default_rng(0).standard_normal((table.n_obs, WIDTH), dtype=np.float32)
         table.obsm["X_hespotex_image"] = emb
         del emb
@@ -87,14 +100,15 @@ def child(arm: str, n: int, work: Path, store: Path) -> dict:
 
         path = store / f"emb_{n}.zarr"
         table.obsm["X_hespotex_image"] = da.from_zarr(str(path))
-    out.update(rss_emb=rss_mb(), peak_emb=hwm_mb(), emb_mb=table.n_obs * WIDTH * 4 / 2**20)
+    width = emb_width if arm == "embed" else WIDTH
+    out.update(rss_emb=rss_mb(), peak_emb=hwm_mb(), emb_mb=table.n_obs * width * 4 / 2**20)
     small = {"ae_epochs": 2, "ae_hidden_dim": 64, "latent_dim": 16, "projection_hidden_dim": 64, "head_hidden_dim": 64}
     config = ModelConfig.preset("hespotex", epochs=2, lr=3e-3, patience=None, decoder_neighbors=8, **small)
     reset_peak_rss()
     t = time.perf_counter()
     model = hx.tl.train(
         sdata, genes=list(table.var_names), config=config, validation=None, seed=0, device="cpu",
-        lazy=arm == "lazy",
+        lazy=arm != "memory",
     )  # fmt: skip
     out.update(train_s=time.perf_counter() - t, rss_train=rss_mb(), peak_train=hwm_mb())
     out["final_loss"] = model.history_[-1]["total"]
@@ -107,7 +121,7 @@ def child(arm: str, n: int, work: Path, store: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 600_000])
-    parser.add_argument("--arms", nargs="+", default=["memory", "lazy"], choices=["memory", "lazy"])
+    parser.add_argument("--arms", nargs="+", default=["memory", "lazy"], choices=["memory", "lazy", "embed"])
     parser.add_argument("--memory-max", type=int, default=100_000, help="in-memory arm only up to this size")
     parser.add_argument("--work", default="/tmp/hespotex-bench-hd")
     parser.add_argument("--store", default="/tmp/hespotex-bench-hd-train")
@@ -154,7 +168,9 @@ def main() -> None:
     ]  # fmt: skip
     rows = []
     for r in results:
-        what = {"memory": "in memory (numpy obsm)", "lazy": "on disk (zarr, lazy=True)"}[r["arm"]]
+        what = {"memory": "in memory (numpy obsm)", "lazy": "on disk (zarr, lazy=True)"}.get(r["arm"], "")
+        if r["arm"] == "embed":
+            what = f"hx.pp.embed(out=zarr) {r.get('embed_s', 0):.0f} s, peak {r.get('peak_emb', 0):.0f} MB; lazy=True"
         if "peak" not in r:
             rows.append([f"{r['n']:,}", what] + ["not run"] * (len(header) - 2))
             continue

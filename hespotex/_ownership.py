@@ -24,8 +24,9 @@ from typing import Any
 #: Name of the marker file hespotex writes into every folder it creates as a whole.
 MARKER = ".hespotex.json"
 #: Kinds of folders: a saved model, a streamed prediction store, the output folder of a cohort, a data set
-#: that :mod:`hespotex.datasets` wrote (e.g. a Visium HD fixture), the output folder of `hespotex demo`.
-KINDS = ("model", "store", "cohort", "dataset", "demo")
+#: that :mod:`hespotex.datasets` wrote (e.g. a Visium HD fixture), the output folder of `hespotex demo`, the
+#: embeddings store of `hx.pp.embed(..., out=...)`.
+KINDS = ("model", "store", "cohort", "dataset", "demo", "embeddings")
 
 
 def _version() -> str:

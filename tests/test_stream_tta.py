@@ -24,7 +24,7 @@ def _section(name: str, seed: int):
 
 
 def test_streaming_re_embeds_with_tta(tmp_path, monkeypatch):
-    from hespotex.pp import _embed
+    from hespotex.pp import _encode as _embed  # the encoder loop (hx.pp.embed and the stream)
 
     hx.settings.progress = False
     train = []

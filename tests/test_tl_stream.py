@@ -49,14 +49,15 @@ class Counter:
     """Counts patches the encoder embeds (wrapping the real encode_patches) and can interrupt a stage."""
 
     def __init__(self, monkeypatch):
-        from hespotex.pp import _embed
+        from hespotex.pp import _embed_chunks
+        from hespotex.pp import _encode as _embed  # the encoder loop (hx.pp.embed and the stream)
 
         self.patches = 0
         self.calls: dict[str, int] = {"embed": 0, "block": 0, "rows": 0}
         self.stop_after: dict[str, int] = {}
         real_encode, real_embed, real_block = (
             _embed.encode_patches,
-            _stream_stages._embed_chunk,
+            _embed_chunks.embed_chunk,
             _stream_stages._save_block,
         )
         real_heads = _stream_stages.gene_heads
@@ -75,7 +76,7 @@ class Counter:
             return run
 
         monkeypatch.setattr(_embed, "encode_patches", encode)
-        monkeypatch.setattr(_stream_stages, "_embed_chunk", wrap("embed", real_embed))
+        monkeypatch.setattr(_embed_chunks, "embed_chunk", wrap("embed", real_embed))
         monkeypatch.setattr(_stream_stages, "_save_block", wrap("block", real_block))
         monkeypatch.setattr(_stream_stages, "gene_heads", wrap("rows", real_heads))
 

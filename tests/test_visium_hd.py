@@ -238,7 +238,7 @@ def test_train_and_predict_on_8um_bins(trained, folders):
 def test_streamed_prediction_matches_in_memory(trained, tmp_path, monkeypatch):
     from spatialdata import read_zarr
 
-    from hespotex.pp import _embed
+    from hespotex.pp import _encode as _embed  # the encoder loop (hx.pp.embed and the stream)
 
     b = copy.deepcopy(trained["b"])
     reference = np.asarray(b.tables["table"].layers["hespotex"])

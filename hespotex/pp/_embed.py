@@ -6,7 +6,6 @@ import hashlib
 import json
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,10 +13,17 @@ import numpy as np
 
 from hespotex._constants import EMBED_RECORD_KEY, EMBEDDING_KEY, SAMPLE_KEY
 from hespotex._sample import get_table
-from hespotex._settings import resolve_device, settings
+from hespotex._settings import settings
 from hespotex.io._inputs import accepts_anndata
 from hespotex.pp._context import check_context_um, combined_key, context_plan, context_record
-from hespotex.pp._patches import PatchPlan, plan_patches, resize_batch
+from hespotex.pp._encode import (  # noqa: F401 (moved to _encode; imported from here elsewhere)
+    CHANNELS_LAST_MODELS,
+    dihedral_views,
+    encode_patches,
+    encode_two_scales,
+    memory_format,
+)
+from hespotex.pp._patches import PatchPlan, plan_patches
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -114,132 +120,6 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def dihedral_views(x):
-    """The 8 flips and quarter-turn rotations of a batch ``(n, c, h, w)`` (the dihedral group of the square)."""
-    import torch
-
-    views = []
-    for flipped in (x, torch.flip(x, dims=(-1,))):
-        views += [torch.rot90(flipped, k, dims=(-2, -1)) for k in range(4)]
-    return views
-
-
-#: timm convolutional networks whose layers all accept a channels-last input (timm trains them so)
-CHANNELS_LAST_MODELS = frozenset({"EfficientNet", "MobileNetV3", "ResNet", "ConvNeXt", "RegNet"})
-
-
-def memory_format(model: Any):
-    """``torch.channels_last`` for a timm convolutional network of :data:`CHANNELS_LAST_MODELS`, else
-    ``torch.contiguous_format``.
-
-    Channels-last (NHWC) lets oneDNN's convolutions, above all the depthwise ones of EfficientNet,
-    skip their layout conversions: about 2-4 times the patches per second on CPU for EfficientNet-Lite0
-    at 32 px (``benchmarks/results/visium_hd.md``), same features up to float rounding (~1e-5).
-    Other modules (vision transformers, user modules that ``view`` their activations) keep the
-    default layout.
-    """
-    import torch
-
-    known = type(model).__module__.startswith("timm.") and type(model).__name__ in CHANNELS_LAST_MODELS
-    return torch.channels_last if known else torch.contiguous_format
-
-
-def encode_patches(
-    plan: PatchPlan,
-    encoder: Encoder,
-    *,
-    batch_size: int = 64,
-    device: str | None = None,
-    tta: bool = False,
-    stain_views: int = 0,
-    stain_seed: int = 0,
-    timings: dict | None = None,
-    stain_norm: tuple[dict, dict] | None = None,
-) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    """Run ``encoder`` over every planned patch; returns ``(n_spots, num_features)`` float32.
-
-    Reading and resizing the next batch runs in a background thread while the encoder runs on
-    the current one. With ``tta`` each patch is embedded in its 8 dihedral views (flips and
-    quarter turns) and the 8 embeddings are averaged (8 times the encoder work). With
-    ``stain_views`` > 0 each patch is also embedded in that many stain-augmented views
-    (:mod:`hespotex.pp._stain_augment`, seeded by ``stain_seed``) and ``(embeddings, views)`` is
-    returned, views ``(n_spots, stain_views, num_features)``. A ``timings`` dict receives
-    ``first_batch_s`` (seconds from the call to the first batch's embeddings: the loader's first read
-    and the encoder's first forward, which sets up its kernels), ``first_batch_at`` (the same moment, as
-    ``time.perf_counter()``) and ``first_batch_n`` (its patches). With ``stain_norm`` = ``(slide stain, reference)``
-    every resized patch is first mapped to the reference stain
-    (:func:`hespotex.pp._stain_norm.normalize_patches`; the views are jittered from the normalised patch).
-    """
-    import time
-
-    import torch
-    from tqdm.auto import tqdm
-
-    t_start = time.perf_counter()
-    dev = resolve_device(device)
-    fmt = memory_format(encoder.model)
-    model = encoder.model.to(dev, memory_format=fmt)
-    n = len(plan.order)
-    out = np.empty((n, encoder.num_features), dtype=np.float32)
-    batches = list(plan.batches(batch_size))
-    mean = torch.tensor(encoder.mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(encoder.std, dtype=torch.float32).view(1, 3, 1, 1)
-
-    views_out, params = None, None
-    if stain_views:
-        from hespotex.pp._stain_augment import jitter_params, stain_jitter
-
-        views_out = np.empty((n, stain_views, encoder.num_features), dtype=np.float32)
-        params = jitter_params(n, stain_views, stain_seed)
-
-    def load(idx: np.ndarray):
-        """Read, resize and normalise one batch (in the loader thread; the main thread only runs the encoder)."""
-        x = resize_batch(plan.read(idx), encoder.input_size)
-        if stain_norm is not None:
-            from hespotex.pp._stain_norm import normalize_patches
-
-            x = normalize_patches(x, *stain_norm)
-        aug = [
-            torch.from_numpy(stain_jitter(x.numpy(), params, v, idx)).sub_(mean).div_(std).contiguous(memory_format=fmt)
-            for v in range(stain_views)
-        ]
-        return idx, x.sub_(mean).div_(std).contiguous(memory_format=fmt), aug
-
-    def run(x):
-        return sum(model(v).float() for v in dihedral_views(x)) / 8.0 if tta else model(x)
-
-    # one torch thread for the loader, so it does not fight the encoder's threads for the cores
-    with (
-        ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads, initargs=(1,)) as pool,
-        torch.inference_mode(),
-    ):
-        pending = pool.submit(load, batches[0]) if batches else None
-        for b in tqdm(range(len(batches)), desc="embedding patches", unit="batch", disable=not settings.progress):
-            idx, x, aug = pending.result()
-            if b + 1 < len(batches):
-                pending = pool.submit(load, batches[b + 1])
-            out[idx] = run(x.to(dev, non_blocking=True)).float().cpu().numpy()
-            for v, xa in enumerate(aug):
-                views_out[idx, v] = run(xa.to(dev, non_blocking=True)).float().cpu().numpy()
-            if b == 0 and timings is not None:
-                now = time.perf_counter()
-                timings.update(first_batch_s=now - t_start, first_batch_at=now, first_batch_n=len(idx))
-    return out if views_out is None else (out, views_out)
-
-
-def encode_two_scales(plan: PatchPlan, ctx: PatchPlan | None, encoder: Encoder, **kwargs: Any) -> Any:
-    """:func:`encode_patches` of ``plan``, with ``ctx`` its context features concatenated
-    after the spot features (and the stain-augmented views likewise, view by view: the same seeded re-staining of
-    a spot is applied at both scales)."""
-    out = encode_patches(plan, encoder, **kwargs)
-    if ctx is None:
-        return out
-    wide = encode_patches(ctx, encoder, **{**kwargs, "timings": None})  # the start-up is the spot scale's first batch
-    if isinstance(out, tuple):
-        return np.concatenate([out[0], wide[0]], axis=1), np.concatenate([out[1], wide[1]], axis=2)
-    return np.concatenate([out, wide], axis=1)
-
-
 def _scale_features(
     plan: PatchPlan,
     enc: Encoder,
@@ -309,6 +189,7 @@ def embed(
     microns_per_pixel: float | None = None,
     library_id: str | None = None,
     context_um: float | None = None,
+    out: str | Path | None = None,
 ) -> None:
     """Embed the H&E patch under every spot with a frozen image encoder.
 
@@ -381,6 +262,14 @@ def embed(
         ``[spot features, context features]`` (twice the encoder's width). Recorded as ``"context_um"``;
         a model trained on them predicts new slides at the same two scales (:mod:`hespotex.pp._context`).
         Each scale is cached on its own. ``None`` (default): the spot patch only.
+    out
+        A zarr store to write the embeddings into, chunk by chunk as they are encoded (never the whole array in
+        memory: for Visium HD 8 µm bins, 600k+ per slide); ``obsm[key_added]`` is then a lazy
+        ``dask.array.from_zarr`` array over it, which :func:`hespotex.tl.train` streams (``lazy=None``). The store
+        (:mod:`hespotex.pp._embed_store`) holds the embedding record in its attributes; a rerun with the same record
+        reuses it, or resumes it where an interrupted run stopped. A store of other embeddings (or a zarr store
+        hx.pp.embed did not write) is replaced only with ``overwrite=True``; a folder that is not a zarr store never.
+        The disk cache (``cache``) is not used. ``stain_augment`` views need the in-memory path (``out=None``).
 
     Returns
     -------
@@ -393,11 +282,14 @@ def embed(
     (method, the reference, this slide's own stain estimate) in the record. With ``context_um``, the features
     are ``2 x n_features`` wide (views likewise) and the record adds ``context_um``, ``context_level`` and
     ``context_crop_px``. These are all the entries written,
-    to the SpatialData's table or to the AnnData passed (nothing else of it changes).
+    to the SpatialData's table or to the AnnData passed (nothing else of it changes). With ``out``, also the store.
     """
     from hespotex.pp._encoders import load_encoder
 
     table = get_table(data)
+    if out is not None and stain_augment:
+        msg = "stain_augment views are embedded in memory only; embed them without `out`, or pass stain_augment=0."
+        raise ValueError(msg)
     enc = load_encoder(encoder, weights=weights, seed=seed, input_size=input_size)
     native_mpp = enc.entry.get("native_mpp")
     if patch_um is None and native_mpp is not None:
@@ -430,7 +322,7 @@ def embed(
     key, ctx_key, full_key = embedding_cache_keys(plan, ctx, enc, tta=tta, stain=stain, stain_norm=norm_key)
     stored = table.uns.get(EMBED_KEY, {}).get(key_added)
     if key_added in table.obsm:
-        if stored is not None and stored.get("cache_key") == full_key:
+        if stored is not None and stored.get("cache_key") == full_key and out is None:
             logger.info("obsm[%r] already holds these embeddings; nothing to do.", key_added)
             return
         if not overwrite:
@@ -444,6 +336,18 @@ def embed(
         slide = slide_stain(plan, what=f"slide {sample_id!r}")
         norm = stain_norm_record(reference, slide)
     pair = None if norm is None else (norm["slide"], norm["reference"])  # the context patches share the slide's stain
+    record = _record(enc, plan, ctx, weights=weights, seed=seed, key=full_key, tta=tta, stain=stain, norm=norm)
+    if out is not None:
+        from hespotex.pp._embed_store import embed_to_store
+
+        if views_key(key_added) in table.obsm:
+            del table.obsm[views_key(key_added)]  # views of the embeddings replaced
+        own = getattr(data, "path", None)
+        embed_to_store(
+            table, out, plan, ctx, enc, record=record, key_added=key_added, overwrite=overwrite, device=device,
+            tta=tta, stain_norm=pair, own_store=own,
+        )  # fmt: skip
+        return
     options = {"batch_size": batch_size, "device": device, "tta": tta, "stain_augment": stain_augment, "seed": seed}
     options.update(n_obs=table.n_obs, cache=cache, stain_norm=pair)
     feats, views = _scale_features(plan, enc, key, **options)
@@ -456,6 +360,14 @@ def embed(
         table.obsm[views_key(key_added)] = views
     elif views_key(key_added) in table.obsm:
         del table.obsm[views_key(key_added)]  # views of the embeddings just replaced
+    table.uns.setdefault(EMBED_KEY, {})[key_added] = record
+
+
+def _record(
+    enc: Encoder, plan: PatchPlan, ctx: PatchPlan | None, *, weights: Any, seed: int, key: str, tta: bool,
+    stain: dict | None, norm: dict | None,
+) -> dict[str, Any]:
+    """The embedding record of ``uns["hespotex_embed"][key_added]`` (and of an ``out`` store's attributes)."""
     params = {
         "encoder": enc.name,
         "encoder_id": enc.encoder_id,
@@ -466,7 +378,7 @@ def embed(
         "image_key": plan.level.image_key,
         "level": plan.level.level,
         "crop_px": plan.size,
-        "cache_key": full_key,
+        "cache_key": key,
         "mpp": plan.patch_um / enc.input_size,
         **(context_record(ctx) if ctx is not None else {}),
         "encoder_entry": dict(enc.entry) or None,
@@ -474,4 +386,4 @@ def embed(
         "stain_augment": stain,
         "stain_norm": norm,
     }
-    table.uns.setdefault(EMBED_KEY, {})[key_added] = {k: v for k, v in params.items() if v is not None}
+    return {k: v for k, v in params.items() if v is not None}

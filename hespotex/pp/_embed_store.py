@@ -1,0 +1,143 @@
+"""Embeddings written chunk by chunk into a zarr store (:func:`hespotex.pp.embed` ``(..., out=path)``), never the whole
+``n_spots x n_features`` array in memory, and handed to the table as a lazy dask array over that store.
+
+The store is a zarr group that hespotex owns (:mod:`hespotex._ownership` marker of kind ``"embeddings"``):
+
+- ``embeddings``: ``n_spots x n_features`` float32, rows in the table's order, chunks of :data:`CHUNK_ROWS` rows;
+- ``embeddings_done``: one done marker per step of rows (a step is written whole, then marked), and ``order``:
+  the rows' order (the table's), as the streamed prediction's embedding stage writes them
+  (:func:`hespotex.pp._embed_chunks.embed_stage`, shared with it);
+- attributes ``hespotex_embed``: the embedding record that ``uns["hespotex_embed"][key_added]`` receives (cache key,
+  encoder, µm/px, ...), ``n_obs`` and ``complete``.
+
+A rerun with the same record (same cache key: image, spots, encoder, options) resumes: finished steps are kept, only
+the missing ones are embedded (a complete store is only opened). Another record, or a zarr store hespotex did not
+write as embeddings, is replaced only with ``overwrite=True``; anything that is not a zarr store (a user's folder, a
+file) is never replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+    from hespotex.pp._encoders import Encoder
+    from hespotex.pp._patches import PatchPlan
+
+logger = logging.getLogger("hespotex")
+
+#: Rows per zarr chunk of the stored embeddings (whole encoder batches).
+CHUNK_ROWS = 1024
+#: At most about this many bytes of float32 embeddings are held in memory per step (a step is written whole).
+STEP_BYTES = 2**26
+#: Attribute of the store's group that holds the embedding record.
+RECORD_ATTR = "hespotex_embed"
+WHAT = "embeddings store (zarr) of hx.pp.embed"
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as JSON types (numpy arrays and numbers as lists and Python numbers), as zarr attributes keep it."""
+    return json.loads(json.dumps(value, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def _layout(n: int, width: int) -> tuple[int, int]:
+    """``(rows per chunk, rows per step)``: steps are whole chunks, at most :data:`STEP_BYTES` of float32."""
+    rows = max(1, min(CHUNK_ROWS, n))
+    step = max(1, STEP_BYTES // (4 * width) // rows) * rows
+    return rows, step
+
+
+def _open_store(path: Path, record: dict[str, Any], *, n: int, overwrite: bool, own_store: Path | None) -> Any:
+    """The store's root group: the existing one when it holds embeddings with ``record``'s cache key (to resume or
+    reuse), else a new one (replacing a zarr store only with ``overwrite``; never anything else)."""
+    import zarr
+
+    from hespotex import _ownership
+
+    if own_store is not None and path.resolve() == Path(own_store).resolve():
+        msg = (
+            f"`out` {str(path)!r} is the sample's own SpatialData store; embeddings go to a store of their own "
+            "(e.g. 'embeddings.zarr' beside it)."
+        )
+        raise ValueError(msg)
+    if path.exists() or path.is_symlink():
+        _ownership.check_zarr_replaceable(path, what=WHAT)  # a user's folder or a file: refused, overwrite or not
+        ours = _ownership.owned(path, "embeddings")
+        root = zarr.open_group(path, mode="r+", use_consolidated=False) if ours else None
+        stored = dict(root.attrs.get(RECORD_ATTR, {}) or {}) if root is not None else {}
+        if ours and stored.get("cache_key") == record["cache_key"] and root.attrs.get("n_obs") == n:
+            done = "complete" if root.attrs.get("complete") else "partly written: resuming"
+            logger.info("%s already holds these embeddings (%s).", path, done)
+            return root
+        if any(path.iterdir()) and not (ours and not stored) and not overwrite:
+            found = (
+                f"other embeddings (cache key {stored.get('cache_key')}, encoder {stored.get('encoder')!r}; "
+                f"these: cache key {record['cache_key']}, encoder {record.get('encoder')!r})"
+                if ours
+                else "a zarr store that hx.pp.embed did not write"
+            )
+            msg = f"{str(path)!r} holds {found}. Pass `overwrite=True` to replace it, or choose another `out`."
+            raise FileExistsError(msg)
+        shutil.rmtree(path)
+    _ownership.make_dir(path)
+    _ownership.mark(path, "embeddings")  # first: a store interrupted before its record is ours, replaced freely
+    root = zarr.open_group(path, mode="a", zarr_format=3)
+    root.attrs.update({RECORD_ATTR: jsonable(record), "n_obs": int(n), "complete": False})
+    return root
+
+
+def embed_to_store(
+    table: AnnData,
+    out: str | Path,
+    plan: PatchPlan,
+    ctx: PatchPlan | None,
+    encoder: Encoder,
+    *,
+    record: dict[str, Any],
+    key_added: str,
+    overwrite: bool,
+    device: str | None,
+    tta: bool = False,
+    stain_norm: tuple[dict, dict] | None = None,
+    own_store: str | Path | None = None,
+) -> Any:
+    """Embed every planned patch into the zarr store ``out``, step by step (resumable), and set ``obsm[key_added]``
+    to a dask array over it; returns that array. ``record`` is the embedding record (``uns`` and the store's
+    attributes); ``stain_norm`` = (slide stain, reference) as :func:`hespotex.pp._encode.encode_patches`.
+    Writes the store, ``table.obsm[key_added]`` and ``table.uns["hespotex_embed"][key_added]``."""
+    import dask.array as da
+
+    from hespotex._constants import EMBED_RECORD_KEY
+    from hespotex.pp._embed_chunks import embed_stage
+
+    path = Path(out)
+    n = table.n_obs
+    width = encoder.num_features * (1 if ctx is None else 2)
+    root = _open_store(path, record, n=n, overwrite=overwrite, own_store=own_store)
+    if not root.attrs.get("complete"):
+        rows, step = root.attrs.get("layout") or _layout(n, width)
+        root.attrs["layout"] = [int(rows), int(step)]
+        table_order = np.arange(n, dtype=np.int64)  # rows stored in the table's order: a dask array reads them as is
+        flat = replace(plan, order=table_order)
+        wide = None if ctx is None else replace(ctx, order=table_order)
+        logger.info("Embedding %d patches with %s into %s, %d at a time.", n, encoder.name, path, step)
+        embed_stage(
+            root, flat, encoder, step=step, rows=rows, device=device, tta=tta, stain_norm=stain_norm, context=wide
+        )
+        root.attrs["complete"] = True
+    array = da.from_zarr(str(path), component="embeddings")
+    if array.shape != (n, width):
+        msg = f"Expected embeddings of shape {(n, width)} in {str(path)!r}, found {array.shape}; pass `overwrite=True`."
+        raise ValueError(msg)
+    table.obsm[key_added] = array
+    table.uns.setdefault(EMBED_RECORD_KEY, {})[key_added] = record
+    return array
