@@ -130,7 +130,7 @@ def epoch_batches(
 def make_optimizer(cls, params, *, lr: float, weight_decay: float):
     """``cls(params, ...)`` (Adam or AdamW) with torch's fused kernel where it has one (CPU, CUDA): one pass over
     each parameter instead of a dozen element-wise ops, 3-4 times faster on the 5,000-gene autoencoder's weights
-    (``benchmarks/results/her2st_cv.md``); the same update up to float rounding."""
+    (``benchmarks/results/train_profile.md``); the same update up to float rounding."""
     params = list(params)
     fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     return cls(params, lr=lr, weight_decay=weight_decay, **({"fused": True} if fused else {}))
