@@ -127,6 +127,9 @@ def main() -> None:
     parser.add_argument(
         "--methods", nargs="+", default=["hespotex", "ridge", "mlp", "retrieval"], help="also: hespotex:paper"
     )
+    parser.add_argument(
+        "--report-only", action="store_true", help="write the tables from the folds already in --out/folds, run nothing"
+    )
     parser.add_argument("--no-single", action="store_true", help="skip the single-model arm (hespotex-single)")
     parser.add_argument(
         "--stain-views", type=int, default=4, help="stain-augmented views per spot (0: train on clean embeddings)"
@@ -149,12 +152,6 @@ def main() -> None:
     load_start = tuple(round(v, 1) for v in os.getloadavg())
     t_start = time.perf_counter()
     sections = hx.datasets.her2st(args.data)
-    t_embed = time.perf_counter()
-    for sdata in sections.values():
-        for enc in args.encoders:
-            name, key = ENCODERS[enc]
-            hx.pp.embed(sdata, encoder=name, key_added=key, stain_augment=args.stain_views)
-    t_embed = time.perf_counter() - t_embed
     methods: list = list(args.methods)
     if args.ablations:
         own = ModelConfig.preset("hespotex")
@@ -163,29 +160,41 @@ def main() -> None:
             ("hespotex-no-alignment", own.replace(align=False)),
             ("hespotex-no-autoencoder", own.replace(use_autoencoder=False)),
         ]
-    from dask.distributed import Client, LocalCluster
+    if args.report_only:  # the folds finished so far (a run stopped early, or still running)
+        tables = [pd.read_csv(f) for f in sorted((Path(args.out) / "folds").glob("*.csv.gz"))]
+        t_embed = t_cv = float("nan")
+    else:
+        t_embed = time.perf_counter()
+        for sdata in sections.values():
+            for enc in args.encoders:
+                name, key = ENCODERS[enc]
+                hx.pp.embed(sdata, encoder=name, key_added=key, stain_augment=args.stain_views)
+        t_embed = time.perf_counter() - t_embed
+        from dask.distributed import Client, LocalCluster
 
-    t_cv = time.perf_counter()
-    with (
-        LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
-        Client(cluster) as client,
-    ):
-        futures = client.map(
-            run_fold,
-            sorted(sections),
-            data=args.data,
-            encoders=args.encoders,
-            methods=methods,
-            genes=args.genes,
-            out=args.out,
-            tune=not args.no_tune,
-            target_norm=args.target_norm,
-            single=not args.no_single,
-            stain_views=args.stain_views,
-            pure=False,
-        )
-        tables = client.gather(futures)
-    t_cv = time.perf_counter() - t_cv
+        t_cv = time.perf_counter()
+        with (
+            LocalCluster(
+                n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None
+            ) as cluster,
+            Client(cluster) as client,
+        ):
+            futures = client.map(
+                run_fold,
+                sorted(sections),
+                data=args.data,
+                encoders=args.encoders,
+                methods=methods,
+                genes=args.genes,
+                out=args.out,
+                tune=not args.no_tune,
+                target_norm=args.target_norm,
+                single=not args.no_single,
+                stain_views=args.stain_views,
+                pure=False,
+            )
+            tables = client.gather(futures)
+        t_cv = time.perf_counter() - t_cv
     load_end = tuple(round(v, 1) for v in os.getloadavg())
     per_gene = pd.concat(tables, ignore_index=True)
     wall = time.perf_counter() - t_start
@@ -201,16 +210,25 @@ def main() -> None:
     summary.round(5).to_csv(out / "her2st_cv_summary.csv", index=False)  # small, committed: notebooks/ reads it
     mean = summary[summary["fold"] == "mean"].drop(columns="fold")
     cmd = "python " + " ".join([sys.argv[0], *sys.argv[1:]])
+    n_folds = per_gene["fold"].nunique()
     lines = [
         "# her2st leave-one-section-out (C2-C6)",
         "",
+        *(
+            [f"**Partial: {n_folds} of 5 folds ({', '.join(sorted(per_gene['fold'].unique()))}); the means are "
+             "over these folds only.**", ""]
+            if n_folds < 5 else []
+        ),
         f"Command: `{cmd}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch threads "
         f"{__import__('torch').get_num_threads()}; "
-        f"whole run {wall / 60:.1f} min wall, of which embeddings {t_embed / 60:.1f} min and cross-validation "
-        f"{t_cv / 60:.1f} min "
-        f"({args.workers} dask worker processes, 1 torch thread each). Load average (1, 5, 15 min) at start "
-        f"{load_start}, at the end {load_end}.  ",
+        + (
+            "tables assembled (`--report-only`) from the folds a run had finished (fit seconds per fold below).  "
+            if args.report_only
+            else f"whole run {wall / 60:.1f} min wall, of which embeddings {t_embed / 60:.1f} min and "
+            f"cross-validation {t_cv / 60:.1f} min ({args.workers} dask worker processes, 1 torch thread each). "
+            f"Load average (1, 5, 15 min) at start {load_start}, at the end {load_end}.  "
+        ),
         f"Genes per fold: {args.genes} "
         + ("(the 785-gene panel). " if args.genes <= 785 else "(785-gene panel + top seurat_v3 genes of the fold). ")
         + f"Targets and truth: `{args.target_norm}` (hespotex.pp._targets). "
