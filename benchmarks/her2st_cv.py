@@ -66,10 +66,13 @@ def run_fold(
     sections = hx.datasets.her2st(data)
     panel = hx.datasets.her2st_genes(data)
     tables = []
+    import dask
+
     for enc in encoders:
         name, key = ENCODERS[enc]
-        for sdata in sections.values():
-            hx.pp.embed(sdata, encoder=name, key_added=key, stain_augment=stain_views)  # cache hits (made up front)
+        with dask.config.set(scheduler="synchronous"):  # in a dask worker: image reads stay here, not on the cluster
+            for sdata in sections.values():
+                hx.pp.embed(sdata, encoder=name, key_added=key, stain_augment=stain_views)  # cache hits (made up front)
         common = {
             "folds": [fold], "n_top_genes": genes, "include_genes": panel, "panels": {"785": panel}, "use_rep": key,
             "seed": 0, "target_norm": target_norm,
