@@ -138,7 +138,7 @@ def train_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         hx.pp.embed(
             sdata, encoder=args.encoder, weights=args.weights, patch_um=args.patch_um, input_size=args.input_size,
             context_um=args.context_um, stain_augment=args.stain_views if new else 0,
-            stain_norm=None if reference is None else args.stain_norm, stain_reference=reference,
+            stain_norm=None if reference is None else args.stain_norm, stain_reference=reference, tta=args.tta,
         )  # fmt: skip
     t0 = time.perf_counter()
     model = hx.tl.train(
@@ -150,6 +150,7 @@ def train_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         ensemble={"auto": "auto", "yes": True, "no": False}[args.ensemble],
         seed=args.seed,
         device=args.device or "auto",
+        tta=True if args.tta else None,
     )
     model.save(out, overwrite=args.overwrite)
     sys.stdout.write(
@@ -207,6 +208,12 @@ def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
         metavar="N",
         help="stain-augmented views per spot to train on, embedded once with samples not embedded yet (default: 4; "
         "0: clean patches only; 5 times the encoder work with 4)",
+    )
+    p_train.add_argument(
+        "--tta",
+        action="store_true",
+        help="test-time augmentation: embed each patch in its 8 flips/rotations, averaged (8 times the encoder work); "
+        "recorded in the model, so `hespotex predict` embeds new slides the same way",
     )
     p_train.add_argument(
         "--stain-norm",

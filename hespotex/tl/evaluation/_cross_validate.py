@@ -63,7 +63,8 @@ def fold_genes(
     ranked = select_genes(
         list(train_tables), n_top_genes=min(len(present), n_top_genes + len(base)), flavor=flavor, key_added=None
     )
-    extra = [g for g in ranked if g in present and g not in set(base)]
+    taken = set(base)
+    extra = [g for g in ranked if g in present and g not in taken]
     return base + extra[: n_top_genes - len(base)]
 
 
@@ -278,7 +279,8 @@ def _check_cv_samples(tables: Mapping[str, Any], specs, *, genes, smooth_neighbo
             c = resolve_config(cfg)
             need = max(need, c.ae_neighbors, c.decoder_neighbors)
     shared = list(shared_genes(list(tables.values())))
-    present = shared if genes is None else [g for g in genes if g in set(shared)]
+    shared_set = set(shared)
+    present = shared if genes is None else [g for g in genes if g in shared_set]
     check_samples(
         list(tables.values()), list(tables), present, min_spots=need + 1,
         purpose=f"cross-validation (the {need}-neighbour spatial graphs)",

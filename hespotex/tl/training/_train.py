@@ -187,6 +187,28 @@ def lazy_views(table: Any, key: str) -> Any:
     return rows
 
 
+def check_tta(named: dict[str, Any], embedding_key: str, tta: bool) -> None:
+    """Refuse samples already embedded with (``tta=False``) or without (``tta=True``) test-time augmentation."""
+    if not isinstance(tta, bool | np.bool_):
+        msg = f"Expected `tta` to be True, False or None; found {tta!r}."
+        raise ValueError(msg)
+    wrong = []
+    for n, s in named.items():
+        table = get_table(s)
+        if embedding_key in table.obsm:
+            record = table.uns.get(EMBED_KEY, {}).get(embedding_key) or {}
+            if bool(record.get("tta")) != bool(tta):
+                wrong.append(n)
+    if wrong:
+        made = "without" if tta else "with"
+        msg = (
+            f"tta={bool(tta)} but samples {wrong} were already embedded in obsm[{embedding_key!r}] {made} test-time "
+            f"augmentation. Re-embed them with `hx.pp.embed(sdata, tta={bool(tta)}, key_added={embedding_key!r}, "
+            "overwrite=True)`, or pass tta=None to train on the embeddings they have."
+        )
+        raise ValueError(msg)
+
+
 def resolve_ensemble(ensemble: Any, samples: Any, validation: Any) -> bool:
     """Whether :func:`train` trains an ensemble: ``"auto"`` means 3 or more samples with ``validation="auto"``."""
     if isinstance(ensemble, str) and ensemble == "auto":
@@ -225,6 +247,7 @@ def train(
     stain_norm: str | None = None,
     context_um: float | None = None,
     lazy: bool | None = None,
+    tta: bool | None = None,
 ) -> HESpotEx | HESpotExEnsemble:
     """Train HESpotEx on samples with spatial transcriptomics.
 
@@ -334,6 +357,13 @@ def train(
         ``None`` (default): lazy when some training table's ``obsm[use_rep]`` is not an in-memory numpy
         array (zarr, dask, ``numpy.memmap``); ``True`` also streams in-memory embeddings (no standardised
         copy); ``False`` reads lazy embeddings into memory first.
+    tta
+        Test-time augmentation of the embeddings (see :func:`hespotex.pp.embed`): ``True``: samples embedded
+        here are embedded in the 8 flips/rotations of each patch, averaged; samples already embedded must have
+        been (``hx.pp.embed(..., tta=True)``). ``False``: plain embeddings, the same check. ``None`` (default):
+        samples embedded here get plain embeddings, samples already embedded keep theirs. Recorded as
+        ``model.embedding["tta"]`` (``"dihedral8"`` or ``None``, in ``setup.json``): :func:`hespotex.tl.predict`
+        embeds new slides the same way and refuses embeddings made otherwise. Costs 8 times the encoder work.
 
     Returns
     -------
@@ -367,7 +397,7 @@ def train(
             config=config, seed=seed, device=device, use_rep=use_rep, target_sum=target_sum, target_norm=target_norm,
             embedding_norm=embedding_norm, max_nodes=max_nodes, strategy=strategy, n_processes=n_processes,
             backend=backend,
-            stain_augment=stain_augment, stain_norm=stain_norm, context_um=context_um, lazy=lazy,
+            stain_augment=stain_augment, stain_norm=stain_norm, context_um=context_um, lazy=lazy, tta=tta,
         )  # fmt: skip
     check_embedding_norm(embedding_norm)
 
@@ -377,6 +407,8 @@ def train(
         from hespotex.pp._stain_augment import default_stain_augment
 
         stain_augment = default_stain_augment(named, use_rep)
+    if tta is not None:
+        check_tta(named, use_rep, tta)
     reference = None
     if stain_norm is not None:
         from hespotex.pp._stain_norm import training_reference
@@ -386,7 +418,7 @@ def train(
         n: ensure_embeddings(
             s, embedding_key=use_rep, encoder=encoder, weights=weights, patch_um=patch_um,
             stain_augment=DEFAULT_STAIN_VIEWS if stain_augment else 0, stain_norm=stain_norm, stain_reference=reference,
-            context_um=context_um,
+            context_um=context_um, tta=bool(tta),
         )
         for n, s in named.items()
     }  # fmt: skip
