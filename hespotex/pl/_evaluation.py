@@ -233,12 +233,13 @@ def _distribution(hv, scores: pd.DataFrame, *, width: int, height: int):
 def _scatters(hv, table, pred, y, scores, *, layer, genes, n_genes, max_points, seed, width, height) -> list:
     """One predicted-vs-measured scatter per gene."""
     names = list(table.var_names)
+    known = set(names)
     if genes is None:
         ranked = scores["pearson"].astype(float).sort_values(ascending=False, na_position="last")
-        genes = [g for g in ranked.index if g in set(names)][:n_genes]
+        genes = [g for g in ranked.index if g in known][:n_genes]
     else:
         genes = [genes] if isinstance(genes, str) else list(genes)
-        missing = [g for g in genes if g not in set(names)]
+        missing = [g for g in genes if g not in known]
         if missing:
             msg = f"Genes {missing} are not predicted in layers[{layer!r}]; the predicted genes include {names[:5]}."
             raise KeyError(msg)

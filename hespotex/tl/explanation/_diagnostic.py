@@ -399,9 +399,10 @@ def _saliency(
         params["saliency_signatures"] = {g: list(s) for g, s in signatures.items()}
     out = np.zeros((len(result), size, size), dtype=np.float32)
     group = result["group"].astype(str).to_numpy()
+    model_genes = set(model.genes)
     for g in pd.unique(group):
         rows = np.flatnonzero(group == g)
-        sig = {k: v for k, v in signatures[g].items() if k in set(model.genes)}
+        sig = {k: v for k, v in signatures[g].items() if k in model_genes}
         if not sig:
             msg = f"None of the programme genes of group {g!r} is predicted by the model; saliency needs model genes."
             raise ValueError(msg)
