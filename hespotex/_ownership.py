@@ -103,6 +103,17 @@ def _contents(path: Path, limit: int = 5) -> str:
     return f"{len(names)} {'entry' if len(names) == 1 else 'entries'}: {shown}"
 
 
+def refuse_non_folder(path: Path, *, what: str, option: str) -> None:
+    """Raise :class:`FileExistsError` when ``path`` is a symbolic link or a file (never replaced). Reads only."""
+    if path.is_symlink() or not path.is_dir():
+        kind_found = "a symbolic link" if path.is_symlink() else "a file"
+        msg = (
+            f"{str(path)!r} is {kind_found}, not a {what}; hespotex never replaces it ({option} or not). "
+            "Choose another path, or move it away yourself."
+        )
+        raise FileExistsError(msg)
+
+
 def check_replaceable(
     path: str | Path, kind: str, *, what: str, option: str = "`overwrite=True`", legacy: Iterable[str] = ()
 ) -> None:
@@ -118,13 +129,7 @@ def check_replaceable(
     path = Path(path)
     if not path.exists() and not path.is_symlink():
         return
-    if path.is_symlink() or not path.is_dir():
-        kind_found = "a symbolic link" if path.is_symlink() else "a file"
-        msg = (
-            f"{str(path)!r} is {kind_found}, not a {what}; hespotex never replaces it ({option} or not). "
-            "Choose another path, or move it away yourself."
-        )
-        raise FileExistsError(msg)
+    refuse_non_folder(path, what=what, option=option)
     record = marker(path)
     if record is not None and record["kind"] == kind:
         return
@@ -165,13 +170,7 @@ def check_zarr_replaceable(path: str | Path, *, what: str = "zarr store", option
     path = Path(path)
     if not path.exists() and not path.is_symlink():
         return
-    if path.is_symlink() or not path.is_dir():
-        kind_found = "a symbolic link" if path.is_symlink() else "a file"
-        msg = (
-            f"{str(path)!r} is {kind_found}, not a {what}; hespotex never replaces it ({option} or not). "
-            "Choose another path, or move it away yourself."
-        )
-        raise FileExistsError(msg)
+    refuse_non_folder(path, what=what, option=option)
     entries = list(path.iterdir())
     if not entries:
         return
