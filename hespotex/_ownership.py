@@ -257,11 +257,35 @@ def commit_dir(tmp: str | Path, path: str | Path) -> Path:
 
 
 @contextmanager
+def written_beside(path: str | Path, *, replace: bool, create: bool = True) -> Iterator[Path]:
+    """Write ``path`` crash-safely: yield a :func:`temp_sibling` to fill (an empty folder, or nothing there with
+    ``create=False``, for writers that create it), then move it into place; nothing is written at ``path`` before.
+
+    With ``replace`` an existing ``path`` (checked by the caller: :func:`check_replaceable` or
+    :func:`check_zarr_replaceable`, and ``overwrite``) is swapped out by :func:`commit_dir`; without, the
+    temporary folder is renamed to ``path`` and a folder that appeared there meanwhile (another writer's)
+    is never replaced (an error). An error while filling (or an interruption) leaves ``path`` as it was
+    and removes the temporary folder.
+    """
+    path = Path(path)
+    tmp = make_dir(temp_sibling(path)) if create else temp_sibling(path)  # unique to this call; the user's umask
+    try:
+        yield tmp
+        if replace:
+            commit_dir(tmp, path)
+        else:
+            os.rename(tmp, path)  # refused when a folder with content (or a file) is there now: it is not ours
+    finally:
+        if tmp.exists() or tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
 def replacing_dir(
     path: str | Path, kind: str, *, what: str, overwrite: bool, legacy: Iterable[str] = ()
 ) -> Iterator[Path]:
     """Write a folder of ``kind`` at ``path`` crash-safely: yield an empty temporary sibling to fill, then mark it
-    and move it into place with :func:`commit_dir`.
+    and move it into place with :func:`commit_dir` (:func:`written_beside`).
 
     An existing ``path`` is replaced only with ``overwrite`` and only when hespotex wrote it
     (:func:`check_replaceable`: a file, a user's or another tool's folder is refused whatever ``overwrite``
@@ -273,11 +297,6 @@ def replacing_dir(
         if not overwrite:
             msg = f"{str(path)!r} already exists; pass `overwrite=True` to replace it, or choose another path."
             raise FileExistsError(msg)
-    tmp = make_dir(temp_sibling(path))  # unique to this call; the user's umask
-    try:
+    with written_beside(path, replace=True) as tmp:
         yield tmp
         mark(tmp, kind)
-        commit_dir(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

@@ -148,6 +148,55 @@ def test_refusals(sample, tmp_path, small_steps):
     assert not (tmp_path / "v.zarr").exists()
 
 
+def _files(path) -> dict[str, bytes]:
+    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+def test_replacement_is_written_beside_and_swapped_in_only_when_complete(sample, tmp_path, small_steps, monkeypatch):
+    """overwrite=True of other embeddings: a failure mid-way leaves the old store (and the table's lazy array over it)
+    as they were and no temporary store; a success puts the new store at `out`, which obsm then reads."""
+    import zarr
+
+    from hespotex.pp import _encode
+
+    out = tmp_path / "emb.zarr"
+    sdata = copy.deepcopy(sample[0])
+    hx.pp.embed(sdata, out=out, **EMBED)
+    table = sdata.tables["table"]
+    old, old_record = np.asarray(table.obsm["X_hespotex_image"]), dict(table.uns["hespotex_embed"]["X_hespotex_image"])
+    before = _files(out)
+    calls, beside, real = [], [], _encode.encode_patches
+
+    def failing(plan, encoder, **kwargs):  # the second step fails, after the first was written into the new store
+        calls.append(len(plan.order))
+        beside.extend(p.name for p in tmp_path.iterdir() if p.name != "emb.zarr")
+        if len(calls) == 2:
+            raise RuntimeError("the disk is full")
+        return real(plan, encoder, **kwargs)
+
+    monkeypatch.setattr(_encode, "encode_patches", failing)
+    with pytest.raises(RuntimeError, match="the disk is full"):
+        hx.pp.embed(sdata, out=out, patch_um=40.0, overwrite=True, **EMBED)
+    assert beside and all(name.startswith(".emb.zarr.") for name in beside)  # written beside, not into `out`
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.zarr"]  # the temporary store removed
+    assert _files(out) == before  # the old store, byte for byte
+    np.testing.assert_array_equal(np.asarray(table.obsm["X_hespotex_image"]), old)  # still reads the old store
+    assert table.uns["hespotex_embed"]["X_hespotex_image"] == old_record
+    # the same replacement without the failure: the new store lands at `out`, the table reads it there
+    monkeypatch.setattr(_encode, "encode_patches", real)
+    hx.pp.embed(sdata, out=out, patch_um=40.0, overwrite=True, **EMBED)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.zarr"]
+    record = table.uns["hespotex_embed"]["X_hespotex_image"]
+    assert record["cache_key"] != old_record["cache_key"]
+    group = zarr.open_group(out, mode="r+")
+    assert group.attrs["hespotex_embed"]["cache_key"] == record["cache_key"] and group.attrs["complete"] is True
+    new = np.asarray(table.obsm["X_hespotex_image"])
+    assert new.shape == old.shape and not np.allclose(new, old)  # other patches, other numbers
+    np.testing.assert_array_equal(np.asarray(group["embeddings"][:]), new)
+    group["embeddings"][5] = 3.0  # obsm is a lazy array over `out` itself, not over a temporary or deleted path
+    assert (np.asarray(table.obsm["X_hespotex_image"][5]) == 3.0).all()
+
+
 def test_train_on_out_embeddings_streams_and_equals_in_memory(sample, tmp_path, small_steps, monkeypatch):
     import dask.array as da
 

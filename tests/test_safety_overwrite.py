@@ -180,6 +180,26 @@ def test_ownership_temporary_names_are_unique(tmp_path):
     assert len(names) == 50 and all(p.parent == tmp_path and p.name.startswith(".x.zarr.") for p in names)
 
 
+def test_written_beside_moves_in_only_a_whole_folder(tmp_path):
+    """What `hx.io.write_zarr` and `hx.pp.embed(out=)` replace through: a failure keeps the old folder; a folder that
+    appeared meanwhile is never replaced by a writer that was not told to replace; a success lands at the path."""
+    target = tmp_path / "x.zarr"
+    target.mkdir()
+    (target / "zarr.json").write_text("old")
+    with pytest.raises(RuntimeError, match="half way"), _ownership.written_beside(target, replace=True) as tmp:
+        (tmp / "zarr.json").write_text("new")
+        raise RuntimeError("half way")
+    assert (target / "zarr.json").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["x.zarr"]
+    with _ownership.written_beside(target, replace=True) as tmp:
+        (tmp / "zarr.json").write_text("new")
+    assert (target / "zarr.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["x.zarr"]
+    fresh = tmp_path / "y"
+    with pytest.raises(OSError), _ownership.written_beside(fresh, replace=False) as tmp:
+        (tmp / "mine").write_text("written")
+        _user_folder(fresh)  # another writer's (or the user's) folder appeared while this one was written
+    assert _intact(fresh) and sorted(p.name for p in tmp_path.iterdir()) == ["x.zarr", "y"]
+
+
 def test_cohort_folder_gets_the_marker_and_keeps_foreign_files(tmp_path):
     from hespotex.tl.prediction._cohort_records import prepare_out, unlink_record
 

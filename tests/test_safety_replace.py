@@ -5,6 +5,7 @@ file is unique to each call, so two writers of one path do not collide."""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,6 +78,80 @@ def test_write_zarr_into_an_empty_folder(tmp_path):
     path.mkdir()
     hx.io.write_zarr(_sample(), path, overwrite=True)
     assert hx.io.read_zarr(path).tables["table"].n_obs == 30
+
+
+def _files(path) -> dict[str, bytes]:
+    """Every file under ``path`` (relative name: content), to compare a store before and after."""
+    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+def _unwritable(seed: int, sample_id: str):
+    """A sample whose table cannot be written (an ``uns`` value anndata has no writer for): spatialdata fails
+    after the image and the spots are written, in the middle of the store."""
+    sdata = _sample(seed, sample_id)
+    sdata.tables["table"].uns["not_writable"] = object()
+    return sdata
+
+
+def _spy_writes(monkeypatch) -> list:
+    """Record the paths spatialdata's writer is given (the real writer runs)."""
+    from spatialdata import SpatialData
+
+    targets, real = [], SpatialData.write
+
+    def spy(self, file_path, *args, **kwargs):
+        targets.append(Path(file_path))
+        return real(self, file_path, *args, **kwargs)
+
+    monkeypatch.setattr(SpatialData, "write", spy)
+    return targets
+
+
+def test_write_zarr_failing_mid_replacement_keeps_the_old_store(tmp_path, monkeypatch):
+    path = tmp_path / "sample.zarr"
+    hx.io.write_zarr(_sample(1, "first"), path)
+    before = _files(path)
+    targets = _spy_writes(monkeypatch)
+    broken = _unwritable(2, "second")
+    with pytest.raises(Exception, match="No method registered for writing"):
+        hx.io.write_zarr(broken, path, overwrite=True)
+    # written beside under a name of its own, never into the old store; removed after the failure
+    assert len(targets) == 1 and targets[0].parent == tmp_path and targets[0].name.startswith(".sample.zarr.")
+    assert not targets[0].exists() and sorted(p.name for p in tmp_path.iterdir()) == ["sample.zarr"]
+    assert _files(path) == before  # every file of the old store, byte for byte
+    back = hx.io.read_zarr(path)
+    assert "first_image" in back.images and "second_image" not in back.images
+    assert back.tables["table"].n_obs == 30 and broken.path is None  # the failed sample is not bound to the temp
+    # a new path: a failed write leaves nothing there (not a half-written store)
+    with pytest.raises(Exception, match="No method registered for writing"):
+        hx.io.write_zarr(broken, tmp_path / "new.zarr")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sample.zarr"]
+
+
+def test_write_zarr_replacement_lands_at_the_path(tmp_path, monkeypatch):
+    path = tmp_path / "sample.zarr"
+    hx.io.write_zarr(_sample(1, "first"), path)
+    targets = _spy_writes(monkeypatch)
+    second = _sample(2, "second")
+    hx.io.write_zarr(second, path, overwrite=True)
+    assert targets[0] != path and targets[0].parent == tmp_path  # written beside, then moved into place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sample.zarr"]  # no temporary or old store left
+    assert second.path == path  # as spatialdata's own write leaves it: the path written, not the temporary one
+    back = hx.io.read_zarr(path)
+    assert "second_image" in back.images and "first_image" not in back.images
+    written, given = (t.tables["table"].X for t in (back, second))
+    np.testing.assert_array_equal(written.toarray(), given.toarray())  # the synthetic counts are sparse
+
+
+def test_write_zarr_refuses_the_store_the_sample_reads_from(tmp_path):
+    path = tmp_path / "sample.zarr"
+    hx.io.write_zarr(_sample(1, "first"), path)
+    before = _files(path)
+    lazy = hx.io.read_zarr(path)  # its image is read lazily from the store
+    with pytest.raises(ValueError, match=r"is the store this SpatialData was read from"):
+        hx.io.write_zarr(lazy, path, overwrite=True)
+    assert _files(path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["sample.zarr"]
+    assert np.asarray(lazy.images["first_image"].data[:, :8, :8]).size  # still readable
 
 
 # ---------------------------------------------------------------------------------------------- hespotex tile

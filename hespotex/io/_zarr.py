@@ -43,18 +43,44 @@ def write_zarr(sdata: SpatialData, path: str | Path, *, overwrite: bool = False)
     ``uns["hespotex_sample"]``) to ``path``. An existing ``path`` is refused unless
     ``overwrite=True``, and even then replaced only when it is a zarr store (written by hespotex,
     spatialdata or another zarr writer) or an empty folder: a file or any other folder (e.g. a project
-    folder given by mistake) is refused, its content kept.
+    folder given by mistake) is refused, its content kept, and so is the store ``sdata`` reads from.
+    The store is written beside ``path`` under a temporary name and moved into place once whole: a
+    failed write leaves ``path`` as it was (the old store, or nothing). ``sdata.path`` becomes ``path``.
     """
     path = Path(path)
     _ownership.check_zarr_replaceable(path)
     if path.exists() and not overwrite:
         msg = f"{str(path)!r} already exists. Pass `overwrite=True` to replace it, or choose another path."
         raise FileExistsError(msg)
-    if path.is_dir() and not any(path.iterdir()):
-        path.rmdir()  # an empty folder (spatialdata refuses to write into it): nothing to lose
-    with table_write_options():
-        sdata.write(path, overwrite=overwrite)
+    if path.exists():
+        _refuse_own_store(sdata, path)
+    previous = sdata.path
+    try:
+        with table_write_options(), _ownership.written_beside(path, replace=path.exists(), create=False) as tmp:
+            sdata.write(tmp)  # spatialdata creates the folder (it refuses an existing one) and sets sdata.path = tmp
+    except BaseException:
+        sdata.path = previous
+        raise
+    sdata.path = path
     logger.info("Wrote the sample to %s.", path)
+
+
+def _refuse_own_store(sdata: SpatialData, path: Path) -> None:
+    """Raise ``ValueError`` when ``path`` is (inside, or holds) the store ``sdata`` reads lazily from, or its
+    ``sdata.path``: spatialdata's own refusal, kept although the new store is written beside. Reads only."""
+    from spatialdata import get_dask_backing_files
+
+    target = path.resolve()
+    backing = [Path(f).resolve() for f in get_dask_backing_files(sdata)]
+    own = None if sdata.path is None else Path(sdata.path).resolve()
+    if any(f.is_relative_to(target) for f in backing) or (
+        own is not None and (own.is_relative_to(target) or target.is_relative_to(own))
+    ):
+        msg = (
+            f"{str(path)!r} is the store this SpatialData was read from (its path, or files its lazy elements read); "
+            "it cannot be replaced while in use. Write to another path (and read that one back), or keep the store."
+        )
+        raise ValueError(msg)
 
 
 def read_zarr(path: str | Path, *, validate: bool = True) -> SpatialData:

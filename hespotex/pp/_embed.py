@@ -268,7 +268,8 @@ def embed(
         ``dask.array.from_zarr`` array over it, which :func:`hespotex.tl.train` streams (``lazy=None``). The store
         (:mod:`hespotex.pp._embed_store`) holds the embedding record in its attributes; a rerun with the same record
         reuses it, or resumes it where an interrupted run stopped. A store of other embeddings (or a zarr store
-        hx.pp.embed did not write) is replaced only with ``overwrite=True``; a folder that is not a zarr store never.
+        hx.pp.embed did not write) is replaced only with ``overwrite=True``, the new one written beside and swapped
+        in once complete (a failed run leaves the old one as it was); a folder that is not a zarr store never.
         The disk cache (``cache``) is not used. ``stain_augment`` views need the in-memory path (``out=None``).
 
     Returns
@@ -340,13 +341,13 @@ def embed(
     if out is not None:
         from hespotex.pp._embed_store import embed_to_store
 
-        if views_key(key_added) in table.obsm:
-            del table.obsm[views_key(key_added)]  # views of the embeddings replaced
         own = getattr(data, "path", None)
         embed_to_store(
             table, out, plan, ctx, enc, record=record, key_added=key_added, overwrite=overwrite, device=device,
             tta=tta, stain_norm=pair, own_store=own,
         )  # fmt: skip
+        if views_key(key_added) in table.obsm:
+            del table.obsm[views_key(key_added)]  # views of the embeddings replaced (kept when embedding failed)
         return
     options = {"batch_size": batch_size, "device": device, "tta": tta, "stain_augment": stain_augment, "seed": seed}
     options.update(n_obs=table.n_obs, cache=cache, stain_norm=pair)

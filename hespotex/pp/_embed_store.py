@@ -12,12 +12,15 @@ The store is a zarr group that hespotex owns (:mod:`hespotex._ownership` marker 
 
 A rerun with the same record (same cache key: image, spots, encoder, options) resumes: finished steps are kept, only
 the missing ones are embedded (a complete store is only opened). Another record, or a zarr store hespotex did not
-write as embeddings, is replaced only with ``overwrite=True``; anything that is not a zarr store (a user's folder, a
-file) is never replaced.
+write as embeddings, is replaced only with ``overwrite=True``, and then crash-safely: the new store is written beside
+under a temporary name and swapped in once complete (an error or interruption leaves the old store as it was, the
+temporary one removed; such a replacement restarts from scratch). Anything that is not a zarr store (a user's
+folder, a file) is never replaced.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -56,9 +59,11 @@ def _layout(n: int, width: int) -> tuple[int, int]:
     return rows, step
 
 
-def _open_store(path: Path, record: dict[str, Any], *, n: int, overwrite: bool, own_store: Path | None) -> Any:
-    """The store's root group: the existing one when it holds embeddings with ``record``'s cache key (to resume or
-    reuse), else a new one (replacing a zarr store only with ``overwrite``; never anything else)."""
+def _existing_store(path: Path, record: dict[str, Any], *, n: int, overwrite: bool, own_store: Path | None) -> Any:
+    """The root group of the store at ``path`` when it holds embeddings with ``record``'s cache key (to resume or
+    reuse), else ``None``: a new store is to be written. What holds nothing (an empty folder, a store of ours
+    interrupted before its record) is removed; another store stays until its replacement is whole, and is
+    replaced only with ``overwrite`` (a zarr store; never anything else)."""
     import zarr
 
     from hespotex import _ownership
@@ -69,26 +74,39 @@ def _open_store(path: Path, record: dict[str, Any], *, n: int, overwrite: bool, 
             "(e.g. 'embeddings.zarr' beside it)."
         )
         raise ValueError(msg)
-    if path.exists() or path.is_symlink():
-        _ownership.check_zarr_replaceable(path, what=WHAT)  # a user's folder or a file: refused, overwrite or not
-        ours = _ownership.owned(path, "embeddings")
-        root = zarr.open_group(path, mode="r+", use_consolidated=False) if ours else None
-        stored = dict(root.attrs.get(RECORD_ATTR, {}) or {}) if root is not None else {}
-        if ours and stored.get("cache_key") == record["cache_key"] and root.attrs.get("n_obs") == n:
-            done = "complete" if root.attrs.get("complete") else "partly written: resuming"
-            logger.info("%s already holds these embeddings (%s).", path, done)
-            return root
-        if any(path.iterdir()) and not (ours and not stored) and not overwrite:
-            found = (
-                f"other embeddings (cache key {stored.get('cache_key')}, encoder {stored.get('encoder')!r}; "
-                f"these: cache key {record['cache_key']}, encoder {record.get('encoder')!r})"
-                if ours
-                else "a zarr store that hx.pp.embed did not write"
-            )
-            msg = f"{str(path)!r} holds {found}. Pass `overwrite=True` to replace it, or choose another `out`."
-            raise FileExistsError(msg)
-        shutil.rmtree(path)
-    _ownership.make_dir(path)
+    if not path.exists() and not path.is_symlink():
+        return None
+    _ownership.check_zarr_replaceable(path, what=WHAT)  # a user's folder or a file: refused, overwrite or not
+    ours = _ownership.owned(path, "embeddings")
+    root = zarr.open_group(path, mode="r+", use_consolidated=False) if ours else None
+    stored = dict(root.attrs.get(RECORD_ATTR, {}) or {}) if root is not None else {}
+    if ours and stored.get("cache_key") == record["cache_key"] and root.attrs.get("n_obs") == n:
+        done = "complete" if root.attrs.get("complete") else "partly written: resuming"
+        logger.info("%s already holds these embeddings (%s).", path, done)
+        return root
+    if not any(path.iterdir()) or (ours and not stored):
+        shutil.rmtree(path)  # nothing to lose: written anew in place
+        return None
+    if not overwrite:
+        found = (
+            f"other embeddings (cache key {stored.get('cache_key')}, encoder {stored.get('encoder')!r}; "
+            f"these: cache key {record['cache_key']}, encoder {record.get('encoder')!r})"
+            if ours
+            else "a zarr store that hx.pp.embed did not write"
+        )
+        msg = f"{str(path)!r} holds {found}. Pass `overwrite=True` to replace it, or choose another `out`."
+        raise FileExistsError(msg)
+    return None
+
+
+def _new_store(path: Path, record: dict[str, Any], *, n: int) -> Any:
+    """A new store's root group at ``path`` (an empty folder, or nothing there): marked, with ``record``."""
+    import zarr
+
+    from hespotex import _ownership
+
+    if not path.exists():
+        _ownership.make_dir(path)
     _ownership.mark(path, "embeddings")  # first: a store interrupted before its record is ours, replaced freely
     root = zarr.open_group(path, mode="a", zarr_format=3)
     root.attrs.update({RECORD_ATTR: jsonable(record), "n_obs": int(n), "complete": False})
@@ -116,24 +134,30 @@ def embed_to_store(
     Writes the store, ``table.obsm[key_added]`` and ``table.uns["hespotex_embed"][key_added]``."""
     import dask.array as da
 
+    from hespotex import _ownership
     from hespotex._constants import EMBED_RECORD_KEY
     from hespotex.pp._embed_chunks import embed_stage
 
     path = Path(out)
     n = table.n_obs
     width = encoder.num_features * (1 if ctx is None else 2)
-    root = _open_store(path, record, n=n, overwrite=overwrite, own_store=own_store)
-    if not root.attrs.get("complete"):
-        rows, step = root.attrs.get("layout") or _layout(n, width)
-        root.attrs["layout"] = [int(rows), int(step)]
-        table_order = np.arange(n, dtype=np.int64)  # rows stored in the table's order: a dask array reads them as is
-        flat = replace(plan, order=table_order)
-        wide = None if ctx is None else replace(ctx, order=table_order)
-        logger.info("Embedding %d patches with %s into %s, %d at a time.", n, encoder.name, path, step)
-        embed_stage(
-            root, flat, encoder, step=step, rows=rows, device=device, tta=tta, stain_norm=stain_norm, context=wide
-        )
-        root.attrs["complete"] = True
+    with contextlib.ExitStack() as stack:
+        root = _existing_store(path, record, n=n, overwrite=overwrite, own_store=own_store)
+        if root is None:  # a new store: in place (resumable), or, replacing another, beside until whole
+            target = stack.enter_context(_ownership.written_beside(path, replace=True)) if path.exists() else path
+            root = _new_store(target, record, n=n)
+        if not root.attrs.get("complete"):
+            rows, step = root.attrs.get("layout") or _layout(n, width)
+            root.attrs["layout"] = [int(rows), int(step)]
+            table_order = np.arange(n, dtype=np.int64)  # rows in the table's order: a dask array reads them as is
+            flat = replace(plan, order=table_order)
+            wide = None if ctx is None else replace(ctx, order=table_order)
+            logger.info("Embedding %d patches with %s into %s, %d at a time.", n, encoder.name, path, step)
+            embed_stage(
+                root, flat, encoder, step=step, rows=rows, device=device, tta=tta, stain_norm=stain_norm, context=wide
+            )
+            root.attrs["complete"] = True
+    # the stack closed: a replacement is at `path` now (on an error it was removed, the old store untouched)
     array = da.from_zarr(str(path), component="embeddings")
     if array.shape != (n, width):
         msg = f"Expected embeddings of shape {(n, width)} in {str(path)!r}, found {array.shape}; pass `overwrite=True`."
