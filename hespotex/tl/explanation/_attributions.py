@@ -1,5 +1,6 @@
 """Integrated-gradient attributions of a spot's score (see :mod:`hespotex.tl.explanation._explain`): to the pixels
-of its patch through the frozen encoder, and to the embeddings of the neighbouring spots through the decoder."""
+of its patch (and of its context patch, for two-scale embeddings) through the frozen encoder, and to the embeddings
+of the neighbouring spots through the decoder."""
 
 from __future__ import annotations
 
@@ -158,7 +159,18 @@ def pixel_attributions(
     internal_batch_size: int | None,
     baseline: str,
     embedding_key: str,
+    context: PatchPlan | None = None,
 ) -> dict[str, np.ndarray]:
+    """Integrated gradients of the score at each target of ``positions`` with respect to the pixels of its patch.
+
+    With ``context`` (the context plan of two-scale embeddings, :func:`hespotex.pp._context.context_plan`) the
+    target's embedding is ``[encoder(spot patch), encoder(context patch)]`` as :func:`hespotex.pp.embed` concatenates
+    it, and both patches are attributed in one integration (each from its own baseline patch): the signed
+    attributions of the two patches together sum to ``score(input) - score(baseline)`` up to the convergence delta.
+    Returns the :class:`~hespotex.tl.explanation._explain.Explanation` fields ``patches``, ``saliency``,
+    ``pixel_attribution_sum`` (both patches), ``pixel_score``, ``pixel_baseline_score``, ``pixel_delta`` and, with
+    ``context``, ``context_patches``, ``context_saliency`` and ``context_attribution_sum``.
+    """
     import torch
     from captum.attr import IntegratedGradients
     from tqdm.auto import tqdm
@@ -168,48 +180,55 @@ def pixel_attributions(
     dev = scorer.device
     n = len(positions)
     size = enc.input_size
-    out = {
-        "patches": np.empty((n, size, size, 3), dtype=np.uint8),
-        "saliency": np.empty((n, size, size), dtype=np.float32),
-        "pixel_attribution_sum": np.empty(n),
-        "pixel_score": np.empty(n),
-        "pixel_baseline_score": np.empty(n),
-        "pixel_delta": np.empty(n),
-    }
+    plans = [plan] if context is None else [plan, context]
+    patches = [np.empty((n, size, size, 3), dtype=np.uint8) for _ in plans]
+    saliency = [np.empty((n, size, size), dtype=np.float32) for _ in plans]
+    sums = [np.empty(n) for _ in plans]
+    out = {"pixel_score": np.empty(n), "pixel_baseline_score": np.empty(n), "pixel_delta": np.empty(n)}
     worst = 0.0
     enc_model = enc.model
     for i, t in enumerate(tqdm(positions, desc="pixel attributions", unit="spot", disable=not settings.progress)):
         t = int(t)
-        x = resize_batch(plan.read(np.array([t])), size).to(dev)  # (1, 3, S, S) in [0, 1], as hx.pp.embed resizes
-        out["patches"][i] = x[0].mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+        # (1, 3, S, S) in [0, 1] per patch, read and resized as hx.pp.embed does (the same plans, resize_batch)
+        xs = tuple(resize_batch(p.read(np.array([t])), size).to(dev) for p in plans)
+        for k, x in enumerate(xs):
+            patches[k][i] = x[0].mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
         nodes, sub, _ = scorer.neighbourhood(t)
         rest = torch.from_numpy(scorer.std[nodes[1:]]).to(dev)
         sub_t = torch.from_numpy(sub).to(dev)
 
-        def forward(patch: torch.Tensor, rest=rest, sub_t=sub_t) -> torch.Tensor:
-            z = scorer.standardise(enc_model(enc.normalize(patch)))
-            emb = torch.cat([z[:, None, :], rest.expand(len(patch), *rest.shape)], dim=1)
+        def features(*images: torch.Tensor) -> torch.Tensor:
+            """[spot features, context features]: the concatenation hx.pp.embed stores."""
+            return torch.cat([enc_model(enc.normalize(x)) for x in images], dim=1)
+
+        def forward(*images: torch.Tensor, rest=rest, sub_t=sub_t) -> torch.Tensor:
+            z = scorer.standardise(features(*images))
+            emb = torch.cat([z[:, None, :], rest.expand(len(z), *rest.shape)], dim=1)
             return scorer.scores(emb, sub_t)
 
-        base = _baseline_patch(x, baseline)
+        bases = tuple(_baseline_patch(x, baseline) for x in xs)
         with torch.no_grad():
-            feats = enc_model(enc.normalize(x))[0].cpu().numpy()
+            feats = features(*xs)[0].cpu().numpy()
             stored = scorer.sample.emb[t]
             worst = max(worst, float(np.abs(feats - stored).max() / max(np.abs(stored).max(), 1e-6)))
-            f_x, f_b = forward(x).item(), forward(base).item()
+            f_x, f_b = forward(*xs).item(), forward(*bases).item()
         ig = IntegratedGradients(forward)
-        attr, delta = ig.attribute(
-            x,
-            baselines=base,
+        attrs, delta = ig.attribute(
+            xs,
+            baselines=bases,
             n_steps=int(n_steps),
             internal_batch_size=internal_batch_size,
             return_convergence_delta=True,
         )
-        attr = attr[0].detach().float().cpu().numpy()
-        out["saliency"][i] = np.abs(attr).sum(axis=0)
-        out["pixel_attribution_sum"][i] = float(attr.sum())
+        for k, attr in enumerate(attrs):
+            attr = attr[0].detach().float().cpu().numpy()
+            saliency[k][i] = np.abs(attr).sum(axis=0)
+            sums[k][i] = float(attr.astype(np.float64).sum())
         out["pixel_score"][i], out["pixel_baseline_score"][i] = f_x, f_b
         out["pixel_delta"][i] = float(delta.reshape(-1)[0])
+    out.update(patches=patches[0], saliency=saliency[0], pixel_attribution_sum=np.sum(sums, axis=0))
+    if context is not None:
+        out.update(context_patches=patches[1], context_saliency=saliency[1], context_attribution_sum=sums[1])
     gap = np.abs(out["pixel_delta"]) > 0.1 * np.abs(out["pixel_score"] - out["pixel_baseline_score"]) + 0.01
     if gap.any():
         logger.warning(

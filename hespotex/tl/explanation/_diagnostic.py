@@ -146,7 +146,10 @@ def diagnostic_patches(
         Also compute pixel saliency (integrated gradients through the encoder,
         :func:`hespotex.tl.explanation._explain.patch_saliency`) of the programme on each patch. For a label, the
         programme explained is the label's ten marker genes (highest mean z-scored expression in the
-        label vs the other spots, from ``layer`` restricted to the model's genes).
+        label vs the other spots, from ``layer`` restricted to the model's genes). For a model trained on two-scale
+        embeddings (``hx.pp.embed(..., context_um=...)``) the attribution runs through both the spot and the context
+        patch, and ``saliency`` is the spot patch's (the crops shown); :func:`hespotex.tl.explain` gives the context
+        patch's too.
     patch_um, size
         Patch side in µm and output side in pixels. Default: the encoder geometry recorded by
         :func:`hespotex.pp.embed` for ``obsm["X_hespotex_image"]`` (else the prediction record, else

@@ -7,13 +7,18 @@ Two attributions, both by integrated gradients (:class:`captum.attr.IntegratedGr
   :class:`~hespotex.models.HESpotExNet`, on exactly the patch the encoder saw when the slide was
   embedded (same crop geometry, resizing and normalisation as :func:`hespotex.pp.embed`). The
   neighbours' embeddings stay at their stored values; only the target's patch varies, from a
-  baseline patch (white glass by default) to the real one.
+  baseline patch (white glass by default) to the real one. For a model trained on two-scale embeddings
+  (:func:`hespotex.pp.embed` ``(..., context_um=...)``) the target's embedding is recomputed from *both* its
+  patches, the spot patch and the wider context patch (cut, resized and normalised by the same plans as
+  ``hx.pp.embed``, :mod:`hespotex.pp._context`), concatenated ``[spot features, context features]``, and both
+  patches are attributed in one integration, each from its own baseline patch.
 - **neighbouring spots**: with respect to the standardised embeddings of every spot that can reach
   the target through the decoder's ``n_hops`` graph layers, from the all-zero baseline (every spot
   at the training mean embedding); attributions are summed over embedding dimensions per source spot.
 
 Integrated gradients are complete: the attributions sum to ``score(input) - score(baseline)`` up to
-the integration error, which captum reports as the convergence delta (stored).
+the integration error, which captum reports as the convergence delta (stored); with two patches, the
+attributions of both together.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from hespotex.tl.explanation._explain_inputs import (
     EMBED_RECORD_KEY,
     check_baseline,
     check_steps,
+    context_patch_plan,
     has_slide_image,
     load_model_encoder,
     patch_plan,
@@ -73,16 +79,25 @@ class Explanation:
     score
         ``(n_spots,)`` the model's score at each spot (from a whole-slide prediction).
     patches
-        ``(n_spots, h, w, 3)`` uint8: the patch each spot's embedding was computed from, at the encoder
+        ``(n_spots, h, w, 3)`` uint8: the (spot) patch each spot's embedding was computed from, at the encoder
         input size; ``None`` without pixel attribution.
     saliency
-        ``(n_spots, h, w)`` float32: absolute integrated-gradients attribution summed over the colour
-        channels (not normalised); ``None`` without pixel attribution.
+        ``(n_spots, h, w)`` float32: absolute integrated-gradients attribution of the (spot) patch summed over the
+        colour channels (not normalised); ``None`` without pixel attribution.
+    context_patches, context_saliency
+        Two-scale models only (trained on ``hx.pp.embed(..., context_um=...)`` embeddings; ``None`` otherwise):
+        the context patch of each spot (``context_um`` wide, centred on the spot, resized to the encoder input:
+        ``(n_spots, h, w, 3)`` uint8) and its saliency (``(n_spots, h, w)`` float32, as :attr:`saliency`), from the
+        same integration as the spot patch's. Pixel ``(r, c)`` of a context patch lies ``context_um / patch_um``
+        times farther from the spot centre than pixel ``(r, c)`` of the spot patch.
     pixel_attribution_sum
-        ``(n_spots,)`` sum of the signed pixel attributions (over pixels and channels).
+        ``(n_spots,)`` sum of the signed pixel attributions (over pixels and channels; over both patches for a
+        two-scale model).
+    context_attribution_sum
+        ``(n_spots,)`` the context patch's part of ``pixel_attribution_sum`` (two-scale models; else ``None``).
     pixel_score, pixel_baseline_score
-        ``(n_spots,)`` the score with the real patch (recomputed through the encoder: equals ``score``
-        when the stored embeddings came from this image and encoder) and with the baseline patch.
+        ``(n_spots,)`` the score with the real patch(es) (recomputed through the encoder: equals ``score``
+        when the stored embeddings came from this image and encoder) and with the baseline patch(es).
     pixel_delta
         ``(n_spots,)`` captum's convergence delta: ``pixel_attribution_sum - (pixel_score - pixel_baseline_score)``.
     neighbours
@@ -110,6 +125,9 @@ class Explanation:
     pixel_score: np.ndarray | None = None
     pixel_baseline_score: np.ndarray | None = None
     pixel_delta: np.ndarray | None = None
+    context_patches: np.ndarray | None = None
+    context_saliency: np.ndarray | None = None
+    context_attribution_sum: np.ndarray | None = None
     neighbours: pd.DataFrame | None = None
     agreement: pd.DataFrame | None = None
     params: dict[str, Any] = field(default_factory=dict)
@@ -118,16 +136,25 @@ class Explanation:
         parts = [f"{len(self.spots)} spots", f"{len(self.genes)} genes"]
         if self.saliency is not None:
             parts.append(f"pixel saliency {self.saliency.shape[1]}x{self.saliency.shape[2]}")
+        if self.context_saliency is not None:
+            parts.append("context saliency")
         if self.neighbours is not None:
             parts.append(f"{len(self.neighbours)} neighbour attributions")
         return f"Explanation({', '.join(parts)})"
 
-    def normalised_saliency(self) -> np.ndarray:
-        """:attr:`saliency` scaled to [0, 1] per patch (each patch divided by its maximum)."""
+    def normalised_saliency(self, context: bool = False) -> np.ndarray:
+        """:attr:`saliency` (``context=True``: :attr:`context_saliency`) scaled to [0, 1] per patch (each patch divided
+        by its maximum)."""
         if self.saliency is None:
             msg = "This explanation has no pixel saliency: explain a SpatialData with its image (`pixels=True`)."
             raise ValueError(msg)
-        return normalise_per_patch(self.saliency)
+        if context and self.context_saliency is None:
+            msg = (
+                "This explanation has no context saliency: the model was trained on single-scale embeddings (only "
+                "models trained on hx.pp.embed(..., context_um=...) embeddings see a context patch)."
+            )
+            raise ValueError(msg)
+        return normalise_per_patch(self.context_saliency if context else self.saliency)
 
 
 # ---------------------------------------------------------------------------------------------- public API
@@ -170,7 +197,9 @@ def patch_saliency(
     Integrated gradients (captum) of the score (weighted mean predicted log expression of
     ``genes`` / ``signature``) with respect to the patch's pixels, through the frozen encoder, the
     model's embedding standardisation and the network, the neighbours' embeddings held at their
-    stored values. See :func:`explain` for the full explanation; this is its pixel part.
+    stored values. See :func:`explain` for the full explanation; this is its pixel part. For a model trained on
+    two-scale embeddings both the spot and the context patch are attributed (as :func:`explain` does) and the spot
+    patch's part is returned (the context patch's is :attr:`Explanation.context_saliency` of :func:`explain`).
 
     Parameters
     ----------
@@ -201,7 +230,7 @@ def patch_saliency(
     -------
     ``(patches, saliency)``: uint8 ``(n_spots, h, w, 3)`` patches at the encoder input size, in the
     order of ``spots``, and float32 ``(n_spots, h, w)`` saliency (absolute attribution summed over
-    channels) scaled to [0, 1] per patch. Writes nothing.
+    channels) scaled to [0, 1] per patch: the spot patch's for a two-scale model. Writes nothing.
     """
     model, table, _, _, scorer = _prepare(data, model, genes, signature, embedding_key, device)
     check_baseline(baseline)
@@ -215,6 +244,7 @@ def patch_saliency(
         raise ValueError(msg)
     enc = load_model_encoder(model)
     plan = patch_plan(data, table, model, enc, embedding_key)
+    context = context_patch_plan(data, table, model, plan, embedding_key)
     with frozen_modules(model.module_, enc.model, device=scorer.device):
         res = pixel_attributions(
             scorer,
@@ -225,6 +255,7 @@ def patch_saliency(
             internal_batch_size=internal_batch_size,
             baseline=baseline,
             embedding_key=embedding_key,
+            context=context,
         )
     return res["patches"], normalise_per_patch(res["saliency"])
 
@@ -254,7 +285,10 @@ def explain(
     - *pixels*: through the frozen image encoder, the model's embedding standardisation and the
       network, on the exact patch the slide's embedding was computed from (same crop geometry,
       resizing and normalisation as :func:`hespotex.pp.embed`), from a ``baseline`` patch; the
-      neighbours' embeddings stay at their stored values. Encoder and model weights are frozen.
+      neighbours' embeddings stay at their stored values. Encoder and model weights are frozen. A model trained
+      on two-scale embeddings (``hx.pp.embed(..., context_um=...)``) is attributed through both patches: the spot
+      patch (``patches`` / ``saliency``, as for a single-scale model) and the context patch (``context_patches`` /
+      ``context_saliency``), in one integration whose attributions together are complete.
     - *neighbours*: with respect to the standardised embeddings of every spot within the decoder's
       ``n_hops`` of the target (the target included), from the all-zero baseline (every spot at the
       training mean embedding; the slide's mean for a model with ``embedding_norm="slide"``, which
@@ -294,8 +328,9 @@ def explain(
 
     Returns
     -------
-    An :class:`Explanation` (patches, saliency, completeness checks, the tidy neighbour table and
-    its agreement with attention, parameters). Writes nothing to ``data``; the model is left as it was.
+    An :class:`Explanation` (patches, saliency, for a two-scale model context patches and context saliency,
+    completeness checks, the tidy neighbour table and its agreement with attention, parameters). Writes nothing
+    to ``data``; the model is left as it was.
     """
     check_baseline(baseline)
     check_steps(n_steps, internal_batch_size)
@@ -303,7 +338,6 @@ def explain(
         msg = f"Expected `n_spots` to be a positive integer, found {n_spots!r}."
         raise ValueError(msg)
     has_image = has_slide_image(data)
-    explicit_pixels = pixels
     if pixels is None:
         pixels = has_image
         if not has_image:
@@ -321,9 +355,6 @@ def explain(
         msg = "Nothing to explain: `pixels` and `neighbours` are both off."
         raise ValueError(msg)
     model, table, names, weights, scorer = _prepare(data, model, genes, signature, use_rep, device)
-    if pixels and explicit_pixels is None and model.embedding.get("context_um") is not None:
-        logger.info("Two-scale embeddings (context_um): explaining the neighbours only (no pixel attributions yet).")
-        pixels = False
     positions = None if spots is None else spot_positions(table, spots)
     with frozen_modules(model.module_, device=scorer.device):
         all_scores = scorer.predict_all()
@@ -338,6 +369,7 @@ def explain(
         if pixels:
             enc = load_model_encoder(model)
             plan = patch_plan(data, table, model, enc, use_rep)
+            context = context_patch_plan(data, table, model, plan, use_rep)
             with frozen_modules(enc.model, device=scorer.device):
                 res = pixel_attributions(
                     scorer,
@@ -348,6 +380,7 @@ def explain(
                     internal_batch_size=internal_batch_size,
                     baseline=baseline,
                     embedding_key=use_rep,
+                    context=context,
                 )
             for k, v in res.items():
                 setattr(result, k, v)
@@ -370,6 +403,7 @@ def explain(
         "encoder": emb.get("encoder"),
         "encoder_id": emb.get("encoder_id"),
         "patch_um": emb.get("patch_um"),
+        "context_um": emb.get("context_um"),
         "input_size": emb.get("input_size"),
         "use_rep": use_rep,
         "n_hops": scorer.hops,

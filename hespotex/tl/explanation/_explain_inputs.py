@@ -1,6 +1,6 @@
 """What :func:`hespotex.tl.explain` and :func:`~hespotex.tl.explanation._explain.patch_saliency` read: the score
-(genes or a signature), the target spots, the model's encoder and the patch plan it embedded the slide with, and
-the checks of the integration options."""
+(genes or a signature), the target spots, the model's encoder and the patch plans it embedded the slide with (the spot
+patch's and, for two-scale embeddings, the context patch's), and the checks of the integration options."""
 
 from __future__ import annotations
 
@@ -122,17 +122,11 @@ def check_steps(n_steps: int, internal_batch_size: int | None) -> None:
 
 
 def load_model_encoder(model: HESpotEx) -> Encoder:
-    """The model's frozen encoder, loaded as :func:`hespotex.pp.embed` loads it from the same record."""
+    """The model's frozen encoder, loaded as :func:`hespotex.pp.embed` loads it from the same record (one encoder for
+    both patches of two-scale embeddings)."""
     from hespotex.pp._encoders import load_encoder
 
     rec = model.embedding
-    if rec.get("context_um") is not None:
-        msg = (
-            f"The model was trained on two-scale embeddings ({rec.get('patch_um')} µm spot patch and "
-            f"{rec['context_um']} µm context); pixel attributions through both patches are not supported yet. "
-            "Explain the neighbours only (`pixels=False`)."
-        )
-        raise NotImplementedError(msg)
     name = rec.get("encoder")
     if name in (None, "unknown"):
         msg = (
@@ -183,3 +177,37 @@ def patch_plan(data: Any, table: AnnData, model: HESpotEx, enc: Encoder, embeddi
             embedding_key,
         )
     return plan
+
+
+def context_patch_plan(
+    data: Any, table: AnnData, model: HESpotEx, plan: PatchPlan, embedding_key: str
+) -> PatchPlan | None:
+    """The context crops of a model trained on two-scale embeddings (``None`` for single-scale ones): the plan
+    :func:`hespotex.pp.embed` cuts them with (:func:`hespotex.pp._context.context_plan`), checked against the slide's
+    embedding record."""
+    from hespotex.pp._context import context_plan
+
+    context_um = model.embedding.get("context_um")
+    if context_um is None:
+        return None
+    ctx = context_plan(data, plan, float(context_um))
+    record = table.uns.get(EMBED_RECORD_KEY, {}).get(embedding_key)
+    if record is None:
+        return ctx  # patch_plan warned already
+    if record.get("context_um") is None or not np.isclose(float(record["context_um"]), ctx.patch_um):
+        msg = (
+            f"The model was trained on two-scale embeddings with {ctx.patch_um:g} µm context, but "
+            f"obsm[{embedding_key!r}] was made with context_um={record.get('context_um')!r}. Re-embed the slide with "
+            f"the model's scales (hx.pp.embed(..., patch_um={plan.patch_um:g}, context_um={ctx.patch_um:g}, "
+            "overwrite=True); hx.tl.predict does)."
+        )
+        raise ValueError(msg)
+    found = (record.get("context_crop_px", ctx.size), record.get("context_level", ctx.level.level))
+    if found != (ctx.size, ctx.level.level):
+        msg = (
+            f"The slide's context patches were cut as {found[0]} px crops from pyramid level {found[1]}; the image "
+            f"now gives {ctx.size} px crops from level {ctx.level.level}. The image changed since it was embedded: "
+            "embed it again (hx.pp.embed(..., overwrite=True)) and predict again."
+        )
+        raise ValueError(msg)
+    return ctx
