@@ -125,15 +125,16 @@ def spread_table(hes: pd.DataFrame, folds: list[str]) -> pd.DataFrame:
     per condition x genes (mean over truths), and the largest / median spread over the 24 condition x truth x genes
     cells."""
     hes = hes[hes["fold"].isin(folds)]
+    variants = [m for m in VARIANTS if m in set(hes["method"])]
     seeds = None
-    for m in VARIANTS:
+    for m in variants:
         ps = per_seed(hes[hes["method"] == m], ["condition", "truth", "genes"], len(folds))
         s = set(ps["seed"])
         seeds = s if seeds is None else seeds & s
     seeds = sorted(seeds or [])
     part = hes[hes["seed"].isin(seeds)]
     rows = []
-    for m in VARIANTS:
+    for m in variants:
         sub = part[part["method"] == m]
         over = seed_stats(per_seed(sub, ["condition", "genes"], len(folds), 3), ["condition", "genes"])
         cell = seed_stats(per_seed(sub, ["condition", "truth", "genes"], len(folds)), ["condition", "truth", "genes"])
@@ -228,14 +229,25 @@ def thinning_table(rows: pd.DataFrame, hes: pd.DataFrame, base: pd.DataFrame, fo
     return out.reset_index().sort_values(["genes", "truth"])
 
 
+def labelled_baselines(rows: pd.DataFrame, features: str) -> pd.DataFrame:
+    """The tuned baselines' rows, their method named with the features they were fitted on."""
+    base = rows[rows["method"].str.startswith(("ridge", "retrieval")) & ~rows["stain_augment"]].copy()
+    base["method"] = base["method"] + f" ({features})"
+    return base
+
+
 def cmd_report(args) -> None:
     from hespotex.datasets._her2st import her2st_sections
 
     work = Path(args.work)
     folds = list(her2st_sections(args.data))
-    rows = setting_rows(work)
+    ctx_work = work / f"context{args.context:g}"
+    spot_rows = setting_rows(work)
+    rows = setting_rows(ctx_work) if args.default == "two-scale" else spot_rows
     hes = rows[rows["method"].isin(VARIANTS)]
-    base = rows[rows["method"].str.startswith(("ridge", "retrieval")) & ~rows["stain_augment"]]
+    base = labelled_baselines(spot_rows, "spot")
+    if (ctx_work / "rows").is_dir():  # the baselines on the two-scale features too: the strongest of either counts
+        base = pd.concat([base, labelled_baselines(setting_rows(ctx_work), "spot+context")])
     main_t, raw = versus_baseline(hes, base, DEFAULT, ["condition", "truth", "genes"], folds)
     main_t = main_t.sort_values(["genes", "condition", "truth"])
     mean_t, _ = versus_baseline(hes, base, DEFAULT, ["condition", "genes"], folds)
@@ -244,7 +256,7 @@ def cmd_report(args) -> None:
         per_seed(hes[hes["method"] == DEFAULT], ["condition", "truth", "genes"], len(folds))["seed"].unique()
     )
     others = []
-    for m in VARIANTS[:-1]:
+    for m in [v for v in VARIANTS[:-1] if v in set(hes["method"])]:
         t, _ = versus_baseline(hes, base, m, ["condition", "genes"], folds)
         others.append(t.assign(method=m).rename(columns={m: "mean ± spread (seeds)"}))
     others_t = pd.concat(others)[["method", "condition", "genes", "mean ± spread (seeds)", "margin",
@@ -260,28 +272,40 @@ def cmd_report(args) -> None:
     lines = [
         "# The defaults of `hx.tl.train` on the shift benchmark vs the strongest tuned baseline",
         "",
-        "Commands (2-core machine shared with 6 other jobs; `nice -n 10`, 1 dask worker, 1 torch thread):  ",
-        "`python benchmarks/shift.py run --what hespotex --seeds 0 --setting \"{'target_norm': 'library_modelled', "
-        "'patch_um': 100.0, 'tta': False, 'stain_augment': True}\"` (seed 0, shift_stain.md's run) and the same with "
-        "`--seeds 1 --workers 1` (this session, split over up to 3 processes with `--folds`; seed 2 was started and "
-        "stopped for time);  ",
-        "the single models and plain ensembles are shift.md's (`shift.py run --setting \"{'target_norm': "
-        "'library_modelled', 'patch_um': 100.0, 'tta': False}\" --what hespotex --seeds 0 1 2`) and shift_stain.md's "
-        "(`--what single --seeds 1`, `--seeds 2` with `'stain_augment': True`);  ",
+        "Commands (2-core machine, 2 dask workers of 1 torch thread each; the work folders rebuilt from scratch "
+        "in one session):  ",
+        "`python benchmarks/shift.py embed --workers 2`, `python benchmarks/shift.py embed --stain-views --patch 100 "
+        "200 --workers 2`, `python benchmarks/shift_context.py prepare --context 200` (embeddings, stain views and "
+        "their two-scale concatenations);  ",
+        "`python benchmarks/shift.py run --what baselines --seeds 0 --setting \"{'target_norm': 'library_modelled', "
+        "'patch_um': 100.0, 'tta': False}\"` and the same with `--work /tmp/hespotex_shift/context200` (tuned "
+        "baselines on either feature set, and the thinning ceiling);  ",
+        "`python benchmarks/shift.py run --what hespotex --seeds S --setting \"{'target_norm': 'library_modelled', "
+        "'patch_um': 100.0, 'tta': False, 'stain_augment': True}\"` for S = 0, 1, 2, with and without `--work "
+        "/tmp/hespotex_shift/context200` (4-member ensembles and their single model, single- and two-scale);  ",
         f"`{cmd}`.",
         "",
-        "The default = `hx.tl.train(sections, genes=panel)` as it stands: targets `library_modelled`, 100 µm patches "
-        "(the spot diameter), EfficientNet-Lite0 (ImageNet, frozen), an ensemble of 4 members (one per held-out "
-        "validation section), each trained on the clean embedding and 4 HED-jittered views per spot (one drawn per "
-        "spot per epoch); prediction on the clean embedding of the held-out section. Leave-one-section-out over "
-        "her2st C2-C6; conditions `clean`, `thinned` (~650 counts per spot), `restained` (HED gain/shift, blur, JPEG "
-        "q40), `rescaled` (µm/px 10 % off); truths `lib_all`, `lib_scored`, `log1p_raw` (see shift.md). Score: mean "
-        "per-gene Pearson over the top-50 HVG / all 785 modelled genes; per seed the mean over the 5 folds, then "
-        "`mean ± spread (seeds)` with spread = max - min of the seed means. `strongest tuned baseline` = the best of "
-        "ridge / retrieval, raw / 6-NN smoothed (α and k by leave-one-training-section-out, same targets), picked "
-        "per cell after the fact; `margin` = default mean - baseline; `worst-seed margin` = the default's worst "
-        f"seed - baseline; `≥ {GOAL}`: `yes` when even the worst seed is ≥ {GOAL} ahead (the issue's goal), "
-        "`ahead` when the mean is ahead by less, `no` when behind.",
+        (
+            "The default = `hx.tl.train(sections, genes=panel)` as it stands: targets `library_modelled`, "
+            + (
+                "two-scale embeddings (the 100 µm spot patch, the spot diameter, and a 200 µm context patch through the "
+                "same encoder, concatenated; `context_um='auto'`)"
+                if args.default == "two-scale"
+                else "100 µm patches (the spot diameter)"
+            )
+            + ", EfficientNet-Lite0 (ImageNet, frozen), an ensemble of 4 members (one per held-out "
+            "validation section), each trained on the clean embedding and 4 HED-jittered views per spot (one drawn per "
+            "spot per epoch); prediction on the clean embedding of the held-out section. Leave-one-section-out over "
+            "her2st C2-C6; conditions `clean`, `thinned` (~650 counts per spot), `restained` (HED gain/shift, blur, JPEG "
+            "q40), `rescaled` (µm/px 10 % off); truths `lib_all`, `lib_scored`, `log1p_raw` (see shift.md). Score: mean "
+            "per-gene Pearson over the top-50 HVG / all 785 modelled genes; per seed the mean over the 5 folds, then "
+            "`mean ± spread (seeds)` with spread = max - min of the seed means. `strongest tuned baseline` = the best of "
+            "ridge / retrieval, raw / 6-NN smoothed (α and k by leave-one-training-section-out, same targets), on the "
+            "single-scale `(spot)` or two-scale `(spot+context)` features, picked per cell after the fact; `margin` = "
+            "default mean - baseline; `worst-seed margin` = the default's worst "
+            f"seed - baseline; `≥ {GOAL}`: `yes` when even the worst seed is ≥ {GOAL} ahead (the issue's goal), "
+            "`ahead` when the mean is ahead by less, `no` when behind."
+        ),
         "",
         f"## The default vs the strongest tuned baseline, every condition x truth x gene set (seeds "
         f"{', '.join(map(str, seeds))}; {n_cells} cells)",
@@ -378,9 +402,8 @@ def cmd_report(args) -> None:
             fit.round(0).reset_index().to_markdown(index=False),
             "",
         ]
-    ctx_work = work / f"context{args.context:g}"
     if (ctx_work / "rows").is_dir():
-        spot = rows.assign(features="spot")
+        spot = spot_rows.assign(features="spot")
         ctx = setting_rows(ctx_work).assign(features="spot+context")
         ctx_base = ctx[ctx["method"].str.startswith(("ridge", "retrieval")) & ~ctx["stain_augment"]]
         spot_base = spot[spot["method"].str.startswith(("ridge", "retrieval")) & ~spot["stain_augment"]]
@@ -418,6 +441,12 @@ def main() -> None:
     parser.add_argument("--data", default=None)
     parser.add_argument("--work", default="/tmp/hespotex_shift")
     parser.add_argument("--context", type=float, default=200.0, help="context patch side of the candidate, µm")
+    parser.add_argument(
+        "--default",
+        choices=["single-scale", "two-scale"],
+        default="two-scale",
+        help="which rows are the default's: the single-scale work folder or its context folder",
+    )
     parser.add_argument("--out", default="benchmarks/results/shift_defaults.md")
     args = parser.parse_args()
     {"report": cmd_report}[args.stage](args)
