@@ -88,7 +88,8 @@ class Explanation:
         ``(n_spots,)`` the model's score at each spot (from a whole-slide prediction).
     patches
         ``(n_spots, h, w, 3)`` uint8: the (spot) patch each spot's embedding was computed from, at the encoder
-        input size; ``None`` without pixel attribution.
+        input size, as scanned (before any stain normalisation: the pixels attributed); ``None`` without pixel
+        attribution.
     saliency
         ``(n_spots, h, w)`` float32: absolute integrated-gradients attribution of the (spot) patch summed over the
         colour channels (not normalised); ``None`` without pixel attribution.
