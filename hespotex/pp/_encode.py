@@ -15,6 +15,7 @@ from hespotex.pp._patches import PatchPlan, resize_batch
 if TYPE_CHECKING:
     from hespotex.pp._encoders import Encoder
 
+
 def dihedral_views(x):
     """The 8 flips and quarter-turn rotations of a batch ``(n, c, h, w)`` (the dihedral group of the square)."""
     import torch
@@ -23,6 +24,13 @@ def dihedral_views(x):
     for flipped in (x, torch.flip(x, dims=(-1,))):
         views += [torch.rot90(flipped, k, dims=(-2, -1)) for k in range(4)]
     return views
+
+
+def dihedral_mean(model: Any, x: Any) -> Any:
+    """Test-time augmentation as :func:`hespotex.pp.embed` ``(..., tta=True)`` computes it (record ``"dihedral8"``):
+    the float32 mean of ``model`` over the 8 :func:`dihedral_views` of ``x``, in their order. Differentiable in
+    ``x`` (flips and quarter turns only move pixels), so :func:`hespotex.tl.explain` attributes through it."""
+    return sum(model(v).float() for v in dihedral_views(x)) / 8.0
 
 
 #: timm convolutional networks whose layers all accept a channels-last input (timm trains them so)
@@ -107,7 +115,7 @@ def encode_patches(
         return idx, x.sub_(mean).div_(std).contiguous(memory_format=fmt), aug
 
     def run(x):
-        return sum(model(v).float() for v in dihedral_views(x)) / 8.0 if tta else model(x)
+        return dihedral_mean(model, x) if tta else model(x)
 
     # one torch thread for the loader, so it does not fight the encoder's threads for the cores
     with (

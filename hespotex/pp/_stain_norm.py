@@ -242,17 +242,18 @@ def normalize_patches(x: Any, source: dict[str, Any], reference: dict[str, Any])
     Torchstain's Macenko ``normalize`` with the source stain matrix and concentrations fixed: each
     pixel's stain concentrations are solved in the source stain matrix (least squares), scaled by the
     reference / source maximal concentrations and re-rendered with the reference stain matrix.
-    Returns float32 in [0, 1], same shape.
+    Returns float32 in [0, 1], same shape, on ``x``'s device; differentiable in ``x`` (:func:`hespotex.tl.explain`
+    attributes through it; zero gradient where the output is clipped).
     """
     import torch
 
     src = np.asarray(source["stain_matrix"], dtype=np.float64)
-    unmix = torch.from_numpy(np.linalg.pinv(src)).float()  # (2, 3): least-squares concentrations
-    scale = torch.from_numpy(
-        np.asarray(reference["max_concentrations"], dtype=np.float64)
-        / np.asarray(source["max_concentrations"], dtype=np.float64)
-    ).float()
-    ref = torch.from_numpy(np.asarray(reference["stain_matrix"], dtype=np.float64)).float()  # (3, 2)
+    unmix = torch.from_numpy(np.linalg.pinv(src)).float().to(x.device)  # (2, 3): least-squares concentrations
+    ratio = np.asarray(reference["max_concentrations"], dtype=np.float64) / np.asarray(
+        source["max_concentrations"], dtype=np.float64
+    )
+    scale = torch.from_numpy(ratio).float().to(x.device)
+    ref = torch.from_numpy(np.asarray(reference["stain_matrix"], dtype=np.float64)).float().to(x.device)  # (3, 2)
     od = -torch.log((x.float() * 255.0 + 1.0) / IO)
     conc = torch.einsum("sc,nchw->nshw", unmix, od) * scale.view(1, 2, 1, 1)
     out = IO * torch.exp(-torch.einsum("cs,nshw->nchw", ref, conc))

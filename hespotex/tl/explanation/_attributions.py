@@ -149,6 +149,28 @@ def _baseline_patch(x: torch.Tensor, baseline: str) -> torch.Tensor:
     return gaussian_blur(x, [kernel, kernel], [sigma, sigma])
 
 
+def patch_features(
+    enc: Encoder, *images: torch.Tensor, tta: bool = False, stain_norm: tuple[dict, dict] | None = None
+) -> torch.Tensor:
+    """The embedding :func:`hespotex.pp.embed` stores for resized ``[0, 1]`` patches ``images`` (the spot patch and,
+    two-scale, the context patch; each ``(B, 3, S, S)``): each patch stain-normalised (``stain_norm`` = (slide stain,
+    reference), :func:`hespotex.pp._stain_norm.normalize_patches`), normalised for the encoder and encoded (with
+    ``tta``: the mean over its 8 dihedral views, :func:`hespotex.pp._encode.dihedral_mean`), the features
+    concatenated ``[spot, context]``. The same torch operations as the embed path, differentiable in ``images``."""
+    import torch
+
+    from hespotex.pp._encode import dihedral_mean
+    from hespotex.pp._stain_norm import normalize_patches
+
+    feats = []
+    for x in images:
+        if stain_norm is not None:
+            x = normalize_patches(x, *stain_norm)
+        x = enc.normalize(x)
+        feats.append(dihedral_mean(enc.model, x) if tta else enc.model(x))
+    return torch.cat(feats, dim=1)
+
+
 def pixel_attributions(
     scorer: Scorer,
     enc: Encoder,
@@ -160,8 +182,15 @@ def pixel_attributions(
     baseline: str,
     embedding_key: str,
     context: PatchPlan | None = None,
+    tta: bool = False,
+    stain_norm: tuple[dict, dict] | None = None,
 ) -> dict[str, np.ndarray]:
     """Integrated gradients of the score at each target of ``positions`` with respect to the pixels of its patch.
+
+    The target's features are recomputed from its patch(es) as :func:`hespotex.pp.embed` computed them
+    (:func:`patch_features`: with ``stain_norm`` = (slide stain, reference) mapped to the reference stain, with ``tta``
+    the mean over the 8 dihedral views), all inside the differentiated forward pass, so the attributions are w.r.t.
+    the patch as scanned, in its own pixel frame.
 
     With ``context`` (the context plan of two-scale embeddings, :func:`hespotex.pp._context.context_plan`) the
     target's embedding is ``[encoder(spot patch), encoder(context patch)]`` as :func:`hespotex.pp.embed` concatenates
@@ -186,7 +215,6 @@ def pixel_attributions(
     sums = [np.empty(n) for _ in plans]
     out = {"pixel_score": np.empty(n), "pixel_baseline_score": np.empty(n), "pixel_delta": np.empty(n)}
     worst = 0.0
-    enc_model = enc.model
     for i, t in enumerate(tqdm(positions, desc="pixel attributions", unit="spot", disable=not settings.progress)):
         t = int(t)
         # (1, 3, S, S) in [0, 1] per patch, read and resized as hx.pp.embed does (the same plans, resize_batch)
@@ -198,8 +226,7 @@ def pixel_attributions(
         sub_t = torch.from_numpy(sub).to(dev)
 
         def features(*images: torch.Tensor) -> torch.Tensor:
-            """[spot features, context features]: the concatenation hx.pp.embed stores."""
-            return torch.cat([enc_model(enc.normalize(x)) for x in images], dim=1)
+            return patch_features(enc, *images, tta=tta, stain_norm=stain_norm)
 
         def forward(*images: torch.Tensor, rest=rest, sub_t=sub_t) -> torch.Tensor:
             z = scorer.standardise(features(*images))

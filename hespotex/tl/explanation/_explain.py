@@ -11,7 +11,14 @@ Two attributions, both by integrated gradients (:class:`captum.attr.IntegratedGr
   (:func:`hespotex.pp.embed` ``(..., context_um=...)``) the target's embedding is recomputed from *both* its
   patches, the spot patch and the wider context patch (cut, resized and normalised by the same plans as
   ``hx.pp.embed``, :mod:`hespotex.pp._context`), concatenated ``[spot features, context features]``, and both
-  patches are attributed in one integration, each from its own baseline patch.
+  patches are attributed in one integration, each from its own baseline patch. The embedding record's other steps are
+  repeated inside the differentiated forward pass too, so the recomputed embedding is the stored one and the
+  attributions stay w.r.t. the patch as scanned, in its own pixel frame: test-time augmentation (``"tta":
+  "dihedral8"``: the mean of the encoder over the patch's 8 flips and quarter turns, the same torch transforms
+  and averaging, :func:`hespotex.pp._encode.dihedral_mean`) and stain normalisation (``"stain_norm"``: Macenko's
+  per-pixel mapping from the slide's recorded stain to the model's reference, the same torch function,
+  :func:`hespotex.pp._stain_norm.normalize_patches`, differentiable). Stain-augmented views are training-only: the
+  model predicts from the clean embedding, which is what is attributed.
 - **neighbouring spots**: with respect to the standardised embeddings of every spot that can reach
   the target through the decoder's ``n_hops`` graph layers, from the all-zero baseline (every spot
   at the training mean embedding); attributions are summed over embedding dimensions per source spot.
@@ -51,6 +58,7 @@ from hespotex.tl.explanation._explain_inputs import (
     patch_plan,
     resolve_score,
     spot_positions,
+    stain_norm_pair,
 )
 from hespotex.tl.model._data import EMBEDDING_KEY
 from hespotex.tl.model._model import HESpotEx
@@ -80,7 +88,8 @@ class Explanation:
         ``(n_spots,)`` the model's score at each spot (from a whole-slide prediction).
     patches
         ``(n_spots, h, w, 3)`` uint8: the (spot) patch each spot's embedding was computed from, at the encoder
-        input size; ``None`` without pixel attribution.
+        input size, as scanned (before any stain normalisation: the pixels attributed); ``None`` without pixel
+        attribution.
     saliency
         ``(n_spots, h, w)`` float32: absolute integrated-gradients attribution of the (spot) patch summed over the
         colour channels (not normalised); ``None`` without pixel attribution.
@@ -112,7 +121,10 @@ class Explanation:
         one-hop neighbour, self excluded, by each), ``top_match`` (whether they agree), ``self_share``,
         ``self_attention``, and ``delta`` (the convergence delta of the neighbour attribution).
     params
-        Every parameter that shaped the result (model id, encoder, patch size, baseline, steps, ...).
+        Every parameter that shaped the result (model id, encoder, patch size, baseline, steps, ...), among them the
+        embedding steps repeated in the pixel forward pass (``tta``: ``"dihedral8"`` or ``None``; ``stain_norm``: the
+        method or ``None``) and ``attributed_to`` (``"patch as scanned"``: before stain normalisation and
+        augmentation, which are differentiated through).
     """
 
     spots: list[str]
@@ -179,6 +191,24 @@ def _prepare(data: Any, model: HESpotEx | str, genes: Any, signature: Any, embed
     return model, table, names, weights, scorer
 
 
+def _attribute_pixels(
+    data: Any, table: Any, model: Any, scorer: Scorer, positions: np.ndarray, *, embedding_key: str, **options: Any
+) -> dict[str, np.ndarray]:
+    """:func:`~hespotex.tl.explanation._attributions.pixel_attributions` through the model's encoder, on the patches
+    the slide was embedded from, with the test-time augmentation and stain normalisation of the model's embedding
+    record (both differentiable, inside the forward pass: the attributions are w.r.t. the patch as scanned)."""
+    enc = load_model_encoder(model)
+    plan = patch_plan(data, table, model, enc, embedding_key)
+    context = context_patch_plan(data, table, model, plan, embedding_key)
+    stain_norm = stain_norm_pair(model, table, plan, embedding_key)
+    tta = bool(model.embedding.get("tta"))
+    with frozen_modules(model.module_, enc.model, device=scorer.device):
+        return pixel_attributions(
+            scorer, enc, plan, positions, embedding_key=embedding_key, context=context, tta=tta, stain_norm=stain_norm,
+            **options,
+        )  # fmt: skip
+
+
 def patch_saliency(
     data: Any,
     model: HESpotEx | str,
@@ -242,21 +272,10 @@ def patch_saliency(
             f"alone (found {type(data).__name__}{' without its image' if hasattr(data, 'images') else ''})."
         )
         raise ValueError(msg)
-    enc = load_model_encoder(model)
-    plan = patch_plan(data, table, model, enc, embedding_key)
-    context = context_patch_plan(data, table, model, plan, embedding_key)
-    with frozen_modules(model.module_, enc.model, device=scorer.device):
-        res = pixel_attributions(
-            scorer,
-            enc,
-            plan,
-            positions,
-            n_steps=n_steps,
-            internal_batch_size=internal_batch_size,
-            baseline=baseline,
-            embedding_key=embedding_key,
-            context=context,
-        )
+    res = _attribute_pixels(
+        data, table, model, scorer, positions, n_steps=n_steps, internal_batch_size=internal_batch_size,
+        baseline=baseline, embedding_key=embedding_key,
+    )  # fmt: skip
     return res["patches"], normalise_per_patch(res["saliency"])
 
 
@@ -288,7 +307,11 @@ def explain(
       neighbours' embeddings stay at their stored values. Encoder and model weights are frozen. A model trained
       on two-scale embeddings (``hx.pp.embed(..., context_um=...)``) is attributed through both patches: the spot
       patch (``patches`` / ``saliency``, as for a single-scale model) and the context patch (``context_patches`` /
-      ``context_saliency``), in one integration whose attributions together are complete.
+      ``context_saliency``), in one integration whose attributions together are complete. A model trained on
+      test-time-augmented (``hx.pp.embed(..., tta=True)``) or stain-normalised (``stain_norm="macenko"``) embeddings
+      is attributed through the same augmentation (mean over the 8 dihedral views) and normalisation (the slide's
+      recorded stain to the model's reference) inside the forward pass: the attributions are w.r.t. the patch as
+      scanned (``params["attributed_to"]``), and the baseline patch is normalised the same way.
     - *neighbours*: with respect to the standardised embeddings of every spot within the decoder's
       ``n_hops`` of the target (the target included), from the all-zero baseline (every spot at the
       training mean embedding; the slide's mean for a model with ``embedding_norm="slide"``, which
@@ -367,21 +390,10 @@ def explain(
             score=all_scores[positions],
         )
         if pixels:
-            enc = load_model_encoder(model)
-            plan = patch_plan(data, table, model, enc, use_rep)
-            context = context_patch_plan(data, table, model, plan, use_rep)
-            with frozen_modules(enc.model, device=scorer.device):
-                res = pixel_attributions(
-                    scorer,
-                    enc,
-                    plan,
-                    positions,
-                    n_steps=n_steps,
-                    internal_batch_size=internal_batch_size,
-                    baseline=baseline,
-                    embedding_key=use_rep,
-                    context=context,
-                )
+            res = _attribute_pixels(
+                data, table, model, scorer, positions, n_steps=n_steps, internal_batch_size=internal_batch_size,
+                baseline=baseline, embedding_key=use_rep,
+            )  # fmt: skip
             for k, v in res.items():
                 setattr(result, k, v)
         if neighbours:
@@ -405,6 +417,9 @@ def explain(
         "patch_um": emb.get("patch_um"),
         "context_um": emb.get("context_um"),
         "input_size": emb.get("input_size"),
+        "tta": emb.get("tta"),
+        "stain_norm": (emb.get("stain_norm") or {}).get("method"),
+        "attributed_to": ("patch as scanned" if pixels else None),
         "use_rep": use_rep,
         "n_hops": scorer.hops,
         "decoder_neighbors": int(model.config.decoder_neighbors),

@@ -1,6 +1,7 @@
 """What :func:`hespotex.tl.explain` and :func:`~hespotex.tl.explanation._explain.patch_saliency` read: the score
 (genes or a signature), the target spots, the model's encoder and the patch plans it embedded the slide with (the spot
-patch's and, for two-scale embeddings, the context patch's), and the checks of the integration options."""
+patch's and, for two-scale embeddings, the context patch's), the stain normalisation the patches were mapped with,
+and the checks of the integration options."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from hespotex._constants import EMBED_RECORD_KEY
+from hespotex._constants import EMBED_RECORD_KEY, SAMPLE_KEY
 from hespotex._sample import get_sample_info
 from hespotex.tl.model._model import HESpotEx
 
@@ -211,3 +212,20 @@ def context_patch_plan(
         )
         raise ValueError(msg)
     return ctx
+
+
+def stain_norm_pair(model: HESpotEx, table: AnnData, plan: PatchPlan, embedding_key: str) -> tuple[dict, dict] | None:
+    """``(slide stain, reference)`` that :func:`hespotex.pp.embed` mapped the slide's patches with (``None`` for a
+    model trained without stain normalisation): the slide's embedding record's (the stain the stored embeddings were
+    made with; :func:`hespotex.tl.prediction._checks.check_embedding` has checked its reference is the model's), else
+    the model's reference and the slide's own stain estimated from ``plan`` as :func:`hespotex.tl.predict` does."""
+    from hespotex.pp._stain_norm import stain_norm_entry
+
+    entry = model.embedding.get("stain_norm")
+    if not entry:
+        return None
+    record = table.uns.get(EMBED_RECORD_KEY, {}).get(embedding_key) or {}
+    norm = record.get("stain_norm")
+    if not norm:  # no record (patch_plan warned): estimate the slide's stain as predict would
+        norm = stain_norm_entry(entry, plan, table.uns.get(SAMPLE_KEY, {}).get("sample_id", "this slide"))
+    return dict(norm["slide"]), dict(norm["reference"])
