@@ -40,13 +40,15 @@ def test_train_tta_embeds_records_and_prediction_reapplies_it(tmp_path):
     )  # 3 samples: the default ensemble, every member trained on TTA embeddings
     assert isinstance(model, hx.tl.HESpotExEnsemble)
     assert [m.embedding["tta"] for m in model.members] == ["dihedral8"] * 3
-    # train embedded the samples exactly as hx.pp.embed(tta=True) does, and not as plain embed
+    # train embedded the samples exactly as hx.pp.embed(tta=True) does (at both scales, the default), and not as plain
+    # embed
+    assert [m.embedding["context_um"] for m in model.members] == [2 * 55.0] * 3
     ref = _section("a", 1)
-    hx.pp.embed(ref, encoder="efficientnet_lite0.imagenet", input_size=32, tta=True)
+    hx.pp.embed(ref, encoder="efficientnet_lite0.imagenet", input_size=32, tta=True, context_um="auto")
     got = train[0].tables["table"].obsm[KEY]
     np.testing.assert_allclose(got, ref.tables["table"].obsm[KEY], rtol=1e-4, atol=1e-5)
     plain_ref = _section("a", 1)
-    hx.pp.embed(plain_ref, encoder="efficientnet_lite0.imagenet", input_size=32)
+    hx.pp.embed(plain_ref, encoder="efficientnet_lite0.imagenet", input_size=32, context_um="auto")
     assert not np.allclose(got, plain_ref.tables["table"].obsm[KEY], atol=1e-3)
 
     loaded = hx.tl.load_model(model.save(tmp_path / "model"))
@@ -56,11 +58,11 @@ def test_train_tta_embeds_records_and_prediction_reapplies_it(tmp_path):
     pred = hx.tl.predict(copy.deepcopy(slide), loaded, device="cpu")
     assert pred.uns["hespotex"]["params"]["tta"] == "dihedral8"
     tta_slide = copy.deepcopy(slide)
-    hx.pp.embed(tta_slide, encoder="efficientnet_lite0.imagenet", input_size=32, tta=True)
+    hx.pp.embed(tta_slide, encoder="efficientnet_lite0.imagenet", input_size=32, tta=True, context_um="auto")
     ref_pred = hx.tl.predict(tta_slide, loaded, device="cpu")
     np.testing.assert_allclose(np.asarray(pred.layers["hespotex"]), np.asarray(ref_pred.layers["hespotex"]), atol=1e-4)
     plain = copy.deepcopy(slide)
-    hx.pp.embed(plain, encoder="efficientnet_lite0.imagenet", input_size=32)
+    hx.pp.embed(plain, encoder="efficientnet_lite0.imagenet", input_size=32, context_um="auto")
     with pytest.raises(ValueError, match=r"test-time augmentation"):  # plain embeddings are refused, not mixed in
         hx.tl.predict(plain, loaded, device="cpu")
 

@@ -13,8 +13,9 @@ TRAIN_HELP = """Train HESpotEx on samples with spatial transcriptomics, then sav
 
 SAMPLEs are SpatialData zarr stores written by hespotex (hx.io.write_zarr) or 10x Space Ranger
 `outs` folders (filtered_feature_bc_matrix.h5 and spatial/); --her2st adds sections of the public
-her2st data set. Each sample's H&E patches are embedded with the frozen --encoder (cached under
-~/.cache/hespotex), then the model learns the expression of --genes genes from them. The saved
+her2st data set. Each sample's H&E patches (the spot patch and, by default, a context patch twice as
+wide: --context-um) are embedded with the frozen --encoder (cached under ~/.cache/hespotex), then the
+model learns the expression of --genes genes from them. The saved
 folder (model.safetensors + setup.json) is what `hespotex predict --model` and hx.tl.HESpotEx.load read.
 With 3 or more samples an ensemble is trained by default (--ensemble): one member per sample held out
 for early stopping, saved as one folder (ensemble.json + member_*/) that `hespotex predict --model` and
@@ -66,6 +67,17 @@ def _training_samples(args: argparse.Namespace) -> list:
             )
             raise ValueError(msg)
     return samples
+
+
+def _context_argument(text: str) -> float | str | None:
+    """``--context-um``: ``auto``, ``none`` or a context patch side in µm."""
+    if text.lower() in ("auto", "none"):
+        return None if text.lower() == "none" else "auto"
+    try:
+        return positive_float(text)
+    except argparse.ArgumentTypeError:
+        msg = f"expected auto, none or a context patch side in µm such as 200, found {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
 
 
 def _config_overrides(items: list[str] | None, parser: argparse.ArgumentParser) -> dict[str, object]:
@@ -129,6 +141,11 @@ def train_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     from hespotex._sample import get_table
 
     fresh = [EMBEDDING_KEY not in get_table(sdata).obsm for sdata in samples]  # views only with new embeddings
+    context = args.context_um
+    if context == "auto":  # as hx.tl.train(..., context_um="auto"): twice the patch, or as the samples embedded
+        from hespotex.pp._context import default_context_um
+
+        context = default_context_um(dict(enumerate(samples)), EMBEDDING_KEY)
     reference = None
     if args.stain_norm != "none":
         reference = hx.pp.stain_reference(
@@ -137,7 +154,7 @@ def train_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     for sdata, new in zip(samples, fresh, strict=True):
         hx.pp.embed(
             sdata, encoder=args.encoder, weights=args.weights, patch_um=args.patch_um, input_size=args.input_size,
-            context_um=args.context_um, stain_augment=args.stain_views if new else 0,
+            context_um=context, stain_augment=args.stain_views if new else 0,
             stain_norm=None if reference is None else args.stain_norm, stain_reference=reference, tta=args.tta,
         )  # fmt: skip
     t0 = time.perf_counter()
@@ -194,9 +211,12 @@ def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     )
     p_train.add_argument(
         "--context-um",
-        type=positive_float,
-        metavar="UM",
-        help="also embed a context patch of this side in µm around each spot (two-scale embeddings; default: none)",
+        type=_context_argument,
+        default="auto",
+        metavar="auto|none|UM",
+        help="two-scale embeddings: also embed a context patch of this side in µm around each spot (default auto: "
+        "twice the patch, e.g. 200 µm around 100 µm spots; two encoder passes per spot; samples already embedded "
+        "keep their scales); none: the spot patch only",
     )
     p_train.add_argument(
         "--input-size", type=positive_int, metavar="PX", help="encoder input size in pixels (default: the encoder's)"

@@ -7,7 +7,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -188,7 +188,7 @@ def embed(
     image: Any = None,
     microns_per_pixel: float | None = None,
     library_id: str | None = None,
-    context_um: float | None = None,
+    context_um: float | Literal["auto"] | None = None,
     out: str | Path | None = None,
 ) -> None:
     """Embed the H&E patch under every spot with a frozen image encoder.
@@ -261,7 +261,9 @@ def embed(
         ``patch_um``) centred on each spot, embed it with the same encoder (resized to its input) and store
         ``[spot features, context features]`` (twice the encoder's width). Recorded as ``"context_um"``;
         a model trained on them predicts new slides at the same two scales (:mod:`hespotex.pp._context`).
-        Each scale is cached on its own. ``None`` (default): the spot patch only.
+        Each scale is cached on its own. ``"auto"``: twice the spot patch as resolved (``patch_um``, or its
+        default: 200 µm for 100 µm spots), what :func:`hespotex.tl.train` uses by default. ``None`` (default): the
+        spot patch only.
     out
         A zarr store to write the embeddings into, chunk by chunk as they are encoded (never the whole array in
         memory: for Visium HD 8 µm bins, 600k+ per slide); ``obsm[key_added]`` is then a lazy

@@ -11,10 +11,11 @@ import numpy as np
 
 from hespotex._compat import renamed_arguments
 from hespotex._sample import as_sample_dict, get_table
-from hespotex.pp._context import same_context, scales_text
+from hespotex.pp._context import check_train_context_um, default_context_um, same_context, scales_text
 from hespotex.pp._embed import EMBED_KEY
 from hespotex.tl.model._data import EMBEDDING_KEY, GraphData, graph_data, spatial_block_mask
 from hespotex.tl.model._model import HESpotEx
+from hespotex.tl.training._train_inputs import check_tta, lazy_views, resolve_lazy, stain_views
 
 if TYPE_CHECKING:
     from hespotex.tl.model._ensemble import HESpotExEnsemble
@@ -35,7 +36,7 @@ def ensure_embeddings(
     stain_augment: int = 0,
     stain_norm: str | None = None,
     stain_reference: dict[str, Any] | None = None,
-    context_um: float | None = None,
+    context_um: float | Literal["auto"] | None = None,
 ) -> dict[str, Any]:
     """Embed ``sample`` when its table has no ``obsm[embedding_key]``; return the embedding record.
 
@@ -76,33 +77,6 @@ def ensure_embeddings(
 
 
 DEFAULT_STAIN_VIEWS = 4
-
-
-def stain_views(tables: dict[str, Any], records: dict[str, dict[str, Any]], embedding_key: str) -> dict[str, Any]:
-    """Check every training table has stain-augmented views of its embeddings; return their record (with the obsm
-    key)."""
-    from hespotex.pp._stain_augment import views_key
-
-    key = views_key(embedding_key)
-    missing = [n for n, t in tables.items() if key not in t.obsm]
-    if missing:
-        msg = (
-            f"stain_augment=True needs stain-augmented views in obsm[{key!r}]; samples {missing} have none. "
-            f"Run `hx.pp.embed(sdata, stain_augment=4, key_added={embedding_key!r}, overwrite=True)` on them first."
-        )
-        raise KeyError(msg)
-    counts = {n: t.obsm[key].shape[1] if np.ndim(t.obsm[key]) == 3 else None for n, t in tables.items()}
-    if len(set(counts.values())) != 1 or None in counts.values():
-        msg = (
-            f"Expected obsm[{key!r}] of shape (n_spots, n_views, dim) with the same n_views in every sample, found "
-            f"{counts}."
-        )
-        raise ValueError(msg)
-    first = next(iter(records.values())).get("stain_augment") or {
-        "n_views": next(iter(counts.values())),
-        "method": "unknown",
-    }
-    return {**dict(first), "key": key}
 
 
 def same_embedding(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -161,54 +135,6 @@ def split_validation(names: list[str], validation: Any, *, seed: int) -> tuple[l
     return held, None
 
 
-def resolve_lazy(lazy: bool | None, tables: dict[str, Any], use_rep: str) -> bool:
-    """What :func:`train` ``(..., lazy=None)`` does: stream when some table's embeddings are not in memory."""
-    from hespotex.tl.model._lazy import is_in_memory
-
-    if lazy is None:
-        lazy = any(not is_in_memory(t.obsm[use_rep]) for t in tables.values())
-        if lazy:
-            logger.info("obsm[%r] is not in memory: training reads it block by block (lazy=True).", use_rep)
-    if not isinstance(lazy, bool | np.bool_):
-        msg = f"Expected `lazy` to be None, True or False; found {lazy!r}."
-        raise ValueError(msg)
-    return bool(lazy)
-
-
-def lazy_views(table: Any, key: str) -> Any:
-    """A :class:`~hespotex.tl.model._lazy.LazyRows` reader of the stain views ``obsm[key]``, checked."""
-    from hespotex.tl.model._lazy import LazyRows, check_finite
-
-    rows = LazyRows(table.obsm[key], name=f"obsm[{key!r}]")
-    if rows.ndim != 3 or len(rows) != table.n_obs:
-        msg = f"Expected obsm[{key!r}] of shape ({table.n_obs}, n_views, width), found {rows.shape}."
-        raise ValueError(msg)
-    check_finite(rows, f"obsm[{key!r}]")
-    return rows
-
-
-def check_tta(named: dict[str, Any], embedding_key: str, tta: bool) -> None:
-    """Refuse samples already embedded with (``tta=False``) or without (``tta=True``) test-time augmentation."""
-    if not isinstance(tta, bool | np.bool_):
-        msg = f"Expected `tta` to be True, False or None; found {tta!r}."
-        raise ValueError(msg)
-    wrong = []
-    for n, s in named.items():
-        table = get_table(s)
-        if embedding_key in table.obsm:
-            record = table.uns.get(EMBED_KEY, {}).get(embedding_key) or {}
-            if bool(record.get("tta")) != bool(tta):
-                wrong.append(n)
-    if wrong:
-        made = "without" if tta else "with"
-        msg = (
-            f"tta={bool(tta)} but samples {wrong} were already embedded in obsm[{embedding_key!r}] {made} test-time "
-            f"augmentation. Re-embed them with `hx.pp.embed(sdata, tta={bool(tta)}, key_added={embedding_key!r}, "
-            "overwrite=True)`, or pass tta=None to train on the embeddings they have."
-        )
-        raise ValueError(msg)
-
-
 def resolve_ensemble(ensemble: Any, samples: Any, validation: Any) -> bool:
     """Whether :func:`train` trains an ensemble: ``"auto"`` means 3 or more samples with ``validation="auto"``."""
     if isinstance(ensemble, str) and ensemble == "auto":
@@ -245,7 +171,7 @@ def train(
     ensemble: bool | Literal["auto"] = "auto",
     stain_augment: bool | None = None,
     stain_norm: str | None = None,
-    context_um: float | None = None,
+    context_um: float | Literal["auto"] | None = "auto",
     lazy: bool | None = None,
     tta: bool | None = None,
 ) -> HESpotEx | HESpotExEnsemble:
@@ -267,8 +193,9 @@ def train(
     n_top_genes, flavor
         Gene selection when ``genes`` is not given.
     encoder, weights, patch_um
-        Image encoder and patch size for samples not embedded yet (default encoder:
-        ``"efficientnet_lite0.imagenet"``).
+        Image encoder and spot patch size for samples not embedded yet (default encoder:
+        ``"efficientnet_lite0.imagenet"``; default patch: the spot diameter, or a pathology encoder's input at its
+        native µm/px; see :func:`hespotex.pp.embed`). The context patch follows it (``context_um``).
     config
         :class:`hespotex.models.ModelConfig`, a preset name (``"hespotex"``, ``"paper"``) or a dict.
     validation
@@ -342,10 +269,21 @@ def train(
         ``None``: whatever the embeddings were made with (recorded all the same). Not the default: on
         the shift benchmark it lost 0.026 / 0.031 on re-stained sections (``shift_stain.md``).
     context_um
-        Samples embedded here get two-scale embeddings: the ``patch_um`` spot patch and a ``context_um``
-        context patch around it (see :func:`hespotex.pp.embed`); samples already embedded keep theirs
-        (every sample must have the same scales). The scales are recorded in ``model.embedding`` and
-        prediction re-embeds new slides with them.
+        Two-scale embeddings (as TRIPLEX; see :func:`hespotex.pp.embed`): samples embedded here get the spot patch
+        and a context patch centred on it, both through the same encoder, features concatenated (twice the
+        encoder's width). ``"auto"`` (default): a context patch twice the spot patch as resolved (``patch_um``, by
+        default the spot diameter: 200 µm around 100 µm ST / Visium spots; ``patch_um=55`` gives 110). Samples that
+        already carry ``obsm[use_rep]`` keep their embeddings, single- or two-scale, and are never re-embedded;
+        samples embedded here then follow them (:func:`hespotex.pp._context.default_context_um`), so a set
+        embedded beforehand at one scale trains at one scale. A number: the context patch side in µm (wider than
+        the spot patch). ``None``: single-scale embeddings (the spot patch only). Every sample must end up with
+        the same scales. Recorded as ``model.embedding["context_um"]`` (``None``: single scale);
+        :func:`hespotex.tl.predict` (in memory, streamed, per cohort slide) embeds new slides at the same scales.
+        Cost: two encoder passes per spot (and per stain view, ``stain_augment``; each scale cached on its own)
+        and twice the embedding width, at training and at prediction. Why the default: on sections of new
+        patients (``benchmarks/results/shift_context.md``: her2st folds C2-C6, single models, 3 seeds) a 200 µm
+        context around 100 µm spots scored +0.016 / +0.027 mean Pearson (all modelled / top-50 HVG genes) over
+        the spot patch alone, more on re-stained sections (+0.037 / +0.051).
     lazy
         Train from embeddings on disk, streaming: ``obsm[use_rep]`` (and the stain views) may be a zarr
         array or a dask array (``table.obsm[use_rep] = dask.array.from_zarr(path)``, or a table read back
@@ -370,8 +308,8 @@ def train(
     The trained :class:`HESpotEx`, or :class:`~hespotex.tl.HESpotExEnsemble` (see ``ensemble``), used the same
     way by every function taking a model; ``model.train_strategy_`` records the strategy, world size,
     backend and, for ``"ddp"``, each rank's shard of the first epoch and a fingerprint of its final
-    weights (identical on all ranks). Samples gain ``obsm[use_rep]`` if they lacked it;
-    nothing else in them changes.
+    weights (identical on all ranks). Samples gain ``obsm[use_rep]`` (two-scale by default: twice the encoder's
+    features) and its record if they lacked it; nothing else in them changes.
     """
     from hespotex.models._net import resolve_config
     from hespotex.pp._genes import select_genes
@@ -381,6 +319,7 @@ def train(
 
     check_strategy(strategy, n_processes, backend)
     check_target_norm(target_norm)
+    check_train_context_um(context_um)
     ensemble = resolve_ensemble(ensemble, samples, validation)
     if ensemble:
         from hespotex.tl.model._ensemble import train_ensemble
@@ -407,6 +346,8 @@ def train(
         from hespotex.pp._stain_augment import default_stain_augment
 
         stain_augment = default_stain_augment(named, use_rep)
+    if isinstance(context_um, str) and context_um == "auto":
+        context_um = default_context_um(named, use_rep)
     if tta is not None:
         check_tta(named, use_rep, tta)
     reference = None
