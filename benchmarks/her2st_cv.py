@@ -1,8 +1,9 @@
 """Leave-one-section-out benchmark on her2st: HESpotEx at the library defaults vs tuned baselines.
 
-Five HER2+ sections (C2-C6). By default: the ImageNet EfficientNet-Lite0 encoder at the default patch
-(the spot diameter) with 4 stain-augmented views per spot cached alongside, the 785-gene panel
-(genes_785.txt), and ``hx.tl.cross_validate`` at its defaults: every hespotex fold trains the default
+Five HER2+ sections (C2-C6). By default: the ImageNet EfficientNet-Lite0 encoder at the default scales
+(two-scale embeddings as ``hx.tl.train`` makes them: the spot diameter and a context patch twice as wide;
+``--context-um none`` for the spot patch alone) with 4 stain-augmented views per spot cached alongside,
+the 785-gene panel (genes_785.txt), and ``hx.tl.cross_validate`` at its defaults: every hespotex fold trains the default
 ensemble (one member per training section held out for early stopping, 4 members here) with stain
 augmentation and ``target_norm="library_modelled"``; baselines (ridge, mlp, retrieval) have α / k tuned
 by leave-one-training-section-out, raw and smoothed. ``hespotex-single`` is the same model with
@@ -52,6 +53,7 @@ def run_fold(
     target_norm: str = "library_modelled",
     single: bool = True,
     stain_views: int = 4,
+    context_um: float | str | None = "auto",
 ) -> pd.DataFrame:
     """One held-out section, every encoder and method (runs inside a dask worker).
 
@@ -72,7 +74,9 @@ def run_fold(
         name, key = ENCODERS[enc]
         with dask.config.set(scheduler="synchronous"):  # in a dask worker: image reads stay here, not on the cluster
             for sdata in sections.values():
-                hx.pp.embed(sdata, encoder=name, key_added=key, stain_augment=stain_views)  # cache hits (made up front)
+                hx.pp.embed(  # cache hits (made up front)
+                    sdata, encoder=name, key_added=key, stain_augment=stain_views, context_um=context_um
+                )
         common = {
             "folds": [fold], "n_top_genes": genes, "include_genes": panel, "panels": {"785": panel}, "use_rep": key,
             "seed": 0, "target_norm": target_norm,
@@ -138,6 +142,13 @@ def main() -> None:
         "--stain-views", type=int, default=4, help="stain-augmented views per spot (0: train on clean embeddings)"
     )
     parser.add_argument(
+        "--context-um",
+        default="auto",
+        type=lambda v: None if v == "none" else v if v == "auto" else float(v),
+        help="context patch (µm) of the two-scale embeddings: auto (the library default, twice the spot patch), "
+        "none (single scale) or a side",
+    )
+    parser.add_argument(
         "--ablations", action="store_true", help="also run hespotex without graph decoder / alignment / autoencoder"
     )
     parser.add_argument("--workers", type=int, default=2, help="dask worker processes (one fold each at a time)")
@@ -171,7 +182,9 @@ def main() -> None:
         for sdata in sections.values():
             for enc in args.encoders:
                 name, key = ENCODERS[enc]
-                hx.pp.embed(sdata, encoder=name, key_added=key, stain_augment=args.stain_views)
+                hx.pp.embed(
+                    sdata, encoder=name, key_added=key, stain_augment=args.stain_views, context_um=args.context_um
+                )
         t_embed = time.perf_counter() - t_embed
         from dask.distributed import Client, LocalCluster
 
@@ -194,6 +207,7 @@ def main() -> None:
                 target_norm=args.target_norm,
                 single=not args.no_single,
                 stain_views=args.stain_views,
+                context_um=args.context_um,
                 pure=False,
             )
             tables = client.gather(futures)
@@ -235,6 +249,8 @@ def main() -> None:
         f"Genes per fold: {args.genes} "
         + ("(the 785-gene panel). " if args.genes <= 785 else "(785-gene panel + top seurat_v3 genes of the fold). ")
         + f"Targets and truth: `{args.target_norm}` (hespotex.pp._targets). "
+        f"Embeddings: context_um={args.context_um!r} ('auto': two scales, the spot patch and one twice as wide, "
+        "as hx.tl.train embeds by default; None: the spot patch alone), the same features for every method. "
         f"hespotex: library defaults (ensemble of 4, stain augmentation with {args.stain_views} views); "
         "hespotex-single: `ensemble=False`. Baselines tuned on the training sections "
         f"({'no' if args.no_tune else 'yes'}). Top-50 HVG ranked on the training fold. "
