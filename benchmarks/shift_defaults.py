@@ -269,6 +269,12 @@ def cmd_report(args) -> None:
     fit = fit.groupby("seed")["fit_seconds"].agg(["mean", "min", "max", "size"])
     cmd = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
     n_cells = len(raw)
+    scales = (
+        "two-scale embeddings (the 100 µm spot patch, the spot diameter, and a 200 µm context patch through the "
+        "same encoder, concatenated; `context_um='auto'`)"
+        if args.default == "two-scale"
+        else "100 µm patches (the spot diameter)"
+    )
     lines = [
         "# The defaults of `hx.tl.train` on the shift benchmark vs the strongest tuned baseline",
         "",
@@ -285,27 +291,19 @@ def cmd_report(args) -> None:
         "/tmp/hespotex_shift/context200` (4-member ensembles and their single model, single- and two-scale);  ",
         f"`{cmd}`.",
         "",
-        (
-            "The default = `hx.tl.train(sections, genes=panel)` as it stands: targets `library_modelled`, "
-            + (
-                "two-scale embeddings (the 100 µm spot patch, the spot diameter, and a 200 µm context patch through the "
-                "same encoder, concatenated; `context_um='auto'`)"
-                if args.default == "two-scale"
-                else "100 µm patches (the spot diameter)"
-            )
-            + ", EfficientNet-Lite0 (ImageNet, frozen), an ensemble of 4 members (one per held-out "
-            "validation section), each trained on the clean embedding and 4 HED-jittered views per spot (one drawn per "
-            "spot per epoch); prediction on the clean embedding of the held-out section. Leave-one-section-out over "
-            "her2st C2-C6; conditions `clean`, `thinned` (~650 counts per spot), `restained` (HED gain/shift, blur, JPEG "
-            "q40), `rescaled` (µm/px 10 % off); truths `lib_all`, `lib_scored`, `log1p_raw` (see shift.md). Score: mean "
-            "per-gene Pearson over the top-50 HVG / all 785 modelled genes; per seed the mean over the 5 folds, then "
-            "`mean ± spread (seeds)` with spread = max - min of the seed means. `strongest tuned baseline` = the best of "
-            "ridge / retrieval, raw / 6-NN smoothed (α and k by leave-one-training-section-out, same targets), on the "
-            "single-scale `(spot)` or two-scale `(spot+context)` features, picked per cell after the fact; `margin` = "
-            "default mean - baseline; `worst-seed margin` = the default's worst "
-            f"seed - baseline; `≥ {GOAL}`: `yes` when even the worst seed is ≥ {GOAL} ahead (the issue's goal), "
-            "`ahead` when the mean is ahead by less, `no` when behind."
-        ),
+        "The default = `hx.tl.train(sections, genes=panel)` as it stands: targets `library_modelled`, "
+        f"{scales}, EfficientNet-Lite0 (ImageNet, frozen), an ensemble of 4 members (one per held-out "
+        "validation section), each trained on the clean embedding and 4 HED-jittered views per spot (one drawn per "
+        "spot per epoch); prediction on the clean embedding of the held-out section. Leave-one-section-out over "
+        "her2st C2-C6; conditions `clean`, `thinned` (~650 counts per spot), `restained` (HED gain/shift, blur, JPEG "
+        "q40), `rescaled` (µm/px 10 % off); truths `lib_all`, `lib_scored`, `log1p_raw` (see shift.md). Score: mean "
+        "per-gene Pearson over the top-50 HVG / all 785 modelled genes; per seed the mean over the 5 folds, then "
+        "`mean ± spread (seeds)` with spread = max - min of the seed means. `strongest tuned baseline` = the best of "
+        "ridge / retrieval, raw / 6-NN smoothed (α and k by leave-one-training-section-out, same targets), on the "
+        "single-scale `(spot)` or two-scale `(spot+context)` features, picked per cell after the fact; `margin` = "
+        "default mean - baseline; `worst-seed margin` = the default's worst "
+        f"seed - baseline; `≥ {GOAL}`: `yes` when even the worst seed is ≥ {GOAL} ahead (the issue's goal), "
+        "`ahead` when the mean is ahead by less, `no` when behind.",
         "",
         f"## The default vs the strongest tuned baseline, every condition x truth x gene set (seeds "
         f"{', '.join(map(str, seeds))}; {n_cells} cells)",
