@@ -137,12 +137,13 @@ def embed_one(sid: str, condition: str, patch_um: float, tta: bool, data: str | 
 STAIN_VIEWS = 4
 
 
-def views_path(work: Path, sid: str, patch_um: float) -> Path:
-    return work / "emb" / f"{sid}_clean_{patch_um:g}_stainviews{STAIN_VIEWS}.npy"
+def views_path(work: Path, sid: str, patch_um: float, tta: bool = False) -> Path:
+    return work / "emb" / f"{sid}_clean_{patch_um:g}_stainviews{STAIN_VIEWS}{'_tta' if tta else ''}.npy"
 
 
-def embed_views(sid: str, patch_um: float, data: str | None, work: str) -> str:
-    """Embed the clean section with ``hx.pp.embed(..., stain_augment=STAIN_VIEWS)``; the views go to ``work/emb``."""
+def embed_views(sid: str, patch_um: float, data: str | None, work: str, tta: bool = False) -> str:
+    """Embed the clean section with ``hx.pp.embed(..., stain_augment=STAIN_VIEWS, tta=tta)`` (with ``tta`` every
+    view is the mean over its 8 dihedral turns, as the library computes them); the views go to ``work/emb``."""
     import dask
 
     import hespotex as hx
@@ -151,15 +152,17 @@ def embed_views(sid: str, patch_um: float, data: str | None, work: str) -> str:
     hx.settings.progress = False
     hx.settings.num_threads = 1
     work = Path(work)
-    path = views_path(work, sid, patch_um)
+    path = views_path(work, sid, patch_um, tta)
     if path.is_file():
         return str(path)
     t0 = time.perf_counter()
     sdata = load_section(sid, "clean", data, work)
     with dask.config.set(scheduler="synchronous"):
-        hx.pp.embed(sdata, encoder=ENCODER, patch_um=patch_um, stain_augment=STAIN_VIEWS, key_added="X", cache=False)
+        hx.pp.embed(
+            sdata, encoder=ENCODER, patch_um=patch_um, stain_augment=STAIN_VIEWS, tta=tta, key_added="X", cache=False
+        )
     table = sdata.tables["table"]
-    clean = np.load(embedding_path(work, sid, "clean", patch_um, False))
+    clean = np.load(embedding_path(work, sid, "clean", patch_um, tta))
     if not np.allclose(clean, table.obsm["X"], atol=1e-4):  # the clean embedding must not change with the option
         msg = f"{sid}: the clean embedding computed with stain_augment differs from the cached one."
         raise RuntimeError(msg)
@@ -191,7 +194,10 @@ def cmd_embed(args) -> None:
     ]  # fmt: skip
     t0 = time.perf_counter()
     if args.stain_views:
-        tasks = [{"sid": s, "patch_um": p, "data": args.data, "work": args.work} for p in args.patch for s in sections]
+        tasks = [
+            {"sid": s, "patch_um": p, "tta": t, "data": args.data, "work": args.work}
+            for p in args.patch for t in args.tta for s in sections
+        ]  # fmt: skip
         run_parallel(embed_views, tasks, args.workers)
     else:
         run_parallel(embed_one, tasks, args.workers)
@@ -322,7 +328,7 @@ def run_task(
         if stain_augment:
             from hespotex.pp._stain_augment import stain_record
 
-            t.obsm["X_stain_views"] = np.load(views_path(work, n, patch_um))
+            t.obsm["X_stain_views"] = np.load(views_path(work, n, patch_um, tta))
             t.uns[EMBED_KEY]["X"]["stain_augment"] = stain_record(STAIN_VIEWS, 0)
         train[n] = t
     hvg_names = set(rank_genes(train, genes, k=50)["hvg"])

@@ -62,9 +62,9 @@ def cmd_prepare(args) -> None:
     n = n_views = 0
     for sid in her2st_sections(args.data):
         for cond in ("clean", "restained", "rescaled"):
-            spot = shift.embedding_path(work, sid, cond, SPOT_UM, False)
-            wide = shift.embedding_path(work, sid, cond, args.context, False)
-            target = shift.embedding_path(out, sid, cond, SPOT_UM, False)  # shift.run_task reads this name
+            spot = shift.embedding_path(work, sid, cond, SPOT_UM, args.tta)
+            wide = shift.embedding_path(work, sid, cond, args.context, args.tta)
+            target = shift.embedding_path(out, sid, cond, SPOT_UM, args.tta)  # shift.run_task reads this name
             if not (spot.is_file() and wide.is_file()):
                 print(f"skip {sid} {cond}: missing {spot.name if not spot.is_file() else wide.name}")
                 continue
@@ -79,16 +79,16 @@ def cmd_prepare(args) -> None:
             seconds = sum(float(p.with_suffix(".seconds").read_text()) for p in (spot, wide))
             target.with_suffix(".seconds").write_text(f"{seconds:.1f}")
             n += 1
-        n_views += prepare_views(work, out, sid, args.context)
+        n_views += prepare_views(work, out, sid, args.context, args.tta)
     print(f"{n} two-scale embeddings and {n_views} two-scale stain views in {out / 'emb'}")
 
 
-def prepare_views(work: Path, out: Path, sid: str, context: float) -> int:
+def prepare_views(work: Path, out: Path, sid: str, context: float, tta: bool = False) -> int:
     """Concatenate the stain-augmented views of the clean section at both scales, view by view (what
     ``hx.pp.embed(..., patch_um=100, context_um=C, stain_augment=4)`` computes: the same seeded re-staining of a
     spot at both scales); 0 when either scale's views are missing (``shift.py embed --stain-views --patch P``)."""
-    spot, wide = shift.views_path(work, sid, SPOT_UM), shift.views_path(work, sid, context)
-    target = shift.views_path(out, sid, SPOT_UM)  # shift.run_task(..., stain_augment=True) reads this name
+    spot, wide = shift.views_path(work, sid, SPOT_UM, tta), shift.views_path(work, sid, context, tta)
+    target = shift.views_path(out, sid, SPOT_UM, tta)  # shift.run_task(..., stain_augment=True) reads this name
     if not (spot.is_file() and wide.is_file()):
         return 0
     a, b = np.load(spot), np.load(wide)
@@ -275,8 +275,12 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/hespotex_shift")
     parser.add_argument("--context", type=float, default=200.0, help="context patch side in µm")
     parser.add_argument("--section", default="C6", help="verify: the section to embed")
+    parser.add_argument(
+        "--tta", type=int, default=0, help="prepare: 1 = concatenate the TTA embeddings and views (shift.py --tta 1)"
+    )
     parser.add_argument("--out", default="benchmarks/results/shift_context.md")
     args = parser.parse_args()
+    args.tta = bool(args.tta)
     {"prepare": cmd_prepare, "verify": cmd_verify, "report": cmd_report}[args.stage](args)
 
 
