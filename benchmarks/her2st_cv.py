@@ -232,9 +232,13 @@ def main() -> None:
         "# her2st leave-one-section-out (C2-C6)",
         "",
         *(
-            [f"**Partial: {n_folds} of 5 folds ({', '.join(sorted(per_gene['fold'].unique()))}); the means are "
-             "over these folds only.**", ""]
-            if n_folds < 5 else []
+            [
+                f"**Partial: {n_folds} of 5 folds ({', '.join(sorted(per_gene['fold'].unique()))}); the means are "
+                "over these folds only.**",
+                "",
+            ]
+            if n_folds < 5
+            else []
         ),
         f"Command: `{cmd}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch threads "

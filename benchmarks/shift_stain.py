@@ -249,9 +249,7 @@ def cmd_report(args) -> None:
                          "E (OD RGB)": [r[1] for r in m],
                          "max conc. H, E": np.round(ref["max_concentrations"], 3).tolist(),
                          "seconds": ref.get("seconds")})  # fmt: skip
-    mac_seconds = [
-        json.loads(p.read_text())["seconds"] for p in (work / "macenko").glob("*/emb/*.json") if p.is_file()
-    ]
+    mac_seconds = [json.loads(p.read_text())["seconds"] for p in (work / "macenko").glob("*/emb/*.json") if p.is_file()]
     plain_seconds = [float(p.read_text()) for p in (work / "emb").glob("*_100.seconds")]
     cmd = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
     lines = [

@@ -79,6 +79,7 @@ def summary(hes: pd.DataFrame, base: pd.DataFrame) -> pd.DataFrame:
 
 def embed_seconds(work: Path) -> tuple[float, float]:
     """Mean seconds of one section's embedding, plain and TTA (clean images, 100 µm), from shift.py's records."""
+
     def mean(pattern: str) -> float:
         vals = [float(p.read_text()) for p in (work / "emb").glob(pattern)]
         return float(np.mean(vals)) if vals else float("nan")

@@ -180,32 +180,34 @@ def main() -> None:
             f"{r['rss_train']:.0f}", f"**{r['peak']:.0f}**", f"{r['final_loss']:.4f}",
         ])  # fmt: skip
     load1 = os.getloadavg()
-    text = "\n".join([
-        "# Training at Visium HD 8 µm bins: embeddings in memory and on disk (`hx.tl.train(..., lazy=True)`)",
-        "",
-        markdown_table(header, rows),
-        "",
-        "## Notes",
-        "",
-        f"- Command: `{command}` (whole run {(time.perf_counter() - start) / 60:.1f} min wall)",
-        f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU; Python {platform.python_version()}. "
-        f"Load average at start {load0[0]:.1f}, at end {load1[0]:.1f} (other jobs shared the machine: they "
-        "inflate the times, not the memory).",
-        f"- Other benchmark running at the same time: {others or 'none'}.",
-        "- Each row is a fresh subprocess. 'read peak' / 'train peak' are the phase's own high-water marks "
-        "(VmHWM reset before the phase); 'process peak RSS' is the largest of them and ru_maxrss (interpreter "
-        "and imports included; resetting VmHWM lowers ru_maxrss too, so the phases' peaks are what counts).",
-        "- Training: small 'hespotex' preset (latent 16), 2 autoencoder + 2 joint epochs, decoder graph 8-NN, "
-        "autoencoder graph 8-NN, 50 genes, `max_nodes=20_000`, no validation, seed 0, one torch thread. The final "
-        "loss of the two arms at the same size is the same model up to float32 rounding of the statistics.",
-        "- Embeddings: random N x 1280 float32 (seed 0): in memory, generated in the child; on disk, a zarr array "
-        f"of {ROWS:,}-row chunks (zarr's default codec) in the store folder, opened with `dask.array.from_zarr` "
-        "into `obsm`.",
-        f"- In-memory arm run up to {args.memory_max:,} bins only: it holds the N x 1280 embeddings and about 3.1 "
-        "times them in copies (statistics concatenation, standardised copy, per-block copies; "
-        "`results/visium_hd.md`), ~13 GB at 600,000 bins, more than this shared machine can give.",
-        *[f"- {x}" for x in dict.fromkeys(notes)],
-    ])
+    text = "\n".join(
+        [
+            "# Training at Visium HD 8 µm bins: embeddings in memory and on disk (`hx.tl.train(..., lazy=True)`)",
+            "",
+            markdown_table(header, rows),
+            "",
+            "## Notes",
+            "",
+            f"- Command: `{command}` (whole run {(time.perf_counter() - start) / 60:.1f} min wall)",
+            f"- Machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU; Python {platform.python_version()}. "
+            f"Load average at start {load0[0]:.1f}, at end {load1[0]:.1f} (other jobs shared the machine: they "
+            "inflate the times, not the memory).",
+            f"- Other benchmark running at the same time: {others or 'none'}.",
+            "- Each row is a fresh subprocess. 'read peak' / 'train peak' are the phase's own high-water marks "
+            "(VmHWM reset before the phase); 'process peak RSS' is the largest of them and ru_maxrss (interpreter "
+            "and imports included; resetting VmHWM lowers ru_maxrss too, so the phases' peaks are what counts).",
+            "- Training: small 'hespotex' preset (latent 16), 2 autoencoder + 2 joint epochs, decoder graph 8-NN, "
+            "autoencoder graph 8-NN, 50 genes, `max_nodes=20_000`, no validation, seed 0, one torch thread. The final "
+            "loss of the two arms at the same size is the same model up to float32 rounding of the statistics.",
+            "- Embeddings: random N x 1280 float32 (seed 0): in memory, generated in the child; on disk, a zarr array "
+            f"of {ROWS:,}-row chunks (zarr's default codec) in the store folder, opened with `dask.array.from_zarr` "
+            "into `obsm`.",
+            f"- In-memory arm run up to {args.memory_max:,} bins only: it holds the N x 1280 embeddings and about 3.1 "
+            "times them in copies (statistics concatenation, standardised copy, per-block copies; "
+            "`results/visium_hd.md`), ~13 GB at 600,000 bins, more than this shared machine can give.",
+            *[f"- {x}" for x in dict.fromkeys(notes)],
+        ]
+    )
     write_report(text, args.out)
 
 

@@ -59,9 +59,7 @@ def _train(table, monkeypatch, **kwargs):
     monkeypatch.setattr(_training, "_AE_CACHE", {})  # every run pre-trains its own autoencoder
     kwargs = {"validation": 0.2, "ensemble": False, **kwargs}
     genes = list(next(iter(table.values())).var_names if isinstance(table, dict) else table.var_names)
-    return hx.tl.train(
-        table, genes=genes, config=_config(), seed=0, device="cpu", max_nodes=400, **kwargs
-    )
+    return hx.tl.train(table, genes=genes, config=_config(), seed=0, device="cpu", max_nodes=400, **kwargs)
 
 
 def _with(table, **obsm):

@@ -26,8 +26,11 @@ def test_fused_optimizer_matches_the_unfused_update(name):
         torch.manual_seed(0)
         ae = GraphAttentionAutoencoder(200, 32, 8)
         params = list(ae.parameters())
-        opt = make_optimizer(cls, params, lr=1e-3, weight_decay=1e-4) if fused else cls(params, lr=1e-3,
-                                                                                          weight_decay=1e-4)
+        opt = (
+            make_optimizer(cls, params, lr=1e-3, weight_decay=1e-4)
+            if fused
+            else cls(params, lr=1e-3, weight_decay=1e-4)
+        )
         assert bool(opt.defaults.get("fused")) is fused  # CPU parameters: torch's fused kernel
         for _ in range(30):
             loss, _ = ae.loss(x, edges)

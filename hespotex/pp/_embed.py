@@ -367,8 +367,16 @@ def embed(
 
 
 def _record(
-    enc: Encoder, plan: PatchPlan, ctx: PatchPlan | None, *, weights: Any, seed: int, key: str, tta: bool,
-    stain: dict | None, norm: dict | None,
+    enc: Encoder,
+    plan: PatchPlan,
+    ctx: PatchPlan | None,
+    *,
+    weights: Any,
+    seed: int,
+    key: str,
+    tta: bool,
+    stain: dict | None,
+    norm: dict | None,
 ) -> dict[str, Any]:
     """The embedding record of ``uns["hespotex_embed"][key_added]`` (and of an ``out`` store's attributes)."""
     params = {

@@ -327,9 +327,7 @@ def expected_tensors(setup: dict[str, Any], net: Any = None) -> dict[str, tuple[
 _ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
-def check_header(
-    header: dict[str, Any], data_start: int, file: Path, setup: dict[str, Any], net: Any = None
-) -> None:
+def check_header(header: dict[str, Any], data_start: int, file: Path, setup: dict[str, Any], net: Any = None) -> None:
     """Refuse weights whose header does not list exactly the tensors (dtype and shape) the setup describes
     (those of ``net``, its network on the ``meta`` device, default: built here), or whose byte ranges do not
     cover the file: nothing is read or allocated before this passes."""
