@@ -289,8 +289,12 @@ def run_task(
     data: str | None,
     work: str,
     stain_augment: bool = False,
+    tta_predict: bool = False,
 ) -> str:
-    """One held-out section, one seed and setting: hespotex members (``what="hespotex"``) or tuned baselines."""
+    """One held-out section, one seed and setting: hespotex members (``what="hespotex"``) or tuned baselines.
+
+    ``tta_predict`` (with ``tta=False``): the members train on plain embeddings as usual but predict the held-out
+    section from its TTA embeddings (methods ``...+ttapredict``; TTA at prediction time only)."""
     import hespotex as hx
     from hespotex.pp._embed import EMBED_KEY
     from hespotex.pp._graph import knn_graph
@@ -303,7 +307,9 @@ def run_task(
 
     work = Path(work)
     seed_part = f"_s{seed}" if what != "baselines" else ""
-    sa = "_stainaug" if stain_augment else ""
+    sa = ("_stainaug" if stain_augment else "") + ("_ttapredict" if tta_predict else "")
+    if tta_predict and (tta or what == "baselines"):
+        raise ValueError("tta_predict is for hespotex trained on plain embeddings (tta=False).")
     done = work / "rows" / f"{what}_{fold}{seed_part}_{target_norm}_{patch_um:g}{'_tta' if tta else ''}{sa}.csv.gz"
     if done.is_file():
         return str(done)
@@ -338,11 +344,12 @@ def run_task(
     mpp = float(test.uns["hespotex_sample"]["microns_per_pixel"])
     conditions = {}
     for cond in CONDITIONS:
-        if not embedding_path(work, fold, cond, patch_um, tta).is_file():
+        test_tta = tta or tta_predict
+        if not embedding_path(work, fold, cond, patch_um, test_tta).is_file():
             continue  # that image condition was not embedded at this patch size (see the report)
         counts = thinned_counts(test, fold) if cond == "thinned" else raw_counts(test)
         xy = np.asarray(test.obsm["spatial"], dtype=np.float64)[:, :2] * mpp * (RESCALE if cond == "rescaled" else 1.0)
-        emb = np.load(embedding_path(work, fold, cond, patch_um, tta))
+        emb = np.load(embedding_path(work, fold, cond, patch_um, test_tta))
         target = normalize_counts(counts, idx, target_norm=target_norm)
         conditions[cond] = (emb, xy, truths(counts, idx), target)
     labels = {
@@ -363,7 +370,8 @@ def run_task(
             )  # fmt: skip
         fit_s = time.perf_counter() - t0
         for cond, (emb, xy, truth, target) in conditions.items():
-            for std_label, transform in (("", None), ("+slidestd", slide_standardised)):
+            variants = (("+ttapredict", None),) if tta_predict else (("", None), ("+slidestd", slide_standardised))
+            for std_label, transform in variants:
                 preds = {
                     h: m.predict_graph(
                         GraphData(fold, emb if transform is None else transform(emb, m), xy), device="cpu"
@@ -377,7 +385,7 @@ def run_task(
                 if len(members) == 1:
                     continue
                 rows += score_rows(ens, truth, hvg, method="hespotex-ens" + std_label, **lab)
-                if not std_label:  # does the members' spread rank the errors? (Spearman per slide, model's own targets)
+                if std_label != "+slidestd":  # spread vs error: Spearman per slide, own targets
                     from scipy.stats import spearmanr
 
                     spread = stack.std(axis=0)
@@ -385,7 +393,7 @@ def run_task(
                     rows.append(
                         {
                             **lab,
-                            "method": "hespotex-ens",
+                            "method": "hespotex-ens" + std_label,
                             "truth": target_norm,
                             "genes": "spread_spearman",
                             "pearson": float(rho),

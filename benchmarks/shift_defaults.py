@@ -229,6 +229,19 @@ def thinning_table(rows: pd.DataFrame, hes: pd.DataFrame, base: pd.DataFrame, fo
     return out.reset_index().sort_values(["genes", "truth"])
 
 
+def spread_ranks_errors(work: Path) -> pd.DataFrame:
+    """Does the default's ensemble spread (the ``hespotex_spread`` layer) rank its errors? Spearman between the members'
+    standard deviation and the absolute error, over spots x genes of one held-out slide (the model's own targets);
+    mean / min / max over folds and seeds, per condition."""
+    rows = shift.load_rows(work)
+    rows = rows[(rows["genes"] == "spread_spearman") & (rows["method"] == DEFAULT) & ~rows["tta"].astype(bool)]
+    rows = rows[(rows["target_norm"] == SETTING["target_norm"]) & (rows["patch_um"] == SETTING["patch_um"])]
+    if rows.empty:
+        return pd.DataFrame()
+    t = rows.groupby("condition")["pearson"].agg(["mean", "min", "max", "size"]).round(3)
+    return t.rename(columns={"size": "slides (folds x seeds)"}).reset_index()
+
+
 def labelled_baselines(rows: pd.DataFrame, features: str) -> pd.DataFrame:
     """The tuned baselines' rows, their method named with the features they were fitted on."""
     base = rows[rows["method"].str.startswith(("ridge", "retrieval")) & ~rows["stain_augment"]].copy()
@@ -337,6 +350,19 @@ def cmd_report(args) -> None:
         others_t.to_markdown(index=False),
         "",
     ]
+    ranks = spread_ranks_errors(ctx_work if args.default == "two-scale" else work)
+    if len(ranks):
+        lines += [
+            "## Does the default's spread rank its errors? (uncertainty users can act on)",
+            "",
+            "Spearman between the ensemble members' standard deviation (`layers['hespotex_spread']` after "
+            "`hx.tl.predict`) and the absolute error of the ensemble mean, over spots x genes of each held-out slide "
+            "(the model's own `library_modelled` targets); mean / min / max over folds and seeds. Positive: spots and "
+            "genes with a larger spread are, on average, predicted worse.",
+            "",
+            ranks.to_markdown(index=False),
+            "",
+        ]
     thin = thinning_table(rows, hes, base, folds)
     if len(thin):
         lines += [

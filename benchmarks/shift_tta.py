@@ -87,10 +87,109 @@ def embed_seconds(work: Path) -> tuple[float, float]:
     return mean("C?_clean_100.seconds"), mean("C?_clean_100_tta.seconds")
 
 
+DEFAULT = "hespotex-ens+stainaug"
+ON_DEFAULT = {  # arm -> (method in the rows, tta column)
+    "default": (DEFAULT, False),
+    "tta": (DEFAULT, True),
+    "tta at prediction only": (DEFAULT + "+ttapredict", False),
+}
+
+
+def on_default(ctx_work: Path, spot_rows: pd.DataFrame, keys: list[str]) -> tuple[pd.DataFrame, list, list]:
+    """TTA on top of the default (two scales + stain augmentation + 4-member ensemble, ``ctx_work`` rows): each arm's
+    mean ± seed spread on the (fold, seed) pairs every arm has, its gain over the default per seed (mean, min), and
+    margins against the strongest tuned baseline on plain features (spot or spot+context) and on any features
+    (TTA ones included)."""
+    from shift_defaults import per_seed, seed_stats
+
+    rows = load_rows(ctx_work)
+    rows = rows[(rows["target_norm"] == "library_modelled") & (rows["genes"] != "spread_spearman")].copy()
+    rows["tta"] = rows["tta"].astype(bool)
+    arms_ = {a: rows[(rows["method"] == m) & (rows["tta"] == t)] for a, (m, t) in ON_DEFAULT.items()}
+    arms_ = {a: r for a, r in arms_.items() if len(r)}
+    if len(arms_) < 2:
+        return pd.DataFrame(), [], []
+    pairs = set.intersection(*(set(zip(r["fold"], r["seed"], strict=True)) for r in arms_.values()))
+    folds = sorted({f for f, _ in pairs})
+    seeds = sorted(s for s in {s for _, s in pairs} if all((f, s) in pairs for f in folds))
+    n_truths = 1 if "truth" in keys else 3
+    stats, per = {}, {}
+    for a, r in arms_.items():
+        r = r[r["fold"].isin(folds) & r["seed"].isin(seeds)]
+        ps = per_seed(r, keys, len(folds), n_truths)
+        stats[a] = seed_stats(ps, keys).set_index(keys)
+        per[a] = ps.set_index([*keys, "seed"])["mean"]
+    spot = spot_rows.assign(features="spot")
+    ctx = rows.assign(features="spot+context")
+    base = pd.concat([spot, ctx])
+    base = base[base["method"].isin(BASELINES) & base["fold"].isin(folds)]
+    best = base.groupby(["method", "features", "tta", *keys])["pearson"].mean()
+    plain_best = best.xs(False, level="tta").groupby(keys).max()
+    any_best = best.groupby(keys).max()
+    out = {}
+    for a in arms_:
+        st = stats[a]
+        out[a] = [f"{m:.4f} ± {s:.4f}" for m, s in zip(st["mean"], st["spread"], strict=True)]
+        if a != "default":
+            gain = (per[a] - per["default"]).groupby(keys).agg(["mean", "min"])
+            out[f"gain {a}"] = gain["mean"].round(4).to_numpy()
+            out[f"gain {a} (worst seed)"] = gain["min"].round(4).to_numpy()
+    index = stats["default"].index
+    out["strongest baseline (plain features)"] = plain_best.reindex(index).round(4).to_numpy()
+    out["strongest baseline (any features)"] = any_best.reindex(index).round(4).to_numpy()
+    for a in arms_:
+        versus = plain_best if a == "default" else any_best
+        out[f"margin {a}"] = (stats[a]["mean"] - versus.reindex(index)).round(4).to_numpy()
+    return pd.DataFrame(out, index=index).reset_index(), folds, seeds
+
+
+def on_default_lines(work: Path, context: float) -> list[str]:
+    """The report's section on TTA on top of the default (empty when those runs are missing)."""
+    ctx_work = work / f"context{context:g}"
+    if not (ctx_work / "rows").is_dir():
+        return []
+    spot_rows = load_rows(work)
+    spot_rows = spot_rows[(spot_rows["target_norm"] == "library_modelled") & (spot_rows["patch_um"] == 100.0)].copy()
+    spot_rows["tta"] = spot_rows["tta"].astype(bool)
+    mean_t, folds, seeds = on_default(ctx_work, spot_rows, ["condition", "genes"])
+    if mean_t.empty:
+        return []
+    truth_t, _, _ = on_default(ctx_work, spot_rows, ["condition", "truth", "genes"])
+    base = "{'target_norm': 'library_modelled', 'patch_um': 100.0, 'tta': %s, 'stain_augment': True%s}"
+    with_tta, predict_only = base % ("True", ""), base % ("False", ", 'tta_predict': True")
+    return [
+        "## TTA on top of the default (two scales + stain augmentation + 4-member ensemble)",
+        "",
+        "Commands: `python benchmarks/shift.py embed --tta 1 --patch 200`, `python benchmarks/shift.py embed "
+        "--stain-views --tta 1 --patch 100 200`, `python benchmarks/shift_context.py prepare --context "
+        f"{context:g} --tta 1`; `python benchmarks/shift.py run --work {ctx_work} --what hespotex --seeds S "
+        f'--setting "{with_tta}"` (`tta`: every embedding, training views included, is the mean '
+        "over the 8 dihedral turns, as `hx.pp.embed(..., tta=True)` makes them for `hx.tl.train`) and with "
+        f'`--setting "{predict_only}"` (`tta at prediction only`: the default\'s '
+        "members, trained on plain embeddings, predict from the held-out section's TTA embeddings); the tuned "
+        f"baselines on the two-scale TTA features: `python benchmarks/shift.py run --work {ctx_work} --what baselines "
+        "--setting \"{'target_norm': 'library_modelled', 'patch_um': 100.0, 'tta': True}\"`.  ",
+        f"Folds {', '.join(folds)}, seeds {', '.join(map(str, seeds))} (the pairs every arm has). `gain` = arm - "
+        "default per seed (mean, and the worst seed). `margin default` is against the strongest tuned baseline on "
+        "plain features (as in shift_defaults.md); the TTA arms' margins are against the strongest on any features, "
+        "TTA ones included (the baselines gain from TTA features too).",
+        "",
+        "### Mean over the three truths",
+        "",
+        mean_t.sort_values(["genes", "condition"]).to_markdown(index=False),
+        "",
+        "### Per truth",
+        "",
+        truth_t.sort_values(["genes", "condition", "truth"]).to_markdown(index=False),
+        "",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="/tmp/hespotex_shift")
     parser.add_argument("--out", default="benchmarks/results/shift_tta.md")
+    parser.add_argument("--context", type=float, default=200.0, help="context patch of the two-scale default, µm")
     args = parser.parse_args()
     work = Path(args.work)
     hes, base, folds, seeds = arms(load_rows(work))
@@ -124,6 +223,7 @@ def main() -> None:
         "",
         table.round(4).to_markdown(index=False),
         "",
+        *on_default_lines(work, args.context),
     ]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
