@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from model_configs import TINY
+from synthetic_sections import trio
 
 import hespotex as hx
 from hespotex.models import ModelConfig
@@ -37,12 +38,7 @@ def two_scale():
     256 integration steps: on this fixture captum's convergence delta falls with the steps (blur baseline, largest
     |delta| over the three spots: 0.40 at 16 steps, 0.17 at 64, 0.018 at 256, 0.014 at 1024; score changes 0.16 to
     1.9), so at 256 the attributions are complete to the 10% that explain's own warning allows."""
-    sections = {
-        name: hx.datasets.synthetic(
-            n_spots=80, n_genes=10, seed=seed, program_seed=0, microns_per_pixel=1.0, sample_id=f"ctx_{name}"
-        )
-        for name, seed in (("a", 1), ("b", 2), ("t", 3))
-    }
+    sections = trio("ctx_", n_spots=80)
     patch = float(sections["a"].tables["table"].uns["hespotex_sample"]["spot_diameter_um"])
     for name in ("a", "b"):
         hx.pp.embed(sections[name], encoder=ENC, input_size=SIZE, patch_um=patch, context_um=2 * patch)

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from model_configs import TINY
+from synthetic_sections import trio
 
 import hespotex as hx
 from hespotex.models import ModelConfig
@@ -37,12 +38,7 @@ ENC, SIZE, KEY = "efficientnet_lite0.imagenet", 32, "X_hespotex_image"
 @pytest.fixture(scope="module")
 def sections():
     """Two synthetic training sections and a test section (60 spots, 10 genes), never embedded: copy before use."""
-    return {
-        name: hx.datasets.synthetic(
-            n_spots=60, n_genes=10, seed=seed, program_seed=0, microns_per_pixel=1.0, sample_id=f"tta_{name}"
-        )
-        for name, seed in (("a", 1), ("b", 2), ("t", 3))
-    }
+    return trio("tta_")
 
 
 @pytest.fixture(scope="module")

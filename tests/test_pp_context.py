@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 from model_configs import TINY as SMALL
+from synthetic_sections import trio
 
 import hespotex as hx
 from hespotex.models import ModelConfig
@@ -70,12 +71,7 @@ def test_context_with_stain_views_concatenates_view_by_view(sample_factory):
 
 
 def _sections():
-    return {
-        name: hx.datasets.synthetic(
-            n_spots=60, n_genes=10, seed=seed, program_seed=0, microns_per_pixel=1.0, sample_id=f"s{name}"
-        )
-        for name, seed in (("a", 1), ("b", 2), ("t", 3))
-    }
+    return trio("s")
 
 
 @pytest.fixture(scope="module")

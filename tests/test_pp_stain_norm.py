@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from model_configs import TINY as SMALL
+from synthetic_sections import trio
 
 import hespotex as hx
 from hespotex.models import ModelConfig
@@ -91,12 +92,7 @@ def test_restained_real_patches_come_back_towards_the_original(her2st_patches):
 
 
 def _sections(n_spots: int = 60):
-    return {
-        name: hx.datasets.synthetic(
-            n_spots=n_spots, n_genes=10, seed=seed, program_seed=0, microns_per_pixel=1.0, sample_id=f"s{name}"
-        )
-        for name, seed in (("a", 1), ("b", 2), ("t", 3))
-    }
+    return trio("s", n_spots=n_spots)
 
 
 def test_embed_needs_a_valid_reference_and_tissue(sample_factory):

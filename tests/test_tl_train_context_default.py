@@ -9,6 +9,7 @@ import copy
 import numpy as np
 import pytest
 from model_configs import TINY
+from synthetic_sections import cli_samples
 
 import hespotex as hx
 from hespotex.models import ModelConfig
@@ -157,14 +158,9 @@ def test_default_ensemble_members_train_on_the_same_two_scale_embeddings(encoder
 def test_cli_train_context_none_and_bad_values(tmp_path, capsys):
     from hespotex.cli import main
 
-    samples = []
-    for i in range(2):
-        sdata = _section(f"z{i}", 20 + i)
-        hx.io.write_zarr(sdata, tmp_path / f"z{i}.zarr")
-        samples.append(str(tmp_path / f"z{i}.zarr"))
-    (tmp_path / "genes.txt").write_text("\n".join(sdata.tables["table"].var_names) + "\n")
+    samples, genes = cli_samples(tmp_path, _section, 20)
     args = ["train", "--out", str(tmp_path / "model"), "--encoder", ENC, "--input-size", "32", "--epochs", "2",
-            "--genes", str(tmp_path / "genes.txt"), "--set", "ae_epochs=2", "--set", "latent_dim=8",
+            "--genes", str(genes), "--set", "ae_epochs=2", "--set", "latent_dim=8",
             "--stain-views", "0", "--validation", "none", *samples]  # fmt: skip
     for bad in ("2x", "0", "-100"):
         assert main([*args, "--context-um", bad]) == 2

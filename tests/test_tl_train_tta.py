@@ -7,6 +7,7 @@ import copy
 
 import numpy as np
 import pytest
+from synthetic_sections import cli_samples
 
 import hespotex as hx
 from hespotex.models import ModelConfig
@@ -90,14 +91,9 @@ def test_train_tta_refuses_embeddings_made_otherwise():
 def test_cli_train_tta_records_it(tmp_path):
     from hespotex.cli import main
 
-    samples = []
-    for i in range(2):
-        sdata = _section(f"z{i}", 10 + i)
-        hx.io.write_zarr(sdata, tmp_path / f"z{i}.zarr")
-        samples.append(str(tmp_path / f"z{i}.zarr"))
-    (tmp_path / "genes.txt").write_text("\n".join(sdata.tables["table"].var_names) + "\n")
+    samples, genes = cli_samples(tmp_path, _section, 10)
     args = ["train", "--out", str(tmp_path / "model"), "--encoder", "efficientnet_lite0.imagenet", "--input-size",
-            "32", "--epochs", "2", "--genes", str(tmp_path / "genes.txt"), "--set", "ae_epochs=2",
+            "32", "--epochs", "2", "--genes", str(genes), "--set", "ae_epochs=2",
             "--set", "latent_dim=8", "--stain-views", "0", "--validation", "none", "--tta", *samples]  # fmt: skip
     assert main(args) == 0
     assert hx.tl.load_model(tmp_path / "model").embedding["tta"] == "dihedral8"
