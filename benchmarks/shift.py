@@ -279,6 +279,48 @@ def score_rows(pred: np.ndarray, truth: dict[str, np.ndarray], hvg: np.ndarray, 
     return rows
 
 
+def spread_vs_error(stack: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    """How the members' predictions ``stack`` (members x spots x genes) rank the errors of their mean on one slide:
+
+    ``spread_spearman``: Spearman between the spread (members' standard deviation) and the absolute error over all
+    spots x genes; ``spread_spearman_within_gene``: the same per gene (over spots), mean over genes (which spots of
+    a gene to trust); over genes, Spearman between the gene's Pearson with the truth and
+    ``spread_spearman_gene_pearson``: its mean spread; ``spread_spearman_gene_relative``: its mean spread over the
+    standard deviation of its predicted mean across spots; ``spread_spearman_gene_agreement``: the members'
+    agreement, their mean pairwise Pearson across spots (:func:`hespotex.tl.model._ensemble.member_agreement`);
+    ``spread_spearman_gene_predicted_sd`` (a reference that needs no ensemble): the standard deviation of its
+    predicted mean across spots. Which genes to trust: negative for the first two, positive for the agreement,
+    when they say it.
+    """
+    from scipy.stats import rankdata, spearmanr
+
+    from hespotex.tl.model._ensemble import member_agreement
+
+    def columnwise_r(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        a, b = a - a.mean(axis=0), b - b.mean(axis=0)
+        den = np.sqrt((a**2).sum(axis=0) * (b**2).sum(axis=0))
+        ok = den > 0
+        return np.where(ok, (a * b).sum(axis=0) / np.where(ok, den, 1.0), np.nan), ok
+
+    pred, spread = stack.mean(axis=0), stack.std(axis=0)
+    err = np.abs(pred - target)
+    out = {"spread_spearman": float(spearmanr(spread.ravel(), err.ravel()).statistic)}
+    within, ok = columnwise_r(rankdata(spread, axis=0), rankdata(err, axis=0))
+    out["spread_spearman_within_gene"] = float(np.mean(within[ok]))
+    gene_r, ok = columnwise_r(pred, target)
+    ok &= pred.std(axis=0) > 0
+    per_gene = {
+        "spread_spearman_gene_pearson": spread.mean(axis=0),
+        "spread_spearman_gene_relative": spread.mean(axis=0) / np.where(ok, pred.std(axis=0), 1.0),
+        "spread_spearman_gene_agreement": member_agreement(stack),
+        "spread_spearman_gene_predicted_sd": pred.std(axis=0),  # reference: no ensemble needed
+    }
+    for name, score in per_gene.items():
+        keep = ok & np.isfinite(score)
+        out[name] = float(spearmanr(score[keep], gene_r[keep]).statistic)
+    return out
+
+
 def run_task(
     fold: str,
     seed: int,
@@ -386,19 +428,16 @@ def run_task(
                     continue
                 rows += score_rows(ens, truth, hvg, method="hespotex-ens" + std_label, **lab)
                 if std_label != "+slidestd":  # spread vs error: Spearman per slide, own targets
-                    from scipy.stats import spearmanr
-
-                    spread = stack.std(axis=0)
-                    rho = spearmanr(spread.ravel(), np.abs(ens - target).ravel()).statistic
-                    rows.append(
-                        {
-                            **lab,
-                            "method": "hespotex-ens" + std_label,
-                            "truth": target_norm,
-                            "genes": "spread_spearman",
-                            "pearson": float(rho),
-                        }
-                    )
+                    for measure, rho in spread_vs_error(stack, target).items():
+                        rows.append(
+                            {
+                                **lab,
+                                "method": "hespotex-ens" + std_label,
+                                "truth": target_norm,
+                                "genes": measure,
+                                "pearson": float(rho),
+                            }
+                        )
     else:
         if "thinned" in conditions:  # the ceiling under thinning: the clean truth itself scored against the thinned one
             clean_truth = truths(raw_counts(test), idx)
@@ -500,7 +539,7 @@ def setting_name(row) -> str:
 def cmd_report(args) -> None:
     work = Path(args.work)
     rows = load_rows(work)
-    summ = seed_summary(rows[rows["genes"] != "spread_spearman"])
+    summ = seed_summary(rows[~rows["genes"].str.startswith("spread_spearman")])
     n_folds = rows["fold"].nunique()
     partial = summ[summ["folds"] < n_folds][["target_norm", "patch_um", "condition"]].drop_duplicates()
     summ = summ[
@@ -633,7 +672,7 @@ def cmd_stain_report(args) -> None:
     work = Path(args.work)
     rows = load_rows(work)
     rows = rows[(rows["target_norm"] == "library_modelled") & (rows["patch_um"] == 100.0) & ~rows["tta"].astype(bool)]
-    rows = rows[rows["genes"] != "spread_spearman"]
+    rows = rows[~rows["genes"].str.startswith("spread_spearman")]
     aug = rows[rows["stain_augment"]]
     aug_seeds = sorted(aug["seed"].unique())
     hes = rows[rows["method"].str.startswith("hespotex") & rows["seed"].isin(aug_seeds)]

@@ -126,7 +126,7 @@ def cmd_verify(args) -> None:
 
 def _rows(work: Path, label: str) -> pd.DataFrame:
     rows = shift.load_rows(work)
-    rows = rows[~rows["stain_augment"] & (rows["genes"] != "spread_spearman")]
+    rows = rows[~rows["stain_augment"] & ~rows["genes"].str.startswith("spread_spearman")]
     rows = rows[(rows["target_norm"] == SETTING["target_norm"]) & (rows["patch_um"] == SPOT_UM) & ~rows["tta"]]
     rows = rows.copy()
     rows["features"] = label

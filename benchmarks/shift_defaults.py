@@ -46,7 +46,7 @@ def setting_rows(work: Path) -> pd.DataFrame:
     model scored in an ensemble task and in a single-model task of the same seed is the same model, counted once."""
     rows = shift.load_rows(work)
     rows = rows[(rows["target_norm"] == SETTING["target_norm"]) & (rows["patch_um"] == SETTING["patch_um"])]
-    rows = rows[~rows["tta"].astype(bool) & (rows["genes"] != "spread_spearman")]
+    rows = rows[~rows["tta"].astype(bool) & ~rows["genes"].str.startswith("spread_spearman")]
     return rows.drop_duplicates(KEYS).copy()
 
 
@@ -229,17 +229,29 @@ def thinning_table(rows: pd.DataFrame, hes: pd.DataFrame, base: pd.DataFrame, fo
     return out.reset_index().sort_values(["genes", "truth"])
 
 
+MEASURES = {
+    "spread_spearman": "spots x genes",
+    "spread_spearman_within_gene": "within gene",
+    "spread_spearman_gene_pearson": "gene: spread",
+    "spread_spearman_gene_relative": "gene: spread / predicted sd",
+    "spread_spearman_gene_agreement": "gene: member agreement",
+    "spread_spearman_gene_predicted_sd": "gene: predicted sd (reference)",
+}
+
+
 def spread_ranks_errors(work: Path) -> pd.DataFrame:
-    """Does the default's ensemble spread (the ``hespotex_spread`` layer) rank its errors? Spearman between the members'
-    standard deviation and the absolute error, over spots x genes of one held-out slide (the model's own targets);
-    mean / min / max over folds and seeds, per condition."""
+    """Does the default's ensemble spread (the ``hespotex_spread`` layer) rank its errors? Per held-out slide (the
+    model's own targets), :func:`shift.spread_vs_error`'s three Spearman measures; mean [min, max] over folds and
+    seeds, per condition; the number of slides per measure."""
     rows = shift.load_rows(work)
-    rows = rows[(rows["genes"] == "spread_spearman") & (rows["method"] == DEFAULT) & ~rows["tta"].astype(bool)]
+    rows = rows[rows["genes"].isin(list(MEASURES)) & (rows["method"] == DEFAULT) & ~rows["tta"].astype(bool)]
     rows = rows[(rows["target_norm"] == SETTING["target_norm"]) & (rows["patch_um"] == SETTING["patch_um"])]
     if rows.empty:
         return pd.DataFrame()
-    t = rows.groupby("condition")["pearson"].agg(["mean", "min", "max", "size"]).round(3)
-    return t.rename(columns={"size": "slides (folds x seeds)"}).reset_index()
+    g = rows.groupby(["condition", "genes"])["pearson"].agg(["mean", "min", "max", "size"])
+    cell = g.apply(lambda r: f"{r['mean']:.3f} [{r['min']:.3f}, {r['max']:.3f}] ({int(r['size'])})", axis=1)
+    t = cell.unstack("genes").reindex(columns=[m for m in MEASURES if m in set(rows["genes"])])
+    return t.rename(columns=MEASURES).reset_index()
 
 
 def labelled_baselines(rows: pd.DataFrame, features: str) -> pd.DataFrame:
@@ -302,7 +314,9 @@ def cmd_report(args) -> None:
         "`python benchmarks/shift.py run --what hespotex --seeds S --setting \"{'target_norm': 'library_modelled', "
         "'patch_um': 100.0, 'tta': False, 'stain_augment': True}\"` for S = 0, 1, 2, with and without `--work "
         "/tmp/hespotex_shift/context200` (4-member ensembles and their single model, single- and two-scale);  ",
-        f"`{cmd}`.",
+        f"`{cmd}`. The per-task rows these tables read are kept in `benchmarks/results/shift_rows` (the work "
+        "folders' `rows/` and `context200/rows/`, copied there after the runs): `python benchmarks/shift_defaults.py "
+        "report --work benchmarks/results/shift_rows` rebuilds this file without training anything.",
         "",
         "The default = `hx.tl.train(sections, genes=panel)` as it stands: targets `library_modelled`, "
         f"{scales}, EfficientNet-Lite0 (ImageNet, frozen), an ensemble of 4 members (one per held-out "
@@ -355,10 +369,17 @@ def cmd_report(args) -> None:
         lines += [
             "## Does the default's spread rank its errors? (uncertainty users can act on)",
             "",
-            "Spearman between the ensemble members' standard deviation (`layers['hespotex_spread']` after "
-            "`hx.tl.predict`) and the absolute error of the ensemble mean, over spots x genes of each held-out slide "
-            "(the model's own `library_modelled` targets); mean / min / max over folds and seeds. Positive: spots and "
-            "genes with a larger spread are, on average, predicted worse.",
+            "Per held-out slide, Spearman correlations between what the ensemble says of itself and how wrong it "
+            "is (the model's own `library_modelled` targets; `shift.spread_vs_error`). Spots: the members' standard "
+            "deviation (`layers['hespotex_spread']` after `hx.tl.predict`) vs the absolute error of the ensemble mean, "
+            "over every spot x gene of the slide (`spots x genes`) and over the spots of each gene, then the mean over "
+            "genes (`within gene`: does the spread say which spots of a gene to trust?). Genes (which genes to "
+            "trust?): over genes, the gene's Pearson with the truth vs its mean spread (`gene: spread`), its mean "
+            "spread over the standard deviation of its prediction across spots (`gene: spread / predicted sd`), the "
+            "members' agreement, their mean pairwise Pearson across spots (`gene: member agreement`, "
+            "`var['hespotex_agreement']` after `hx.tl.predict`), and, as a reference that needs no ensemble, the "
+            "standard deviation of the prediction across spots (`gene: predicted sd`). Cells: mean [min, max] over "
+            "folds x seeds (slides).",
             "",
             ranks.to_markdown(index=False),
             "",

@@ -142,7 +142,7 @@ def all_rows(work: Path) -> pd.DataFrame:
         m["method"] = m["method"].str.replace(r"^(hespotex(-ens)?)", r"\1+macenko", regex=True)
         rows = pd.concat([rows, m], ignore_index=True)
     rows = rows[(rows["target_norm"] == "library_modelled") & (rows["patch_um"] == PATCH)]
-    rows = rows[rows["genes"] != "spread_spearman"].copy()
+    rows = rows[~rows["genes"].str.startswith("spread_spearman")].copy()
     rows["tta"] = rows["tta"].astype(bool)
     tta = rows["tta"] & rows["method"].str.startswith("hespotex")
     rows.loc[tta, "method"] = rows.loc[tta, "method"].str.replace(r"^(hespotex(-ens)?)", r"\1+tta", regex=True)

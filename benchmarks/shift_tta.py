@@ -39,7 +39,7 @@ def arms(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, list, list]:
         (rows["target_norm"] == "library_modelled")
         & (rows["patch_um"] == 100.0)
         & ~rows["stain_augment"]
-        & (rows["genes"] != "spread_spearman")
+        & ~rows["genes"].str.startswith("spread_spearman")
     ].copy()
     rows["tta"] = rows["tta"].astype(bool)
     hes = rows[rows["method"] == "hespotex"]
@@ -103,7 +103,7 @@ def on_default(ctx_work: Path, spot_rows: pd.DataFrame, keys: list[str]) -> tupl
     from shift_defaults import per_seed, seed_stats
 
     rows = load_rows(ctx_work)
-    rows = rows[(rows["target_norm"] == "library_modelled") & (rows["genes"] != "spread_spearman")].copy()
+    rows = rows[(rows["target_norm"] == "library_modelled") & ~rows["genes"].str.startswith("spread_spearman")].copy()
     rows["tta"] = rows["tta"].astype(bool)
     arms_ = {a: rows[(rows["method"] == m) & (rows["tta"] == t)] for a, (m, t) in ON_DEFAULT.items()}
     arms_ = {a: r for a, r in arms_.items() if len(r)}

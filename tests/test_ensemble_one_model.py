@@ -53,11 +53,15 @@ def test_streamed_ensemble_equals_in_memory(in_memory, streamed, trained_ensembl
     params, ref_params = table.uns["hespotex"]["params"], ref.uns["hespotex"]["params"]
     assert params["spread_layer"] == ref_params["spread_layer"] == "hespotex_spread"
     assert params["ensemble_members"] == ref_params["ensemble_members"] == 3
+    # the members' agreement per gene: streamed over every spot here (fewer than AGREEMENT_SPOTS), as in memory
+    assert params["agreement_spots"] == ref_params["agreement_spots"] == table.n_obs
+    np.testing.assert_allclose(table.var["hespotex_agreement"], ref.var["hespotex_agreement"], atol=1e-5)
     assert params["model_id"] == ref_params["model_id"] == model.model_id
     assert params["target_norm"] == ref_params["target_norm"]
     # the store holds them too, and no progress arrays are left
     back = hx.io.read_zarr(out).tables["hespotex"]
     np.testing.assert_allclose(np.asarray(back.layers["hespotex_spread"]), spread, atol=0)
+    np.testing.assert_array_equal(back.var["hespotex_agreement"], table.var["hespotex_agreement"])
     import zarr
 
     progress = zarr.open_group(out, mode="r")["hespotex_progress"]["hespotex"]

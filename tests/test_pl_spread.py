@@ -44,6 +44,9 @@ def test_explorer_shows_the_spread_as_a_third_linked_map(predicted):
         assert {f"{gene} — predicted", f"{gene} — measured", f"{gene} — spread"} <= titles
         ex.spot = table.obs_names[7]
         assert f"spread {gene}: {spread[7, 3]:.3f}" in ex.spot_summary()
+        # and the members' agreement on the gene shown (var['hespotex_agreement'], written by predict)
+        agreement = table.var.loc[gene, "hespotex_agreement"]
+        assert f"Members' agreement on {gene}: r = {agreement:.2f}" in ex.spot_summary()
     finally:
         layout._cleanup(root)
     # the spread has its own colour scale from 0; expression limits do not include it

@@ -301,5 +301,18 @@ def test_ensemble_spread_is_kept_beside_the_prediction(trained_synthetic):
     assert f"{KEY}_spread" not in data.layers  # partial overlap: no layer over the table's genes
     record = data.uns[KEY]["params"]
     assert record["spread_key"] == f"{KEY}_spread" and record["ensemble_members"] == 2
+    # the agreement per gene on the table's genes the model predicts, NaN on the others
+    agreement = data.var[f"{KEY}_agreement"]
+    predicted = data.var[f"{KEY}_predicted"].to_numpy()
+    np.testing.assert_allclose(agreement[predicted], ref.var[f"{KEY}_agreement"][data.var_names[predicted]], atol=1e-6)
+    assert agreement[~predicted].isna().all() and (~predicted).any()
     with pytest.raises(ValueError, match=r"layers\['hespotex_spread'\]|obsm\['hespotex_spread'\]"):
         hx.tl.predict(data, ens, device="cpu")
+    again = data.copy()
+    for slot, key in (("layers", KEY), ("obsm", KEY), ("obsm", f"{KEY}_spread"), ("obsm", f"X_{KEY}")):
+        getattr(again, slot).pop(key, None)
+    again.obsm.pop(f"{KEY}_measured", None)
+    again.obsp.pop(f"{KEY}_attention", None)
+    del again.uns[KEY], again.var[f"{KEY}_predicted"]
+    with pytest.raises(ValueError, match=r"var\['hespotex_agreement'\]"):  # the agreement column is guarded too
+        hx.tl.predict(again, ens, device="cpu")

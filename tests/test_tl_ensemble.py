@@ -76,6 +76,15 @@ def test_ensemble_trains_saves_loads_and_predicts_with_spread(sections, tmp_path
     np.testing.assert_allclose(out.layers["hespotex"], members.mean(0), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out.layers["hespotex_spread"], members.std(0), rtol=1e-4, atol=1e-5)
     assert (np.asarray(out.layers["hespotex_spread"]) > 0).any()
+    # the members' agreement per gene: their mean pairwise Pearson across spots, in the table's gene order
+    pairs = [(a, b) for a in range(3) for b in range(a + 1, 3)]
+    expected = [
+        np.mean([np.corrcoef(members[a][:, g], members[b][:, g])[0, 1] for a, b in pairs])
+        for g in range(members.shape[2])
+    ]
+    assert params["agreement_key"] == "hespotex_agreement" and params["agreement_spots"] == out.n_obs
+    np.testing.assert_allclose(out.var["hespotex_agreement"], expected, atol=2e-4)
+    assert np.isfinite(out.var["hespotex_agreement"]).all() and (out.var["hespotex_agreement"] < 1).all()
     # decoder attention is the members' mean: rows still sum to 1
     att = out.obsp["hespotex_attention"]
     np.testing.assert_allclose(np.asarray(att.sum(axis=1)).ravel(), 1.0, rtol=1e-4)

@@ -19,7 +19,8 @@ model learns the expression of --genes genes from them. The saved
 folder (model.safetensors + setup.json) is what `hespotex predict --model` and hx.tl.HESpotEx.load read.
 With 3 or more samples an ensemble is trained by default (--ensemble): one member per sample held out
 for early stopping, saved as one folder (ensemble.json + member_*/) that `hespotex predict --model` and
-hx.tl.load_model read; its predictions add the members' spread (layer 'hespotex_spread').
+hx.tl.load_model read; its predictions add the members' spread (layer 'hespotex_spread') and
+their agreement per gene (var column 'hespotex_agreement').
 """
 TRAIN_EPILOG = """examples:
   hespotex train --out my-model sampleA.zarr sampleB.zarr

@@ -9,6 +9,7 @@ state can be driven and tested without a browser, and the same object renders in
 from __future__ import annotations
 
 import logging
+import math
 import socket
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -208,13 +209,27 @@ class Explorer(Viewer):
     def spot_summary(self) -> str:
         """Markdown describing the selected spot (named in the page, so tests and users can see it)."""
         spot = self.state.spot
+        agree = self.agreement_note(self.state.gene)
         if spot is None:
-            return "**Selected spot:** none. Tap a spot on a map to see the neighbours its prediction attends to."
+            return "**Selected spot:** none. Tap a spot on a map to see the neighbours its prediction attends to." + (
+                f"  \n{agree}" if agree else ""
+            )
         view, gene = self.view, self.state.gene
         df = view.frame(gene)
         row = df.iloc[int(self.predictions.table.obs_names.get_loc(spot))]
         values = " · ".join(f"{c} {gene}: {row[c]:.3f}" for c in view.columns)
-        return f"**Selected spot:** `{spot}` · {values}"
+        return f"**Selected spot:** `{spot}` · {values}" + (f"  \n{agree}" if agree else "")
+
+    def agreement_note(self, gene: str) -> str:
+        """For an ensemble's prediction, the members' agreement on ``gene`` (``var[params["agreement_key"]]``, their
+        mean pairwise Pearson across spots), which ranks genes by held-out accuracy; "" otherwise."""
+        table, key = self.predictions.table, self.predictions.params.get("agreement_key")
+        if not key or key not in table.var.columns or gene not in table.var_names:
+            return ""
+        value = float(table.var.loc[gene, key])
+        if not math.isfinite(value):
+            return ""
+        return f"Members' agreement on {gene}: r = {value:.2f} (genes they agree on are predicted better)"
 
     def _attention_pane(self, spot: str | None, direction: str, layer: str):
         import panel as pn

@@ -112,8 +112,9 @@ class HESpotExEnsemble:
     def predict_graph(
         self, sample, *, device: str | None = "auto", max_nodes: int = 50_000, blocks=None, on_block=None
     ) -> dict[str, Any] | None:
-        """The members' mean expression, their spread (per-spot, per-gene standard deviation),
-        the first member's latent and the mean decoder attention (see :meth:`HESpotEx.predict_graph`).
+        """The members' mean expression, their spread (per-spot, per-gene standard deviation), their agreement per
+        gene (:func:`member_agreement`), the first member's latent and the mean decoder attention (see
+        :meth:`HESpotEx.predict_graph`).
 
         With ``on_block`` (streaming), each member runs the ``blocks`` in turn and hands every block over as
         ``on_block(i, core, result)`` with ``result["member"]`` the member's position; the per-block results
@@ -137,6 +138,7 @@ class HESpotExEnsemble:
         return {
             "expression": stack.mean(axis=0),
             "spread": stack.std(axis=0),
+            "agreement": member_agreement(stack),
             "latent": outs[0]["latent"],
             "attention": attention,
         }
@@ -214,6 +216,50 @@ class HESpotExEnsemble:
             msg = f"The ensemble record in {str(path)!r} lists no valid member folders; save the ensemble again."
             raise ValueError(msg)
         return cls([HESpotEx.load(path / m) for m in members])
+
+
+class AgreementStats:
+    """Running sums for :func:`member_agreement` over blocks of spots (members x spots x genes each): per member
+    and gene the sum and sum of squares, per pair of members the sum of products, in float64."""
+
+    def __init__(self, n_members: int, n_genes: int) -> None:
+        self.n = 0
+        self.s1 = np.zeros((n_members, n_genes))
+        self.s2 = np.zeros((n_members, n_genes))
+        self.pairs = [(a, b) for a in range(n_members) for b in range(a + 1, n_members)]
+        self.cross = np.zeros((len(self.pairs), n_genes))
+
+    def update(self, block: np.ndarray) -> None:
+        block = np.asarray(block, dtype=np.float64)
+        self.n += block.shape[1]
+        self.s1 += block.sum(axis=1)
+        self.s2 += (block**2).sum(axis=1)
+        for k, (a, b) in enumerate(self.pairs):
+            self.cross[k] += (block[a] * block[b]).sum(axis=0)
+
+    def agreement(self) -> np.ndarray:
+        """The mean pairwise Pearson per gene; NaN where a member is constant, or with < 2 members or spots."""
+        if not self.pairs or self.n < 2:
+            return np.full(self.s1.shape[1], np.nan)
+        mean = self.s1 / self.n
+        var = self.s2 / self.n - mean**2
+        scale = np.maximum(self.s2 / self.n, 1e-30)
+        constant = (var <= 1e-12 * scale).any(axis=0)
+        sd = np.sqrt(np.where(var > 0, var, 1.0))
+        r = [(self.cross[k] / self.n - mean[a] * mean[b]) / (sd[a] * sd[b]) for k, (a, b) in enumerate(self.pairs)]
+        return np.where(constant, np.nan, np.clip(np.mean(r, axis=0), -1.0, 1.0))
+
+
+def member_agreement(stack: np.ndarray) -> np.ndarray:
+    """Per gene, how much the members agree on its spatial pattern: the mean pairwise Pearson, across spots, of the
+    members' predictions (``stack``: members x spots x genes). 1 when they agree up to scale and shift; NaN for a
+    gene that some member predicts constant, and with fewer than 2 members or 2 spots. On held-out her2st sections
+    it ranks the genes by how well the ensemble predicts them (``benchmarks/results/shift_defaults.md``)."""
+    stack = np.asarray(stack)
+    stats = AgreementStats(stack.shape[0], stack.shape[2])
+    for start in range(0, stack.shape[1], 4096):  # float64 copies of a block at a time
+        stats.update(stack[:, start : start + 4096])
+    return stats.agreement()
 
 
 def train_ensemble(samples: Any, *, fit: Any, seed: int = 0, **kwargs: Any) -> HESpotExEnsemble:

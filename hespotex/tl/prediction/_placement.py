@@ -39,6 +39,7 @@ def spot_keys(table: AnnData, genes: Sequence[str], *, key_added: str, ensemble:
     }
     if ensemble:
         keys["layers"].append(f"{key_added}_spread")
+        keys["var"].append(f"{key_added}_agreement")
     if not same_genes(table, genes):
         keys["obsm"] += [key_added, f"{key_added}_measured"] + ([f"{key_added}_spread"] if ensemble else [])
         keys["var"].append(f"{key_added}_predicted")
@@ -87,7 +88,8 @@ def write_frame(
     """Write a prediction over other genes than the table's into the spot table; returns its record.
 
     ``obsm[key_added]`` (DataFrame spots x model genes), ``layers[key_added]`` over the table's genes (only
-    when the model predicts every one of them), ``var[f"{key_added}_predicted"]``,
+    when the model predicts every one of them), ``var[f"{key_added}_predicted"]`` (and, for an ensemble,
+    ``var[f"{key_added}_agreement"]``),
     and the latent, attention, spread and measured entries (see the predict docstring).
     """
     genes = [str(g) for g in genes]
@@ -115,6 +117,9 @@ def write_frame(
         if layer is not None:
             spread_layer = spread_key
             table.layers[spread_layer] = np.asarray(result["spread"], dtype=np.float32)[:, pos]
+    if result.get("agreement") is not None:  # per table gene; NaN for genes the model does not predict
+        agreement = np.asarray(result["agreement"], dtype=np.float64)
+        table.var[f"{key_added}_agreement"] = np.where(predicted, agreement[np.maximum(pos, 0)], np.nan)
     measured_key = None
     if measured is not None:
         measured_key = f"{key_added}_measured"

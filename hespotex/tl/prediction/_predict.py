@@ -113,7 +113,13 @@ def predict(
     - ``layers[key_added]``: predicted log1p(counts per ``target_sum``), spots × genes, in the table's
       gene order;
     - ``layers[f"{key_added}_spread"]`` (ensembles only): the members' standard deviation per spot and
-      gene, an uncertainty that ranks absolute errors (see ``benchmarks/results/shift.md``);
+      gene. It grows with how much a gene's prediction varies, and on held-out sections it hardly says
+      which spots of a gene are predicted worse (``benchmarks/results/shift_defaults.md``): read it as
+      the members' disagreement, not as an error bar;
+    - ``var[f"{key_added}_agreement"]`` (ensembles only): per gene, the members' mean pairwise Pearson
+      across spots (1: they agree on its spatial pattern), computed on this slide, no truth needed. On
+      held-out sections it ranks genes by how well they are predicted (Spearman about 0.5 with the
+      gene's Pearson; ``benchmarks/results/shift_defaults.md``): sort by it to see which genes to trust;
     - ``obsm[f"X_{key_added}"]``: the latent ``ẑ`` of each spot (an ensemble's first member);
     - ``obsp[f"{key_added}_attention"]``: decoder attention (rows = target spot) when the model has it;
     - ``uns[key_added]["params"]``: model id (weights fingerprint), genes hash, encoder, patch size in µm,
@@ -127,7 +133,8 @@ def predict(
     - ``obsm[key_added]``: the full prediction, a :class:`pandas.DataFrame` spots × model genes (index
       ``obs_names``, columns the model's genes), the scverse convention for per-spot tables (as
       cell2location and tangram store theirs): ``adata.obsm["hespotex"]["ERBB2"]``;
-    - ``var[f"{key_added}_predicted"]``: which of the table's genes the model predicts;
+    - ``var[f"{key_added}_predicted"]``: which of the table's genes the model predicts (and, for an
+      ensemble, ``var[f"{key_added}_agreement"]`` over them, NaN for the others);
     - ``layers[key_added]``: the same values over the table's own genes, only when the model predicts every
       one of them (its genes include the table's). Otherwise no layer: padding the unpredicted genes would
       make a dense, mostly-NaN matrix (785 predicted of her2st's 15,842 genes; 0.6 GB for 4,000 Visium spots
@@ -238,7 +245,12 @@ def predict(
     if SAMPLE_KEY in table.uns:  # for readers of an AnnData holding no sample record of its own (scanpy input)
         params["sample"] = dict(table.uns[SAMPLE_KEY])
     if result.get("spread") is not None:  # an ensemble: the members' standard deviation, per spot and gene
-        params.update(spread_layer=f"{key_added}_spread", ensemble_members=len(model.members))
+        params.update(
+            spread_layer=f"{key_added}_spread",
+            agreement_key=f"{key_added}_agreement",
+            agreement_spots=int(sample.n),
+            ensemble_members=len(model.members),
+        )
     if overwrite:
         clear(table, keys)
     if same:
@@ -266,6 +278,8 @@ def _write_layers(target, model: HESpotEx, result: dict[str, Any], *, key_added:
     target.obsm[f"X_{key_added}"] = result["latent"]
     if result.get("spread") is not None:
         target.layers[f"{key_added}_spread"] = result["spread"][:, order]
+    if result.get("agreement") is not None:
+        target.var[f"{key_added}_agreement"] = np.asarray(result["agreement"], dtype=np.float64)[order]
     if result["attention"] is not None:
         target.obsp[f"{key_added}_attention"] = result["attention"]
     target.uns[key_added] = {"params": dict(params)}

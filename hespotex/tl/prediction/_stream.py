@@ -272,11 +272,14 @@ def predict_streaming(
     # 2. graph blocks
     mpp = float(info.microns_per_pixel)
     sample = GraphData(str(info.sample_id), emb, spot_centres(table) * mpp)
-    spread = None
+    spread = agreement = None
+    n_agreement = 0
     if hasattr(model, "members"):  # an ensemble: stages 2 and 3 per member, then mean and spread
         from hespotex.tl.prediction._stream_ensemble import ensemble_stages
 
-        latent, attention, expr, spread = ensemble_stages(group, model, sample, layout=layout, device=device)
+        latent, attention, expr, spread, agreement, n_agreement = ensemble_stages(
+            group, model, sample, layout=layout, device=device
+        )
         del sample, emb
     else:  # 3. expression rows in table order
         latent, attention, expr = model_stages(group, model, sample, layout=layout, device=device)
@@ -293,13 +296,19 @@ def predict_streaming(
     new.layers[key_added] = da.from_zarr(expr, chunks=(layout["expression_rows"], len(model.genes)))
     if spread is not None:
         new.layers[f"{key_added}_spread"] = da.from_zarr(spread, chunks=(layout["expression_rows"], len(model.genes)))
+        new.var[f"{key_added}_agreement"] = agreement
     sample_info = dict(table.uns.get(SAMPLE_KEY, info.to_dict()))
     if not own:
         sample_info.pop("image_key", None)  # the image stays where it is: params["source"] says where
     new.uns[SAMPLE_KEY] = sample_info
     params = prediction_params(model, embed_params, key_added=key_added, attention=attention is not None)
-    if spread is not None:  # as in memory: the members' standard deviation, per spot and gene
-        params.update(spread_layer=f"{key_added}_spread", ensemble_members=len(model.members))
+    if spread is not None:  # as in memory: the members' standard deviation, per spot and gene, and agreement
+        params.update(
+            spread_layer=f"{key_added}_spread",
+            agreement_key=f"{key_added}_agreement",
+            agreement_spots=int(n_agreement),
+            ensemble_members=len(model.members),
+        )
     source = {
         "path": str(sdata.path) if getattr(sdata, "path", None) is not None else None,
         "image_key": info.image_key,
