@@ -85,6 +85,8 @@ def test_ensemble_trains_saves_loads_and_predicts_with_spread(sections, tmp_path
     assert params["agreement_key"] == "hespotex_agreement" and params["agreement_spots"] == out.n_obs
     np.testing.assert_allclose(out.var["hespotex_agreement"], expected, atol=2e-4)
     assert np.isfinite(out.var["hespotex_agreement"]).all() and (out.var["hespotex_agreement"] < 1).all()
+    scores = hx.tl.evaluate(out, truth="expected")  # beside each gene's score on this slide
+    np.testing.assert_array_equal(scores["agreement"], out.var["hespotex_agreement"].reindex(scores.index))
     # decoder attention is the members' mean: rows still sum to 1
     att = out.obsp["hespotex_attention"]
     np.testing.assert_allclose(np.asarray(att.sum(axis=1)).ravel(), 1.0, rtol=1e-4)

@@ -74,7 +74,8 @@ def evaluate(
     Returns
     -------
     Per-gene scores (``pearson``, ``pvalue``, ``mse``, ``mean_true``, ``var_true``, ``n_spots``,
-    ``truth_constant``, ``prediction_constant``; with ``groups`` a tidy table with a ``sample``
+    ``truth_constant``, ``prediction_constant``, and for an ensemble's prediction ``agreement``, the
+    members' agreement of ``var[params["agreement_key"]]``; with ``groups`` a tidy table with a ``sample``
     column). Reads the prediction ``key`` and ``layers[truth]`` (or the ``truth`` sample). Writes
     ``uns[key_added]`` of the prediction table with ``per_gene`` (that table), ``summary`` (mean Pearson over
     all / top-``k`` HVG / top-``k`` HEG genes, MSE, number of genes with significantly positive
@@ -122,6 +123,10 @@ def evaluate(
         ranks = rank_genes(reference, genes, k=k, target_sum=target_sum)
     group_values = None if groups is None else table.obs[groups].astype(str).to_numpy()
     scores = gene_scores(y, pred, genes, groups=group_values)
+    agreement_key = params.get("agreement_key")
+    if agreement_key and agreement_key in table.var.columns:  # an ensemble: its members' agreement beside the score
+        agreement = table.var[agreement_key].astype(float)
+        scores["agreement"] = agreement.reindex(scores.index if groups is None else scores["gene"]).to_numpy()
     if groups is None:
         summary = summarize(scores, hvg=ranks["hvg"], heg=ranks["heg"])
     else:
