@@ -229,7 +229,7 @@ class Explorer(Viewer):
         value = float(table.var.loc[gene, key])
         if not math.isfinite(value):
             return ""
-        return f"Members' agreement on {gene}: r = {value:.2f} (genes they agree on are predicted better)"
+        return f"Members' agreement on {gene}: r = {value:.2f} (across genes, higher goes with better predictions)"
 
     def _attention_pane(self, spot: str | None, direction: str, layer: str):
         import panel as pn
