@@ -280,40 +280,37 @@ def score_rows(pred: np.ndarray, truth: dict[str, np.ndarray], hvg: np.ndarray, 
 
 
 def spread_vs_error(stack: np.ndarray, target: np.ndarray) -> dict[str, float]:
-    """How the members' predictions ``stack`` (members x spots x genes) rank the errors of their mean on one slide:
+    """How what the members' predictions ``stack`` (members x spots x genes) say of themselves ranks the errors of
+    their mean on one slide, as Spearman correlations:
 
-    ``spread_spearman``: Spearman between the spread (members' standard deviation) and the absolute error over all
-    spots x genes; ``spread_spearman_within_gene``: the same per gene (over spots), mean over genes (which spots of
-    a gene to trust); over genes, Spearman between the gene's Pearson with the truth and
-    ``spread_spearman_gene_pearson``: its mean spread; ``spread_spearman_gene_relative``: its mean spread over the
-    standard deviation of its predicted mean across spots; ``spread_spearman_gene_agreement``: the members'
-    agreement, their mean pairwise Pearson across spots (:func:`hespotex.tl.model._ensemble.member_agreement`);
-    ``spread_spearman_gene_predicted_sd`` (a reference that needs no ensemble): the standard deviation of its
-    predicted mean across spots. Which genes to trust: negative for the first two, positive for the agreement,
-    when they say it.
+    - ``spread_spearman``: the spread (members' standard deviation) vs the absolute error over all spots x genes;
+    - ``spread_spearman_within_gene``: the same per gene (over spots), mean over genes (which spots of a gene to
+      trust);
+    - over genes, a per-gene score vs the gene's Pearson with the truth (which genes to trust):
+      ``..._gene_pearson`` its mean spread, ``..._gene_relative`` that over the standard deviation of its
+      predicted mean across spots, ``..._gene_agreement`` the members' agreement
+      (:func:`hespotex.tl.model._ensemble.member_agreement`), and ``..._gene_predicted_sd`` the standard
+      deviation of its predicted mean across spots (a reference that needs no ensemble).
     """
     from scipy.stats import rankdata, spearmanr
 
+    from hespotex.tl.evaluation._correlation import pearson_per_gene
     from hespotex.tl.model._ensemble import member_agreement
-
-    def columnwise_r(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        a, b = a - a.mean(axis=0), b - b.mean(axis=0)
-        den = np.sqrt((a**2).sum(axis=0) * (b**2).sum(axis=0))
-        ok = den > 0
-        return np.where(ok, (a * b).sum(axis=0) / np.where(ok, den, 1.0), np.nan), ok
 
     pred, spread = stack.mean(axis=0), stack.std(axis=0)
     err = np.abs(pred - target)
     out = {"spread_spearman": float(spearmanr(spread.ravel(), err.ravel()).statistic)}
-    within, ok = columnwise_r(rankdata(spread, axis=0), rankdata(err, axis=0))
-    out["spread_spearman_within_gene"] = float(np.mean(within[ok]))
-    gene_r, ok = columnwise_r(pred, target)
-    ok &= pred.std(axis=0) > 0
+    out["spread_spearman_within_gene"] = float(
+        np.nanmean(pearson_per_gene(rankdata(err, axis=0), rankdata(spread, axis=0)))
+    )
+    gene_r = pearson_per_gene(target, pred)
+    sd = pred.std(axis=0)
+    ok = np.isfinite(gene_r) & (sd > 0)
     per_gene = {
         "spread_spearman_gene_pearson": spread.mean(axis=0),
-        "spread_spearman_gene_relative": spread.mean(axis=0) / np.where(ok, pred.std(axis=0), 1.0),
+        "spread_spearman_gene_relative": spread.mean(axis=0) / np.where(ok, sd, 1.0),
         "spread_spearman_gene_agreement": member_agreement(stack),
-        "spread_spearman_gene_predicted_sd": pred.std(axis=0),  # reference: no ensemble needed
+        "spread_spearman_gene_predicted_sd": sd,
     }
     for name, score in per_gene.items():
         keep = ok & np.isfinite(score)

@@ -241,8 +241,8 @@ MEASURES = {
 
 def spread_ranks_errors(work: Path) -> pd.DataFrame:
     """Does the default's ensemble spread (the ``hespotex_spread`` layer) rank its errors? Per held-out slide (the
-    model's own targets), :func:`shift.spread_vs_error`'s three Spearman measures; mean [min, max] over folds and
-    seeds, per condition; the number of slides per measure."""
+    model's own targets), :func:`shift.spread_vs_error`'s Spearman measures (``MEASURES``); mean [min, max] over
+    folds and seeds, per condition; the number of slides per measure."""
     rows = shift.load_rows(work)
     rows = rows[rows["genes"].isin(list(MEASURES)) & (rows["method"] == DEFAULT) & ~rows["tta"].astype(bool)]
     rows = rows[(rows["target_norm"] == SETTING["target_norm"]) & (rows["patch_um"] == SETTING["patch_um"])]

@@ -51,7 +51,7 @@ def _markers(group: Any, name: str, n: int) -> Any:
 
 def ensemble_stages(
     group: Any, model: HESpotExEnsemble, sample: GraphData, *, layout: dict[str, Any], device: str | None
-) -> tuple[np.ndarray, Any, Any, Any]:
+) -> tuple[np.ndarray, Any, Any, Any, np.ndarray, int]:
     """Stages 2 and 3 for every member, then the combination: ``(latent, attention, expression, spread, agreement,
     n_agreement)``, expression and spread zarr arrays of the progress group in table order, the members'
     agreement per gene and the number of spots it used (:func:`sampled_agreement`)."""
