@@ -125,3 +125,27 @@ def test_embed_needs_an_image(sample_factory, tiny_encoder):
     sdata = sample_factory(n_spots=15, image_shape=None)
     with pytest.raises(KeyError, match="no H&E image"):
         hx.pp.embed(sdata, encoder=tiny_encoder)
+
+
+def test_image_reads_stay_local_under_a_distributed_client(sample_factory, tiny_encoder):
+    """A notebook with a dask ``Client`` running: patch and window reads must not ship the image to the cluster
+    (for an in-memory image every read's graph carries the whole image); results equal those without a client."""
+    from dask.distributed import Client, LocalCluster, get_task_stream
+
+    plain = sample_factory(n_spots=25, image_shape=(400, 400), seed=7)
+    hx.pp.embed(plain, encoder=tiny_encoder, patch_um=50.0, cache=False)
+    sdata = sample_factory(n_spots=25, image_shape=(400, 400), seed=7)
+    image = next(iter(sdata.images.values()))
+    assert hasattr(image.data, "dask"), "the fixture's image must be a dask array for this test to mean anything"
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
+        with get_task_stream(client) as ours:
+            hx.pp.embed(sdata, encoder=tiny_encoder, patch_um=50.0, cache=False)
+            hx.pp.detect_tissue(sdata)
+        with get_task_stream(client) as theirs:
+            image.data.sum().compute()  # the same client runs ordinary dask work: the stream does see tasks
+    assert not ours.data, [t["key"] for t in ours.data]
+    assert theirs.data
+    np.testing.assert_array_equal(sdata["table"].obsm["X_hespotex_image"], plain["table"].obsm["X_hespotex_image"])

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from hespotex import _ownership
+from hespotex._pixels import read_local
 from hespotex.io._export_common import DEFAULT_KEY, Prediction, check_output, open_prediction
 
 logger = logging.getLogger("hespotex")
@@ -102,7 +103,7 @@ def _thumbnail(pred: Prediction, slide: str | Path | None, max_side: int) -> tup
     for arr in arrays:  # finest first
         if max(int(arr.sizes["x"]), int(arr.sizes["y"])) >= max_side:
             pick = arr
-    img = np.asarray(pick.data[:3]).transpose(1, 2, 0)
+    img = read_local(pick.data[:3]).transpose(1, 2, 0)
     step = max(1, int(np.ceil(max(img.shape[:2]) / max_side)))
     img = img[::step, ::step]
     return img, full_w / int(pick.sizes["x"]) * step

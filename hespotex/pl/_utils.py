@@ -16,6 +16,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from hespotex._constants import MEASURED_LAYER, PREDICTION_KEY, SAMPLE_KEY, attention_key
+from hespotex._pixels import read_local
 from hespotex._sample import get_sample_info
 from hespotex.tl.prediction._tables import prediction_records, resolve_prediction
 
@@ -234,7 +235,7 @@ def _level_bounds(level: Any, x0: int, y0: int, x1: int, y1: int) -> tuple[float
 
 
 def _to_rgb(array: Any) -> np.ndarray:
-    rgb = np.asarray(array.transpose("y", "x", "c").values if hasattr(array, "transpose") else array)
+    rgb = read_local(array.transpose("y", "x", "c") if hasattr(array, "transpose") else array)
     if rgb.shape[-1] == 1:
         rgb = np.repeat(rgb, 3, axis=-1)
     rgb = rgb[..., :3]

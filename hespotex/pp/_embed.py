@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from hespotex._constants import EMBED_RECORD_KEY, EMBEDDING_KEY, SAMPLE_KEY
+from hespotex._pixels import read_local
 from hespotex._sample import get_table
 from hespotex._settings import settings
 from hespotex.io._inputs import accepts_anndata
@@ -64,7 +65,7 @@ def image_fingerprint(plan: PatchPlan) -> str:
     else:
         windows = [arr[:3, y : y + 8, x : x + 8] for y in ys for x in xs]
         stacked = da.stack(windows) if isinstance(arr, da.Array) else np.stack(windows)
-    digest.update(np.ascontiguousarray(np.asarray(stacked)).tobytes())
+    digest.update(np.ascontiguousarray(read_local(stacked)).tobytes())
     if memo is not None:
         memo["image_fingerprint"] = digest.hexdigest()
     return digest.hexdigest()

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hespotex._pixels import read_local
 from hespotex._sample import SampleInfo, get_sample_info, get_table, spot_centres
 
 if TYPE_CHECKING:
@@ -151,7 +152,7 @@ class ChunkCache:
                 self.chunks.move_to_end((i, j))
                 return hit
         y0, y1, x0, x1 = self.y_edges[i], self.y_edges[i + 1], self.x_edges[j], self.x_edges[j + 1]
-        arr = np.asarray(self.data[:3, y0:y1, x0:x1])
+        arr = read_local(self.data[:3, y0:y1, x0:x1])
         with self.lock:
             self.misses += 1
             self.chunks[(i, j)] = arr
@@ -164,7 +165,7 @@ class ChunkCache:
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """Pixels ``[:3, y0:y1, x0:x1]`` (inside the level) as a uint8 numpy array."""
         if not self.lazy:
-            return np.asarray(self.data[:3, y0:y1, x0:x1])
+            return read_local(self.data[:3, y0:y1, x0:x1])
         out = np.empty((min(3, self.data.shape[0]), y1 - y0, x1 - x0), dtype=self.data.dtype)
         i0, i1 = np.searchsorted(self.y_edges, y0, "right") - 1, np.searchsorted(self.y_edges, y1, "left")
         j0, j1 = np.searchsorted(self.x_edges, x0, "right") - 1, np.searchsorted(self.x_edges, x1, "left")
@@ -197,7 +198,7 @@ def read_crops(
     data = level.array.data
 
     def box(ya: int, yb: int, xa: int, xb: int) -> np.ndarray:
-        return cache.read(ya, yb, xa, xb) if cache is not None else np.asarray(data[:3, ya:yb, xa:xb])
+        return cache.read(ya, yb, xa, xb) if cache is not None else read_local(data[:3, ya:yb, xa:xb])
 
     compact = (bx1 - bx0) * (by1 - by0) <= 16 * n * size * size
     block = box(by0, by1, bx0, bx1) if compact else None

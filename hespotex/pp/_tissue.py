@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from hespotex._constants import TISSUE_ATTRS_KEY
+from hespotex._pixels import read_local
 from hespotex._sample import SampleInfo
 from hespotex.io._wsi import slide_info
 from hespotex.pp._patches import ImageLevel, image_levels
@@ -220,7 +221,7 @@ def detect_tissue(
     else:
         chosen = levels[int(level)]
     level_mpp = _level_mpp(chosen, mpp)
-    rgb = np.asarray(chosen.array.data[:3]).transpose(1, 2, 0)
+    rgb = read_local(chosen.array.data[:3]).transpose(1, 2, 0)
     signal = ndimage.gaussian_filter(_channel(rgb, channel), sigma=1.0)
     if threshold is None:
         from skimage.filters import threshold_otsu
