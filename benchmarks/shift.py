@@ -318,6 +318,38 @@ def spread_vs_error(stack: np.ndarray, target: np.ndarray) -> dict[str, float]:
     return out
 
 
+def training_tables(
+    work: Path, names: list[str], data: str | None, patch_um: float, *, tta: bool = False, stain_augment: bool = False
+) -> dict:
+    """Copies of the training sections' tables with their cached clean-image embeddings in ``obsm['X']`` (and, with
+    ``stain_augment``, the stain-augmented views in ``obsm['X_stain_views']``), recorded as ``hx.pp.embed`` records
+    them."""
+    from hespotex.pp._embed import EMBED_KEY
+    from hespotex.pp._stain_augment import stain_record
+
+    all_tables = tables(data)
+    out = {}
+    for n in names:
+        t = all_tables[n].copy()
+        t.obsm["X"] = np.load(embedding_path(work, n, "clean", patch_um, tta))
+        record = {"encoder": ENCODER, "encoder_id": ENCODER, "patch_um": patch_um}
+        if tta:
+            record["tta"] = "dihedral8"
+        if stain_augment:
+            t.obsm["X_stain_views"] = np.load(views_path(work, n, patch_um, tta))
+            record["stain_augment"] = stain_record(STAIN_VIEWS, 0)
+        t.uns[EMBED_KEY] = {"X": record}
+        out[n] = t
+    return out
+
+
+def spot_um(test, condition: str) -> np.ndarray:
+    """Spot centres of a held-out section in µm as a method sees them under ``condition`` (``rescaled``: with the
+    µm/px given ``RESCALE`` off)."""
+    mpp = float(test.uns["hespotex_sample"]["microns_per_pixel"]) * (RESCALE if condition == "rescaled" else 1.0)
+    return np.asarray(test.obsm["spatial"], dtype=np.float64)[:, :2] * mpp
+
+
 def run_task(
     fold: str,
     seed: int,
@@ -335,7 +367,6 @@ def run_task(
     ``tta_predict`` (with ``tta=False``): the members train on plain embeddings as usual but predict the held-out
     section from its TTA embeddings (methods ``...+ttapredict``; TTA at prediction time only)."""
     import hespotex as hx
-    from hespotex.pp._embed import EMBED_KEY
     from hespotex.pp._graph import knn_graph
     from hespotex.pp._targets import normalize_counts, raw_counts
     from hespotex.tl.evaluation._baselines import smooth
@@ -358,36 +389,18 @@ def run_task(
     all_tables = tables(data)
     genes = panel_genes(data)
     train_names = [n for n in all_tables if n != fold]
-    train = {}
-    for n in train_names:
-        t = all_tables[n].copy()
-        t.obsm["X"] = np.load(embedding_path(work, n, "clean", patch_um, tta))
-        t.uns[EMBED_KEY] = {
-            "X": {
-                "encoder": ENCODER,
-                "encoder_id": ENCODER,
-                "patch_um": patch_um,
-                **({"tta": "dihedral8"} if tta else {}),
-            }
-        }
-        if stain_augment:
-            from hespotex.pp._stain_augment import stain_record
-
-            t.obsm["X_stain_views"] = np.load(views_path(work, n, patch_um, tta))
-            t.uns[EMBED_KEY]["X"]["stain_augment"] = stain_record(STAIN_VIEWS, 0)
-        train[n] = t
+    train = training_tables(work, train_names, data, patch_um, tta=tta, stain_augment=stain_augment)
     hvg_names = set(rank_genes(train, genes, k=50)["hvg"])
     hvg = np.array([g in hvg_names for g in genes])
     test = all_tables[fold]
     idx = test.var_names.get_indexer(genes)
-    mpp = float(test.uns["hespotex_sample"]["microns_per_pixel"])
     conditions = {}
     for cond in CONDITIONS:
         test_tta = tta or tta_predict
         if not embedding_path(work, fold, cond, patch_um, test_tta).is_file():
             continue  # that image condition was not embedded at this patch size (see the report)
         counts = thinned_counts(test, fold) if cond == "thinned" else raw_counts(test)
-        xy = np.asarray(test.obsm["spatial"], dtype=np.float64)[:, :2] * mpp * (RESCALE if cond == "rescaled" else 1.0)
+        xy = spot_um(test, cond)
         emb = np.load(embedding_path(work, fold, cond, patch_um, test_tta))
         target = normalize_counts(counts, idx, target_norm=target_norm)
         conditions[cond] = (emb, xy, truths(counts, idx), target)

@@ -185,13 +185,34 @@ def on_default_lines(work: Path, context: float) -> list[str]:
     ]
 
 
+def write_default_section(work: Path, context: float, out: Path) -> None:
+    """Replace (or add) the section on TTA on top of the default in ``out``, keeping what comes before it (the
+    single-model tables, whose rows may be gone)."""
+    section = on_default_lines(work, context)
+    if not section:
+        msg = f"No default and TTA rows under {work / f'context{context:g}' / 'rows'}; run shift.py first."
+        raise SystemExit(msg)
+    old = out.read_text() if out.is_file() else ""
+    head = old[: old.index(section[0])] if section[0] in old else old.rstrip("\n") + "\n\n"
+    out.write_text(head + "\n".join(section))
+    print("\n".join(section))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="/tmp/hespotex_shift")
     parser.add_argument("--out", default="benchmarks/results/shift_tta.md")
     parser.add_argument("--context", type=float, default=200.0, help="context patch of the two-scale default, µm")
+    parser.add_argument(
+        "--default-only",
+        action="store_true",
+        help="rewrite only the section on TTA on top of the default, keeping the single-model tables in --out",
+    )
     args = parser.parse_args()
     work = Path(args.work)
+    if args.default_only:
+        write_default_section(work, args.context, Path(args.out))
+        return
     hes, base, folds, seeds = arms(load_rows(work))
     if hes.empty:
         msg = f"No fold and seed has both plain and TTA single-model rows under {work / 'rows'}; run shift.py first."

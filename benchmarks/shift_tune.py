@@ -38,17 +38,16 @@ sys.path.insert(0, str(HERE))
 
 from shift import (  # noqa: E402  (benchmarks/ is not a package)
     CONDITIONS,
-    ENCODER,
-    RESCALE,
     STAIN_VIEWS,
     embedding_path,
     panel_genes,
     run_parallel,
     score_rows,
+    spot_um,
     tables,
     thinned_counts,
+    training_tables,
     truths,
-    views_path,
 )
 
 TARGET_NORM = "library_modelled"
@@ -120,8 +119,6 @@ def _save_ae_cache(work: Path) -> None:
 def run_task(fold: str, seed: int, candidate: str, what: str, data: str | None, work: str, emb: str) -> str:
     """Train one candidate (single model or 4-member ensemble) for one held-out section and seed; score it."""
     import hespotex as hx
-    from hespotex.pp._embed import EMBED_KEY
-    from hespotex.pp._stain_augment import stain_record
     from hespotex.pp._targets import raw_counts
     from hespotex.tl.evaluation._evaluate import rank_genes
     from hespotex.tl.model._data import GraphData
@@ -139,25 +136,11 @@ def run_task(fold: str, seed: int, candidate: str, what: str, data: str | None, 
     all_tables = tables(data)
     genes = panel_genes(data)
     train_names = [n for n in all_tables if n != fold]
-    train = {}
-    for n in train_names:
-        t = all_tables[n].copy()
-        t.obsm["X"] = np.load(embedding_path(emb_root, n, "clean", PATCH_UM, False))
-        t.obsm["X_stain_views"] = np.load(views_path(emb_root, n, PATCH_UM))
-        t.uns[EMBED_KEY] = {
-            "X": {
-                "encoder": ENCODER,
-                "encoder_id": ENCODER,
-                "patch_um": PATCH_UM,
-                "stain_augment": stain_record(STAIN_VIEWS, 0),
-            }
-        }
-        train[n] = t
+    train = training_tables(emb_root, train_names, data, PATCH_UM, stain_augment=True)
     hvg_names = set(rank_genes(train, genes, k=50)["hvg"])
     hvg = np.array([g in hvg_names for g in genes])
     test = all_tables[fold]
     idx = test.var_names.get_indexer(genes)
-    mpp = float(test.uns["hespotex_sample"]["microns_per_pixel"])
     single = split_validation(train_names, "auto", seed=seed)[0][0]
     members = {}
     for held in train_names if what == "ens" else [single]:
@@ -171,7 +154,7 @@ def run_task(fold: str, seed: int, candidate: str, what: str, data: str | None, 
     rows = []
     for cond in CONDITIONS:
         counts = thinned_counts(test, fold) if cond == "thinned" else raw_counts(test)
-        xy = np.asarray(test.obsm["spatial"], dtype=np.float64)[:, :2] * mpp * (RESCALE if cond == "rescaled" else 1.0)
+        xy = spot_um(test, cond)
         x = np.load(embedding_path(emb_root, fold, cond, PATCH_UM, False))
         truth = truths(counts, idx)
         preds = [m.predict_graph(GraphData(fold, x, xy), device="cpu")["expression"] for m in members.values()]
