@@ -343,6 +343,12 @@ def training_tables(
     return out
 
 
+def member_seeds(seed: int, n: int) -> list[int]:
+    """``n`` unrelated seeds derived from ``seed`` (numpy ``SeedSequence.spawn``): no two ensembles of different
+    seeds share a member's seed."""
+    return [int(s.generate_state(1)[0]) for s in np.random.SeedSequence(seed).spawn(n)]
+
+
 def spot_um(test, condition: str) -> np.ndarray:
     """Spot centres of a held-out section in µm as a method sees them under ``condition`` (``rescaled``: with the
     µm/px given ``RESCALE`` off)."""
@@ -361,11 +367,14 @@ def run_task(
     work: str,
     stain_augment: bool = False,
     tta_predict: bool = False,
+    distinct_seeds: bool = False,
 ) -> str:
     """One held-out section, one seed and setting: hespotex members (``what="hespotex"``) or tuned baselines.
 
     ``tta_predict`` (with ``tta=False``): the members train on plain embeddings as usual but predict the held-out
-    section from its TTA embeddings (methods ``...+ttapredict``; TTA at prediction time only)."""
+    section from its TTA embeddings (methods ``...+ttapredict``; TTA at prediction time only). ``distinct_seeds``:
+    each member trains with its own seed, :func:`member_seeds` (methods ``...+distinct``), instead of all with
+    ``seed``."""
     import hespotex as hx
     from hespotex.pp._graph import knn_graph
     from hespotex.pp._targets import normalize_counts, raw_counts
@@ -378,6 +387,7 @@ def run_task(
     work = Path(work)
     seed_part = f"_s{seed}" if what != "baselines" else ""
     sa = ("_stainaug" if stain_augment else "") + ("_ttapredict" if tta_predict else "")
+    sa += "_distinct" if distinct_seeds else ""
     if tta_predict and (tta or what == "baselines"):
         raise ValueError("tta_predict is for hespotex trained on plain embeddings (tta=False).")
     done = work / "rows" / f"{what}_{fold}{seed_part}_{target_norm}_{patch_um:g}{'_tta' if tta else ''}{sa}.csv.gz"
@@ -415,14 +425,18 @@ def run_task(
     if what in ("hespotex", "single"):
         single = split_validation(train_names, "auto", seed=seed)[0][0]
         members = {}
-        for held in train_names if what == "hespotex" else [single]:
+        held_out = train_names if what == "hespotex" else [single]
+        seeds = member_seeds(seed, len(held_out)) if distinct_seeds else [seed] * len(held_out)
+        for held, member_seed in zip(held_out, seeds, strict=True):
             members[held] = hx.tl.train(
-                train, genes=genes, validation=[held], seed=seed, target_norm=target_norm, use_rep="X", device="cpu",
-                stain_augment=stain_augment,
+                train, genes=genes, validation=[held], seed=member_seed, target_norm=target_norm, use_rep="X",
+                device="cpu", stain_augment=stain_augment,
             )  # fmt: skip
         fit_s = time.perf_counter() - t0
         for cond, (emb, xy, truth, target) in conditions.items():
             variants = (("+ttapredict", None),) if tta_predict else (("", None), ("+slidestd", slide_standardised))
+            if distinct_seeds:
+                variants = (("+distinct", None),)
             for std_label, transform in variants:
                 preds = {
                     h: m.predict_graph(

@@ -2,16 +2,21 @@
 
 Reads the per-task rows of ``benchmarks/shift.py`` (and of ``benchmarks/shift_context.py``'s work folder for the
 two-scale candidate); trains nothing. The default is what ``hx.tl.train(sections, genes=panel)`` does since the
-stain and ensemble work: targets ``library_modelled``, a 100 µm patch (the spot diameter), one member per held-out
-validation section (4 members here), each trained on the clean embeddings and 4 stain-augmented views per spot
-(``hespotex-ens+stainaug`` in the rows). The rows it needs::
+stain and ensemble work: targets ``library_modelled``, two scales (the 100 µm spot patch and a 200 µm context), one
+member per held-out validation section (4 members here), each with its own seed (``member_seeds``) and trained on
+the clean embeddings and 4 stain-augmented views per spot (``hespotex-ens+stainaug+distinct`` in the rows; members
+sharing the seed, the default until 2026-12-02: ``hespotex-ens+stainaug``). The rows it needs (the commands in full
+are in the report's header)::
 
     python benchmarks/shift.py run --what hespotex --seeds 0 1 2 \\
         --setting "{'target_norm': 'library_modelled', 'patch_um': 100.0, 'tta': False, 'stain_augment': True}"
-    python benchmarks/shift.py embed --stain-views --patch 200 --workers 1      # candidate: context-scale views
+    python benchmarks/shift.py embed --stain-views --patch 200 --workers 1      # context-scale views
     python benchmarks/shift_context.py prepare --context 200                    # two-scale embeddings and views
-    python benchmarks/shift.py run --work /tmp/hespotex_shift/context200 --what hespotex --seeds 0 \\
+    python benchmarks/shift.py run --work /tmp/hespotex_shift/context200 --what hespotex --seeds 0 1 2 \\
         --setting "{'target_norm': 'library_modelled', 'patch_um': 100.0, 'tta': False, 'stain_augment': True}"
+    python benchmarks/shift.py run --work /tmp/hespotex_shift/context200 --what hespotex --seeds 0 1 2 \\
+        --setting "{'target_norm': 'library_modelled', 'patch_um': 100.0, 'tta': False, 'stain_augment': True, \\
+        'distinct_seeds': True}"
     python benchmarks/shift_defaults.py report          # -> benchmarks/results/shift_defaults.md
 
 Every figure is a mean per-gene Pearson, mean over the 5 folds per seed, then mean over seeds with the spread
@@ -35,8 +40,9 @@ sys.path.insert(0, str(HERE))
 import shift  # noqa: E402
 
 SETTING = {"target_norm": "library_modelled", "patch_um": 100.0}
-DEFAULT = "hespotex-ens+stainaug"
-VARIANTS = ("hespotex", "hespotex+stainaug", "hespotex-ens", "hespotex-ens+stainaug")
+SHARED = "hespotex-ens+stainaug"  # members sharing the seed (the default until 2026-12-02)
+DEFAULT = SHARED + "+distinct"  # members with their own seeds (``member_seeds``)
+VARIANTS = ("hespotex", "hespotex+stainaug", "hespotex-ens", SHARED, DEFAULT)
 GOAL = 0.02
 KEYS = ["method", "fold", "seed", "condition", "truth", "genes"]
 
@@ -161,11 +167,11 @@ def shared_folds(hes: pd.DataFrame, method: str = DEFAULT) -> tuple[list[str], l
     return best
 
 
-def candidate_table(spot: pd.DataFrame, ctx: pd.DataFrame, keys: list[str]):
-    """Two-scale + stain augmentation + ensemble vs the default on the (fold, seed) pairs both have; margins against
-    the strongest tuned baseline on either feature set (spot, spot+context) on those folds."""
-    a = spot[spot["method"] == DEFAULT]
-    c = ctx[ctx["method"] == DEFAULT]
+def candidate_table(spot: pd.DataFrame, ctx: pd.DataFrame, keys: list[str], method: str = SHARED):
+    """Two-scale vs spot-only ``method`` (stain augmentation + ensemble) on the (fold, seed) pairs both have; margins
+    against the strongest tuned baseline on either feature set (spot, spot+context) on those folds."""
+    a = spot[spot["method"] == method]
+    c = ctx[ctx["method"] == method]
     pairs = set(zip(a["fold"], a["seed"], strict=True)) & set(zip(c["fold"], c["seed"], strict=True))
     if not pairs:
         return None, [], []
@@ -188,17 +194,46 @@ def candidate_table(spot: pd.DataFrame, ctx: pd.DataFrame, keys: list[str]):
     gain = (pc - pa).groupby(keys).agg(["mean", "min", "max"])
     t = pd.DataFrame(
         {
-            "default (spot)": [f"{m:.4f} ± {s:.4f}" for m, s in zip(sa["mean"], sa["spread"], strict=True)],
+            "spot patch only": [f"{m:.4f} ± {s:.4f}" for m, s in zip(sa["mean"], sa["spread"], strict=True)],
             "two-scale+stainaug+ens": [f"{m:.4f} ± {s:.4f}" for m, s in zip(sc["mean"], sc["spread"], strict=True)],
             "gain": gain["mean"].round(4),
             "gain min over seeds": gain["min"].round(4),
             "strongest tuned baseline (either features)": best.reindex(sa.index).round(4),
-            "margin default": (sa["mean"] - best.reindex(sa.index)).round(4),
+            "margin spot only": (sa["mean"] - best.reindex(sa.index)).round(4),
             "margin two-scale": (sc["mean"] - best.reindex(sc.index)).round(4),
         },
         index=sa.index,
     )
     return t.reset_index(), folds, seeds
+
+
+def seed_choice_table(hes: pd.DataFrame, folds: list[str], keys: list[str]) -> pd.DataFrame:
+    """Members with their own seeds (the default) vs members sharing the seed, on the seeds both have every fold of:
+    each one's mean ± seed spread, and the gain per seed (mean, min, max)."""
+    n_truths = 1 if "truth" in keys else 3
+    part = hes[hes["fold"].isin(folds)]
+    ps = {m: per_seed(part[part["method"] == m], keys, len(folds), n_truths) for m in (SHARED, DEFAULT)}
+    seeds = sorted(set(ps[SHARED]["seed"]) & set(ps[DEFAULT]["seed"]))
+    if not seeds:
+        return pd.DataFrame()
+    st = {m: seed_stats(p[p["seed"].isin(seeds)], keys).set_index(keys) for m, p in ps.items()}
+    per = {m: p[p["seed"].isin(seeds)].set_index([*keys, "seed"])["mean"] for m, p in ps.items()}
+    gain = (per[DEFAULT] - per[SHARED]).groupby(keys).agg(["mean", "min", "max"])
+    out = pd.DataFrame(
+        {
+            "shared seed": [
+                f"{m:.4f} ± {s:.4f}" for m, s in zip(st[SHARED]["mean"], st[SHARED]["spread"], strict=True)
+            ],
+            "own seeds (default)": [
+                f"{m:.4f} ± {s:.4f}" for m, s in zip(st[DEFAULT]["mean"], st[DEFAULT]["spread"], strict=True)
+            ],
+            "gain": gain["mean"].round(4),
+            "gain min over seeds": gain["min"].round(4),
+            "gain max over seeds": gain["max"].round(4),
+        },
+        index=st[SHARED].index,
+    )
+    return out.reset_index()
 
 
 def thinning_table(rows: pd.DataFrame, hes: pd.DataFrame, base: pd.DataFrame, folds: list[str]) -> pd.DataFrame:
@@ -313,24 +348,28 @@ def cmd_report(args) -> None:
         "baselines on either feature set, and the thinning ceiling);  ",
         "`python benchmarks/shift.py run --what hespotex --seeds S --setting \"{'target_norm': 'library_modelled', "
         "'patch_um': 100.0, 'tta': False, 'stain_augment': True}\"` for S = 0, 1, 2, with and without `--work "
-        "/tmp/hespotex_shift/context200` (4-member ensembles and their single model, single- and two-scale);  ",
+        "/tmp/hespotex_shift/context200` (4-member ensembles whose members share the seed, and their single model, "
+        "single- and two-scale), and with `--work /tmp/hespotex_shift/context200 --seeds 0 1 2 --setting "
+        "\"{'target_norm': 'library_modelled', 'patch_um': 100.0, 'tta': False, 'stain_augment': True, "
+        "'distinct_seeds': True}\"` (the default: each member its own seed);  ",
         f"`{cmd}`. The per-task rows these tables read are kept in `benchmarks/results/shift_rows` (the work "
         "folders' `rows/` and `context200/rows/`, copied there after the runs): `python benchmarks/shift_defaults.py "
         "report --work benchmarks/results/shift_rows` rebuilds this file without training anything.",
         "",
-        "The default = `hx.tl.train(sections, genes=panel)` as it stands: targets `library_modelled`, "
-        f"{scales}, EfficientNet-Lite0 (ImageNet, frozen), an ensemble of 4 members (one per held-out "
-        "validation section), each trained on the clean embedding and 4 HED-jittered views per spot (one drawn per "
-        "spot per epoch); prediction on the clean embedding of the held-out section. Leave-one-section-out over "
-        "her2st C2-C6; conditions `clean`, `thinned` (~650 counts per spot), `restained` (HED gain/shift, blur, JPEG "
-        "q40), `rescaled` (µm/px 10 % off); truths `lib_all`, `lib_scored`, `log1p_raw` (see shift.md). Score: mean "
-        "per-gene Pearson over the top-50 HVG / all 785 modelled genes; per seed the mean over the 5 folds, then "
-        "`mean ± spread (seeds)` with spread = max - min of the seed means. `strongest tuned baseline` = the best of "
-        "ridge / retrieval, raw / 6-NN smoothed (α and k by leave-one-training-section-out, same targets), on the "
-        "single-scale `(spot)` or two-scale `(spot+context)` features, picked per cell after the fact; `margin` = "
-        "default mean - baseline; `worst-seed margin` = the default's worst "
-        f"seed - baseline; `≥ {GOAL}`: `yes` when even the worst seed is ≥ {GOAL} ahead (the issue's goal), "
-        "`ahead` when the mean is ahead by less, `no` when behind.",
+        f"The default = `hx.tl.train(sections, genes=panel)` as it stands: targets `library_modelled`, {scales}, "
+        "EfficientNet-Lite0 (ImageNet, frozen), an ensemble of 4 members (one per held-out validation section, "
+        "each with its own seed derived from the one given, `member_seeds`; `hespotex-ens+stainaug+distinct` in "
+        "the rows), each trained on the clean embedding and 4 HED-jittered views per spot (one drawn per spot "
+        "per epoch); prediction on the clean embedding of the held-out section. Leave-one-section-out over "
+        "her2st C2-C6; conditions `clean`, `thinned` (~650 counts per spot), `restained` (HED gain/shift, blur, "
+        "JPEG q40), `rescaled` (µm/px 10 % off); truths `lib_all`, `lib_scored`, `log1p_raw` (see shift.md). "
+        "Score: mean per-gene Pearson over the top-50 HVG / all 785 modelled genes; per seed the mean over the 5 "
+        "folds, then `mean ± spread (seeds)` with spread = max - min of the seed means. `strongest tuned "
+        "baseline` = the best of ridge / retrieval, raw / 6-NN smoothed (α and k by "
+        "leave-one-training-section-out, same targets), on the single-scale `(spot)` or two-scale "
+        "`(spot+context)` features, picked per cell after the fact; `margin` = default mean - baseline; "
+        f"`worst-seed margin` = the default's worst seed - baseline; `≥ {GOAL}`: `yes` when even the worst seed "
+        f"is ≥ {GOAL} ahead (the issue's goal), `ahead` when the mean is ahead by less, `no` when behind.",
         "",
         f"## The default vs the strongest tuned baseline, every condition x truth x gene set (seeds "
         f"{', '.join(map(str, seeds))}; {n_cells} cells)",
@@ -364,6 +403,20 @@ def cmd_report(args) -> None:
         others_t.to_markdown(index=False),
         "",
     ]
+    choice = seed_choice_table(hes, folds, ["condition", "genes"])
+    if len(choice):
+        lines += [
+            "## Members with their own seeds (the default since 2026-12-02) vs members sharing the seed",
+            "",
+            "Until 2026-12-02 every member of an ensemble was trained with the seed given to `hx.tl.train`, so all "
+            "started from the same weights and differed only in the section held out for early stopping. Now member "
+            "`i` trains with `member_seeds(seed, n)[i]` (numpy `SeedSequence.spawn`). Same folds, seeds and "
+            "embeddings; `gain` = own seeds - shared seed per seed (mean, min, max over seeds). Mean over the three "
+            "truths:",
+            "",
+            choice.sort_values(["genes", "condition"]).to_markdown(index=False),
+            "",
+        ]
     ranks = spread_ranks_errors(ctx_work if args.default == "two-scale" else work)
     if len(ranks):
         lines += [
@@ -452,21 +505,22 @@ def cmd_report(args) -> None:
         ctx = setting_rows(ctx_work).assign(features="spot+context")
         ctx_base = ctx[ctx["method"].str.startswith(("ridge", "retrieval")) & ~ctx["stain_augment"]]
         spot_base = spot[spot["method"].str.startswith(("ridge", "retrieval")) & ~spot["stain_augment"]]
-        a = pd.concat([spot[spot["method"] == DEFAULT], spot_base])
-        c = pd.concat([ctx[ctx["method"] == DEFAULT], ctx_base])
+        a = pd.concat([spot[spot["method"] == SHARED], spot_base])
+        c = pd.concat([ctx[ctx["method"] == SHARED], ctx_base])
         cm, cf, cs = candidate_table(a, c, ["condition", "genes"])
         if cm is not None:
             ct, _, _ = candidate_table(a, c, ["condition", "truth", "genes"])
             lines += [
-                f"## Candidate: two scales ({args.context:g} µm context) + stain augmentation + ensemble vs the "
-                f"default (folds {', '.join(cf)}; seeds {', '.join(map(str, cs))})",
+                f"## Two scales ({args.context:g} µm context) vs the spot patch alone, both stain-augmented "
+                f"ensembles whose members share the seed (folds {', '.join(cf)}; seeds {', '.join(map(str, cs))})",
                 "",
                 "`hx.pp.embed(..., patch_um=100, context_um=" + f"{args.context:g}" + ", stain_augment=4)`: the spot "
                 "and context features concatenated (2560 wide), the stain views likewise view by view (the same "
                 "seeded re-staining at both scales; `tests/test_pp_context.py::"
                 "test_context_with_stain_views_concatenates_view_by_view`); trained as the default otherwise. The "
                 "baseline is the strongest on either feature set (the baselines gain from the context features "
-                "too). `gain` = candidate - default per seed, mean (and min over seeds).",
+                "too). `gain` = two-scale - spot only per seed, mean (and min over seeds). Measured before members "
+                "had seeds of their own (the distinct-seed runs exist at two scales only).",
                 "",
                 "### Mean over the three truths",
                 "",

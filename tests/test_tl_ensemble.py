@@ -9,6 +9,7 @@ from model_configs import SMALL
 import hespotex as hx
 from hespotex import _ownership
 from hespotex.models import ModelConfig
+from hespotex.tl.model._ensemble import member_seeds
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 
@@ -42,6 +43,9 @@ def test_ensemble_trains_saves_loads_and_predicts_with_spread(sections, tmp_path
     assert sorted(m.validation_["samples"][0] for m in ens.members) == ["sa", "sb", "sc"]  # every sample held out once
     assert sorted(ens.validation_["samples"]) == ["sa", "sb", "sc"]  # read as a single model's are
     assert [h["member"] for h in ens.history_] == [k for k, m in enumerate(ens.members) for _ in m.history_]
+    seeds = [m.config.seed for m in ens.members]  # each member its own seed, derived from the one given (0)
+    assert ens.seed == 0 and seeds == member_seeds(0, 3) and len(set(seeds)) == 3
+    assert not set(seeds) & set(member_seeds(1, 3))  # another ensemble's seed shares no member seed
     folder = ens.save(tmp_path / "ens")
     with pytest.raises(FileExistsError):
         ens.save(folder)
@@ -62,10 +66,11 @@ def test_ensemble_trains_saves_loads_and_predicts_with_spread(sections, tmp_path
     loaded = hx.tl.load_model(folder)
     assert isinstance(loaded, hx.tl.HESpotExEnsemble) and loaded.model_id == ens.model_id
     assert loaded.target_norm == "library_modelled" and loaded.embedding_norm == "slide"
+    assert loaded.seed == 0 and [m.config.seed for m in loaded.members] == seeds
     out = hx.tl.predict(sections["t"].tables["table"].copy(), str(folder), device="cpu")
     params = out.uns["hespotex"]["params"]
     assert params["spread_layer"] == "hespotex_spread" and params["ensemble_members"] == 3
-    assert params["target_norm"] == "library_modelled"
+    assert params["target_norm"] == "library_modelled" and params["seed"] == 0  # the ensemble's seed, not a member's
     # the prediction is the members' mean and the spread their standard deviation
     members = np.stack(
         [

@@ -2,7 +2,8 @@
 
 Each member is an ordinary :class:`~hespotex.tl.HESpotEx` trained on the same samples with a
 different whole sample held out for early stopping, so every sample trains some member and early
-stopping stays honest. To the user the ensemble is one model: :func:`hespotex.tl.predict` averages
+stopping stays honest, and with its own seed (:func:`member_seeds`), so members start from different
+weights. To the user the ensemble is one model: :func:`hespotex.tl.predict` averages
 the members' expression and decoder attention and stores the members' spread (standard deviation)
 as an uncertainty layer ``layers[f"{key_added}_spread"]``; :meth:`HESpotExEnsemble.save` writes one
 folder (``ensemble.json`` and one sub-folder per member), :func:`load_model` reads either kind.
@@ -35,6 +36,9 @@ class HESpotExEnsemble:
     ----------
     members
         Trained models with the same genes, encoder, patch size, target and embedding normalisation.
+    seed
+        The seed the members' seeds were derived from (:func:`member_seeds`; ``None`` when not known), recorded
+        in ``ensemble.json`` and in a prediction's ``params["seed"]``.
 
     Attributes
     ----------
@@ -43,7 +47,7 @@ class HESpotExEnsemble:
         ``embedding_norm``, ``spot_geometry`` are shared by all of them (read from the first).
     """
 
-    def __init__(self, members: Sequence[HESpotEx]) -> None:
+    def __init__(self, members: Sequence[HESpotEx], *, seed: int | None = None) -> None:
         members = list(members)
         if len(members) < 2:
             msg = f"An ensemble needs at least 2 trained members; found {len(members)}."
@@ -70,6 +74,7 @@ class HESpotExEnsemble:
                 )
                 raise ValueError(msg)
         self.members = members
+        self.seed = None if seed is None else int(seed)
 
     def __repr__(self) -> str:
         return (
@@ -151,6 +156,8 @@ class HESpotExEnsemble:
             "combine": "mean",
             "spread": "standard deviation over members",
             "member_ids": [m.model_id for m in self.members],
+            "seed": self.seed,
+            "member_seeds": [m.config.seed for m in self.members],
             "validation": [m.validation_.get("samples") for m in self.members],
         }
         return setup
@@ -215,7 +222,8 @@ class HESpotExEnsemble:
         ):
             msg = f"The ensemble record in {str(path)!r} lists no valid member folders; save the ensemble again."
             raise ValueError(msg)
-        return cls([HESpotEx.load(path / m) for m in members])
+        seed = record.get("seed")  # absent in ensembles saved before members had seeds of their own
+        return cls([HESpotEx.load(path / m) for m in members], seed=seed if isinstance(seed, int) else None)
 
 
 class AgreementStats:
@@ -262,9 +270,15 @@ def member_agreement(stack: np.ndarray) -> np.ndarray:
     return stats.agreement()
 
 
+def member_seeds(seed: int, n: int) -> list[int]:
+    """The seeds of an ensemble's ``n`` members, derived from ``seed`` (numpy ``SeedSequence(seed).spawn``):
+    members start from different weights, and ensembles trained with different seeds share no member seed."""
+    return [int(s.generate_state(1)[0]) for s in np.random.SeedSequence(int(seed)).spawn(n)]
+
+
 def train_ensemble(samples: Any, *, fit: Any, seed: int = 0, **kwargs: Any) -> HESpotExEnsemble:
     """One ``fit(...)`` (:func:`hespotex.tl.train`, passed in by it) per sample held out for early stopping
-    (needs 3 or more samples)."""
+    (needs 3 or more samples), each with its own seed (:func:`member_seeds`)."""
     from hespotex._sample import as_sample_dict
 
     named = as_sample_dict(samples)
@@ -275,5 +289,8 @@ def train_ensemble(samples: Any, *, fit: Any, seed: int = 0, **kwargs: Any) -> H
         )
         raise ValueError(msg)
     kwargs.pop("validation", None)
-    members = [fit(named, validation=[name], seed=seed, ensemble=False, **kwargs) for name in named]
-    return HESpotExEnsemble(members)
+    seeds = member_seeds(seed, len(named))
+    members = [
+        fit(named, validation=[name], seed=s, ensemble=False, **kwargs) for name, s in zip(named, seeds, strict=True)
+    ]
+    return HESpotExEnsemble(members, seed=seed)

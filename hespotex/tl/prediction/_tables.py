@@ -32,7 +32,7 @@ def prediction_params(
         "encoder_id": embed_params.get("encoder_id"),
         "patch_um": embed_params.get("patch_um"),
         "context_um": embed_params.get("context_um"),  # None: single-scale embeddings
-        "seed": model.config.seed,
+        "seed": model.config.seed if getattr(model, "seed", None) is None else model.seed,  # an ensemble's own
         "target_sum": model.target_sum,
         "target_norm": model.target_norm,
         "target": TARGET_NORMS[model.target_norm],

@@ -203,7 +203,9 @@ def train(
         when there are 3 or more, else a spatial block of 20 % of each sample; a list of sample
         names; a float fraction for spatial blocks; ``None`` for none (train all epochs).
     seed
-        Seed of initialisation, batching and the validation choice.
+        Seed of initialisation, batching and the validation choice. An ensemble's members each train with their
+        own seed spawned from it (numpy ``SeedSequence(seed).spawn``), so they start from different weights; the
+        ensemble records this one (``ensemble.seed``, ``ensemble.json``, a prediction's ``params["seed"]``).
     device
         ``"auto"`` (CUDA when present, else CPU), ``"cpu"``, ``"cuda"``...
     use_rep
