@@ -251,7 +251,8 @@ def train(
         :class:`hespotex.tl.HESpotExEnsemble`: predictions average the members and store their spread as
         ``layers[f"{key_added}_spread"]``; ``validation`` must stay ``"auto"``. ``False``: one model. On
         sections of new patients ensembles scored about +0.01 mean Pearson over single models, with a
-        smaller spread over seeds (``benchmarks/results/shift.md``), at one training per sample.
+        smaller spread over seeds (``benchmarks/results/shift.md``), at one training per sample; members with
+        their own seeds (see ``seed``) another +0.005 (clean sections, ``benchmarks/results/shift_defaults.md``).
     stain_augment
         Train on stain-augmented views: every training spot, each epoch, is seen through one
         embedding drawn among its clean one and its views ``obsm[f"{use_rep}_stain_views"]``
