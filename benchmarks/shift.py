@@ -343,12 +343,6 @@ def training_tables(
     return out
 
 
-def member_seeds(seed: int, n: int) -> list[int]:
-    """``n`` unrelated seeds derived from ``seed`` (numpy ``SeedSequence.spawn``): no two ensembles of different
-    seeds share a member's seed."""
-    return [int(s.generate_state(1)[0]) for s in np.random.SeedSequence(seed).spawn(n)]
-
-
 def spot_um(test, condition: str) -> np.ndarray:
     """Spot centres of a held-out section in µm as a method sees them under ``condition`` (``rescaled``: with the
     µm/px given ``RESCALE`` off)."""
@@ -373,14 +367,15 @@ def run_task(
 
     ``tta_predict`` (with ``tta=False``): the members train on plain embeddings as usual but predict the held-out
     section from its TTA embeddings (methods ``...+ttapredict``; TTA at prediction time only). ``distinct_seeds``:
-    each member trains with its own seed, :func:`member_seeds` (methods ``...+distinct``), instead of all with
-    ``seed``."""
+    each member trains with its own seed, ``member_seed`` as ``hx.tl.train``'s ensembles do (methods
+    ``...+distinct``), instead of all with ``seed``."""
     import hespotex as hx
     from hespotex.pp._graph import knn_graph
     from hespotex.pp._targets import normalize_counts, raw_counts
     from hespotex.tl.evaluation._baselines import smooth
     from hespotex.tl.evaluation._evaluate import rank_genes
     from hespotex.tl.model._data import GraphData, graph_data
+    from hespotex.tl.model._ensemble import member_seed
     from hespotex.tl.training._train import split_validation
     from hespotex.tl.training._tune import tune_baseline
 
@@ -426,11 +421,11 @@ def run_task(
         single = split_validation(train_names, "auto", seed=seed)[0][0]
         members = {}
         held_out = train_names if what == "hespotex" else [single]
-        seeds = member_seeds(seed, len(held_out)) if distinct_seeds else [seed] * len(held_out)
-        for held, member_seed in zip(held_out, seeds, strict=True):
+        for held in held_out:
+            own = member_seed(seed, [n for n in train_names if n != held])  # as hx.tl.train's ensembles do
             members[held] = hx.tl.train(
-                train, genes=genes, validation=[held], seed=member_seed, target_norm=target_norm, use_rep="X",
-                device="cpu", stain_augment=stain_augment,
+                train, genes=genes, validation=[held], seed=own if distinct_seeds else seed, target_norm=target_norm,
+                use_rep="X", device="cpu", stain_augment=stain_augment,
             )  # fmt: skip
         fit_s = time.perf_counter() - t0
         for cond, (emb, xy, truth, target) in conditions.items():

@@ -3,7 +3,7 @@
 Reads the per-task rows of ``benchmarks/shift.py`` (and of ``benchmarks/shift_context.py``'s work folder for the
 two-scale candidate); trains nothing. The default is what ``hx.tl.train(sections, genes=panel)`` does since the
 stain and ensemble work: targets ``library_modelled``, two scales (the 100 µm spot patch and a 200 µm context), one
-member per held-out validation section (4 members here), each with its own seed (``member_seeds``) and trained on
+member per held-out validation section (4 members here), each with its own seed (``member_seed``) and trained on
 the clean embeddings and 4 stain-augmented views per spot (``hespotex-ens+stainaug+distinct`` in the rows; members
 sharing the seed, the default until 2026-12-02: ``hespotex-ens+stainaug``). The rows it needs (the commands in full
 are in the report's header)::
@@ -41,7 +41,7 @@ import shift  # noqa: E402
 
 SETTING = {"target_norm": "library_modelled", "patch_um": 100.0}
 SHARED = "hespotex-ens+stainaug"  # members sharing the seed (the default until 2026-12-02)
-DEFAULT = SHARED + "+distinct"  # members with their own seeds (``member_seeds``)
+DEFAULT = SHARED + "+distinct"  # members with their own seeds (``member_seed``)
 VARIANTS = ("hespotex", "hespotex+stainaug", "hespotex-ens", SHARED, DEFAULT)
 GOAL = 0.02
 KEYS = ["method", "fold", "seed", "condition", "truth", "genes"]
@@ -358,7 +358,7 @@ def cmd_report(args) -> None:
         "",
         f"The default = `hx.tl.train(sections, genes=panel)` as it stands: targets `library_modelled`, {scales}, "
         "EfficientNet-Lite0 (ImageNet, frozen), an ensemble of 4 members (one per held-out validation section, "
-        "each with its own seed derived from the one given, `member_seeds`; `hespotex-ens+stainaug+distinct` in "
+        "each with its own seed derived from the one given, `member_seed`; `hespotex-ens+stainaug+distinct` in "
         "the rows), each trained on the clean embedding and 4 HED-jittered views per spot (one drawn per spot "
         "per epoch); prediction on the clean embedding of the held-out section. Leave-one-section-out over "
         "her2st C2-C6; conditions `clean`, `thinned` (~650 counts per spot), `restained` (HED gain/shift, blur, "
@@ -409,8 +409,11 @@ def cmd_report(args) -> None:
             "## Members with their own seeds (the default since 2026-12-02) vs members sharing the seed",
             "",
             "Until 2026-12-02 every member of an ensemble was trained with the seed given to `hx.tl.train`, so all "
-            "started from the same weights and differed only in the section held out for early stopping. Now member "
-            "`i` trains with `member_seeds(seed, n)[i]` (numpy `SeedSequence.spawn`). Same folds, seeds and "
+            "started from the same weights and differed only in the section held out for early stopping. Now each "
+            "member trains with `member_seed(seed, its training samples)` (numpy `SeedSequence` of the seed and the "
+            "samples' "
+            "names: members of one ensemble differ, and folds that train a member on the same samples share its "
+            "pre-trained autoencoder). Same folds, seeds and "
             "embeddings; `gain` = own seeds - shared seed per seed (mean, min, max over seeds). Mean over the three "
             "truths:",
             "",

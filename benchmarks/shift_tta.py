@@ -160,6 +160,10 @@ def on_default_lines(work: Path, context: float) -> list[str]:
     return [
         "## TTA on top of the default (two scales + stain augmentation + 4-member ensemble)",
         "",
+        "Run before ensemble members had seeds of their own: `default` here is the ensemble whose members share the "
+        "seed (`hespotex-ens+stainaug`, the default until 2026-12-02; `shift_defaults.md` compares the two), and both "
+        "TTA arms are that ensemble with TTA.",
+        "",
         "Commands: `python benchmarks/shift.py embed --tta 1 --patch 200`, `python benchmarks/shift.py embed "
         "--stain-views --tta 1 --patch 100 200`, `python benchmarks/shift_context.py prepare --context "
         f"{context:g} --tta 1`; `python benchmarks/shift.py run --work {ctx_work} --what hespotex --seeds S "

@@ -9,7 +9,7 @@ from model_configs import SMALL
 import hespotex as hx
 from hespotex import _ownership
 from hespotex.models import ModelConfig
-from hespotex.tl.model._ensemble import member_seeds
+from hespotex.tl.model._ensemble import member_seed
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 
@@ -43,9 +43,10 @@ def test_ensemble_trains_saves_loads_and_predicts_with_spread(sections, tmp_path
     assert sorted(m.validation_["samples"][0] for m in ens.members) == ["sa", "sb", "sc"]  # every sample held out once
     assert sorted(ens.validation_["samples"]) == ["sa", "sb", "sc"]  # read as a single model's are
     assert [h["member"] for h in ens.history_] == [k for k, m in enumerate(ens.members) for _ in m.history_]
-    seeds = [m.config.seed for m in ens.members]  # each member its own seed, derived from the one given (0)
-    assert ens.seed == 0 and seeds == member_seeds(0, 3) and len(set(seeds)) == 3
-    assert not set(seeds) & set(member_seeds(1, 3))  # another ensemble's seed shares no member seed
+    seeds = [m.config.seed for m in ens.members]  # each member its own seed, from the one given (0) and its samples
+    trained_on = [sorted({"sa", "sb", "sc"} - set(m.validation_["samples"])) for m in ens.members]
+    assert ens.seed == 0 and seeds == [member_seed(0, t) for t in trained_on] and len(set(seeds)) == 3
+    assert member_seed(0, ["sb", "sa"]) == member_seed(0, ["sa", "sb"]) != member_seed(1, ["sa", "sb"])
     folder = ens.save(tmp_path / "ens")
     with pytest.raises(FileExistsError):
         ens.save(folder)

@@ -2,7 +2,7 @@
 
 Each member is an ordinary :class:`~hespotex.tl.HESpotEx` trained on the same samples with a
 different whole sample held out for early stopping, so every sample trains some member and early
-stopping stays honest, and with its own seed (:func:`member_seeds`), so members start from different
+stopping stays honest, and with its own seed (:func:`member_seed`), so members start from different
 weights. To the user the ensemble is one model: :func:`hespotex.tl.predict` averages
 the members' expression and decoder attention and stores the members' spread (standard deviation)
 as an uncertainty layer ``layers[f"{key_added}_spread"]``; :meth:`HESpotExEnsemble.save` writes one
@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ class HESpotExEnsemble:
     members
         Trained models with the same genes, encoder, patch size, target and embedding normalisation.
     seed
-        The seed the members' seeds were derived from (:func:`member_seeds`; ``None`` when not known), recorded
+        The seed the members' seeds were derived from (:func:`member_seed`; ``None`` when not known), recorded
         in ``ensemble.json`` and in a prediction's ``params["seed"]``.
 
     Attributes
@@ -270,15 +271,19 @@ def member_agreement(stack: np.ndarray) -> np.ndarray:
     return stats.agreement()
 
 
-def member_seeds(seed: int, n: int) -> list[int]:
-    """The seeds of an ensemble's ``n`` members, derived from ``seed`` (numpy ``SeedSequence(seed).spawn``):
-    members start from different weights, and ensembles trained with different seeds share no member seed."""
-    return [int(s.generate_state(1)[0]) for s in np.random.SeedSequence(int(seed)).spawn(n)]
+def member_seed(seed: int, train_samples: Sequence[str]) -> int:
+    """The seed of the ensemble member trained on ``train_samples``: derived from ``seed`` and those samples' names
+    (numpy ``SeedSequence``). Members of one ensemble train on different samples, so they start from different
+    weights; the same samples and seed give the same seed, so cross-validation folds that train a member on the
+    same samples reuse its pre-trained autoencoder (kept in memory per process)."""
+    names = sorted({str(n) for n in train_samples})
+    words = [int(seed), *(zlib.crc32(n.encode()) for n in names)]
+    return int(np.random.SeedSequence(words).generate_state(1)[0])
 
 
 def train_ensemble(samples: Any, *, fit: Any, seed: int = 0, **kwargs: Any) -> HESpotExEnsemble:
     """One ``fit(...)`` (:func:`hespotex.tl.train`, passed in by it) per sample held out for early stopping
-    (needs 3 or more samples), each with its own seed (:func:`member_seeds`)."""
+    (needs 3 or more samples), each with its own seed (:func:`member_seed`)."""
     from hespotex._sample import as_sample_dict
 
     named = as_sample_dict(samples)
@@ -289,8 +294,8 @@ def train_ensemble(samples: Any, *, fit: Any, seed: int = 0, **kwargs: Any) -> H
         )
         raise ValueError(msg)
     kwargs.pop("validation", None)
-    seeds = member_seeds(seed, len(named))
     members = [
-        fit(named, validation=[name], seed=s, ensemble=False, **kwargs) for name, s in zip(named, seeds, strict=True)
+        fit(named, validation=[name], seed=member_seed(seed, [n for n in named if n != name]), ensemble=False, **kwargs)
+        for name in named
     ]
     return HESpotExEnsemble(members, seed=seed)

@@ -204,8 +204,9 @@ def train(
         names; a float fraction for spatial blocks; ``None`` for none (train all epochs).
     seed
         Seed of initialisation, batching and the validation choice. An ensemble's members each train with their
-        own seed spawned from it (numpy ``SeedSequence(seed).spawn``), so they start from different weights; the
-        ensemble records this one (``ensemble.seed``, ``ensemble.json``, a prediction's ``params["seed"]``).
+        own seed derived from it and the samples the member trains on (numpy ``SeedSequence``), so they start from
+        different weights; the ensemble records this one (``ensemble.seed``, ``ensemble.json``, a prediction's
+        ``params["seed"]``).
     device
         ``"auto"`` (CUDA when present, else CPU), ``"cpu"``, ``"cuda"``...
     use_rep
