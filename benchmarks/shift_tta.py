@@ -155,6 +155,9 @@ def on_default_lines(work: Path, context: float) -> list[str]:
     if mean_t.empty:
         return []
     truth_t, _, _ = on_default(ctx_work, spot_rows, ["condition", "truth", "genes"])
+    present = [a for a in ON_DEFAULT if a in mean_t.columns]
+    missing = [f"`{a}`" for a in ON_DEFAULT if a not in present]
+    present = [f"`{a}`" for a in present]
     base = "{'target_norm': 'library_modelled', 'patch_um': 100.0, 'tta': %s, 'stain_augment': True%s}"
     with_tta, predict_only = base % ("True", ""), base % ("False", ", 'tta_predict': True")
     return [
@@ -164,7 +167,7 @@ def on_default_lines(work: Path, context: float) -> list[str]:
         "seed (`hespotex-ens+stainaug`, the default until 2026-12-02; `shift_defaults.md` compares the two), and both "
         "TTA arms are that ensemble with TTA.",
         "",
-        "Commands: `python benchmarks/shift.py embed --tta 1 --patch 200`, `python benchmarks/shift.py embed "
+        "Commands: `python benchmarks/shift.py embed --tta 1 --patch 100 200`, `python benchmarks/shift.py embed "
         "--stain-views --tta 1 --patch 100 200`, `python benchmarks/shift_context.py prepare --context "
         f"{context:g} --tta 1`; `python benchmarks/shift.py run --work {ctx_work} --what hespotex --seeds S "
         f'--setting "{with_tta}"` (`tta`: every embedding, training views included, is the mean '
@@ -173,7 +176,9 @@ def on_default_lines(work: Path, context: float) -> list[str]:
         "members, trained on plain embeddings, predict from the held-out section's TTA embeddings); the tuned "
         f"baselines on the two-scale TTA features: `python benchmarks/shift.py run --work {ctx_work} --what baselines "
         "--setting \"{'target_norm': 'library_modelled', 'patch_um': 100.0, 'tta': True}\"`.  ",
-        f"Folds {', '.join(folds)}, seeds {', '.join(map(str, seeds))} (the pairs every arm has). `gain` = arm - "
+        f"Arms with rows: {', '.join(present)}"
+        + (f"; not run: {', '.join(missing)}" if missing else "")
+        + f". Folds {', '.join(folds)}, seeds {', '.join(map(str, seeds))} (the pairs every arm has). `gain` = arm - "
         "default per seed (mean, and the worst seed). `margin default` is against the strongest tuned baseline on "
         "plain features (as in shift_defaults.md); the TTA arms' margins are against the strongest on any features, "
         "TTA ones included (the baselines gain from TTA features too).",
