@@ -119,8 +119,8 @@ def predict(
     - ``var[f"{key_added}_agreement"]`` (ensembles only): per gene, the members' mean pairwise Pearson
       across spots (1: they agree on its spatial pattern), computed on this slide, no truth needed. On
       held-out her2st sections it ranks genes by how well they are predicted (Spearman 0.62 with the
-      gene's Pearson on clean sections, 0.51 re-stained), though less well than the standard deviation
-      of the prediction across spots does (0.69 / 0.65; ``benchmarks/results/shift_defaults.md``);
+      gene's Pearson on clean sections, 0.52 re-stained), though less well than the standard deviation
+      of the prediction across spots does (0.68 / 0.65; ``benchmarks/results/shift_defaults.md``);
     - ``obsm[f"X_{key_added}"]``: the latent ``ẑ`` of each spot (an ensemble's first member);
     - ``obsp[f"{key_added}_attention"]``: decoder attention (rows = target spot) when the model has it;
     - ``uns[key_added]["params"]``: model id (weights fingerprint), genes hash, encoder, patch size in µm,
