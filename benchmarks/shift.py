@@ -385,6 +385,8 @@ def run_task(
     sa += "_distinct" if distinct_seeds else ""
     if tta_predict and (tta or what == "baselines"):
         raise ValueError("tta_predict is for hespotex trained on plain embeddings (tta=False).")
+    if distinct_seeds and tta_predict:
+        raise ValueError("distinct_seeds and tta_predict are separate runs: set one of them.")
     done = work / "rows" / f"{what}_{fold}{seed_part}_{target_norm}_{patch_um:g}{'_tta' if tta else ''}{sa}.csv.gz"
     if done.is_file():
         return str(done)

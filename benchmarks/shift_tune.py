@@ -19,7 +19,9 @@ section never chooses anything: a candidate is a global setting scored by its me
     python benchmarks/shift_tune.py report --screen-seeds 0
 
 Work files (per-task rows, pre-trained autoencoders) go to ``--work`` (default /tmp/hespotex_tune);
-finished tasks are skipped on a rerun.
+finished tasks are skipped on a rerun. Ensemble members train with their own seeds (``member_seed``), as
+``hx.tl.train`` does since 2026-12-02; the rows of ``results/shift_tune.md`` and ``results/shift_rows/tune_context200``
+were made before, with every member on the task's seed.
 """
 
 from __future__ import annotations
@@ -122,6 +124,7 @@ def run_task(fold: str, seed: int, candidate: str, what: str, data: str | None, 
     from hespotex.pp._targets import raw_counts
     from hespotex.tl.evaluation._evaluate import rank_genes
     from hespotex.tl.model._data import GraphData
+    from hespotex.tl.model._ensemble import member_seed
     from hespotex.tl.training._train import split_validation
 
     work, emb_root = Path(work), Path(emb).parent  # shift.py's paths are <root>/emb/<file>
@@ -144,8 +147,9 @@ def run_task(fold: str, seed: int, candidate: str, what: str, data: str | None, 
     single = split_validation(train_names, "auto", seed=seed)[0][0]
     members = {}
     for held in train_names if what == "ens" else [single]:
+        own = member_seed(seed, [n for n in train_names if n != held]) if what == "ens" else seed  # as hx.tl.train
         members[held] = hx.tl.train(
-            train, genes=genes, validation=[held], seed=seed, target_norm=TARGET_NORM, use_rep="X", device="cpu",
+            train, genes=genes, validation=[held], seed=own, target_norm=TARGET_NORM, use_rep="X", device="cpu",
             stain_augment=True, config=config, ensemble=False, **options,
         )  # fmt: skip
     fit_s = time.perf_counter() - t0

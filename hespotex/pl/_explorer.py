@@ -210,15 +210,15 @@ class Explorer(Viewer):
         """Markdown describing the selected spot (named in the page, so tests and users can see it)."""
         spot = self.state.spot
         agree = self.agreement_note(self.state.gene)
+        tail = f"  \n{agree}" if agree else ""
         if spot is None:
-            return "**Selected spot:** none. Tap a spot on a map to see the neighbours its prediction attends to." + (
-                f"  \n{agree}" if agree else ""
-            )
+            hint = "Tap a spot on a map to see the neighbours its prediction attends to."
+            return f"**Selected spot:** none. {hint}{tail}"
         view, gene = self.view, self.state.gene
         df = view.frame(gene)
         row = df.iloc[int(self.predictions.table.obs_names.get_loc(spot))]
         values = " · ".join(f"{c} {gene}: {row[c]:.3f}" for c in view.columns)
-        return f"**Selected spot:** `{spot}` · {values}" + (f"  \n{agree}" if agree else "")
+        return f"**Selected spot:** `{spot}` · {values}" + tail
 
     def agreement_note(self, gene: str) -> str:
         """For an ensemble's prediction, the members' agreement on ``gene`` (``var[params["agreement_key"]]``, their
