@@ -21,7 +21,8 @@ the autoencoder pre-training alone of the 20 ensemble members is about 40 core-m
 
 Folds run in parallel on a dask LocalCluster (``--workers`` processes, one torch thread each: on
 2 cores this beats one process with two threads, whose scatter operations contend). Each task is one
-fold with every encoder and method.
+fold with every encoder and method; the single-model arm of each fold is a task of its own, queued after
+the five folds, so the short single models fill the core the fifth fold leaves idle.
 """
 
 from __future__ import annotations
@@ -51,16 +52,19 @@ def run_fold(
     out: str,
     tune: bool = True,
     target_norm: str = "library_modelled",
-    single: bool = True,
     stain_views: int = 4,
     context_um: float | str | None = "auto",
+    part: str = "methods",
 ) -> pd.DataFrame:
     """One held-out section, every encoder and method (runs inside a dask worker).
 
-    The fold's table is saved to ``out/folds/<fold>.csv.gz`` as soon as it is done, so a rerun
-    skips finished folds and a failing fold does not lose the others.
+    ``part``: ``"methods"`` (every method of ``methods``) or ``"single"`` (the single-model arm
+    ``hespotex-single`` alone: its own task, so the short single models fill the cores the
+    five long ensemble folds leave idle). The table is saved to ``out/folds/<fold>.csv.gz``
+    (``<fold>_single.csv.gz``) as soon as it is done, so a rerun skips finished tasks and a
+    failing one does not lose the others.
     """
-    done = Path(out) / "folds" / f"{fold}.csv.gz"
+    done = Path(out) / "folds" / (f"{fold}.csv.gz" if part == "methods" else f"{fold}_{part}.csv.gz")
     if done.is_file():
         return pd.read_csv(done)
     hx.settings.progress = False
@@ -81,15 +85,16 @@ def run_fold(
             "folds": [fold], "n_top_genes": genes, "include_genes": panel, "panels": {"785": panel}, "use_rep": key,
             "seed": 0, "target_norm": target_norm,
         }  # fmt: skip
-        table = cross_validate(
-            sections,
-            methods=methods,
-            tune_baselines=tune,
-            **common,
-        )  # the library defaults: ensemble="auto" (4 training sections: an ensemble), stain augmentation (views)
-        table.insert(0, "encoder", enc)
-        tables.append(table)
-        if single and "hespotex" in methods:
+        if part == "methods":
+            table = cross_validate(
+                sections,
+                methods=methods,
+                tune_baselines=tune,
+                **common,
+            )  # the library defaults: ensemble="auto" (4 training sections: an ensemble), stain augmentation (views)
+            table.insert(0, "encoder", enc)
+            tables.append(table)
+        else:  # "single"
             one = cross_validate(sections, methods=["hespotex"], ensemble=False, **common)
             one["method"] = "hespotex-single"
             one.insert(0, "encoder", enc)
@@ -195,9 +200,13 @@ def main() -> None:
             ) as cluster,
             Client(cluster) as client,
         ):
+            # the five long folds first, then the short single-model tasks (dask runs them in this order)
+            parts = ["methods"] + (["single"] if not args.no_single and "hespotex" in methods else [])
+            tasks = [(fold, part) for part in parts for fold in sorted(sections)]
             futures = client.map(
                 run_fold,
-                sorted(sections),
+                [fold for fold, _ in tasks],
+                [part for _, part in tasks],
                 data=args.data,
                 encoders=args.encoders,
                 methods=methods,
@@ -205,7 +214,6 @@ def main() -> None:
                 out=args.out,
                 tune=not args.no_tune,
                 target_norm=args.target_norm,
-                single=not args.no_single,
                 stain_views=args.stain_views,
                 context_um=args.context_um,
                 pure=False,

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hespotex._settings import resolve_device, settings
+from hespotex.pp._fold_batchnorm import fold_batchnorm
 from hespotex.pp._patches import PatchPlan, resize_batch
 
 if TYPE_CHECKING:
@@ -87,7 +88,8 @@ def encode_patches(
     t_start = time.perf_counter()
     dev = resolve_device(device)
     fmt = memory_format(encoder.model)
-    model = encoder.model.to(dev, memory_format=fmt)
+    # BatchNorm folded into the convolutions (a copy; same features up to float rounding, ~1.6x on CPU)
+    model = fold_batchnorm(encoder.model.to(dev, memory_format=fmt)).to(dev, memory_format=fmt)
     n = len(plan.order)
     out = np.empty((n, encoder.num_features), dtype=np.float32)
     batches = list(plan.batches(batch_size))

@@ -221,6 +221,9 @@ def pretrain_autoencoder(
         return
     torch.manual_seed(seed if distributed is None else distributed.seed(seed))
     rng = np.random.default_rng(seed)
+    # the autoencoder reads expression and its graph only: batches without the embeddings and their stain views
+    # (same blocks, sizes and order; their rows are no longer copied into every epoch's batch)
+    blocks = [Batch(np.empty((len(b.emb), 0), np.float32), b.expr, b.edges_ae, b.edges_dec) for b in blocks]
     params = list(net.autoencoder.parameters())
     opt = make_optimizer(torch.optim.Adam, params, lr=cfg.ae_lr, weight_decay=cfg.ae_weight_decay)
     step, flags = net.autoencoder_loss, None
