@@ -105,6 +105,11 @@ def run_fold(
     return result
 
 
+def run_part(fold: str, part: str, **kwargs) -> pd.DataFrame:
+    """:func:`run_fold` of one ``part`` (for ``client.map`` over folds and parts)."""
+    return run_fold(fold, part=part, **kwargs)
+
+
 def previous_run(path: Path, summary: pd.DataFrame) -> list[str]:
     """The section comparing with the table this benchmark made before the ensemble default (single model per fold,
     5,457 genes, library over all genes, 200 µm patches, no stain augmentation; ``path``, committed)."""
@@ -204,7 +209,7 @@ def main() -> None:
             parts = ["methods"] + (["single"] if not args.no_single and "hespotex" in methods else [])
             tasks = [(fold, part) for part in parts for fold in sorted(sections)]
             futures = client.map(
-                run_fold,
+                run_part,
                 [fold for fold, _ in tasks],
                 [part for _, part in tasks],
                 data=args.data,

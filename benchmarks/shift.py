@@ -362,14 +362,20 @@ def run_task(
     stain_augment: bool = False,
     tta_predict: bool = False,
     distinct_seeds: bool = False,
+    smooth_predict: bool = False,
+    ae_epochs: int | None = None,
 ) -> str:
     """One held-out section, one seed and setting: hespotex members (``what="hespotex"``) or tuned baselines.
 
     ``tta_predict`` (with ``tta=False``): the members train on plain embeddings as usual but predict the held-out
     section from its TTA embeddings (methods ``...+ttapredict``; TTA at prediction time only). ``distinct_seeds``:
     each member trains with its own seed, ``member_seed`` as ``hx.tl.train``'s ensembles do (methods
-    ``...+distinct``), instead of all with ``seed``."""
+    ``...+distinct``), instead of all with ``seed``. ``smooth_predict``: the ensemble's prediction is also scored
+    spatially smoothed over the 6 nearest spots as the baselines' ``+smooth`` (methods ``...+smooth``: mean of the
+    spot and its neighbours; ``...+smooth50``: the spot keeps weight 0.5). ``ae_epochs``: the members' autoencoder
+    pre-training epochs instead of the default's (methods ``...+ae<epochs>``)."""
     import hespotex as hx
+    from hespotex.models import ModelConfig
     from hespotex.pp._graph import knn_graph
     from hespotex.pp._targets import normalize_counts, raw_counts
     from hespotex.tl.evaluation._baselines import smooth
@@ -382,7 +388,9 @@ def run_task(
     work = Path(work)
     seed_part = f"_s{seed}" if what != "baselines" else ""
     sa = ("_stainaug" if stain_augment else "") + ("_ttapredict" if tta_predict else "")
-    sa += "_distinct" if distinct_seeds else ""
+    sa += ("_distinct" if distinct_seeds else "") + ("_smoothpredict" if smooth_predict else "")
+    sa += f"_ae{ae_epochs}" if ae_epochs is not None else ""
+    ae_label = f"+ae{ae_epochs}" if ae_epochs is not None else ""
     if tta_predict and (tta or what == "baselines"):
         raise ValueError("tta_predict is for hespotex trained on plain embeddings (tta=False).")
     if distinct_seeds and tta_predict:
@@ -428,12 +436,15 @@ def run_task(
             members[held] = hx.tl.train(
                 train, genes=genes, validation=[held], seed=own if distinct_seeds else seed, target_norm=target_norm,
                 use_rep="X", device="cpu", stain_augment=stain_augment,
+                config="hespotex" if ae_epochs is None else ModelConfig.preset("hespotex", ae_epochs=ae_epochs),
             )  # fmt: skip
         fit_s = time.perf_counter() - t0
         for cond, (emb, xy, truth, target) in conditions.items():
             variants = (("+ttapredict", None),) if tta_predict else (("", None), ("+slidestd", slide_standardised))
             if distinct_seeds:
-                variants = (("+distinct", None),)
+                variants = (("+distinct" + ae_label, None),)
+            elif ae_epochs is not None:
+                variants = ((ae_label, None),)
             for std_label, transform in variants:
                 preds = {
                     h: m.predict_graph(
@@ -448,6 +459,11 @@ def run_task(
                 if len(members) == 1:
                     continue
                 rows += score_rows(ens, truth, hvg, method="hespotex-ens" + std_label, **lab)
+                if smooth_predict:
+                    graph = knn_graph(xy, 6)[0]
+                    for suffix, weight in (("+smooth", None), ("+smooth50", 0.5)):
+                        smoothed = smooth(ens, graph, self_weight=weight)
+                        rows += score_rows(smoothed, truth, hvg, method="hespotex-ens" + std_label + suffix, **lab)
                 if std_label != "+slidestd":  # spread vs error: Spearman per slide, own targets
                     for measure, rho in spread_vs_error(stack, target).items():
                         rows.append(
@@ -472,15 +488,17 @@ def run_task(
         for name in ("ridge", "retrieval"):
             for smoothed in (False, True):
                 model = tune_baseline(name, inner, smoothed=smoothed, seed=0)
-                label = name + ("+smooth" if smoothed else "")
+                # smoothed: as tuned (the spot and its 6 neighbours alike) and, with smooth_predict, the spot at 0.5
+                weights = {"+smooth": None, **({"+smooth50": 0.5} if smooth_predict else {})} if smoothed else {"": 0}
                 for cond, (emb, xy, truth, _) in conditions.items():
-                    pred = model.predict(emb)
-                    if smoothed:
-                        pred = smooth(pred, knn_graph(xy, 6)[0])
-                    rows += score_rows(
-                        pred, truth, hvg, method=label, seed=-1, condition=cond, fit_seconds=time.perf_counter() - t0,
-                        chosen=f"{model.tuning_['param']}={model.tuning_['value']:g}", **labels,
-                    )  # fmt: skip
+                    raw = model.predict(emb)
+                    for suffix, weight in weights.items():
+                        pred = raw if not smoothed else smooth(raw, knn_graph(xy, 6)[0], self_weight=weight)
+                        rows += score_rows(
+                            pred, truth, hvg, method=name + suffix, seed=-1, condition=cond,
+                            fit_seconds=time.perf_counter() - t0,
+                            chosen=f"{model.tuning_['param']}={model.tuning_['value']:g}", **labels,
+                        )  # fmt: skip
     done.parent.mkdir(parents=True, exist_ok=True)
     tmp = done.with_suffix(".tmp.gz")
     pd.DataFrame(rows).to_csv(tmp, index=False, compression="gzip")
@@ -497,6 +515,31 @@ GRIDS = {
     ],
     "tta": [{"target_norm": "library_modelled", "patch_um": 100.0, "tta": True}],
     "log1p": [{"target_norm": "log1p_counts", "patch_um": 100.0, "tta": False}],
+    # the baselines' predictions also smoothed with the spot at weight 0.5 (run with and without --work .../context200)
+    "smooth_baselines": [{"target_norm": "library_modelled", "patch_um": 100.0, "tta": False, "smooth_predict": True}],
+    # the default's prediction smoothed, and its autoencoder pre-trained for fewer epochs (with --work .../context200)
+    "smooth_ae": [
+        {
+            "target_norm": "library_modelled",
+            "patch_um": 100.0,
+            "tta": False,
+            "stain_augment": True,
+            "distinct_seeds": True,
+            "smooth_predict": True,
+            **({"ae_epochs": n} if n else {}),
+        }
+        for n in (None, 200)
+    ],
+    "smooth": [
+        {
+            "target_norm": "library_modelled",
+            "patch_um": 100.0,
+            "tta": False,
+            "stain_augment": True,
+            "distinct_seeds": True,
+            "smooth_predict": True,
+        }
+    ],
 }
 
 

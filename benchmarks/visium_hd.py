@@ -133,7 +133,7 @@ def bare_forward(sdata, model, n_patches: int) -> dict:
     prediction uses: the ceiling of its embedding stage in the same process and load."""
     import torch
 
-    from hespotex.pp._embed import memory_format
+    from hespotex.pp._encode import inference_model
     from hespotex.pp._encoders import load_encoder
     from hespotex.pp._patches import plan_patches, resize_batch
     from hespotex.tl.prediction._stream_stages import encoder_batch_size
@@ -142,8 +142,7 @@ def bare_forward(sdata, model, n_patches: int) -> dict:
     enc = load_encoder(params["encoder"], seed=int(params.get("seed", 0)), input_size=params.get("input_size"))
     plan = plan_patches(sdata, patch_um=params.get("patch_um"), out_px=enc.input_size)
     batch = encoder_batch_size(enc)
-    fmt = memory_format(enc.model)
-    net = enc.model.to(memory_format=fmt)
+    net, fmt = inference_model(enc.model)  # as the streamed prediction runs it (BatchNorm folded, channels-last)
     mean = torch.tensor(enc.mean).view(1, 3, 1, 1)
     std = torch.tensor(enc.std).view(1, 3, 1, 1)
     batches = [

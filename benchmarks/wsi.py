@@ -195,14 +195,18 @@ def premade_inputs(tiles_zarr: Path, model_dir: Path, n: int, batch_size: int | 
 
 
 def bare_forward(enc, xs) -> tuple[float, float]:
-    """Wall and CPU seconds of ``encoder.model(x)`` over the batches (inference mode, after a warm-up batch)."""
+    """Wall and CPU seconds of the encoder's forward, as the embedding runs it, over the batches (inference mode,
+    after a warm-up batch)."""
     import torch
 
+    from hespotex.pp._encode import inference_model
+
+    net, _ = inference_model(enc.model)  # as the prediction runs it (BatchNorm folded, channels-last)
     with torch.inference_mode():
-        enc.model(xs[0])
+        net(xs[0])
         t0, c0 = time.perf_counter(), time.process_time()
         for x in xs:
-            enc.model(x)
+            net(x)
         return time.perf_counter() - t0, time.process_time() - c0
 
 

@@ -70,6 +70,8 @@ def test_bad_usage_exits_2(tmp_path, slide, trained_synthetic, capsys):
     assert main(["predict", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), str(slide)]) == 2
     assert main(["predict", "--model", model, "--out", str(tmp_path / "o"), str(tmp_path / "missing.tif")]) == 2
     assert main(["predict", "--model", model, "--out", str(tmp_path / "o"), "--workers", "0", str(slide)]) == 2
+    assert main(["predict", "--model", model, "--out", str(tmp_path / "o"), "--smooth", "2", str(slide)]) == 2
+    assert "[0, 1]" in capsys.readouterr().err
     assert main(["tile", "--out", str(tmp_path / "t.zarr"), str(slide)]) == 2  # neither --model nor a geometry
     assert "--spot-diameter" in capsys.readouterr().err
     assert main(["tile", "--out", str(tmp_path / "t.zarr"), "--spot-diameter", "55", str(slide)]) == 2  # no --spacing
@@ -148,6 +150,12 @@ def test_tile_then_predict_end_to_end(tmp_path, slide, trained_synthetic, capsys
     )  # finished: skipped, still success
     assert "skipped" in capsys.readouterr().out
     assert json.loads((out / "small-tiles.done.json").read_text()) == marker
+
+    smoothed = tmp_path / "smoothed"  # --smooth reaches hx.tl.predict: recorded, and the maps change
+    assert main(["predict", "--model", str(model), "--out", str(smoothed), "--smooth", "0.5", str(tiles)]) == 0
+    table = spatialdata.read_zarr(smoothed / "small-tiles.zarr").tables["hespotex"]
+    assert table.uns["hespotex"]["params"]["smooth"] == 0.5
+    assert not np.allclose(np.asarray(table.layers["hespotex"]), np.asarray(pred.layers["hespotex"]))
 
 
 def test_predict_reports_failed_slides_with_exit_1(tmp_path, trained_synthetic, caplog):

@@ -60,6 +60,8 @@ def predict_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     if dupes:
         parser.error(f"slides must have distinct file names (each writes OUT/<name>.zarr); repeated: {dupes}.")
     predict_kwargs = {"device": args.device} if args.device else {}
+    if args.smooth is not None:
+        predict_kwargs["smooth"] = args.smooth
     tile_kwargs = {"layout": args.layout} if args.layout else {}
     if len(args.slides) == 1:
         record = run_slide(
@@ -84,6 +86,17 @@ def predict_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -
         )
         return 1
     return 0
+
+
+def unit_float(value: str) -> float:
+    """An argparse type: a number in [0, 1]."""
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], found {value!r}") from None
+    if not 0.0 <= x <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], found {value}")
+    return x
 
 
 def add_predict_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -116,6 +129,13 @@ def add_predict_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPars
     )
     p_pred.add_argument("--layout", choices=["hex", "grid"], help="pseudo-spot layout (default: hexagonal, as Visium)")
     p_pred.add_argument("--device", metavar="NAME", help="torch device: cpu, cuda, cuda:1... (default: auto)")
+    p_pred.add_argument(
+        "--smooth",
+        type=unit_float,
+        metavar="W",
+        help="smooth each tile's prediction over its 6 nearest tiles, keeping weight W in [0, 1] of its own "
+        "(hx.tl.predict(..., smooth=W); default: no smoothing)",
+    )
     p_pred.add_argument(
         "--overwrite", action="store_true", help="predict finished slides again, replacing their results"
     )

@@ -54,6 +54,16 @@ def memory_format(model: Any):
     return torch.channels_last if known else torch.contiguous_format
 
 
+def inference_model(model: Any, device: Any = "cpu") -> tuple[Any, Any]:
+    """``model`` as the embedding runs it, and its input memory layout: moved to ``device`` in its
+    :func:`memory_format` (in place, as before) and, for a timm convolutional network, a copy with its BatchNorm
+    folded into the convolutions (:func:`hespotex.pp._fold_batchnorm.fold_batchnorm`: same features up to float
+    rounding; EfficientNet-Lite0 1.5-1.7 times the patches per second on CPU, ``benchmarks/results/encoder_fold.md``).
+    Benchmarks' bare-forward arms run this too, so they compare like with like."""
+    fmt = memory_format(model)
+    return fold_batchnorm(model.to(device, memory_format=fmt)).to(device, memory_format=fmt), fmt
+
+
 def encode_patches(
     plan: PatchPlan,
     encoder: Encoder,
@@ -87,9 +97,7 @@ def encode_patches(
 
     t_start = time.perf_counter()
     dev = resolve_device(device)
-    fmt = memory_format(encoder.model)
-    # BatchNorm folded into the convolutions (a copy; same features up to float rounding, ~1.6x on CPU)
-    model = fold_batchnorm(encoder.model.to(dev, memory_format=fmt)).to(dev, memory_format=fmt)
+    model, fmt = inference_model(encoder.model, dev)
     n = len(plan.order)
     out = np.empty((n, encoder.num_features), dtype=np.float32)
     batches = list(plan.batches(batch_size))

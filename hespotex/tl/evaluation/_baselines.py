@@ -83,6 +83,16 @@ def smooth(pred: Any, connectivities: Any, *, self_weight: float | None = None) 
     if pred.ndim != 2:
         msg = f"`pred` must be 2-D (n_spots, n_genes); found shape {pred.shape}."
         raise ValueError(msg)
+    S = smoothing_operator(connectivities, n, self_weight=self_weight)
+    out = S @ pred
+    out = out.toarray() if sparse.issparse(out) else np.asarray(out)
+    out = out.astype(dtype, copy=False)
+    return out[:, 0] if squeeze else out
+
+
+def smoothing_operator(connectivities: Any, n: int, *, self_weight: float | None = None) -> sparse.csr_matrix:
+    """The ``(n, n)`` CSR matrix ``S`` that :func:`smooth` applies (``smooth(pred, ...) == S @ pred``), from a
+    connectivity matrix of ``n`` spots (see :func:`smooth` for ``self_weight``); rows of ``S`` sum to 1."""
     A = sparse.csr_matrix(connectivities, dtype=np.float64, copy=True)
     if A.shape != (n, n):
         msg = (
@@ -109,10 +119,7 @@ def smooth(pred: Any, connectivities: Any, *, self_weight: float | None = None) 
         inv[has] = (1.0 - self_weight) / deg[has]
         diag = np.where(has, self_weight, 1.0)
         S = sparse.diags(inv) @ A + sparse.diags(diag)
-    out = S.tocsr() @ pred
-    out = out.toarray() if sparse.issparse(out) else np.asarray(out)
-    out = out.astype(dtype, copy=False)
-    return out[:, 0] if squeeze else out
+    return S.tocsr()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -116,7 +116,7 @@ class HESpotExEnsemble:
             m._check_trained()
 
     def predict_graph(
-        self, sample, *, device: str | None = "auto", max_nodes: int = 50_000, blocks=None, on_block=None
+        self, sample, *, device: str | None = "auto", max_nodes: int = 50_000, blocks=None, on_block=None, smooth=None
     ) -> dict[str, Any] | None:
         """The members' mean expression, their spread (per-spot, per-gene standard deviation), their agreement per
         gene (:func:`member_agreement`), the first member's latent and the mean decoder attention (see
@@ -135,7 +135,10 @@ class HESpotExEnsemble:
 
                 member.predict_graph(sample, device=device, max_nodes=max_nodes, blocks=blocks, on_block=hand_over)
             return None
-        outs = [m.predict_graph(sample, device=device, max_nodes=max_nodes, blocks=blocks) for m in self.members]
+        outs = [  # each member smoothed (``smooth``) before the mean and spread, as streaming does
+            m.predict_graph(sample, device=device, max_nodes=max_nodes, blocks=blocks, smooth=smooth)
+            for m in self.members
+        ]
         stack = np.stack([o["expression"] for o in outs])
         attention = None
         if all(o["attention"] is not None for o in outs):

@@ -247,8 +247,12 @@ class HESpotEx:
         max_nodes: int = 50_000,
         blocks: Sequence[np.ndarray] | None = None,
         on_block: Callable[[int, np.ndarray, dict[str, Any]], None] | None = None,
+        smooth: float | None = None,
     ) -> dict[str, Any] | None:
         """Predict ``sample`` (embeddings and µm coordinates): expression, latent and attention arrays.
+
+        ``smooth`` (collected results only): the expression spatially smoothed, each spot keeping that weight
+        (:mod:`hespotex.tl.prediction._smoothing`; streaming smooths its expression rows itself).
 
         Large slides run block by block, each block with a halo of ``n_hops`` neighbour rings, so
         predictions equal a whole-slide pass while memory stays bounded by ``max_nodes``. Embeddings
@@ -283,7 +287,7 @@ class HESpotEx:
             rows /= scale
             return rows
 
-        return forward_blocks(
+        result = forward_blocks(
             self.module_,
             sample,
             resolve_device(device),
@@ -292,6 +296,12 @@ class HESpotEx:
             on_block=on_block,
             standardise=standardise,
         )
+        if smooth is not None and result is not None:
+            from hespotex.tl.prediction._smoothing import check_smooth, smoothing_matrix
+
+            S = smoothing_matrix(sample.coords_um, check_smooth(smooth))
+            result["expression"] = np.asarray(S @ result["expression"], dtype=np.float32)
+        return result
 
     def _check_trained(self) -> None:
         if not self.is_trained_ or self.module_ is None:

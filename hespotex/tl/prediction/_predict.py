@@ -18,6 +18,7 @@ from hespotex.tl.model._data import EMBEDDING_KEY, graph_data
 from hespotex.tl.model._model import HESpotEx
 from hespotex.tl.prediction._checks import check_embedding, check_finite_predictions
 from hespotex.tl.prediction._placement import check_free, clear, copy_data, same_genes, spot_keys, write_frame
+from hespotex.tl.prediction._smoothing import check_smooth
 from hespotex.tl.prediction._tables import prediction_params
 from hespotex.tl.training._train import ensure_embeddings
 
@@ -41,6 +42,7 @@ def predict(
     microns_per_pixel: float | None = None,
     library_id: str | None = None,
     copy: bool = False,
+    smooth: float | None = None,
 ):
     """Predict the expression of the model's genes at every spot (or tile) from the H&E image.
 
@@ -88,7 +90,13 @@ def predict(
         AnnData input without embeddings only (see :func:`hespotex.io.from_scanpy`): the full-resolution
         H&E image (path or array) in the pixels of ``obsm["spatial"]``, its µm per pixel when
         ``spot_diameter_fullres`` cannot give it, and the ``uns["spatial"]`` library to read.
-
+    smooth
+        ``None`` (default): the model's predictions as they are. A weight ``w`` in [0, 1]: each spot's predicted
+        expression becomes ``w`` times its own plus ``1 - w`` times the mean of its 6 nearest spots' (the symmetric
+        6-NN graph of the spot centres; one step, :mod:`hespotex.tl.prediction._smoothing`), applied to every
+        ensemble member before the mean and spread, in memory and streaming alike; recorded as
+        ``params["smooth"]``. On held-out her2st sections ``w = 0.5`` raised the mean per-gene Pearson by about
+        0.01 (``benchmarks/results/shift_smooth.md``).
     copy
         Leave ``data`` untouched and return a new object holding everything listed below: a copy of the
         AnnData, or a new SpatialData (sharing the image and shape elements, which predict never
@@ -185,6 +193,7 @@ def predict(
 
     model = as_model(model)  # a model, a saved folder or "hf-hub:owner/name"
     model._check_trained()
+    smooth = check_smooth(smooth)
     if copy:
         data = copy_data(data)
     if out is not None:
@@ -199,6 +208,7 @@ def predict(
             overwrite=overwrite,
             device=device,
             chunk_size=chunk_size,
+            smooth=smooth,
         )
         return data if copy else result
     table = get_table(data)
@@ -240,9 +250,10 @@ def predict(
             f"at least {min_spots}."
         )
         raise ValueError(msg)
-    result = model.predict_graph(sample, device=device, max_nodes=max_nodes)
+    result = model.predict_graph(sample, device=device, max_nodes=max_nodes, smooth=smooth)
     check_finite_predictions(result["expression"], result["latent"])
     params = prediction_params(model, embed_params, key_added=key_added, attention=result["attention"] is not None)
+    params["smooth"] = smooth
     if SAMPLE_KEY in table.uns:  # for readers of an AnnData holding no sample record of its own (scanpy input)
         params["sample"] = dict(table.uns[SAMPLE_KEY])
     if result.get("spread") is not None:  # an ensemble: the members' standard deviation, per spot and gene

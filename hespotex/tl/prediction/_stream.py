@@ -102,6 +102,7 @@ def predict_streaming(
     overwrite: bool,
     device: str | None,
     chunk_size: int | None,
+    smooth: float | None = None,
 ) -> AnnData:
     """The streaming path of :func:`hespotex.tl.predict` (see the module docstring); returns the result table."""
     import dask.array as da
@@ -227,11 +228,19 @@ def predict_streaming(
                     "key_added": key_added,
                     "embedding": {k: v for k, v in record.items() if v is not None},
                     "layout": layout,
+                    "smooth": smooth,
                     "complete": False,
                 }
             )
         )
     layout = dict(group.attrs["layout"])
+    if group.attrs.get("smooth") != smooth:  # rows already written hold the other smoothing
+        msg = (
+            f"{path} holds (part of) the prediction {key_added!r} of this slide and model made with "
+            f"smooth={group.attrs.get('smooth')!r}, not smooth={smooth!r}. Pass the same `smooth` to resume it, "
+            "`overwrite=True` to start again, or another `key_added`."
+        )
+        raise ValueError(msg)
     if group.attrs.get("complete"):
         logger.info(
             "%s already holds the finished predictions %r of this slide and model; nothing to do.", path, key_added
@@ -278,11 +287,11 @@ def predict_streaming(
         from hespotex.tl.prediction._stream_ensemble import ensemble_stages
 
         latent, attention, expr, spread, agreement, n_agreement = ensemble_stages(
-            group, model, sample, layout=layout, device=device
+            group, model, sample, layout=layout, device=device, smooth=smooth
         )
         del sample, emb
     else:  # 3. expression rows in table order
-        latent, attention, expr = model_stages(group, model, sample, layout=layout, device=device)
+        latent, attention, expr = model_stages(group, model, sample, layout=layout, device=device, smooth=smooth)
         del sample, emb
     # 4. the table, written by spatialdata / anndata from the zarr rows
     from spatialdata.models import TableModel
@@ -320,6 +329,7 @@ def predict_streaming(
             if k == "path"
         }
     )
+    params["smooth"] = smooth
     params["stream"] = {
         "out": str(path.resolve()),
         "chunk_size": layout["chunk_size"],

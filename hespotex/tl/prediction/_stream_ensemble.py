@@ -50,7 +50,13 @@ def _markers(group: Any, name: str, n: int) -> Any:
 
 
 def ensemble_stages(
-    group: Any, model: HESpotExEnsemble, sample: GraphData, *, layout: dict[str, Any], device: str | None
+    group: Any,
+    model: HESpotExEnsemble,
+    sample: GraphData,
+    *,
+    layout: dict[str, Any],
+    device: str | None,
+    smooth: float | None = None,
 ) -> tuple[np.ndarray, Any, Any, Any, np.ndarray, int]:
     """Stages 2 and 3 for every member, then the combination: ``(latent, attention, expression, spread, agreement,
     n_agreement)``, expression and spread zarr arrays of the progress group in table order, the members'
@@ -60,7 +66,7 @@ def ensemble_stages(
     for k, member in enumerate(model.members):
         logger.info("Ensemble member %d of %d.", k + 1, len(model.members))
         lat, att, expr = model_stages(
-            group.require_group(MEMBER_GROUP.format(k)), member, sample, layout=layout, device=device
+            group.require_group(MEMBER_GROUP.format(k)), member, sample, layout=layout, device=device, smooth=smooth
         )
         members.append(expr)
         if k == 0:

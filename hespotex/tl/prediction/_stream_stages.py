@@ -18,6 +18,7 @@ from hespotex.pp._embed_chunks import (  # noqa: F401 (the embedding stage lives
     progress_array,
 )
 from hespotex.tl.model._data import GraphData, spatial_blocks
+from hespotex.tl.prediction._smoothing import smooth_rows, smoothing_matrix
 
 if TYPE_CHECKING:
     from hespotex.tl.model._model import HESpotEx
@@ -128,8 +129,11 @@ def expression_stage(
     step: int,
     rows: int,
     device: str | None,
+    smooth: float | None = None,
+    coords_um: np.ndarray | None = None,
 ):
-    """Stage 3: expression in table order, whole zarr chunks per step, with done markers."""
+    """Stage 3: expression in table order, whole zarr chunks per step, with done markers; with ``smooth``, each
+    step's rows smoothed over their neighbours (``coords_um``), whose unsmoothed rows are computed for it."""
     from tqdm.auto import tqdm
 
     from hespotex.tl.prediction._checks import check_finite_predictions
@@ -141,13 +145,18 @@ def expression_stage(
     todo = [int(j) for j in np.flatnonzero(~np.asarray(done[:n_steps], dtype=bool))]
     logger.info("Expression: %d of %d row chunks to compute (%d done before).", len(todo), n_steps, n_steps - len(todo))
     net, dev = model.module_, resolve_device(device)
+    S = None if smooth is None else smoothing_matrix(coords_um, smooth)
+
+    def heads(index):
+        return gene_heads(net, latent[index], None if features is None else features[index], dev)
+
     was_training = net.training
     net.eval()
     net.to(dev)
     try:
         for j in tqdm(todo, desc="writing expression", unit="chunk", disable=not settings.progress):
             a, b = j * step, min(n, (j + 1) * step)
-            rows = gene_heads(net, latent[a:b], None if features is None else features[a:b], dev)
+            rows = heads(slice(a, b)) if S is None else smooth_rows(S, a, b, heads)
             check_finite_predictions(rows, first_spot=a)  # never write (and mark done) NaN predictions
             expr[a:b] = rows
             done[j] = True
@@ -157,13 +166,20 @@ def expression_stage(
 
 
 def model_stages(
-    group: Any, model: HESpotEx, sample: GraphData, *, layout: dict[str, Any], device: str | None
+    group: Any,
+    model: HESpotEx,
+    sample: GraphData,
+    *,
+    layout: dict[str, Any],
+    device: str | None,
+    smooth: float | None = None,
 ) -> tuple[np.ndarray, Any, Any]:
     """Stages 2 and 3 of one model into ``group``: ``(latent, attention, expression)``, the expression a zarr
     array of the group in table order (a single model's progress group, or an ensemble member's)."""
     blocks = graph_stage(group, model, sample, block_size=layout["chunk_size"], device=device)
     latent, features, attention = gather_blocks(group, int(sample.n), len(blocks))
     expr = expression_stage(
-        group, model, latent, features, step=layout["expression_step"], rows=layout["expression_rows"], device=device
-    )
+        group, model, latent, features, step=layout["expression_step"], rows=layout["expression_rows"], device=device,
+        smooth=smooth, coords_um=sample.coords_um,
+    )  # fmt: skip
     return latent, attention, expr

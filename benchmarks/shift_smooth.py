@@ -1,0 +1,144 @@
+"""Smoothing predictions over the 6 nearest spots, for hespotex and for the baselines, on the shift benchmark.
+
+The default (``hx.tl.train`` as it stands, two scales, rows ``hespotex-ens+stainaug+distinct``) is scored as it
+predicts, smoothed as the baselines' ``+smooth`` (the spot and its 6 nearest spots alike: ``+smooth``) and with the
+spot keeping weight 0.5 (``+smooth50``, what ``hx.tl.predict(..., smooth=0.5)`` does). The tuned ridge / retrieval
+baselines get the same ``+smooth50`` variant, so the strongest baseline is picked among raw, ``+smooth`` and
+``+smooth50``, on either feature set. Also: the default with its autoencoder pre-trained for 200 epochs instead of 500
+(``+ae200``, seed 0), for training time.
+
+    python benchmarks/shift.py run --what baselines --seeds 0 --grid smooth_baselines
+    python benchmarks/shift.py run --work /tmp/hespotex_shift/context200 --what baselines --seeds 0 \
+        --grid smooth_baselines
+    python benchmarks/shift.py run --work /tmp/hespotex_shift/context200 --what hespotex --seeds 0 --grid smooth_ae
+    python benchmarks/shift.py run --work /tmp/hespotex_shift/context200 --what hespotex --seeds 1 2 --grid smooth
+    python benchmarks/shift_smooth.py --work benchmarks/results/shift_rows   # rows copied there (committed)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import shift_defaults as sd  # noqa: E402
+from shift_defaults import DEFAULT, GOAL  # noqa: E402
+
+SMOOTHED = DEFAULT + "+smooth50"
+VARIANTS = {"as predicted": DEFAULT, "+smooth (spot 1/7)": DEFAULT + "+smooth", "+smooth50 (spot 0.5)": SMOOTHED}
+
+
+def cell_means(hes: pd.DataFrame, method: str, keys: list[str], folds: list[str]) -> pd.DataFrame:
+    part = hes[(hes["method"] == method) & hes["fold"].isin(folds)]
+    return sd.seed_stats(sd.per_seed(part, keys, len(folds), 1 if "truth" in keys else 3), keys).set_index(keys)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default="benchmarks/results/shift_rows")
+    parser.add_argument("--out", default="benchmarks/results/shift_smooth.md")
+    args = parser.parse_args()
+    work = Path(args.work)
+    folds = ["C2", "C3", "C4", "C5", "C6"]
+    spot, ctx = sd.setting_rows(work), sd.setting_rows(work / "context200")
+    base_all = pd.concat([sd.labelled_baselines(spot, "spot"), sd.labelled_baselines(ctx, "spot+context")])
+    base_old = base_all[~base_all["method"].str.contains("smooth50")]
+    methods = [*VARIANTS.values(), DEFAULT + "+ae200"]
+    hes = ctx[ctx["method"].isin(methods)]
+    seeds = sorted(int(s) for s in hes.loc[hes["method"] == SMOOTHED, "seed"].unique())
+    hes = hes[hes["seed"].isin(seeds)]
+    keys = ["condition", "genes"]
+
+    # 1. hespotex as predicted / smoothed: mean over truths, mean ± seed spread, gain over as predicted
+    rows = []
+    raw = cell_means(hes, DEFAULT, keys, folds)
+    ps = sd.per_seed(hes[hes["fold"].isin(folds)], ["method", *keys], len(folds), 3)
+    for label, m in VARIANTS.items():
+        st = cell_means(hes, m, keys, folds)
+        gain = (
+            ps[ps["method"] == m].set_index([*keys, "seed"])["mean"]
+            - ps[ps["method"] == DEFAULT].set_index([*keys, "seed"])["mean"]
+        )
+        worst = gain.groupby(level=keys).min()
+        for idx, r in st.iterrows():
+            rows.append(
+                [label, *idx, f"{r['mean']:.4f} ± {r['spread']:.4f}", f"{r['mean'] - raw.loc[idx, 'mean']:+.4f}",
+                 f"{worst.loc[idx]:+.4f}"]
+            )  # fmt: skip
+    t1 = pd.DataFrame(
+        rows, columns=["hespotex", "condition", "genes", "mean ± spread (seeds)", "gain", "worst-seed gain"]
+    ).sort_values(["genes", "condition", "hespotex"])
+
+    # 2. margins over the strongest tuned baseline, without and with the baselines' +smooth50
+    rows = []
+    for blabel, base in (("raw / +smooth", base_old), ("raw / +smooth / +smooth50", base_all)):
+        for hlabel, m in (("as predicted", DEFAULT), ("+smooth50", SMOOTHED)):
+            _, t = sd.versus_baseline(hes, base, m, keys, folds)
+            for idx, r in t.iterrows():
+                rows.append([blabel, hlabel, *idx, r["mean"], r["baseline"], r["baseline method"], r["margin"],
+                             r["worst-seed margin"]])  # fmt: skip
+    t2 = pd.DataFrame(
+        rows,
+        columns=["baselines from", "hespotex", "condition", "genes", "hespotex mean", "strongest baseline", "which",
+                 "margin", "worst-seed margin"],
+    ).sort_values(["genes", "condition", "baselines from", "hespotex"])  # fmt: skip
+
+    # 3. every cell: the smoothed default against the strongest baseline with +smooth50 among its options
+    t3, _ = sd.versus_baseline(hes, base_all, SMOOTHED, ["condition", "truth", "genes"], folds)
+    t3 = t3.sort_values(["genes", "condition", "truth"])
+    n_ahead = int((t3["margin"] > 0).sum())
+    n_goal = int((t3[f"≥ {GOAL}"] == "yes").sum())
+
+    # 4. autoencoder pre-trained for 200 epochs (seed 0)
+    ae = hes[hes["seed"] == 0]
+    t4 = None
+    if (ae["method"] == DEFAULT + "+ae200").any():
+        a = cell_means(ae, DEFAULT + "+ae200", keys, folds)["mean"]
+        b = cell_means(ae, DEFAULT, keys, folds)["mean"]
+        fit = ae.drop_duplicates(["method", "fold"]).groupby("method")["fit_seconds"].sum()
+        t4 = (a - b).rename("gain of ae200 (seed 0)").round(4).reset_index()
+        fit_line = (
+            f"Training time, 5 folds of 4 members, seed 0 (two tasks at a time on 2 cores): default "
+            f"{fit.get(DEFAULT + '+smooth', fit.get(DEFAULT, float('nan'))):.0f} s, ae200 "
+            f"{fit.get(DEFAULT + '+ae200', float('nan')):.0f} s."
+        )
+    cmd = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    lines = [
+        "# Smoothing predictions over neighbouring spots (shift benchmark)",
+        "",
+        f"Command: `{cmd}` (runs: see the script's docstring). Seeds of the default: {seeds}; leave-one-section-out "
+        "over her2st C2-C6, conditions and truths as in `shift.md` / `shift_defaults.md`. `+smooth`: each spot's "
+        "prediction averaged with its 6 nearest spots' (the baselines' `+smooth`, the spot at 1/7); `+smooth50`: "
+        "the spot keeps 0.5 and its 6 nearest spots share 0.5 (`hx.tl.predict(..., smooth=0.5)`). The baselines' "
+        "`+smooth50` reuses the α / k tuned for their `+smooth`.",
+        "",
+        "## hespotex (the default) as predicted and smoothed; mean over the three truths",
+        "",
+        t1.to_markdown(index=False),
+        "",
+        "## Margin over the strongest tuned baseline, with and without the baselines' `+smooth50`",
+        "",
+        t2.round(4).to_markdown(index=False),
+        "",
+        "## Every cell: `hx.tl.predict(..., smooth=0.5)` against the strongest baseline (with `+smooth50`)",
+        "",
+        f"Ahead in {n_ahead} / {len(t3)} cells; ≥ {GOAL} for every seed in {n_goal} / {len(t3)}.",
+        "",
+        t3.to_markdown(index=False),
+        "",
+    ]
+    if t4 is not None:
+        lines += ["## Autoencoder pre-training 200 epochs instead of 500 (seed 0)", "", t4.to_markdown(index=False),
+                  "", fit_line, ""]  # fmt: skip
+    text = "\n".join(lines)
+    print(text)
+    Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
