@@ -21,8 +21,9 @@ are in the report's header)::
 
 Every figure is a mean per-gene Pearson, mean over the 5 folds per seed, then mean over seeds with the spread
 (max - min of the seed means); only seeds with every fold count. The strongest tuned baseline of a cell is the best
-of ridge / retrieval, raw / 6-NN smoothed (α, k tuned on the training sections), chosen per cell after the fact
-(which favours the baselines).
+of ridge / retrieval, raw / 6-NN smoothed (α, k tuned on the training sections; smoothed with the spot and its
+neighbours alike, ``+smooth``, and, since rows of ``--grid smooth_baselines`` exist, with the spot at weight 0.5,
+``+smooth50``), chosen per cell after the fact (which favours the baselines).
 """
 
 from __future__ import annotations
@@ -345,7 +346,8 @@ def cmd_report(args) -> None:
         "their two-scale concatenations);  ",
         "`python benchmarks/shift.py run --what baselines --seeds 0 --setting \"{'target_norm': 'library_modelled', "
         "'patch_um': 100.0, 'tta': False}\"` and the same with `--work /tmp/hespotex_shift/context200` (tuned "
-        "baselines on either feature set, and the thinning ceiling);  ",
+        "baselines on either feature set, and the thinning ceiling), and the same two with `--grid smooth_baselines` "
+        "(their smoothed predictions also with the spot at weight 0.5, `+smooth50`: 2026-12-02, session 11);  ",
         "`python benchmarks/shift.py run --what hespotex --seeds S --setting \"{'target_norm': 'library_modelled', "
         "'patch_um': 100.0, 'tta': False, 'stain_augment': True}\"` for S = 0, 1, 2, with and without `--work "
         "/tmp/hespotex_shift/context200` (4-member ensembles whose members share the seed, and their single model, "
