@@ -95,8 +95,8 @@ def predict(
         expression becomes ``w`` times its own plus ``1 - w`` times the mean of its 6 nearest spots' (the symmetric
         6-NN graph of the spot centres; one step, :mod:`hespotex.tl.prediction._smoothing`), applied to every
         ensemble member before the mean and spread, in memory and streaming alike; recorded as
-        ``params["smooth"]``. On held-out her2st sections ``w = 0.5`` raised the mean per-gene Pearson by about
-        0.01 (``benchmarks/results/shift_smooth.md``).
+        ``params["smooth"]``. On held-out her2st sections ``w = 0.5`` raised the mean per-gene Pearson by 0.005-0.015
+        under every emulated shift, for every seed (``benchmarks/results/shift_smooth.md``).
     copy
         Leave ``data`` untouched and return a new object holding everything listed below: a copy of the
         AnnData, or a new SpatialData (sharing the image and shape elements, which predict never
