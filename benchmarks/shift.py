@@ -364,6 +364,7 @@ def run_task(
     distinct_seeds: bool = False,
     smooth_predict: bool = False,
     ae_epochs: int | None = None,
+    rounds: int = 1,
 ) -> str:
     """One held-out section, one seed and setting: hespotex members (``what="hespotex"``) or tuned baselines.
 
@@ -373,7 +374,9 @@ def run_task(
     ``...+distinct``), instead of all with ``seed``. ``smooth_predict``: the ensemble's prediction is also scored
     spatially smoothed over the 6 nearest spots as the baselines' ``+smooth`` (methods ``...+smooth``: mean of the
     spot and its neighbours; ``...+smooth50``: the spot keeps weight 0.5). ``ae_epochs``: the members' autoencoder
-    pre-training epochs instead of the default's (methods ``...+ae<epochs>``)."""
+    pre-training epochs instead of the default's (methods ``...+ae<epochs>``). ``rounds`` (with ``distinct_seeds``):
+    that many members per held-out section, round ``r`` > 0 seeded ``member_seed(1_000_000 * r + seed, ...)``; the
+    ensemble of all of them is scored as ``...+x<rounds>`` beside the first round's (the default's) members."""
     import hespotex as hx
     from hespotex.models import ModelConfig
     from hespotex.pp._graph import knn_graph
@@ -390,6 +393,9 @@ def run_task(
     sa = ("_stainaug" if stain_augment else "") + ("_ttapredict" if tta_predict else "")
     sa += ("_distinct" if distinct_seeds else "") + ("_smoothpredict" if smooth_predict else "")
     sa += f"_ae{ae_epochs}" if ae_epochs is not None else ""
+    sa += f"_rounds{rounds}" if rounds > 1 else ""
+    if rounds > 1 and not distinct_seeds:
+        raise ValueError("rounds > 1 needs distinct_seeds (members of one section would otherwise be identical).")
     ae_label = f"+ae{ae_epochs}" if ae_epochs is not None else ""
     if tta_predict and (tta or what == "baselines"):
         raise ValueError("tta_predict is for hespotex trained on plain embeddings (tta=False).")
@@ -429,8 +435,16 @@ def run_task(
     rows = []
     if what in ("hespotex", "single"):
         single = split_validation(train_names, "auto", seed=seed)[0][0]
-        members = {}
+        members, extra = {}, []
         held_out = train_names if what == "hespotex" else [single]
+        for r, held in ((r, h) for r in range(1, rounds) for h in held_out):  # more members per section
+            own = member_seed(1_000_000 * r + seed, [n for n in train_names if n != held])
+            extra.append(
+                hx.tl.train(
+                    train, genes=genes, validation=[held], seed=own, target_norm=target_norm, use_rep="X", device="cpu",
+                    stain_augment=stain_augment,
+                )
+            )  # fmt: skip
         for held in held_out:
             own = member_seed(seed, [n for n in train_names if n != held])  # as hx.tl.train's ensembles do
             members[held] = hx.tl.train(
@@ -459,6 +473,17 @@ def run_task(
                 if len(members) == 1:
                     continue
                 rows += score_rows(ens, truth, hvg, method="hespotex-ens" + std_label, **lab)
+                if extra:  # every round's members together
+                    more = [m.predict_graph(GraphData(fold, emb, xy), device="cpu")["expression"] for m in extra]
+                    big = np.mean([*stack, *more], axis=0)
+                    tag = std_label + f"+x{rounds}"
+                    n_all = len(stack) + len(more)
+                    rows += score_rows(big, truth, hvg, method="hespotex-ens" + tag, **{**lab, "members": n_all})
+                    if smooth_predict:
+                        half = smooth(big, knn_graph(xy, 6)[0], self_weight=0.5)
+                        rows += score_rows(
+                            half, truth, hvg, method="hespotex-ens" + tag + "+smooth50", **{**lab, "members": n_all}
+                        )
                 if smooth_predict:
                     graph = knn_graph(xy, 6)[0]
                     for suffix, weight in (("+smooth", None), ("+smooth50", 0.5)):
@@ -529,6 +554,18 @@ GRIDS = {
             **({"ae_epochs": n} if n else {}),
         }
         for n in (None, 200)
+    ],
+    # two members per held-out section (8 here), with and without smoothing (with --work .../context200)
+    "rounds2": [
+        {
+            "target_norm": "library_modelled",
+            "patch_um": 100.0,
+            "tta": False,
+            "stain_augment": True,
+            "distinct_seeds": True,
+            "smooth_predict": True,
+            "rounds": 2,
+        }
     ],
     "smooth": [
         {

@@ -5,13 +5,14 @@ predicts, smoothed as the baselines' ``+smooth`` (the spot and its 6 nearest spo
 spot keeping weight 0.5 (``+smooth50``, what ``hx.tl.predict(..., smooth=0.5)`` does). The tuned ridge / retrieval
 baselines get the same ``+smooth50`` variant, so the strongest baseline is picked among raw, ``+smooth`` and
 ``+smooth50``, on either feature set. Also: the default with its autoencoder pre-trained for 200 epochs instead of 500
-(``+ae200``, seed 0), for training time.
+(``+ae200``, seed 0), for training time; and two members per held-out section (8 members, ``+x2``, seed 0).
 
     python benchmarks/shift.py run --what baselines --seeds 0 --grid smooth_baselines
     python benchmarks/shift.py run --work /tmp/hespotex_shift/context200 --what baselines --seeds 0 \
         --grid smooth_baselines
     python benchmarks/shift.py run --work /tmp/hespotex_shift/context200 --what hespotex --seeds 0 --grid smooth_ae
     python benchmarks/shift.py run --work /tmp/hespotex_shift/context200 --what hespotex --seeds 1 2 --grid smooth
+    python benchmarks/shift.py run --work /tmp/hespotex_shift/context200 --what hespotex --seeds 0 --grid rounds2
     python benchmarks/shift_smooth.py --work benchmarks/results/shift_rows   # rows copied there (committed)
 """
 
@@ -48,7 +49,7 @@ def main() -> None:
     spot, ctx = sd.setting_rows(work), sd.setting_rows(work / "context200")
     base_all = pd.concat([sd.labelled_baselines(spot, "spot"), sd.labelled_baselines(ctx, "spot+context")])
     base_old = base_all[~base_all["method"].str.contains("smooth50")]
-    methods = [*VARIANTS.values(), DEFAULT + "+ae200"]
+    methods = [*VARIANTS.values(), DEFAULT + "+ae200", DEFAULT + "+x2", DEFAULT + "+x2+smooth50"]
     hes = ctx[ctx["method"].isin(methods)]
     seeds = sorted(int(s) for s in hes.loc[hes["method"] == SMOOTHED, "seed"].unique())
     hes = hes[hes["seed"].isin(seeds)]
@@ -107,6 +108,16 @@ def main() -> None:
             f"{fit.get(DEFAULT + '+smooth', fit.get(DEFAULT, float('nan'))):.0f} s, ae200 "
             f"{fit.get(DEFAULT + '+ae200', float('nan')):.0f} s."
         )
+    # 5. two members per held-out section (8), seed 0, against the strongest baseline with +smooth50
+    t5 = None
+    x2 = hes[(hes["seed"] == 0)]
+    if (x2["method"] == DEFAULT + "+x2").any():
+        out = []
+        for label, m in (("4 members", DEFAULT), ("8 members", DEFAULT + "+x2"), ("4 members, smooth 0.5", SMOOTHED),
+                         ("8 members, smooth 0.5", DEFAULT + "+x2+smooth50")):  # fmt: skip
+            _, t = sd.versus_baseline(x2, base_all, m, keys, folds)
+            out.append(t[["mean", "margin"]].add_prefix(f"{label}: "))
+        t5 = pd.concat(out, axis=1).round(4).reset_index()
     cmd = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
     lines = [
         "# Smoothing predictions over neighbouring spots (shift benchmark)",
@@ -135,6 +146,16 @@ def main() -> None:
     if t4 is not None:
         lines += ["## Autoencoder pre-training 200 epochs instead of 500 (seed 0)", "", t4.to_markdown(index=False),
                   "", fit_line, ""]  # fmt: skip
+    if t5 is not None:
+        lines += [
+            "## Two members per held-out section (8 members; seed 0; `python benchmarks/shift.py run --work "
+            "/tmp/hespotex_shift/context200 --what hespotex --seeds 0 --grid rounds2`)",
+            "",
+            "Margins against the strongest baseline with `+smooth50`; mean over the three truths.",
+            "",
+            t5.to_markdown(index=False),
+            "",
+        ]
     text = "\n".join(lines)
     print(text)
     Path(args.out).write_text(text + "\n")
