@@ -284,6 +284,7 @@ def spread_ranks_errors(work: Path) -> pd.DataFrame:
     rows = rows[(rows["target_norm"] == SETTING["target_norm"]) & (rows["patch_um"] == SETTING["patch_um"])]
     if rows.empty:
         return pd.DataFrame()
+    rows = rows.drop_duplicates(["condition", "genes", "fold", "seed"])  # the same model rescored by a later task
     g = rows.groupby(["condition", "genes"])["pearson"].agg(["mean", "min", "max", "size"])
     cell = g.apply(lambda r: f"{r['mean']:.3f} [{r['min']:.3f}, {r['max']:.3f}] ({int(r['size'])})", axis=1)
     t = cell.unstack("genes").reindex(columns=[m for m in MEASURES if m in set(rows["genes"])])
