@@ -435,25 +435,21 @@ def run_task(
     rows = []
     if what in ("hespotex", "single"):
         single = split_validation(train_names, "auto", seed=seed)[0][0]
-        members, extra = {}, []
         held_out = train_names if what == "hespotex" else [single]
-        for r, held in ((r, h) for r in range(1, rounds) for h in held_out):  # more members per section
-            own = member_seed(1_000_000 * r + seed, [n for n in train_names if n != held])
-            extra.append(
-                hx.tl.train(
-                    train, genes=genes, validation=[held], seed=own, target_norm=target_norm, use_rep="X", device="cpu",
-                    stain_augment=stain_augment,
-                )
-            )  # fmt: skip
-        for held in held_out:
-            own = member_seed(seed, [n for n in train_names if n != held])  # as hx.tl.train's ensembles do
-            members[held] = hx.tl.train(
+        config = "hespotex" if ae_epochs is None else ModelConfig.preset("hespotex", ae_epochs=ae_epochs)
+
+        def member(held: str, member_seed_base: int):
+            own = member_seed(member_seed_base, [n for n in train_names if n != held])  # as hx.tl.train's ensembles do
+            return hx.tl.train(
                 train, genes=genes, validation=[held], seed=own if distinct_seeds else seed, target_norm=target_norm,
-                use_rep="X", device="cpu", stain_augment=stain_augment,
-                config="hespotex" if ae_epochs is None else ModelConfig.preset("hespotex", ae_epochs=ae_epochs),
+                use_rep="X", device="cpu", stain_augment=stain_augment, config=config,
             )  # fmt: skip
+
+        extra = [member(h, 1_000_000 * r + seed) for r in range(1, rounds) for h in held_out]  # more per section
+        members = {held: member(held, seed) for held in held_out}
         fit_s = time.perf_counter() - t0
         for cond, (emb, xy, truth, target) in conditions.items():
+            graph = knn_graph(xy, 6)[0] if smooth_predict else None  # the 6-NN smoothing of this section, once
             variants = (("+ttapredict", None),) if tta_predict else (("", None), ("+slidestd", slide_standardised))
             if distinct_seeds:
                 variants = (("+distinct" + ae_label, None),)
@@ -473,22 +469,18 @@ def run_task(
                 if len(members) == 1:
                     continue
                 rows += score_rows(ens, truth, hvg, method="hespotex-ens" + std_label, **lab)
-                if extra:  # every round's members together
-                    more = [m.predict_graph(GraphData(fold, emb, xy), device="cpu")["expression"] for m in extra]
-                    big = np.mean([*stack, *more], axis=0)
-                    tag = std_label + f"+x{rounds}"
-                    n_all = len(stack) + len(more)
-                    rows += score_rows(big, truth, hvg, method="hespotex-ens" + tag, **{**lab, "members": n_all})
-                    if smooth_predict:
-                        half = smooth(big, knn_graph(xy, 6)[0], self_weight=0.5)
-                        rows += score_rows(
-                            half, truth, hvg, method="hespotex-ens" + tag + "+smooth50", **{**lab, "members": n_all}
-                        )
                 if smooth_predict:
-                    graph = knn_graph(xy, 6)[0]
                     for suffix, weight in (("+smooth", None), ("+smooth50", 0.5)):
                         smoothed = smooth(ens, graph, self_weight=weight)
                         rows += score_rows(smoothed, truth, hvg, method="hespotex-ens" + std_label + suffix, **lab)
+                if extra:  # every round's members together
+                    more = [m.predict_graph(GraphData(fold, emb, xy), device="cpu")["expression"] for m in extra]
+                    big = np.mean([*stack, *more], axis=0)
+                    tag, lab_all = std_label + f"+x{rounds}", {**lab, "members": len(stack) + len(more)}
+                    rows += score_rows(big, truth, hvg, method="hespotex-ens" + tag, **lab_all)
+                    if smooth_predict:
+                        half = smooth(big, graph, self_weight=0.5)
+                        rows += score_rows(half, truth, hvg, method="hespotex-ens" + tag + "+smooth50", **lab_all)
                 if std_label != "+slidestd":  # spread vs error: Spearman per slide, own targets
                     for measure, rho in spread_vs_error(stack, target).items():
                         rows.append(
@@ -514,11 +506,12 @@ def run_task(
             for smoothed in (False, True):
                 model = tune_baseline(name, inner, smoothed=smoothed, seed=0)
                 # smoothed: as tuned (the spot and its 6 neighbours alike) and, with smooth_predict, the spot at 0.5
-                weights = {"+smooth": None, **({"+smooth50": 0.5} if smooth_predict else {})} if smoothed else {"": 0}
+                weights = {"+smooth": None, **({"+smooth50": 0.5} if smooth_predict else {})} if smoothed else {"": 1.0}
                 for cond, (emb, xy, truth, _) in conditions.items():
                     raw = model.predict(emb)
+                    graph = knn_graph(xy, 6)[0] if smoothed else None
                     for suffix, weight in weights.items():
-                        pred = raw if not smoothed else smooth(raw, knn_graph(xy, 6)[0], self_weight=weight)
+                        pred = raw if graph is None else smooth(raw, graph, self_weight=weight)
                         rows += score_rows(
                             pred, truth, hvg, method=name + suffix, seed=-1, condition=cond,
                             fit_seconds=time.perf_counter() - t0,
@@ -530,6 +523,13 @@ def run_task(
     os.replace(tmp, done)
     return str(done)
 
+
+# the library default (two scales in the context200 work folder, stain views, members with their own seeds), its
+# ensemble also scored smoothed
+_DEFAULT_SMOOTHED = {
+    "target_norm": "library_modelled", "patch_um": 100.0, "tta": False, "stain_augment": True,
+    "distinct_seeds": True, "smooth_predict": True,
+}  # fmt: skip
 
 GRIDS = {
     # option selection (fewer seeds): targets x patch scale, without / with TTA
@@ -543,40 +543,10 @@ GRIDS = {
     # the baselines' predictions also smoothed with the spot at weight 0.5 (run with and without --work .../context200)
     "smooth_baselines": [{"target_norm": "library_modelled", "patch_um": 100.0, "tta": False, "smooth_predict": True}],
     # the default's prediction smoothed, and its autoencoder pre-trained for fewer epochs (with --work .../context200)
-    "smooth_ae": [
-        {
-            "target_norm": "library_modelled",
-            "patch_um": 100.0,
-            "tta": False,
-            "stain_augment": True,
-            "distinct_seeds": True,
-            "smooth_predict": True,
-            **({"ae_epochs": n} if n else {}),
-        }
-        for n in (None, 200)
-    ],
+    "smooth_ae": [_DEFAULT_SMOOTHED, {**_DEFAULT_SMOOTHED, "ae_epochs": 200}],
     # two members per held-out section (8 here), with and without smoothing (with --work .../context200)
-    "rounds2": [
-        {
-            "target_norm": "library_modelled",
-            "patch_um": 100.0,
-            "tta": False,
-            "stain_augment": True,
-            "distinct_seeds": True,
-            "smooth_predict": True,
-            "rounds": 2,
-        }
-    ],
-    "smooth": [
-        {
-            "target_norm": "library_modelled",
-            "patch_um": 100.0,
-            "tta": False,
-            "stain_augment": True,
-            "distinct_seeds": True,
-            "smooth_predict": True,
-        }
-    ],
+    "rounds2": [{**_DEFAULT_SMOOTHED, "rounds": 2}],
+    "smooth": [_DEFAULT_SMOOTHED],
 }
 
 

@@ -45,6 +45,10 @@ def test_modules_that_cannot_be_folded_are_returned_unchanged():
     model.train()  # batch statistics: nothing to fold
     assert fold_batchnorm(model) is model
     model.eval()
+    handle = model.blocks[2].register_forward_hook(lambda *a: None)  # observed by the user: run the network itself
+    assert fold_batchnorm(model) is model
+    handle.remove()
+    assert fold_batchnorm(model) is not model
 
     class Crossed(torch.nn.Module):  # a BatchNorm registered after a convolution it does not read
         def __init__(self):
@@ -63,3 +67,21 @@ def test_modules_that_cannot_be_folded_are_returned_unchanged():
     assert fold_batchnorm(crossed) is crossed
     user = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()  # not a timm network
     assert fold_batchnorm(user) is user
+
+
+def test_a_fold_is_reused_until_the_weights_change():
+    import torch
+
+    from hespotex.pp._encoders import load_encoder
+    from hespotex.pp._fold_batchnorm import fold_batchnorm
+
+    model = load_encoder("efficientnet_lite0.imagenet", input_size=64).model.eval()
+    first = fold_batchnorm(model)
+    assert fold_batchnorm(model) is first  # streamed chunks do not fold (and probe) again
+    with torch.no_grad():
+        model.conv_stem.weight.mul_(2.0)  # changed in place: the kept fold would be stale
+    again = fold_batchnorm(model)
+    assert again is not first
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        np.testing.assert_allclose(again(x).numpy(), model(x).numpy(), rtol=1e-4, atol=1e-4)

@@ -13,9 +13,14 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import weakref
 from typing import Any
 
 logger = logging.getLogger("hespotex")
+
+#: model -> (the weights' versions when it was folded, its folded copy or itself): one fold per encoder, not one per
+#: streamed chunk; a model changed in place since (a tensor's ``_version`` moved) is folded again
+_FOLDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 #: timm convolutional networks whose BatchNorm layers directly follow their convolution in registration order
 FOLDABLE_MODELS = frozenset({"EfficientNet", "MobileNetV3", "ResNet", "RegNet"})
@@ -23,23 +28,41 @@ _BATCHNORMS = ("BatchNorm2d", "BatchNormAct2d")
 
 
 def _foldable(model: Any) -> bool:
-    return type(model).__module__.startswith("timm.") and type(model).__name__ in FOLDABLE_MODELS and not model.training
+    hooked = any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # someone observes it: run as is
+    return (
+        type(model).__module__.startswith("timm.")
+        and type(model).__name__ in FOLDABLE_MODELS
+        and not model.training
+        and not hooked
+    )
 
 
 def fold_batchnorm(model: Any, *, probe_size: int = 64) -> Any:
     """A copy of ``model`` with every eval-mode BatchNorm folded into the convolution registered just before it.
 
-    Only for the timm networks of :data:`FOLDABLE_MODELS` in eval mode; any other module (vision transformers,
-    user modules, a model in training mode) is returned unchanged, uncopied. A timm ``BatchNormAct2d`` keeps its
+    Only for the timm networks of :data:`FOLDABLE_MODELS` in eval mode without forward hooks; any other module
+    (vision transformers, user modules, a model in training mode, one with hooks registered on it or its layers,
+    which the copy would not run) is returned unchanged, uncopied. A timm ``BatchNormAct2d`` keeps its
     activation (and dropout). The copy is checked against ``model`` on a seeded random ``probe_size`` input: if the
     features differ by more than float rounding (a network whose BatchNorm does not read the convolution before
-    it), ``model`` itself is returned. ``model`` is never modified.
+    it), ``model`` itself is returned. ``model`` is never modified. The result is kept per model and returned again
+    while none of its tensors has changed.
     """
+    if not _foldable(model):
+        return model
+    versions = tuple(t._version for t in (*model.parameters(), *model.buffers()))
+    cached = _FOLDED.get(model)
+    if cached is not None and cached[0] == versions:
+        return cached[1]
+    result = _fold_checked(model, probe_size)
+    _FOLDED[model] = (versions, result)
+    return result
+
+
+def _fold_checked(model: Any, probe_size: int) -> Any:
     import torch
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-    if not _foldable(model):
-        return model
     folded, n = copy.deepcopy(model), 0
     for parent in list(folded.modules()):
         children = list(parent.named_children())

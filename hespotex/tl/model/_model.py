@@ -299,7 +299,7 @@ class HESpotEx:
         if smooth is not None and result is not None:
             from hespotex.tl.prediction._smoothing import check_smooth, smoothing_matrix
 
-            S = smoothing_matrix(sample.coords_um, check_smooth(smooth))
+            S = smoothing_matrix(sample, check_smooth(smooth))  # on the sample's cached 6-NN graph
             result["expression"] = np.asarray(S @ result["expression"], dtype=np.float32)
         return result
 

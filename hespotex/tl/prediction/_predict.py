@@ -252,8 +252,9 @@ def predict(
         raise ValueError(msg)
     result = model.predict_graph(sample, device=device, max_nodes=max_nodes, smooth=smooth)
     check_finite_predictions(result["expression"], result["latent"])
-    params = prediction_params(model, embed_params, key_added=key_added, attention=result["attention"] is not None)
-    params["smooth"] = smooth
+    params = prediction_params(
+        model, embed_params, key_added=key_added, attention=result["attention"] is not None, smooth=smooth
+    )
     if SAMPLE_KEY in table.uns:  # for readers of an AnnData holding no sample record of its own (scanpy input)
         params["sample"] = dict(table.uns[SAMPLE_KEY])
     if result.get("spread") is not None:  # an ensemble: the members' standard deviation, per spot and gene

@@ -9,9 +9,13 @@ expression (an ensemble's members before their mean and spread), in memory or ro
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
+
+if TYPE_CHECKING:
+    from hespotex.tl.model._data import GraphData
 
 SMOOTH_NEIGHBORS = 6
 
@@ -32,16 +36,18 @@ def check_smooth(smooth: float | None) -> float | None:
     return float(smooth)
 
 
-def smoothing_matrix(coords_um: np.ndarray, smooth: float) -> sp.csr_matrix:
+def smoothing_matrix(sample: GraphData, smooth: float) -> sp.csr_matrix:
     """``S`` (spots x spots, rows summing to 1): the spot at weight ``smooth``, its :data:`SMOOTH_NEIGHBORS` nearest
-    spots (symmetric graph) sharing ``1 - smooth`` equally; a slide too small for the graph is left as it is."""
-    from hespotex.pp._graph import knn_graph
+    spots sharing ``1 - smooth`` equally, on the sample's symmetric k-NN graph (:meth:`GraphData.graph`, built once
+    per sample and the graph decoder's own at its default 6 neighbours); a slide too small for it is left as it is."""
     from hespotex.tl.evaluation._baselines import smoothing_operator
 
-    n = len(coords_um)
+    n = sample.n
     if n <= SMOOTH_NEIGHBORS:
         return sp.identity(n, format="csr", dtype=np.float64)
-    return smoothing_operator(knn_graph(coords_um, SMOOTH_NEIGHBORS)[0], n, self_weight=smooth)
+    source, target = sample.graph(SMOOTH_NEIGHBORS)
+    connectivities = sp.csr_matrix((np.ones(len(source)), (target, source)), shape=(n, n))
+    return smoothing_operator(connectivities, n, self_weight=smooth)
 
 
 def smooth_rows(S: sp.csr_matrix, start: int, stop: int, rows_of: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:

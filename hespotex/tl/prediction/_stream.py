@@ -310,7 +310,7 @@ def predict_streaming(
     if not own:
         sample_info.pop("image_key", None)  # the image stays where it is: params["source"] says where
     new.uns[SAMPLE_KEY] = sample_info
-    params = prediction_params(model, embed_params, key_added=key_added, attention=attention is not None)
+    params = prediction_params(model, embed_params, key_added=key_added, attention=attention is not None, smooth=smooth)
     if spread is not None:  # as in memory: the members' standard deviation, per spot and gene, and agreement
         params.update(
             spread_layer=f"{key_added}_spread",
@@ -329,7 +329,6 @@ def predict_streaming(
             if k == "path"
         }
     )
-    params["smooth"] = smooth
     params["stream"] = {
         "out": str(path.resolve()),
         "chunk_size": layout["chunk_size"],

@@ -130,10 +130,10 @@ def expression_stage(
     rows: int,
     device: str | None,
     smooth: float | None = None,
-    coords_um: np.ndarray | None = None,
+    sample: GraphData | None = None,
 ):
     """Stage 3: expression in table order, whole zarr chunks per step, with done markers; with ``smooth``, each
-    step's rows smoothed over their neighbours (``coords_um``), whose unsmoothed rows are computed for it."""
+    step's rows smoothed over their neighbours in ``sample``'s graph, whose unsmoothed rows are computed for it."""
     from tqdm.auto import tqdm
 
     from hespotex.tl.prediction._checks import check_finite_predictions
@@ -145,7 +145,7 @@ def expression_stage(
     todo = [int(j) for j in np.flatnonzero(~np.asarray(done[:n_steps], dtype=bool))]
     logger.info("Expression: %d of %d row chunks to compute (%d done before).", len(todo), n_steps, n_steps - len(todo))
     net, dev = model.module_, resolve_device(device)
-    S = None if smooth is None else smoothing_matrix(coords_um, smooth)
+    S = None if smooth is None else smoothing_matrix(sample, smooth)
 
     def heads(index):
         return gene_heads(net, latent[index], None if features is None else features[index], dev)
@@ -180,6 +180,6 @@ def model_stages(
     latent, features, attention = gather_blocks(group, int(sample.n), len(blocks))
     expr = expression_stage(
         group, model, latent, features, step=layout["expression_step"], rows=layout["expression_rows"], device=device,
-        smooth=smooth, coords_um=sample.coords_um,
+        smooth=smooth, sample=sample,
     )  # fmt: skip
     return latent, attention, expr

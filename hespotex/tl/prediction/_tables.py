@@ -19,10 +19,10 @@ __all__ = ["PREDICTION_KEY", "Resolved", "find_prediction", "resolve_attention",
 
 
 def prediction_params(
-    model: HESpotEx, embed_params: dict[str, Any], *, key_added: str, attention: bool
+    model: HESpotEx, embed_params: dict[str, Any], *, key_added: str, attention: bool, smooth: float | None = None
 ) -> dict[str, Any]:
     """``uns[key_added]["params"]`` of a prediction: model id, genes hash, encoder, patch size, seed, config, versions,
-    keys."""
+    spatial smoothing (``hx.tl.predict(..., smooth=)``), keys."""
     setup = model.setup_dict()
     return {
         "model_id": model.model_id,
@@ -42,6 +42,7 @@ def prediction_params(
         "stain_augment_views": int(
             (model.stain_augment or {}).get("n_views", 0)
         ),  # 0: trained on clean embeddings only
+        "smooth": smooth,  # None: the model's predictions as they are
         "config": setup["config"],
         "versions": setup["versions"],
         "layer": key_added,
