@@ -365,6 +365,7 @@ def run_task(
     smooth_predict: bool = False,
     ae_epochs: int | None = None,
     rounds: int = 1,
+    smooth_tuned: bool = False,
 ) -> str:
     """One held-out section, one seed and setting: hespotex members (``what="hespotex"``) or tuned baselines.
 
@@ -376,7 +377,10 @@ def run_task(
     spot and its neighbours; ``...+smooth50``: the spot keeps weight 0.5). ``ae_epochs``: the members' autoencoder
     pre-training epochs instead of the default's (methods ``...+ae<epochs>``). ``rounds`` (with ``distinct_seeds``):
     that many members per held-out section, round ``r`` > 0 seeded ``member_seed(1_000_000 * r + seed, ...)``; the
-    ensemble of all of them is scored as ``...+x<rounds>`` beside the first round's (the default's) members."""
+    ensemble of all of them is scored as ``...+x<rounds>`` beside the first round's (the default's) members.
+    ``smooth_tuned`` (baselines only): only the smoothed baselines, their smoothing weight chosen with α / k by the
+    same leave-one-training-section-out (:data:`~hespotex.tl.training._tune.DEFAULT_SMOOTH_WEIGHTS`; methods
+    ``...+smoothcv``)."""
     import hespotex as hx
     from hespotex.models import ModelConfig
     from hespotex.pp._graph import knn_graph
@@ -394,6 +398,9 @@ def run_task(
     sa += ("_distinct" if distinct_seeds else "") + ("_smoothpredict" if smooth_predict else "")
     sa += f"_ae{ae_epochs}" if ae_epochs is not None else ""
     sa += f"_rounds{rounds}" if rounds > 1 else ""
+    sa += "_smoothtuned" if smooth_tuned else ""
+    if smooth_tuned and what != "baselines":
+        raise ValueError("smooth_tuned is a setting of the baselines (--what baselines).")
     if rounds > 1 and not distinct_seeds:
         raise ValueError("rounds > 1 needs distinct_seeds (members of one section would otherwise be identical).")
     ae_label = f"+ae{ae_epochs}" if ae_epochs is not None else ""
@@ -493,7 +500,7 @@ def run_task(
                             }
                         )
     else:
-        if "thinned" in conditions:  # the ceiling under thinning: the clean truth itself scored against the thinned one
+        if "thinned" in conditions and not smooth_tuned:  # the thinning ceiling: clean truth scored against thinned
             clean_truth = truths(raw_counts(test), idx)
             for name, y in conditions["thinned"][2].items():
                 rows += score_rows(
@@ -503,8 +510,20 @@ def run_task(
         fit = {n: graph_data(train[n], n, genes=genes, embedding_key="X", target_norm=target_norm) for n in train_names}
         inner = {n: (d.emb, d.expr, d.coords_um) for n, d in fit.items()}
         for name in ("ridge", "retrieval"):
-            for smoothed in (False, True):
-                model = tune_baseline(name, inner, smoothed=smoothed, seed=0)
+            if smooth_tuned:  # α / k and the smoothing weight chosen together on the training sections
+                model = tune_baseline(name, inner, smoothed=True, seed=0)
+                weight = model.tuning_["smooth_weight"]
+                for cond, (emb, xy, truth, _) in conditions.items():
+                    pred = smooth(model.predict(emb), knn_graph(xy, 6)[0], self_weight=weight)
+                    rows += score_rows(
+                        pred, truth, hvg, method=name + "+smoothcv", seed=-1, condition=cond,
+                        fit_seconds=time.perf_counter() - t0,
+                        chosen=f"{model.tuning_['param']}={model.tuning_['value']:g}, "
+                        f"smooth={'mean' if weight is None else weight}", **labels,
+                    )  # fmt: skip
+                continue
+            for smoothed in (False, True):  # the spot and its neighbours alike while tuning (the rows' first runs)
+                model = tune_baseline(name, inner, smoothed=smoothed, seed=0, smooth_weights=(None,))
                 # smoothed: as tuned (the spot and its 6 neighbours alike) and, with smooth_predict, the spot at 0.5
                 weights = {"+smooth": None, **({"+smooth50": 0.5} if smooth_predict else {})} if smoothed else {"": 1.0}
                 for cond, (emb, xy, truth, _) in conditions.items():
@@ -547,6 +566,10 @@ GRIDS = {
     # two members per held-out section (8 here), with and without smoothing (with --work .../context200)
     "rounds2": [{**_DEFAULT_SMOOTHED, "rounds": 2}],
     "smooth": [_DEFAULT_SMOOTHED],
+    # the smoothed baselines with their smoothing weight tuned too (run with and without --work .../context200)
+    "smooth_tuned_baselines": [
+        {"target_norm": "library_modelled", "patch_um": 100.0, "tta": False, "smooth_tuned": True}
+    ],
 }
 
 

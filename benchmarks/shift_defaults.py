@@ -5,8 +5,10 @@ two-scale candidate); trains nothing. The default is what ``hx.tl.train(sections
 stain and ensemble work: targets ``library_modelled``, two scales (the 100 µm spot patch and a 200 µm context), one
 member per held-out validation section (4 members here), each with its own seed (``member_seed``) and trained on
 the clean embeddings and 4 stain-augmented views per spot (``hespotex-ens+stainaug+distinct`` in the rows; members
-sharing the seed, the default until 2026-12-02: ``hespotex-ens+stainaug``). The rows it needs (the commands in full
-are in the report's header)::
+sharing the seed, the default until 2026-12-02: ``hespotex-ens+stainaug``), predicted as ``hx.tl.predict`` predicts
+by default since session 12 (2026-12-02): smoothed, each spot keeping weight 0.5 of its prediction
+(``hespotex-ens+stainaug+distinct+smooth50``, from ``--grid smooth``). The rows it needs (the commands in full are in
+the report's header)::
 
     python benchmarks/shift.py run --what hespotex --seeds 0 1 2 \\
         --setting "{'target_norm': 'library_modelled', 'patch_um': 100.0, 'tta': False, 'stain_augment': True}"
@@ -17,13 +19,17 @@ are in the report's header)::
     python benchmarks/shift.py run --work /tmp/hespotex_shift/context200 --what hespotex --seeds 0 1 2 \\
         --setting "{'target_norm': 'library_modelled', 'patch_um': 100.0, 'tta': False, 'stain_augment': True, \\
         'distinct_seeds': True}"
+    python benchmarks/shift.py run --work /tmp/hespotex_shift/context200 --what hespotex --seeds 0 1 2 --grid smooth
+    python benchmarks/shift.py run [--work /tmp/hespotex_shift/context200] --what baselines --seeds 0 \
+        --grid smooth_baselines        # and --grid smooth_tuned_baselines, each with and without --work
     python benchmarks/shift_defaults.py report          # -> benchmarks/results/shift_defaults.md
 
 Every figure is a mean per-gene Pearson, mean over the 5 folds per seed, then mean over seeds with the spread
 (max - min of the seed means); only seeds with every fold count. The strongest tuned baseline of a cell is the best
 of ridge / retrieval, raw / 6-NN smoothed (α, k tuned on the training sections; smoothed with the spot and its
-neighbours alike, ``+smooth``, and, since rows of ``--grid smooth_baselines`` exist, with the spot at weight 0.5,
-``+smooth50``), chosen per cell after the fact (which favours the baselines).
+neighbours alike, ``+smooth``, with the spot at weight 0.5, ``+smooth50`` (``--grid smooth_baselines``), and with
+the spot's weight tuned with α / k, ``+smoothcv`` (``--grid smooth_tuned_baselines``)), chosen per cell after the fact
+(which favours the baselines).
 """
 
 from __future__ import annotations
@@ -42,8 +48,9 @@ import shift  # noqa: E402
 
 SETTING = {"target_norm": "library_modelled", "patch_um": 100.0}
 SHARED = "hespotex-ens+stainaug"  # members sharing the seed (the default until 2026-12-02)
-DEFAULT = SHARED + "+distinct"  # members with their own seeds (``member_seed``)
-VARIANTS = ("hespotex", "hespotex+stainaug", "hespotex-ens", SHARED, DEFAULT)
+MEMBERS = SHARED + "+distinct"  # members with their own seeds (``member_seed``), their mean as the network gives it
+DEFAULT = MEMBERS + "+smooth50"  # ... smoothed as hx.tl.predict smooths by default since 2026-12-02 (session 12)
+VARIANTS = ("hespotex", "hespotex+stainaug", "hespotex-ens", SHARED, MEMBERS, DEFAULT)
 GOAL = 0.02
 KEYS = ["method", "fold", "seed", "condition", "truth", "genes"]
 
@@ -213,20 +220,20 @@ def seed_choice_table(hes: pd.DataFrame, folds: list[str], keys: list[str]) -> p
     each one's mean ± seed spread, and the gain per seed (mean, min, max)."""
     n_truths = 1 if "truth" in keys else 3
     part = hes[hes["fold"].isin(folds)]
-    ps = {m: per_seed(part[part["method"] == m], keys, len(folds), n_truths) for m in (SHARED, DEFAULT)}
-    seeds = sorted(set(ps[SHARED]["seed"]) & set(ps[DEFAULT]["seed"]))
+    ps = {m: per_seed(part[part["method"] == m], keys, len(folds), n_truths) for m in (SHARED, MEMBERS)}
+    seeds = sorted(set(ps[SHARED]["seed"]) & set(ps[MEMBERS]["seed"]))
     if not seeds:
         return pd.DataFrame()
     st = {m: seed_stats(p[p["seed"].isin(seeds)], keys).set_index(keys) for m, p in ps.items()}
     per = {m: p[p["seed"].isin(seeds)].set_index([*keys, "seed"])["mean"] for m, p in ps.items()}
-    gain = (per[DEFAULT] - per[SHARED]).groupby(keys).agg(["mean", "min", "max"])
+    gain = (per[MEMBERS] - per[SHARED]).groupby(keys).agg(["mean", "min", "max"])
     out = pd.DataFrame(
         {
             "shared seed": [
                 f"{m:.4f} ± {s:.4f}" for m, s in zip(st[SHARED]["mean"], st[SHARED]["spread"], strict=True)
             ],
             "own seeds (default)": [
-                f"{m:.4f} ± {s:.4f}" for m, s in zip(st[DEFAULT]["mean"], st[DEFAULT]["spread"], strict=True)
+                f"{m:.4f} ± {s:.4f}" for m, s in zip(st[MEMBERS]["mean"], st[MEMBERS]["spread"], strict=True)
             ],
             "gain": gain["mean"].round(4),
             "gain min over seeds": gain["min"].round(4),
@@ -276,11 +283,11 @@ MEASURES = {
 
 
 def spread_ranks_errors(work: Path) -> pd.DataFrame:
-    """Does the default's ensemble spread (the ``hespotex_spread`` layer) rank its errors? Per held-out slide (the
-    model's own targets), :func:`shift.spread_vs_error`'s Spearman measures (``MEASURES``); mean [min, max] over
-    folds and seeds, per condition; the number of slides per measure."""
+    """Does the default's ensemble spread (the ``hespotex_spread`` layer; measured on its unsmoothed members) rank
+    its errors? Per held-out slide (the model's own targets), :func:`shift.spread_vs_error`'s Spearman measures
+    (``MEASURES``); mean [min, max] over folds and seeds, per condition; the number of slides per measure."""
     rows = shift.load_rows(work)
-    rows = rows[rows["genes"].isin(list(MEASURES)) & (rows["method"] == DEFAULT) & ~rows["tta"].astype(bool)]
+    rows = rows[rows["genes"].isin(list(MEASURES)) & (rows["method"] == MEMBERS) & ~rows["tta"].astype(bool)]
     rows = rows[(rows["target_norm"] == SETTING["target_norm"]) & (rows["patch_um"] == SETTING["patch_um"])]
     if rows.empty:
         return pd.DataFrame()
@@ -348,13 +355,16 @@ def cmd_report(args) -> None:
         "`python benchmarks/shift.py run --what baselines --seeds 0 --setting \"{'target_norm': 'library_modelled', "
         "'patch_um': 100.0, 'tta': False}\"` and the same with `--work /tmp/hespotex_shift/context200` (tuned "
         "baselines on either feature set, and the thinning ceiling), and the same two with `--grid smooth_baselines` "
-        "(their smoothed predictions also with the spot at weight 0.5, `+smooth50`: 2026-12-02, session 11);  ",
+        "(their smoothed predictions also with the spot at weight 0.5, `+smooth50`: 2026-12-02, session 11) and "
+        "with `--grid smooth_tuned_baselines` (the weight the spot keeps tuned with α / k on the training sections, "
+        "`+smoothcv`: 2026-12-02, session 12);  ",
         "`python benchmarks/shift.py run --what hespotex --seeds S --setting \"{'target_norm': 'library_modelled', "
         "'patch_um': 100.0, 'tta': False, 'stain_augment': True}\"` for S = 0, 1, 2, with and without `--work "
         "/tmp/hespotex_shift/context200` (4-member ensembles whose members share the seed, and their single model, "
         "single- and two-scale), and with `--work /tmp/hespotex_shift/context200 --seeds 0 1 2 --setting "
         "\"{'target_norm': 'library_modelled', 'patch_um': 100.0, 'tta': False, 'stain_augment': True, "
-        "'distinct_seeds': True}\"` (the default: each member its own seed);  ",
+        "'distinct_seeds': True}\"` (each member its own seed), and with `--work /tmp/hespotex_shift/context200 "
+        "--seeds 0 1 2 --grid smooth` (the same members, their prediction also smoothed: the default);  ",
         f"`{cmd}`. The per-task rows these tables read are kept in `benchmarks/results/shift_rows` (the work "
         "folders' `rows/` and `context200/rows/`, copied there after the runs): `python benchmarks/shift_defaults.py "
         "report --work benchmarks/results/shift_rows` rebuilds this file without training anything.",
@@ -363,12 +373,16 @@ def cmd_report(args) -> None:
         "EfficientNet-Lite0 (ImageNet, frozen), an ensemble of 4 members (one per held-out validation section, "
         "each with its own seed derived from the one given, `member_seed`; `hespotex-ens+stainaug+distinct` in "
         "the rows), each trained on the clean embedding and 4 HED-jittered views per spot (one drawn per spot "
-        "per epoch); prediction on the clean embedding of the held-out section. Leave-one-section-out over "
+        "per epoch); prediction on the clean embedding of the held-out section, smoothed as `hx.tl.predict` "
+        "smooths by default since 2026-12-02 (session 12): each spot keeps weight 0.5 of its prediction and its 6 "
+        "nearest spots share the rest (`hespotex-ens+stainaug+distinct+smooth50`; unsmoothed: "
+        "`hespotex-ens+stainaug+distinct`, among the other variants). Leave-one-section-out over "
         "her2st C2-C6; conditions `clean`, `thinned` (~650 counts per spot), `restained` (HED gain/shift, blur, "
         "JPEG q40), `rescaled` (µm/px 10 % off); truths `lib_all`, `lib_scored`, `log1p_raw` (see shift.md). "
         "Score: mean per-gene Pearson over the top-50 HVG / all 785 modelled genes; per seed the mean over the 5 "
         "folds, then `mean ± spread (seeds)` with spread = max - min of the seed means. `strongest tuned "
-        "baseline` = the best of ridge / retrieval, raw / 6-NN smoothed (α and k by "
+        "baseline` = the best of ridge / retrieval, raw / 6-NN smoothed (`+smooth`: the spot and its neighbours "
+        "alike; `+smooth50`: the spot at 0.5; `+smoothcv`: the spot's weight tuned too; α and k by "
         "leave-one-training-section-out, same targets), on the single-scale `(spot)` or two-scale "
         "`(spot+context)` features, picked per cell after the fact; `margin` = default mean - baseline; "
         f"`worst-seed margin` = the default's worst seed - baseline; `≥ {GOAL}`: `yes` when even the worst seed "

@@ -3,13 +3,17 @@
 The default (``hx.tl.train`` as it stands, two scales, rows ``hespotex-ens+stainaug+distinct``) is scored as it
 predicts, smoothed as the baselines' ``+smooth`` (the spot and its 6 nearest spots alike: ``+smooth``) and with the
 spot keeping weight 0.5 (``+smooth50``, what ``hx.tl.predict(..., smooth=0.5)`` does). The tuned ridge / retrieval
-baselines get the same ``+smooth50`` variant, so the strongest baseline is picked among raw, ``+smooth`` and
-``+smooth50``, on either feature set. Also: the default with its autoencoder pre-trained for 200 epochs instead of 500
+baselines get the same ``+smooth50`` variant and one whose smoothing weight is tuned with α / k on the training
+sections (``+smoothcv``), so the strongest baseline is picked among raw, ``+smooth``, ``+smooth50`` and ``+smoothcv``,
+on either feature set. Also: the default with its autoencoder pre-trained for 200 epochs instead of 500
 (``+ae200``, seed 0), for training time; and two members per held-out section (8 members, ``+x2``, seed 0).
 
     python benchmarks/shift.py run --what baselines --seeds 0 --grid smooth_baselines
     python benchmarks/shift.py run --work /tmp/hespotex_shift/context200 --what baselines --seeds 0 \
         --grid smooth_baselines
+    python benchmarks/shift.py run --what baselines --seeds 0 --grid smooth_tuned_baselines
+    python benchmarks/shift.py run --work /tmp/hespotex_shift/context200 --what baselines --seeds 0 \
+        --grid smooth_tuned_baselines
     python benchmarks/shift.py run --work /tmp/hespotex_shift/context200 --what hespotex --seeds 0 --grid smooth_ae
     python benchmarks/shift.py run --work /tmp/hespotex_shift/context200 --what hespotex --seeds 1 2 --grid smooth
     python benchmarks/shift.py run --work /tmp/hespotex_shift/context200 --what hespotex --seeds 0 --grid rounds2
@@ -28,7 +32,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import shift_defaults as sd  # noqa: E402
-from shift_defaults import DEFAULT, GOAL  # noqa: E402
+from shift_defaults import GOAL  # noqa: E402
+from shift_defaults import MEMBERS as DEFAULT  # noqa: E402  (the default's members, their mean unsmoothed)
 
 SMOOTHED = DEFAULT + "+smooth50"
 VARIANTS = {"as predicted": DEFAULT, "+smooth (spot 1/7)": DEFAULT + "+smooth", "+smooth50 (spot 0.5)": SMOOTHED}
@@ -48,7 +53,7 @@ def main() -> None:
     folds = ["C2", "C3", "C4", "C5", "C6"]
     spot, ctx = sd.setting_rows(work), sd.setting_rows(work / "context200")
     base_all = pd.concat([sd.labelled_baselines(spot, "spot"), sd.labelled_baselines(ctx, "spot+context")])
-    base_old = base_all[~base_all["method"].str.contains("smooth50")]
+    base_old = base_all[~base_all["method"].str.contains("smooth50|smoothcv")]
     methods = [*VARIANTS.values(), DEFAULT + "+ae200", DEFAULT + "+x2", DEFAULT + "+x2+smooth50"]
     hes = ctx[ctx["method"].isin(methods)]
     seeds = sorted(int(s) for s in hes.loc[hes["method"] == SMOOTHED, "seed"].unique())
@@ -77,7 +82,7 @@ def main() -> None:
 
     # 2. margins over the strongest tuned baseline, without and with the baselines' +smooth50
     rows = []
-    for blabel, base in (("raw / +smooth", base_old), ("raw / +smooth / +smooth50", base_all)):
+    for blabel, base in (("raw / +smooth", base_old), ("raw / +smooth / +smooth50 / +smoothcv", base_all)):
         for hlabel, m in (("as predicted", DEFAULT), ("+smooth50", SMOOTHED)):
             _, t = sd.versus_baseline(hes, base, m, keys, folds)
             for idx, r in t.iterrows():
@@ -125,18 +130,22 @@ def main() -> None:
         f"Command: `{cmd}` (runs: see the script's docstring). Seeds of the default: {seeds}; leave-one-section-out "
         "over her2st C2-C6, conditions and truths as in `shift.md` / `shift_defaults.md`. `+smooth`: each spot's "
         "prediction averaged with its 6 nearest spots' (the baselines' `+smooth`, the spot at 1/7); `+smooth50`: "
-        "the spot keeps 0.5 and its 6 nearest spots share 0.5 (`hx.tl.predict(..., smooth=0.5)`). The baselines' "
-        "`+smooth50` reuses the α / k tuned for their `+smooth`.",
+        "the spot keeps 0.5 and its 6 nearest spots share 0.5 (`hx.tl.predict(..., smooth=0.5)`, its default since "
+        "2026-12-02, session 12). The baselines' `+smooth50` reuses the α / k tuned for their `+smooth`; their "
+        "`+smoothcv` has α / k and the weight the spot keeps (plain mean, 0.25, 0.5, 0.75) chosen together by "
+        "leave-one-training-section-out (`tune_baseline(..., smoothed=True)`; it chose 0.5 in every fold, with a "
+        "larger ridge α than `+smooth`'s).",
         "",
         "## hespotex (the default) as predicted and smoothed; mean over the three truths",
         "",
         t1.to_markdown(index=False),
         "",
-        "## Margin over the strongest tuned baseline, with and without the baselines' `+smooth50`",
+        "## Margin over the strongest tuned baseline, with and without the baselines' `+smooth50` / `+smoothcv`",
         "",
         t2.round(4).to_markdown(index=False),
         "",
-        "## Every cell: `hx.tl.predict(..., smooth=0.5)` against the strongest baseline (with `+smooth50`)",
+        "## Every cell: `hx.tl.predict(..., smooth=0.5)` against the strongest baseline (with `+smooth50` and "
+        "`+smoothcv`)",
         "",
         f"Ahead in {n_ahead} / {len(t3)} cells; ≥ {GOAL} for every seed in {n_goal} / {len(t3)}.",
         "",
@@ -151,7 +160,7 @@ def main() -> None:
             "## Two members per held-out section (8 members; seed 0; `python benchmarks/shift.py run --work "
             "/tmp/hespotex_shift/context200 --what hespotex --seeds 0 --grid rounds2`)",
             "",
-            "Margins against the strongest baseline with `+smooth50`; mean over the three truths.",
+            "Margins against the strongest baseline with `+smooth50` and `+smoothcv`; mean over the three truths.",
             "",
             t5.to_markdown(index=False),
             "",

@@ -151,11 +151,13 @@ def test_tile_then_predict_end_to_end(tmp_path, slide, trained_synthetic, capsys
     assert "skipped" in capsys.readouterr().out
     assert json.loads((out / "small-tiles.done.json").read_text()) == marker
 
-    smoothed = tmp_path / "smoothed"  # --smooth reaches hx.tl.predict: recorded, and the maps change
-    assert main(["predict", "--model", str(model), "--out", str(smoothed), "--smooth", "0.5", str(tiles)]) == 0
-    table = spatialdata.read_zarr(smoothed / "small-tiles.zarr").tables["hespotex"]
-    assert table.uns["hespotex"]["params"]["smooth"] == 0.5
-    assert not np.allclose(np.asarray(table.layers["hespotex"]), np.asarray(pred.layers["hespotex"]))
+    assert pred.uns["hespotex"]["params"]["smooth"] == 0.5  # hx.tl.predict's default smoothing
+    for value, recorded in (("none", None), ("0.8", 0.8)):  # --smooth reaches hx.tl.predict: recorded, maps change
+        other = tmp_path / f"smooth-{value}"
+        assert main(["predict", "--model", str(model), "--out", str(other), "--smooth", value, str(tiles)]) == 0
+        table = spatialdata.read_zarr(other / "small-tiles.zarr").tables["hespotex"]
+        assert table.uns["hespotex"]["params"].get("smooth") == recorded  # zarr drops None
+        assert not np.allclose(np.asarray(table.layers["hespotex"]), np.asarray(pred.layers["hespotex"]))
 
 
 def test_predict_reports_failed_slides_with_exit_1(tmp_path, trained_synthetic, caplog):

@@ -181,8 +181,8 @@ def test_explain_ensemble_is_complete_for_the_ensemble_mean(trained_ensemble):
     g = model.genes.index(gene)
     res = hx.tl.explain(sdata, model, genes=gene, n_spots=2, n_steps=48, device="cpu")
     sample = graph_data(table, "t", genes=None)
-    mean = model.predict_graph(sample, device="cpu")["expression"][:, g]
-    members = np.stack([m.predict_graph(sample, device="cpu")["expression"][:, g] for m in model.members])
+    mean = model.predict_graph(sample, device="cpu", smooth=0.5)["expression"][:, g]
+    members = np.stack([m.predict_graph(sample, device="cpu", smooth=0.5)["expression"][:, g] for m in model.members])
     np.testing.assert_allclose(members.mean(0), mean, atol=1e-6)
     t = [table.obs_names.get_loc(s) for s in res.spots]
     assert res.spots == list(table.obs_names[np.argsort(-mean)[:2]])
@@ -194,12 +194,14 @@ def test_explain_ensemble_is_complete_for_the_ensemble_mean(trained_ensemble):
         emb = sample.emb.copy()
         with torch.no_grad():
             emb[ti] = enc.encode(torch.ones(1, 3, 32, 32))[0].numpy()
-        white = model.predict_graph(GraphData("t", emb, sample.coords_um), device="cpu")["expression"][ti, g]
+        white = model.predict_graph(GraphData("t", emb, sample.coords_um), device="cpu", smooth=0.5)["expression"][
+            ti, g
+        ]
         assert res.pixel_baseline_score[i] == pytest.approx(white, abs=1e-4)
         assert res.pixel_attribution_sum[i] - res.pixel_delta[i] == pytest.approx(mean[ti] - white, abs=1e-3)
     # neighbours: sum - delta == f(x) - f(every spot at the ensemble's mean training embedding)
     base = np.tile(np.mean([m.embedding_mean_ for m in model.members], axis=0), (table.n_obs, 1)).astype(np.float32)
-    f_base = model.predict_graph(GraphData("t", base, sample.coords_um), device="cpu")["expression"][:, g]
+    f_base = model.predict_graph(GraphData("t", base, sample.coords_um), device="cpu", smooth=0.5)["expression"][:, g]
     for spot, ti in zip(res.spots, t, strict=True):
         total = res.neighbours.loc[res.neighbours["target"] == spot, "attribution"].sum()
         delta = res.agreement.loc[spot, "delta"]

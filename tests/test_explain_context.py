@@ -65,7 +65,9 @@ def _rescore(model, table, gene):
         emb = sample.emb.copy()
         if row is not None:
             emb[t] = row
-        return float(model.predict_graph(GraphData("t", emb, sample.coords_um), device="cpu")["expression"][t, g])
+        return float(
+            model.predict_graph(GraphData("t", emb, sample.coords_um), device="cpu", smooth=0.5)["expression"][t, g]
+        )
 
     return score
 

@@ -124,7 +124,9 @@ def _rescore(model, test, gene):
         t = table.obs_names.get_loc(spot)
         emb = sample.emb.copy()
         emb[t] = row
-        return float(model.predict_graph(GraphData("t", emb, sample.coords_um), device="cpu")["expression"][t, g])
+        return float(
+            model.predict_graph(GraphData("t", emb, sample.coords_um), device="cpu", smooth=0.5)["expression"][t, g]
+        )
 
     return score
 

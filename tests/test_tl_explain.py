@@ -16,6 +16,7 @@ import torch
 
 import hespotex as hx
 from hespotex.pp._encoders import load_encoder
+from hespotex.pp._graph import knn_graph
 from hespotex.tl.explanation._attributions import _baseline_patch
 from hespotex.tl.explanation._explain import Explanation, patch_saliency
 from hespotex.tl.model._data import GraphData, graph_data
@@ -36,20 +37,28 @@ def explained(trained_synthetic):
 
 @pytest.fixture(scope="module")
 def rescore(trained_synthetic):
-    """``rescore(spot, patch=None, emb=None)``: the model's GENE prediction at ``spot`` with its patch (float
-    (1, 3, h, w) in [0, 1]) re-encoded by the public encoder, or with other embeddings: an independent path."""
+    """``rescore(spot, patch=None, emb=None, smooth=0.5)``: the model's GENE prediction at ``spot`` (smoothed as
+    ``hx.tl.predict`` smooths it by default) with its patch (float (1, 3, h, w) in [0, 1]) re-encoded by the public
+    encoder, or with other embeddings: an independent path."""
     model, table = trained_synthetic["model"], trained_synthetic["test"].tables["table"]
     enc = load_encoder(model.embedding["encoder"], input_size=model.embedding["input_size"])
     sample = graph_data(table, "t", genes=None)
     g = model.genes.index(GENE)
 
-    def score(spot: str, patch=None, emb=None) -> float:
+    def score(spot: str, patch=None, emb=None, smooth=0.5) -> float:
         t = table.obs_names.get_loc(spot)
         emb = sample.emb.copy() if emb is None else emb
         if patch is not None:
             with torch.no_grad():
                 emb[t] = enc.encode(patch)[0].numpy()
-        return float(model.predict_graph(GraphData("t", emb, sample.coords_um), device="cpu")["expression"][t, g])
+        expr = model.predict_graph(GraphData("t", emb, sample.coords_um), device="cpu")["expression"][:, g]
+        if smooth is None:
+            return float(expr[t])
+        # hx.tl.predict's smoothing, written out: the spot at weight `smooth`, its 6 nearest spots sharing the rest
+        A = knn_graph(sample.coords_um, 6)[0].toarray()
+        row = (1 - smooth) * A[t] / A[t].sum()
+        row[t] = smooth
+        return float(row @ expr.astype(np.float64))
 
     score.emb = sample.emb
     return score
@@ -75,6 +84,7 @@ def test_default_spots_scores_and_patches(explained, trained_synthetic):
     assert explained.saliency.shape == (5, size, size) and explained.saliency.dtype == np.float32
     assert (explained.saliency >= 0).all() and (explained.saliency.reshape(5, -1).max(1) > 0).all()
     assert explained.params["baseline"] == "blur" and explained.params["genes"] == [GENE]
+    assert explained.params["smooth"] == 0.5  # hx.tl.predict's default smoothing, as the layer was predicted
 
 
 def test_pixel_completeness(explained, rescore, trained_synthetic):
@@ -131,7 +141,9 @@ def test_neighbour_attribution(explained, rescore, trained_synthetic):
     n_hops = trained_synthetic["model"].config.n_hops
     for spot in explained.spots:
         rows = nb[nb["target"] == spot]
-        assert (rows.loc[rows["source"] == spot, "hop"] == 0).all() and rows["hop"].between(0, n_hops).all()
+        # the smoothed score reads the target's 6 nearest spots too: its sources reach one ring further
+        assert (rows.loc[rows["source"] == spot, "hop"] == 0).all() and rows["hop"].between(0, n_hops + 1).all()
+        assert rows["hop"].max() == n_hops + 1
         assert rows["share"].sum() == pytest.approx(1.0)
         # completeness: attributions sum to f(E) - f(all spots at the training mean)
         model = trained_synthetic["model"]
@@ -144,6 +156,24 @@ def test_neighbour_attribution(explained, rescore, trained_synthetic):
         assert one["attention"].notna().all() and rows.loc[rows["hop"] > 1, "attention"].isna().all()
         assert one["attention"].sum() == pytest.approx(1.0, abs=1e-4)
     assert agree["spearman"].between(-1, 1).all()
+
+
+def test_unsmoothed_explanation(trained_synthetic, rescore):
+    """``smooth=None`` explains the network's output at the spot alone: its score, its neighbourhood (``n_hops``),
+    completeness against the unsmoothed prediction."""
+    sdata, model = trained_synthetic["test"], trained_synthetic["model"]
+    table = sdata.tables["table"]
+    spot = table.obs_names[7]
+    ex = hx.tl.explain(sdata, model, genes=GENE, spots=[spot], n_steps=32, pixels=False, smooth=None)
+    raw = hx.tl.predict(copy.deepcopy(sdata), model, device="cpu", smooth=None, key_added="raw")
+    assert ex.score[0] == pytest.approx(float(raw.layers["raw"][7, raw.var_names.get_loc(GENE)]), abs=1e-4)
+    assert ex.score[0] == pytest.approx(rescore(spot, smooth=None), abs=1e-4)
+    assert ex.score[0] != pytest.approx(rescore(spot), abs=1e-4)  # the default (smoothed) score differs
+    assert ex.params["smooth"] is None
+    assert ex.neighbours["hop"].between(0, model.config.n_hops).all()
+    at_mean = np.broadcast_to(model.embedding_mean_, rescore.emb.shape).copy()
+    total = rescore(spot, smooth=None) - rescore(spot, emb=at_mean, smooth=None)
+    assert ex.neighbours["attribution"].sum() - ex.agreement.loc[spot, "delta"] == pytest.approx(total, abs=2e-3)
 
 
 def test_top_attributed_neighbour_matters_more(explained, rescore, trained_synthetic):

@@ -47,7 +47,7 @@ def test_explain_forward_equals_predict_for_slide_norm(slide_normalised):
     at_mean = np.broadcast_to(mean, sample.emb.shape).copy()  # every spot at the slide's mean (standardised zero)
     fixed = copy.deepcopy(model)  # the slide's statistics, fixed (a constant slide has no statistics of its own)
     fixed.embedding_norm, fixed.embedding_mean_, fixed.embedding_scale_ = "training", mean, scale
-    base = fixed.predict_graph(GraphData("t", at_mean, sample.coords_um), device="cpu")["expression"]
+    base = fixed.predict_graph(GraphData("t", at_mean, sample.coords_um), device="cpu", smooth=0.5)["expression"]
     base = base[:, model.genes.index(GENE)]
     for i, spot in enumerate(ex.spots):
         nb = ex.neighbours[ex.neighbours["target"] == spot]

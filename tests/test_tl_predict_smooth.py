@@ -34,8 +34,8 @@ def test_smoothed_prediction_is_the_spot_and_its_six_neighbours(slide, trained_s
     from hespotex.pp._graph import knn_graph
 
     model = trained_synthetic["model"]
-    raw = hx.tl.predict(copy.deepcopy(slide), model, device="cpu")
-    half = hx.tl.predict(copy.deepcopy(slide), model, device="cpu", smooth=0.5)
+    raw = hx.tl.predict(copy.deepcopy(slide), model, device="cpu", smooth=None)
+    half = hx.tl.predict(copy.deepcopy(slide), model, device="cpu")  # the default: the spot at weight 0.5
     P = np.asarray(raw.layers["hespotex"], dtype=np.float64)
     A = knn_graph(_coords_um(raw), 6)[0].toarray()  # symmetric 6-NN graph of the spot centres
     want = 0.5 * P + 0.5 * (A @ P) / A.sum(axis=1, keepdims=True)
@@ -55,9 +55,11 @@ def test_streamed_smoothing_equals_in_memory(slide, trained_synthetic, tmp_path)
     assert streamed.uns["hespotex"]["params"]["smooth"] == 0.5
     # resuming or reusing that store with another smoothing would mix rows: refused, with what to do
     with pytest.raises(ValueError, match=r"smooth=0.5, not smooth=None.*overwrite=True"):
-        hx.tl.predict(copy.deepcopy(slide), model, device="cpu", out=out, chunk_size=CHUNK)
-    again = hx.tl.predict(copy.deepcopy(slide), model, device="cpu", out=out, chunk_size=CHUNK, overwrite=True)
-    raw = hx.tl.predict(copy.deepcopy(slide), model, device="cpu")
+        hx.tl.predict(copy.deepcopy(slide), model, device="cpu", out=out, chunk_size=CHUNK, smooth=None)
+    again = hx.tl.predict(
+        copy.deepcopy(slide), model, device="cpu", out=out, chunk_size=CHUNK, overwrite=True, smooth=None
+    )
+    raw = hx.tl.predict(copy.deepcopy(slide), model, device="cpu", smooth=None)
     np.testing.assert_allclose(np.asarray(again.layers["hespotex"]), raw.layers["hespotex"], atol=2e-5)
 
 
@@ -66,7 +68,7 @@ def test_ensemble_members_are_smoothed_before_mean_and_spread(trained_ensemble, 
     from hespotex.tl.evaluation._baselines import smooth
 
     model = trained_ensemble["model"]
-    raw = hx.tl.predict(copy.deepcopy(trained_ensemble["test"]), model, device="cpu")
+    raw = hx.tl.predict(copy.deepcopy(trained_ensemble["test"]), model, device="cpu", smooth=None)
     half = hx.tl.predict(copy.deepcopy(trained_ensemble["test"]), model, device="cpu", smooth=0.5)
     want = smooth(raw.layers["hespotex"], knn_graph(_coords_um(raw), 6)[0], self_weight=0.5)  # linear: mean commutes
     np.testing.assert_allclose(half.layers["hespotex"], want, rtol=1e-4, atol=1e-5)

@@ -43,6 +43,44 @@ def test_tuning_follows_the_signal():
     assert ret.tuning_["value"] == 30  # averaging many neighbours beats copying one noisy spot
 
 
+def _spatial_sections(smooth_truth: bool, seed: int = 0):
+    """Spots on a grid; ``smooth_truth``: the targets are smooth fields of the position that each spot's features
+    read with heavy noise (averaging neighbours' predictions removes the noise), else the targets follow each spot's
+    own independent features (averaging blurs them)."""
+    rng = np.random.default_rng(seed)
+    gx, gy = np.meshgrid(np.arange(12), np.arange(12))
+    xy = np.column_stack([gx.ravel(), gy.ravel()]) * 100.0
+    out = {}
+    for i in range(3):
+        if smooth_truth:
+            fields = np.column_stack([np.sin(xy[:, 0] / 300 + k) + np.cos(xy[:, 1] / 250 - k) for k in range(4)])
+            X = np.hstack([fields, np.zeros((len(xy), 6))]) + rng.normal(scale=1.5, size=(len(xy), 10))
+            y = fields
+        else:
+            X = rng.normal(size=(len(xy), 10))
+            y = X[:, :4] + 0.1 * rng.normal(size=(len(xy), 4))
+        out[f"s{i}"] = (X, y, xy)
+    return out
+
+
+def test_smoothing_weight_is_tuned_with_the_parameter():
+    def weight(model):
+        w = model.tuning_["smooth_weight"]
+        return 1 / 7 if w is None else w
+
+    noisy = tune_baseline("ridge", _spatial_sections(True), grid=(1.0, 100.0), smoothed=True, n_components=None)
+    sharp = tune_baseline("ridge", _spatial_sections(False), grid=(1.0, 100.0), smoothed=True, n_components=None)
+    assert noisy.tuning_["smooth_weights"] == [None, 0.25, 0.5, 0.75]
+    assert weight(noisy) < 0.5 < weight(sharp)  # smooth where neighbours share the truth, keep the spot where not
+    fixed = tune_baseline("ridge", _spatial_sections(True), grid=(1.0, 100.0), smoothed=True, n_components=None,
+                          smooth_weights=[0.75])  # fmt: skip
+    assert fixed.tuning_["smooth_weight"] == 0.75 and max(fixed.tuning_["scores"]) < max(noisy.tuning_["scores"])
+    raw = tune_baseline("ridge", _spatial_sections(True), grid=(1.0, 100.0), n_components=None)
+    assert raw.tuning_["smooth_weight"] is None and raw.tuning_["smooth_weights"] is None
+    with pytest.raises(ValueError, match="smooth_weights"):
+        tune_baseline("ridge", _spatial_sections(True), smoothed=True, smooth_weights=[1.5])
+
+
 def test_tuning_bad_input():
     with pytest.raises(ValueError, match="Cannot tune baseline"):
         tune_baseline("mlp", _sections(1.0))
@@ -71,4 +109,5 @@ def test_cross_validate_tunes_baselines_on_the_training_folds():
     # the same choice as tuning by hand on the fold's training sections, with the model's targets
     data = {n: graph_data(samples[n], n, genes=genes, target_norm="library_modelled") for n in ("a", "b")}
     ref = tune_baseline("retrieval", {n: (d.emb, d.expr, d.coords_um) for n, d in data.items()}, smoothed=True)
-    assert row["chosen"] == f"k={ref.tuning_['value']}"
+    weight = ref.tuning_["smooth_weight"]  # the smoothing weight is tuned with k, on the training folds too
+    assert row["chosen"] == f"k={ref.tuning_['value']}, smooth={'mean' if weight is None else f'{weight:g}'}"

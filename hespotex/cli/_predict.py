@@ -60,7 +60,7 @@ def predict_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     if dupes:
         parser.error(f"slides must have distinct file names (each writes OUT/<name>.zarr); repeated: {dupes}.")
     predict_kwargs = {"device": args.device} if args.device else {}
-    if args.smooth is not None:
+    if hasattr(args, "smooth"):  # given: else hx.tl.predict's default
         predict_kwargs["smooth"] = args.smooth
     tile_kwargs = {"layout": args.layout} if args.layout else {}
     if len(args.slides) == 1:
@@ -86,6 +86,13 @@ def predict_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -
         )
         return 1
     return 0
+
+
+def smooth_weight(value: str) -> float | None:
+    """An argparse type: a number in [0, 1], or ``none`` (no smoothing)."""
+    if value.strip().lower() == "none":
+        return None
+    return unit_float(value)
 
 
 def unit_float(value: str) -> float:
@@ -131,10 +138,11 @@ def add_predict_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPars
     p_pred.add_argument("--device", metavar="NAME", help="torch device: cpu, cuda, cuda:1... (default: auto)")
     p_pred.add_argument(
         "--smooth",
-        type=unit_float,
+        type=smooth_weight,
+        default=argparse.SUPPRESS,
         metavar="W",
         help="smooth each tile's prediction over its 6 nearest tiles, keeping weight W in [0, 1] of its own "
-        "(hx.tl.predict(..., smooth=W); default: no smoothing)",
+        "(hx.tl.predict(..., smooth=W); default: hx.tl.predict's, 0.5; 'none': the model's output unsmoothed)",
     )
     p_pred.add_argument(
         "--overwrite", action="store_true", help="predict finished slides again, replacing their results"

@@ -17,6 +17,7 @@ from hespotex.tl.evaluation._evaluate import rank_genes
 from hespotex.tl.evaluation._metrics import gene_scores, truth_constant_genes
 from hespotex.tl.evaluation._peers import PEER_METHODS, peer_predictions
 from hespotex.tl.model._data import EMBEDDING_KEY, GraphData, graph_data
+from hespotex.tl.prediction._smoothing import DEFAULT_SMOOTH, check_smooth
 from hespotex.tl.training._train import ensure_embeddings, train
 from hespotex.tl.training._tune import DEFAULT_GRIDS, tune_baseline
 
@@ -76,6 +77,7 @@ def cross_validate(
     folds: Sequence[str] | None = None,
     methods: Sequence[Any] = ("hespotex", "ridge", "mlp", "retrieval"),
     smoothed: bool = True,
+    smooth: float | None = DEFAULT_SMOOTH,
     genes: Sequence[str] | None = None,
     n_top_genes: int = 1000,
     flavor: str = "seurat_v3",
@@ -117,7 +119,13 @@ def cross_validate(
         see :mod:`hespotex.tl.evaluation._peers`.
     smoothed
         Also score every baseline after spatial smoothing over ``smooth_neighbors`` nearest spots
-        (method ``"<name>+smooth"``).
+        (method ``"<name>+smooth"``): each spot keeps weight ``smooth`` of its own prediction, as hespotex's
+        (the plain mean of the spot and its neighbours when ``smooth`` is ``None``); a tuned baseline
+        (``tune_baselines``) has its own weight chosen on the training sections.
+    smooth
+        hespotex's predictions are smoothed as :func:`hespotex.tl.predict` smooths them (default 0.5: each spot keeps
+        that weight of its own prediction, its 6 nearest spots share the rest), so the scores are those of the
+        prediction users get; ``None``: the model's output unsmoothed.
     genes, n_top_genes, flavor, include_genes
         The fold's gene panel: ``genes`` as given, else ``include_genes`` topped up to ``n_top_genes``
         with the genes ``flavor`` ranks best on the training fold.
@@ -149,9 +157,11 @@ def cross_validate(
     its record ``uns["hespotex_embed"][use_rep]``, see :func:`hespotex.pp.embed`); nothing else.
     """
     from hespotex.pp._graph import knn_graph
-    from hespotex.tl.evaluation._baselines import make_baseline, smooth
+    from hespotex.tl.evaluation._baselines import make_baseline
+    from hespotex.tl.evaluation._baselines import smooth as smooth_predictions
     from hespotex.tl.training._train import split_validation
 
+    smooth = check_smooth(smooth)
     named = as_sample_dict(samples)
     names = list(named)
     for s in named.values():
@@ -203,8 +213,8 @@ def cross_validate(
                     target_norm=target_norm,
                     ensemble=ensemble,
                 )
-                preds = {
-                    n: model.predict_graph(GraphData(n, d.emb, d.coords_um), device=device)["expression"]
+                preds = {  # the prediction hx.tl.predict gives (smoothed as it smooths), from embeddings and centres
+                    n: model.predict_graph(GraphData(n, d.emb, d.coords_um), device=device, smooth=smooth)["expression"]
                     for n, d in test_data.items()
                 }
             elif kind in PEER_METHODS:
@@ -247,7 +257,7 @@ def cross_validate(
                     smoothed_preds = {}
                     for n, p in preds.items():
                         conn, _ = knn_graph(test_data[n].coords_um, smooth_neighbors)
-                        smoothed_preds[n] = smooth(p, conn)
+                        smoothed_preds[n] = smooth_predictions(p, conn, self_weight=smooth)
                     variants.append((f"{label}+smooth", smoothed_preds))
             for method, by_sample in variants:
                 for n, p in by_sample.items():
@@ -299,10 +309,14 @@ def _tuned_variants(kind, label, train_data, test_data, *, smoothed, k, seed, kw
         model = tune_baseline(kind, sections, smoothed=smoothing, smooth_neighbors=k, seed=seed, **kwargs)
         name = f"{label}+smooth" if smoothing else label
         preds = {n: model.predict(d.emb) for n, d in test_data.items()}
-        if smoothing:
-            preds = {n: smooth(p, knn_graph(test_data[n].coords_um, k)[0]) for n, p in preds.items()}
-        variants.append((name, preds))
         chosen[name] = f"{model.tuning_['param']}={model.tuning_['value']:g}"
+        if smoothing:
+            weight = model.tuning_["smooth_weight"]
+            preds = {
+                n: smooth(p, knn_graph(test_data[n].coords_um, k)[0], self_weight=weight) for n, p in preds.items()
+            }
+            chosen[name] += f", smooth={'mean' if weight is None else f'{weight:g}'}"
+        variants.append((name, preds))
     return variants, chosen
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -55,13 +56,40 @@ def frozen_modules(*modules: torch.nn.Module, device: Any = None) -> Iterator[No
             m.to(dev)
 
 
+@dataclass
+class Neighbourhood:
+    """What a target spot's score reads: ``nodes`` (slide positions, the target first, then the spots its smoothing
+    reads, then the rest), their induced decoder ``edges`` (positions in ``nodes``), ``hop`` (decoder-graph distance
+    to the target; -1 when only the smoothing reaches it) and ``mix`` (the smoothing weights of ``nodes[:len(mix)]``,
+    summing to 1; ``[1.0]`` unsmoothed)."""
+
+    nodes: np.ndarray
+    edges: np.ndarray
+    hop: np.ndarray
+    mix: np.ndarray
+
+
 class Scorer:
-    """The score at a target spot as a differentiable function of its neighbourhood's standardised embeddings."""
+    """The score at a target spot as a differentiable function of its neighbourhood's standardised embeddings.
+
+    The score is what :func:`hespotex.tl.predict` gives with ``smooth``: the network's score at the target, or with a
+    weight ``w`` the smoothing of the network's scores, ``w`` at the target and ``1 - w`` shared by its 6 nearest spots
+    (:mod:`hespotex.tl.prediction._smoothing`): linear in the network's outputs over the target's neighbourhood, so
+    the integrated gradients stay complete for it."""
 
     def __init__(
-        self, model: HESpotEx, table: AnnData, embedding_key: str, genes: list[str], weights: np.ndarray, device
+        self,
+        model: HESpotEx,
+        table: AnnData,
+        embedding_key: str,
+        genes: list[str],
+        weights: np.ndarray,
+        device,
+        smooth: float | None = None,
     ) -> None:
         import torch
+
+        from hespotex.tl.prediction._smoothing import smoothing_matrix
 
         self.model = model
         self.net = model.module_
@@ -93,36 +121,51 @@ class Scorer:
         self.weights = torch.as_tensor(weights, dtype=torch.float32, device=device)
         self.mean = torch.as_tensor(mean, device=device)
         self.scale = torch.as_tensor(scale, device=device)
+        self.smooth = smooth
+        self.smoothing = None if smooth is None else smoothing_matrix(sample, smooth)  # hx.tl.predict's operator
 
     def predict_all(self) -> np.ndarray:
-        """The score at every spot from a whole-slide prediction (``(n_spots,)``)."""
-        out = self.model.predict_graph(self.sample, device=str(self.device))
+        """The score at every spot from a whole-slide prediction (``(n_spots,)``), smoothed as ``hx.tl.predict``
+        smooths it."""
+        out = self.model.predict_graph(self.sample, device=str(self.device), smooth=self.smooth)
         idx = self.gene_idx.cpu().numpy()
         return out["expression"][:, idx].astype(np.float64) @ self.weights.cpu().numpy().astype(np.float64)
 
-    def neighbourhood(self, t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Nodes that reach ``t`` in ``n_hops`` (``t`` first), their induced edges and hop distances to ``t``."""
+    def neighbourhood(self, t: int) -> Neighbourhood:
+        """The spots ``t``'s score reads (``t`` first, then the spots its smoothing mixes in), every spot that
+        reaches one of them in ``n_hops`` of the decoder graph, their induced edges and hop distances to ``t``."""
         from scipy.sparse import csr_matrix
         from scipy.sparse.csgraph import shortest_path
 
-        core = np.array([t], dtype=np.int64)
+        core, mix = np.array([t], dtype=np.int64), np.ones(1)
+        if self.smoothing is not None:
+            row = self.smoothing[t]
+            others = row.indices != t
+            core = np.concatenate([core, row.indices[others].astype(np.int64)])
+            mix = np.concatenate([[row[0, t]], row.data[others]])
         nodes = k_hop_halo(self.edges, core, self.sample.n, self.hops) if self.use_graph else core
         sub = induced_edges(self.edges, nodes, self.sample.n)
         adj = csr_matrix((np.ones(sub.shape[1]), (sub[0], sub[1])), shape=(len(nodes), len(nodes)))
         hop = shortest_path(adj, directed=False, unweighted=True, indices=0)
-        return nodes, sub, np.where(np.isfinite(hop), hop, -1).astype(np.int64)
+        return Neighbourhood(nodes, sub, np.where(np.isfinite(hop), hop, -1).astype(np.int64), mix)
 
-    def scores(self, emb: torch.Tensor, sub: torch.Tensor | None) -> torch.Tensor:
-        """Scores ``(B,)`` at node 0 of ``B`` copies of a neighbourhood with embeddings ``emb`` ``(B, m, F)``."""
+    def scores(self, emb: torch.Tensor, where: Neighbourhood) -> torch.Tensor:
+        """Scores ``(B,)`` at the target (node 0) of ``B`` copies of ``where`` with embeddings ``emb`` ``(B, m, F)``:
+        the network's scores at the nodes the smoothing reads, mixed by its weights."""
         import torch
 
         b, m, f = emb.shape
         edges = None
         if self.use_graph:
+            sub = torch.as_tensor(where.edges, device=emb.device)
             offsets = (torch.arange(b, device=emb.device) * m).repeat_interleave(sub.shape[1])
             edges = sub.repeat(1, b) + offsets
-        out = self.net(emb.reshape(b * m, f), edges)["expression"]
-        return out[::m][:, self.gene_idx] @ self.weights
+        out = self.net(emb.reshape(b * m, f), edges)["expression"].reshape(b, m, -1)
+        k = len(where.mix)
+        per_node = out[:, :k, self.gene_idx] @ self.weights  # (B, k)
+        if k == 1:
+            return per_node[:, 0]
+        return per_node @ torch.as_tensor(where.mix, dtype=per_node.dtype, device=emb.device)
 
     def standardise(self, features: torch.Tensor) -> torch.Tensor:
         return (features - self.mean) / self.scale
@@ -221,17 +264,16 @@ def pixel_attributions(
         xs = tuple(resize_batch(p.read(np.array([t])), size).to(dev) for p in plans)
         for k, x in enumerate(xs):
             patches[k][i] = x[0].mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
-        nodes, sub, _ = scorer.neighbourhood(t)
-        rest = torch.from_numpy(scorer.std[nodes[1:]]).to(dev)
-        sub_t = torch.from_numpy(sub).to(dev)
+        where = scorer.neighbourhood(t)
+        rest = torch.from_numpy(scorer.std[where.nodes[1:]]).to(dev)
 
         def features(*images: torch.Tensor) -> torch.Tensor:
             return patch_features(enc, *images, tta=tta, stain_norm=stain_norm)
 
-        def forward(*images: torch.Tensor, rest=rest, sub_t=sub_t) -> torch.Tensor:
+        def forward(*images: torch.Tensor, rest=rest, where=where) -> torch.Tensor:
             z = scorer.standardise(features(*images))
             emb = torch.cat([z[:, None, :], rest.expand(len(z), *rest.shape)], dim=1)
-            return scorer.scores(emb, sub_t)
+            return scorer.scores(emb, where)
 
         bases = tuple(_baseline_patch(x, baseline) for x in xs)
         with torch.no_grad():
@@ -289,10 +331,11 @@ def neighbour_attributions(
     frames, rows = [], []
     for t in tqdm(positions, desc="neighbour attributions", unit="spot", disable=not settings.progress):
         t = int(t)
-        nodes, sub, hop = scorer.neighbourhood(t)
+        where = scorer.neighbourhood(t)
+        nodes, hop = where.nodes, where.hop
         emb = torch.from_numpy(scorer.std[nodes]).to(dev)[None]  # (1, m, F)
-        sub_t = torch.from_numpy(sub).to(dev)
-        ig = IntegratedGradients(lambda e, sub_t=sub_t: scorer.scores(e, sub_t))
+        sub_t = torch.from_numpy(where.edges).to(dev)
+        ig = IntegratedGradients(lambda e, where=where: scorer.scores(e, where))
         attr, delta = ig.attribute(
             emb,
             baselines=torch.zeros_like(emb),

@@ -1,7 +1,10 @@
 """``hx.tl.explain``: what drives a predicted gene or gene programme at a spot.
 
 Two attributions, both by integrated gradients (:class:`captum.attr.IntegratedGradients`) of a
-*score*, the weighted mean of the predicted log expression of the chosen genes at the target spot:
+*score*, the weighted mean of the predicted log expression of the chosen genes at the target spot, as
+:func:`hespotex.tl.predict` predicts it: with its default spatial smoothing (``smooth=0.5``) the score is half the
+network's score at the target and half the mean of its 6 nearest spots' (a linear mix of the network's outputs, so
+attributions stay complete), and the target's patch and neighbours act on it through every spot the smoothing reads:
 
 - **pixels**: through the frozen image encoder, the model's embedding standardisation and
   :class:`~hespotex.models.HESpotExNet`, on exactly the patch the encoder saw when the slide was
@@ -62,6 +65,7 @@ from hespotex.tl.explanation._explain_inputs import (
 )
 from hespotex.tl.model._data import EMBEDDING_KEY
 from hespotex.tl.model._model import HESpotEx
+from hespotex.tl.prediction._smoothing import DEFAULT_SMOOTH, check_smooth
 
 if TYPE_CHECKING:
     pass
@@ -85,7 +89,8 @@ class Explanation:
     genes, weights
         The genes of the score and their normalised weights.
     score
-        ``(n_spots,)`` the model's score at each spot (from a whole-slide prediction).
+        ``(n_spots,)`` the model's score at each spot (from a whole-slide prediction, smoothed as ``params["smooth"]``
+        says, as :func:`hespotex.tl.predict` smooths it).
     patches
         ``(n_spots, h, w, 3)`` uint8: the (spot) patch each spot's embedding was computed from, at the encoder
         input size, as scanned (before any stain normalisation: the pixels attributed); ``None`` without pixel
@@ -110,10 +115,12 @@ class Explanation:
     pixel_delta
         ``(n_spots,)`` captum's convergence delta: ``pixel_attribution_sum - (pixel_score - pixel_baseline_score)``.
     neighbours
-        Tidy table, one row per (target, source) pair: ``target``, ``source`` (obs names), ``hop`` (graph
-        distance; 0 for the spot itself), ``attribution`` (signed, summed over embedding dimensions),
-        ``share`` (``|attribution|`` over the target's total ``|attribution|``) and ``attention`` (the
-        decoder's attention of target on source; NaN beyond one hop or for decoders without attention).
+        Tidy table, one row per (target, source) pair: ``target``, ``source`` (obs names), ``hop`` (distance in
+        the decoder graph; 0 for the spot itself, -1 for a spot only the smoothing reaches, in a model without
+        decoder; with smoothing the sources reach one ring further than the decoder's ``n_hops``), ``attribution``
+        (signed, summed over embedding dimensions), ``share`` (``|attribution|`` over the target's total
+        ``|attribution|``) and ``attention`` (the decoder's attention of target on source; NaN beyond one hop or for
+        decoders without attention).
         ``None`` without neighbour attribution.
     agreement
         Per target (index): ``spearman`` rank correlation of ``|attribution|`` and attention over the
@@ -172,10 +179,19 @@ class Explanation:
 # ---------------------------------------------------------------------------------------------- public API
 
 
-def _prepare(data: Any, model: HESpotEx | str, genes: Any, signature: Any, embedding_key: str, device: str | None):
+def _prepare(
+    data: Any,
+    model: HESpotEx | str,
+    genes: Any,
+    signature: Any,
+    embedding_key: str,
+    device: str | None,
+    smooth: float | None,
+):
     from hespotex.tl.model._resolve import as_model
     from hespotex.tl.prediction._checks import check_embedding
 
+    smooth = check_smooth(smooth)
     model = as_model(model)  # a model, a saved folder or "hf-hub:owner/name"
     model._check_trained()
     table = get_table(data)
@@ -187,7 +203,7 @@ def _prepare(data: Any, model: HESpotEx | str, genes: Any, signature: Any, embed
     record = table.uns.get(EMBED_RECORD_KEY, {}).get(embedding_key)
     if record is not None:
         check_embedding(model, record)
-    scorer = Scorer(model, table, embedding_key, names, weights, resolve_device(device))
+    scorer = Scorer(model, table, embedding_key, names, weights, resolve_device(device), smooth=smooth)
     return model, table, names, weights, scorer
 
 
@@ -221,6 +237,7 @@ def patch_saliency(
     internal_batch_size: int | None = 16,
     embedding_key: str = EMBEDDING_KEY,
     device: str | None = "cpu",
+    smooth: float | None = DEFAULT_SMOOTH,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pixel saliency of a gene score at some spots: the patch each spot was embedded from and where it matters.
 
@@ -255,6 +272,9 @@ def patch_saliency(
         ``obsm`` key of the slide's image embeddings.
     device
         Torch device.
+    smooth
+        The spatial smoothing of the prediction explained, as :func:`hespotex.tl.predict`'s (default 0.5; ``None``:
+        the network's output at the spot alone).
 
     Returns
     -------
@@ -262,7 +282,7 @@ def patch_saliency(
     order of ``spots``, and float32 ``(n_spots, h, w)`` saliency (absolute attribution summed over
     channels) scaled to [0, 1] per patch: the spot patch's for a two-scale model. Writes nothing.
     """
-    model, table, _, _, scorer = _prepare(data, model, genes, signature, embedding_key, device)
+    model, table, _, _, scorer = _prepare(data, model, genes, signature, embedding_key, device, smooth)
     check_baseline(baseline)
     check_steps(n_steps, internal_batch_size)
     positions = spot_positions(table, spots)
@@ -295,11 +315,14 @@ def explain(
     baseline: str = "white",
     use_rep: str = EMBEDDING_KEY,
     device: str | None = "cpu",
+    smooth: float | None = DEFAULT_SMOOTH,
 ) -> Explanation:
     """Attribute a predicted gene or gene programme at some spots to the image patch and to neighbouring spots.
 
-    The score is the weighted mean predicted log expression of ``genes`` / ``signature`` at a spot.
-    Both attributions are integrated gradients (:class:`captum.attr.IntegratedGradients`):
+    The score is the weighted mean predicted log expression of ``genes`` / ``signature`` at a spot, as
+    :func:`hespotex.tl.predict` gives it with the same ``smooth`` (by default half the network's output at the spot
+    and half its 6 nearest spots' mean: the spot's patch also acts through its neighbours' outputs, and its neighbours'
+    patches through theirs). Both attributions are integrated gradients (:class:`captum.attr.IntegratedGradients`):
 
     - *pixels*: through the frozen image encoder, the model's embedding standardisation and the
       network, on the exact patch the slide's embedding was computed from (same crop geometry,
@@ -313,8 +336,8 @@ def explain(
       recorded stain to the model's reference) inside the forward pass: the attributions are w.r.t. the patch as
       scanned (``params["attributed_to"]``), and the baseline patch is normalised the same way.
     - *neighbours*: with respect to the standardised embeddings of every spot within the decoder's
-      ``n_hops`` of the target (the target included), from the all-zero baseline (every spot at the
-      training mean embedding; the slide's mean for a model with ``embedding_norm="slide"``, which
+      ``n_hops`` of the target or of a spot its smoothing reads (the target included), from the all-zero baseline
+      (every spot at the training mean embedding; the slide's mean for a model with ``embedding_norm="slide"``, which
       standardises each slide by its own statistics here as in :func:`~hespotex.tl.predict`), summed per
       source spot; compared with the decoder's attention.
 
@@ -348,6 +371,9 @@ def explain(
         ``obsm`` key of the slide's image embeddings.
     device
         Torch device.
+    smooth
+        The spatial smoothing of the prediction explained: :func:`hespotex.tl.predict`'s ``smooth`` (default 0.5, its
+        default; pass what you predicted with). ``None``: the network's output at the spot alone.
 
     Returns
     -------
@@ -377,7 +403,7 @@ def explain(
     if not pixels and not neighbours:
         msg = "Nothing to explain: `pixels` and `neighbours` are both off."
         raise ValueError(msg)
-    model, table, names, weights, scorer = _prepare(data, model, genes, signature, use_rep, device)
+    model, table, names, weights, scorer = _prepare(data, model, genes, signature, use_rep, device, smooth)
     positions = None if spots is None else spot_positions(table, spots)
     with frozen_modules(model.module_, device=scorer.device):
         all_scores = scorer.predict_all()
@@ -422,6 +448,7 @@ def explain(
         "attributed_to": ("patch as scanned" if pixels else None),
         "use_rep": use_rep,
         "n_hops": scorer.hops,
+        "smooth": scorer.smooth,
         "decoder_neighbors": int(model.config.decoder_neighbors),
     }
     return result

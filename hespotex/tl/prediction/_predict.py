@@ -18,7 +18,7 @@ from hespotex.tl.model._data import EMBEDDING_KEY, graph_data
 from hespotex.tl.model._model import HESpotEx
 from hespotex.tl.prediction._checks import check_embedding, check_finite_predictions
 from hespotex.tl.prediction._placement import check_free, clear, copy_data, same_genes, spot_keys, write_frame
-from hespotex.tl.prediction._smoothing import check_smooth
+from hespotex.tl.prediction._smoothing import DEFAULT_SMOOTH, check_smooth
 from hespotex.tl.prediction._tables import prediction_params
 from hespotex.tl.training._train import ensure_embeddings
 
@@ -42,7 +42,7 @@ def predict(
     microns_per_pixel: float | None = None,
     library_id: str | None = None,
     copy: bool = False,
-    smooth: float | None = None,
+    smooth: float | None = DEFAULT_SMOOTH,
 ):
     """Predict the expression of the model's genes at every spot (or tile) from the H&E image.
 
@@ -91,12 +91,14 @@ def predict(
         H&E image (path or array) in the pixels of ``obsm["spatial"]``, its µm per pixel when
         ``spot_diameter_fullres`` cannot give it, and the ``uns["spatial"]`` library to read.
     smooth
-        ``None`` (default): the model's predictions as they are. A weight ``w`` in [0, 1]: each spot's predicted
-        expression becomes ``w`` times its own plus ``1 - w`` times the mean of its 6 nearest spots' (the symmetric
-        6-NN graph of the spot centres; one step, :mod:`hespotex.tl.prediction._smoothing`), applied to every
-        ensemble member before the mean and spread, in memory and streaming alike; recorded as
-        ``params["smooth"]``. On held-out her2st sections ``w = 0.5`` raised the mean per-gene Pearson by 0.005-0.015
-        under every emulated shift, for every seed (``benchmarks/results/shift_smooth.md``).
+        A weight ``w`` in [0, 1] (default 0.5): each spot's predicted expression becomes ``w`` times the model's
+        output at the spot plus ``1 - w`` times the mean of its 6 nearest spots' outputs (the symmetric 6-NN graph
+        of the spot centres; one step, :mod:`hespotex.tl.prediction._smoothing`), applied to every ensemble member
+        before the mean and spread, in memory and streaming alike; recorded as ``params["smooth"]``. ``None``: the
+        model's output as it is. On held-out her2st sections ``w = 0.5`` raised the mean per-gene Pearson by
+        0.005-0.015 over the unsmoothed output under every emulated shift, for every seed, while the plain mean of a
+        spot and its neighbours lost up to 0.024 on the top-50 genes (``benchmarks/results/shift_smooth.md``).
+        :func:`hespotex.tl.explain` explains the smoothed prediction by default too.
     copy
         Leave ``data`` untouched and return a new object holding everything listed below: a copy of the
         AnnData, or a new SpatialData (sharing the image and shape elements, which predict never

@@ -4,7 +4,10 @@ A baseline's penalty (ridge α) or neighbourhood (retrieval k) decides much of i
 new section; a fixed default makes a weak comparison. :func:`tune_baseline` picks it among a grid
 by inner cross-validation on the *training* sections only (each training section held out in
 turn, the others fitted), scored by mean per-gene Pearson on the same targets the model learns,
-raw or after spatial smoothing, then refits on every training section.
+raw or after spatial smoothing, then refits on every training section. A smoothed baseline also has its
+smoothing weight chosen the same way (the weight each spot keeps of its own prediction, jointly with the parameter):
+the model's prediction is smoothed by default (``hx.tl.predict(..., smooth=0.5)``), and a baseline smoothed with a
+weight fixed in advance would be a weaker comparison.
 """
 
 from __future__ import annotations
@@ -17,12 +20,17 @@ import numpy as np
 
 logger = logging.getLogger("hespotex")
 
-__all__ = ["DEFAULT_GRIDS", "tune_baseline"]
+__all__ = ["DEFAULT_GRIDS", "DEFAULT_SMOOTH_WEIGHTS", "tune_baseline"]
 
 DEFAULT_GRIDS: dict[str, tuple[str, tuple[float, ...]]] = {
     "ridge": ("alpha", (1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7)),
     "retrieval": ("k", (5, 10, 25, 50, 100, 200, 400)),
 }
+
+
+#: Candidate weights a smoothed baseline keeps of each spot's own prediction (``None``: the plain mean of the spot and
+#: its neighbours, 1/7 for 6 neighbours); see :func:`hespotex.tl.evaluation._baselines.smooth`.
+DEFAULT_SMOOTH_WEIGHTS: tuple[float | None, ...] = (None, 0.25, 0.5, 0.75)
 
 
 def _score(y: np.ndarray, pred: np.ndarray) -> float:
@@ -62,6 +70,7 @@ def tune_baseline(
     grid: Sequence[float] | None = None,
     smoothed: bool = False,
     smooth_neighbors: int = 6,
+    smooth_weights: Sequence[float | None] = DEFAULT_SMOOTH_WEIGHTS,
     seed: int = 0,
     **kwargs: Any,
 ):
@@ -78,6 +87,10 @@ def tune_baseline(
     smoothed
         Score the inner folds after spatial smoothing over ``smooth_neighbors`` nearest spots (choose
         the value for the smoothed baseline).
+    smooth_weights
+        With ``smoothed``: candidate weights each spot keeps of its own prediction (``None``: the plain mean of the
+        spot and its neighbours), chosen jointly with the parameter; apply the chosen one
+        (``tuning_["smooth_weight"]``) with :func:`hespotex.tl.evaluation._baselines.smooth` ``(self_weight=...)``.
     seed
         Seed of the ridge's PCA and solver.
     kwargs
@@ -86,7 +99,9 @@ def tune_baseline(
     Returns
     -------
     The baseline fitted on every section, with ``tuning_`` = ``{"param", "value", "grid", "scores",
-    "smoothed", "inner_folds"}`` (``scores``: mean inner Pearson per grid value).
+    "smoothed", "smooth_weight", "smooth_weights", "inner_folds"}`` (``scores``: mean inner Pearson per grid value,
+    at its best smoothing weight; ``smooth_weight``: the chosen weight, ``None`` for the plain mean or when not
+    ``smoothed``).
     """
     from hespotex.pp._graph import knn_graph
     from hespotex.tl.evaluation._baselines import make_baseline, smooth
@@ -102,9 +117,10 @@ def tune_baseline(
     if not values:
         msg = "Expected a non-empty grid of candidate values."
         raise ValueError(msg)
+    weights = _check_smooth_weights(smooth_weights) if smoothed else [None]
     extra = {"seed": seed} if name == "ridge" else {}
     names = list(sections)
-    scores = np.zeros(len(values))
+    scores = np.zeros((len(values), len(weights)))
     for held in names:
         rest = [n for n in names if n != held]
         X = np.concatenate([sections[n][0] for n in rest])
@@ -116,21 +132,38 @@ def tune_baseline(
         else:
             preds = (make_baseline(name, **{param: int(v)}, **kwargs).fit(X, y).predict(Xh) for v in values)
         for i, pred in enumerate(preds):
-            scores[i] += _score(yh, smooth(pred, conn) if smoothed else pred) / len(names)
-    best = int(np.argmax(scores))
+            for j, w in enumerate(weights):
+                scores[i, j] += _score(yh, smooth(pred, conn, self_weight=w) if smoothed else pred) / len(names)
+    best, best_w = np.unravel_index(int(np.argmax(scores)), scores.shape)
     value = int(values[best]) if param == "k" else float(values[best])
+    weight = weights[best_w]
     logger.info(
-        "%s%s: %s = %s chosen by leave-one-section-out (inner Pearson %.4f)",
+        "%s%s: %s = %s%s chosen by leave-one-section-out (inner Pearson %.4f)",
         name,
         "+smooth" if smoothed else "",
         param,
         value,
-        scores[best],
+        f", smoothing weight {'mean' if weight is None else weight}" if smoothed else "",
+        scores[best, best_w],
     )
     model = make_baseline(name, **{param: value}, **extra, **kwargs)
     model.fit(np.concatenate([s[0] for s in sections.values()]), np.concatenate([s[1] for s in sections.values()]))
     model.tuning_ = {
-        "param": param, "value": value, "grid": values, "scores": scores.round(5).tolist(),
-        "smoothed": smoothed, "inner_folds": names,
+        "param": param, "value": value, "grid": values, "scores": scores.max(axis=1).round(5).tolist(),
+        "smoothed": smoothed, "smooth_weight": weight, "smooth_weights": weights if smoothed else None,
+        "inner_folds": names,
     }  # fmt: skip
     return model
+
+
+def _check_smooth_weights(weights: Sequence[float | None]) -> list[float | None]:
+    """``weights`` as a list of ``None`` / floats in [0, 1]; a clear error otherwise."""
+    out = list(weights)
+    bad = [w for w in out if w is not None and (isinstance(w, bool) or not 0.0 <= float(w) <= 1.0)]
+    if not out or bad:
+        msg = (
+            "Expected `smooth_weights` to be a non-empty list of weights in [0, 1] (the share each spot keeps of its "
+            f"own prediction) or None (the plain mean); found {weights!r}."
+        )
+        raise ValueError(msg)
+    return [None if w is None else float(w) for w in out]
