@@ -14,6 +14,7 @@ from hespotex._settings import settings
 from hespotex.pp._stain_augment import sample_views
 from hespotex.tl.model._data import GraphData, induced_edges, spatial_blocks
 from hespotex.tl.model._lazy import dense, take
+from hespotex.tl.training import _autoencoder_cache as ae_cache
 from hespotex.tl.training._collectives import restore_grad_flags, trainable_only
 
 if TYPE_CHECKING:
@@ -171,8 +172,13 @@ _AE_CACHE_SIZE = 8
 def _autoencoder_key(net, blocks: Sequence[Batch], max_nodes: int, seed: int, world_size: int = 1) -> str:
     import hashlib
 
+    import torch
+
+    from hespotex import __version__
+
     cfg = net.config
     h = hashlib.sha256()
+    h.update(f"hespotex={__version__} torch={torch.__version__}".encode())  # the disk cache outlives the code
     fields = (
         "ae_neighbors",
         "ae_hidden_dim",
@@ -204,21 +210,45 @@ def pretrain_autoencoder(
 ) -> None:
     """Stage 1: train the graph attention autoencoder alone on the expression (reconstruction).
 
-    It depends only on the expression, its graph and the autoencoder's settings, so its result
-    is kept in memory for this process and reused (e.g. by the two encoders of a benchmark fold).
+    It depends only on the expression, its graph, the autoencoder's settings and the seed, so its result
+    is kept in memory for this process and on disk (:mod:`hespotex.tl.training._autoencoder_cache`) and reused: by
+    the two encoders of a benchmark fold, and by ensemble members and cross-validation folds that train on the same
+    samples with the same seed, in this process or another.
     With ``distributed`` (a :class:`hespotex.tl.training._collectives.Context`) every rank trains on its
     shard of the blocks and ``DistributedDataParallel`` averages the gradients.
     """
-    import torch
-    from tqdm.auto import tqdm
-
-    cfg = net.config
     world_size = 1 if distributed is None else distributed.world_size
     key = _autoencoder_key(net, blocks, max_nodes, seed, world_size)
     if key in _AE_CACHE:
         net.autoencoder.load_state_dict(_AE_CACHE[key])
         logger.info("Reusing the autoencoder pre-trained on the same expression in this session.")
         return
+    if distributed is not None:  # every rank trains its shard: no cache on disk
+        _pretrain(net, blocks, device=device, max_nodes=max_nodes, seed=seed, distributed=distributed, trace=trace)
+    else:
+        with ae_cache.locked(key):  # another process pre-training the same autoencoder: wait for its result
+            if ae_cache.load(net.autoencoder, key):
+                logger.info("Reusing the autoencoder pre-trained on the same expression (cached on disk).")
+            else:
+                _pretrain(net, blocks, device=device, max_nodes=max_nodes, seed=seed, distributed=None, trace=trace)
+                ae_cache.save(_cpu_state(net.autoencoder), key)
+    if len(_AE_CACHE) >= _AE_CACHE_SIZE:
+        _AE_CACHE.pop(next(iter(_AE_CACHE)))
+    _AE_CACHE[key] = _cpu_state(net.autoencoder)
+
+
+def _cpu_state(module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def _pretrain(
+    net, blocks: Sequence[Batch], *, device, max_nodes: int, seed: int, distributed: Context | None, trace
+) -> None:
+    """The reconstruction training of :func:`pretrain_autoencoder` (no cache)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    cfg = net.config
     torch.manual_seed(seed if distributed is None else distributed.seed(seed))
     rng = np.random.default_rng(seed)
     # the autoencoder reads expression and its graph only: batches without the embeddings and their stain views
@@ -249,9 +279,6 @@ def pretrain_autoencoder(
             del step  # the DDP wrapper and its gradient hooks
 
             restore_grad_flags(flags)
-    if len(_AE_CACHE) >= _AE_CACHE_SIZE:
-        _AE_CACHE.pop(next(iter(_AE_CACHE)))
-    _AE_CACHE[key] = {k: v.detach().cpu().clone() for k, v in net.autoencoder.state_dict().items()}
 
 
 def fit_net(
