@@ -123,9 +123,9 @@ def predict(
     - ``layers[key_added]``: predicted log1p(counts per ``target_sum``), spots × genes, in the table's
       gene order;
     - ``layers[f"{key_added}_spread"]`` (ensembles only): the members' standard deviation per spot and
-      gene. It grows with how much a gene's prediction varies, and on held-out sections it hardly says
-      which spots of a gene are predicted worse (``benchmarks/results/shift_defaults.md``): read it as
-      the members' disagreement, not as an error bar;
+      gene (of their smoothed predictions with ``smooth``). It grows with how much a gene's prediction varies,
+      and on held-out sections it hardly says which spots of a gene are predicted worse
+      (``benchmarks/results/shift_defaults.md``): read it as the members' disagreement, not as an error bar;
     - ``var[f"{key_added}_agreement"]`` (ensembles only): per gene, the members' mean pairwise Pearson
       across spots (1: they agree on its spatial pattern), computed on this slide, no truth needed. On
       held-out her2st sections it ranks genes by how well they are predicted (Spearman 0.62 with the
