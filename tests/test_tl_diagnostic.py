@@ -243,6 +243,8 @@ def test_saliency_of_a_programme(trained_synthetic):
     assert res.saliency.shape == res.images.shape[:3]
     assert (res.saliency >= 0).all() and (res.saliency <= 1).all() and res.saliency.max() > 0
     assert res.params["layer"] == "hespotex"
+    # the saliency explains the map the patches were picked from: smoothed as that prediction was (predict's default)
+    assert res.params["saliency_smooth"] == sdata.tables["table"].uns["hespotex"]["params"]["smooth"] == 0.5
 
 
 @pytest.mark.realdata

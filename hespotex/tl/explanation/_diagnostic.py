@@ -400,6 +400,8 @@ def _saliency(
             top = np.lexsort((np.arange(len(genes)), -diff))[:MARKER_GENES]
             signatures[g] = {genes[i]: 1.0 for i in top}
         params["saliency_signatures"] = {g: list(s) for g, s in signatures.items()}
+    smooth = prediction_smooth(data, key)
+    params["saliency_smooth"] = smooth
     out = np.zeros((len(result), size, size), dtype=np.float32)
     group = result["group"].astype(str).to_numpy()
     model_genes = set(model.genes)
@@ -409,7 +411,9 @@ def _saliency(
         if not sig:
             msg = f"None of the programme genes of group {g!r} is predicted by the model; saliency needs model genes."
             raise ValueError(msg)
-        _, sal = patch_saliency(data, model, spots=list(result.index[rows]), genes=None, signature=sig, n_steps=32)
+        _, sal = patch_saliency(
+            data, model, spots=list(result.index[rows]), genes=None, signature=sig, n_steps=32, smooth=smooth
+        )
         sal = np.asarray(sal, dtype=np.float32)
         if sal.shape[1:] != (size, size):
             from skimage.transform import resize
@@ -419,6 +423,20 @@ def _saliency(
             )
         out[rows] = np.clip(sal, 0.0, 1.0)
     params["saliency_method"] = (
-        "integrated gradients through the encoder (hespotex.tl.explanation._explain.patch_saliency, n_steps=32)"
+        "integrated gradients through the encoder (hespotex.tl.explanation._explain.patch_saliency, n_steps=32) of "
+        "the prediction smoothed as recorded (saliency_smooth)"
     )
     return out
+
+
+def prediction_smooth(data: Any, key: str) -> float | None:
+    """The smoothing the sample's prediction ``key`` was made with (``params["smooth"]``; ``None`` when it recorded
+    none), so saliency explains the map the patches were chosen from; ``hx.tl.predict``'s default without one."""
+    from hespotex.tl.prediction._smoothing import DEFAULT_SMOOTH
+    from hespotex.tl.prediction._tables import resolve_prediction
+
+    try:
+        found = resolve_prediction(data, key)
+    except KeyError:
+        return DEFAULT_SMOOTH
+    return found.params.get("smooth")

@@ -130,8 +130,9 @@ class Explanation:
     params
         Every parameter that shaped the result (model id, encoder, patch size, baseline, steps, ...), among them the
         embedding steps repeated in the pixel forward pass (``tta``: ``"dihedral8"`` or ``None``; ``stain_norm``: the
-        method or ``None``) and ``attributed_to`` (``"patch as scanned"``: before stain normalisation and
-        augmentation, which are differentiated through).
+        method or ``None``), ``attributed_to`` (``"patch as scanned"``: before stain normalisation and
+        augmentation, which are differentiated through) and ``smooth`` (the spatial smoothing of the score explained,
+        as ``hx.tl.predict``'s; ``None``: the network's output at the spot).
     """
 
     spots: list[str]
