@@ -213,6 +213,10 @@ def _body(model: Any, record: dict[str, Any]) -> str:
         "",
         "or on the command line: `hespotex predict --model hf-hub:<owner>/<name> --out predictions slide.svs`.",
         "",
+        "Predictions are spatially smoothed by default (`smooth=0.5`: each spot keeps half its predicted expression "
+        "and takes half from its 6 nearest spots; `smooth=None` for the network's output). The validation scores "
+        "below are of the network's unsmoothed output.",
+        "",
         "## Genes",
         "",
         f"{record['n_genes']} genes: {shown}{more}.",
