@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import io
 import os
 import sys
@@ -366,6 +367,7 @@ def run_task(
     ae_epochs: int | None = None,
     rounds: int = 1,
     smooth_tuned: bool = False,
+    shared_ae: bool = False,
 ) -> str:
     """One held-out section, one seed and setting: hespotex members (``what="hespotex"``) or tuned baselines.
 
@@ -378,6 +380,9 @@ def run_task(
     pre-training epochs instead of the default's (methods ``...+ae<epochs>``). ``rounds`` (with ``distinct_seeds``):
     that many members per held-out section, round ``r`` > 0 seeded ``member_seed(1_000_000 * r + seed, ...)``; the
     ensemble of all of them is scored as ``...+x<rounds>`` beside the first round's (the default's) members.
+    ``shared_ae`` (with ``rounds``): the later rounds' members pre-train no autoencoder of their own but take the one
+    of the first round's member holding out the same section (same training samples; an experiment, not a library
+    option: :func:`shared_autoencoders`); methods ``...+x<rounds>shared``.
     ``smooth_tuned`` (baselines only): only the smoothed baselines, their smoothing weight chosen with α / k by the
     same leave-one-training-section-out (:data:`~hespotex.tl.training._tune.DEFAULT_SMOOTH_WEIGHTS`; methods
     ``...+smoothcv``)."""
@@ -399,6 +404,9 @@ def run_task(
     sa += f"_ae{ae_epochs}" if ae_epochs is not None else ""
     sa += f"_rounds{rounds}" if rounds > 1 else ""
     sa += "_smoothtuned" if smooth_tuned else ""
+    sa += "_sharedae" if shared_ae else ""
+    if shared_ae and rounds < 2:
+        raise ValueError("shared_ae shares the first round's autoencoders with later rounds: it needs rounds > 1.")
     if smooth_tuned and what != "baselines":
         raise ValueError("smooth_tuned is a setting of the baselines (--what baselines).")
     if rounds > 1 and not distinct_seeds:
@@ -452,8 +460,16 @@ def run_task(
                 use_rep="X", device="cpu", stain_augment=stain_augment, config=config,
             )  # fmt: skip
 
-        extra = [member(h, 1_000_000 * r + seed) for r in range(1, rounds) for h in held_out]  # more per section
-        members = {held: member(held, seed) for held in held_out}
+        if shared_ae:  # the first round first: its autoencoders are in this process's cache for the later rounds
+            members = {held: member(held, seed) for held in held_out}
+            own = {h: member_seed(seed, [n for n in train_names if n != h]) for h in held_out}
+            later = {member_seed(1_000_000 * r + seed, [n for n in train_names if n != h]): own[h]
+                     for r in range(1, rounds) for h in held_out}  # fmt: skip
+            with shared_autoencoders(later):
+                extra = [member(h, 1_000_000 * r + seed) for r in range(1, rounds) for h in held_out]
+        else:
+            extra = [member(h, 1_000_000 * r + seed) for r in range(1, rounds) for h in held_out]  # more per section
+            members = {held: member(held, seed) for held in held_out}
         fit_s = time.perf_counter() - t0
         for cond, (emb, xy, truth, target) in conditions.items():
             graph = knn_graph(xy, 6)[0] if smooth_predict else None  # the 6-NN smoothing of this section, once
@@ -483,7 +499,8 @@ def run_task(
                 if extra:  # every round's members together
                     more = [m.predict_graph(GraphData(fold, emb, xy), device="cpu")["expression"] for m in extra]
                     big = np.mean([*stack, *more], axis=0)
-                    tag, lab_all = std_label + f"+x{rounds}", {**lab, "members": len(stack) + len(more)}
+                    tag = std_label + f"+x{rounds}" + ("shared" if shared_ae else "")
+                    lab_all = {**lab, "members": len(stack) + len(more)}
                     rows += score_rows(big, truth, hvg, method="hespotex-ens" + tag, **lab_all)
                     if smooth_predict:
                         half = smooth(big, graph, self_weight=0.5)
@@ -543,6 +560,25 @@ def run_task(
     return str(done)
 
 
+@contextlib.contextmanager
+def shared_autoencoders(seed_of: dict[int, int]):
+    """While active, a member trained with seed ``k`` in ``seed_of`` pre-trains (or, cached, reuses) its autoencoder
+    as if its seed were ``seed_of[k]``: the autoencoder of the member with that seed on the same training samples;
+    its joint stage keeps seed ``k``. Patches :func:`hespotex.tl.training._training.pretrain_autoencoder`."""
+    from hespotex.tl.training import _training
+
+    original = _training.pretrain_autoencoder
+
+    def pretrain(net, blocks, *, seed: int, **kwargs):
+        return original(net, blocks, seed=seed_of.get(seed, seed), **kwargs)
+
+    _training.pretrain_autoencoder = pretrain
+    try:
+        yield
+    finally:
+        _training.pretrain_autoencoder = original
+
+
 # the library default (two scales in the context200 work folder, stain views, members with their own seeds), its
 # ensemble also scored smoothed
 _DEFAULT_SMOOTHED = {
@@ -565,6 +601,8 @@ GRIDS = {
     "smooth_ae": [_DEFAULT_SMOOTHED, {**_DEFAULT_SMOOTHED, "ae_epochs": 200}],
     # two members per held-out section (8 here), with and without smoothing (with --work .../context200)
     "rounds2": [{**_DEFAULT_SMOOTHED, "rounds": 2}],
+    # the same, the second round's members taking the first round's autoencoders (with --work .../context200)
+    "rounds2_shared": [{**_DEFAULT_SMOOTHED, "rounds": 2, "shared_ae": True}],
     "smooth": [_DEFAULT_SMOOTHED],
     # the smoothed baselines with their smoothing weight tuned too (run with and without --work .../context200)
     "smooth_tuned_baselines": [
