@@ -1,11 +1,14 @@
 """Pre-trained autoencoders kept on disk (:mod:`hespotex.tl.training._autoencoder_cache`): a later process reuses
 the one pre-trained on the same expression with the same seed (the same model results), a damaged file is pre-trained
-again, the directory is trimmed, and a second process waits for the first one's result instead of computing it too."""
+again, the folder is trimmed of hespotex's own files only, a folder hespotex did not make is left alone, and a second
+process waits for the first one's result instead of computing it too."""
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -71,16 +74,37 @@ def test_a_damaged_file_is_pretrained_again(table, tmp_path, monkeypatch, caplog
         again = _train(table)
     assert "Ignoring the cached autoencoder" in caplog.text and "cached on disk" not in caplog.text
     assert again.model_id == first.model_id  # pre-trained again: the same weights
-    assert ae_cache.load(again.module_.autoencoder, path.stem)  # and the file rewritten
+    assert ae_cache.load(again.module_.autoencoder, path)  # and the file rewritten
 
 
-def test_the_directory_keeps_the_most_recent(table, tmp_path, monkeypatch):
+def test_trimming_removes_only_hespotex_files(table, tmp_path, monkeypatch):
     monkeypatch.setattr(hx.settings, "cachedir", tmp_path)
     monkeypatch.setattr(ae_cache, "MAX_FILES", 1)
+    folder = tmp_path / "autoencoders"
+    folder.mkdir()
+    (folder / ae_cache.MARKER).write_text("")
+    (folder / "mine.safetensors").write_bytes(b"a user's file")  # not a hespotex name: never removed
+    stale = folder / f".{'0' * 64}.safetensors.123.tmp"  # left by a process that died while writing
+    fresh = folder / f".{'1' * 64}.safetensors.456.tmp"  # being written right now by another process
+    stale.write_bytes(b"partial"), fresh.write_bytes(b"partial")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
     for seed in (0, 1):
         monkeypatch.setattr(_training, "_AE_CACHE", {})
         _train(table, seed=seed)
-    assert len(list((tmp_path / "autoencoders").glob("*.safetensors"))) == 1
+    assert len(list(folder.glob("[0-9a-f]*.safetensors"))) == 1  # the most recent of the two
+    assert (folder / "mine.safetensors").read_bytes() == b"a user's file"
+    assert not stale.exists() and fresh.exists()
+
+
+def test_a_folder_hespotex_did_not_make_is_left_alone(table, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(hx.settings, "cachedir", tmp_path)
+    folder = tmp_path / "autoencoders"  # e.g. HESPOTEX_CACHE pointed at a folder of the user's
+    folder.mkdir()
+    (folder / "weights.safetensors").write_bytes(b"a user's file")
+    monkeypatch.setattr(_training, "_AE_CACHE", {})
+    _train(table)
+    assert sorted(p.name for p in folder.iterdir()) == ["weights.safetensors"]  # nothing written, nothing removed
+    assert ae_cache.cache_dir() is None
 
 
 def test_a_second_process_waits_for_the_first(tmp_path, monkeypatch):
@@ -92,7 +116,8 @@ def test_a_second_process_waits_for_the_first(tmp_path, monkeypatch):
         with ae_cache.locked(key):
             entered[name].set()
 
-    with ae_cache.locked("k1"):
+    with ae_cache.locked("k1") as path:
+        assert path == tmp_path / "autoencoders" / "k1.safetensors"
         same = threading.Thread(target=ask, args=("k1", "same"))
         other = threading.Thread(target=ask, args=("k2", "other"))
         same.start(), other.start()

@@ -77,8 +77,10 @@ def test_smoothing_weight_is_tuned_with_the_parameter():
     assert fixed.tuning_["smooth_weight"] == 0.75 and max(fixed.tuning_["scores"]) < max(noisy.tuning_["scores"])
     raw = tune_baseline("ridge", _spatial_sections(True), grid=(1.0, 100.0), n_components=None)
     assert raw.tuning_["smooth_weight"] is None and raw.tuning_["smooth_weights"] is None
-    with pytest.raises(ValueError, match="smooth_weights"):
+    with pytest.raises(ValueError, match=r"smooth_weights.*found 1\.5"):
         tune_baseline("ridge", _spatial_sections(True), smoothed=True, smooth_weights=[1.5])
+    with pytest.raises(ValueError, match=r"smooth_weights.*found none"):
+        tune_baseline("ridge", _spatial_sections(True), smoothed=True, smooth_weights=[])
 
 
 def test_tuning_bad_input():

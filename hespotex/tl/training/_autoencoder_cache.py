@@ -6,7 +6,13 @@ the same samples with the same seed pre-train the same autoencoder: in leave-one
 4-member ensembles, 20 members share 10 autoencoders. The training process keeps its own in memory; this cache lets
 other processes (dask workers, a later session) reuse it too. A lock per key makes a second process wait for the
 first one's result instead of computing it again. Weights are stored as safetensors (no pickle); a file that does not
-load into the network is ignored and rewritten. The directory keeps the :data:`MAX_FILES` most recently used.
+load into the network is ignored and rewritten.
+
+The folder is hespotex's own: it is created with the marker file :data:`MARKER`, and a folder of that name without
+it (not made by hespotex) is neither written to nor trimmed. Files appear only whole (written beside, then renamed);
+trimming keeps the :data:`MAX_FILES` most recently used and removes only hespotex's files (``<sha256>.safetensors``,
+and temporary files a process that died while writing left behind); the empty ``.lock`` files stay (another process
+may hold one).
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,43 +32,63 @@ logger = logging.getLogger("hespotex")
 
 #: Autoencoders kept on disk; the least recently used beyond this are removed.
 MAX_FILES = 64
+#: The marker hespotex writes in the folder it creates; without it the folder is left alone.
+MARKER = ".hespotex-autoencoders"
+_OURS = re.compile(r"[0-9a-f]{64}\.safetensors")
+_TEMPORARY = re.compile(r"\.[0-9a-f]{64}\.safetensors\.\d+\.tmp")
+_STALE_S = 3600.0  # a temporary file this old belongs to a process that died while writing
 
 
-def cache_path(key: str) -> Path:
-    """Where the autoencoder of ``key`` is kept."""
-    return Path(settings.cachedir) / "autoencoders" / f"{key}.safetensors"
+def cache_dir() -> Path | None:
+    """The cache folder (created, with its marker, when missing), or ``None``: a folder of that name that hespotex
+    did not create, or none can be made."""
+    root = Path(settings.cachedir) / "autoencoders"
+    try:
+        root.mkdir(parents=True)
+        (root / MARKER).write_text("Autoencoders pre-trained by hespotex (safe to delete).\n")
+    except FileExistsError:
+        pass
+    except OSError as err:
+        logger.debug("No autoencoder cache on disk (%s).", err)
+        return None
+    if not (root / MARKER).is_file():
+        logger.debug("%s was not made by hespotex (no %s): not used as the autoencoder cache.", root, MARKER)
+        return None
+    return root
 
 
 @contextlib.contextmanager
-def locked(key: str) -> Iterator[None]:
-    """Hold the lock of ``key`` (a file lock beside the cache file); without a writable cache directory, no lock."""
+def locked(key: str) -> Iterator[Path | None]:
+    """Hold the lock of ``key`` and give the path of its cached weights; ``None`` (and no lock) without a usable
+    cache folder."""
     from filelock import FileLock
 
-    path = cache_path(key)
+    root = cache_dir()
+    if root is None:
+        yield None
+        return
+    lock = FileLock(str(root / f"{key}.lock"))
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(path.with_suffix(".lock")))
         lock.acquire()
     except OSError as err:
-        logger.debug("No autoencoder cache lock (%s): pre-training without it.", err)
-        yield
+        logger.debug("No autoencoder cache lock (%s): pre-training without the disk cache.", err)
+        yield None
         return
     try:
-        yield
+        yield root / f"{key}.safetensors"
     finally:
         lock.release()
 
 
-def load(autoencoder: Any, key: str) -> bool:
-    """Load the cached weights of ``key`` into ``autoencoder``; ``False`` when there are none or they do not fit."""
+def load(autoencoder: Any, path: Path | None) -> bool:
+    """Load the weights cached at ``path`` into ``autoencoder``; ``False`` when there are none or they do not fit."""
     from safetensors.torch import load_file
 
-    path = cache_path(key)
-    if not path.is_file():
+    if path is None or not path.is_file():
         return False
     try:
         autoencoder.load_state_dict(load_file(str(path)))
-    except Exception as err:  # a truncated or foreign file: pre-train again and replace it
+    except Exception as err:  # a damaged or foreign file: pre-train again and replace it
         logger.warning("Ignoring the cached autoencoder %s (%s); pre-training it again.", path.name, err)
         return False
     with contextlib.suppress(OSError):
@@ -68,11 +96,12 @@ def load(autoencoder: Any, key: str) -> bool:
     return True
 
 
-def save(state: dict[str, Any], key: str) -> None:
-    """Write ``state`` (CPU tensors) for ``key`` atomically, then trim the directory to :data:`MAX_FILES`."""
+def save(state: dict[str, Any], path: Path | None) -> None:
+    """Write ``state`` (CPU tensors) to ``path`` whole (beside it, then renamed), then trim the folder."""
     from safetensors.torch import save_file
 
-    path = cache_path(key)
+    if path is None:
+        return
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
@@ -82,7 +111,20 @@ def save(state: dict[str, Any], key: str) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         return
-    files = sorted(path.parent.glob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in files[MAX_FILES:]:
+    trim(path.parent)
+
+
+def trim(root: Path) -> None:
+    """Remove hespotex's cached autoencoders beyond the :data:`MAX_FILES` most recently used, and stale temporary
+    files; nothing else in ``root``."""
+    now = time.time()
+    kept = []
+    for p in root.iterdir():
         with contextlib.suppress(OSError):
-            old.unlink()  # its (empty) lock file stays: another process may hold it
+            if _OURS.fullmatch(p.name):
+                kept.append((p.stat().st_mtime, p))
+            elif _TEMPORARY.fullmatch(p.name) and now - p.stat().st_mtime > _STALE_S:
+                p.unlink()
+    for _, old in sorted(kept, reverse=True)[MAX_FILES:]:
+        with contextlib.suppress(OSError):
+            old.unlink()

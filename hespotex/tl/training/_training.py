@@ -226,12 +226,12 @@ def pretrain_autoencoder(
     if distributed is not None:  # every rank trains its shard: no cache on disk
         _pretrain(net, blocks, device=device, max_nodes=max_nodes, seed=seed, distributed=distributed, trace=trace)
     else:
-        with ae_cache.locked(key):  # another process pre-training the same autoencoder: wait for its result
-            if ae_cache.load(net.autoencoder, key):
+        with ae_cache.locked(key) as path:  # another process pre-training the same autoencoder: wait for it
+            if ae_cache.load(net.autoencoder, path):
                 logger.info("Reusing the autoencoder pre-trained on the same expression (cached on disk).")
             else:
                 _pretrain(net, blocks, device=device, max_nodes=max_nodes, seed=seed, distributed=None, trace=trace)
-                ae_cache.save(_cpu_state(net.autoencoder), key)
+                ae_cache.save(_cpu_state(net.autoencoder), path)
     if len(_AE_CACHE) >= _AE_CACHE_SIZE:
         _AE_CACHE.pop(next(iter(_AE_CACHE)))
     _AE_CACHE[key] = _cpu_state(net.autoencoder)

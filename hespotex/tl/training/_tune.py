@@ -157,13 +157,14 @@ def tune_baseline(
 
 
 def _check_smooth_weights(weights: Sequence[float | None]) -> list[float | None]:
-    """``weights`` as a list of ``None`` / floats in [0, 1]; a clear error otherwise."""
-    out = list(weights)
-    bad = [w for w in out if w is not None and (isinstance(w, bool) or not 0.0 <= float(w) <= 1.0)]
-    if not out or bad:
-        msg = (
-            "Expected `smooth_weights` to be a non-empty list of weights in [0, 1] (the share each spot keeps of its "
-            f"own prediction) or None (the plain mean); found {weights!r}."
-        )
+    """``weights`` checked one by one as ``hx.tl.predict``'s ``smooth`` (:func:`check_smooth`); at least one."""
+    from hespotex.tl.prediction._smoothing import check_smooth
+
+    try:
+        out = [check_smooth(w) for w in weights]
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"In `smooth_weights`: {err}") from None
+    if not out:
+        msg = "Expected `smooth_weights` to hold at least one weight in [0, 1] or None (the plain mean); found none."
         raise ValueError(msg)
-    return [None if w is None else float(w) for w in out]
+    return out
