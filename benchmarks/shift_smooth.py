@@ -194,9 +194,9 @@ def main() -> None:
             "`8 members sharing 4 autoencoders` (`--grid rounds2_shared`, an experiment): the second round's "
             "members take the autoencoder of the first round's member holding out the same section (the same "
             "training samples) instead of pre-training their own; only their joint stage differs (own seed). Its "
-            "training time is not measured here (its runs found some autoencoders already cached on disk and ran "
-            "beside the test suite): it pre-trains 4 autoencoders per fold instead of 8, about 1.3 times the 4 "
-            "members' training by the profile (the pre-training is about 70 % of a member's).",
+            "runs here found some autoencoders already cached on disk and ran beside the test suite, so their times "
+            "are not comparable; side by side with empty caches (`results/shared_autoencoder_time.md`, one fold) it "
+            "took 1.15 times the 4 members' training, 8 full members 1.84 times.",
             "",
             "Seed spread (max - min over these seeds of the 5-fold mean) per condition x truth x gene set:",
             "",

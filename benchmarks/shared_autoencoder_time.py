@@ -1,0 +1,79 @@
+"""Training time of 4 members, 8 members, and 8 members sharing 4 autoencoders, side by side (shift benchmark fold).
+
+One held-out her2st section, one seed that no earlier run used, each arm in the same process one after the other with
+a fresh, empty hespotex cache per arm (no autoencoder found cached: every arm pre-trains what it needs), 1 torch thread.
+The arms are ``benchmarks/shift.py``'s tasks: the default's 4 members (``--grid smooth``), two members per held-out
+section (``--grid rounds2``) and the same with the second member taking the first one's autoencoder
+(``--grid rounds2_shared``). Needs the two-scale work folder (``shift.py embed``, ``embed --stain-views --patch 100
+200``, ``shift_context.py prepare --context 200``).
+
+    python benchmarks/shared_autoencoder_time.py [--work /tmp/hespotex_shift/context200] [--fold C2] [--seed 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import shift  # noqa: E402
+
+ARMS = {
+    "4 members (default)": shift.GRIDS["smooth"][0],
+    "8 members": shift.GRIDS["rounds2"][0],
+    "8 members sharing 4 autoencoders": shift.GRIDS["rounds2_shared"][0],
+}
+
+
+def main() -> None:
+    import hespotex as hx
+    from hespotex.tl.training import _training
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default="/tmp/hespotex_shift/context200")
+    parser.add_argument("--fold", default="C2")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--out", default="benchmarks/results/shared_autoencoder_time.md")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp) / "work"  # the work folder's embeddings, rows of their own (nothing reused)
+        work.mkdir()
+        (work / "emb").symlink_to(Path(args.work).resolve() / "emb")
+        for label, setting in ARMS.items():
+            hx.settings.cachedir = Path(tmp) / f"cache-{len(rows)}"  # empty: every autoencoder pre-trained here
+            _training._AE_CACHE.clear()  # nor kept in memory from the arm before
+            t0 = time.perf_counter()
+            shift.run_task(fold=args.fold, seed=args.seed, what="hespotex", data=args.data, work=str(work), **setting)
+            rows.append({"arm": label, "seconds": time.perf_counter() - t0})
+            shutil.rmtree(hx.settings.cachedir, ignore_errors=True)
+    table = pd.DataFrame(rows)
+    table["vs 4 members"] = table["seconds"] / table["seconds"].iloc[0]
+    cmd = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    text = "\n".join(
+        [
+            "# Training time: 4 members, 8 members, 8 members sharing 4 autoencoders",
+            "",
+            f"Command: `{cmd}` (fold {args.fold}, seed {args.seed}; each arm one `shift.run_task`, training and "
+            "scoring the held-out section, with an empty cache on disk and in memory; one process, 1 torch thread, "
+            "one arm after the other on a 2-core machine).",
+            "",
+            table.round(2).to_markdown(index=False),
+            "",
+        ]
+    )
+    print(text)
+    Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
