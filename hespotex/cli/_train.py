@@ -17,7 +17,7 @@ her2st data set. Each sample's H&E patches (the spot patch and, by default, a co
 wide: --context-um) are embedded with the frozen --encoder (cached under ~/.cache/hespotex), then the
 model learns the expression of --genes genes from them. The saved
 folder (model.safetensors + setup.json) is what `hespotex predict --model` and hx.tl.HESpotEx.load read.
-With 3 or more samples an ensemble is trained by default (--ensemble): one member per sample held out
+With 3 or more samples an ensemble is trained by default (--ensemble): two members per sample held out
 for early stopping, saved as one folder (ensemble.json + member_*/) that `hespotex predict --model` and
 hx.tl.load_model read; its predictions add the members' spread (layer 'hespotex_spread') and
 their agreement per gene (var column 'hespotex_agreement').
@@ -165,7 +165,7 @@ def train_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         n_top_genes=n_top,
         config=config,
         validation=validation,
-        ensemble={"auto": "auto", "yes": True, "no": False}[args.ensemble],
+        ensemble=ensemble_choice(args.ensemble),
         seed=args.seed,
         device=args.device or "auto",
         tta=True if args.tta else None,
@@ -260,9 +260,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
         "--validation", default="auto", metavar="auto|none|FRACTION", help="early stopping split (default: auto)"
     )
     p_train.add_argument(
-        "--ensemble", choices=["auto", "yes", "no"], default="auto",
-        help="one model per sample held out for early stopping, averaged, saved as one folder (default auto: "
-        "with 3 or more samples and --validation auto)",
+        "--ensemble", type=ensemble_argument, default="auto", metavar="auto|yes|no|K",
+        help="members per sample held out for early stopping (yes: 2, K: K), averaged, saved as one folder "
+        "(default auto: yes with 3 or more samples and --validation auto)",
     )  # fmt: skip
     p_train.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p_train.add_argument("--device", metavar="NAME", help="torch device (default: auto)")
@@ -280,3 +280,17 @@ def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     )
     p_train.add_argument("--overwrite", action="store_true", help="replace an existing model folder --out")
     return p_train
+
+
+def ensemble_argument(text: str) -> str:
+    """``--ensemble``: auto, yes, no or a positive number of members per held-out sample."""
+    if text in ("auto", "yes", "no") or (text.isdigit() and int(text) >= 1):
+        return text
+    msg = f"expected auto, yes, no or a number of members per held-out sample (1 or more), found {text!r}"
+    raise argparse.ArgumentTypeError(msg)
+
+
+def ensemble_choice(text: str) -> bool | int | str:
+    """The ``ensemble`` of :func:`hespotex.tl.train` for a checked ``--ensemble``."""
+    choices: dict[str, bool | str] = {"auto": "auto", "yes": True, "no": False}
+    return choices[text] if text in choices else int(text)

@@ -134,6 +134,10 @@ class ModelConfig:
         Autoencoder pre-training (Adam in the paper); ``ae_epochs=0`` skips pre-training.
     seed
         Seed of the parameter initialisation (and of training, in the ``tl`` layer).
+    ae_seed
+        Seed of the autoencoder's initialisation and pre-training; ``None`` (default): ``seed``. Ensemble members
+        that hold out the same sample share the first one's (:func:`hespotex.tl.train`, ``ensemble``), so they
+        share its pre-trained autoencoder and differ in the image stream.
     """
 
     # graphs (built by the tl layer)
@@ -178,8 +182,12 @@ class ModelConfig:
     ae_epochs: int = 500
     ae_grad_clip: float | None = 5.0
     seed: int = 0
+    ae_seed: int | None = None
 
     def __post_init__(self) -> None:
+        if self.ae_seed is not None and (isinstance(self.ae_seed, bool) or not isinstance(self.ae_seed, int)):
+            msg = f"Expected `ae_seed` to be an integer or None, found {self.ae_seed!r}."
+            raise ValueError(msg)
         for name in (
             "ae_neighbors",
             "decoder_neighbors",

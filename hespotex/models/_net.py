@@ -76,8 +76,8 @@ class HESpotExNet(nn.Module):
         Width of the frozen image encoder's embedding.
     config
         A :class:`ModelConfig`, a preset name (``"hespotex"``, default, or ``"paper"``) or a
-        :meth:`ModelConfig.to_dict` dict. Parameters are initialised from ``config.seed`` without
-        touching torch's global random state.
+        :meth:`ModelConfig.to_dict` dict. Parameters are initialised from ``config.seed`` (the autoencoder's from
+        ``config.ae_seed`` when set) without touching torch's global random state.
 
     Attributes
     ----------
@@ -111,6 +111,12 @@ class HESpotExNet(nn.Module):
                 if cfg.use_autoencoder
                 else None
             )
+            if self.autoencoder is not None and cfg.ae_seed is not None:  # from its own seed; the draws above keep
+                with torch.random.fork_rng(devices=[]):  # the image stream's initialisation as without ae_seed
+                    torch.manual_seed(cfg.ae_seed)
+                    self.autoencoder = GraphAttentionAutoencoder(
+                        n_genes, cfg.ae_hidden_dim, cfg.latent_dim, attention=cfg.ae_attention, add_self_loops=True
+                    )
             self.projection = ImageProjection(
                 embedding_dim, cfg.latent_dim, cfg.projection_hidden_dim, dropout=cfg.projection_dropout
             )

@@ -1,12 +1,13 @@
-"""HESpotEx ensembles: one member per held-out validation section, predictions averaged.
+"""HESpotEx ensembles: members per held-out validation section (2 by default), predictions averaged.
 
 Each member is an ordinary :class:`~hespotex.tl.HESpotEx` trained on the same samples with a
-different whole sample held out for early stopping, so every sample trains some member and early
-stopping stays honest, and with its own seed (:func:`member_seed`), so members start from different
-weights. To the user the ensemble is one model: :func:`hespotex.tl.predict` averages
-the members' expression and decoder attention and stores the members' spread (standard deviation)
-as an uncertainty layer ``layers[f"{key_added}_spread"]``; :meth:`HESpotExEnsemble.save` writes one
-folder (``ensemble.json`` and one sub-folder per member), :func:`load_model` reads either kind.
+whole sample held out for early stopping, each sample held out by as many members, so every sample trains some
+member and early stopping stays honest, and with its own seed (:func:`member_seed`), so members start from different
+weights; members holding out the same sample share one pre-trained autoencoder (``config.ae_seed``). To the
+user the ensemble is one model: :func:`hespotex.tl.predict` averages the members' expression and decoder
+attention and stores the members' spread (standard deviation) as an uncertainty layer
+``layers[f"{key_added}_spread"]``; :meth:`HESpotExEnsemble.save` writes one folder
+(``ensemble.json`` and one sub-folder per member), :func:`load_model` reads either kind.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ logger = logging.getLogger("hespotex")
 ENSEMBLE_FILE = "ensemble.json"
 ENSEMBLE_FORMAT = 1
 SPREAD_SUFFIX = "_spread"
+DEFAULT_MEMBERS_PER_SAMPLE = 2  # members per held-out sample of hx.tl.train(ensemble="auto" / True)
 
 
 class HESpotExEnsemble:
@@ -101,9 +103,9 @@ class HESpotExEnsemble:
 
     @property
     def validation_(self) -> dict[str, Any]:
-        """``"samples"``: the samples held out for early stopping by any member (each by one); ``"members"``: each
-        member's own record."""
-        held = [s for m in self.members for s in m.validation_.get("samples", [])]
+        """``"samples"``: the samples held out for early stopping by any member (each by as many members as the
+        ensemble has per sample); ``"members"``: each member's own record."""
+        held = list(dict.fromkeys(s for m in self.members for s in m.validation_.get("samples", [])))
         return {"samples": held, "members": [m.validation_ for m in self.members]}
 
     @property
@@ -284,10 +286,15 @@ def member_seed(seed: int, train_samples: Sequence[str]) -> int:
     return int(np.random.SeedSequence(words).generate_state(1)[0])
 
 
-def train_ensemble(samples: Any, *, fit: Any, seed: int = 0, **kwargs: Any) -> HESpotExEnsemble:
-    """One ``fit(...)`` (:func:`hespotex.tl.train`, passed in by it) per sample held out for early stopping
-    (needs 3 or more samples), each with its own seed (:func:`member_seed`)."""
+def train_ensemble(
+    samples: Any, *, fit: Any, seed: int = 0, per_sample: int = DEFAULT_MEMBERS_PER_SAMPLE, **kwargs: Any
+) -> HESpotExEnsemble:
+    """``per_sample`` ``fit(...)`` (:func:`hespotex.tl.train`, passed in by it) per sample held out for early
+    stopping (needs 3 or more samples). Round ``r`` of members is seeded :func:`member_seed` of
+    ``1_000_000 * r + seed``; later rounds take the autoencoder of the first round's member holding out the same
+    sample (``config.ae_seed``: same training samples, so the same pre-trained autoencoder, computed once)."""
     from hespotex._sample import as_sample_dict
+    from hespotex.models._net import resolve_config
 
     named = as_sample_dict(samples)
     if len(named) < 3:
@@ -297,8 +304,14 @@ def train_ensemble(samples: Any, *, fit: Any, seed: int = 0, **kwargs: Any) -> H
         )
         raise ValueError(msg)
     kwargs.pop("validation", None)
-    members = [
-        fit(named, validation=[name], seed=member_seed(seed, [n for n in named if n != name]), ensemble=False, **kwargs)
-        for name in named
-    ]
+    config = resolve_config(kwargs.pop("config", None))
+    members = []
+    for r in range(per_sample):
+        for name in named:
+            rest = [n for n in named if n != name]
+            own = member_seed(1_000_000 * r + seed, rest)
+            cfg = config
+            if r > 0:  # the first round's autoencoder for these training samples
+                cfg = config.replace(ae_seed=member_seed(seed, rest) if config.ae_seed is None else config.ae_seed)
+            members.append(fit(named, validation=[name], seed=own, config=cfg, ensemble=False, **kwargs))
     return HESpotExEnsemble(members, seed=seed)

@@ -313,8 +313,9 @@ def fit_net(
     frozen = net.autoencoder is not None and cfg.ae_epochs > 0 and cfg.detach_latent
     with torch.random.fork_rng(devices=[]):
         if net.autoencoder is not None and cfg.ae_epochs > 0:
+            ae_seed = seed if cfg.ae_seed is None else cfg.ae_seed  # members sharing an autoencoder share its seed
             pretrain_autoencoder(
-                net, blocks, device=device, max_nodes=max_nodes, seed=seed, distributed=distributed, trace=trace
+                net, blocks, device=device, max_nodes=max_nodes, seed=ae_seed, distributed=distributed, trace=trace
             )
         if frozen:  # two-stage training: z is a fixed target, computed once; the autoencoder is not run again
             net.eval()
