@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
 import io
 import os
 import sys
@@ -381,8 +380,8 @@ def run_task(
     that many members per held-out section, round ``r`` > 0 seeded ``member_seed(1_000_000 * r + seed, ...)``; the
     ensemble of all of them is scored as ``...+x<rounds>`` beside the first round's (the default's) members.
     ``shared_ae`` (with ``rounds``): the later rounds' members pre-train no autoencoder of their own but take the one
-    of the first round's member holding out the same section (same training samples; an experiment, not a library
-    option: :func:`shared_autoencoders`); methods ``...+x<rounds>shared``.
+    of the first round's member holding out the same section (same training samples; ``ModelConfig.ae_seed``, as the
+    ensembles of ``hx.tl.train`` since 2026-12-02: ``rounds=2`` is its default); methods ``...+x<rounds>shared``.
     ``smooth_tuned`` (baselines only): only the smoothed baselines, their smoothing weight chosen with α / k by the
     same leave-one-training-section-out (:data:`~hespotex.tl.training._tune.DEFAULT_SMOOTH_WEIGHTS`; methods
     ``...+smoothcv``)."""
@@ -451,22 +450,21 @@ def run_task(
     if what in ("hespotex", "single"):
         single = split_validation(train_names, "auto", seed=seed)[0][0]
         held_out = train_names if what == "hespotex" else [single]
-        config = "hespotex" if ae_epochs is None else ModelConfig.preset("hespotex", ae_epochs=ae_epochs)
+        config = (
+            ModelConfig.preset("hespotex") if ae_epochs is None else ModelConfig.preset("hespotex", ae_epochs=ae_epochs)
+        )
 
-        def member(held: str, member_seed_base: int):
+        def member(held: str, member_seed_base: int, ae_seed: int | None = None):
             own = member_seed(member_seed_base, [n for n in train_names if n != held])  # as hx.tl.train's ensembles do
             return hx.tl.train(
                 train, genes=genes, validation=[held], seed=own if distinct_seeds else seed, target_norm=target_norm,
-                use_rep="X", device="cpu", stain_augment=stain_augment, config=config,
+                use_rep="X", device="cpu", stain_augment=stain_augment, config=config.replace(ae_seed=ae_seed),
             )  # fmt: skip
 
-        if shared_ae:  # the first round first: its autoencoders are in this process's cache for the later rounds
+        if shared_ae:  # later rounds on the first round's autoencoders, as hx.tl.train's ensembles since 2026-12-02
             members = {held: member(held, seed) for held in held_out}
-            own = {h: member_seed(seed, [n for n in train_names if n != h]) for h in held_out}
-            later = {member_seed(1_000_000 * r + seed, [n for n in train_names if n != h]): own[h]
-                     for r in range(1, rounds) for h in held_out}  # fmt: skip
-            with shared_autoencoders(later):
-                extra = [member(h, 1_000_000 * r + seed) for r in range(1, rounds) for h in held_out]
+            first = {h: member_seed(seed, [n for n in train_names if n != h]) for h in held_out}
+            extra = [member(h, 1_000_000 * r + seed, first[h]) for r in range(1, rounds) for h in held_out]
         else:
             extra = [member(h, 1_000_000 * r + seed) for r in range(1, rounds) for h in held_out]  # more per section
             members = {held: member(held, seed) for held in held_out}
@@ -560,27 +558,8 @@ def run_task(
     return str(done)
 
 
-@contextlib.contextmanager
-def shared_autoencoders(seed_of: dict[int, int]):
-    """While active, a member trained with seed ``k`` in ``seed_of`` pre-trains (or, cached, reuses) its autoencoder
-    as if its seed were ``seed_of[k]``: the autoencoder of the member with that seed on the same training samples;
-    its joint stage keeps seed ``k``. Patches :func:`hespotex.tl.training._training.pretrain_autoencoder`."""
-    from hespotex.tl.training import _training
-
-    original = _training.pretrain_autoencoder
-
-    def pretrain(net, blocks, *, seed: int, **kwargs):
-        return original(net, blocks, seed=seed_of.get(seed, seed), **kwargs)
-
-    _training.pretrain_autoencoder = pretrain
-    try:
-        yield
-    finally:
-        _training.pretrain_autoencoder = original
-
-
-# the library default (two scales in the context200 work folder, stain views, members with their own seeds), its
-# ensemble also scored smoothed
+# the library default until 2026-12-02 (two scales in the context200 work folder, stain views, one member per
+# held-out section with its own seed), its ensemble also scored smoothed
 _DEFAULT_SMOOTHED = {
     "target_norm": "library_modelled", "patch_um": 100.0, "tta": False, "stain_augment": True,
     "distinct_seeds": True, "smooth_predict": True,
@@ -601,7 +580,8 @@ GRIDS = {
     "smooth_ae": [_DEFAULT_SMOOTHED, {**_DEFAULT_SMOOTHED, "ae_epochs": 200}],
     # two members per held-out section (8 here), with and without smoothing (with --work .../context200)
     "rounds2": [{**_DEFAULT_SMOOTHED, "rounds": 2}],
-    # the same, the second round's members taking the first round's autoencoders (with --work .../context200)
+    # the same, the second round's members taking the first round's autoencoders: hx.tl.train's default since
+    # 2026-12-02 (with --work .../context200)
     "rounds2_shared": [{**_DEFAULT_SMOOTHED, "rounds": 2, "shared_ae": True}],
     "smooth": [_DEFAULT_SMOOTHED],
     # the smoothed baselines with their smoothing weight tuned too (run with and without --work .../context200)
