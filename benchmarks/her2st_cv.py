@@ -55,6 +55,7 @@ def run_fold(
     stain_views: int = 4,
     context_um: float | str | None = "auto",
     part: str = "methods",
+    ensemble: int | str = "auto",
 ) -> pd.DataFrame:
     """One held-out section, every encoder and method (runs inside a dask worker).
 
@@ -90,6 +91,7 @@ def run_fold(
                 sections,
                 methods=methods,
                 tune_baselines=tune,
+                ensemble=ensemble,
                 **common,
             )  # the library defaults: ensemble="auto" (4 training sections: an ensemble), stain augmentation (views)
             table.insert(0, "encoder", enc)
@@ -161,6 +163,13 @@ def main() -> None:
     parser.add_argument(
         "--ablations", action="store_true", help="also run hespotex without graph decoder / alignment / autoencoder"
     )
+    parser.add_argument(
+        "--ensemble",
+        default="auto",
+        type=lambda v: v if v == "auto" else int(v),
+        help="hespotex's ensemble (hx.tl.train's `ensemble`): auto (the library default, one member per held-out "
+        "training section) or K members per held-out section",
+    )
     parser.add_argument("--workers", type=int, default=2, help="dask worker processes (one fold each at a time)")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument(
@@ -221,6 +230,7 @@ def main() -> None:
                 target_norm=args.target_norm,
                 stain_views=args.stain_views,
                 context_um=args.context_um,
+                ensemble=args.ensemble,
                 pure=False,
             )
             tables = client.gather(futures)
@@ -268,7 +278,12 @@ def main() -> None:
         + f"Targets and truth: `{args.target_norm}` (hespotex.pp._targets). "
         f"Embeddings: context_um={args.context_um!r} ('auto': two scales, the spot patch and one twice as wide, "
         "as hx.tl.train embeds by default; None: the spot patch alone), the same features for every method. "
-        f"hespotex: library defaults (ensemble of 4, stain augmentation with {args.stain_views} views); "
+        + (
+            "hespotex: library defaults (ensemble of 4"
+            if args.ensemble == "auto"
+            else f"hespotex: library defaults but `ensemble={args.ensemble}` ({4 * args.ensemble} members"
+        )
+        + f", stain augmentation with {args.stain_views} views); "
         "hespotex-single: `ensemble=False`. Baselines tuned on the training sections "
         f"({'no' if args.no_tune else 'yes'}). Top-50 HVG ranked on the training fold. "
         "Early stopping (hespotex, mlp) on whole training sections held out; never the test section.",

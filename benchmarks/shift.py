@@ -380,8 +380,8 @@ def run_task(
     that many members per held-out section, round ``r`` > 0 seeded ``member_seed(1_000_000 * r + seed, ...)``; the
     ensemble of all of them is scored as ``...+x<rounds>`` beside the first round's (the default's) members.
     ``shared_ae`` (with ``rounds``): the later rounds' members pre-train no autoencoder of their own but take the one
-    of the first round's member holding out the same section (same training samples; ``ModelConfig.ae_seed``, as the
-    ensembles of ``hx.tl.train`` since 2026-12-02: ``rounds=2`` is its default); methods ``...+x<rounds>shared``.
+    of the first round's member holding out the same section (same training samples; ``ModelConfig.ae_seed``, as
+    ``hx.tl.train(..., ensemble=rounds)`` does); methods ``...+x<rounds>shared``.
     ``smooth_tuned`` (baselines only): only the smoothed baselines, their smoothing weight chosen with α / k by the
     same leave-one-training-section-out (:data:`~hespotex.tl.training._tune.DEFAULT_SMOOTH_WEIGHTS`; methods
     ``...+smoothcv``)."""
@@ -461,7 +461,7 @@ def run_task(
                 use_rep="X", device="cpu", stain_augment=stain_augment, config=config.replace(ae_seed=ae_seed),
             )  # fmt: skip
 
-        if shared_ae:  # later rounds on the first round's autoencoders, as hx.tl.train's ensembles since 2026-12-02
+        if shared_ae:  # later rounds on the first round's autoencoders, as hx.tl.train(..., ensemble=rounds)
             members = {held: member(held, seed) for held in held_out}
             first = {h: member_seed(seed, [n for n in train_names if n != h]) for h in held_out}
             extra = [member(h, 1_000_000 * r + seed, first[h]) for r in range(1, rounds) for h in held_out]
@@ -558,8 +558,8 @@ def run_task(
     return str(done)
 
 
-# the library default until 2026-12-02 (two scales in the context200 work folder, stain views, one member per
-# held-out section with its own seed), its ensemble also scored smoothed
+# the library default (two scales in the context200 work folder, stain views, one member per held-out section with
+# its own seed), its ensemble also scored smoothed
 _DEFAULT_SMOOTHED = {
     "target_norm": "library_modelled", "patch_um": 100.0, "tta": False, "stain_augment": True,
     "distinct_seeds": True, "smooth_predict": True,
@@ -580,8 +580,8 @@ GRIDS = {
     "smooth_ae": [_DEFAULT_SMOOTHED, {**_DEFAULT_SMOOTHED, "ae_epochs": 200}],
     # two members per held-out section (8 here), with and without smoothing (with --work .../context200)
     "rounds2": [{**_DEFAULT_SMOOTHED, "rounds": 2}],
-    # the same, the second round's members taking the first round's autoencoders: hx.tl.train's default since
-    # 2026-12-02 (with --work .../context200)
+    # the same, the second round's members taking the first round's autoencoders: hx.tl.train(..., ensemble=2)
+    # (with --work .../context200)
     "rounds2_shared": [{**_DEFAULT_SMOOTHED, "rounds": 2, "shared_ae": True}],
     "smooth": [_DEFAULT_SMOOTHED],
     # the smoothed baselines with their smoothing weight tuned too (run with and without --work .../context200)

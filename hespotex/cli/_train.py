@@ -17,7 +17,7 @@ her2st data set. Each sample's H&E patches (the spot patch and, by default, a co
 wide: --context-um) are embedded with the frozen --encoder (cached under ~/.cache/hespotex), then the
 model learns the expression of --genes genes from them. The saved
 folder (model.safetensors + setup.json) is what `hespotex predict --model` and hx.tl.HESpotEx.load read.
-With 3 or more samples an ensemble is trained by default (--ensemble): two members per sample held out
+With 3 or more samples an ensemble is trained by default (--ensemble): one member per sample held out
 for early stopping, saved as one folder (ensemble.json + member_*/) that `hespotex predict --model` and
 hx.tl.load_model read; its predictions add the members' spread (layer 'hespotex_spread') and
 their agreement per gene (var column 'hespotex_agreement').
@@ -261,7 +261,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     )
     p_train.add_argument(
         "--ensemble", type=ensemble_argument, default="auto", metavar="auto|yes|no|K",
-        help="members per sample held out for early stopping (yes: 2, K: K), averaged, saved as one folder "
+        help="members per sample held out for early stopping (yes: 1, K: K), averaged, saved as one folder "
         "(default auto: yes with 3 or more samples and --validation auto)",
     )  # fmt: skip
     p_train.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
