@@ -167,7 +167,7 @@ def main() -> None:
         "--ensemble",
         default="auto",
         type=lambda v: v if v == "auto" else int(v),
-        help="hespotex's ensemble (hx.tl.train's `ensemble`): auto (the library default, one member per held-out "
+        help="hespotex's ensemble (hx.tl.train's `ensemble`): auto (the library default, 2 members per held-out "
         "training section) or K members per held-out section",
     )
     parser.add_argument("--workers", type=int, default=2, help="dask worker processes (one fold each at a time)")
@@ -279,7 +279,8 @@ def main() -> None:
         f"Embeddings: context_um={args.context_um!r} ('auto': two scales, the spot patch and one twice as wide, "
         "as hx.tl.train embeds by default; None: the spot patch alone), the same features for every method. "
         + (
-            "hespotex: library defaults (ensemble of 4"
+            "hespotex: library defaults (an ensemble of 8: 2 members per held-out training section, the second on "
+            "the first's autoencoder"
             if args.ensemble == "auto"
             else f"hespotex: library defaults but `ensemble={args.ensemble}` ({4 * args.ensemble} members"
         )

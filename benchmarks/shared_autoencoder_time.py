@@ -2,9 +2,9 @@
 
 One held-out her2st section, one seed that no earlier run used, each arm in the same process one after the other with
 a fresh, empty hespotex cache per arm (no autoencoder found cached: every arm pre-trains what it needs), 1 torch thread.
-The arms are ``benchmarks/shift.py``'s tasks: the default's 4 members (``--grid smooth``), two members per held-out
-section (``--grid rounds2``) and the same with the second member taking the first one's autoencoder
-(``--grid rounds2_shared``, what ``hx.tl.train(..., ensemble=2)`` trains). Needs the two-scale work folder
+The arms are ``benchmarks/shift.py``'s tasks: 4 members (``--grid smooth``, the default until 2026-12-02), two
+members per held-out section (``--grid rounds2``) and the same with the second member taking the first one's
+autoencoder (``--grid rounds2_shared``, ``hx.tl.train``'s default since). Needs the two-scale work folder
 (``shift.py embed``, ``embed --stain-views --patch 100 200``, ``shift_context.py prepare --context 200``).
 
     python benchmarks/shared_autoencoder_time.py [--work /tmp/hespotex_shift/context200] [--fold C2] [--seed 7]
@@ -27,9 +27,9 @@ sys.path.insert(0, str(HERE))
 import shift  # noqa: E402
 
 ARMS = {
-    "4 members (default)": shift.GRIDS["smooth"][0],
+    "4 members (the default until 2026-12-02)": shift.GRIDS["smooth"][0],
     "8 members": shift.GRIDS["rounds2"][0],
-    "8 members sharing 4 autoencoders (ensemble=2)": shift.GRIDS["rounds2_shared"][0],
+    "8 members sharing 4 autoencoders (the default)": shift.GRIDS["rounds2_shared"][0],
 }
 
 

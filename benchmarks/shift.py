@@ -558,8 +558,8 @@ def run_task(
     return str(done)
 
 
-# the library default (two scales in the context200 work folder, stain views, one member per held-out section with
-# its own seed), its ensemble also scored smoothed
+# the library default until 2026-12-02 (two scales in the context200 work folder, stain views, one member per
+# held-out section with its own seed), its ensemble also scored smoothed
 _DEFAULT_SMOOTHED = {
     "target_norm": "library_modelled", "patch_um": 100.0, "tta": False, "stain_augment": True,
     "distinct_seeds": True, "smooth_predict": True,
@@ -580,8 +580,8 @@ GRIDS = {
     "smooth_ae": [_DEFAULT_SMOOTHED, {**_DEFAULT_SMOOTHED, "ae_epochs": 200}],
     # two members per held-out section (8 here), with and without smoothing (with --work .../context200)
     "rounds2": [{**_DEFAULT_SMOOTHED, "rounds": 2}],
-    # the same, the second round's members taking the first round's autoencoders: hx.tl.train(..., ensemble=2)
-    # (with --work .../context200)
+    # the same, the second round's members taking the first round's autoencoders: hx.tl.train's default since
+    # 2026-12-02, ensemble=2 (with --work .../context200)
     "rounds2_shared": [{**_DEFAULT_SMOOTHED, "rounds": 2, "shared_ae": True}],
     "smooth": [_DEFAULT_SMOOTHED],
     # the smoothed baselines with their smoothing weight tuned too (run with and without --work .../context200)

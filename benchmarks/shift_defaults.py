@@ -49,10 +49,10 @@ import shift  # noqa: E402
 SETTING = {"target_norm": "library_modelled", "patch_um": 100.0}
 SHARED = "hespotex-ens+stainaug"  # members sharing the seed (the default until 2026-12-02)
 MEMBERS = SHARED + "+distinct"  # members with their own seeds (``member_seed``), their mean as the network gives it
-DEFAULT = MEMBERS + "+smooth50"  # ... smoothed as hx.tl.predict smooths by default since 2026-12-02 (session 12)
-EIGHT = MEMBERS + "+x2shared"  # hx.tl.train(..., ensemble=2): 2 members per held-out section, the second on the
-# first's autoencoder, unsmoothed and smoothed
-VARIANTS = ("hespotex", "hespotex+stainaug", "hespotex-ens", SHARED, MEMBERS, EIGHT, EIGHT + "+smooth50", DEFAULT)
+FOUR = MEMBERS + "+smooth50"  # ... smoothed as hx.tl.predict smooths by default since 2026-12-02 (session 12)
+EIGHT = MEMBERS + "+x2shared"  # 2 members per held-out section, the second on the first's autoencoder, unsmoothed
+DEFAULT = EIGHT + "+smooth50"  # ... smoothed: hx.tl.train's default since 2026-12-02 (session 13)
+VARIANTS = ("hespotex", "hespotex+stainaug", "hespotex-ens", SHARED, MEMBERS, FOUR, EIGHT, DEFAULT)
 GOAL = 0.02
 KEYS = ["method", "fold", "seed", "condition", "truth", "genes"]
 
@@ -366,22 +366,22 @@ def cmd_report(args) -> None:
         "single- and two-scale), and with `--work /tmp/hespotex_shift/context200 --seeds 0 1 2 --setting "
         "\"{'target_norm': 'library_modelled', 'patch_um': 100.0, 'tta': False, 'stain_augment': True, "
         "'distinct_seeds': True}\"` (each member its own seed), and with `--work /tmp/hespotex_shift/context200 "
-        "--seeds 0 1 2 --grid smooth` (the same members, their prediction also smoothed: the default) and with "
-        "`--work /tmp/hespotex_shift/context200 --seeds 0 1 2 --grid rounds2_shared` (a second member per held-out "
-        "section on the first's autoencoder: `ensemble=2`);  ",
+        "--seeds 0 1 2 --grid smooth` (the same members, their prediction also smoothed) and with `--work "
+        "/tmp/hespotex_shift/context200 --seeds 0 1 2 --grid rounds2_shared` (a second member per held-out section "
+        "on the first's autoencoder: the default);  ",
         f"`{cmd}`. The per-task rows these tables read are kept in `benchmarks/results/shift_rows` (the work "
         "folders' `rows/` and `context200/rows/`, copied there after the runs): `python benchmarks/shift_defaults.py "
         "report --work benchmarks/results/shift_rows` rebuilds this file without training anything.",
         "",
         f"The default = `hx.tl.train(sections, genes=panel)` as it stands: targets `library_modelled`, {scales}, "
-        "EfficientNet-Lite0 (ImageNet, frozen), an ensemble of 4 members (one per held-out validation section, each "
-        "with its own seed derived from the one given, `member_seed`; `hespotex-ens+stainaug+distinct` in the rows; "
-        "with `ensemble=2`, 8 members, the second of each section on the first's pre-trained autoencoder: "
-        "`+x2shared`, among the other variants), each trained on the clean embedding and 4 HED-jittered views per "
-        "spot (one drawn per spot per epoch); prediction on the clean embedding of the held-out section, smoothed as "
-        "`hx.tl.predict` smooths by default since 2026-12-02 (session 12): each spot keeps weight 0.5 of its "
-        "prediction and its 6 nearest spots share the rest (`+smooth50`; the unsmoothed ensembles among the other "
-        "variants). "
+        "EfficientNet-Lite0 (ImageNet, frozen), an ensemble of 8 members, 2 per held-out validation section, "
+        "each with its own seed derived from the one given (`member_seed`), the second of each section on the "
+        "first's pre-trained autoencoder (`ModelConfig.ae_seed`; `hespotex-ens+stainaug+distinct+x2shared` in "
+        "the rows; the 4 first members alone: `hespotex-ens+stainaug+distinct`, the default until 2026-12-02), "
+        "each trained on the clean embedding and 4 HED-jittered views per spot (one drawn per spot "
+        "per epoch); prediction on the clean embedding of the held-out section, smoothed as `hx.tl.predict` "
+        "smooths by default since 2026-12-02 (session 12): each spot keeps weight 0.5 of its prediction and its 6 "
+        "nearest spots share the rest (`+smooth50`; the unsmoothed ensembles among the other variants). "
         "Leave-one-section-out over "
         "her2st C2-C6; conditions `clean`, `thinned` (~650 counts per spot), `restained` (HED gain/shift, blur, "
         "JPEG q40), `rescaled` (µm/px 10 % off); truths `lib_all`, `lib_scored`, `log1p_raw` (see shift.md). "
@@ -523,7 +523,8 @@ def cmd_report(args) -> None:
     if len(fit):
         fit.columns = ["mean", "min", "max", "folds"]
         lines += [
-            "## Training time of the default per fold (4 members with stain views, 1 torch thread, shared machine), s",
+            "## Training time of the default per fold (8 members on 4 autoencoders, stain views, 1 torch thread, "
+            "shared machine), s",
             "",
             fit.round(0).reset_index().to_markdown(index=False),
             "",

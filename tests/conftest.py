@@ -181,7 +181,7 @@ def trained_ensemble(tmp_path_factory):
         sections[name] = sdata
     train = [sections[n] for n in "abc"]
     model = hx.tl.train(
-        train, config=config, genes=list(sections["a"].tables["table"].var_names), ensemble=True, device="cpu"
+        train, config=config, genes=list(sections["a"].tables["table"].var_names), ensemble=1, device="cpu"
     )
     model_dir = model.save(tmp_path_factory.mktemp("ensemble") / "ensemble")
     torch.set_num_threads(n_threads)

@@ -76,6 +76,8 @@ def test_bad_usage_exits_2(tmp_path, slide, trained_synthetic, capsys):
     assert "--spot-diameter" in capsys.readouterr().err
     assert main(["tile", "--out", str(tmp_path / "t.zarr"), "--spot-diameter", "55", str(slide)]) == 2  # no --spacing
     assert main(["train", "--out", str(tmp_path / "m")]) == 2  # no samples
+    for bad in ("0", "two", "-1"):  # --ensemble: auto, yes, no or members per held-out sample
+        assert main(["train", "--out", str(tmp_path / "m"), "--ensemble", bad, str(tmp_path)]) == 2
     assert main(["train", "--out", str(tmp_path / "m"), "--genes", "nofile.txt", str(tmp_path)]) == 2
     assert not (tmp_path / "o").exists() and not (tmp_path / "t.zarr").exists() and not (tmp_path / "m").exists()
 
@@ -178,3 +180,9 @@ def test_predict_reports_failed_slides_with_exit_1(tmp_path, trained_synthetic, 
     assert "bad.ome.tif" in caplog.text
     assert (tmp_path / "o" / "bad.error.txt").read_text().startswith("ValueError: bad.ome.tif")
     assert not (tmp_path / "o" / "bad.done.json").exists()
+
+
+def test_ensemble_argument_maps_to_train():
+    from hespotex.cli._train import _ensemble_choice
+
+    assert [_ensemble_choice(t) for t in ("auto", "yes", "no", "1", "3")] == ["auto", True, False, 1, 3]

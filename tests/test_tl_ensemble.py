@@ -39,15 +39,26 @@ def test_ensemble_trains_saves_loads_and_predicts_with_spread(sections, tmp_path
         embedding_norm="slide",
         device="cpu",
     )
-    assert isinstance(ens, hx.tl.HESpotExEnsemble) and len(ens.members) == 3
-    assert sorted(m.validation_["samples"][0] for m in ens.members) == ["sa", "sb", "sc"]  # every sample held out once
-    assert sorted(ens.validation_["samples"]) == ["sa", "sb", "sc"]  # read as a single model's are
+    assert isinstance(ens, hx.tl.HESpotExEnsemble) and len(ens.members) == 6  # 2 per held-out sample
+    held = [m.validation_["samples"][0] for m in ens.members]
+    assert held == ["sa", "sb", "sc"] * 2  # every sample held out by two members (one per round)
+    assert ens.validation_["samples"] == ["sa", "sb", "sc"]  # read as a single model's are
     assert [h["member"] for h in ens.history_] == [k for k, m in enumerate(ens.members) for _ in m.history_]
     seeds = [m.config.seed for m in ens.members]  # each member its own seed, from the one given (0) and its samples
     trained_on = [sorted({"sa", "sb", "sc"} - set(m.validation_["samples"])) for m in ens.members]
-    assert ens.seed == 0 and seeds == [member_seed(0, t) for t in trained_on] and len(set(seeds)) == 3
+    rounds = [0, 0, 0, 1, 1, 1]
+    assert seeds == [member_seed(1_000_000 * r, t) for r, t in zip(rounds, trained_on, strict=True)]
+    assert ens.seed == 0 and len(set(seeds)) == 6
     assert member_seed(0, ["sb", "sa"]) == member_seed(0, ["sa", "sb"]) != member_seed(1, ["sa", "sb"])
-    assert all(m.config.ae_seed is None for m in ens.members)
+    # the second round shares the first's autoencoders (same training samples), not its image stream
+    assert [m.config.ae_seed for m in ens.members] == [None] * 3 + seeds[:3]
+    for first, second in zip(ens.members[:3], ens.members[3:], strict=True):
+        ae1, ae2 = first.module_.autoencoder.state_dict(), second.module_.autoencoder.state_dict()
+        assert all(np.array_equal(ae1[k].numpy(), ae2[k].numpy()) for k in ae1)
+        w1, w2 = (m.module_.projection.state_dict() for m in (first, second))
+        assert not all(np.array_equal(w1[k].numpy(), w2[k].numpy()) for k in w1)
+    aes = [m.module_.autoencoder.state_dict() for m in ens.members[:3]]  # the first round's differ
+    assert not all(np.array_equal(aes[0][k].numpy(), aes[1][k].numpy()) for k in aes[0])
     folder = ens.save(tmp_path / "ens")
     with pytest.raises(FileExistsError):
         ens.save(folder)
@@ -69,9 +80,10 @@ def test_ensemble_trains_saves_loads_and_predicts_with_spread(sections, tmp_path
     assert isinstance(loaded, hx.tl.HESpotExEnsemble) and loaded.model_id == ens.model_id
     assert loaded.target_norm == "library_modelled" and loaded.embedding_norm == "slide"
     assert loaded.seed == 0 and [m.config.seed for m in loaded.members] == seeds
+    assert [m.config.ae_seed for m in loaded.members] == [None] * 3 + seeds[:3]  # recorded with each member
     out = hx.tl.predict(sections["t"].tables["table"].copy(), str(folder), device="cpu")
     params = out.uns["hespotex"]["params"]
-    assert params["spread_layer"] == "hespotex_spread" and params["ensemble_members"] == 3
+    assert params["spread_layer"] == "hespotex_spread" and params["ensemble_members"] == 6
     assert params["target_norm"] == "library_modelled" and params["seed"] == 0  # the ensemble's seed, not a member's
     # the prediction is the members' mean and the spread their standard deviation
     members = np.stack(
@@ -84,7 +96,7 @@ def test_ensemble_trains_saves_loads_and_predicts_with_spread(sections, tmp_path
     np.testing.assert_allclose(out.layers["hespotex_spread"], members.std(0), rtol=1e-4, atol=1e-5)
     assert (np.asarray(out.layers["hespotex_spread"]) > 0).any()
     # the members' agreement per gene: their mean pairwise Pearson across spots, in the table's gene order
-    pairs = [(a, b) for a in range(3) for b in range(a + 1, 3)]
+    pairs = [(a, b) for a in range(6) for b in range(a + 1, 6)]
     expected = [
         np.mean([np.corrcoef(members[a][:, g], members[b][:, g])[0, 1] for a, b in pairs])
         for g in range(members.shape[2])
@@ -118,39 +130,19 @@ def test_ensemble_auto_default(sections):
     single = hx.tl.train([sections["a"], sections["b"]], genes=genes, config=config, device="cpu")
     assert isinstance(single, hx.tl.HESpotEx)  # 2 samples: one model (spatial blocks for early stopping)
     three = [sections[n] for n in "abc"]
-    assert resolve_ensemble("auto", three, "auto") == 1  # members per held-out sample
+    assert resolve_ensemble("auto", three, "auto") == 2  # members per held-out sample
     assert resolve_ensemble("auto", three, ["sa"]) == 0  # a validation chosen by the user: one model
     assert resolve_ensemble("auto", three, None) == 0
-    assert resolve_ensemble(False, three, "auto") == 0 and resolve_ensemble(True, three, "auto") == 1
+    assert resolve_ensemble(False, three, "auto") == 0 and resolve_ensemble(True, three, "auto") == 2
     assert resolve_ensemble(1, three, "auto") == 1 and resolve_ensemble(np.int64(3), three, "auto") == 3
     explicit = hx.tl.train(three, genes=genes, config=config, validation=["sa"], device="cpu")
     assert isinstance(explicit, hx.tl.HESpotEx) and explicit.validation_["samples"] == ["sa"]
     for bad in ("yes", 0, -1, 1.5):
         with pytest.raises(ValueError, match="'auto', True, False or the number of members per held-out sample"):
             hx.tl.train(three, genes=genes, config=config, ensemble=bad, device="cpu")
-
-
-def test_two_members_per_sample_share_the_first_ones_autoencoder(sections, tmp_path):
-    config = ModelConfig.preset("hespotex", epochs=2, patience=None, **SMALL)
-    genes = list(sections["a"].tables["table"].var_names)
-    ens = hx.tl.train([sections[n] for n in "abc"], genes=genes, config=config, ensemble=2, device="cpu")
-    assert len(ens.members) == 6
-    assert [m.validation_["samples"][0] for m in ens.members] == ["sa", "sb", "sc"] * 2  # each held out by two
-    assert ens.validation_["samples"] == ["sa", "sb", "sc"]
-    seeds = [m.config.seed for m in ens.members]
-    trained_on = [sorted({"sa", "sb", "sc"} - set(m.validation_["samples"])) for m in ens.members]
-    rounds = [0, 0, 0, 1, 1, 1]  # the first round seeded as ensemble=1's members, the second from 1_000_000 + seed
-    assert seeds == [member_seed(1_000_000 * r, t) for r, t in zip(rounds, trained_on, strict=True)]
-    assert len(set(seeds)) == 6 and [m.config.ae_seed for m in ens.members] == [None] * 3 + seeds[:3]
-    for first, second in zip(ens.members[:3], ens.members[3:], strict=True):  # same autoencoder, own image stream
-        ae1, ae2 = first.module_.autoencoder.state_dict(), second.module_.autoencoder.state_dict()
-        assert all(np.array_equal(ae1[k].numpy(), ae2[k].numpy()) for k in ae1)
-        w1, w2 = (m.module_.projection.state_dict() for m in (first, second))
-        assert not all(np.array_equal(w1[k].numpy(), w2[k].numpy()) for k in w1)
-    aes = [m.module_.autoencoder.state_dict() for m in ens.members[:3]]  # the first round's differ
-    assert not all(np.array_equal(aes[0][k].numpy(), aes[1][k].numpy()) for k in aes[0])
-    loaded = hx.tl.load_model(ens.save(tmp_path / "ens2"))
-    assert [m.config.ae_seed for m in loaded.members] == [None] * 3 + seeds[:3]  # recorded with each member
+    one_each = hx.tl.train(three, genes=genes, config=config, ensemble=1, device="cpu")  # as before: 3 members
+    assert [m.validation_["samples"][0] for m in one_each.members] == ["sa", "sb", "sc"]
+    assert all(m.config.ae_seed is None for m in one_each.members)
 
 
 def test_shared_autoencoder_does_not_depend_on_the_cache(sections, tmp_path, monkeypatch):

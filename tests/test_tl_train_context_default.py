@@ -150,8 +150,8 @@ def test_default_ensemble_members_train_on_the_same_two_scale_embeddings(encoder
     kw = _kw(train, encoder=encoder, stain_augment=False)
     del kw["validation"]  # validation="auto" with 3 samples: the default ensemble
     model = hx.tl.train(train, **kw)
-    assert isinstance(model, hx.tl.HESpotExEnsemble) and len(model.members) == 3
-    assert [m.embedding["context_um"] for m in model.members] == [2 * SPOT_UM] * 3
+    assert isinstance(model, hx.tl.HESpotExEnsemble) and len(model.members) == 6  # 2 per held-out sample
+    assert [m.embedding["context_um"] for m in model.members] == [2 * SPOT_UM] * 6
     assert all(_record(s)["context_um"] == 2 * SPOT_UM and _width(s) == 2 * encoder.num_features for s in train)
 
 

@@ -40,10 +40,10 @@ def test_train_tta_embeds_records_and_prediction_reapplies_it(tmp_path):
         train, genes=genes, config=_config(), device="cpu", encoder=encoder, tta=True, stain_augment=False
     )  # 3 samples: the default ensemble, every member trained on TTA embeddings
     assert isinstance(model, hx.tl.HESpotExEnsemble)
-    assert [m.embedding["tta"] for m in model.members] == ["dihedral8"] * 3
+    assert [m.embedding["tta"] for m in model.members] == ["dihedral8"] * 6
     # train embedded the samples exactly as hx.pp.embed(tta=True) does (at both scales, the default), and not as plain
     # embed
-    assert [m.embedding["context_um"] for m in model.members] == [2 * 55.0] * 3
+    assert [m.embedding["context_um"] for m in model.members] == [2 * 55.0] * 6
     ref = _section("a", 1)
     hx.pp.embed(ref, encoder="efficientnet_lite0.imagenet", input_size=32, tta=True, context_um="auto")
     got = train[0].tables["table"].obsm[KEY]
@@ -53,7 +53,7 @@ def test_train_tta_embeds_records_and_prediction_reapplies_it(tmp_path):
     assert not np.allclose(got, plain_ref.tables["table"].obsm[KEY], atol=1e-3)
 
     loaded = hx.tl.load_model(model.save(tmp_path / "model"))
-    assert [m.embedding["tta"] for m in loaded.members] == ["dihedral8"] * 3  # saved and read back
+    assert [m.embedding["tta"] for m in loaded.members] == ["dihedral8"] * 6  # saved and read back
 
     slide = _section("t", 9)  # image only: predict embeds it with the model's settings, TTA included
     pred = hx.tl.predict(copy.deepcopy(slide), loaded, device="cpu")

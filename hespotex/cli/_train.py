@@ -17,7 +17,7 @@ her2st data set. Each sample's H&E patches (the spot patch and, by default, a co
 wide: --context-um) are embedded with the frozen --encoder (cached under ~/.cache/hespotex), then the
 model learns the expression of --genes genes from them. The saved
 folder (model.safetensors + setup.json) is what `hespotex predict --model` and hx.tl.HESpotEx.load read.
-With 3 or more samples an ensemble is trained by default (--ensemble): one member per sample held out
+With 3 or more samples an ensemble is trained by default (--ensemble): two members per sample held out
 for early stopping, saved as one folder (ensemble.json + member_*/) that `hespotex predict --model` and
 hx.tl.load_model read; its predictions add the members' spread (layer 'hespotex_spread') and
 their agreement per gene (var column 'hespotex_agreement').
@@ -165,7 +165,7 @@ def train_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         n_top_genes=n_top,
         config=config,
         validation=validation,
-        ensemble=ensemble_choice(args.ensemble),
+        ensemble=_ensemble_choice(args.ensemble),
         seed=args.seed,
         device=args.device or "auto",
         tta=True if args.tta else None,
@@ -260,8 +260,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
         "--validation", default="auto", metavar="auto|none|FRACTION", help="early stopping split (default: auto)"
     )
     p_train.add_argument(
-        "--ensemble", type=ensemble_argument, default="auto", metavar="auto|yes|no|K",
-        help="members per sample held out for early stopping (yes: 1, K: K), averaged, saved as one folder "
+        "--ensemble", type=_ensemble_argument, default="auto", metavar="auto|yes|no|K",
+        help="members per sample held out for early stopping (yes: 2, K: K), averaged, saved as one folder "
         "(default auto: yes with 3 or more samples and --validation auto)",
     )  # fmt: skip
     p_train.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -282,7 +282,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     return p_train
 
 
-def ensemble_argument(text: str) -> str:
+def _ensemble_argument(text: str) -> str:
     """``--ensemble``: auto, yes, no or a positive number of members per held-out sample."""
     if text in ("auto", "yes", "no") or (text.isdigit() and int(text) >= 1):
         return text
@@ -290,7 +290,7 @@ def ensemble_argument(text: str) -> str:
     raise argparse.ArgumentTypeError(msg)
 
 
-def ensemble_choice(text: str) -> bool | int | str:
+def _ensemble_choice(text: str) -> bool | int | str:
     """The ``ensemble`` of :func:`hespotex.tl.train` for a checked ``--ensemble``."""
     choices: dict[str, bool | str] = {"auto": "auto", "yes": True, "no": False}
     return choices[text] if text in choices else int(text)

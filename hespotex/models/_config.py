@@ -136,8 +136,8 @@ class ModelConfig:
         Seed of the parameter initialisation (and of training, in the ``tl`` layer).
     ae_seed
         Seed of the autoencoder's initialisation and pre-training; ``None`` (default): ``seed``. Ensemble members
-        that hold out the same sample (:func:`hespotex.tl.train` with ``ensemble=k``, ``k`` > 1) share the first
-        one's, so they share its pre-trained autoencoder and differ in the image stream.
+        that hold out the same sample share the first one's (:func:`hespotex.tl.train`, ``ensemble``), so they
+        share its pre-trained autoencoder and differ in the image stream.
     """
 
     # graphs (built by the tl layer)

@@ -1,10 +1,9 @@
-"""HESpotEx ensembles: members per held-out validation section (1 by default), predictions averaged.
+"""HESpotEx ensembles: members per held-out validation section (2 by default), predictions averaged.
 
 Each member is an ordinary :class:`~hespotex.tl.HESpotEx` trained on the same samples with a
 whole sample held out for early stopping, each sample held out by as many members, so every sample trains some
 member and early stopping stays honest, and with its own seed (:func:`member_seed`), so members start from different
-weights; with more than one member per sample (``hx.tl.train(..., ensemble=k)``), those holding out the same sample
-share one pre-trained autoencoder (``config.ae_seed``). To the
+weights; members holding out the same sample share one pre-trained autoencoder (``config.ae_seed``). To the
 user the ensemble is one model: :func:`hespotex.tl.predict` averages the members' expression and decoder
 attention and stores the members' spread (standard deviation) as an uncertainty layer
 ``layers[f"{key_added}_spread"]``; :meth:`HESpotExEnsemble.save` writes one folder
@@ -30,7 +29,7 @@ logger = logging.getLogger("hespotex")
 ENSEMBLE_FILE = "ensemble.json"
 ENSEMBLE_FORMAT = 1
 SPREAD_SUFFIX = "_spread"
-DEFAULT_MEMBERS_PER_SAMPLE = 1  # members per held-out sample of hx.tl.train(ensemble="auto" / True)
+DEFAULT_MEMBERS_PER_SAMPLE = 2  # members per held-out sample of hx.tl.train(ensemble="auto" / True)
 
 
 class HESpotExEnsemble:

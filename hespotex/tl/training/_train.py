@@ -256,18 +256,20 @@ def train(
         ``torch.distributed`` backend: by default ``"nccl"`` on CUDA, ``"gloo"`` on CPU.
     ensemble
         ``"auto"`` (default): an ensemble when there are 3 or more samples and ``validation="auto"``, else
-        one model. ``True``: an ensemble (3 or more samples): one member per sample held out for early stopping
-        (every sample trains all members but the one holding it out, and early stopping stays honest), returned as
-        one :class:`hespotex.tl.HESpotExEnsemble`: predictions average the members and store their spread as
+        one model. ``True``: an ensemble (3 or more samples): 2 members per sample held out for early stopping (every
+        sample trains all members but those holding it out, and early stopping stays honest), returned as one
+        :class:`hespotex.tl.HESpotExEnsemble`: predictions average the members and store their spread as
         ``layers[f"{key_added}_spread"]``; ``validation`` must stay ``"auto"``. An integer ``k``: ``k`` members per
-        held-out sample; those holding out the same sample train on the same samples, so they share the first
-        one's pre-trained autoencoder (``config.ae_seed``) and differ in the image stream's initialisation and
-        batches. ``False``: one model. On sections of new patients (``benchmarks/results/shift_defaults.md``,
-        3 seeds) one member per sample scored about +0.01 mean Pearson over single models, with a smaller seed
-        spread, members with their own seeds another +0.005; ``ensemble=2`` a further +0.003 (all genes) / +0.004
-        (top-50 HVG) and a seed spread ≤ 0.01 in 23 of 24 cells (22 with one member per sample), at 1.15 times the
-        training from an empty cache (about twice in cross-validation, where folds share autoencoders) and twice
-        the members to store and run at prediction: not the default.
+        held-out sample (``1``: one each). ``False``: one model. Members holding out the same sample train on the
+        same samples: they share the first one's pre-trained autoencoder (``config.ae_seed``) and differ in the
+        image stream's initialisation and batches. Why the default (``benchmarks/results/shift_defaults.md`` and
+        ``shift_smooth.md``, sections of new patients, 3 seeds): one member per sample scored about +0.01 mean
+        Pearson over single models, members with their own seeds another +0.005, two per sample a further +0.003
+        (all genes) / +0.004 (top-50) and a seed spread of at most 0.011 (was 0.014), at 1.15 times the training
+        time of one per sample from an empty cache (the shared autoencoders are pre-trained once); in
+        ``benchmarks/her2st_cv.py``, whose folds already share autoencoders, 1.45 times the ensembles' fitting and
+        1.17 times the whole run (``benchmarks/results/her2st_cv.md`` vs ``her2st_cv_ensemble1.md``). Prediction
+        runs every member on the same embeddings.
     stain_augment
         Train on stain-augmented views: every training spot, each epoch, is seen through one
         embedding drawn among its clean one and its views ``obsm[f"{use_rep}_stain_views"]``
