@@ -1,6 +1,7 @@
 """Smoothing predictions over the 6 nearest spots, for hespotex and for the baselines, on the shift benchmark.
 
-The default (``hx.tl.train`` as it stands, two scales, rows ``hespotex-ens+stainaug+distinct``) is scored as it
+The 4-member default of session 12 (``hx.tl.train`` with one member per held-out section, two scales, rows
+``hespotex-ens+stainaug+distinct``; the default until 2026-12-02, now ``ensemble=1``) is scored as it
 predicts, smoothed as the baselines' ``+smooth`` (the spot and its 6 nearest spots alike: ``+smooth``) and with the
 spot keeping weight 0.5 (``+smooth50``, what ``hx.tl.predict(..., smooth=0.5)`` does). The tuned ridge / retrieval
 baselines get the same ``+smooth50`` variant and one whose smoothing weight is tuned with α / k on the training
@@ -162,7 +163,8 @@ def main() -> None:
         "leave-one-training-section-out (`tune_baseline(..., smoothed=True)`; it chose 0.5 in every fold, with a "
         "larger ridge α than `+smooth`'s).",
         "",
-        "## hespotex (the default) as predicted and smoothed; mean over the three truths",
+        "## hespotex (4 members, the default until 2026-12-02; now 8, last section) as predicted and smoothed; mean "
+        "over the three truths",
         "",
         t1.to_markdown(index=False),
         "",
@@ -191,7 +193,8 @@ def main() -> None:
             "",
             t5.to_markdown(index=False),
             "",
-            "`8 members sharing 4 autoencoders` (`--grid rounds2_shared`, an experiment): the second round's "
+            "`8 members sharing 4 autoencoders` (`--grid rounds2_shared`, `hx.tl.train`'s default since 2026-12-02, "
+            "session 13): the second round's "
             "members take the autoencoder of the first round's member holding out the same section (the same "
             "training samples) instead of pre-training their own; only their joint stage differs (own seed). Its "
             "runs here found some autoencoders already cached on disk and ran beside the test suite, so their times "
