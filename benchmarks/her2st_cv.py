@@ -205,13 +205,13 @@ def main() -> None:
                     sdata, encoder=name, key_added=key, stain_augment=args.stain_views, context_um=args.context_um
                 )
         t_embed = time.perf_counter() - t_embed
-        from dask.distributed import Client, LocalCluster
+        from dask.distributed import Client
+
+        from hespotex._cluster import local_cluster
 
         t_cv = time.perf_counter()
         with (
-            LocalCluster(
-                n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None
-            ) as cluster,
+            local_cluster(args.workers) as cluster,
             Client(cluster) as client,
         ):
             # the five long folds first, then the short single-model tasks (dask runs them in this order)

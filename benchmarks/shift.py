@@ -174,10 +174,12 @@ def embed_views(sid: str, patch_um: float, data: str | None, work: str, tta: boo
 
 
 def run_parallel(fn, tasks: list[dict], workers: int) -> list:
-    from dask.distributed import Client, LocalCluster
+    from dask.distributed import Client
+
+    from hespotex._cluster import local_cluster
 
     with (
-        LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        local_cluster(workers) as cluster,
         Client(cluster) as client,
     ):
         futures = [client.submit(fn, **t, pure=False) for t in tasks]

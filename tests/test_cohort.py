@@ -35,21 +35,40 @@ def slides(tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
     """A LocalCluster of two worker processes with one thread each (as predict_slides starts by default)."""
-    from distributed import Client, LocalCluster
+    from distributed import Client
+
+    from hespotex._cluster import local_cluster
 
     saved = os.environ.get("HESPOTEX_CACHE")
+    trim = os.environ.get("MALLOC_TRIM_THRESHOLD_")
+    os.environ["MALLOC_TRIM_THRESHOLD_"] = "65536"  # as left by any earlier dask nanny in this process
     os.environ["HESPOTEX_CACHE"] = str(
         tmp_path_factory.getbasetemp() / "hespotex-cache"
     )  # workers never touch ~/.cache
     with (
-        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        local_cluster(2) as cluster,
         Client(cluster) as c,
     ):
+        assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "65536"  # this process's environment is put back
         yield c
+    if trim is None:
+        os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    else:
+        os.environ["MALLOC_TRIM_THRESHOLD_"] = trim
     if saved is None:
         os.environ.pop("HESPOTEX_CACHE", None)
     else:
         os.environ["HESPOTEX_CACHE"] = saved
+
+
+def test_workers_start_without_the_memory_trim_threshold(client):
+    """dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536 (every tensor a fresh mmap); hespotex's clusters drop it."""
+    import dask
+
+    assert dask.config.get("distributed.nanny.pre-spawn-environ")["MALLOC_TRIM_THRESHOLD_"]  # dask's default is set
+    seen = client.run(lambda: (os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("OMP_NUM_THREADS")))
+    assert len(seen) == 2
+    assert set(seen.values()) == {(None, "1")}  # the trim threshold gone, the nanny's other variables kept
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from typing import Any
 
 import pandas as pd
 
+from hespotex._cluster import local_cluster
 from hespotex.tl.prediction._cohort_records import (
     error_message,
     output_paths,
@@ -341,7 +342,8 @@ def predict_slides(
         Output folder, created if needed. On a multi-machine cluster it must be shared storage.
     client
         A :class:`distributed.Client` to run on. By default a :class:`distributed.LocalCluster` of
-        worker processes with one thread each is started for this call and closed afterwards.
+        worker processes with one thread each is started for this call and closed afterwards (without
+        the nanny's ``MALLOC_TRIM_THRESHOLD_``, which slows torch in workers: ``hespotex._cluster``).
     n_workers
         Workers of that default cluster (default: one per slide to run, at most one per CPU core).
         Ignored when ``client`` is given.
@@ -441,7 +443,7 @@ def _run_on_dask(
     progress: bool,
 ) -> dict[str, dict[str, Any]]:
     try:
-        from distributed import Client, LocalCluster, as_completed
+        from distributed import Client, as_completed
     except ImportError as err:
         msg = "predict_slides needs dask.distributed: pip install 'hespotex[distributed]'."
         raise ImportError(msg) from err
@@ -452,7 +454,7 @@ def _run_on_dask(
     if own:
         n = min(len(todo), os.cpu_count() or 1) if n_workers is None else max(1, int(n_workers))
         logger.info("Starting a local Dask cluster: %d worker processes, 1 thread each.", n)
-        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
+        cluster = local_cluster(n)
         client = Client(cluster)
     records: dict[str, dict[str, Any]] = {}
     import hespotex as hx
