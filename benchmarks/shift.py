@@ -53,6 +53,7 @@ CONDITIONS = ("clean", "thinned", "restained", "rescaled")
 IMAGE_CONDITION = {"clean": "clean", "thinned": "clean", "restained": "restained", "rescaled": "rescaled"}
 TRUTHS = ("lib_all", "lib_scored", "log1p_raw")
 THIN_TARGET = 650.0
+SMOOTH_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # weights the spot keeps, --grid smooth_weights (a diagnostic)
 RESCALE = 1.10
 
 
@@ -369,6 +370,7 @@ def run_task(
     rounds: int = 1,
     smooth_tuned: bool = False,
     shared_ae: bool = False,
+    smooth_grid: bool = False,
 ) -> str:
     """One held-out section, one seed and setting: hespotex members (``what="hespotex"``) or tuned baselines.
 
@@ -384,6 +386,9 @@ def run_task(
     ``shared_ae`` (with ``rounds``): the later rounds' members pre-train no autoencoder of their own but take the one
     of the first round's member holding out the same section (same training samples; ``ModelConfig.ae_seed``, as
     ``hx.tl.train(..., ensemble=rounds)`` does); methods ``...+x<rounds>shared``.
+    ``smooth_grid`` (with ``rounds`` and ``smooth_predict``): the ensemble of every round also scored with the spot
+    at the weights of :data:`SMOOTH_GRID` (methods ``...+smooth<percent>``): a diagnostic of how much the
+    smoothing weight moves the scores, chosen on the held-out sections themselves, not a way to pick a default.
     ``smooth_tuned`` (baselines only): only the smoothed baselines, their smoothing weight chosen with α / k by the
     same leave-one-training-section-out (:data:`~hespotex.tl.training._tune.DEFAULT_SMOOTH_WEIGHTS`; methods
     ``...+smoothcv``)."""
@@ -406,6 +411,9 @@ def run_task(
     sa += f"_rounds{rounds}" if rounds > 1 else ""
     sa += "_smoothtuned" if smooth_tuned else ""
     sa += "_sharedae" if shared_ae else ""
+    sa += "_smoothgrid" if smooth_grid else ""
+    if smooth_grid and not (rounds > 1 and smooth_predict):
+        raise ValueError("smooth_grid scores every round's ensemble smoothed: it needs rounds > 1 and smooth_predict.")
     if shared_ae and rounds < 2:
         raise ValueError("shared_ae shares the first round's autoencoders with later rounds: it needs rounds > 1.")
     if smooth_tuned and what != "baselines":
@@ -503,8 +511,10 @@ def run_task(
                     lab_all = {**lab, "members": len(stack) + len(more)}
                     rows += score_rows(big, truth, hvg, method="hespotex-ens" + tag, **lab_all)
                     if smooth_predict:
-                        half = smooth(big, graph, self_weight=0.5)
-                        rows += score_rows(half, truth, hvg, method="hespotex-ens" + tag + "+smooth50", **lab_all)
+                        for weight in SMOOTH_GRID if smooth_grid else (0.5,):
+                            smoothed = smooth(big, graph, self_weight=weight)
+                            method = "hespotex-ens" + tag + f"+smooth{round(100 * weight)}"
+                            rows += score_rows(smoothed, truth, hvg, method=method, **lab_all)
                 if std_label != "+slidestd":  # spread vs error: Spearman per slide, own targets
                     for measure, rho in spread_vs_error(stack, target).items():
                         rows.append(
@@ -586,6 +596,9 @@ GRIDS = {
     # 2026-12-02, ensemble=2 (with --work .../context200)
     "rounds2_shared": [{**_DEFAULT_SMOOTHED, "rounds": 2, "shared_ae": True}],
     "smooth": [_DEFAULT_SMOOTHED],
+    # the default (rounds2_shared) with its prediction smoothed at several weights of the spot: how much the weight
+    # moves the scores (chosen on the held-out sections: a diagnostic, not a selection; with --work .../context200)
+    "smooth_weights": [{**_DEFAULT_SMOOTHED, "rounds": 2, "shared_ae": True, "smooth_grid": True}],
     # the smoothed baselines with their smoothing weight tuned too (run with and without --work .../context200)
     "smooth_tuned_baselines": [
         {"target_norm": "library_modelled", "patch_um": 100.0, "tta": False, "smooth_tuned": True}
