@@ -343,7 +343,10 @@ def predict_slides(
     client
         A :class:`distributed.Client` to run on. By default a :class:`distributed.LocalCluster` of
         worker processes with one thread each is started for this call and closed afterwards (without
-        the nanny's ``MALLOC_TRIM_THRESHOLD_``, which slows torch in workers: ``hespotex._cluster``).
+        the nanny's ``MALLOC_TRIM_THRESHOLD_``, which slows torch in workers: ``hespotex._cluster``). For a
+        cluster of your own, set the dask config key
+        ``distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_`` to ``None`` while starting it
+        (``dask.config.set``), in a process whose environment does not have the variable yet.
     n_workers
         Workers of that default cluster (default: one per slide to run, at most one per CPU core).
         Ignored when ``client`` is given.
