@@ -11,12 +11,15 @@ one her2st model trained in a worker took about 1.3 times as long with it
 
 The nanny also copies its variables into the parent's ``os.environ`` before spawning (and never
 removes them), so after any default ``LocalCluster`` every later process inherits the threshold;
-:func:`local_cluster` takes it out of ``os.environ`` while its workers start and puts it back after.
+:func:`local_cluster` takes it out of ``os.environ`` while its workers start and puts it back after;
+``hx.tl.train(..., distributed=...)`` does the same while it spawns its DDP ranks.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 TRIM_VARIABLE = "MALLOC_TRIM_THRESHOLD_"
@@ -28,6 +31,20 @@ def worker_environ() -> dict[str, Any]:
 
     environ = dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {}
     return {k: v for k, v in environ.items() if k != TRIM_VARIABLE}
+
+
+@contextmanager
+def without_trim_threshold() -> Iterator[None]:
+    """Take ``MALLOC_TRIM_THRESHOLD_`` out of ``os.environ`` while processes are started, then put it back.
+
+    Processes started inside (spawned DDP ranks, dask workers) inherit the environment without it.
+    """
+    inherited = os.environ.pop(TRIM_VARIABLE, None)  # set by an earlier nanny in this process, or by the user
+    try:
+        yield
+    finally:
+        if inherited is not None:
+            os.environ[TRIM_VARIABLE] = inherited
 
 
 def local_cluster(n_workers: int, **kwargs: Any) -> Any:
@@ -42,10 +59,5 @@ def local_cluster(n_workers: int, **kwargs: Any) -> Any:
     from distributed import LocalCluster
 
     options = {"threads_per_worker": 1, "processes": True, "dashboard_address": None, **kwargs}
-    inherited = os.environ.pop(TRIM_VARIABLE, None)  # set by an earlier nanny in this process, or by the user
-    try:
-        with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environ()}):
-            return LocalCluster(n_workers=n_workers, **options)
-    finally:
-        if inherited is not None:
-            os.environ[TRIM_VARIABLE] = inherited
+    with without_trim_threshold(), dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environ()}):
+        return LocalCluster(n_workers=n_workers, **options)

@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from hespotex._cluster import without_trim_threshold
 from hespotex._settings import settings
 from hespotex.tl.model._data import GraphData
 from hespotex.tl.model._forward import forward_blocks
@@ -259,9 +260,10 @@ def fit_distributed(
         port,
     )
     try:
-        context = mp.start_processes(
-            _worker, args=(n_processes, job), nprocs=n_processes, join=False, start_method="spawn"
-        )
+        with without_trim_threshold():  # ranks are training loops: glibc's adaptive thresholds (hespotex._cluster)
+            context = mp.start_processes(
+                _worker, args=(n_processes, job), nprocs=n_processes, join=False, start_method="spawn"
+            )
         try:
             while not context.join():
                 pass
