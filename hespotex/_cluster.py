@@ -12,7 +12,7 @@ one her2st model trained in a worker took about 1.3 times as long with it
 The nanny also copies its variables into the parent's ``os.environ`` before spawning (and never
 removes them), so after any default ``LocalCluster`` every later process inherits the threshold;
 :func:`local_cluster` takes it out of ``os.environ`` while its workers start and puts it back after;
-``hx.tl.train(..., distributed=...)`` does the same while it spawns its DDP ranks.
+``hx.tl.train(..., strategy="ddp")`` does the same while it spawns its DDP ranks.
 """
 
 from __future__ import annotations
