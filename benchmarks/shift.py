@@ -57,6 +57,11 @@ SMOOTH_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # weights the spot keeps, --grid s
 RESCALE = 1.10
 
 
+def smooth_label(weight: float) -> str:
+    """Method suffix of a prediction smoothed with the spot at ``weight``: ``+smooth50`` for 0.5."""
+    return f"+smooth{round(100 * weight)}"
+
+
 # ----------------------------------------------------------------------------- data and conditions
 def restain_image(rgb: np.ndarray, seed: int) -> np.ndarray:
     """HED gain/shift per channel (seeded), Gaussian blur, JPEG quality 40; uint8 in, uint8 out."""
@@ -513,7 +518,7 @@ def run_task(
                     if smooth_predict:
                         for weight in SMOOTH_GRID if smooth_grid else (0.5,):
                             smoothed = smooth(big, graph, self_weight=weight)
-                            method = "hespotex-ens" + tag + f"+smooth{round(100 * weight)}"
+                            method = "hespotex-ens" + tag + smooth_label(weight)
                             rows += score_rows(smoothed, truth, hvg, method=method, **lab_all)
                 if std_label != "+slidestd":  # spread vs error: Spearman per slide, own targets
                     for measure, rho in spread_vs_error(stack, target).items():

@@ -31,10 +31,6 @@ import shift_defaults as sd  # noqa: E402
 FOLDS = ["C2", "C3", "C4", "C5", "C6"]
 
 
-def weight_method(weight: float) -> str:
-    return sd.EIGHT + f"+smooth{round(100 * weight)}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="benchmarks/results/shift_rows")
@@ -46,18 +42,17 @@ def main() -> None:
     hes = sd.setting_rows(work / "smooth_weights")
     seeds = sorted(int(s) for s in hes["seed"].unique())
     keys = ["condition", "genes"]
-    labels = {"as predicted": sd.EIGHT, **{f"spot at {w:g}": weight_method(w) for w in shift.SMOOTH_GRID}}
+    weights = {f"spot at {w:g}": sd.EIGHT + shift.smooth_label(w) for w in shift.SMOOTH_GRID}
+    labels = {"as predicted": sd.EIGHT, **weights}
 
     margins, means = {}, {}
     for label, method in labels.items():
         _, t = sd.versus_baseline(hes, base, method, keys, FOLDS)
         margins[label], means[label] = t["margin"], t["mean"]
     table = pd.DataFrame(margins).round(4)
-    best = pd.DataFrame(means).drop(columns="as predicted").idxmax(axis=1)
-    table["best weight (by mean)"] = best
-    table["best - spot at 0.5"] = (
-        pd.DataFrame(means).drop(columns="as predicted").max(axis=1) - pd.DataFrame(means)["spot at 0.5"]
-    ).round(4)
+    smoothed = pd.DataFrame(means).drop(columns="as predicted")
+    table["best weight (by mean)"] = smoothed.idxmax(axis=1)
+    table["best - spot at 0.5"] = (smoothed.max(axis=1) - smoothed["spot at 0.5"]).round(4)
     table = table.reset_index().sort_values(["genes", "condition"])
 
     cells = {}

@@ -76,15 +76,16 @@ def main() -> None:
         for arm, runs in arms.items():
             runs.append(run_arm(arm, args.data))
             print(arm, runs[-1], flush=True)
-    rows = []
+    rows, walls = [], {}
     for arm, runs in arms.items():
         mean = {k: sum(r[k] for r in runs) / len(runs) for k in ("wall", "user", "sys", "minflt")}
+        walls[arm] = mean["wall"]
         rows.append([
             arm, runs[0]["trim"] or "unset", len(runs), f"{mean['wall']:.1f}",
             " / ".join(f"{r['wall']:.1f}" for r in runs), f"{mean['user']:.1f}", f"{mean['sys']:.1f}",
             f"{mean['minflt']:.2f}",
         ])  # fmt: skip
-    ratio = float(rows[0][3]) / float(rows[1][3])
+    ratio = walls["dask default"] / walls["hespotex"]
     header = [
         "worker environment", "MALLOC_TRIM_THRESHOLD_", "runs", "wall s (mean)", "wall s (each)", "user s", "system s",
         "minor faults (millions)",
