@@ -55,6 +55,14 @@ TRUTHS = ("lib_all", "lib_scored", "log1p_raw")
 THIN_TARGET = 650.0
 SMOOTH_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # weights the spot keeps, --grid smooth_weights (a diagnostic)
 RESCALE = 1.10
+# ModelConfig overrides a run can name (``config`` in a setting; methods ``...+<name>``): candidates for the
+# ensembles' members, whose training cost is mostly the image projection's first linear (embedding -> hidden)
+CONFIGS = {
+    "narrow": {"projection_hidden_dim": 256, "head_hidden_dim": 256},
+    "proj512": {"projection_hidden_dim": 512},
+    "head1024": {"head_hidden_dim": 1024},
+    "drop03": {"projection_dropout": 0.3, "decoder_dropout": 0.3, "head_dropout": 0.3},
+}
 
 
 def smooth_label(weight: float) -> str:
@@ -376,6 +384,7 @@ def run_task(
     smooth_tuned: bool = False,
     shared_ae: bool = False,
     smooth_grid: bool = False,
+    config: str | None = None,
 ) -> str:
     """One held-out section, one seed and setting: hespotex members (``what="hespotex"``) or tuned baselines.
 
@@ -396,7 +405,9 @@ def run_task(
     smoothing weight moves the scores, chosen on the held-out sections themselves, not a way to pick a default.
     ``smooth_tuned`` (baselines only): only the smoothed baselines, their smoothing weight chosen with α / k by the
     same leave-one-training-section-out (:data:`~hespotex.tl.training._tune.DEFAULT_SMOOTH_WEIGHTS`; methods
-    ``...+smoothcv``)."""
+    ``...+smoothcv``). ``config`` (hespotex only): the members' :class:`~hespotex.models.ModelConfig` with the
+    overrides :data:`CONFIGS` names (methods ``...+<config>``). With ``rounds`` > 2 the ensembles of the first 2, 3,
+    ... rounds are scored too (``...+x2shared`` etc.), so one run gives every ensemble size."""
     import hespotex as hx
     from hespotex.models import ModelConfig
     from hespotex.pp._graph import knn_graph
@@ -417,6 +428,9 @@ def run_task(
     sa += "_smoothtuned" if smooth_tuned else ""
     sa += "_sharedae" if shared_ae else ""
     sa += "_smoothgrid" if smooth_grid else ""
+    sa += f"_cfg{config}" if config is not None else ""
+    if config is not None and (what == "baselines" or config not in CONFIGS):
+        raise ValueError(f"config names hespotex member overrides, one of {sorted(CONFIGS)}; found {config!r}.")
     if smooth_grid and not (rounds > 1 and smooth_predict):
         raise ValueError("smooth_grid scores every round's ensemble smoothed: it needs rounds > 1 and smooth_predict.")
     if shared_ae and rounds < 2:
@@ -426,6 +440,7 @@ def run_task(
     if rounds > 1 and not distinct_seeds:
         raise ValueError("rounds > 1 needs distinct_seeds (members of one section would otherwise be identical).")
     ae_label = f"+ae{ae_epochs}" if ae_epochs is not None else ""
+    ae_label += f"+{config}" if config is not None else ""
     if tta_predict and (tta or what == "baselines"):
         raise ValueError("tta_predict is for hespotex trained on plain embeddings (tta=False).")
     if distinct_seeds and tta_predict:
@@ -465,15 +480,14 @@ def run_task(
     if what in ("hespotex", "single"):
         single = split_validation(train_names, "auto", seed=seed)[0][0]
         held_out = train_names if what == "hespotex" else [single]
-        config = (
-            ModelConfig.preset("hespotex") if ae_epochs is None else ModelConfig.preset("hespotex", ae_epochs=ae_epochs)
-        )
+        overrides = {**({} if ae_epochs is None else {"ae_epochs": ae_epochs}), **CONFIGS.get(config, {})}
+        model_config = ModelConfig.preset("hespotex", **overrides)
 
         def member(held: str, member_seed_base: int, ae_seed: int | None = None):
             own = member_seed(member_seed_base, [n for n in train_names if n != held])  # as hx.tl.train's ensembles do
             return hx.tl.train(
                 train, genes=genes, validation=[held], seed=own if distinct_seeds else seed, target_norm=target_norm,
-                use_rep="X", device="cpu", stain_augment=stain_augment, config=config.replace(ae_seed=ae_seed),
+                use_rep="X", device="cpu", stain_augment=stain_augment, config=model_config.replace(ae_seed=ae_seed),
             )  # fmt: skip
 
         if shared_ae:  # later rounds on the first round's autoencoders, as hx.tl.train(..., ensemble=rounds)
@@ -489,7 +503,7 @@ def run_task(
             variants = (("+ttapredict", None),) if tta_predict else (("", None), ("+slidestd", slide_standardised))
             if distinct_seeds:
                 variants = (("+distinct" + ae_label, None),)
-            elif ae_epochs is not None:
+            elif ae_label:
                 variants = ((ae_label, None),)
             for std_label, transform in variants:
                 preds = {
@@ -509,11 +523,11 @@ def run_task(
                     for suffix, weight in (("+smooth", None), ("+smooth50", 0.5)):
                         smoothed = smooth(ens, graph, self_weight=weight)
                         rows += score_rows(smoothed, truth, hvg, method="hespotex-ens" + std_label + suffix, **lab)
-                if extra:  # every round's members together
-                    more = [m.predict_graph(GraphData(fold, emb, xy), device="cpu")["expression"] for m in extra]
-                    big = np.mean([*stack, *more], axis=0)
-                    tag = std_label + f"+x{rounds}" + ("shared" if shared_ae else "")
-                    lab_all = {**lab, "members": len(stack) + len(more)}
+                more = [m.predict_graph(GraphData(fold, emb, xy), device="cpu")["expression"] for m in extra]
+                for r in range(2, rounds + 1):  # the first r rounds' members together (extra is round-major)
+                    big = np.mean([*stack, *more[: (r - 1) * len(stack)]], axis=0)
+                    tag = std_label + f"+x{r}" + ("shared" if shared_ae else "")
+                    lab_all = {**lab, "members": r * len(stack)}
                     rows += score_rows(big, truth, hvg, method="hespotex-ens" + tag, **lab_all)
                     if smooth_predict:
                         for weight in SMOOTH_GRID if smooth_grid else (0.5,):

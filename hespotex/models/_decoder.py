@@ -86,7 +86,7 @@ class GraphDecoder(nn.Module):
         l2_normalize: bool = False,
         dropout: float = 0.0,
         jk_mode: str = "cat",
-        head_hidden_dim: int = 512,
+        head_hidden_dim: int = 1024,
         head_dropout: float = 0.0,
     ) -> None:
         from torch_geometric.nn import GATConv, GATv2Conv, GCNConv, JumpingKnowledge, SAGEConv
