@@ -55,13 +55,11 @@ TRUTHS = ("lib_all", "lib_scored", "log1p_raw")
 THIN_TARGET = 650.0
 SMOOTH_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # weights the spot keeps, --grid smooth_weights (a diagnostic)
 RESCALE = 1.10
-# ModelConfig overrides a run can name (``config`` in a setting; methods ``...+<name>``): candidates for the
-# ensembles' members, whose training cost is mostly the image projection's first linear (embedding -> hidden)
+# ModelConfig overrides a run can name (``config`` in a setting; methods ``...+<name>``): widths of the ensembles'
+# members (benchmarks/shift_members.py); head1024 is the default since 2026-12-03 (its rows keep the name)
 CONFIGS = {
     "narrow": {"projection_hidden_dim": 256, "head_hidden_dim": 256},
-    "proj512": {"projection_hidden_dim": 512},
     "head1024": {"head_hidden_dim": 1024},
-    "drop03": {"projection_dropout": 0.3, "decoder_dropout": 0.3, "head_dropout": 0.3},
 }
 
 

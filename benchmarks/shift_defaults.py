@@ -51,8 +51,13 @@ SHARED = "hespotex-ens+stainaug"  # members sharing the seed (the default until 
 MEMBERS = SHARED + "+distinct"  # members with their own seeds (``member_seed``), their mean as the network gives it
 FOUR = MEMBERS + "+smooth50"  # ... smoothed as hx.tl.predict smooths by default since 2026-12-02 (session 12)
 EIGHT = MEMBERS + "+x2shared"  # 2 members per held-out section, the second on the first's autoencoder, unsmoothed
-DEFAULT = EIGHT + "+smooth50"  # ... smoothed: hx.tl.train's default since 2026-12-02 (session 13)
-VARIANTS = ("hespotex", "hespotex+stainaug", "hespotex-ens", SHARED, MEMBERS, FOUR, EIGHT, DEFAULT)
+EIGHT_512 = EIGHT + "+smooth50"  # ... smoothed: hx.tl.train's default from 2026-12-02 (session 13) to 2026-12-03
+WIDE = MEMBERS + "+head1024"  # the members' gene heads 1,024 wide (ModelConfig.head_hidden_dim; 512 before)
+DEFAULT = WIDE + "+x2shared+smooth50"  # 8 members with 1,024-wide heads, smoothed: the default since 2026-12-03
+VARIANTS = (
+    "hespotex", "hespotex+stainaug", "hespotex-ens", SHARED, MEMBERS, FOUR, EIGHT, EIGHT_512, WIDE + "+smooth50",
+    WIDE + "+x2shared", DEFAULT,
+)  # fmt: skip
 GOAL = 0.02
 KEYS = ["method", "fold", "seed", "condition", "truth", "genes"]
 
@@ -368,7 +373,11 @@ def cmd_report(args) -> None:
         "'distinct_seeds': True}\"` (each member its own seed), and with `--work /tmp/hespotex_shift/context200 "
         "--seeds 0 1 2 --grid smooth` (the same members, their prediction also smoothed) and with `--work "
         "/tmp/hespotex_shift/context200 --seeds 0 1 2 --grid rounds2_shared` (a second member per held-out section "
-        "on the first's autoencoder: the default);  ",
+        "on the first's autoencoder) and with `--work /tmp/hespotex_shift/context200 --seeds 0 1 2 --setting "
+        "\"{'target_norm': 'library_modelled', 'patch_um': 100.0, 'tta': False, 'stain_augment': True, "
+        "'distinct_seeds': True, 'smooth_predict': True, 'rounds': 4, 'shared_ae': True, 'config': 'head1024'}\"` "
+        "(the same with the gene heads 1,024 wide, `+head1024`, up to 4 members per section: the default is its "
+        "first 2 per section, 2026-12-03, session 15; `shift_members.md`);  ",
         f"`{cmd}`. The per-task rows these tables read are kept in `benchmarks/results/shift_rows` (the work "
         "folders' `rows/` and `context200/rows/`, copied there after the runs): `python benchmarks/shift_defaults.py "
         "report --work benchmarks/results/shift_rows` rebuilds this file without training anything.",
@@ -376,8 +385,10 @@ def cmd_report(args) -> None:
         f"The default = `hx.tl.train(sections, genes=panel)` as it stands: targets `library_modelled`, {scales}, "
         "EfficientNet-Lite0 (ImageNet, frozen), an ensemble of 8 members, 2 per held-out validation section, "
         "each with its own seed derived from the one given (`member_seed`), the second of each section on the "
-        "first's pre-trained autoencoder (`ModelConfig.ae_seed`; `hespotex-ens+stainaug+distinct+x2shared` in "
-        "the rows; the 4 first members alone: `hespotex-ens+stainaug+distinct`, the default until 2026-12-02), "
+        "first's pre-trained autoencoder (`ModelConfig.ae_seed`), their gene heads 1,024 wide "
+        "(`ModelConfig.head_hidden_dim`; `hespotex-ens+stainaug+distinct+head1024+x2shared` in the rows; with "
+        "512-wide heads, the default until 2026-12-03: `hespotex-ens+stainaug+distinct+x2shared`; the 4 first "
+        "members alone: `...+distinct`, the default until 2026-12-02), "
         "each trained on the clean embedding and 4 HED-jittered views per spot (one drawn per spot "
         "per epoch); prediction on the clean embedding of the held-out section, smoothed as `hx.tl.predict` "
         "smooths by default since 2026-12-02 (session 12): each spot keeps weight 0.5 of its prediction and its 6 "
@@ -525,6 +536,11 @@ def cmd_report(args) -> None:
         lines += [
             "## Training time of the default per fold (8 members on 4 autoencoders, stain views, 1 torch thread, "
             "shared machine), s",
+            "",
+            "The autoencoders came from the disk cache (`hx.settings.cachedir`) of the earlier runs that pre-trained "
+            "them (the same samples, settings and seeds), so these are the members' joint stages and the "
+            "predictions of the 4 conditions; `benchmarks/results/her2st_cv.md` times the default from an empty "
+            "cache.",
             "",
             fit.round(0).reset_index().to_markdown(index=False),
             "",

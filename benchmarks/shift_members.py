@@ -7,8 +7,8 @@ autoencoder), against the same strongest tuned baselines as ``shift_defaults.md`
 set, picked per cell after the fact).
 
     python benchmarks/shift.py run --work /tmp/hespotex_shift/context200 --what hespotex --seeds 0 1 2 \
-        --setting "{..., 'rounds': 4, 'shared_ae': True, 'config': 'narrow'}"     # and head1024, proj512, ...
-    # rows copied to benchmarks/results/shift_rows/members/rows (committed)
+        --setting "{..., 'rounds': 4, 'shared_ae': True, 'config': 'narrow'}"     # and 'head1024' (rounds 2 and 4)
+    # rows copied to benchmarks/results/shift_rows/context200/rows (committed)
     python benchmarks/shift_members.py [--work benchmarks/results/shift_rows]
 """
 
@@ -28,18 +28,19 @@ import shift_defaults as sd  # noqa: E402
 
 FOLDS = ["C2", "C3", "C4", "C5", "C6"]
 SMOOTH = shift.smooth_label(0.5)
+LABELS = {"": "heads 512 (the default's until 2026-12-03)", "head1024": "head1024 (the default's)"}
 
 
 def variants(methods: set[str]) -> dict[str, tuple[str, int]]:
     """(label -> (method, members per held-out section)) for the ensembles the rows hold, the default first."""
-    out = {"default (1024 / 512)": (sd.DEFAULT, 2)}
+    out = {}
     for name in ("", *shift.CONFIGS):
         tag = f"+{name}" if name else ""
-        label = name or "default width"
+        label = LABELS.get(name, name)
         for r in range(1, 5):
             method = sd.MEMBERS + tag + (f"+x{r}shared" if r > 1 else "") + SMOOTH
-            if method in methods and method != sd.DEFAULT:
-                out[f"{label}, {r} per section"] = (method, r)
+            if method in methods:
+                out[f"{label}, {r} per section" + (" = the default" if method == sd.DEFAULT else "")] = (method, r)
     return out
 
 
@@ -51,8 +52,8 @@ def main() -> None:
     work = Path(args.work)
     spot, ctx = sd.setting_rows(work), sd.setting_rows(work / "context200")
     base = pd.concat([sd.labelled_baselines(spot, "spot"), sd.labelled_baselines(ctx, "spot+context")])
-    runs = sd.setting_rows(work / "members")
-    hes = pd.concat([ctx, runs]).drop_duplicates(sd.KEYS)
+    hes = ctx
+    runs = ctx[ctx["method"].str.contains("|".join(rf"\+{name}\b" for name in shift.CONFIGS))]
     seeds = sorted(int(s) for s in runs["seed"].unique())
     labels = variants(set(hes["method"]))
 
@@ -76,14 +77,16 @@ def main() -> None:
     ).T.reset_index(names="members")  # fmt: skip
     counts["members in all"] = counts["members in all"].astype(int)
 
+    tasks = shift.load_rows(work / "context200")  # every task's own rows (setting_rows keeps one of duplicates)
+    config = tasks["method"].str.extract(r"\+(" + "|".join(shift.CONFIGS) + r")\b")[0]
+    tasks = tasks[config.notna()].assign(config=config)
+    per_task = tasks.groupby(["config", "fold", "seed", "fit_seconds"])["members"].max().reset_index()
     fit = (
-        runs.drop_duplicates(["method", "fold", "seed"])
-        .assign(config=lambda d: d["method"].str.extract(r"\+(" + "|".join(shift.CONFIGS) + r")\b")[0].fillna("-"))
-        .drop_duplicates(["config", "fold", "seed"])
-        .groupby("config")["fit_seconds"]
+        per_task.groupby(["config", "members"])["fit_seconds"]
         .agg(["mean", "min", "max", "size"])
         .round(0)
         .reset_index()
+        .rename(columns={"members": "members per task", "size": "tasks"})
     )
     text = "\n".join(
         [
@@ -92,15 +95,16 @@ def main() -> None:
             "Commands: `python benchmarks/shift.py run --work /tmp/hespotex_shift/context200 --what hespotex --seeds "
             "0 1 2 --setting \"{'target_norm': 'library_modelled', 'patch_um': 100.0, 'tta': False, 'stain_augment': "
             "True, 'distinct_seeds': True, 'smooth_predict': True, 'rounds': R, 'shared_ae': True, 'config': C}\"` "
-            "for (R, C) = (4, 'narrow'), (2, 'head1024'), (2, 'proj512'), (4, None) (work folders as in "
-            "`shift_defaults.md`; rows copied to `benchmarks/results/shift_rows/members/rows`), then "
+            "for (R, C) = (4, 'narrow'), (2, 'head1024'), (4, 'head1024') (work folders as in `shift_defaults.md`; "
+            "rows copied to `benchmarks/results/shift_rows/context200/rows`), then "
             "`python benchmarks/shift_members.py --work benchmarks/results/shift_rows`.",
             "",
             f"Seeds {', '.join(map(str, seeds))}; 5 folds. Every variant is the default but for its members: their "
-            "layer widths (`ModelConfig` overrides, `shift.CONFIGS`; the default's projection is 2,560 → 1,024 → 64, "
-            "its gene heads 64 → 512 → 785) and how many train per held-out section (each further one on the first "
-            "one's autoencoder, as `hx.tl.train(..., ensemble=r)`); every prediction smoothed with the spot at 0.5. "
-            "Baselines as in `shift_defaults.md`: the strongest per cell, picked after the fact. Widths: "
+            "layer widths (`ModelConfig` overrides, `shift.CONFIGS`; the projection 2,560 → 1,024 → 64, the gene "
+            "heads 64 → 512 → 785 until 2026-12-03, 64 → 1,024 → 785 since) and how many train per held-out section "
+            "(each further one on the first one's autoencoder, as `hx.tl.train(..., ensemble=r)`); every prediction "
+            "smoothed with the spot at 0.5. Baselines as in `shift_defaults.md`: the strongest per cell, picked after "
+            "the fact. Widths: "
             + "; ".join(f"`{name}` {overrides}" for name, overrides in shift.CONFIGS.items())
             + ".",
             "",
