@@ -211,21 +211,23 @@ def worker(job: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------------- driver side
 def run_job(job: dict, timeout: float, threads: int | None = None) -> dict:
-    """Run ``job`` in a fresh interpreter (``threads`` intra-op threads); returns its result dict (or an error
-    record)."""
+    """Run ``job`` in a fresh interpreter (``threads`` intra-op threads) with an empty cache folder of its own (so an
+    autoencoder another cell pre-trained on the same data is pre-trained again, and timed); returns its result dict
+    (or an error record)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(
-            [sys.executable, __file__, "--worker", json.dumps(job)],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=env,
-            check=False,
-        )
+        with tempfile.TemporaryDirectory(prefix="hespotex_scale_cache_") as cache:
+            proc = subprocess.run(
+                [sys.executable, __file__, "--worker", json.dumps(job)],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env={**env, "HESPOTEX_CACHE": cache},
+                check=False,
+            )
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s", "wall_s": time.perf_counter() - t0}
     wall = time.perf_counter() - t0
