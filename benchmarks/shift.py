@@ -60,6 +60,7 @@ RESCALE = 1.10
 CONFIGS = {
     "narrow": {"projection_hidden_dim": 256, "head_hidden_dim": 256},
     "head1024": {"head_hidden_dim": 1024},
+    "head2048": {"head_hidden_dim": 2048},
 }
 
 

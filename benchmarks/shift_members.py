@@ -95,8 +95,8 @@ def main() -> None:
             "Commands: `python benchmarks/shift.py run --work /tmp/hespotex_shift/context200 --what hespotex --seeds "
             "0 1 2 --setting \"{'target_norm': 'library_modelled', 'patch_um': 100.0, 'tta': False, 'stain_augment': "
             "True, 'distinct_seeds': True, 'smooth_predict': True, 'rounds': R, 'shared_ae': True, 'config': C}\"` "
-            "for (R, C) = (4, 'narrow'), (2, 'head1024'), (4, 'head1024') (work folders as in `shift_defaults.md`; "
-            "rows copied to `benchmarks/results/shift_rows/context200/rows`), then "
+            "for (R, C) = (4, 'narrow'), (2, 'head1024'), (4, 'head1024'), (2, 'head2048') (work folders as in "
+            "`shift_defaults.md`; rows copied to `benchmarks/results/shift_rows/context200/rows`), then "
             "`python benchmarks/shift_members.py --work benchmarks/results/shift_rows`.",
             "",
             f"Seeds {', '.join(map(str, seeds))}; 5 folds. Every variant is the default but for its members: their "

@@ -55,7 +55,8 @@ Where the paper preset knowingly departs from the authors' code:
   8-member default with 1,024-wide gene heads beats the one with 512 by 0.005-0.008 on the top-50
   genes of clean, rescaled and re-stained sections (0.002 thinned), the same within 0.002 on all
   genes, and spreads less over seeds (``benchmarks/results/shift_members.md``); narrower layers
-  lose (projection and heads 256: -0.006 on the top-50).
+  lose (projection and heads 256: -0.006 on the top-50), and 2,048-wide heads lose 0.003 on all
+  genes and spread more over seeds.
 - Dropout 0.1 in projection, decoder and heads and ``weight_decay=1e-2`` (AdamW's default):
   regularisation for training sets of a few thousand spots and millions of head parameters.
 - ``gene_pearson_weight=0.5``: MSE is dominated by highly expressed genes; the scale-free
