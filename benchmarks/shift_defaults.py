@@ -114,6 +114,22 @@ def best_baseline(base: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return m.loc[idx].rename(columns={"pearson": "baseline", "method": "baseline method"}).set_index(keys)
 
 
+CELL_SUMMARY = [
+    "cells ahead (of 24)", f"cells ≥ {GOAL} on the worst seed", "mean margin", "min margin", "max seed spread",
+    "cells with spread ≤ 0.01",
+]  # fmt: skip
+
+
+def cell_summary(cells: pd.DataFrame) -> list:
+    """The figures of :data:`CELL_SUMMARY` for ``cells``, the raw table of :func:`versus_baseline` over every
+    condition x truth x gene set."""
+    return [
+        int((cells["margin"] > 0).sum()), int((cells["worst-seed margin"] >= GOAL).sum()),
+        round(float(cells["margin"].mean()), 4), round(float(cells["margin"].min()), 4),
+        round(float(cells["spread"].max()), 4), int((cells["spread"] <= 0.01).sum()),
+    ]  # fmt: skip
+
+
 def versus_baseline(hes: pd.DataFrame, base: pd.DataFrame, method: str, keys: list[str], folds: list[str]):
     """``method``'s mean ± seed spread per cell beside the strongest tuned baseline, margin and worst-seed margin."""
     part = hes[(hes["method"] == method) & hes["fold"].isin(folds)]

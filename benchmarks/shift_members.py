@@ -62,19 +62,11 @@ def main() -> None:
         _, t = sd.versus_baseline(hes, base, method, ["condition", "genes"], FOLDS)
         margins[label] = t["margin"]
         _, t = sd.versus_baseline(hes, base, method, ["condition", "truth", "genes"], FOLDS)
-        cells[label] = [
-            4 * labels[label][1], int((t["margin"] > 0).sum()), int((t["worst-seed margin"] >= sd.GOAL).sum()),
-            round(float(t["margin"].mean()), 4), round(float(t["margin"].min()), 4),
-            round(float(t["spread"].max()), 4), int((t["spread"] <= 0.01).sum()),
-        ]  # fmt: skip
+        cells[label] = [4 * labels[label][1], *sd.cell_summary(t)]
     table = pd.DataFrame(margins).round(4).T
     table.columns = [f"{c} {g}" for c, g in table.columns]
     table = table.reset_index(names="members")
-    counts = pd.DataFrame(
-        cells,
-        index=["members in all", "cells ahead (of 24)", f"cells ≥ {sd.GOAL} on the worst seed", "mean margin",
-               "min margin", "max seed spread", "cells with spread ≤ 0.01"],
-    ).T.reset_index(names="members")  # fmt: skip
+    counts = pd.DataFrame(cells, index=["members in all", *sd.CELL_SUMMARY]).T.reset_index(names="members")
     counts["members in all"] = counts["members in all"].astype(int)
 
     tasks = shift.load_rows(work / "context200")  # every task's own rows (setting_rows keeps one of duplicates)

@@ -58,13 +58,8 @@ def main() -> None:
     cells = {}
     for label, method in labels.items():
         _, t = sd.versus_baseline(hes, base, method, ["condition", "truth", "genes"], FOLDS)
-        cells[label] = [int((t["margin"] > 0).sum()), int((t["worst-seed margin"] >= sd.GOAL).sum()),
-                        round(float(t["margin"].mean()), 4), round(float(t["margin"].min()), 4),
-                        round(float(t["spread"].max()), 4)]  # fmt: skip
-    counts = pd.DataFrame(
-        cells, index=["cells ahead (of 24)", f"cells ≥ {sd.GOAL} on the worst seed", "mean margin", "min margin",
-                      "max seed spread"],
-    ).T.reset_index(names="hespotex")  # fmt: skip
+        cells[label] = sd.cell_summary(t)
+    counts = pd.DataFrame(cells, index=sd.CELL_SUMMARY).T.reset_index(names="hespotex")
 
     fit = hes.drop_duplicates(["fold", "seed"])["fit_seconds"]
     text = "\n".join(
