@@ -384,6 +384,7 @@ def run_task(
     shared_ae: bool = False,
     smooth_grid: bool = False,
     config: str | None = None,
+    refit: bool = False,
 ) -> str:
     """One held-out section, one seed and setting: hespotex members (``what="hespotex"``) or tuned baselines.
 
@@ -406,7 +407,11 @@ def run_task(
     same leave-one-training-section-out (:data:`~hespotex.tl.training._tune.DEFAULT_SMOOTH_WEIGHTS`; methods
     ``...+smoothcv``). ``config`` (hespotex only): the members' :class:`~hespotex.models.ModelConfig` with the
     overrides :data:`CONFIGS` names (methods ``...+<config>``). With ``rounds`` > 2 the ensembles of the first 2, 3,
-    ... rounds are scored too (``...+x2shared`` etc.), so one run gives every ensemble size."""
+    ... rounds are scored too (``...+x2shared`` etc.), so one run gives every ensemble size. ``refit`` (hespotex,
+    with ``distinct_seeds`` and ``smooth_predict``): after the first round, one more model per member trained on every
+    training section (none held out) for the member's best epoch count, all of them on one autoencoder; scored
+    smoothed with the spot at 0.5 as the first round's members with them (``...+refit``), alone (``...+refitonly``)
+    and with every round's members (``...+x<rounds>shared+refit``)."""
     import hespotex as hx
     from hespotex.models import ModelConfig
     from hespotex.pp._graph import knn_graph
@@ -428,10 +433,13 @@ def run_task(
     sa += "_sharedae" if shared_ae else ""
     sa += "_smoothgrid" if smooth_grid else ""
     sa += f"_cfg{config}" if config is not None else ""
+    sa += "_refit" if refit else ""
     if config is not None and (what == "baselines" or config not in CONFIGS):
         raise ValueError(f"config names hespotex member overrides, one of {sorted(CONFIGS)}; found {config!r}.")
     if smooth_grid and not (rounds > 1 and smooth_predict):
         raise ValueError("smooth_grid scores every round's ensemble smoothed: it needs rounds > 1 and smooth_predict.")
+    if refit and not (what == "hespotex" and distinct_seeds and smooth_predict):
+        raise ValueError("refit adds models to hespotex's ensemble: it needs distinct_seeds and smooth_predict.")
     if shared_ae and rounds < 2:
         raise ValueError("shared_ae shares the first round's autoencoders with later rounds: it needs rounds > 1.")
     if smooth_tuned and what != "baselines":
@@ -496,6 +504,19 @@ def run_task(
         else:
             extra = [member(h, 1_000_000 * r + seed) for r in range(1, rounds) for h in held_out]  # more per section
             members = {held: member(held, seed) for held in held_out}
+        refits = []
+        if refit:  # one more model per member, on every training section for the member's best epoch count
+            shared = member_seed(2_000_000 + seed, train_names)  # the refits train on the same samples: one AE
+            for h, m in members.items():
+                scores = [r.get("validation", -np.inf) for r in m.history_]
+                own = member_seed(2_000_000 + seed, [n for n in train_names if n != h])
+                refits.append(
+                    hx.tl.train(
+                        train, genes=genes, validation=None, seed=own, target_norm=target_norm, use_rep="X",
+                        device="cpu", stain_augment=stain_augment,
+                        config=model_config.replace(epochs=int(np.argmax(scores)) + 1, ae_seed=shared),
+                    )
+                )  # fmt: skip
         fit_s = time.perf_counter() - t0
         for cond, (emb, xy, truth, target) in conditions.items():
             graph = knn_graph(xy, 6)[0] if smooth_predict else None  # the 6-NN smoothing of this section, once
@@ -533,6 +554,20 @@ def run_task(
                             smoothed = smooth(big, graph, self_weight=weight)
                             method = "hespotex-ens" + tag + smooth_label(weight)
                             rows += score_rows(smoothed, truth, hvg, method=method, **lab_all)
+                if refits:  # the members with their refits (and the later rounds' members too)
+                    again = [m.predict_graph(GraphData(fold, emb, xy), device="cpu")["expression"] for m in refits]
+                    for tag, parts in (
+                        ("+refit", [*stack, *again]),
+                        ("+refitonly", again),
+                        (f"+x{rounds}shared+refit" if shared_ae else f"+x{rounds}+refit", [*stack, *more, *again]),
+                    ):
+                        if tag.startswith("+x1"):
+                            continue
+                        lab_r = {**lab, "members": len(parts)}
+                        smoothed = smooth(np.mean(parts, axis=0), graph, self_weight=0.5)
+                        rows += score_rows(
+                            smoothed, truth, hvg, method="hespotex-ens" + std_label + tag + smooth_label(0.5), **lab_r
+                        )
                 if std_label != "+slidestd":  # spread vs error: Spearman per slide, own targets
                     for measure, rho in spread_vs_error(stack, target).items():
                         rows.append(
@@ -581,6 +616,8 @@ def run_task(
                             fit_seconds=time.perf_counter() - t0,
                             chosen=f"{model.tuning_['param']}={model.tuning_['value']:g}", **labels,
                         )  # fmt: skip
+    if refit:  # the rest equals the rows of the run without refits, under names older runs (512-wide heads) hold
+        rows = [r for r in rows if "refit" in r["method"]]
     done.parent.mkdir(parents=True, exist_ok=True)
     tmp = done.with_suffix(".tmp.gz")
     pd.DataFrame(rows).to_csv(tmp, index=False, compression="gzip")
