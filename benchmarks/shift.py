@@ -64,6 +64,16 @@ CONFIGS = {
 }
 
 
+def default_config_name() -> str | None:
+    """The name in :data:`CONFIGS` of the library's own member config (``head1024`` since 2026-12-03): hespotex runs
+    at the default take it, so their rows never share names (or files) with the 512-wide rows of earlier runs, which
+    carry none."""
+    from hespotex.models import ModelConfig
+
+    default = ModelConfig.preset("hespotex")
+    return next((name for name, over in CONFIGS.items() if default.replace(**over) == default), None)
+
+
 def smooth_label(weight: float) -> str:
     """Method suffix of a prediction smoothed with the spot at ``weight``: ``+smooth50`` for 0.5."""
     return f"+smooth{round(100 * weight)}"
@@ -424,6 +434,8 @@ def run_task(
     from hespotex.tl.training._tune import tune_baseline
 
     work = Path(work)
+    if what != "baselines" and config is None:
+        config = default_config_name()
     seed_part = f"_s{seed}" if what != "baselines" else ""
     sa = ("_stainaug" if stain_augment else "") + ("_ttapredict" if tta_predict else "")
     sa += ("_distinct" if distinct_seeds else "") + ("_smoothpredict" if smooth_predict else "")
