@@ -94,3 +94,17 @@ def test_encode_patches_reports_its_first_batch(tiled):
     feats = encode_patches(sub, encoder, batch_size=8, timings=timings)
     np.testing.assert_array_equal(feats, encode_patches(sub, encoder, batch_size=8))  # the record changes nothing
     assert timings["first_batch_n"] == 8 and timings["first_batch_s"] > 0
+
+
+@pytest.mark.parametrize(("out_px", "warns"), [(160, False), (330, True)])
+def test_warns_only_when_patches_are_enlarged_more_than_twice(tiled, caplog, out_px, warns):
+    """110 µm patches of a 1 µm/px slide: 160 px (1.45 times, as 100 µm ST spots of a 0.69 µm/px scan at 224 px) is
+    the usual case and silent; 330 px (3 times) names the image, the factor and what to do."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="hespotex"):
+        plan_patches(tiled, patch_um=110, out_px=out_px)
+    messages = [r.getMessage() for r in caplog.records if "enlarged" in r.getMessage()]
+    assert bool(messages) == warns
+    if warns:
+        assert "3.0 times" in messages[0] and "finer image" in messages[0]

@@ -94,18 +94,29 @@ def image_levels(sdata: SpatialData, info: SampleInfo | None = None) -> list[Ima
     return levels
 
 
+UPSAMPLE_WARNING = 2.0  # patches enlarged more than this to the encoder's input: the image is too coarse for it
+
+
 def choose_level(levels: list[ImageLevel], px_per_unit: float) -> ImageLevel:
-    """Coarsest level with at least ``px_per_unit`` pixels per coordinate unit (the finest if none has)."""
+    """Coarsest level with at least ``px_per_unit`` pixels per coordinate unit (the finest if none has).
+
+    Warns when even the finest level needs its patches enlarged more than :data:`UPSAMPLE_WARNING` times (a
+    low-resolution image: the encoder sees interpolated detail); milder enlargement, such as 100 µm spot patches of a
+    0.5-0.7 µm/px scan brought to a 224 px input, is the usual case and silent."""
     ok = [lv for lv in levels if min(lv.scale) >= px_per_unit * 0.999]
     if ok:
         return ok[-1]
     finest = levels[0]
-    if px_per_unit / min(finest.scale) > 1.5:
+    factor = px_per_unit / min(finest.scale)
+    if factor > UPSAMPLE_WARNING:
         logger.warning(
-            "The image %r has %.2f px per unit, coarser than the %.2f the encoder input needs; patches are upsampled.",
+            "The image %r has %.3g px per coordinate unit at its finest level; the encoder's input needs %.3g, so "
+            "patches are enlarged %.1f times and the encoder sees interpolated detail. Use a finer image "
+            "(the original scan rather than a downsampled copy) for reliable features.",
             finest.image_key,
             min(finest.scale),
             px_per_unit,
+            factor,
         )
     return finest
 
