@@ -10,7 +10,6 @@ import logging
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 
 from hespotex import _ownership
@@ -41,14 +40,6 @@ def _samples(her2st: str | None, *, quick: bool):
     }
     test = hx.datasets.synthetic(n_spots, seed=10, sample_id="synthetic_test", **make)
     return train, ("synthetic_test", test), None, 64
-
-
-def _quiet_third_party_imports() -> None:
-    """Import torch_geometric with its import-time ``FutureWarning`` (its own ``torch.jit.script`` calls, which
-    no user can act on) silenced; only that message, only while it loads."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
-        import torch_geometric.nn  # noqa: F401
 
 
 def check_demo_folder(out: Path, *, overwrite: bool) -> None:
@@ -90,7 +81,6 @@ def demo(
     if fresh:  # a later demo may replace what this one writes; a user's folder (--overwrite) is never marked
         _ownership.mark(out, "demo")
     t0 = time.perf_counter()
-    _quiet_third_party_imports()
     train_samples, (test_name, test), panel, input_size = _samples(her2st, quick=quick)
     for s in [*train_samples.values(), test]:
         hx.pp.embed(s, encoder="efficientnet_lite0.imagenet", input_size=input_size)

@@ -448,3 +448,22 @@ def test_parameter_counts_far_below_the_authors_lstm():
         assert counts[name]["decoder"] - parameter_count(net.decoder.gene_head) < 500_000
     assert counts["hespotex"]["total"] < counts["paper"]["total"]
     assert parameter_count(torch.nn.LSTM(64, 5457, 2)) == AUTHORS_LSTM_PARAMS
+
+
+def test_building_and_running_the_network_raises_no_third_party_future_warning():
+    """torch_geometric's import-time ``torch.jit.script`` FutureWarning, which no user can act on, stays out of a
+    notebook that trains (fresh interpreter: the import happens once per process); other warnings still show."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from hespotex.models import HESpotExNet\n"
+        "net = HESpotExNet(5, 8, 'hespotex')\n"
+        "edges = torch.tensor([[0, 1, 2, 1, 2, 0], [1, 2, 0, 0, 1, 2]])\n"
+        "net.loss(torch.rand(3, 5), torch.rand(3, 8), edges, edges)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-W", "error::FutureWarning", "-c", code], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]

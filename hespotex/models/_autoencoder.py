@@ -87,6 +87,9 @@ class GraphAttentionAutoencoder(nn.Module):
         nn.init.normal_(self.att_dst, std=std)
 
     def _attention(self, h: Tensor, edge_index: Tensor) -> Tensor:
+        from hespotex.models._pyg import quiet_torch_geometric
+
+        quiet_torch_geometric()
         from torch_geometric.utils import softmax
 
         src, dst = edge_index

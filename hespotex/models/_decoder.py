@@ -89,6 +89,9 @@ class GraphDecoder(nn.Module):
         head_hidden_dim: int = 1024,
         head_dropout: float = 0.0,
     ) -> None:
+        from hespotex.models._pyg import quiet_torch_geometric
+
+        quiet_torch_geometric()
         from torch_geometric.nn import GATConv, GATv2Conv, GCNConv, JumpingKnowledge, SAGEConv
 
         super().__init__()

@@ -42,6 +42,9 @@ def with_self_loops(edge_index: Tensor, num_nodes: int) -> Tensor:
 
     The self loops are appended after the original edges, so the order of the other edges is kept.
     """
+    from hespotex.models._pyg import quiet_torch_geometric
+
+    quiet_torch_geometric()
     from torch_geometric.utils import add_self_loops, remove_self_loops
 
     edge_index = edge_index.long()
@@ -52,6 +55,9 @@ def with_self_loops(edge_index: Tensor, num_nodes: int) -> Tensor:
 
 def without_self_loops(edge_index: Tensor) -> Tensor:
     """Return ``edge_index`` without self loops."""
+    from hespotex.models._pyg import quiet_torch_geometric
+
+    quiet_torch_geometric()
     from torch_geometric.utils import remove_self_loops
 
     return remove_self_loops(edge_index.long())[0]
