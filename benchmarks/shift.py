@@ -57,17 +57,18 @@ SMOOTH_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # weights the spot keeps, --grid s
 RESCALE = 1.10
 # ModelConfig overrides a run can name (``config`` in a setting; methods ``...+<name>``): widths of the ensembles'
 # members (benchmarks/shift_members.py); head1024 is the default since 2026-12-03 (its rows keep the name)
-CONFIGS = {
-    "narrow": {"projection_hidden_dim": 256, "head_hidden_dim": 256},
-    "head1024": {"head_hidden_dim": 1024},
-    "head2048": {"head_hidden_dim": 2048},
+CONFIGS = {  # every field that differs between the library defaults of the runs' sessions is pinned
+    "narrow": {"projection_hidden_dim": 256, "head_hidden_dim": 256, "ae_samples": "training"},
+    "head1024": {"head_hidden_dim": 1024, "ae_samples": "training"},  # the default in session 15
+    "head2048": {"head_hidden_dim": 2048, "ae_samples": "training"},
+    "aeall": {"head_hidden_dim": 1024, "ae_samples": "all"},  # the default since session 16 (2026-12-03)
 }
 
 
 def default_config_name() -> str | None:
-    """The name in :data:`CONFIGS` of the library's own member config (``head1024`` since 2026-12-03): hespotex runs
-    at the default take it, so their rows never share names (or files) with the 512-wide rows of earlier runs, which
-    carry none."""
+    """The name in :data:`CONFIGS` of the library's own member config (``aeall`` since session 16): hespotex runs at
+    the default take it, so their rows never share names (or files) with the rows of earlier defaults (the 512-wide
+    ones carry no name)."""
     from hespotex.models import ModelConfig
 
     default = ModelConfig.preset("hespotex")
@@ -504,6 +505,8 @@ def run_task(
 
         def member(held: str, member_seed_base: int, ae_seed: int | None = None):
             own = member_seed(member_seed_base, [n for n in train_names if n != held])  # as hx.tl.train's ensembles do
+            if model_config.ae_samples == "all":  # one autoencoder on every training section, shared by all members
+                ae_seed = member_seed(seed, train_names)
             return hx.tl.train(
                 train, genes=genes, validation=[held], seed=own if distinct_seeds else seed, target_norm=target_norm,
                 use_rep="X", device="cpu", stain_augment=stain_augment, config=model_config.replace(ae_seed=ae_seed),

@@ -53,10 +53,12 @@ FOUR = MEMBERS + "+smooth50"  # ... smoothed as hx.tl.predict smooths by default
 EIGHT = MEMBERS + "+x2shared"  # 2 members per held-out section, the second on the first's autoencoder, unsmoothed
 EIGHT_512 = EIGHT + "+smooth50"  # ... smoothed: hx.tl.train's default from 2026-12-02 (session 13) to 2026-12-03
 WIDE = MEMBERS + "+head1024"  # the members' gene heads 1,024 wide (ModelConfig.head_hidden_dim; 512 before)
-DEFAULT = WIDE + "+x2shared+smooth50"  # 8 members with 1,024-wide heads, smoothed: the default since 2026-12-03
+WIDE_DEFAULT = WIDE + "+x2shared+smooth50"  # 8 members with 1,024-wide heads, smoothed: the default in session 15
+ONE_AE = MEMBERS + "+aeall"  # ... all on one autoencoder pre-trained on every section (ModelConfig.ae_samples="all")
+DEFAULT = ONE_AE + "+x2shared+smooth50"  # the default since session 16 (2026-12-03)
 VARIANTS = (
     "hespotex", "hespotex+stainaug", "hespotex-ens", SHARED, MEMBERS, FOUR, EIGHT, EIGHT_512, WIDE + "+smooth50",
-    WIDE + "+x2shared", DEFAULT,
+    WIDE + "+x2shared", WIDE_DEFAULT, ONE_AE + "+x2shared", DEFAULT,
 )  # fmt: skip
 GOAL = 0.02
 KEYS = ["method", "fold", "seed", "condition", "truth", "genes"]
@@ -392,19 +394,25 @@ def cmd_report(args) -> None:
         "on the first's autoencoder) and with `--work /tmp/hespotex_shift/context200 --seeds 0 1 2 --setting "
         "\"{'target_norm': 'library_modelled', 'patch_um': 100.0, 'tta': False, 'stain_augment': True, "
         "'distinct_seeds': True, 'smooth_predict': True, 'rounds': 4, 'shared_ae': True, 'config': 'head1024'}\"` "
-        "(the same with the gene heads 1,024 wide, `+head1024`, up to 4 members per section: the default is its "
-        "first 2 per section, 2026-12-03, session 15; `shift_members.md`);  ",
+        "(the same with the gene heads 1,024 wide, `+head1024`, up to 4 members per section: the default in "
+        "session 15 was its first 2 per section; `shift_members.md`) and with `--work /tmp/hespotex_shift/context200 "
+        "--seeds 0 1 2 --setting \"{'target_norm': 'library_modelled', 'patch_um': 100.0, 'tta': False, "
+        "'stain_augment': True, 'distinct_seeds': True, 'smooth_predict': True, 'rounds': 2, 'shared_ae': True, "
+        "'config': 'aeall'}\"` (the same 8 members on one autoencoder pre-trained on every training section, "
+        "`+aeall`: the default since session 16);  ",
         f"`{cmd}`. The per-task rows these tables read are kept in `benchmarks/results/shift_rows` (the work "
         "folders' `rows/` and `context200/rows/`, copied there after the runs): `python benchmarks/shift_defaults.py "
         "report --work benchmarks/results/shift_rows` rebuilds this file without training anything.",
         "",
         f"The default = `hx.tl.train(sections, genes=panel)` as it stands: targets `library_modelled`, {scales}, "
         "EfficientNet-Lite0 (ImageNet, frozen), an ensemble of 8 members, 2 per held-out validation section, "
-        "each with its own seed derived from the one given (`member_seed`), the second of each section on the "
-        "first's pre-trained autoencoder (`ModelConfig.ae_seed`), their gene heads 1,024 wide "
-        "(`ModelConfig.head_hidden_dim`; `hespotex-ens+stainaug+distinct+head1024+x2shared` in the rows; with "
-        "512-wide heads, the default until 2026-12-03: `hespotex-ens+stainaug+distinct+x2shared`; the 4 first "
-        "members alone: `...+distinct`, the default until 2026-12-02), "
+        "each with its own seed derived from the one given (`member_seed`), all on one autoencoder pre-trained on "
+        "the expression of every training section, the held-out ones too (`ModelConfig.ae_samples='all'`), their "
+        "gene heads 1,024 wide (`ModelConfig.head_hidden_dim`; `hespotex-ens+stainaug+distinct+aeall+x2shared` in "
+        "the rows; with an autoencoder per held-out section on the other 3, the second member of each section on "
+        "the first's, the default in session 15: `...+distinct+head1024+x2shared`; with 512-wide heads, the "
+        "default until 2026-12-03: `hespotex-ens+stainaug+distinct+x2shared`; the 4 first members alone: "
+        "`...+distinct`, the default until 2026-12-02), "
         "each trained on the clean embedding and 4 HED-jittered views per spot (one drawn per spot "
         "per epoch); prediction on the clean embedding of the held-out section, smoothed as `hx.tl.predict` "
         "smooths by default since 2026-12-02 (session 12): each spot keeps weight 0.5 of its prediction and its 6 "
@@ -550,13 +558,13 @@ def cmd_report(args) -> None:
     if len(fit):
         fit.columns = ["mean", "min", "max", "folds"]
         lines += [
-            "## Training time of the default per fold (8 members on 4 autoencoders, stain views, 1 torch thread, "
-            "shared machine), s",
+            "## Training time of the default per fold (8 members on one autoencoder, stain views, 1 torch thread, "
+            "two tasks at a time on 2 cores), s",
             "",
-            "The autoencoders came from the disk cache (`hx.settings.cachedir`) of the earlier runs that pre-trained "
-            "them (the same samples, settings and seeds), so these are the members' joint stages and the "
-            "predictions of the 4 conditions; `benchmarks/results/her2st_cv.md` times the default from an empty "
-            "cache.",
+            "Each task pre-trained its one autoencoder (on the fold's 4 training sections; none was cached), then "
+            "the 8 members' joint stages and the predictions of the 4 conditions; "
+            "`benchmarks/results/shared_autoencoder_time.md` compares the ensembles' training side by side and "
+            "`benchmarks/results/her2st_cv.md` times the default from an empty cache.",
             "",
             fit.round(0).reset_index().to_markdown(index=False),
             "",

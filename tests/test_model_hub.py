@@ -297,6 +297,28 @@ def test_setup_without_training_data_still_loads(model, tmp_path):
         hx.tl.load_model(old)
 
 
+def test_config_saved_before_ae_samples_loads_as_trained_with_its_fingerprint(model, tmp_path):
+    """A model saved before ``ModelConfig.ae_samples`` existed pre-trained its autoencoder on the training spots: it
+    loads with ``"training"`` (not today's default ``"all"``), and its fingerprint is the one it had then."""
+    folder = model.save(tmp_path / "m")
+    setup = json.loads((folder / "setup.json").read_text())
+    assert setup["config"]["ae_samples"] == "all"  # today's default, recorded
+    old = tmp_path / "old"
+    shutil.copytree(folder, old)
+    del setup["config"]["ae_samples"]
+    (old / "setup.json").write_text(json.dumps(setup))
+    loaded = hx.tl.load_model(old)
+    assert loaded.config.ae_samples == "training"
+    # the fingerprint leaves a field at its old value out: "training" written or missing hash alike (so a model saved
+    # before the field existed keeps the id its predictions record); today's "all" is part of it
+    explicit = tmp_path / "explicit"
+    shutil.copytree(folder, explicit)
+    setup["config"]["ae_samples"] = "training"
+    (explicit / "setup.json").write_text(json.dumps(setup))
+    assert hx.tl.load_model(explicit).model_id == loaded.model_id != model.model_id
+    assert hx.tl.load_model(folder).model_id == model.model_id
+
+
 def test_tile_explain_and_cli_take_a_hub_id(hub_cache, model, sections, tmp_path):
     """The other places a model is taken: pp.tile's geometry, tl.explain, and `hespotex predict --model hf-hub:...`."""
     import spatialdata

@@ -29,7 +29,8 @@ def sections():
 
 def test_ensemble_trains_saves_loads_and_predicts_with_spread(sections, tmp_path):
     train = [sections[n] for n in "abc"]
-    config = ModelConfig.preset("hespotex", epochs=4, patience=None, **SMALL)
+    # autoencoders on each member's training samples (the paper's; the default shares one on every sample, below)
+    config = ModelConfig.preset("hespotex", epochs=4, patience=None, ae_samples="training", **SMALL)
     genes = list(sections["a"].tables["table"].var_names)
     ens = hx.tl.train(  # the default (ensemble="auto") with 3 samples: an ensemble
         train,
@@ -142,7 +143,10 @@ def test_ensemble_auto_default(sections):
             hx.tl.train(three, genes=genes, config=config, ensemble=bad, device="cpu")
     one_each = hx.tl.train(three, genes=genes, config=config, ensemble=1, device="cpu")  # as before: 3 members
     assert [m.validation_["samples"][0] for m in one_each.members] == ["sa", "sb", "sc"]
-    assert all(m.config.ae_seed is None for m in one_each.members)
+    # the default (ae_samples="all"): one autoencoder on every sample, shared by the members
+    assert [m.config.ae_seed for m in one_each.members] == [member_seed(0, ["sa", "sb", "sc"])] * 3
+    own = hx.tl.train(three, genes=genes, config=config.replace(ae_samples="training"), ensemble=1, device="cpu")
+    assert all(m.config.ae_seed is None for m in own.members)  # one each, on its training samples
 
 
 def test_shared_autoencoder_does_not_depend_on_the_cache(sections, tmp_path, monkeypatch):
@@ -172,3 +176,37 @@ def test_shared_autoencoder_does_not_depend_on_the_cache(sections, tmp_path, mon
         assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
     with pytest.raises(ValueError, match="`ae_seed` to be an integer or None"):
         config.replace(ae_seed="11")
+
+
+def test_autoencoder_on_every_sample_is_one_shared_by_all_members(sections, tmp_path, monkeypatch):
+    """``config.ae_samples="all"``: the autoencoder pre-trains on every sample given, the held-out ones' expression
+    too, and every member shares it; the image stream still trains on each member's training samples only."""
+    from hespotex.tl.training import _training
+
+    monkeypatch.setattr(hx.settings, "cachedir", tmp_path / "cache")
+    monkeypatch.setattr(_training, "_AE_CACHE", {})
+    config = ModelConfig.preset("hespotex", epochs=1, patience=None, **SMALL).replace(ae_samples="all")
+    genes = list(sections["a"].tables["table"].var_names)
+    three = [sections[n] for n in "abc"]
+    ens = hx.tl.train(three, genes=genes, config=config, ensemble=1, device="cpu")
+    shared = member_seed(0, ["sa", "sb", "sc"])
+    assert [m.config.ae_seed for m in ens.members] == [shared] * 3
+    assert [m.train_samples_ for m in ens.members] == [["sb", "sc"], ["sa", "sc"], ["sa", "sb"]]
+    aes = [m.module_.autoencoder.state_dict() for m in ens.members]
+    assert all(np.array_equal(aes[0][k].numpy(), ae[k].numpy()) for ae in aes[1:] for k in aes[0])
+    # it is the autoencoder a model trained on all three samples pre-trains (from scratch: no cache)
+    monkeypatch.setattr(hx.settings, "cachedir", tmp_path / "fresh")
+    monkeypatch.setattr(_training, "_AE_CACHE", {})
+    whole = hx.tl.train(
+        three, genes=genes, config=config.replace(ae_samples="training", ae_seed=shared), validation=None, device="cpu"
+    )
+    ref = whole.module_.autoencoder.state_dict()
+    assert all(np.array_equal(aes[0][k].numpy(), ref[k].numpy()) for k in ref)
+    # the default pre-trains on the training samples: another autoencoder
+    own = hx.tl.train(three, genes=genes, config=config.replace(ae_samples="training"), validation=["sa"], device="cpu")
+    other = own.module_.autoencoder.state_dict()
+    assert not all(np.array_equal(other[k].numpy(), ref[k].numpy()) for k in ref)
+    with pytest.raises(ValueError, match="`ae_samples` to be one of"):
+        config.replace(ae_samples="validation")
+    with pytest.raises(ValueError, match="not supported with strategy='ddp'"):
+        hx.tl.train(three, genes=genes, config=config, validation=["sa"], strategy="ddp", device="cpu")

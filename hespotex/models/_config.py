@@ -73,6 +73,7 @@ from typing import Any
 DECODER_CONVS = ("gcn", "sage", "gat", "gatv2")
 JK_MODES = ("cat", "max", "lstm")
 AE_ATTENTIONS = ("sigmoid", "leaky_relu")
+AE_SAMPLES = ("training", "all")
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,12 @@ class ModelConfig:
         Seed of the autoencoder's initialisation and pre-training; ``None`` (default): ``seed``. Ensemble members
         that hold out the same sample share the first one's (:func:`hespotex.tl.train`, ``ensemble``), so they
         share its pre-trained autoencoder and differ in the image stream.
+    ae_samples
+        The expression the autoencoder pre-trains on (read by the tl layer): ``"all"`` (default), every sample given
+        to :func:`hespotex.tl.train`, the ones held out for early stopping too (their expression only: the image
+        stream never trains on them, and early stopping still scores images it never saw); every member of an
+        ensemble then shares one autoencoder. ``"training"``: the training spots only (the paper; the default until
+        2026-12-03, and what models saved without this field were trained with).
     """
 
     # graphs (built by the tl layer)
@@ -187,6 +194,7 @@ class ModelConfig:
     ae_grad_clip: float | None = 5.0
     seed: int = 0
     ae_seed: int | None = None
+    ae_samples: str = "all"
 
     def __post_init__(self) -> None:
         if self.ae_seed is not None and (isinstance(self.ae_seed, bool) or not isinstance(self.ae_seed, int)):
@@ -210,6 +218,7 @@ class ModelConfig:
             ("decoder_conv", DECODER_CONVS),
             ("jk_mode", JK_MODES),
             ("ae_attention", AE_ATTENTIONS),
+            ("ae_samples", AE_SAMPLES),
         ):
             if getattr(self, name) not in allowed:
                 msg = f"Expected `{name}` to be one of {allowed}, found {getattr(self, name)!r}."
@@ -249,7 +258,9 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Rebuild a config from :meth:`to_dict` output; missing fields take the defaults.
 
-        Unknown keys are refused (they would mean the config was written by another version).
+        Unknown keys are refused (they would mean the config was written by another version). A saved model's
+        config lacking a field of :data:`LEGACY_FIELDS` is read with that value, as it was trained (the model
+        loaders fill it in; a dict given here takes today's defaults).
         """
         _check_keys(data)
         return cls(**data)
@@ -261,6 +272,10 @@ class ModelConfig:
             msg = f"Unknown preset {name!r}; expected one of {sorted(PRESETS)}."
             raise KeyError(msg)
         return PRESETS[name].replace(**overrides)
+
+
+LEGACY_FIELDS: dict[str, Any] = {"ae_samples": "training"}
+"""Fields whose default changed after saved configs could lack them: the value such configs were trained with."""
 
 
 def _check_keys(data: dict[str, Any]) -> None:
@@ -306,6 +321,7 @@ PRESETS: dict[str, ModelConfig] = {
         ae_epochs=500,
         ae_grad_clip=5.0,
         seed=0,
+        ae_samples="training",
     ),
 }
 """Named configurations: ``"paper"`` (the published model) and ``"hespotex"`` (this package's defaults)."""

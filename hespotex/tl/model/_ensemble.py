@@ -311,7 +311,9 @@ def train_ensemble(
             rest = [n for n in named if n != name]
             own = member_seed(1_000_000 * r + seed, rest)
             cfg = config
-            if r > 0:  # the first round's autoencoder for these training samples
+            if config.ae_samples == "all" and config.ae_seed is None:  # one autoencoder on every sample, shared
+                cfg = config.replace(ae_seed=member_seed(seed, list(named)))
+            elif r > 0:  # the first round's autoencoder for these training samples
                 cfg = config.replace(ae_seed=member_seed(seed, rest) if config.ae_seed is None else config.ae_seed)
             members.append(fit(named, validation=[name], seed=own, config=cfg, ensemble=False, **kwargs))
     return HESpotExEnsemble(members, seed=seed)

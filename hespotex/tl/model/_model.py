@@ -137,6 +137,7 @@ class HESpotEx:
         strategy: str = "single",
         n_processes: int = 2,
         backend: str | None = None,
+        autoencoder_data: Sequence[GraphData] | None = None,
     ) -> HESpotEx:
         """Train on prepared arrays (see :func:`hespotex.tl.train` for the AnnData/SpatialData front end).
 
@@ -144,6 +145,8 @@ class HESpotEx:
         exist at inference) and the spots in ``mask`` are scored by mean per-gene Pearson.
         ``strategy="ddp"`` trains data-parallel on ``n_processes`` processes with ``backend``
         (see :func:`hespotex.tl.train`); ``train_strategy_`` records how the model was trained.
+        ``autoencoder_data``: the samples the autoencoder pre-trains on instead of ``train`` (``config.ae_samples``
+        ``"all"``; expression and graphs only).
 
         When a sample's ``emb`` is a :class:`~hespotex.tl.model._lazy.LazyRows` reader (embeddings on disk,
         ``hx.tl.train(..., lazy=True)``), training streams: the standardisation statistics are computed chunk
@@ -155,6 +158,11 @@ class HESpotEx:
         from hespotex.tl.training._training import fit_net
 
         check_strategy(strategy, n_processes, backend)
+        if autoencoder_data is not None and strategy == "ddp":
+            msg = (
+                "ae_samples='all' is not supported with strategy='ddp'; use strategy='single' or ae_samples='training'."
+            )
+            raise ValueError(msg)
         seed = self.config.seed if seed is None else seed
         self.training_data_ = training_data(train, validation)
         if any(isinstance(s.emb, LazyRows) for s in train):  # on disk: statistics chunk by chunk, no copy
@@ -200,8 +208,9 @@ class HESpotEx:
             return float(np.mean(scores))
 
         self.history_ = fit_net(
-            self.module_, train, validate=validate if validation else None, device=dev, max_nodes=max_nodes, seed=seed
-        )
+            self.module_, train, validate=validate if validation else None, device=dev, max_nodes=max_nodes, seed=seed,
+            autoencoder_data=autoencoder_data,
+        )  # fmt: skip
         self.module_.to("cpu")
         self.train_strategy_ = {"strategy": "single", "world_size": 1, "backend": None}
         self.is_trained_ = True
@@ -437,18 +446,17 @@ class HESpotEx:
         """A short fingerprint of the weights and setup (not of how training ran); predictions record it in ``uns``."""
         import hashlib
 
+        from hespotex.models._config import LEGACY_FIELDS
+
         self._check_trained()
-        h = hashlib.sha256(
-            json.dumps(
-                {
-                    k: v
-                    for k, v in self.setup_dict().items()
-                    if k not in ("history", "versions", "train_strategy", "training_data")
-                },
-                sort_keys=True,
-                default=json_default,
-            ).encode()
-        )
+        setup = {
+            k: v
+            for k, v in self.setup_dict().items()
+            if k not in ("history", "versions", "train_strategy", "training_data")
+        }
+        # a field at the value models had before it existed leaves the fingerprint as it was: old predictions match
+        setup["config"] = {k: v for k, v in setup["config"].items() if LEGACY_FIELDS.get(k, object()) != v}
+        h = hashlib.sha256(json.dumps(setup, sort_keys=True, default=json_default).encode())
         for k, v in sorted(self.module_.state_dict().items()):
             h.update(k.encode())
             h.update(v.detach().cpu().contiguous().numpy().tobytes())

@@ -416,6 +416,10 @@ def load_checked(path: Path, weights_file: str, setup_file: str) -> tuple[dict[s
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
         msg = f"The model folder {str(path)!r} is corrupt ({err}); save the model again."
         raise ModelFolderError(msg) from err
+    if isinstance(setup, dict) and isinstance(setup.get("config"), dict):  # saved before a field existed
+        from hespotex.models._config import LEGACY_FIELDS
+
+        setup["config"] = {**LEGACY_FIELDS, **setup["config"]}
     validate_setup(setup, path)
     file = path / weights_file
     header, start = read_header(file)

@@ -291,6 +291,7 @@ def fit_net(
     seed: int,
     distributed: Context | None = None,
     trace: dict[str, Any] | None = None,
+    autoencoder_data: Sequence[GraphData] | None = None,
 ) -> list[dict[str, float]]:
     """Train ``net`` in place: autoencoder pre-training, then the joint stage with early stopping.
 
@@ -301,7 +302,9 @@ def fit_net(
     this process is one rank of data-parallel training: it trains on its shard of the blocks each
     epoch, ``DistributedDataParallel`` averages the gradients, the history holds the losses
     averaged over ranks, and ``validate`` must return the same score on every rank (it decides
-    early stopping). ``trace`` (a dict) receives this rank's shards and step counts.
+    early stopping). ``trace`` (a dict) receives this rank's shards and step counts. ``autoencoder_data``: the
+    samples the autoencoder pre-trains on instead of ``train`` (their expression and graphs only); the latent
+    targets are still those of the training spots.
     """
     import torch
     from tqdm.auto import tqdm
@@ -314,8 +317,13 @@ def fit_net(
     with torch.random.fork_rng(devices=[]):
         if net.autoencoder is not None and cfg.ae_epochs > 0:
             ae_seed = seed if cfg.ae_seed is None else cfg.ae_seed  # members sharing an autoencoder share its seed
+            ae_blocks = blocks
+            if autoencoder_data is not None:
+                ae_blocks = make_blocks(
+                    autoencoder_data, k_ae=cfg.ae_neighbors, k_dec=cfg.decoder_neighbors, max_nodes=max_nodes
+                )
             pretrain_autoencoder(
-                net, blocks, device=device, max_nodes=max_nodes, seed=ae_seed, distributed=distributed, trace=trace
+                net, ae_blocks, device=device, max_nodes=max_nodes, seed=ae_seed, distributed=distributed, trace=trace
             )
         if frozen:  # two-stage training: z is a fixed target, computed once; the autoencoder is not run again
             net.eval()
