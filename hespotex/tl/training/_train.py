@@ -260,16 +260,18 @@ def train(
         sample trains all members but those holding it out, and early stopping stays honest), returned as one
         :class:`hespotex.tl.HESpotExEnsemble`: predictions average the members and store their spread as
         ``layers[f"{key_added}_spread"]``; ``validation`` must stay ``"auto"``. An integer ``k``: ``k`` members per
-        held-out sample (``1``: one each). ``False``: one model. Members holding out the same sample train on the
-        same samples: they share the first one's pre-trained autoencoder (``config.ae_seed``) and differ in the
-        image stream's initialisation and batches. Why the default (``benchmarks/results/shift_defaults.md`` and
-        ``shift_smooth.md``, sections of new patients, 3 seeds): one member per sample scored about +0.01 mean
-        Pearson over single models, members with their own seeds another +0.005, two per sample a further +0.003
-        (all genes) / +0.004 (top-50) and a seed spread of at most 0.011 (was 0.014), at 1.15 times the training
-        time of one per sample from an empty cache (the shared autoencoders are pre-trained once); in
-        ``benchmarks/her2st_cv.py``, whose folds already share autoencoders, 1.45 times the ensembles' fitting and
-        1.17 times the whole run (``benchmarks/results/her2st_cv.md`` vs ``her2st_cv_ensemble1.md``). Prediction
-        runs every member on the same embeddings.
+        held-out sample (``1``: one each). ``False``: one model. By default every member takes one autoencoder
+        pre-trained on all the samples' expression (``config.ae_samples="all"``, ``config.ae_seed``) and members differ
+        in the image stream's samples, initialisation and batches; with ``ae_samples="training"`` each held-out sample's
+        members share an autoencoder of their training samples, the first one's. Why the default
+        (``benchmarks/results/shift_defaults.md`` and ``shift_smooth.md``, sections of new patients, 3 seeds): one
+        member per sample scored about +0.01 mean Pearson over single models, members with their own seeds another
+        +0.005, two per sample a further +0.003 (all genes) / +0.004 (top-50) and a seed spread of at most 0.011 (was
+        0.014), at 1.15 times the training time of one per sample from an empty cache (the shared autoencoders are
+        pre-trained once); in ``benchmarks/her2st_cv.py``, whose folds already share autoencoders, 1.45 times the
+        ensembles' fitting and 1.17 times the whole run (``benchmarks/results/her2st_cv.md`` vs
+        ``her2st_cv_ensemble1.md``); the 8 members on one autoencoder since then train in 0.67 times the time of 8 on 4
+        with the same scores (``shared_autoencoder_time.md``). Prediction runs every member on the same embeddings.
     stain_augment
         Train on stain-augmented views: every training spot, each epoch, is seen through one
         embedding drawn among its clean one and its views ``obsm[f"{use_rep}_stain_views"]``
