@@ -281,8 +281,8 @@ def main() -> None:
         f"Embeddings: context_um={args.context_um!r} ('auto': two scales, the spot patch and one twice as wide, "
         "as hx.tl.train embeds by default; None: the spot patch alone), the same features for every method. "
         + (
-            "hespotex: library defaults (an ensemble of 8: 2 members per held-out training section, the second on "
-            "the first's autoencoder"
+            "hespotex: library defaults (an ensemble of 8: 2 members per held-out training section, all on one "
+            "autoencoder pre-trained on the fold's 4 training sections"
             if args.ensemble == "auto"
             else f"hespotex: library defaults but `ensemble={args.ensemble}` ({4 * args.ensemble} members"
         )

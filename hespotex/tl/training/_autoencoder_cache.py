@@ -2,12 +2,12 @@
 
 The autoencoder's pre-training depends only on the expression it reconstructs, its graph, its settings and the seed
 (:func:`hespotex.tl.training._training._autoencoder_key`). Ensemble members and cross-validation folds that train on
-the same samples with the same seed pre-train the same autoencoder: in leave-one-section-out over 5 sections with
-the default 8-member ensembles (2 members per held-out section, the second on the first's autoencoder), 40 members
-share 10 autoencoders. The training process keeps its own in memory; this cache lets
-other processes (dask workers, a later session) reuse it too. A lock per key makes a second process wait for the
-first one's result instead of computing it again. Weights are stored as safetensors (no pickle); a file that does not
-load into the network is ignored and rewritten.
+the same samples with the same seed pre-train the same autoencoder: in leave-one-section-out over 5 sections the
+default 8-member ensembles (``ModelConfig.ae_samples="all"``) pre-train one autoencoder per fold, 40 members on 5
+(with ``"training"``, 2 members per held-out section, the second on the first's autoencoder: 40 members on 10).
+The training process keeps its own in memory; this cache lets other processes (dask workers, a later session) reuse
+it too. A lock per key makes a second process wait for the first one's result instead of computing it again. Weights
+are stored as safetensors (no pickle); a file that does not load into the network is ignored and rewritten.
 
 The folder is hespotex's own: it is created with the marker file :data:`MARKER`, and a folder of that name without
 it (not made by hespotex) is neither written to nor trimmed. Files appear only whole (written beside, then renamed);
