@@ -138,8 +138,9 @@ def main() -> None:
             "## Training and prediction per fold task (seconds; all rounds of a task; two tasks at a time on 2 cores)",
             "",
             "The autoencoders came from the disk cache of earlier runs (`hx.settings.cachedir`), so these are the "
-            "joint stages and predictions alone; the refit run (12 per task) pre-trained one more each, the "
-            "refits' own.",
+            "joint stages and predictions alone, but for two kinds of run that pre-trained one autoencoder per task: "
+            "`aeall` (the members' one, on all 4 training sections; `shared_autoencoder_time.md` compares the "
+            "defaults side by side from an empty cache) and the refit run (12 per task: the refits' own).",
             "",
             fit.to_markdown(index=False),
             "",
