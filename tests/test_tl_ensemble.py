@@ -208,5 +208,3 @@ def test_autoencoder_on_every_sample_is_one_shared_by_all_members(sections, tmp_
     assert not all(np.array_equal(other[k].numpy(), ref[k].numpy()) for k in ref)
     with pytest.raises(ValueError, match="`ae_samples` to be one of"):
         config.replace(ae_samples="validation")
-    with pytest.raises(ValueError, match="not supported with strategy='ddp'"):
-        hx.tl.train(three, genes=genes, config=config, validation=["sa"], strategy="ddp", device="cpu")

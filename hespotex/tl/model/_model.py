@@ -158,11 +158,6 @@ class HESpotEx:
         from hespotex.tl.training._training import fit_net
 
         check_strategy(strategy, n_processes, backend)
-        if autoencoder_data is not None and strategy == "ddp":
-            msg = (
-                "ae_samples='all' is not supported with strategy='ddp'; use strategy='single' or ae_samples='training'."
-            )
-            raise ValueError(msg)
         seed = self.config.seed if seed is None else seed
         self.training_data_ = training_data(train, validation)
         if any(isinstance(s.emb, LazyRows) for s in train):  # on disk: statistics chunk by chunk, no copy
@@ -191,6 +186,7 @@ class HESpotEx:
                 seed=seed,
                 n_processes=n_processes,
                 backend=backend,
+                autoencoder_data=autoencoder_data,
             )
             self.module_.to("cpu")
             self.module_.eval()

@@ -123,8 +123,10 @@ def train_rank(
     max_nodes: int,
     seed: int,
     expected_init: str | None = None,
+    autoencoder_data: Sequence[GraphData] | None = None,
 ) -> tuple[list[dict[str, float]], dict[str, Any]]:
-    """Train ``model.module_`` on this rank (inputs already standardised); returns history and this rank's record."""
+    """Train ``model.module_`` on this rank (inputs already standardised); returns history and this rank's record.
+    ``autoencoder_data``: the samples the autoencoder pre-trains on instead of ``train`` (``ae_samples="all"``)."""
     from hespotex.tl.evaluation._metrics import pearson_per_gene
 
     net = model.module_
@@ -145,7 +147,7 @@ def train_rank(
     trace: dict[str, Any] = {"rank": ctx.rank}
     history = fit_net(
         net, train, validate=validate if validation else None, device=ctx.device, max_nodes=max_nodes, seed=seed,
-        distributed=ctx, trace=trace,
+        distributed=ctx, trace=trace, autoencoder_data=autoencoder_data,
     )  # fmt: skip
     trace["weights_sha256"] = ctx.check_identical(net, "trained weights")
     trace["validation_samples"] = [validation[i][0].name for i in range(ctx.rank, len(validation), ctx.world_size)]
@@ -187,6 +189,7 @@ def _worker(rank: int, world_size: int, job: dict[str, Any]) -> None:
             history, trace = train_rank(
                 model, job["train"], job["validation"], ctx=Context(rank, world_size, device),
                 max_nodes=job["max_nodes"], seed=job["seed"], expected_init=job["init_sha256"],
+                autoencoder_data=job["autoencoder_data"],
             )  # fmt: skip
         out = Path(job["outdir"])
         if rank == 0:
@@ -212,6 +215,7 @@ def fit_distributed(
     n_processes: int,
     backend: str | None,
     timeout_s: float = 1800.0,
+    autoencoder_data: Sequence[GraphData] | None = None,
 ) -> tuple[list[dict[str, float]], dict[str, Any]]:
     """Train ``model.module_`` (built and initialised, inputs standardised) data-parallel; load the result into it.
 
@@ -228,6 +232,7 @@ def fit_distributed(
             seed=seed,
             n_processes=n_processes,
             backend=backend,
+            autoencoder_data=autoencoder_data,
         )
     import torch
     import torch.multiprocessing as mp
@@ -246,6 +251,7 @@ def fit_distributed(
         },
         "model_class": type(model),  # the worker builds the same class (pickled by reference)
         "init_sha256": state_fingerprint(model.module_), "train": list(train), "validation": list(validation),
+        "autoencoder_data": None if autoencoder_data is None else list(autoencoder_data),
         "device": str(device), "backend": backend, "addr": addr, "port": port, "timeout_s": timeout_s,
         "max_nodes": max_nodes, "seed": seed, "threads": threads, "outdir": str(outdir),
         "progress": settings.progress, "log_level": logger.getEffectiveLevel(),
@@ -296,7 +302,7 @@ def fit_distributed(
     return history, record
 
 
-def _fit_launched(model, train, validation, *, device, max_nodes, seed, n_processes, backend):
+def _fit_launched(model, train, validation, *, device, max_nodes, seed, n_processes, backend, autoencoder_data=None):
     """This process is one rank of a launched job (torchrun): train in place, every rank returns the model."""
     import torch
     import torch.distributed as dist
@@ -314,8 +320,9 @@ def _fit_launched(model, train, validation, *, device, max_nodes, seed, n_proces
         dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size)
     try:
         history, trace = train_rank(
-            model, train, validation, ctx=Context(rank, world_size, device), max_nodes=max_nodes, seed=seed
-        )
+            model, train, validation, ctx=Context(rank, world_size, device), max_nodes=max_nodes, seed=seed,
+            autoencoder_data=autoencoder_data,
+        )  # fmt: skip
         # every rank learns every rank's record (small JSON strings)
         traces: list[Any] = [None] * world_size
         dist.all_gather_object(traces, json.dumps(trace))

@@ -64,18 +64,21 @@ class Batch:
         return None if self.latent is None else torch.from_numpy(self.latent).to(device)
 
 
-def make_blocks(samples: Sequence[GraphData], *, k_ae: int, k_dec: int, max_nodes: int) -> list[Batch]:
-    """Cut every sample into compact spatial blocks with their induced graphs (lazy embeddings stay readers)."""
+def make_blocks(
+    samples: Sequence[GraphData], *, k_ae: int, k_dec: int, max_nodes: int, expression_only: bool = False
+) -> list[Batch]:
+    """Cut every sample into compact spatial blocks with their induced graphs (lazy embeddings stay readers).
+    ``expression_only``: blocks for the autoencoder, without embeddings or views (no copy of them is made)."""
     blocks = []
     for s in samples:
         e_ae, e_dec = s.graph(k_ae), s.graph(k_dec)
         for nodes in spatial_blocks(s.coords_um, max_nodes):
-            blocks.append(
-                Batch(
-                    take(s.emb, nodes), s.expr[nodes], induced_edges(e_ae, nodes, s.n),
-                    induced_edges(e_dec, nodes, s.n), views=None if s.views is None else take(s.views, nodes),
-                )
-            )  # fmt: skip
+            if expression_only:
+                emb, views = np.empty((len(nodes), 0), np.float32), None
+            else:
+                emb, views = take(s.emb, nodes), None if s.views is None else take(s.views, nodes)
+            edges_ae, edges_dec = induced_edges(e_ae, nodes, s.n), induced_edges(e_dec, nodes, s.n)
+            blocks.append(Batch(emb, s.expr[nodes], edges_ae, edges_dec, views=views))
     return blocks
 
 
@@ -320,8 +323,9 @@ def fit_net(
             ae_blocks = blocks
             if autoencoder_data is not None:
                 ae_blocks = make_blocks(
-                    autoencoder_data, k_ae=cfg.ae_neighbors, k_dec=cfg.decoder_neighbors, max_nodes=max_nodes
-                )
+                    autoencoder_data, k_ae=cfg.ae_neighbors, k_dec=cfg.decoder_neighbors, max_nodes=max_nodes,
+                    expression_only=True,
+                )  # fmt: skip
             pretrain_autoencoder(
                 net, ae_blocks, device=device, max_nodes=max_nodes, seed=ae_seed, distributed=distributed, trace=trace
             )
