@@ -454,5 +454,5 @@ def train(
     return model.fit(
         train_parts, validation=val_parts, device=device, max_nodes=max_nodes, seed=seed,
         strategy=strategy, n_processes=n_processes, backend=backend,
-        autoencoder_data=[data[n] for n in names] if cfg.ae_samples == "all" else None,
+        autoencoder_data=[data[n] for n in names] if cfg.ae_samples == "all" and val_parts else None,
     )  # fmt: skip

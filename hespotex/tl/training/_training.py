@@ -329,6 +329,7 @@ def fit_net(
             pretrain_autoencoder(
                 net, ae_blocks, device=device, max_nodes=max_nodes, seed=ae_seed, distributed=distributed, trace=trace
             )
+            del ae_blocks  # the autoencoder's own blocks (a copy of every sample's expression) are done with
         if frozen:  # two-stage training: z is a fixed target, computed once; the autoencoder is not run again
             net.eval()
             with torch.inference_mode():
