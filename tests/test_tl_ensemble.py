@@ -202,8 +202,9 @@ def test_autoencoder_on_every_sample_is_one_shared_by_all_members(sections, tmp_
     )
     ref = whole.module_.autoencoder.state_dict()
     assert all(np.array_equal(aes[0][k].numpy(), ref[k].numpy()) for k in ref)
-    # the default pre-trains on the training samples: another autoencoder
-    own = hx.tl.train(three, genes=genes, config=config.replace(ae_samples="training"), validation=["sa"], device="cpu")
+    # "training" pre-trains on the training samples alone: with the same seed, another autoencoder
+    cfg = config.replace(ae_samples="training", ae_seed=shared)
+    own = hx.tl.train(three, genes=genes, config=cfg, validation=["sa"], device="cpu")
     other = own.module_.autoencoder.state_dict()
     assert not all(np.array_equal(other[k].numpy(), ref[k].numpy()) for k in ref)
     with pytest.raises(ValueError, match="`ae_samples` to be one of"):

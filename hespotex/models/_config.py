@@ -147,9 +147,10 @@ class ModelConfig:
     seed
         Seed of the parameter initialisation (and of training, in the ``tl`` layer).
     ae_seed
-        Seed of the autoencoder's initialisation and pre-training; ``None`` (default): ``seed``. Ensemble members
-        that hold out the same sample share the first one's (:func:`hespotex.tl.train`, ``ensemble``), so they
-        share its pre-trained autoencoder and differ in the image stream.
+        Seed of the autoencoder's initialisation and pre-training; ``None`` (default): ``seed``. An ensemble's
+        members (:func:`hespotex.tl.train`, ``ensemble``) get one shared seed with ``ae_samples="all"``, so they share
+        one pre-trained autoencoder; with ``"training"`` the members holding out the same sample share the first
+        one's. They differ in the image stream.
     ae_samples
         The expression the autoencoder pre-trains on (read by the tl layer): ``"all"`` (default), every sample given
         to :func:`hespotex.tl.train`, the ones held out for early stopping too (their expression only: the image
