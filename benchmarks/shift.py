@@ -29,7 +29,11 @@ sections, fitted to the same targets as the model, raw and spatially smoothed (6
     python benchmarks/shift.py stain-report   # -> benchmarks/results/shift_stainaug.md (its own file)
 
 Work files (embeddings, per-task rows) go to ``--work`` (default /tmp/hespotex_shift); each task
-writes its rows when it finishes, so a rerun skips finished tasks.
+writes its rows when it finishes, so a rerun skips finished tasks. ``embed --encoder NAME`` (default: the library's
+default encoder) writes the encoder's name to ``work/encoder.txt`` and refuses a folder embedded with another one;
+every later stage reads it there (a folder without the file holds ``efficientnet_lite0.imagenet`` embeddings, the
+default encoder until session 17; its rows are in ``benchmarks/results/shift_rows``, the multi-layer default's in
+``benchmarks/results/shift_rows_multilayer``).
 """
 
 from __future__ import annotations
@@ -45,10 +49,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from hespotex.pp._encoder_base import DEFAULT_ENCODER
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-ENCODER = "efficientnet_lite0.imagenet"
+HEAD_ENCODER = "efficientnet_lite0.imagenet"  # what a work folder without encoder.txt was embedded with
 CONDITIONS = ("clean", "thinned", "restained", "rescaled")
 IMAGE_CONDITION = {"clean": "clean", "thinned": "clean", "restained": "restained", "rescaled": "rescaled"}
 TRUTHS = ("lib_all", "lib_scored", "log1p_raw")
@@ -128,6 +134,25 @@ def load_section(sid: str, condition: str, data: str | None, work: Path):
     return sdata
 
 
+def work_encoder(work: str | Path) -> str:
+    """The encoder a work folder's embeddings come from (``work/encoder.txt``; :data:`HEAD_ENCODER` without it)."""
+    marker = Path(work) / "encoder.txt"
+    return marker.read_text().strip() if marker.is_file() else HEAD_ENCODER
+
+
+def claim_work(work: str | Path, encoder: str) -> None:
+    """Record ``encoder`` as the work folder's, or refuse a folder that holds another encoder's embeddings."""
+    work = Path(work)
+    found = work_encoder(work)
+    if (work / "encoder.txt").is_file() or (work / "emb").is_dir():
+        if found != encoder:
+            msg = f"{work} holds embeddings of {found!r}, not {encoder!r}: pass another --work for this encoder."
+            raise ValueError(msg)
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "encoder.txt").write_text(encoder + "\n")
+
+
 def embedding_path(work: Path, sid: str, condition: str, patch_um: float, tta: bool) -> Path:
     return work / "emb" / f"{sid}_{IMAGE_CONDITION[condition]}_{patch_um:g}{'_tta' if tta else ''}.npy"
 
@@ -149,7 +174,7 @@ def embed_one(sid: str, condition: str, patch_um: float, tta: bool, data: str | 
     with dask.config.set(
         scheduler="synchronous"
     ):  # inside a dask worker: do not send image reads to the (busy) cluster
-        hx.pp.embed(sdata, encoder=ENCODER, patch_um=patch_um, tta=tta, key_added="X", cache=False)
+        hx.pp.embed(sdata, encoder=work_encoder(work), patch_um=patch_um, tta=tta, key_added="X", cache=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npy")
     np.save(tmp, sdata.tables["table"].obsm["X"])
@@ -183,7 +208,13 @@ def embed_views(sid: str, patch_um: float, data: str | None, work: str, tta: boo
     sdata = load_section(sid, "clean", data, work)
     with dask.config.set(scheduler="synchronous"):
         hx.pp.embed(
-            sdata, encoder=ENCODER, patch_um=patch_um, stain_augment=STAIN_VIEWS, tta=tta, key_added="X", cache=False
+            sdata,
+            encoder=work_encoder(work),
+            patch_um=patch_um,
+            stain_augment=STAIN_VIEWS,
+            tta=tta,
+            key_added="X",
+            cache=False,
         )
     table = sdata.tables["table"]
     clean = np.load(embedding_path(work, sid, "clean", patch_um, tta))
@@ -214,6 +245,7 @@ def cmd_embed(args) -> None:
     from hespotex.datasets._her2st import her2st_sections
 
     sections = her2st_sections(args.data)
+    claim_work(args.work, args.encoder)
     tasks = [
         {"sid": s, "condition": c, "patch_um": p, "tta": t, "data": args.data, "work": args.work}
         for p in args.patch for t in args.tta for c in ("clean", "restained", "rescaled") for s in sections
@@ -358,7 +390,7 @@ def training_tables(
     for n in names:
         t = all_tables[n].copy()
         t.obsm["X"] = np.load(embedding_path(work, n, "clean", patch_um, tta))
-        record = {"encoder": ENCODER, "encoder_id": ENCODER, "patch_um": patch_um}
+        record = {"encoder": work_encoder(work), "encoder_id": work_encoder(work), "patch_um": patch_um}
         if tta:
             record["tta"] = "dihedral8"
         if stain_augment:
@@ -932,6 +964,7 @@ def main() -> None:
     parser.add_argument("--data", default=None)
     parser.add_argument("--work", default="/tmp/hespotex_shift")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--encoder", default=DEFAULT_ENCODER, help="embed: the image encoder (recorded in --work)")
     parser.add_argument("--patch", type=float, nargs="+", default=[100.0, 200.0])
     parser.add_argument("--tta", type=int, nargs="+", default=[0])
     parser.add_argument("--grid", default="select")

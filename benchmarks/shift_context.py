@@ -59,6 +59,7 @@ def cmd_prepare(args) -> None:
 
     work = Path(args.work)
     out = context_work(work, args.context)
+    shift.claim_work(out, shift.work_encoder(work))  # the two-scale folder records the encoder it comes from
     n = n_views = 0
     for sid in her2st_sections(args.data):
         for cond in ("clean", "restained", "rescaled"):
@@ -114,7 +115,14 @@ def cmd_verify(args) -> None:
     sdata = shift.load_section(args.section, "clean", args.data, work)
     t0 = time.perf_counter()
     with dask.config.set(scheduler="synchronous"):
-        hx.pp.embed(sdata, encoder=shift.ENCODER, patch_um=SPOT_UM, context_um=args.context, key_added="X", cache=False)
+        hx.pp.embed(
+            sdata,
+            encoder=shift.work_encoder(work),
+            patch_um=SPOT_UM,
+            context_um=args.context,
+            key_added="X",
+            cache=False,
+        )
     got = sdata.tables["table"].obsm["X"]
     want = np.load(shift.embedding_path(context_work(work, args.context), args.section, "clean", SPOT_UM, False))
     diff = float(np.abs(got - want).max())

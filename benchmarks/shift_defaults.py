@@ -1,5 +1,9 @@
 """The defaults of ``hx.tl.train`` on the shift benchmark, against the strongest tuned baseline.
 
+These rows (``benchmarks/results/shift_rows``) hold the head-only encoder's features (``efficientnet_lite0.imagenet``,
+the default until session 17); ``benchmarks/shift_encoder.py`` compares the default with the multi-layer encoder
+(the default since) on its own rows.
+
 Reads the per-task rows of ``benchmarks/shift.py`` (and of ``benchmarks/shift_context.py``'s work folder for the
 two-scale candidate); trains nothing. The default is what ``hx.tl.train(sections, genes=panel)`` does since the
 stain and ensemble work: targets ``library_modelled``, two scales (the 100 µm spot patch and a 200 µm context), one

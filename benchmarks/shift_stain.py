@@ -77,8 +77,8 @@ def embed_macenko(fold: str, sid: str, condition: str, data: str | None, work: P
     sdata = S.load_section(sid, condition, data, work)  # restained images are cached under work/images
     with dask.config.set(scheduler="synchronous"):
         hx.pp.embed(
-            sdata, encoder=S.ENCODER, patch_um=PATCH, stain_norm="macenko", stain_reference=ref, key_added="X",
-            cache=False,
+            sdata, encoder=S.work_encoder(work), patch_um=PATCH, stain_norm="macenko", stain_reference=ref,
+            key_added="X", cache=False,
         )  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp.npy")

@@ -83,7 +83,7 @@ def demo(
     t0 = time.perf_counter()
     train_samples, (test_name, test), panel, input_size = _samples(her2st, quick=quick)
     for s in [*train_samples.values(), test]:
-        hx.pp.embed(s, encoder="efficientnet_lite0.imagenet", input_size=input_size)
+        hx.pp.embed(s, input_size=input_size)
     config = ModelConfig.preset("hespotex", epochs=30 if quick else 100, ae_epochs=100 if quick else 300)
     # one model (not the ensemble hx.tl.train makes of 3+ samples by default): the demo stays a minutes-long tour
     model = hx.tl.train(train_samples, genes=panel, n_top_genes=100, config=config, seed=0, ensemble=False)

@@ -79,8 +79,11 @@ def test_list_encoders_shows_every_zoo_entry_beside_the_builtin():
     assert "model card" in zoo.loc["h-optimus-0", "mpp_source"] and not zoo.loc["h-optimus-0", "mpp_assumed"]
     assert zoo.loc["h-optimus-0", "licence"] == "Apache 2.0" and zoo.loc["uni", "licence"] == "CC-BY-NC-ND-4.0"
     assert not zoo["weights_offline"].any()  # the test machine has no hub cache
-    builtin = df[df["name"] == "efficientnet_lite0.imagenet"].iloc[0]
-    assert builtin["source"] == "hespotex" and builtin["weights_offline"] and builtin["output_width"] == 1280
+    builtin = df[df["source"] == "hespotex"].set_index("name")
+    assert list(builtin.index) == ["efficientnet_lite0.imagenet.multilayer", "efficientnet_lite0.imagenet"]
+    assert builtin["weights_offline"].all() and list(builtin["output_width"]) == [1984, 1280]
+    for name, row in builtin.iterrows():  # the listed width is what the encoder outputs
+        assert hx.pp.load_encoder(name).num_features == row["output_width"]
 
     timm_rows = hx.pp.list_encoders(timm="resnet50.a1*")
     assert set(timm_rows.loc[timm_rows["source"] == "timm", "name"]) == {"resnet50.a1_in1k", "resnet50.a1h_in1k"}

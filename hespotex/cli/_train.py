@@ -200,9 +200,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     )
     p_train.add_argument(
         "--encoder",
-        default="efficientnet_lite0.imagenet",
+        default="efficientnet_lite0.imagenet.multilayer",
         metavar="NAME",
-        help="image encoder: a timm model name (default: efficientnet_lite0.imagenet)",
+        help="image encoder: a timm model name (default: efficientnet_lite0.imagenet.multilayer)",
     )
     p_train.add_argument(
         "--weights", metavar="FILE", help="encoder weights file (e.g. a histology foundation model checkpoint)"

@@ -172,7 +172,7 @@ def _scale_features(
 def embed(
     data: SpatialData | AnnData,
     *,
-    encoder: str | Any = "efficientnet_lite0.imagenet",
+    encoder: str | Any = "efficientnet_lite0.imagenet.multilayer",
     weights: str | Path | None = None,
     patch_um: float | None = None,
     input_size: int | None = None,
@@ -207,9 +207,10 @@ def embed(
         AnnData itself receives what is written; without any image a ``ValueError`` names the three ways to
         supply one.
     encoder
-        A timm architecture name (random init, seeded), ``"efficientnet_lite0.imagenet"`` (real
-        ImageNet weights, offline), an ``hf-hub:`` id, a pathology encoder of LazySlide's zoo
-        (``"uni"``, ``"virchow2"``, ...; :func:`hespotex.pp.list_encoders`), an
+        A timm architecture name (random init, seeded), ``"efficientnet_lite0.imagenet.multilayer"`` (the
+        default: real ImageNet weights, offline, features pooled from 4 inner stages and the head, 1,984),
+        ``"efficientnet_lite0.imagenet"`` (the head's 1,280 only), an ``hf-hub:`` id, a pathology encoder of
+        LazySlide's zoo (``"uni"``, ``"virchow2"``, ...; :func:`hespotex.pp.list_encoders`), an
         :class:`~hespotex.pp._encoders.Encoder` or a ``torch.nn.Module``; see
         :func:`hespotex.pp.load_encoder`.
     weights

@@ -50,6 +50,10 @@ def memory_format(model: Any):
     """
     import torch
 
+    from hespotex.pp._layer_pool import LayerPool
+
+    if isinstance(model, LayerPool):  # the network whose layers it pools decides
+        return memory_format(model.model)
     known = type(model).__module__.startswith("timm.") and type(model).__name__ in CHANNELS_LAST_MODELS
     return torch.channels_last if known else torch.contiguous_format
 

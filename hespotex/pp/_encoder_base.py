@@ -20,8 +20,12 @@ if TYPE_CHECKING:
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
-#: The default encoder: EfficientNet-Lite0 with real ImageNet weights, available offline.
+#: EfficientNet-Lite0 with real ImageNet weights, available offline: its head's 1,280 pooled features.
 EFFICIENTNET_LITE0_IMAGENET = "efficientnet_lite0.imagenet"
+#: The default encoder: the same network, its head's features with the means of its last four stages of blocks
+#: (1,984 features; :mod:`hespotex.pp._layer_pool`).
+EFFICIENTNET_LITE0_IMAGENET_MULTILAYER = "efficientnet_lite0.imagenet.multilayer"
+DEFAULT_ENCODER = EFFICIENTNET_LITE0_IMAGENET_MULTILAYER
 
 
 @dataclass(frozen=True)

@@ -201,14 +201,14 @@ def list_encoders(*, timm: str | None = None) -> pd.DataFrame:
     """
     import pandas as pd
 
-    from hespotex.pp._encoder_base import EFFICIENTNET_LITE0_IMAGENET
+    from hespotex.pp._encoder_base import EFFICIENTNET_LITE0_IMAGENET, EFFICIENTNET_LITE0_IMAGENET_MULTILAYER
 
     rows = [
         {
-            "name": EFFICIENTNET_LITE0_IMAGENET,
+            "name": name,
             "source": "hespotex",
             "task": "vision",
-            "output_width": 1280,
+            "output_width": width,
             "native_mpp": None,
             "magnification": None,
             "mpp_source": "ImageNet photos (patch size set by patch_um)",
@@ -221,6 +221,7 @@ def list_encoders(*, timm: str | None = None) -> pd.DataFrame:
             "gated": False,
             "weights_offline": True,
         }
+        for name, width in ((EFFICIENTNET_LITE0_IMAGENET_MULTILAYER, 1984), (EFFICIENTNET_LITE0_IMAGENET, 1280))
     ]
     for entry in zoo_entries().values():
         row = asdict(entry)

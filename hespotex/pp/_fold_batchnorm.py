@@ -46,8 +46,14 @@ def fold_batchnorm(model: Any, *, probe_size: int = 64) -> Any:
     activation (and dropout). The copy is checked against ``model`` on a seeded random ``probe_size`` input: if the
     features differ by more than float rounding (a network whose BatchNorm does not read the convolution before
     it), ``model`` itself is returned. ``model`` is never modified. The result is kept per model and returned again
-    while none of its tensors has changed.
+    while none of its tensors has changed. A :class:`~hespotex.pp._layer_pool.LayerPool` has the network it pools
+    from folded (its layers keep their names, so the same layers are pooled).
     """
+    from hespotex.pp._layer_pool import LayerPool
+
+    if isinstance(model, LayerPool):
+        inner = fold_batchnorm(model.model, probe_size=probe_size)
+        return model if inner is model.model else LayerPool(inner, model.layers)
     if not _foldable(model):
         return model
     versions = tuple(t._version for t in (*model.parameters(), *model.buffers()))

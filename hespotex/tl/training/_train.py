@@ -13,6 +13,7 @@ from hespotex._compat import renamed_arguments
 from hespotex._sample import as_sample_dict, get_table
 from hespotex.pp._context import check_train_context_um, default_context_um, same_context, scales_text
 from hespotex.pp._embed import EMBED_KEY
+from hespotex.pp._encoder_base import DEFAULT_ENCODER
 from hespotex.tl.model._data import EMBEDDING_KEY, GraphData, graph_data, spatial_block_mask
 from hespotex.tl.model._model import HESpotEx
 from hespotex.tl.training._train_inputs import check_tta, lazy_views, resolve_lazy, stain_views
@@ -55,7 +56,7 @@ def ensure_embeddings(
 
         embed(
             sample,
-            encoder=encoder if encoder is not None else "efficientnet_lite0.imagenet",
+            encoder=encoder if encoder is not None else DEFAULT_ENCODER,
             weights=weights,
             patch_um=patch_um,
             input_size=input_size,
@@ -203,8 +204,8 @@ def train(
         Gene selection when ``genes`` is not given.
     encoder, weights, patch_um
         Image encoder and spot patch size for samples not embedded yet (default encoder:
-        ``"efficientnet_lite0.imagenet"``; default patch: the spot diameter, or a pathology encoder's input at its
-        native µm/px; see :func:`hespotex.pp.embed`). The context patch follows it (``context_um``).
+        ``"efficientnet_lite0.imagenet.multilayer"``; default patch: the spot diameter, or a pathology encoder's
+        input at its native µm/px; see :func:`hespotex.pp.embed`). The context patch follows it (``context_um``).
     config
         :class:`hespotex.models.ModelConfig`, a preset name (``"hespotex"``, ``"paper"``) or a dict.
     validation

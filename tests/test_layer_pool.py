@@ -1,0 +1,103 @@
+"""Encoders whose features pool inner layers too: the default ``efficientnet_lite0.imagenet.multilayer`` and
+``load_encoder(..., layers=)``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import hespotex as hx
+from hespotex.pp._encoder_base import DEFAULT_ENCODER, EFFICIENTNET_LITE0_IMAGENET
+from hespotex.pp._encoders import load_encoder
+from hespotex.pp._layer_pool import LITE0_LAYERS
+
+
+@pytest.fixture(scope="module")
+def batch() -> torch.Tensor:
+    return torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+
+
+def test_default_encoder_is_the_head_after_the_means_of_four_stages(batch):
+    enc = load_encoder()
+    plain = load_encoder(EFFICIENTNET_LITE0_IMAGENET)
+    assert enc.name == DEFAULT_ENCODER == "efficientnet_lite0.imagenet.multilayer"
+    assert enc.num_features == 80 + 112 + 192 + 320 + 1280
+    assert enc.encoder_id != plain.encoder_id  # embeddings of the two are cached apart
+    feats = enc.encode(batch)
+    assert torch.allclose(feats[:, -1280:], plain.encode(batch), atol=1e-5)
+    # the stage means, computed here by running the network's blocks by hand
+    net = plain.model
+    with torch.inference_mode():
+        x = net.bn1(net.conv_stem(plain.normalize(batch)))
+        means = []
+        for i, block in enumerate(net.blocks):
+            x = block(x)
+            if f"blocks.{i}" in LITE0_LAYERS:
+                means.append(x.mean(dim=(2, 3)))
+    assert torch.allclose(feats[:, :-1280], torch.cat(means, dim=1), atol=1e-5)
+    assert not any(m._forward_hooks for m in enc.model.modules())  # no hook outlives a forward pass
+
+
+def test_layers_of_another_network_and_bad_names(batch):
+    enc = load_encoder("resnet18", layers=["layer2", "layer3"])
+    assert enc.num_features == 128 + 256 + 512
+    assert "layers" in enc.encoder_id
+    other = load_encoder("resnet18", layers=["layer3", "layer2"])
+    assert other.encoder_id != enc.encoder_id  # the order is part of the features
+    a, b = enc.encode(batch), other.encode(batch)
+    assert torch.allclose(a[:, :128], b[:, 256:384]) and torch.allclose(a[:, -512:], b[:, -512:])
+    with pytest.raises(ValueError, match=r"no sub-module named \['layer9'\].*Close names"):
+        load_encoder("resnet18", layers=["layer9"])
+    with pytest.raises(ValueError, match="twice"):
+        load_encoder("resnet18", layers=["layer2", "layer2"])
+    with pytest.raises(ValueError, match="non-empty list"):
+        load_encoder("resnet18", layers="layer2")
+    with pytest.raises(ValueError, match="pools its own layers"):
+        load_encoder(DEFAULT_ENCODER, layers=["blocks.2"])
+
+
+def test_an_encoder_given_layers_is_left_as_it_was(batch):
+    plain = load_encoder(EFFICIENTNET_LITE0_IMAGENET)
+    wrapped = load_encoder(plain, layers=["blocks.5"])
+    assert plain.num_features == 1280 and wrapped.num_features == 192 + 1280
+    assert plain.encode(batch).shape == (2, 1280)
+
+
+def test_embed_records_the_default_encoder(sample_factory):
+    """``hx.pp.embed`` with no encoder named embeds with the multi-layer default and records its name."""
+    sdata = sample_factory(n_spots=12)
+    hx.pp.embed(sdata, key_added="X_ml", cache=False)
+    table = sdata.tables["table"]
+    assert table.obsm["X_ml"].shape[1] == 1984
+    assert table.uns["hespotex_embed"]["X_ml"]["encoder"] == DEFAULT_ENCODER
+    assert np.isfinite(table.obsm["X_ml"]).all()
+
+
+def test_gradients_reach_the_pixels_through_the_pooled_layers(batch):
+    """``hx.tl.explain`` differentiates the encoder's features by the pixels: the inner stages' means carry
+    gradients too (the pooled head alone would give other ones)."""
+    enc = load_encoder()
+    x = batch[:1].clone().requires_grad_(True)
+    feats = enc.model(enc.normalize(x))
+    feats[:, :80].sum().backward()  # blocks.3's mean only
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0
+    assert not any(p.requires_grad for p in enc.model.parameters())  # the encoder stays frozen
+
+
+def test_embedding_runs_the_pooled_network_folded_and_channels_last(batch):
+    """``hx.pp.embed`` runs the default encoder as fast as the head alone: BatchNorm folded into the convolutions of
+    the network it pools from, channels-last input; the same features up to float rounding."""
+    from hespotex.pp._encode import inference_model
+    from hespotex.pp._layer_pool import LayerPool
+
+    enc = load_encoder()
+    model, fmt = inference_model(enc.model)
+    assert fmt == torch.channels_last and isinstance(model, LayerPool) and model is not enc.model
+    assert model.layers == enc.model.layers
+    assert not any(type(m).__name__ in ("BatchNorm2d", "BatchNormAct2d") for m in model.modules())
+    assert any(type(m).__name__ == "BatchNormAct2d" for m in enc.model.modules())  # the encoder itself untouched
+    x = enc.normalize(batch)
+    with torch.inference_mode():
+        want, got = enc.model(x), model(x.contiguous(memory_format=fmt))
+    assert torch.allclose(want, got, atol=1e-4, rtol=1e-4)
