@@ -101,3 +101,34 @@ def test_embedding_runs_the_pooled_network_folded_and_channels_last(batch):
     with torch.inference_mode():
         want, got = enc.model(x), model(x.contiguous(memory_format=fmt))
     assert torch.allclose(want, got, atol=1e-4, rtol=1e-4)
+
+
+def test_a_model_on_the_default_encoder_embeds_new_slides_with_it(tmp_path):
+    """A model trained on default embeddings records the multi-layer encoder; loaded from disk it embeds a slide
+    that has none with that encoder, as ``hx.pp.embed`` would."""
+    from hespotex.models import ModelConfig
+    from hespotex.tl.model._data import EMBEDDING_KEY
+
+    def section(seed: int, name: str):
+        return hx.datasets.synthetic(
+            n_spots=60, n_genes=12, seed=seed, program_seed=0, microns_per_pixel=1.0, sample_id=name
+        )
+
+    train = {"a": section(1, "a"), "b": section(2, "b")}
+    for sdata in train.values():
+        hx.pp.embed(sdata, input_size=32)
+    small = {"ae_hidden_dim": 16, "latent_dim": 8, "projection_hidden_dim": 16, "head_hidden_dim": 16}
+    config = ModelConfig.preset("hespotex", epochs=2, ae_epochs=2, decoder_heads=2, **small)
+    genes = list(train["a"].tables["table"].var_names)
+    model = hx.tl.train(train, genes=genes, config=config, seed=0, device="cpu", ensemble=False)
+    assert model.embedding["encoder"] == DEFAULT_ENCODER
+    loaded = hx.tl.load_model(model.save(tmp_path / "model"))
+    new, reference = section(3, "new"), section(3, "new")
+    hx.tl.predict(new, loaded)
+    hx.pp.embed(reference, input_size=32)
+    table = new.tables["table"]
+    assert table.uns["hespotex_embed"][EMBEDDING_KEY]["encoder"] == DEFAULT_ENCODER
+    np.testing.assert_allclose(
+        table.obsm[EMBEDDING_KEY], reference.tables["table"].obsm[EMBEDDING_KEY], rtol=1e-5, atol=1e-5
+    )
+    assert table.obsm[EMBEDDING_KEY].shape[1] == 1984  # the spot patch alone, the scale the model was trained at
