@@ -8,12 +8,12 @@ baselines are fitted on the same features as hespotex each time (ridge / retriev
 smoothing weight tuned on the training sections), so the margins compare like with like. Reads the per-task rows;
 trains nothing::
 
-    python benchmarks/shift.py embed --work /tmp/hespotex_shift_ml --encoder efficientnet_lite0.imagenet.multilayer
-    python benchmarks/shift.py embed --work /tmp/hespotex_shift_ml --stain-views --patch 100 200
-    python benchmarks/shift_context.py prepare --work /tmp/hespotex_shift_ml --context 200
-    python benchmarks/shift.py run --work /tmp/hespotex_shift_ml/context200 --what baselines \\
+    python benchmarks/shift.py embed --work /tmp/hespotex_shift_ml2 --encoder efficientnet_lite0.imagenet.multilayer
+    python benchmarks/shift.py embed --work /tmp/hespotex_shift_ml2 --stain-views --patch 100 200
+    python benchmarks/shift_context.py prepare --work /tmp/hespotex_shift_ml2 --context 200
+    python benchmarks/shift.py run --work /tmp/hespotex_shift_ml2/context200 --what baselines \\
         --grid smooth_baselines                                   # and --grid smooth_tuned_baselines
-    python benchmarks/shift.py run --work /tmp/hespotex_shift_ml/context200 --what hespotex --seeds 0 1 2 \\
+    python benchmarks/shift.py run --work /tmp/hespotex_shift_ml2/context200 --what hespotex --seeds 0 1 2 \\
         --setting "{'target_norm': 'library_modelled', 'patch_um': 100.0, 'tta': False, 'stain_augment': True, \\
         'distinct_seeds': True, 'smooth_predict': True, 'rounds': 2, 'shared_ae': True, 'config': 'aeall'}"
     # rows copied to benchmarks/results/shift_rows_multilayer/context200/rows (committed)
@@ -60,7 +60,8 @@ def side_by_side(runs: dict[str, tuple[pd.DataFrame, pd.DataFrame]], keys: list[
         index = st.index
     gain = (per["multilayer"] - per["head"]).groupby(keys).agg(["mean", "min"]).reindex(index)
     out = pd.DataFrame(cols, index=index)
-    out.insert(2, "gain (mean, min over seeds)", [f"{a:+.4f}, {b:+.4f}" for a, b in zip(gain["mean"], gain["min"])])
+    pairs = zip(gain["mean"], gain["min"], strict=True)
+    out.insert(2, "gain (mean, min over seeds)", [f"{a:+.4f}, {b:+.4f}" for a, b in pairs])
     return out.reset_index()
 
 
@@ -90,9 +91,8 @@ def cmd_report(args) -> None:
         "",
         f"`head` = `{ENCODERS['head']}` (1,280 features per scale, the default until 2026-12-03); `multilayer` = "
         f"`{ENCODERS['multilayer']}` (the same frozen network; the spatial means of its blocks 3, 4, 5 and 6, "
-        "80 + 112 + 192 + 320 channels, before its head's 1,280: 1,984 per scale; the default since). The "
-        "multi-layer embeddings made by the library (`hx.pp.embed`, `shift.py embed`) equal those the rows were "
-        "trained on bit for bit (checked on C2: clean and re-stained 100 µm, and the 4 stain views). Everything else "
+        "80 + 112 + 192 + 320 channels, before its head's 1,280: 1,984 per scale; the default since), embedded by "
+        "`hx.pp.embed` as the library runs it (BatchNorm folded, channels-last, as for the head). Everything else "
         "is the default of `shift_defaults.md` (`" + sd.DEFAULT + "`). Baselines: ridge / retrieval, raw and "
         "smoothed (`+smooth`, `+smooth50`, `+smoothcv`), tuned on the training sections, **fitted on the same "
         "encoder's two-scale features as the model**; the strongest per cell picked after the fact. `gain` = "
