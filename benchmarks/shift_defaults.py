@@ -378,9 +378,10 @@ def cmd_report(args) -> None:
         "",
         "Commands (2-core machine, 2 dask workers of 1 torch thread each; the work folders rebuilt from scratch "
         "in one session):  ",
-        "`python benchmarks/shift.py embed --workers 2`, `python benchmarks/shift.py embed --stain-views --patch 100 "
-        "200 --workers 2`, `python benchmarks/shift_context.py prepare --context 200` (embeddings, stain views and "
-        "their two-scale concatenations);  ",
+        "`python benchmarks/shift.py embed --encoder efficientnet_lite0.imagenet --workers 2` (the head's features, "
+        "the default encoder until session 17; `shift_encoder.md` has the default since), `python "
+        "benchmarks/shift.py embed --stain-views --patch 100 200 --workers 2`, `python benchmarks/shift_context.py "
+        "prepare --context 200` (embeddings, stain views and their two-scale concatenations);  ",
         "`python benchmarks/shift.py run --what baselines --seeds 0 --setting \"{'target_norm': 'library_modelled', "
         "'patch_um': 100.0, 'tta': False}\"` and the same with `--work /tmp/hespotex_shift/context200` (tuned "
         "baselines on either feature set, and the thinning ceiling), and the same two with `--grid smooth_baselines` "
