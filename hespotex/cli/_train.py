@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from hespotex.cli._common import is_visium_outs, is_zarr_store, output_problem, positive_float, positive_int
+from hespotex.pp._encoder_base import DEFAULT_ENCODER
 
 TRAIN_HELP = """Train HESpotEx on samples with spatial transcriptomics, then save the model folder.
 
@@ -200,9 +201,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     )
     p_train.add_argument(
         "--encoder",
-        default="efficientnet_lite0.imagenet.multilayer",
+        default=DEFAULT_ENCODER,
         metavar="NAME",
-        help="image encoder: a timm model name (default: efficientnet_lite0.imagenet.multilayer)",
+        help=f"image encoder: a timm model name (default: {DEFAULT_ENCODER})",
     )
     p_train.add_argument(
         "--weights", metavar="FILE", help="encoder weights file (e.g. a histology foundation model checkpoint)"

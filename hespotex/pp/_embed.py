@@ -24,6 +24,7 @@ from hespotex.pp._encode import (  # noqa: F401 (moved to _encode; imported from
     encode_two_scales,
     memory_format,
 )
+from hespotex.pp._encoder_base import DEFAULT_ENCODER
 from hespotex.pp._patches import PatchPlan, plan_patches
 
 if TYPE_CHECKING:
@@ -172,7 +173,7 @@ def _scale_features(
 def embed(
     data: SpatialData | AnnData,
     *,
-    encoder: str | Any = "efficientnet_lite0.imagenet.multilayer",
+    encoder: str | Any = DEFAULT_ENCODER,
     weights: str | Path | None = None,
     patch_um: float | None = None,
     input_size: int | None = None,

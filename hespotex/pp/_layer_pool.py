@@ -60,9 +60,10 @@ class LayerPool(torch.nn.Module):
             raise ValueError(msg)
         self.model = model
         self.layers = tuple(layers)
+        # a tuple, so not registered as sub-modules twice; a (folded) copy is wrapped anew and resolves its own
+        self.targets = tuple(modules[name] for name in self.layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        modules = dict(self.model.named_modules())
         taken: dict[str, torch.Tensor] = {}
 
         def keep(name: str):
@@ -71,7 +72,7 @@ class LayerPool(torch.nn.Module):
 
             return hook
 
-        handles = [modules[name].register_forward_hook(keep(name)) for name in self.layers]
+        handles = [m.register_forward_hook(keep(name)) for name, m in zip(self.layers, self.targets, strict=True)]
         try:
             out = self.model(x)
         finally:
