@@ -186,13 +186,17 @@ def embed_one(sid: str, condition: str, patch_um: float, tta: bool, data: str | 
 STAIN_VIEWS = 4
 
 
-def views_path(work: Path, sid: str, patch_um: float, tta: bool = False) -> Path:
-    return work / "emb" / f"{sid}_clean_{patch_um:g}_stainviews{STAIN_VIEWS}{'_tta' if tta else ''}.npy"
+def views_path(work: Path, sid: str, patch_um: float, tta: bool = False, scale_augment: float = 0.0) -> Path:
+    zoom = f"_zoom{scale_augment:g}" if scale_augment else ""
+    return work / "emb" / f"{sid}_clean_{patch_um:g}_stainviews{STAIN_VIEWS}{zoom}{'_tta' if tta else ''}.npy"
 
 
-def embed_views(sid: str, patch_um: float, data: str | None, work: str, tta: bool = False) -> str:
-    """Embed the clean section with ``hx.pp.embed(..., stain_augment=STAIN_VIEWS, tta=tta)`` (with ``tta`` every
-    view is the mean over its 8 dihedral turns, as the library computes them); the views go to ``work/emb``."""
+def embed_views(
+    sid: str, patch_um: float, data: str | None, work: str, tta: bool = False, scale_augment: float = 0.0
+) -> str:
+    """Embed the clean section with ``hx.pp.embed(..., stain_augment=STAIN_VIEWS, tta=tta, scale_augment=...)`` (with
+    ``tta`` every view is the mean over its 8 dihedral turns, as the library computes them); the views go to
+    ``work/emb``."""
     import dask
 
     import hespotex as hx
@@ -201,7 +205,7 @@ def embed_views(sid: str, patch_um: float, data: str | None, work: str, tta: boo
     hx.settings.progress = False
     hx.settings.num_threads = 1
     work = Path(work)
-    path = views_path(work, sid, patch_um, tta)
+    path = views_path(work, sid, patch_um, tta, scale_augment)
     if path.is_file():
         return str(path)
     t0 = time.perf_counter()
@@ -212,6 +216,7 @@ def embed_views(sid: str, patch_um: float, data: str | None, work: str, tta: boo
             encoder=work_encoder(work),
             patch_um=patch_um,
             stain_augment=STAIN_VIEWS,
+            scale_augment=scale_augment,
             tta=tta,
             key_added="X",
             cache=False,
@@ -253,8 +258,8 @@ def cmd_embed(args) -> None:
     t0 = time.perf_counter()
     if args.stain_views:
         tasks = [
-            {"sid": s, "patch_um": p, "tta": t, "data": args.data, "work": args.work}
-            for p in args.patch for t in args.tta for s in sections
+            {"sid": s, "patch_um": p, "tta": t, "data": args.data, "work": args.work, "scale_augment": zoom}
+            for p in args.patch for t in args.tta for s in sections for zoom in [args.scale_augment]
         ]  # fmt: skip
         run_parallel(embed_views, tasks, args.workers)
     else:
@@ -377,7 +382,14 @@ def spread_vs_error(stack: np.ndarray, target: np.ndarray) -> dict[str, float]:
 
 
 def training_tables(
-    work: Path, names: list[str], data: str | None, patch_um: float, *, tta: bool = False, stain_augment: bool = False
+    work: Path,
+    names: list[str],
+    data: str | None,
+    patch_um: float,
+    *,
+    tta: bool = False,
+    stain_augment: bool = False,
+    scale_augment: float = 0.0,
 ) -> dict:
     """Copies of the training sections' tables with their cached clean-image embeddings in ``obsm['X']`` (and, with
     ``stain_augment``, the stain-augmented views in ``obsm['X_stain_views']``), recorded as ``hx.pp.embed`` records
@@ -394,8 +406,8 @@ def training_tables(
         if tta:
             record["tta"] = "dihedral8"
         if stain_augment:
-            t.obsm["X_stain_views"] = np.load(views_path(work, n, patch_um, tta))
-            record["stain_augment"] = stain_record(STAIN_VIEWS, 0)
+            t.obsm["X_stain_views"] = np.load(views_path(work, n, patch_um, tta, scale_augment))
+            record["stain_augment"] = stain_record(STAIN_VIEWS, 0, scale_augment)
         t.uns[EMBED_KEY] = {"X": record}
         out[n] = t
     return out
@@ -428,6 +440,7 @@ def run_task(
     smooth_grid: bool = False,
     config: str | None = None,
     refit: bool = False,
+    scale_augment: float = 0.0,
 ) -> str:
     """One held-out section, one seed and setting: hespotex members (``what="hespotex"``) or tuned baselines.
 
@@ -454,7 +467,9 @@ def run_task(
     with ``distinct_seeds`` and ``smooth_predict``): after the first round, one more model per member trained on every
     training section (none held out) for the member's best epoch count, all of them on one autoencoder; scored
     smoothed with the spot at 0.5 as the first round's members with them (``...+refit``), alone (``...+refitonly``)
-    and with every round's members (``...+x<rounds>shared+refit``)."""
+    and with every round's members (``...+x<rounds>shared+refit``). ``scale_augment`` (with ``stain_augment``): train
+    on the views embedded with ``embed --stain-views --scale-augment A`` (their field of view also scaled; methods
+    ``...+zoom<A>``)."""
     import hespotex as hx
     from hespotex.models import ModelConfig
     from hespotex.pp._graph import knn_graph
@@ -479,6 +494,9 @@ def run_task(
     sa += "_smoothgrid" if smooth_grid else ""
     sa += f"_cfg{config}" if config is not None else ""
     sa += "_refit" if refit else ""
+    sa += f"_zoom{scale_augment:g}" if scale_augment else ""
+    if scale_augment and not (stain_augment and what != "baselines"):
+        raise ValueError("scale_augment picks hespotex's scaled stain views: it needs stain_augment (not baselines).")
     if config is not None and (what == "baselines" or config not in CONFIGS):
         raise ValueError(f"config names hespotex member overrides, one of {sorted(CONFIGS)}; found {config!r}.")
     if smooth_grid and not (rounds > 1 and smooth_predict):
@@ -493,6 +511,7 @@ def run_task(
         raise ValueError("rounds > 1 needs distinct_seeds (members of one section would otherwise be identical).")
     ae_label = f"+ae{ae_epochs}" if ae_epochs is not None else ""
     ae_label += f"+{config}" if config is not None else ""
+    ae_label += f"+zoom{scale_augment:g}" if scale_augment else ""
     if tta_predict and (tta or what == "baselines"):
         raise ValueError("tta_predict is for hespotex trained on plain embeddings (tta=False).")
     if distinct_seeds and tta_predict:
@@ -506,7 +525,9 @@ def run_task(
     all_tables = tables(data)
     genes = panel_genes(data)
     train_names = [n for n in all_tables if n != fold]
-    train = training_tables(work, train_names, data, patch_um, tta=tta, stain_augment=stain_augment)
+    train = training_tables(
+        work, train_names, data, patch_um, tta=tta, stain_augment=stain_augment, scale_augment=scale_augment
+    )
     hvg_names = set(rank_genes(train, genes, k=50)["hvg"])
     hvg = np.array([g in hvg_names for g in genes])
     test = all_tables[fold]
@@ -980,6 +1001,12 @@ def main() -> None:
     parser.add_argument("--setting", default=None, help="one setting as a dict literal instead of --grid")
     parser.add_argument(
         "--out", default=None, help="report: shift.md; stain-report: shift_stainaug.md (under benchmarks/results)"
+    )
+    parser.add_argument(
+        "--scale-augment",
+        type=float,
+        default=0.0,
+        help="embed --stain-views: the views' field of view also scaled by up to this much (hx.pp.embed's option)",
     )
     parser.add_argument(
         "--stain-views",

@@ -132,3 +132,42 @@ def test_a_model_on_the_default_encoder_embeds_new_slides_with_it(tmp_path):
         table.obsm[EMBEDDING_KEY], reference.tables["table"].obsm[EMBEDDING_KEY], rtol=1e-5, atol=1e-5
     )
     assert table.obsm[EMBEDDING_KEY].shape[1] == 1984  # the spot patch alone, the scale the model was trained at
+
+
+def test_a_model_on_an_encoder_with_layers_remakes_it_from_its_record(tmp_path):
+    """``load_encoder(name, layers=...)``: the embedding record names the layers, so a saved model embeds a new slide
+    with the same layer-pooled encoder in memory and streamed, and ``explain`` loads it too."""
+    from hespotex.models import ModelConfig
+    from hespotex.tl.explanation._explain_inputs import load_model_encoder
+    from hespotex.tl.model._data import EMBEDDING_KEY
+
+    def section(seed: int, name: str):
+        return hx.datasets.synthetic(
+            n_spots=60, n_genes=12, seed=seed, program_seed=0, microns_per_pixel=1.0, sample_id=name
+        )
+
+    enc = load_encoder(EFFICIENTNET_LITE0_IMAGENET, layers=["blocks.5"], input_size=32)
+    train = {"a": section(1, "a"), "b": section(2, "b")}
+    for sdata in train.values():
+        hx.pp.embed(sdata, encoder=enc)
+    assert train["a"].tables["table"].uns["hespotex_embed"][EMBEDDING_KEY]["layers"] == ["blocks.5"]
+    small = {"ae_hidden_dim": 16, "latent_dim": 8, "projection_hidden_dim": 16, "head_hidden_dim": 16}
+    config = ModelConfig.preset("hespotex", epochs=2, ae_epochs=2, decoder_heads=2, **small)
+    genes = list(train["a"].tables["table"].var_names)
+    model = hx.tl.train(train, genes=genes, config=config, seed=0, device="cpu", ensemble=False)
+    loaded = hx.tl.load_model(model.save(tmp_path / "model"))
+    assert loaded.embedding["layers"] == ["blocks.5"]
+    assert load_model_encoder(loaded).encoder_id == enc.encoder_id  # explain attributes pixels through the same net
+    reference = section(3, "new")
+    hx.pp.embed(reference, encoder=enc)
+    want = reference.tables["table"].obsm[EMBEDDING_KEY]
+    assert want.shape[1] == 192 + 1280
+    new = section(3, "new")
+    hx.tl.predict(new, loaded)
+    table = new.tables["table"]
+    assert table.uns["hespotex_embed"][EMBEDDING_KEY]["encoder_id"] == enc.encoder_id
+    np.testing.assert_allclose(table.obsm[EMBEDDING_KEY], want, rtol=1e-5, atol=1e-5)
+    streamed = hx.tl.predict(section(3, "new"), loaded, out=tmp_path / "streamed.zarr")  # embeds chunk by chunk
+    layer = streamed.layers["hespotex"]
+    layer = np.asarray(layer.compute() if hasattr(layer, "compute") else layer)
+    np.testing.assert_allclose(layer, np.asarray(table.layers["hespotex"]), rtol=1e-4, atol=1e-4)

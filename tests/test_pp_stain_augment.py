@@ -173,3 +173,46 @@ def test_default_stain_augment_is_on_when_train_embeds_or_views_exist():
     assert default_stain_augment({"a": section(1, views=True), "b": section(2)}, "X_hespotex_image")
     # a sample embedded beforehand without views: they cannot be made there, so clean embeddings only
     assert not default_stain_augment({"a": section(1, views=False), "b": section(2)}, "X_hespotex_image")
+
+
+def test_zoomed_views_cut_each_view_at_its_own_field_of_view(sample_factory):
+    from hespotex.pp._patches import plan_patches, resize_batch
+    from hespotex.pp._stain_augment import zoom_factors, zoomed_views
+
+    sdata = sample_factory(n_spots=6, seed=2)
+    plan = plan_patches(sdata, out_px=32)
+    idx = np.arange(6)
+    wide = int(np.ceil(plan.size * 1.3))
+    factors = np.stack([np.ones(6), np.full(6, wide / plan.size), np.full(6, 0.7)])  # as is, widest, zoomed in
+    views = zoomed_views(plan, idx, factors, 32)
+    assert [tuple(v.shape) for v in views] == [(6, 3, 32, 32)] * 3
+    # factor 1: exactly the plain patch; the widest: the crop read `wide` pixels across about the same centre
+    np.testing.assert_array_equal(views[0].numpy(), resize_batch(plan.read(idx), 32).numpy())
+    np.testing.assert_array_equal(views[1].numpy(), resize_batch(plan.read_around(idx, wide), 32).numpy())
+    assert not np.allclose(views[2].numpy(), views[0].numpy(), atol=1e-2)  # zoomed in: other pixels
+    # the wider crop holds the plain one at its centre
+    around = plan.read_around(idx, plan.size + 10)
+    np.testing.assert_array_equal(around[:, :, 5 : 5 + plan.size, 5 : 5 + plan.size], plan.read(idx))
+    # factors: log-uniform within [1 / 1.15, 1.15], seeded, and the stain jitter of the same seed unchanged
+    z = zoom_factors(500, 3, seed=0, scale_augment=0.15)
+    assert z.shape == (3, 500) and z.min() >= 1 / 1.15 - 1e-12 and z.max() <= 1.15 + 1e-12
+    assert abs(np.log(z).mean()) < 0.02 and z.min() < 0.9 and z.max() > 1.1
+    np.testing.assert_array_equal(z, zoom_factors(500, 3, seed=0, scale_augment=0.15))
+
+
+def test_embed_scale_augment_records_its_range_and_rejects_bad_values(sample_factory):
+    sdata = sample_factory(n_spots=10, seed=4)
+    hx.pp.embed(sdata, encoder=ENC, input_size=32, key_added="aug", stain_augment=2, cache=False)
+    hx.pp.embed(sdata, encoder=ENC, input_size=32, key_added="zoom", stain_augment=2, scale_augment=0.15, cache=False)
+    table = sdata.tables["table"]
+    np.testing.assert_allclose(table.obsm["zoom"], table.obsm["aug"], rtol=1e-5, atol=1e-6)  # clean unchanged
+    assert not np.allclose(table.obsm[views_key("zoom")], table.obsm[views_key("aug")], atol=1e-3)
+    rec, plain = table.uns["hespotex_embed"]["zoom"], table.uns["hespotex_embed"]["aug"]
+    assert rec["stain_augment"]["method"] == "hed_jitter+zoom"
+    np.testing.assert_allclose(rec["stain_augment"]["ranges"]["zoom"], [1 / 1.15, 1.15])
+    assert "zoom" not in plain["stain_augment"]["ranges"] and rec["cache_key"] != plain["cache_key"]
+    with pytest.raises(ValueError, match="stain_augment=0 makes none"):
+        hx.pp.embed(sdata, encoder=ENC, input_size=32, key_added="bad", scale_augment=0.15)
+    for bad in (-0.1, 1.0, True, "0.1"):
+        with pytest.raises(ValueError, match=r"scale_augment .*\[0, 1\)"):
+            hx.pp.embed(sdata, encoder=ENC, input_size=32, key_added="bad", stain_augment=2, scale_augment=bad)

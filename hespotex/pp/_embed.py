@@ -134,6 +134,7 @@ def _scale_features(
     tta: bool,
     stain_augment: int,
     seed: int,
+    scale_augment: float = 0.0,
     stain_norm: tuple[dict, dict] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The embeddings (and stain-augmented views) of one patch scale: from the disk cache under ``key`` when
@@ -154,7 +155,7 @@ def _scale_features(
     )  # fmt: skip
     feats = encode_patches(
         plan, enc, batch_size=batch_size, device=device, tta=tta, stain_views=stain_augment, stain_seed=seed,
-        stain_norm=stain_norm,
+        scale_augment=scale_augment, stain_norm=stain_norm,
     )  # fmt: skip
     views = None
     if stain_augment:
@@ -185,6 +186,7 @@ def embed(
     overwrite: bool = False,
     tta: bool = False,
     stain_augment: int = 0,
+    scale_augment: float = 0.0,
     stain_norm: str | None = None,
     stain_reference: dict | None = None,
     image: Any = None,
@@ -248,6 +250,11 @@ def embed(
         in HED colour space with mild brightness/contrast changes, drawn from ``seed`` per (view,
         spot) (:mod:`hespotex.pp._stain_augment`). ``stain_augment + 1`` times the encoder work,
         once: the views are cached with the embeddings. ``obsm[key_added]`` stays the clean embedding.
+    scale_augment
+        With ``stain_augment``: also cut each view with its side scaled about the spot centre by a factor
+        drawn per (view, spot), log-uniform in ``[1 / (1 + scale_augment), 1 + scale_augment]`` (0.15: ±15 %),
+        so that training also sees the spot at a µm/px that is a little off. ``0`` (default): views at the
+        patch's own scale. Recorded as the views' ``ranges["zoom"]``.
     stain_norm, stain_reference
         ``"macenko"``: map every patch to the reference stain ``stain_reference`` before the encoder
         (:mod:`hespotex.pp._stain_norm`). The reference is fitted on the *training* slides with
@@ -282,8 +289,8 @@ def embed(
     ``None``. Writes ``obsm[key_added]`` (``n_spots x n_features`` float32) and
     ``uns["hespotex_embed"][key_added]`` (encoder, encoder id, patch size in µm, µm/px seen by the
     encoder, input size, pyramid level, cache key and, for zoo encoders, ``encoder_entry``: name,
-    source, version, native µm/px, hub id). With ``stain_augment``, also
-    ``obsm[f"{key_added}_stain_views"]`` (``n_spots x stain_augment x n_features``) and
+    source, version, native µm/px, hub id; for an encoder loaded with ``layers=``, ``layers``). With
+    ``stain_augment``, also ``obsm[f"{key_added}_stain_views"]`` (``n_spots x stain_augment x n_features``) and
     ``"stain_augment"`` (views, seed, method, ranges) in the record. With ``stain_norm``, ``"stain_norm"``
     (method, the reference, this slide's own stain estimate) in the record. With ``context_um``, the features
     are ``2 x n_features`` wide (views likewise) and the record adds ``context_um``, ``context_level`` and
@@ -306,12 +313,13 @@ def embed(
             "%s was trained at %.2f µm/px; %.0f µm patches at %d px are %.2f µm/px.",
             enc.name, native_mpp, plan.patch_um, enc.input_size, plan.patch_um / enc.input_size,
         )  # fmt: skip
-    from hespotex.pp._stain_augment import stain_record, views_key
+    from hespotex.pp._stain_augment import check_scale_augment, stain_record, views_key
 
     if not isinstance(stain_augment, int | np.integer) or isinstance(stain_augment, bool) or stain_augment < 0:
         msg = f"Expected stain_augment to be a number of views (0, 1, 2, ...), found {stain_augment!r}."
         raise ValueError(msg)
-    stain = stain_record(stain_augment, seed) if stain_augment else None
+    scale_augment = check_scale_augment(scale_augment, stain_augment)
+    stain = stain_record(stain_augment, seed, scale_augment) if stain_augment else None
     norm_key, norm = None, None
     if stain_norm is not None or stain_reference is not None:
         from hespotex.pp._stain_norm import as_reference, check_stain_norm, slide_stain, stain_key
@@ -355,6 +363,7 @@ def embed(
             del table.obsm[views_key(key_added)]  # views of the embeddings replaced (kept when embedding failed)
         return
     options = {"batch_size": batch_size, "device": device, "tta": tta, "stain_augment": stain_augment, "seed": seed}
+    options["scale_augment"] = scale_augment
     options.update(n_obs=table.n_obs, cache=cache, stain_norm=pair)
     feats, views = _scale_features(plan, enc, key, **options)
     if ctx is not None:  # the context scale, cached on its own (a single-scale embedding at context_um reuses it)
@@ -382,6 +391,8 @@ def _record(
     norm: dict | None,
 ) -> dict[str, Any]:
     """The embedding record of ``uns["hespotex_embed"][key_added]`` (and of an ``out`` store's attributes)."""
+    from hespotex.pp._layer_pool import recorded_layers
+
     params = {
         "encoder": enc.name,
         "encoder_id": enc.encoder_id,
@@ -399,5 +410,6 @@ def _record(
         "tta": "dihedral8" if tta else None,
         "stain_augment": stain,
         "stain_norm": norm,
+        "layers": recorded_layers(enc),
     }
     return {k: v for k, v in params.items() if v is not None}

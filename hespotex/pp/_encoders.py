@@ -115,8 +115,9 @@ def load_encoder(
     layers
         Names of sub-modules (``dict(model.named_modules())``, e.g. ``["blocks.3", "blocks.5"]``) whose outputs'
         spatial means are put before the encoder's own features (:class:`~hespotex.pp._layer_pool.LayerPool`);
-        recorded in ``encoder_id``. An encoder built so is re-made by name only for the built-in
-        ``"efficientnet_lite0.imagenet.multilayer"``: pass the same :class:`Encoder` again to predict new slides.
+        recorded in ``encoder_id`` and, by :func:`hespotex.pp.embed`, as ``"layers"`` in the embedding record, so
+        that a model trained on them re-makes the same encoder (its name, weights and layers) to embed new slides,
+        stream them and explain them.
 
     Returns
     -------
@@ -154,6 +155,18 @@ def load_encoder(
         return with_layers(base, layers)
     return _load_plain(
         encoder, weights=weights, input_size=input_size, seed=seed, pretrained=pretrained, mean=mean, std=std
+    )
+
+
+def encoder_from_record(record: Mapping[str, Any]) -> Encoder:
+    """The encoder an embedding record (``uns["hespotex_embed"][key]``, a model's ``model.embedding``) was made with,
+    loaded by its name, weights, seed, input size and pooled ``layers`` as :func:`hespotex.pp.embed` recorded them."""
+    return load_encoder(
+        record["encoder"],
+        weights=record.get("weights"),
+        seed=int(record.get("seed", 0)),
+        input_size=record.get("input_size"),
+        layers=record.get("layers"),
     )
 
 

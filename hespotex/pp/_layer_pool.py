@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -83,6 +84,17 @@ class LayerPool(torch.nn.Module):
             msg = f"The encoder's forward pass never ran the layers {missing}; pool layers it uses."
             raise ValueError(msg)
         return torch.cat([*(taken[name] for name in self.layers), out], dim=1)
+
+
+def recorded_layers(encoder: Any) -> list[str] | None:
+    """The pooled layers an embedding record must name to re-make ``encoder`` (an
+    :class:`~hespotex.pp._encoders.Encoder`) by its name: those of a :class:`LayerPool` built with ``layers=``;
+    ``None`` for a plain encoder and for the built-in multi-layer one (its name says them)."""
+    from hespotex.pp._encoder_base import EFFICIENTNET_LITE0_IMAGENET_MULTILAYER
+
+    if not isinstance(encoder.model, LayerPool) or encoder.name == EFFICIENTNET_LITE0_IMAGENET_MULTILAYER:
+        return None
+    return list(encoder.model.layers)
 
 
 def layers_tag(layers: Sequence[str]) -> str:

@@ -247,6 +247,12 @@ class PatchPlan:
         """Crops ``(len(idx), 3, size, size)`` uint8 at level resolution for spots ``idx``."""
         return read_crops(self.level, self.x0[idx], self.y0[idx], self.size, cache=self.cache)
 
+    def read_around(self, idx: np.ndarray, size: int) -> np.ndarray:
+        """Crops ``(len(idx), 3, size, size)`` uint8 about the same centres as :meth:`read`'s, ``size`` level pixels
+        wide (``size >= self.size``; white-padded beyond the image)."""
+        pad = (int(size) - self.size) // 2
+        return read_crops(self.level, self.x0[idx] - pad, self.y0[idx] - pad, int(size), cache=self.cache)
+
     def fingerprint(self) -> str:
         """Hash of the geometry (level, crop corners, size, output size) for cache keys."""
         h = hashlib.sha256()

@@ -9,6 +9,11 @@ stored beside the embeddings as ``obsm[f"{key_added}_stain_views"]`` (``n_spots 
 and cached with them. :func:`hespotex.tl.train` with ``stain_augment=True`` then gives every
 training spot, each epoch, one embedding drawn among the clean one and its views
 (:func:`sample_views`); prediction uses the clean embeddings as always.
+
+With ``scale_augment=a`` each view is also cut with its field of view scaled, about the spot centre, by a
+factor drawn log-uniformly per (view, spot) in ``[1 / (1 + a), 1 + a]`` (:func:`zoom_factors`,
+:func:`zoomed_views`) before it is resized and re-stained: the views then also cover a µm/px that is off
+by up to ``a`` (scanners' calibrations and magnification labels disagree by about that much).
 """
 
 from __future__ import annotations
@@ -63,14 +68,71 @@ def stain_jitter(x: np.ndarray, params: dict[str, np.ndarray], view: int, spots:
     return np.moveaxis(np.clip(out, 0.0, 1.0), -1, 1).astype(np.float32)
 
 
-def stain_record(n_views: int, seed: int) -> dict[str, Any]:
-    """What the embedding record says about the views (also part of their cache key)."""
+def zoom_factors(n_spots: int, n_views: int, seed: int, scale_augment: float) -> np.ndarray:
+    """Field-of-view factor of every (view, spot), ``(n_views, n_spots)``, log-uniform in
+    ``[1 / (1 + scale_augment), 1 + scale_augment]``; from its own stream of ``seed`` (the stain jitter of
+    :func:`jitter_params` is the same with and without it)."""
+    rng = np.random.default_rng([int(seed), 1])
+    top = np.log1p(float(scale_augment))
+    return np.exp(rng.uniform(-top, top, size=(n_views, n_spots)))
+
+
+def zoomed_views(plan: Any, idx: np.ndarray, factors: np.ndarray, out_px: int) -> list[Any]:
+    """Per view, the patches of spots ``idx`` of ``plan`` (a :class:`~hespotex.pp._patches.PatchPlan`) with their
+    side scaled by ``factors[view, idx]`` about the same centre, resized to ``out_px``: a list of float tensors
+    ``(len(idx), 3, out_px, out_px)`` in [0, 1]. One wider crop per spot is read for all views (white-padded
+    beyond the image, as every patch is)."""
+    import torch
+
+    from hespotex.pp._patches import resize_batch
+
+    wide = int(np.ceil(plan.size * float(factors.max())))
+    wide = max(wide, plan.size)
+    crops = plan.read_around(idx, wide)
+    out = []
+    for view in range(factors.shape[0]):
+        sides = np.clip(np.round(plan.size * factors[view, idx]).astype(int), 1, wide)
+        starts = (wide - sides) // 2
+        out.append(
+            torch.cat(
+                [
+                    resize_batch(np.ascontiguousarray(crops[i : i + 1, :, o : o + s, o : o + s]), out_px)
+                    for i, (s, o) in enumerate(zip(sides, starts, strict=True))
+                ]
+            )
+        )
+    return out
+
+
+def stain_record(n_views: int, seed: int, scale_augment: float = 0.0) -> dict[str, Any]:
+    """What the embedding record says about the views (also part of their cache key); with ``scale_augment`` the
+    range of the field-of-view factor as ``ranges["zoom"]`` and method ``"hed_jitter+zoom"``."""
+    ranges = {k: list(v) for k, v in STAIN_JITTER.items()}
+    if scale_augment:
+        ranges["zoom"] = [1.0 / (1.0 + float(scale_augment)), 1.0 + float(scale_augment)]
     return {
         "n_views": int(n_views),
         "seed": int(seed),
-        "method": "hed_jitter",
-        "ranges": {k: list(v) for k, v in STAIN_JITTER.items()},
+        "method": "hed_jitter+zoom" if scale_augment else "hed_jitter",
+        "ranges": ranges,
     }
+
+
+def check_scale_augment(scale_augment: Any, stain_augment: int) -> float:
+    """``scale_augment`` as a float in [0, 1), or a clear error (also when it is given without views)."""
+    if isinstance(scale_augment, bool) or not isinstance(scale_augment, int | float | np.floating | np.integer):
+        msg = f"Expected scale_augment to be a number in [0, 1) (e.g. 0.15 for ±15 %), found {scale_augment!r}."
+        raise ValueError(msg)
+    if not 0.0 <= float(scale_augment) < 1.0:
+        msg = f"Expected scale_augment in [0, 1) (e.g. 0.15 for ±15 %), found {scale_augment!r}."
+        raise ValueError(msg)
+    if scale_augment and not stain_augment:
+        msg = (
+            f"scale_augment={scale_augment!r} scales the augmented views, but stain_augment=0 makes none; pass "
+            "stain_augment=4 (say) with it, or scale_augment=0."
+        )
+        raise ValueError(msg)
+    return float(scale_augment)
 
 
 def sample_views(emb: np.ndarray, views: np.ndarray, rng: np.random.Generator) -> np.ndarray:

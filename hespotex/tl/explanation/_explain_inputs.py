@@ -125,7 +125,7 @@ def check_steps(n_steps: int, internal_batch_size: int | None) -> None:
 def load_model_encoder(model: HESpotEx) -> Encoder:
     """The model's frozen encoder, loaded as :func:`hespotex.pp.embed` loads it from the same record (one encoder for
     both patches of two-scale embeddings)."""
-    from hespotex.pp._encoders import load_encoder
+    from hespotex.pp._encoders import encoder_from_record
 
     rec = model.embedding
     name = rec.get("encoder")
@@ -136,7 +136,7 @@ def load_model_encoder(model: HESpotEx) -> Encoder:
         )
         raise ValueError(msg)
     # the same arguments ensure_embeddings/predict hand to hx.pp.embed
-    enc = load_encoder(name, weights=rec.get("weights"), seed=int(rec.get("seed", 0)), input_size=rec.get("input_size"))
+    enc = encoder_from_record(rec)
     expected = rec.get("encoder_id")
     if expected not in (None, "unknown") and enc.encoder_id != expected:
         msg = (

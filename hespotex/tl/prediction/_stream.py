@@ -110,7 +110,7 @@ def predict_streaming(
     from anndata import AnnData
 
     from hespotex.pp._embed import embedding_cache_keys
-    from hespotex.pp._encoders import load_encoder
+    from hespotex.pp._encoders import encoder_from_record
     from hespotex.pp._patches import plan_patches
     from hespotex.pp._stain_norm import stain_key, stain_norm_entry
     from hespotex.tl.model._data import embeddings
@@ -157,11 +157,8 @@ def predict_streaming(
     encoder = plan = ctx = None
     if has_image:
         if not stored_emb:
-            encoder = load_encoder(
-                embed_params.get("encoder") or "efficientnet_lite0.imagenet",
-                weights=embed_params.get("weights"),
-                seed=int(embed_params.get("seed", 0)),
-                input_size=embed_params.get("input_size"),
+            encoder = encoder_from_record(
+                {**embed_params, "encoder": embed_params.get("encoder") or "efficientnet_lite0.imagenet"}
             )
         out_px = encoder.input_size if encoder is not None else int(embed_params.get("input_size") or 224)
         plan = plan_patches(sdata, patch_um=embed_params.get("patch_um"), out_px=out_px)
