@@ -42,6 +42,7 @@ import pandas as pd
 
 import hespotex as hx
 from hespotex.models import ModelConfig
+from hespotex.pp._stain_augment import DEFAULT_SCALE_AUGMENT
 from hespotex.tl.evaluation._cross_validate import cross_validate, summarize_cv
 
 ENCODERS = {
@@ -61,6 +62,7 @@ def run_fold(
     tune: bool = True,
     target_norm: str = "library_modelled",
     stain_views: int = 4,
+    scale_augment: float = DEFAULT_SCALE_AUGMENT,
     context_um: float | str | None = "auto",
     part: str = "methods",
     ensemble: int | str = "auto",
@@ -88,7 +90,12 @@ def run_fold(
         with dask.config.set(scheduler="synchronous"):  # in a dask worker: image reads stay here, not on the cluster
             for sdata in sections.values():
                 hx.pp.embed(  # cache hits (made up front)
-                    sdata, encoder=name, key_added=key, stain_augment=stain_views, context_um=context_um
+                    sdata,
+                    encoder=name,
+                    key_added=key,
+                    stain_augment=stain_views,
+                    context_um=context_um,
+                    scale_augment=scale_augment if stain_views else 0.0,
                 )
         common = {
             "folds": [fold], "n_top_genes": genes, "include_genes": panel, "panels": {"785": panel}, "use_rep": key,
@@ -163,6 +170,12 @@ def main() -> None:
         "--stain-views", type=int, default=4, help="stain-augmented views per spot (0: train on clean embeddings)"
     )
     parser.add_argument(
+        "--scale-augment",
+        type=float,
+        default=DEFAULT_SCALE_AUGMENT,
+        help="the views' field of view also scaled by up to this fraction (hx.tl.train's default)",
+    )
+    parser.add_argument(
         "--context-um",
         default="auto",
         type=lambda v: None if v == "none" else v if v == "auto" else float(v),
@@ -211,7 +224,12 @@ def main() -> None:
             for enc in args.encoders:
                 name, key = ENCODERS[enc]
                 hx.pp.embed(
-                    sdata, encoder=name, key_added=key, stain_augment=args.stain_views, context_um=args.context_um
+                    sdata,
+                    encoder=name,
+                    key_added=key,
+                    stain_augment=args.stain_views,
+                    context_um=args.context_um,
+                    scale_augment=args.scale_augment if args.stain_views else 0.0,
                 )
         t_embed = time.perf_counter() - t_embed
         from dask.distributed import Client
@@ -238,6 +256,7 @@ def main() -> None:
                 tune=not args.no_tune,
                 target_norm=args.target_norm,
                 stain_views=args.stain_views,
+                scale_augment=args.scale_augment,
                 context_um=args.context_um,
                 ensemble=args.ensemble,
                 pure=False,
@@ -294,7 +313,7 @@ def main() -> None:
             if args.ensemble == "auto"
             else f"hespotex: library defaults but `ensemble={args.ensemble}` ({4 * args.ensemble} members"
         )
-        + f", stain augmentation with {args.stain_views} views); "
+        + f", stain augmentation with {args.stain_views} views, fields of view scaled by ±{args.scale_augment:g}); "
         "hespotex-single: `ensemble=False`. Baselines tuned on the training sections "
         f"({'no' if args.no_tune else 'yes'}). Top-50 HVG ranked on the training fold. "
         "Early stopping (hespotex, mlp) on whole training sections held out; never the test section.",

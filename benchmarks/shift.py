@@ -186,17 +186,30 @@ def embed_one(sid: str, condition: str, patch_um: float, tta: bool, data: str | 
 STAIN_VIEWS = 4
 
 
-def views_path(work: Path, sid: str, patch_um: float, tta: bool = False, scale_augment: float = 0.0) -> Path:
-    zoom = f"_zoom{scale_augment:g}" if scale_augment else ""
-    return work / "emb" / f"{sid}_clean_{patch_um:g}_stainviews{STAIN_VIEWS}{zoom}{'_tta' if tta else ''}.npy"
+def views_tag(scale_augment: float = 0.0, dihedral: bool = False) -> str:
+    """What the views' file names and rows say about their options: ``_zoom<A>``, ``_dihedral``."""
+    return (f"_zoom{scale_augment:g}" if scale_augment else "") + ("_dihedral" if dihedral else "")
+
+
+def views_path(
+    work: Path, sid: str, patch_um: float, tta: bool = False, scale_augment: float = 0.0, dihedral: bool = False
+) -> Path:
+    tag = views_tag(scale_augment, dihedral)
+    return work / "emb" / f"{sid}_clean_{patch_um:g}_stainviews{STAIN_VIEWS}{tag}{'_tta' if tta else ''}.npy"
 
 
 def embed_views(
-    sid: str, patch_um: float, data: str | None, work: str, tta: bool = False, scale_augment: float = 0.0
+    sid: str,
+    patch_um: float,
+    data: str | None,
+    work: str,
+    tta: bool = False,
+    scale_augment: float = 0.0,
+    dihedral: bool = False,
 ) -> str:
-    """Embed the clean section with ``hx.pp.embed(..., stain_augment=STAIN_VIEWS, tta=tta, scale_augment=...)`` (with
-    ``tta`` every view is the mean over its 8 dihedral turns, as the library computes them); the views go to
-    ``work/emb``."""
+    """Embed the clean section with ``hx.pp.embed(..., stain_augment=STAIN_VIEWS, tta=tta, scale_augment=...,
+    dihedral_augment=dihedral)`` (with ``tta`` every view is the mean over its 8 dihedral turns, as the library
+    computes them); the views go to ``work/emb``."""
     import dask
 
     import hespotex as hx
@@ -205,7 +218,7 @@ def embed_views(
     hx.settings.progress = False
     hx.settings.num_threads = 1
     work = Path(work)
-    path = views_path(work, sid, patch_um, tta, scale_augment)
+    path = views_path(work, sid, patch_um, tta, scale_augment, dihedral)
     if path.is_file():
         return str(path)
     t0 = time.perf_counter()
@@ -217,6 +230,7 @@ def embed_views(
             patch_um=patch_um,
             stain_augment=STAIN_VIEWS,
             scale_augment=scale_augment,
+            dihedral_augment=dihedral,
             tta=tta,
             key_added="X",
             cache=False,
@@ -258,7 +272,8 @@ def cmd_embed(args) -> None:
     t0 = time.perf_counter()
     if args.stain_views:
         tasks = [
-            {"sid": s, "patch_um": p, "tta": t, "data": args.data, "work": args.work, "scale_augment": zoom}
+            {"sid": s, "patch_um": p, "tta": t, "data": args.data, "work": args.work, "scale_augment": zoom,
+             "dihedral": args.dihedral}
             for p in args.patch for t in args.tta for s in sections for zoom in [args.scale_augment]
         ]  # fmt: skip
         run_parallel(embed_views, tasks, args.workers)
@@ -390,6 +405,7 @@ def training_tables(
     tta: bool = False,
     stain_augment: bool = False,
     scale_augment: float = 0.0,
+    dihedral: bool = False,
 ) -> dict:
     """Copies of the training sections' tables with their cached clean-image embeddings in ``obsm['X']`` (and, with
     ``stain_augment``, the stain-augmented views in ``obsm['X_stain_views']``), recorded as ``hx.pp.embed`` records
@@ -406,8 +422,8 @@ def training_tables(
         if tta:
             record["tta"] = "dihedral8"
         if stain_augment:
-            t.obsm["X_stain_views"] = np.load(views_path(work, n, patch_um, tta, scale_augment))
-            record["stain_augment"] = stain_record(STAIN_VIEWS, 0, scale_augment)
+            t.obsm["X_stain_views"] = np.load(views_path(work, n, patch_um, tta, scale_augment, dihedral))
+            record["stain_augment"] = stain_record(STAIN_VIEWS, 0, scale_augment, dihedral)
         t.uns[EMBED_KEY] = {"X": record}
         out[n] = t
     return out
@@ -441,6 +457,7 @@ def run_task(
     config: str | None = None,
     refit: bool = False,
     scale_augment: float = 0.0,
+    dihedral: bool = False,
 ) -> str:
     """One held-out section, one seed and setting: hespotex members (``what="hespotex"``) or tuned baselines.
 
@@ -469,7 +486,7 @@ def run_task(
     smoothed with the spot at 0.5 as the first round's members with them (``...+refit``), alone (``...+refitonly``)
     and with every round's members (``...+x<rounds>shared+refit``). ``scale_augment`` (with ``stain_augment``): train
     on the views embedded with ``embed --stain-views --scale-augment A`` (their field of view also scaled; methods
-    ``...+zoom<A>``)."""
+    ``...+zoom<A>``); ``dihedral`` likewise, views of ``embed --stain-views --dihedral`` (methods ``...+dihedral``)."""
     import hespotex as hx
     from hespotex.models import ModelConfig
     from hespotex.pp._graph import knn_graph
@@ -494,9 +511,11 @@ def run_task(
     sa += "_smoothgrid" if smooth_grid else ""
     sa += f"_cfg{config}" if config is not None else ""
     sa += "_refit" if refit else ""
-    sa += f"_zoom{scale_augment:g}" if scale_augment else ""
-    if scale_augment and not (stain_augment and what != "baselines"):
-        raise ValueError("scale_augment picks hespotex's scaled stain views: it needs stain_augment (not baselines).")
+    sa += views_tag(scale_augment, dihedral)
+    if (scale_augment or dihedral) and not (stain_augment and what != "baselines"):
+        raise ValueError(
+            "scale_augment / dihedral pick hespotex's stain views: they need stain_augment (not baselines)."
+        )
     if config is not None and (what == "baselines" or config not in CONFIGS):
         raise ValueError(f"config names hespotex member overrides, one of {sorted(CONFIGS)}; found {config!r}.")
     if smooth_grid and not (rounds > 1 and smooth_predict):
@@ -511,7 +530,7 @@ def run_task(
         raise ValueError("rounds > 1 needs distinct_seeds (members of one section would otherwise be identical).")
     ae_label = f"+ae{ae_epochs}" if ae_epochs is not None else ""
     ae_label += f"+{config}" if config is not None else ""
-    ae_label += f"+zoom{scale_augment:g}" if scale_augment else ""
+    ae_label += views_tag(scale_augment, dihedral).replace("_", "+")
     if tta_predict and (tta or what == "baselines"):
         raise ValueError("tta_predict is for hespotex trained on plain embeddings (tta=False).")
     if distinct_seeds and tta_predict:
@@ -526,8 +545,9 @@ def run_task(
     genes = panel_genes(data)
     train_names = [n for n in all_tables if n != fold]
     train = training_tables(
-        work, train_names, data, patch_um, tta=tta, stain_augment=stain_augment, scale_augment=scale_augment
-    )
+        work, train_names, data, patch_um, tta=tta, stain_augment=stain_augment, scale_augment=scale_augment,
+        dihedral=dihedral,
+    )  # fmt: skip
     hvg_names = set(rank_genes(train, genes, k=50)["hvg"])
     hvg = np.array([g in hvg_names for g in genes])
     test = all_tables[fold]
@@ -1007,6 +1027,11 @@ def main() -> None:
         type=float,
         default=0.0,
         help="embed --stain-views: the views' field of view also scaled by up to this much (hx.pp.embed's option)",
+    )
+    parser.add_argument(
+        "--dihedral",
+        action="store_true",
+        help="embed --stain-views: each view also turned by a random flip / quarter turn (hx.pp.embed's option)",
     )
     parser.add_argument(
         "--stain-views",

@@ -80,21 +80,25 @@ def cmd_prepare(args) -> None:
             seconds = sum(float(p.with_suffix(".seconds").read_text()) for p in (spot, wide))
             target.with_suffix(".seconds").write_text(f"{seconds:.1f}")
             n += 1
-        n_views += prepare_views(work, out, sid, args.context, args.tta, args.scale_augment)
+        n_views += prepare_views(work, out, sid, args.context, args.tta, args.scale_augment, args.dihedral)
     print(f"{n} two-scale embeddings and {n_views} two-scale stain views in {out / 'emb'}")
 
 
 def prepare_views(
-    work: Path, out: Path, sid: str, context: float, tta: bool = False, scale_augment: float = 0.0
+    work: Path,
+    out: Path,
+    sid: str,
+    context: float,
+    tta: bool = False,
+    scale_augment: float = 0.0,
+    dihedral: bool = False,
 ) -> int:
     """Concatenate the stain-augmented views of the clean section at both scales, view by view (what
     ``hx.pp.embed(..., patch_um=100, context_um=C, stain_augment=4)`` computes: the same seeded re-staining of a
     spot at both scales); 0 when either scale's views are missing (``shift.py embed --stain-views --patch P``)."""
-    spot = shift.views_path(work, sid, SPOT_UM, tta, scale_augment)
-    wide = shift.views_path(work, sid, context, tta, scale_augment)
-    target = shift.views_path(
-        out, sid, SPOT_UM, tta, scale_augment
-    )  # shift.run_task(..., stain_augment=True) reads this name
+    spot = shift.views_path(work, sid, SPOT_UM, tta, scale_augment, dihedral)
+    wide = shift.views_path(work, sid, context, tta, scale_augment, dihedral)
+    target = shift.views_path(out, sid, SPOT_UM, tta, scale_augment, dihedral)  # shift.run_task reads this name
     if not (spot.is_file() and wide.is_file()):
         return 0
     a, b = np.load(spot), np.load(wide)
@@ -290,6 +294,7 @@ def main() -> None:
     parser.add_argument(
         "--scale-augment", type=float, default=0.0, help="prepare: the views of `shift.py embed --scale-augment A`"
     )
+    parser.add_argument("--dihedral", action="store_true", help="prepare: the views of `shift.py embed --dihedral`")
     parser.add_argument("--section", default="C6", help="verify: the section to embed")
     parser.add_argument(
         "--tta", type=int, default=0, help="prepare: 1 = concatenate the TTA embeddings and views (shift.py --tta 1)"

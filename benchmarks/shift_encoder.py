@@ -45,8 +45,9 @@ def encoder_rows(work: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def side_by_side(runs: dict[str, tuple[pd.DataFrame, pd.DataFrame]], keys: list[str]) -> pd.DataFrame:
-    """Per cell: each encoder's default (mean ± seed spread) and strongest baseline, the default's gain per seed
-    (multi-layer - head, same seed; mean and min over seeds) and each encoder's margin."""
+    """Per cell: each run's default (mean ± seed spread) and strongest baseline, the gain per seed of the second
+    run's default over the first's (same seed; mean and min over seeds) and each run's margin. ``runs``: two
+    ``name: (default's rows, baselines' rows)``, old first (here head, multi-layer)."""
     n_truths = 1 if "truth" in keys else 3
     cols, per = {}, {}
     for name, (hes, base) in runs.items():
@@ -58,7 +59,8 @@ def side_by_side(runs: dict[str, tuple[pd.DataFrame, pd.DataFrame]], keys: list[
         cols[f"baseline ({name})"] = best["baseline"].reindex(st.index).round(4).to_numpy()
         cols[f"margin ({name})"] = (st["mean"] - best["baseline"].reindex(st.index)).round(4).to_numpy()
         index = st.index
-    gain = (per["multilayer"] - per["head"]).groupby(keys).agg(["mean", "min"]).reindex(index)
+    old, new = runs
+    gain = (per[new] - per[old]).groupby(keys).agg(["mean", "min"]).reindex(index)
     out = pd.DataFrame(cols, index=index)
     pairs = zip(gain["mean"], gain["min"], strict=True)
     out.insert(2, "gain (mean, min over seeds)", [f"{a:+.4f}, {b:+.4f}" for a, b in pairs])

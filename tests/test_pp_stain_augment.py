@@ -216,3 +216,34 @@ def test_embed_scale_augment_records_its_range_and_rejects_bad_values(sample_fac
     for bad in (-0.1, 1.0, True, "0.1"):
         with pytest.raises(ValueError, match=r"scale_augment .*\[0, 1\)"):
             hx.pp.embed(sdata, encoder=ENC, input_size=32, key_added="bad", stain_augment=2, scale_augment=bad)
+
+
+def test_turned_views_are_the_dihedral_transforms_and_recorded(sample_factory):
+    import torch
+
+    from hespotex.pp._encode import dihedral_views
+    from hespotex.pp._stain_augment import turn_choices, turned
+
+    x = torch.rand(8, 3, 5, 5, generator=torch.Generator().manual_seed(0))
+    turns = np.arange(8)
+    out = turned(x, turns)
+    for i in range(8):  # patch i in transform i: the i-th of the 8 dihedral views, in their order
+        torch.testing.assert_close(out[i], dihedral_views(x[i : i + 1])[i][0])
+    t = turn_choices(400, 3, seed=0)
+    assert t.shape == (3, 400) and set(np.unique(t)) == set(range(8))
+    np.testing.assert_array_equal(t, turn_choices(400, 3, seed=0))
+    sdata = sample_factory(n_spots=10, seed=4)
+    hx.pp.embed(sdata, encoder=ENC, input_size=32, key_added="aug", stain_augment=2, cache=False)
+    hx.pp.embed(
+        sdata, encoder=ENC, input_size=32, key_added="turn", stain_augment=2, dihedral_augment=True, cache=False
+    )
+    table = sdata.tables["table"]
+    np.testing.assert_allclose(table.obsm["turn"], table.obsm["aug"], rtol=1e-5, atol=1e-6)  # clean unchanged
+    assert not np.allclose(table.obsm[views_key("turn")], table.obsm[views_key("aug")], atol=1e-3)
+    rec = table.uns["hespotex_embed"]["turn"]
+    assert rec["stain_augment"]["method"] == "hed_jitter+dihedral"
+    assert rec["cache_key"] != table.uns["hespotex_embed"]["aug"]["cache_key"]
+    with pytest.raises(ValueError, match="stain_augment=0 makes none"):
+        hx.pp.embed(sdata, encoder=ENC, input_size=32, key_added="bad", dihedral_augment=True)
+    with pytest.raises(ValueError, match="dihedral_augment to be True or False"):
+        hx.pp.embed(sdata, encoder=ENC, input_size=32, key_added="bad", stain_augment=2, dihedral_augment="yes")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from hespotex.cli._common import is_visium_outs, is_zarr_store, output_problem, positive_float, positive_int
 from hespotex.pp._encoder_base import DEFAULT_ENCODER
+from hespotex.pp._stain_augment import DEFAULT_SCALE_AUGMENT
 
 TRAIN_HELP = """Train HESpotEx on samples with spatial transcriptomics, then save the model folder.
 
@@ -157,6 +158,7 @@ def train_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         hx.pp.embed(
             sdata, encoder=args.encoder, weights=args.weights, patch_um=args.patch_um, input_size=args.input_size,
             context_um=context, stain_augment=args.stain_views if new else 0,
+            scale_augment=args.scale_augment if new and args.stain_views else 0.0,
             stain_norm=None if reference is None else args.stain_norm, stain_reference=reference, tta=args.tta,
         )  # fmt: skip
     t0 = time.perf_counter()
@@ -230,6 +232,14 @@ def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
         metavar="N",
         help="stain-augmented views per spot to train on, embedded once with samples not embedded yet (default: 4; "
         "0: clean patches only; 5 times the encoder work with 4)",
+    )
+    p_train.add_argument(
+        "--scale-augment",
+        type=float,
+        default=DEFAULT_SCALE_AUGMENT,
+        metavar="F",
+        help=f"with stain views: each view also cut with its field of view scaled by up to this fraction (default: "
+        f"{DEFAULT_SCALE_AUGMENT:g}, i.e. ±{round(100 * DEFAULT_SCALE_AUGMENT)} %%; 0: views at the patch's own scale)",
     )
     p_train.add_argument(
         "--tta",

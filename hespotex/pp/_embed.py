@@ -135,6 +135,7 @@ def _scale_features(
     stain_augment: int,
     seed: int,
     scale_augment: float = 0.0,
+    dihedral_augment: bool = False,
     stain_norm: tuple[dict, dict] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The embeddings (and stain-augmented views) of one patch scale: from the disk cache under ``key`` when
@@ -155,7 +156,7 @@ def _scale_features(
     )  # fmt: skip
     feats = encode_patches(
         plan, enc, batch_size=batch_size, device=device, tta=tta, stain_views=stain_augment, stain_seed=seed,
-        scale_augment=scale_augment, stain_norm=stain_norm,
+        scale_augment=scale_augment, dihedral_augment=dihedral_augment, stain_norm=stain_norm,
     )  # fmt: skip
     views = None
     if stain_augment:
@@ -187,6 +188,7 @@ def embed(
     tta: bool = False,
     stain_augment: int = 0,
     scale_augment: float = 0.0,
+    dihedral_augment: bool = False,
     stain_norm: str | None = None,
     stain_reference: dict | None = None,
     image: Any = None,
@@ -255,6 +257,10 @@ def embed(
         drawn per (view, spot), log-uniform in ``[1 / (1 + scale_augment), 1 + scale_augment]`` (0.15: ±15 %),
         so that training also sees the spot at a µm/px that is a little off. ``0`` (default): views at the
         patch's own scale. Recorded as the views' ``ranges["zoom"]``.
+    dihedral_augment
+        With ``stain_augment``: also turn each view by one of the 8 flips / quarter turns of the square, drawn per
+        (view, spot) (tissue has no orientation; the frozen encoder's features do). Recorded as ``"+dihedral"`` in
+        the views' method.
     stain_norm, stain_reference
         ``"macenko"``: map every patch to the reference stain ``stain_reference`` before the encoder
         (:mod:`hespotex.pp._stain_norm`). The reference is fitted on the *training* slides with
@@ -313,13 +319,14 @@ def embed(
             "%s was trained at %.2f µm/px; %.0f µm patches at %d px are %.2f µm/px.",
             enc.name, native_mpp, plan.patch_um, enc.input_size, plan.patch_um / enc.input_size,
         )  # fmt: skip
-    from hespotex.pp._stain_augment import check_scale_augment, stain_record, views_key
+    from hespotex.pp._stain_augment import check_dihedral_augment, check_scale_augment, stain_record, views_key
 
     if not isinstance(stain_augment, int | np.integer) or isinstance(stain_augment, bool) or stain_augment < 0:
         msg = f"Expected stain_augment to be a number of views (0, 1, 2, ...), found {stain_augment!r}."
         raise ValueError(msg)
     scale_augment = check_scale_augment(scale_augment, stain_augment)
-    stain = stain_record(stain_augment, seed, scale_augment) if stain_augment else None
+    dihedral_augment = check_dihedral_augment(dihedral_augment, stain_augment)
+    stain = stain_record(stain_augment, seed, scale_augment, dihedral_augment) if stain_augment else None
     norm_key, norm = None, None
     if stain_norm is not None or stain_reference is not None:
         from hespotex.pp._stain_norm import as_reference, check_stain_norm, slide_stain, stain_key
@@ -363,7 +370,7 @@ def embed(
             del table.obsm[views_key(key_added)]  # views of the embeddings replaced (kept when embedding failed)
         return
     options = {"batch_size": batch_size, "device": device, "tta": tta, "stain_augment": stain_augment, "seed": seed}
-    options["scale_augment"] = scale_augment
+    options.update(scale_augment=scale_augment, dihedral_augment=dihedral_augment)
     options.update(n_obs=table.n_obs, cache=cache, stain_norm=pair)
     feats, views = _scale_features(plan, enc, key, **options)
     if ctx is not None:  # the context scale, cached on its own (a single-scale embedding at context_um reuses it)

@@ -78,6 +78,7 @@ def encode_patches(
     stain_views: int = 0,
     stain_seed: int = 0,
     scale_augment: float = 0.0,
+    dihedral_augment: bool = False,
     timings: dict | None = None,
     stain_norm: tuple[dict, dict] | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
@@ -89,7 +90,8 @@ def encode_patches(
     ``stain_views`` > 0 each patch is also embedded in that many stain-augmented views
     (:mod:`hespotex.pp._stain_augment`, seeded by ``stain_seed``) and ``(embeddings, views)`` is
     returned, views ``(n_spots, stain_views, num_features)``; with ``scale_augment`` each view is cut with its
-    field of view scaled too (:func:`hespotex.pp._stain_augment.zoomed_views`). A ``timings`` dict receives
+    field of view scaled too (:func:`hespotex.pp._stain_augment.zoomed_views`), with ``dihedral_augment`` turned by
+    a random flip / quarter turn (:func:`~hespotex.pp._stain_augment.turned`). A ``timings`` dict receives
     ``first_batch_s`` (seconds from the call to the first batch's embeddings: the loader's first read
     and the encoder's first forward, which sets up its kernels), ``first_batch_at`` (the same moment, as
     ``time.perf_counter()``) and ``first_batch_n`` (its patches). With ``stain_norm`` = ``(slide stain, reference)``
@@ -110,25 +112,31 @@ def encode_patches(
     mean = torch.tensor(encoder.mean, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(encoder.std, dtype=torch.float32).view(1, 3, 1, 1)
 
-    views_out, params, zooms = None, None, None
+    views_out, params, zooms, turns = None, None, None, None
     if stain_views:
-        from hespotex.pp._stain_augment import jitter_params, stain_jitter, zoom_factors, zoomed_views
+        from hespotex.pp import _stain_augment as aug_views
 
         views_out = np.empty((n, stain_views, encoder.num_features), dtype=np.float32)
-        params = jitter_params(n, stain_views, stain_seed)
-        zooms = zoom_factors(n, stain_views, stain_seed, scale_augment) if scale_augment else None
+        params = aug_views.jitter_params(n, stain_views, stain_seed)
+        zooms = aug_views.zoom_factors(n, stain_views, stain_seed, scale_augment) if scale_augment else None
+        turns = aug_views.turn_choices(n, stain_views, stain_seed) if dihedral_augment else None
 
     def load(idx: np.ndarray):
         """Read, resize and normalise one batch (in the loader thread; the main thread only runs the encoder)."""
         x = resize_batch(plan.read(idx), encoder.input_size)
-        bases = [x] * stain_views if zooms is None else zoomed_views(plan, idx, zooms, encoder.input_size)
+        bases = [x] * stain_views if zooms is None else aug_views.zoomed_views(plan, idx, zooms, encoder.input_size)
         if stain_norm is not None:
             from hespotex.pp._stain_norm import normalize_patches
 
             x = normalize_patches(x, *stain_norm)
             bases = [x] * stain_views if zooms is None else [normalize_patches(b, *stain_norm) for b in bases]
+        if turns is not None:
+            bases = [aug_views.turned(b, turns[v, idx]) for v, b in enumerate(bases)]
         aug = [
-            torch.from_numpy(stain_jitter(b.numpy(), params, v, idx)).sub_(mean).div_(std).contiguous(memory_format=fmt)
+            torch.from_numpy(aug_views.stain_jitter(b.numpy(), params, v, idx))
+            .sub_(mean)
+            .div_(std)
+            .contiguous(memory_format=fmt)
             for v, b in enumerate(bases)
         ]
         return idx, x.sub_(mean).div_(std).contiguous(memory_format=fmt), aug

@@ -13,7 +13,9 @@ training spot, each epoch, one embedding drawn among the clean one and its views
 With ``scale_augment=a`` each view is also cut with its field of view scaled, about the spot centre, by a
 factor drawn log-uniformly per (view, spot) in ``[1 / (1 + a), 1 + a]`` (:func:`zoom_factors`,
 :func:`zoomed_views`) before it is resized and re-stained: the views then also cover a µm/px that is off
-by up to ``a`` (scanners' calibrations and magnification labels disagree by about that much).
+by up to ``a`` (scanners' calibrations and magnification labels disagree by about that much). With
+``dihedral_augment=True`` each view is also turned by one of the 8 flips / quarter turns of the square, drawn per
+(view, spot) (:func:`turn_choices`, :func:`turned`): tissue has no orientation, the frozen encoder's features do.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from typing import Any
 import numpy as np
 
 VIEWS_SUFFIX = "_stain_views"
+
+#: ``scale_augment`` of the views :func:`hespotex.tl.train` embeds itself: ±15 % (``benchmarks/results/shift_zoom.md``)
+DEFAULT_SCALE_AUGMENT = 0.15
 
 #: ranges of the random perturbation of one view (uniform): HED gain and shift per stain, brightness, contrast
 STAIN_JITTER: dict[str, tuple[float, float]] = {
@@ -104,18 +109,47 @@ def zoomed_views(plan: Any, idx: np.ndarray, factors: np.ndarray, out_px: int) -
     return out
 
 
-def stain_record(n_views: int, seed: int, scale_augment: float = 0.0) -> dict[str, Any]:
+def turn_choices(n_spots: int, n_views: int, seed: int) -> np.ndarray:
+    """Which of the 8 dihedral transforms each (view, spot) gets, ``(n_views, n_spots)`` integers 0-7, from its own
+    stream of ``seed`` (the stain jitter and the zoom factors are the same with and without it)."""
+    return np.random.default_rng([int(seed), 2]).integers(0, 8, size=(n_views, n_spots))
+
+
+def turned(x: Any, turns: np.ndarray) -> Any:
+    """Patches ``x`` (torch ``(n, c, h, w)``) each in its dihedral transform ``turns[i]``: 0-3 quarter turns, 4-7 the
+    mirrored patch's quarter turns (the order of :func:`hespotex.pp._encode.dihedral_views`)."""
+    import torch
+
+    out = []
+    for patch, turn in zip(x, turns, strict=True):
+        patch = torch.flip(patch, dims=(-1,)) if turn >= 4 else patch
+        out.append(torch.rot90(patch, int(turn) % 4, dims=(-2, -1)))
+    return torch.stack(out).contiguous()
+
+
+def stain_record(n_views: int, seed: int, scale_augment: float = 0.0, dihedral: bool = False) -> dict[str, Any]:
     """What the embedding record says about the views (also part of their cache key); with ``scale_augment`` the
-    range of the field-of-view factor as ``ranges["zoom"]`` and method ``"hed_jitter+zoom"``."""
+    range of the field-of-view factor as ``ranges["zoom"]`` and ``"+zoom"`` in the method, with ``dihedral``
+    ``"+dihedral"`` in it."""
     ranges = {k: list(v) for k, v in STAIN_JITTER.items()}
     if scale_augment:
         ranges["zoom"] = [1.0 / (1.0 + float(scale_augment)), 1.0 + float(scale_augment)]
-    return {
-        "n_views": int(n_views),
-        "seed": int(seed),
-        "method": "hed_jitter+zoom" if scale_augment else "hed_jitter",
-        "ranges": ranges,
-    }
+    method = "hed_jitter" + ("+zoom" if scale_augment else "") + ("+dihedral" if dihedral else "")
+    return {"n_views": int(n_views), "seed": int(seed), "method": method, "ranges": ranges}
+
+
+def check_dihedral_augment(dihedral_augment: Any, stain_augment: int) -> bool:
+    """``dihedral_augment`` as a bool, or a clear error (also when it is asked for without views)."""
+    if not isinstance(dihedral_augment, bool | np.bool_):
+        msg = f"Expected dihedral_augment to be True or False, found {dihedral_augment!r}."
+        raise ValueError(msg)
+    if dihedral_augment and not stain_augment:
+        msg = (
+            "dihedral_augment=True turns the augmented views, but stain_augment=0 makes none; pass stain_augment=4 "
+            "(say) with it, or dihedral_augment=False."
+        )
+        raise ValueError(msg)
+    return bool(dihedral_augment)
 
 
 def check_scale_augment(scale_augment: Any, stain_augment: int) -> float:

@@ -14,6 +14,7 @@ from hespotex._sample import as_sample_dict, get_table
 from hespotex.pp._context import check_train_context_um, default_context_um, same_context, scales_text
 from hespotex.pp._embed import EMBED_KEY
 from hespotex.pp._encoder_base import DEFAULT_ENCODER
+from hespotex.pp._stain_augment import DEFAULT_SCALE_AUGMENT
 from hespotex.tl.model._data import EMBEDDING_KEY, GraphData, graph_data, spatial_block_mask
 from hespotex.tl.model._model import HESpotEx
 from hespotex.tl.training._train_inputs import check_tta, lazy_views, resolve_lazy, stain_views
@@ -35,6 +36,7 @@ def ensure_embeddings(
     encoder_seed: int = 0,
     tta: bool = False,
     stain_augment: int = 0,
+    scale_augment: float = 0.0,
     stain_norm: str | None = None,
     stain_reference: dict[str, Any] | None = None,
     context_um: float | Literal["auto"] | None = None,
@@ -64,6 +66,7 @@ def ensure_embeddings(
             key_added=embedding_key,
             tta=tta,
             stain_augment=stain_augment,
+            scale_augment=scale_augment if stain_augment else 0.0,
             stain_norm=stain_norm,
             stain_reference=stain_reference,
             context_um=context_um,
@@ -277,7 +280,9 @@ def train(
         Train on stain-augmented views: every training spot, each epoch, is seen through one
         embedding drawn among its clean one and its views ``obsm[f"{use_rep}_stain_views"]``
         (made once by :func:`hespotex.pp.embed` ``(..., stain_augment=4)``; samples embedded here
-        get 4 views). Early stopping scores clean embeddings; prediction is unchanged. Recorded as
+        get 4 views, each also cut with its field of view scaled by up to ±15 %, ``scale_augment=0.15``:
+        +0.0023 mean Pearson over the 24 cells of the shift benchmark, +0.0015 / +0.0054 on sections whose µm/px
+        is 10 % off, ``shift_zoom.md``). Early stopping scores clean embeddings; prediction is unchanged. Recorded as
         ``model.stain_augment`` (and in ``setup.json``). ``None`` (default): on when every sample is
         embedded here or already carries views, off when some sample was embedded beforehand without
         them. It makes models robust to stain shifts (``benchmarks/results/shift_stain.md``, single
@@ -382,7 +387,8 @@ def train(
     records = {
         n: ensure_embeddings(
             s, embedding_key=use_rep, encoder=encoder, weights=weights, patch_um=patch_um,
-            stain_augment=DEFAULT_STAIN_VIEWS if stain_augment else 0, stain_norm=stain_norm, stain_reference=reference,
+            stain_augment=DEFAULT_STAIN_VIEWS if stain_augment else 0, scale_augment=DEFAULT_SCALE_AUGMENT,
+            stain_norm=stain_norm, stain_reference=reference,
             context_um=context_um, tta=bool(tta),
         )
         for n, s in named.items()

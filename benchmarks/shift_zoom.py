@@ -1,0 +1,111 @@
+"""Scale augmentation on the shift benchmark: the default's stain views as they are vs views whose field of view is
+also scaled (``hx.pp.embed(..., stain_augment=4, scale_augment=0.15)``).
+
+A frozen encoder sees a spot at another scale when a slide's µm/px is off (the ``rescaled`` condition: 10 % too
+large); the model on top can learn to ignore that if its training views cover it. With ``scale_augment=0.15`` each
+of the 4 training views of a spot is cut with its side scaled about the spot centre by a factor drawn log-uniformly
+in [1/1.15, 1.15] (the range fixed before any run: scanners' calibrations and magnification labels disagree by about
+10 %) and re-stained as before; prediction embeds the clean patch as always. Everything else is the default of
+``shift_encoder.md`` (multi-layer features, two scales, 8 members on one autoencoder, prediction smoothed with the
+spot at 0.5), the baselines are the same rows (they train on clean embeddings, which do not change). Reads the
+per-task rows; trains nothing::
+
+    python benchmarks/shift.py embed --work /tmp/hespotex_shift_ml2 --stain-views --patch 100 200 \\
+        --scale-augment 0.15
+    python benchmarks/shift_context.py prepare --work /tmp/hespotex_shift_ml2 --context 200 --scale-augment 0.15
+    python benchmarks/shift.py run --work /tmp/hespotex_shift_ml2/context200 --what hespotex --seeds 0 1 2 \\
+        --setting "{'target_norm': 'library_modelled', 'patch_um': 100.0, 'tta': False, 'stain_augment': True, \\
+        'distinct_seeds': True, 'smooth_predict': True, 'rounds': 2, 'shared_ae': True, 'config': 'aeall', \\
+        'scale_augment': 0.15}"
+    # rows copied to benchmarks/results/shift_rows_multilayer/context200/rows (committed)
+    python benchmarks/shift_zoom.py      # -> benchmarks/results/shift_zoom.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import shift  # noqa: E402
+import shift_defaults as sd  # noqa: E402
+from shift_encoder import FOLDS, side_by_side  # noqa: E402
+
+ZOOM = 0.15
+ZOOMED = sd.DEFAULT.replace("+aeall", f"+aeall+zoom{ZOOM:g}", 1)  # shift.run_task's method name for the setting
+
+
+def cmd_report(args) -> None:
+    rows = sd.setting_rows(Path(args.rows) / "context200")
+    base = sd.labelled_baselines(rows, "spot+context")
+    runs = {"views": (rows[rows["method"] == sd.DEFAULT], base), "zoomed views": (rows[rows["method"] == ZOOMED], base)}
+    for name, (hes, _) in runs.items():
+        if hes.empty or base.empty:
+            raise SystemExit(f"No rows of {name!r} or of the baselines: see this script's docstring.")
+    cells = side_by_side(runs, ["condition", "truth", "genes"]).sort_values(["genes", "condition", "truth"])
+    means = side_by_side(runs, ["condition", "genes"]).sort_values(["genes", "condition"])
+    summary = []
+    for name, (hes, b) in runs.items():
+        method = sd.DEFAULT if name == "views" else ZOOMED
+        _, raw = sd.versus_baseline(hes, b, method, ["condition", "truth", "genes"], FOLDS)
+        raw["spread"] = raw["spread"].astype(float)
+        summary.append([name, *sd.cell_summary(raw)])
+    new_t, _ = sd.versus_baseline(*runs["zoomed views"], ZOOMED, ["condition", "truth", "genes"], FOLDS)
+    new_means, _ = sd.versus_baseline(*runs["zoomed views"], ZOOMED, ["condition", "genes"], FOLDS)
+    gain = cells["gain (mean, min over seeds)"].str.split(", ").str[0].astype(float)
+    cmd = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    lines = [
+        f"# Scale augmentation on the shift benchmark: stain views vs stain views with the field of view scaled "
+        f"(±{ZOOM:.0%})",
+        "",
+        f"Command: `{cmd}` (reads the rows; the commands that made them are in `benchmarks/shift_zoom.py`). Rows: "
+        f"`{args.rows}/context200/rows`; seeds 0, 1, 2 x folds C2-C6; 2-core machine, 2 dask workers of one torch "
+        "thread each, 2026-12-03 (session 18).",
+        "",
+        f"`views` = the default (`{sd.DEFAULT}`, multi-layer features): 4 stain-augmented views per spot; `zoomed "
+        f"views` = the same with `hx.pp.embed(..., scale_augment={ZOOM:g})`: each view also cut with its side "
+        f"scaled by a factor log-uniform in [1/{1 + ZOOM:g}, {1 + ZOOM:g}] per (view, spot), at both scales "
+        f"(`{ZOOMED}`). Baselines: the tuned ridge / retrieval rows of `shift_encoder.md` (clean features; the "
+        "strongest per cell picked after the fact). `gain` = zoomed - plain views, seed by seed (mean and worst "
+        "over the 3 seeds); `margin` = default - strongest baseline.",
+        "",
+        f"Zoomed views are better in **{int((gain > 0).sum())} / {len(cells)} cells** (mean gain "
+        f"{gain.mean():+.4f}, min {gain.min():+.4f}, max {gain.max():+.4f}).",
+        "",
+        "## Mean over the three truths",
+        "",
+        means.to_markdown(index=False),
+        "",
+        "## Every condition x truth x gene set",
+        "",
+        cells.to_markdown(index=False),
+        "",
+        "## Against the strongest tuned baseline (24 cells)",
+        "",
+        pd.DataFrame(summary, columns=["views", *sd.CELL_SUMMARY]).to_markdown(index=False),
+        "",
+        "## Zoomed views in full against the strongest tuned baseline (seeds 0, 1, 2)",
+        "",
+        new_means.sort_values(["genes", "condition"]).to_markdown(index=False),
+        "",
+        new_t.sort_values(["genes", "condition", "truth"]).to_markdown(index=False),
+        "",
+    ]
+    shift.write_keeping_conclusion("\n".join(lines), args.out)
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default="benchmarks/results/shift_rows_multilayer", help="the work folder's rows")
+    parser.add_argument("--out", default="benchmarks/results/shift_zoom.md")
+    cmd_report(parser.parse_args())
+
+
+if __name__ == "__main__":
+    main()
