@@ -42,7 +42,7 @@ import pandas as pd
 
 import hespotex as hx
 from hespotex.models import ModelConfig
-from hespotex.pp._stain_augment import DEFAULT_SCALE_AUGMENT
+from hespotex.pp._stain_augment import DEFAULT_DIHEDRAL_AUGMENT, DEFAULT_SCALE_AUGMENT
 from hespotex.tl.evaluation._cross_validate import cross_validate, summarize_cv
 
 ENCODERS = {
@@ -63,6 +63,7 @@ def run_fold(
     target_norm: str = "library_modelled",
     stain_views: int = 4,
     scale_augment: float = DEFAULT_SCALE_AUGMENT,
+    dihedral: bool = DEFAULT_DIHEDRAL_AUGMENT,
     context_um: float | str | None = "auto",
     part: str = "methods",
     ensemble: int | str = "auto",
@@ -96,6 +97,7 @@ def run_fold(
                     stain_augment=stain_views,
                     context_um=context_um,
                     scale_augment=scale_augment if stain_views else 0.0,
+                    dihedral_augment=bool(dihedral and stain_views),
                 )
         common = {
             "folds": [fold], "n_top_genes": genes, "include_genes": panel, "panels": {"785": panel}, "use_rep": key,
@@ -176,6 +178,12 @@ def main() -> None:
         help="the views' field of view also scaled by up to this fraction (hx.tl.train's default)",
     )
     parser.add_argument(
+        "--dihedral",
+        action=argparse.BooleanOptionalAction,
+        default=DEFAULT_DIHEDRAL_AUGMENT,
+        help="each view also flipped / turned (hx.tl.train's default)",
+    )
+    parser.add_argument(
         "--context-um",
         default="auto",
         type=lambda v: None if v == "none" else v if v == "auto" else float(v),
@@ -230,6 +238,7 @@ def main() -> None:
                     stain_augment=args.stain_views,
                     context_um=args.context_um,
                     scale_augment=args.scale_augment if args.stain_views else 0.0,
+                    dihedral_augment=bool(args.dihedral and args.stain_views),
                 )
         t_embed = time.perf_counter() - t_embed
         from dask.distributed import Client
@@ -257,6 +266,7 @@ def main() -> None:
                 target_norm=args.target_norm,
                 stain_views=args.stain_views,
                 scale_augment=args.scale_augment,
+                dihedral=args.dihedral,
                 context_um=args.context_um,
                 ensemble=args.ensemble,
                 pure=False,
@@ -313,7 +323,9 @@ def main() -> None:
             if args.ensemble == "auto"
             else f"hespotex: library defaults but `ensemble={args.ensemble}` ({4 * args.ensemble} members"
         )
-        + f", stain augmentation with {args.stain_views} views, fields of view scaled by ±{args.scale_augment:g}); "
+        + f", stain augmentation with {args.stain_views} views, fields of view scaled by ±{args.scale_augment:g}"
+        + (", flipped / turned" if args.dihedral else "")
+        + "); "
         "hespotex-single: `ensemble=False`. Baselines tuned on the training sections "
         f"({'no' if args.no_tune else 'yes'}). Top-50 HVG ranked on the training fold. "
         "Early stopping (hespotex, mlp) on whole training sections held out; never the test section.",

@@ -107,6 +107,7 @@ def test_train_saves_a_model_from_zarr_samples(tmp_path):
     assert list(model.genes) == genes and model.config.latent_dim == 8 and sorted(model.train_samples_) == ["s0", "s1"]
     assert model.stain_augment["n_views"] == 4  # by default trained on 4 stain-augmented views per spot
     assert model.stain_augment["ranges"]["zoom"] == pytest.approx([1 / 1.15, 1.15])  # fields of view ±15 %
+    assert model.stain_augment["method"] == "hed_jitter+zoom+dihedral"  # and flipped / turned
     # and on two-scale embeddings (--context-um auto): the spot patch and a context patch twice as wide
     assert model.embedding["patch_um"] == 55.0 and model.embedding["context_um"] == 110.0
     assert len(model.embedding_mean_) == 2 * 512  # resnet18's 512 features at each scale

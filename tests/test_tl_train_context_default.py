@@ -63,8 +63,8 @@ def test_default_trains_on_two_scale_embeddings(default_model, encoder):
         assert _width(sdata) == 2 * encoder.num_features
     assert model.embedding["patch_um"] == SPOT_UM and model.embedding["context_um"] == 2 * SPOT_UM
     assert model.embedding_mean_.shape == (2 * encoder.num_features,)
-    # on 4 stain views per spot, each also cut at a field of view up to ±15 % off (recorded in the model)
-    assert model.stain_augment["n_views"] == 4 and model.stain_augment["method"] == "hed_jitter+zoom"
+    # on 4 stain views per spot, each also cut at a field of view up to ±15 % off and flipped / turned (recorded)
+    assert model.stain_augment["n_views"] == 4 and model.stain_augment["method"] == "hed_jitter+zoom+dihedral"
     assert model.stain_augment["ranges"]["zoom"] == pytest.approx([1 / 1.15, 1.15])
     # the spot patch and a context patch twice as wide, exactly as two single-scale hx.pp.embed calls make them
     ref = _section("a", 1)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from hespotex.cli._common import is_visium_outs, is_zarr_store, output_problem, positive_float, positive_int
 from hespotex.pp._encoder_base import DEFAULT_ENCODER
-from hespotex.pp._stain_augment import DEFAULT_SCALE_AUGMENT
+from hespotex.pp._stain_augment import DEFAULT_DIHEDRAL_AUGMENT, DEFAULT_SCALE_AUGMENT
 
 TRAIN_HELP = """Train HESpotEx on samples with spatial transcriptomics, then save the model folder.
 
@@ -159,6 +159,7 @@ def train_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             sdata, encoder=args.encoder, weights=args.weights, patch_um=args.patch_um, input_size=args.input_size,
             context_um=context, stain_augment=args.stain_views if new else 0,
             scale_augment=args.scale_augment if new and args.stain_views else 0.0,
+            dihedral_augment=bool(args.dihedral_augment and new and args.stain_views),
             stain_norm=None if reference is None else args.stain_norm, stain_reference=reference, tta=args.tta,
         )  # fmt: skip
     t0 = time.perf_counter()
@@ -240,6 +241,12 @@ def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
         metavar="F",
         help=f"with stain views: each view also cut with its field of view scaled by up to this fraction (default: "
         f"{DEFAULT_SCALE_AUGMENT:g}, i.e. ±{round(100 * DEFAULT_SCALE_AUGMENT)} %%; 0: views at the patch's own scale)",
+    )
+    p_train.add_argument(
+        "--dihedral-augment",
+        action=argparse.BooleanOptionalAction,
+        default=DEFAULT_DIHEDRAL_AUGMENT,
+        help="with stain views: each view also flipped / turned by one of the 8 transforms of the square (default: on)",
     )
     p_train.add_argument(
         "--tta",

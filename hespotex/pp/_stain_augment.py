@@ -26,8 +26,10 @@ import numpy as np
 
 VIEWS_SUFFIX = "_stain_views"
 
-#: ``scale_augment`` of the views :func:`hespotex.tl.train` embeds itself: ±15 % (``benchmarks/results/shift_zoom.md``)
+#: ``scale_augment`` and ``dihedral_augment`` of the views :func:`hespotex.tl.train` embeds itself: fields of view
+#: ±15 %, each view flipped / turned (``benchmarks/results/shift_zoom.md``)
 DEFAULT_SCALE_AUGMENT = 0.15
+DEFAULT_DIHEDRAL_AUGMENT = True
 
 #: ranges of the random perturbation of one view (uniform): HED gain and shift per stain, brightness, contrast
 STAIN_JITTER: dict[str, tuple[float, float]] = {

@@ -14,7 +14,7 @@ from hespotex._sample import as_sample_dict, get_table
 from hespotex.pp._context import check_train_context_um, default_context_um, same_context, scales_text
 from hespotex.pp._embed import EMBED_KEY
 from hespotex.pp._encoder_base import DEFAULT_ENCODER
-from hespotex.pp._stain_augment import DEFAULT_SCALE_AUGMENT
+from hespotex.pp._stain_augment import DEFAULT_DIHEDRAL_AUGMENT, DEFAULT_SCALE_AUGMENT
 from hespotex.tl.model._data import EMBEDDING_KEY, GraphData, graph_data, spatial_block_mask
 from hespotex.tl.model._model import HESpotEx
 from hespotex.tl.training._train_inputs import check_tta, lazy_views, resolve_lazy, stain_views
@@ -37,6 +37,7 @@ def ensure_embeddings(
     tta: bool = False,
     stain_augment: int = 0,
     scale_augment: float = 0.0,
+    dihedral_augment: bool = False,
     stain_norm: str | None = None,
     stain_reference: dict[str, Any] | None = None,
     context_um: float | Literal["auto"] | None = None,
@@ -67,6 +68,7 @@ def ensure_embeddings(
             tta=tta,
             stain_augment=stain_augment,
             scale_augment=scale_augment if stain_augment else 0.0,
+            dihedral_augment=dihedral_augment and bool(stain_augment),
             stain_norm=stain_norm,
             stain_reference=stain_reference,
             context_um=context_um,
@@ -280,10 +282,10 @@ def train(
         Train on stain-augmented views: every training spot, each epoch, is seen through one
         embedding drawn among its clean one and its views ``obsm[f"{use_rep}_stain_views"]``
         (made once by :func:`hespotex.pp.embed` ``(..., stain_augment=4)``; samples embedded here
-        get 4 views, each also cut with its field of view scaled by up to ±15 %, ``scale_augment=0.15``:
-        +0.0023 mean Pearson over the 24 cells of the shift benchmark, +0.0015 / +0.0054 on sections whose µm/px
-        is 10 % off, ``shift_zoom.md``). Early stopping scores clean embeddings; prediction is unchanged. Recorded as
-        ``model.stain_augment`` (and in ``setup.json``). ``None`` (default): on when every sample is
+        get 4 views, each also cut with its field of view scaled by up to ±15 %, ``scale_augment=0.15``, and
+        flipped / turned, ``dihedral_augment=True``: +0.0023 and +0.0012 mean Pearson over the 24 cells of the
+        shift benchmark, ``shift_zoom.md``). Early stopping scores clean embeddings; prediction is unchanged.
+        Recorded as ``model.stain_augment`` (and in ``setup.json``). ``None`` (default): on when every sample is
         embedded here or already carries views, off when some sample was embedded beforehand without
         them. It makes models robust to stain shifts (``benchmarks/results/shift_stain.md``, single
         models, 3 seeds: +0.069 / +0.096 mean Pearson (all modelled / top-50 genes) on re-stained
@@ -388,7 +390,7 @@ def train(
         n: ensure_embeddings(
             s, embedding_key=use_rep, encoder=encoder, weights=weights, patch_um=patch_um,
             stain_augment=DEFAULT_STAIN_VIEWS if stain_augment else 0, scale_augment=DEFAULT_SCALE_AUGMENT,
-            stain_norm=stain_norm, stain_reference=reference,
+            dihedral_augment=DEFAULT_DIHEDRAL_AUGMENT, stain_norm=stain_norm, stain_reference=reference,
             context_um=context_um, tta=bool(tta),
         )
         for n, s in named.items()
