@@ -67,6 +67,25 @@ def side_by_side(runs: dict[str, tuple[pd.DataFrame, pd.DataFrame]], keys: list[
     return out.reset_index()
 
 
+def summary_row(name: str, hes: pd.DataFrame, base: pd.DataFrame, method: str) -> list:
+    """One row of the "against the strongest tuned baseline" summary (:data:`shift_defaults.CELL_SUMMARY`)."""
+    _, raw = sd.versus_baseline(hes, base, method, ["condition", "truth", "genes"], FOLDS)
+    raw["spread"] = raw["spread"].astype(float)
+    return [name, *sd.cell_summary(raw)]
+
+
+def in_full(hes: pd.DataFrame, base: pd.DataFrame, method: str) -> list[str]:
+    """Markdown lines: ``method`` against the strongest tuned baseline, mean over truths then every cell."""
+    per_cell, _ = sd.versus_baseline(hes, base, method, ["condition", "truth", "genes"], FOLDS)
+    means, _ = sd.versus_baseline(hes, base, method, ["condition", "genes"], FOLDS)
+    return [
+        means.sort_values(["genes", "condition"]).to_markdown(index=False),
+        "",
+        per_cell.sort_values(["genes", "condition", "truth"]).to_markdown(index=False),
+        "",
+    ]
+
+
 def cmd_report(args) -> None:
     runs = {name: encoder_rows(Path(work)) for name, work in (("head", args.head), ("multilayer", args.multilayer))}
     for name, (hes, base) in runs.items():
@@ -74,13 +93,7 @@ def cmd_report(args) -> None:
             raise SystemExit(f"No rows of the default or of the baselines for {name!r}: see this script's docstring.")
     cells = side_by_side(runs, ["condition", "truth", "genes"]).sort_values(["genes", "condition", "truth"])
     means = side_by_side(runs, ["condition", "genes"]).sort_values(["genes", "condition"])
-    summary = []
-    for name, (hes, base) in runs.items():
-        _, raw = sd.versus_baseline(hes, base, sd.DEFAULT, ["condition", "truth", "genes"], FOLDS)
-        raw["spread"] = raw["spread"].astype(float)
-        summary.append([name, *sd.cell_summary(raw)])
-    new_t, _ = sd.versus_baseline(*runs["multilayer"], sd.DEFAULT, ["condition", "truth", "genes"], FOLDS)
-    new_means, _ = sd.versus_baseline(*runs["multilayer"], sd.DEFAULT, ["condition", "genes"], FOLDS)
+    summary = [summary_row(name, hes, base, sd.DEFAULT) for name, (hes, base) in runs.items()]
     gain_all = cells["gain (mean, min over seeds)"].str.split(", ").str[0].astype(float)
     cmd = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
     lines = [
@@ -118,10 +131,7 @@ def cmd_report(args) -> None:
         "",
         "## The new default in full (multi-layer features, seeds 0, 1, 2)",
         "",
-        new_means.sort_values(["genes", "condition"]).to_markdown(index=False),
-        "",
-        new_t.sort_values(["genes", "condition", "truth"]).to_markdown(index=False),
-        "",
+        *in_full(*runs["multilayer"], sd.DEFAULT),
     ]
     shift.write_keeping_conclusion("\n".join(lines), args.out)
     print("\n".join(lines))

@@ -37,7 +37,7 @@ sys.path.insert(0, str(HERE))
 
 import shift  # noqa: E402
 import shift_defaults as sd  # noqa: E402
-from shift_encoder import FOLDS, side_by_side  # noqa: E402
+from shift_encoder import in_full, side_by_side, summary_row  # noqa: E402
 
 ZOOM = 0.15
 ZOOMED = sd.DEFAULT.replace("+aeall", f"+aeall+zoom{ZOOM:g}", 1)  # shift.run_task's method name for the setting
@@ -64,13 +64,7 @@ def cmd_report(args) -> None:
     for name, (hes, _) in runs.items():
         if hes.empty or base.empty:
             raise SystemExit(f"No rows of {name!r} or of the baselines: see this script's docstring.")
-    summary = []
-    for name, (hes, b) in runs.items():
-        _, raw = sd.versus_baseline(hes, b, VARIANTS[name], ["condition", "truth", "genes"], FOLDS)
-        raw["spread"] = raw["spread"].astype(float)
-        summary.append([name, *sd.cell_summary(raw)])
-    new_t, _ = sd.versus_baseline(*runs[ADOPTED], VARIANTS[ADOPTED], ["condition", "truth", "genes"], FOLDS)
-    new_means, _ = sd.versus_baseline(*runs[ADOPTED], VARIANTS[ADOPTED], ["condition", "genes"], FOLDS)
+    summary = [summary_row(name, hes, b, VARIANTS[name]) for name, (hes, b) in runs.items()]
     zoom_cells, zoom_means, zoom_gain = step(runs, "views", "zoomed views")
     turn_cells, turn_means, turn_gain = step(runs, "zoomed views", "zoomed + turned views")
     cmd = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
@@ -122,10 +116,7 @@ def cmd_report(args) -> None:
         "",
         f"## The default ({ADOPTED}) in full against the strongest tuned baseline (seeds 0, 1, 2)",
         "",
-        new_means.sort_values(["genes", "condition"]).to_markdown(index=False),
-        "",
-        new_t.sort_values(["genes", "condition", "truth"]).to_markdown(index=False),
-        "",
+        *in_full(*runs[ADOPTED], VARIANTS[ADOPTED]),
     ]
     shift.write_keeping_conclusion("\n".join(lines), args.out)
     print("\n".join(lines))
