@@ -162,6 +162,10 @@ def test_a_model_on_an_encoder_with_layers_remakes_it_from_its_record(tmp_path):
     hx.pp.embed(reference, encoder=enc)
     want = reference.tables["table"].obsm[EMBEDDING_KEY]
     assert want.shape[1] == 192 + 1280
+    by_name = section(3, "new")  # hx.pp.embed(name, layers=) makes the same encoder as load_encoder does
+    hx.pp.embed(by_name, encoder=EFFICIENTNET_LITE0_IMAGENET, layers=["blocks.5"], input_size=32)
+    np.testing.assert_allclose(by_name.tables["table"].obsm[EMBEDDING_KEY], want, rtol=1e-5, atol=1e-5)
+    assert by_name.tables["table"].uns["hespotex_embed"][EMBEDDING_KEY]["encoder_id"] == enc.encoder_id
     new = section(3, "new")
     hx.tl.predict(new, loaded)
     table = new.tables["table"]

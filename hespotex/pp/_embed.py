@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -177,6 +178,7 @@ def embed(
     *,
     encoder: str | Any = DEFAULT_ENCODER,
     weights: str | Path | None = None,
+    layers: Sequence[str] | None = None,
     patch_um: float | None = None,
     input_size: int | None = None,
     batch_size: int = 64,
@@ -221,6 +223,9 @@ def embed(
     weights
         Local checkpoint for a timm architecture (safetensors or a torch state dict), or the local
         weights of a zoo encoder (its checkpoint file or hub folder).
+    layers
+        Sub-modules of the encoder whose outputs' spatial means are put before its features (see
+        :func:`hespotex.pp.load_encoder`); recorded, so a model trained on them embeds new slides the same way.
     patch_um
         Patch side in µm (default: a zoo encoder's input at its native µm/px, e.g. 224 px x 0.5 =
         112 µm; else the spot diameter).
@@ -309,7 +314,7 @@ def embed(
     if out is not None and stain_augment:
         msg = "stain_augment views are embedded in memory only; embed them without `out`, or pass stain_augment=0."
         raise ValueError(msg)
-    enc = load_encoder(encoder, weights=weights, seed=seed, input_size=input_size)
+    enc = load_encoder(encoder, weights=weights, seed=seed, input_size=input_size, layers=layers)
     native_mpp = enc.entry.get("native_mpp")
     if patch_um is None and native_mpp is not None:
         patch_um = enc.input_size * float(native_mpp)  # what the model saw in training: its input at its µm/px

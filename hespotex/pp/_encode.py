@@ -123,13 +123,18 @@ def encode_patches(
 
     def load(idx: np.ndarray):
         """Read, resize and normalise one batch (in the loader thread; the main thread only runs the encoder)."""
-        x = resize_batch(plan.read(idx), encoder.input_size)
-        bases = [x] * stain_views if zooms is None else aug_views.zoomed_views(plan, idx, zooms, encoder.input_size)
-        if stain_norm is not None:
+
+        def normalised(patches):  # mapped to the reference stain, with stain_norm
+            if stain_norm is None:
+                return patches
             from hespotex.pp._stain_norm import normalize_patches
 
-            x = normalize_patches(x, *stain_norm)
-            bases = [x] * stain_views if zooms is None else [normalize_patches(b, *stain_norm) for b in bases]
+            return normalize_patches(patches, *stain_norm)
+
+        x = normalised(resize_batch(plan.read(idx), encoder.input_size))
+        bases = [x] * stain_views
+        if zooms is not None:
+            bases = [normalised(b) for b in aug_views.zoomed_views(plan, idx, zooms, encoder.input_size)]
         if turns is not None:
             bases = [aug_views.turned(b, turns[v, idx]) for v, b in enumerate(bases)]
         aug = [

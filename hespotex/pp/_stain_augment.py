@@ -140,17 +140,22 @@ def stain_record(n_views: int, seed: int, scale_augment: float = 0.0, dihedral: 
     return {"n_views": int(n_views), "seed": int(seed), "method": method, "ranges": ranges}
 
 
+def _check_has_views(name: str, value: Any, off: str, stain_augment: int) -> None:
+    """A clear error when an option of the views (``name=value``) is asked for without any (``stain_augment=0``)."""
+    if value and not stain_augment:
+        msg = (
+            f"{name}={value!r} acts on the augmented views, but stain_augment=0 makes none; pass stain_augment=4 "
+            f"(say) with it, or {name}={off}."
+        )
+        raise ValueError(msg)
+
+
 def check_dihedral_augment(dihedral_augment: Any, stain_augment: int) -> bool:
     """``dihedral_augment`` as a bool, or a clear error (also when it is asked for without views)."""
     if not isinstance(dihedral_augment, bool | np.bool_):
         msg = f"Expected dihedral_augment to be True or False, found {dihedral_augment!r}."
         raise ValueError(msg)
-    if dihedral_augment and not stain_augment:
-        msg = (
-            "dihedral_augment=True turns the augmented views, but stain_augment=0 makes none; pass stain_augment=4 "
-            "(say) with it, or dihedral_augment=False."
-        )
-        raise ValueError(msg)
+    _check_has_views("dihedral_augment", dihedral_augment, "False", stain_augment)
     return bool(dihedral_augment)
 
 
@@ -162,12 +167,7 @@ def check_scale_augment(scale_augment: Any, stain_augment: int) -> float:
     if not 0.0 <= float(scale_augment) < 1.0:
         msg = f"Expected scale_augment in [0, 1) (e.g. 0.15 for ±15 %), found {scale_augment!r}."
         raise ValueError(msg)
-    if scale_augment and not stain_augment:
-        msg = (
-            f"scale_augment={scale_augment!r} scales the augmented views, but stain_augment=0 makes none; pass "
-            "stain_augment=4 (say) with it, or scale_augment=0."
-        )
-        raise ValueError(msg)
+    _check_has_views("scale_augment", scale_augment, "0", stain_augment)
     return float(scale_augment)
 
 

@@ -228,16 +228,12 @@ def predict(
             raise ValueError(msg)
     check_free(table, keys, overwrite=overwrite)
     embed_params = model.embedding
-    encoder, weights = embed_params.get("encoder"), embed_params.get("weights")
-    if embed_params.get("layers") and use_rep not in table.obsm:  # an encoder with pooled layers: re-made whole
-        from hespotex.pp._encoders import encoder_from_record
-
-        encoder, weights = encoder_from_record(embed_params), None
     record = ensure_embeddings(
         data,
         embedding_key=use_rep,
-        encoder=encoder,
-        weights=weights,
+        encoder=embed_params.get("encoder"),
+        weights=embed_params.get("weights"),
+        layers=embed_params.get("layers"),
         patch_um=embed_params.get("patch_um"),
         input_size=embed_params.get("input_size"),
         tta=bool(embed_params.get("tta")),
